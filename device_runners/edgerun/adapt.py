@@ -1,0 +1,248 @@
+"""Adapt the head on local data, run inference, and self-test a bundle against its vectors.
+
+Adaptation: backbone features once -> head epochs over the cached features -> keep the new head
+only if validation accuracy did not drop; the local data never leaves the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from edgerun import RunnerError, __version__
+from edgerun import data as dataio
+from edgerun.backends import make_backend
+from edgerun.bundle import Bundle
+from edgerun.head import Head
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    try:  # Linux: VmHWM resets at exec; ru_maxrss would include a forking parent's peak
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Atomic JSON write."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp.", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def selftest(bundle: Bundle, backend) -> float:
+    """Run the bundle's reference vectors; return the max error or raise."""
+    tv = bundle.manifest["test_vectors"]
+    with np.load(bundle.path(tv["file"]), allow_pickle=False) as z:
+        x, feats, logits = z["x"], z["features"], z["logits"]
+    f = backend.features(dataio.preprocess(x, bundle.manifest))
+    head = Head.from_bundle(bundle)
+    lg = _infer(backend, bundle, head, f)["logits"]
+    err = max(float(np.abs(f - feats).max()), float(np.abs(lg - logits).max()))
+    if not err <= float(tv["atol"]):
+        raise RunnerError(f"self-test failed: this runtime's outputs differ from the server's "
+                          f"reference vectors by {err:.3g} (> {tv['atol']}); the runtime build "
+                          "or the bundle is broken")
+    return err
+
+
+def _infer(backend, bundle: Bundle, head: Head, feats: np.ndarray) -> dict:
+    names = bundle.manifest["infer"]["inputs"]
+    feeds = {names[0]: feats, **{n: head.params[n] for n in names[1:]}}
+    return backend.infer(feeds)
+
+
+def _accuracy(pred_labels: list, true_labels: list) -> float:
+    if not true_labels:
+        return float("nan")
+    return float(np.mean([p == t for p, t in zip(pred_labels, true_labels)]))
+
+
+def _predict(backend, bundle, head: Head, feats: np.ndarray) -> list:
+    if len(feats) == 0:
+        return []
+    idx = _infer(backend, bundle, head, feats)["logits"].argmax(axis=1)
+    return [head.labels[i] for i in idx]
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
+          batch_size: int = 32, val_fraction: float = 0.25, lr: float | None = None,
+          seed: int = 0, head_path: str | None = None, threads: int = 0,
+          quiet: bool = False) -> dict:
+    """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
+
+    Returns the report (also written as ``report.json``).
+    """
+    if epochs < 1 or batch_size < 1 or not 0 < val_fraction < 1:
+        raise RunnerError(f"need epochs >= 1, batch_size >= 1, 0 < val_fraction < 1; got "
+                          f"{epochs}, {batch_size}, {val_fraction}")
+    t_start = time.perf_counter()
+    bundle = Bundle(bundle_dir)
+    m = bundle.manifest
+    backend = make_backend(bundle, threads)
+    selftest_err = selftest(bundle, backend)
+    ds = dataio.load(data_path, m, need_labels=True)
+    warnings: list[str] = []
+
+    t0 = time.perf_counter()
+    feats = backend.features(dataio.preprocess(ds.x, m))
+    feature_seconds = time.perf_counter() - t0
+
+    head0 = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)
+    head = head0.copy()
+    seen = list(dict.fromkeys(ds.y))
+    new = [lab for lab in seen if lab not in head.labels]
+    missing = [lab for lab in head.labels if lab not in seen]
+    if new:
+        emb = _infer(backend, bundle, head, feats)["embedding"]
+        ys = np.asarray(ds.y)
+        head.add_classes(new, {n: emb[ys == n] for n in new}, m["head"]["class_params"])
+        warnings.append(f"labels {new} are new to this head: added {len(new)} class(es) by "
+                        "weight imprinting from their mean features")
+    if missing:
+        warnings.append(f"local data has no windows of {missing}; the head keeps them but "
+                        "cannot check them")
+    y = np.asarray([head.labels.index(lab) for lab in ds.y], np.int64)
+    tr, va = dataio.stratified_split(y, val_fraction, seed)
+    if len(va) == 0:
+        raise RunnerError(f"{data_path}: too few windows ({len(y)}) for a validation split; "
+                          "collect at least 2 windows per label")
+    few = [head.labels[c] for c in np.unique(y) if (y == c).sum() < 3]
+    if few:
+        warnings.append(f"labels {few} have fewer than 3 windows; their accuracy is noisy")
+    yv_names = [ds.y[i] for i in va]
+    acc_before = _accuracy(_predict(backend, bundle, head0, feats[va]), yv_names)
+
+    hp = dict(m["optimizer"]["hparams"])
+    if lr is not None:
+        hp["lr"] = lr
+    ts = m["train_step"]
+    n_cls = len(head.labels)
+    state = {}
+    for s in m["optimizer"]["state"]:
+        like = s["like"]
+        state[s["name"]] = (np.zeros((), np.float32) if like is None
+                            else np.zeros_like(head.params[like]))
+    fixed = ts.get("batch_size")
+    bs = int(fixed) if fixed else batch_size
+    rng = np.random.default_rng(seed)
+    eye = np.eye(n_cls, dtype=np.float32)
+    history, steps = [], 0
+    t1 = time.perf_counter()
+    for epoch in range(epochs):
+        order = rng.permutation(tr)
+        total, count = 0.0, 0
+        for i in range(0, len(order), bs):
+            b = order[i : i + bs]
+            n = len(b)
+            f, t, w = feats[b], eye[y[b]], np.ones(n, np.float32)
+            if fixed and n < bs:  # pad to the runtime's fixed batch; weight 0 masks padding
+                pad = bs - n
+                f = np.concatenate([f, np.zeros((pad, f.shape[1]), np.float32)])
+                t = np.concatenate([t, np.zeros((pad, n_cls), np.float32)])
+                w = np.concatenate([w, np.zeros(pad, np.float32)])
+            feeds = {ts["inputs"][0]: f, ts["targets_input"]: t, ts["sample_weight_input"]: w}
+            feeds.update({k: np.array(hp[k], np.float32) for k in ts["hparam_inputs"]})
+            feeds.update(head.params)
+            feeds.update(state)
+            out = backend.train_step(feeds)
+            for k in head.params:
+                head.params[k] = out["new." + k]
+            for k in state:
+                state[k] = out["new." + k]
+            loss = float(out[ts["loss_output"]])
+            if not np.isfinite(loss):
+                raise RunnerError(f"training diverged (loss {loss}) at epoch {epoch + 1}; lower "
+                                  f"the learning rate (now {hp['lr']}) with --lr")
+            total += loss * n
+            count += n
+            steps += 1
+        val_acc = _accuracy(_predict(backend, bundle, head, feats[va]), yv_names)
+        history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_accuracy": val_acc})
+    train_seconds = time.perf_counter() - t1
+    acc_after = history[-1]["val_accuracy"]
+    rolled_back = not acc_after >= acc_before
+
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, "head.npz")
+    written = False
+    if rolled_back:
+        _say(quiet, f"validation accuracy dropped ({acc_before:.3f} -> {acc_after:.3f}): "
+             "rolling back to the previous head")
+        if not os.path.exists(ckpt):
+            head0.save(ckpt, bundle, {"rolled_back": True})
+            written = True
+    else:
+        if os.path.exists(ckpt):
+            os.replace(ckpt, os.path.join(out_dir, "head.prev.npz"))
+        head.save(ckpt, bundle, {"accuracy_before": acc_before, "accuracy_after": acc_after,
+                                 "data": os.path.basename(data_path)})
+        written = True
+    report = {
+        "runner_version": __version__, "bundle": m.get("name"), "data": os.path.abspath(data_path),
+        "backend": backend.name, "backend_version": backend.version, "target": m["target"],
+        "precision": m["precision"], "accuracy_before": acc_before, "accuracy_after": acc_after,
+        "rolled_back": rolled_back, "checkpoint": os.path.abspath(ckpt),
+        "checkpoint_written": written, "n_windows": len(y), "n_train": int(len(tr)),
+        "n_val": int(len(va)), "epochs": epochs, "batch_size": bs, "steps": steps,
+        "optimizer": m["optimizer"]["name"], "hparams": hp, "labels": head.labels,
+        "new_labels": new, "missing_labels": missing, "warnings": warnings,
+        "feature_seconds": feature_seconds, "train_seconds": train_seconds,
+        "step_ms": 1000 * train_seconds / max(steps, 1) if steps else None,
+        "total_seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
+        "selftest_max_abs_err": selftest_err, "history": history,
+    }
+    write_json(os.path.join(out_dir, "report.json"), report)
+    for w in warnings:
+        _say(quiet, f"warning: {w}")
+    _say(quiet, f"{'rolled back' if rolled_back else 'kept new head'}: val accuracy "
+         f"{acc_before:.3f} -> {acc_after:.3f} ({len(tr)} train / {len(va)} val windows, "
+         f"{epochs} epochs, features {feature_seconds * 1000:.0f} ms, "
+         f"train {train_seconds * 1000:.0f} ms, peak RSS {report['peak_rss_mb']:.0f} MiB)")
+    return report
+
+
+def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
+          out_dir: str | None = None, threads: int = 0, quiet: bool = False) -> dict:
+    """Predict labels for ``data_path``; with labels present, also accuracy."""
+    bundle = Bundle(bundle_dir)
+    backend = make_backend(bundle, threads)
+    ds = dataio.load(data_path, bundle.manifest, need_labels=False)
+    head = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)
+    t0 = time.perf_counter()
+    feats = backend.features(dataio.preprocess(ds.x, bundle.manifest))
+    pred = _predict(backend, bundle, head, feats)
+    seconds = time.perf_counter() - t0
+    res = {"n_windows": len(pred), "head": head_path or "bundle", "labels": head.labels,
+           "predictions": pred, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+    if ds.y is not None:
+        res["accuracy"] = _accuracy(pred, ds.y)
+        res["per_label_accuracy"] = {
+            lab: _accuracy([p for p, t in zip(pred, ds.y) if t == lab], [lab] * ds.y.count(lab))
+            for lab in dict.fromkeys(ds.y)}
+    if out_dir:
+        write_json(os.path.join(out_dir, "predictions.json"), res)
+    acc = f", accuracy {res['accuracy']:.3f}" if "accuracy" in res else ""
+    _say(quiet, f"{len(pred)} windows in {seconds * 1000:.0f} ms{acc}")
+    return res

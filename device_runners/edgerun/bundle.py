@@ -1,0 +1,80 @@
+"""Read and verify a bundle's ``manifest.json`` with the standard library only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from edgerun import SCHEMA_VERSION, RunnerError
+
+REQUIRED = ("schema_version", "target", "precision", "files", "input", "features", "labels",
+            "head", "optimizer", "train_step", "infer", "test_vectors")
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Bundle:
+    """A verified bundle: ``manifest`` (dict) and ``path(role)`` for its files."""
+
+    def __init__(self, root: str, verify: bool = True):
+        self.root = root
+        mpath = os.path.join(root, "manifest.json")
+        if not os.path.isdir(root):
+            raise RunnerError(f"bundle {root} is not a directory; pass the folder that "
+                              "`edgetl export` wrote")
+        if not os.path.isfile(mpath):
+            raise RunnerError(f"{root} has no manifest.json; is it an edgetl bundle?")
+        try:
+            with open(mpath, encoding="utf-8") as f:
+                m = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RunnerError(f"{mpath} is not valid JSON ({e}); re-export the bundle") from None
+        if not isinstance(m, dict) or m.get("schema_version") != SCHEMA_VERSION:
+            found = m.get("schema_version") if isinstance(m, dict) else type(m).__name__
+            raise RunnerError(f"manifest schema_version {found!r} is not supported by this "
+                              f"runner (expects {SCHEMA_VERSION}); update the runner or "
+                              "re-export the bundle")
+        missing = [k for k in REQUIRED if k not in m]
+        if missing:
+            raise RunnerError(f"manifest.json lacks {missing}; re-export the bundle")
+        self.manifest = m
+        if verify:
+            self.verify()
+
+    def path(self, role: str) -> str:
+        """Absolute path of the file with ``role`` (e.g. ``backbone``)."""
+        try:
+            rel = self.manifest["files"][role]["path"]
+        except KeyError:
+            raise RunnerError(f"manifest lists no file for role {role!r}; known roles: "
+                              f"{sorted(self.manifest['files'])}") from None
+        full = os.path.normpath(os.path.join(self.root, rel))
+        if os.path.dirname(full) != os.path.normpath(self.root):
+            raise RunnerError(f"manifest file {rel!r} points outside the bundle; refusing it")
+        return full
+
+    def verify(self) -> None:
+        """Every listed file exists and matches its sha256, else :class:`RunnerError`."""
+        for role, entry in self.manifest["files"].items():
+            p = self.path(role)
+            if not os.path.isfile(p):
+                raise RunnerError(f"bundle file {entry['path']} ({role}) is missing from {self.root}")
+            digest = sha256_file(p)
+            if digest != entry["sha256"]:
+                raise RunnerError(
+                    f"bundle file {entry['path']} ({role}) fails its hash check: sha256 "
+                    f"{digest[:12]}… but manifest.json says {entry['sha256'][:12]}…; the file was "
+                    "modified or corrupted. Re-download the bundle")
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names of the bundle's head, in logit order."""
+        return list(self.manifest["labels"])

@@ -1,0 +1,187 @@
+"""Device data: ``.npz`` windows or a ``.csv`` sensor log, validated against the manifest.
+
+* ``.npz``: ``x`` (N, T, C) float windows, optional ``y`` (N,) label *names*, optional
+  ``channels`` (C,) names (reordered to the manifest's channel order when given).
+* ``.csv``: one row per sample at the manifest's sample rate; a header naming every manifest
+  channel (any order, extra columns ignored), optional ``label`` and ``session`` columns.
+  The runner cuts windows of the manifest's length and stride inside runs of one label
+  (and one session).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgerun import RunnerError
+
+
+@dataclass
+class Dataset:
+    """Raw windows ``x`` (N, T, C) float32 and optional label names ``y`` (N,)."""
+
+    x: np.ndarray
+    y: list[str] | None
+    source: str
+
+
+def load(path: str, manifest: dict, need_labels: bool) -> Dataset:
+    """Load ``path`` (``.npz`` or ``.csv``) and check it against the manifest's input."""
+    if not os.path.isfile(path):
+        raise RunnerError(f"data file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    inp = manifest["input"]
+    if ext == ".npz":
+        ds = _load_npz(path, inp)
+    elif ext == ".csv":
+        ds = _load_csv(path, inp)
+    else:
+        raise RunnerError(f"{path}: unknown data format {ext or '(no extension)'!r}; expected "
+                          ".npz (x, y arrays) or .csv (one sensor sample per row)")
+    _validate(ds, inp, manifest)
+    if need_labels and ds.y is None:
+        raise RunnerError(f"{path} has no labels (npz key 'y' or csv column 'label'); "
+                          "adaptation needs labelled windows")
+    return ds
+
+
+def _load_npz(path: str, inp: dict) -> Dataset:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise RunnerError(f"{path}: cannot read arrays without pickle ({e}); save labels as a "
+                          "string array, e.g. np.array(names, dtype=str)") from None
+    except OSError as e:
+        raise RunnerError(f"{path} is not a readable .npz file ({e})") from None
+    with z:
+        if "x" not in z.files:
+            raise RunnerError(f"{path}: expected an array 'x' of windows, found keys {z.files}")
+        x = np.asarray(z["x"])
+        y = z["y"] if "y" in z.files else None
+        ch = [str(c) for c in z["channels"]] if "channels" in z.files else None
+    if not np.issubdtype(x.dtype, np.number):
+        raise RunnerError(f"{path}: 'x' must be numeric, found dtype {x.dtype}")
+    if ch is not None:
+        want = list(inp["channels"])
+        miss = [c for c in want if c not in ch]
+        if miss:
+            raise RunnerError(f"{path}: channels {miss} missing; the bundle needs {want}, "
+                              f"the file has {ch}")
+        if x.ndim == 3 and x.shape[2] == len(ch):
+            x = x[:, :, [ch.index(c) for c in want]]
+    if y is not None:
+        if y.dtype.kind not in "US":
+            raise RunnerError(f"{path}: 'y' must hold label names (a string array, e.g. "
+                              f"np.array(['walking', ...])), found dtype {y.dtype}")
+        y = [str(v) for v in y.tolist()]
+    return Dataset(x.astype(np.float32, copy=False), y, path)
+
+
+def _load_csv(path: str, inp: dict) -> Dataset:
+    want = list(inp["channels"])
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise RunnerError(f"{path} is empty; expected a header row {want + ['label']}")
+        header = [h.strip() for h in header]
+        miss = [c for c in want if c not in header]
+        if miss:
+            raise RunnerError(f"{path}: header lacks channel column(s) {miss}; expected "
+                              f"{want} (+ optional 'label', 'session'), found {header}")
+        cols = [header.index(c) for c in want]
+        li = header.index("label") if "label" in header else None
+        si = header.index("session") if "session" in header else None
+        rows, labels, sessions = [], [], []
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                rows.append([float(row[i]) for i in cols])
+            except (ValueError, IndexError):
+                raise RunnerError(f"{path}:{lineno}: expected {len(want)} numeric channel values, "
+                                  f"found {row}") from None
+            labels.append(row[li].strip() if li is not None else "")
+            sessions.append(row[si].strip() if si is not None else "")
+    if not rows:
+        raise RunnerError(f"{path} has a header but no samples")
+    sig = np.asarray(rows, np.float32)
+    if not np.isfinite(sig).all():
+        bad = int(np.argwhere(~np.isfinite(sig))[0][0]) + 2
+        raise RunnerError(f"{path}:{bad}: non-finite sensor value (NaN/inf); clean or drop "
+                          "those samples before adapting")
+    win, stride = int(inp["window"]), int(inp["stride"])
+    xs, ys = [], []
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or labels[i] != labels[start] or sessions[i] != sessions[start]:
+            for s in range(start, i - win + 1, stride):
+                xs.append(sig[s : s + win])
+                ys.append(labels[start])
+            start = i
+    if not xs:
+        raise RunnerError(f"{path}: no run of {win} samples with one label; windows are "
+                          f"{win} samples ({win / float(inp['sample_rate_hz']):.2f} s at "
+                          f"{inp['sample_rate_hz']} Hz)")
+    keep = [j for j, lab in enumerate(ys) if lab != ""] if li is not None else list(range(len(ys)))
+    x = np.stack([xs[j] for j in keep]) if keep else np.zeros((0, win, len(want)), np.float32)
+    return Dataset(x, [ys[j] for j in keep] if li is not None else None, path)
+
+
+def _validate(ds: Dataset, inp: dict, manifest: dict) -> None:
+    t, c = int(inp["window"]), len(inp["channels"])
+    x = ds.x
+    if x.ndim != 3 or x.shape[1:] != (t, c):
+        raise RunnerError(
+            f"{ds.source}: windows have shape {tuple(x.shape)}, the bundle expects (N, {t}, {c}) "
+            f"= {t} samples at {inp['sample_rate_hz']} Hz x channels {list(inp['channels'])}; "
+            "re-window/resample the recording (or pass the raw .csv log)")
+    if len(x) == 0:
+        raise RunnerError(f"{ds.source} holds no windows")
+    if not np.isfinite(x).all():
+        n_bad = int((~np.isfinite(x)).any(axis=(1, 2)).sum())
+        raise RunnerError(f"{ds.source}: {n_bad} window(s) contain NaN or inf; clean or drop "
+                          "them before adapting")
+    if ds.y is not None and len(ds.y) != len(x):
+        raise RunnerError(f"{ds.source}: {len(x)} windows but {len(ds.y)} labels")
+    if ds.y is not None and any(not lab for lab in ds.y):
+        raise RunnerError(f"{ds.source}: empty label names; every window needs a label")
+
+
+def preprocess(x: np.ndarray, manifest: dict) -> np.ndarray:
+    """Apply the manifest's preprocessing (per-channel normalisation) to raw windows."""
+    norm = manifest["input"].get("preprocess", {}).get("normalize")
+    if norm:
+        mean = np.asarray(norm["mean"], np.float32)
+        std = np.asarray(norm["std"], np.float32)
+        x = (x - mean) / std
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def stratified_split(y: np.ndarray, frac: float, seed: int,
+                     mode: str = "block") -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, val)`` with ``frac`` of every class (>= 2 windows) in validation.
+
+    ``mode="block"`` (default) takes the *last* windows of each class in file (= recording)
+    order and drops the one window before them: overlapping windows are near-duplicates, so a
+    random split would leak training windows into validation and make the gate optimistic.
+    ``mode="random"`` shuffles within each class (for data with no time order).
+    """
+    if mode not in ("block", "random"):
+        raise RunnerError(f"split mode must be 'block' or 'random', got {mode!r}")
+    rng = np.random.default_rng(seed)
+    tr, va = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if mode == "random":
+            idx = rng.permutation(idx)
+        n = len(idx)
+        n_val = 0 if n < 2 else min(n - 1, max(1, int(math.floor(frac * n + 0.5))))
+        va.extend(idx[n - n_val :].tolist())
+        gap = 1 if mode == "block" and n - n_val - 1 >= 1 else 0
+        tr.extend(idx[: n - n_val - gap].tolist())
+    return np.sort(np.asarray(tr, np.int64)), np.sort(np.asarray(va, np.int64))

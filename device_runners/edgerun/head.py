@@ -1,0 +1,100 @@
+"""Head parameters as numpy arrays: load, imprint new classes, save atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from edgerun import RunnerError
+
+FORMAT = "edgerun.head/1"
+
+
+class Head:
+    """Named head parameters plus the label of every logit."""
+
+    def __init__(self, params: dict, labels: list, meta: dict | None = None):
+        self.params = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
+        self.labels = list(labels)
+        self.meta = dict(meta or {})
+
+    def copy(self) -> Head:
+        """Deep copy."""
+        return Head({k: v.copy() for k, v in self.params.items()}, self.labels, self.meta)
+
+    @classmethod
+    def from_bundle(cls, bundle) -> Head:
+        """The server-trained head shipped in the bundle."""
+        m = bundle.manifest
+        with np.load(bundle.path(m["head"]["init_file"]), allow_pickle=False) as z:
+            params = {p["name"]: z[p["name"]] for p in m["head"]["params"]}
+        return cls(params, m["labels"], {"source": "bundle"})
+
+    @classmethod
+    def load(cls, path: str, bundle) -> Head:
+        """A checkpoint written by :meth:`save`, checked against the bundle."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["__meta__"]))
+                labels = [str(v) for v in z["__labels__"]]
+                params = {k: z[k] for k in z.files if not k.startswith("__")}
+        except (OSError, ValueError, KeyError) as e:
+            raise RunnerError(f"{path} is not a readable head checkpoint ({e})") from None
+        if meta.get("format") != FORMAT:
+            raise RunnerError(f"{path}: expected format {FORMAT!r}, found {meta.get('format')!r}")
+        want = bundle.manifest["files"]["backbone"]["sha256"]
+        if meta.get("backbone_sha256") != want:
+            raise RunnerError(f"{path} was trained on another backbone (sha256 "
+                              f"{str(meta.get('backbone_sha256'))[:12]}…, bundle has {want[:12]}…); "
+                              "start from the bundle's head instead (drop --head)")
+        names = [p["name"] for p in bundle.manifest["head"]["params"]]
+        if sorted(params) != sorted(names):
+            raise RunnerError(f"{path}: parameters {sorted(params)} do not match the bundle's "
+                              f"{sorted(names)}")
+        return cls(params, labels, meta)
+
+    def save(self, path: str, bundle, extra: dict | None = None) -> None:
+        """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+        meta = {**self.meta, **(extra or {}), "format": FORMAT,
+                "backbone_sha256": bundle.manifest["files"]["backbone"]["sha256"],
+                "saved_unix": time.time()}
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".head.", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, __meta__=np.array(json.dumps(meta)),
+                         __labels__=np.array(self.labels, dtype=str), **self.params)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def add_classes(self, names: list, embeddings: dict, class_params: list) -> None:
+        """Weight imprinting (Qi et al., 2018): grow the last layer with one row per new class.
+
+        A new class's weight row is its mean embedding, rescaled to the mean norm of the
+        existing rows; its bias is the mean existing bias.
+
+        Args:
+            names: new class names.
+            embeddings: name -> (n, E) embeddings of that class's windows.
+            class_params: [weight name, bias name] of the last layer.
+        """
+        w_name, b_name = class_params
+        w, b = self.params[w_name], self.params[b_name]
+        scale = float(np.linalg.norm(w, axis=1).mean()) if len(w) else 1.0
+        rows, biases = [], []
+        for n in names:
+            mu = embeddings[n].mean(axis=0)
+            rows.append(mu / (np.linalg.norm(mu) + 1e-12) * scale)
+            biases.append(float(b.mean()) if len(b) else 0.0)
+        self.params[w_name] = np.concatenate([w, np.asarray(rows, np.float32)], axis=0)
+        self.params[b_name] = np.concatenate([b, np.asarray(biases, np.float32)], axis=0)
+        self.labels += list(names)

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""edgetl device runner: fine-tune a bundle's head on local data, run it, self-test it.
+
+Needs only numpy, the standard library and onnxruntime::
+
+    python run.py adapt BUNDLE --data local.npz --out state/
+    python run.py infer BUNDLE --data new.csv --head state/head.npz
+    python run.py selftest BUNDLE
+
+Exit code 0 on success, 1 with a one-line ``error:`` message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from edgerun import RunnerError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    """Parse arguments and run one command."""
+    p = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("adapt", help="fine-tune the head on labelled local data")
+    a.add_argument("bundle")
+    a.add_argument("--data", required=True, help=".npz (x, y) windows or .csv sensor log")
+    a.add_argument("--out", required=True, help="folder for head.npz and report.json")
+    a.add_argument("--epochs", type=int, default=30)
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--val-fraction", type=float, default=0.25)
+    a.add_argument("--lr", type=float, default=None, help="override the bundle's learning rate")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--head", default=None, help="continue from this head checkpoint")
+    i = sub.add_parser("infer", help="predict labels (and accuracy if labelled)")
+    i.add_argument("bundle")
+    i.add_argument("--data", required=True)
+    i.add_argument("--head", default=None, help="head checkpoint (default: the bundle's)")
+    i.add_argument("--out", default=None, help="folder for predictions.json")
+    s = sub.add_parser("selftest", help="check this runtime against the bundle's test vectors")
+    s.add_argument("bundle")
+    for sp in (a, i, s):
+        sp.add_argument("--threads", type=int, default=0, help="runtime threads (0: default)")
+        sp.add_argument("--quiet", action="store_true")
+        sp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    args = p.parse_args(argv)
+    try:
+        from edgerun import adapt as ad
+
+        if args.cmd == "adapt":
+            res = ad.adapt(args.bundle, args.data, args.out, epochs=args.epochs,
+                           batch_size=args.batch_size, val_fraction=args.val_fraction,
+                           lr=args.lr, seed=args.seed, head_path=args.head,
+                           threads=args.threads, quiet=args.quiet)
+        elif args.cmd == "infer":
+            res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
+                           threads=args.threads, quiet=args.quiet)
+        else:
+            from edgerun.backends import make_backend
+            from edgerun.bundle import Bundle
+
+            b = Bundle(args.bundle)
+            res = {"ok": True, "max_abs_err": ad.selftest(b, make_backend(b, args.threads))}
+            if not args.quiet:
+                print(f"self-test passed (max abs err {res['max_abs_err']:.2g})", file=sys.stderr)
+    except RunnerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Run the standalone device runner (``device_runners/run.py``) as a subprocess.
+
+The server package never imports the runner: it is exercised exactly as a device would run
+it, in a separate process that only has numpy and the runtime loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from edgetl.errors import EdgetlError
+
+
+def runner_path() -> Path:
+    """``device_runners/run.py`` (``$EDGETL_RUNNER`` overrides)."""
+    env = os.environ.get("EDGETL_RUNNER")
+    p = Path(env) if env else Path(__file__).resolve().parents[1] / "device_runners" / "run.py"
+    if not p.is_file():
+        raise EdgetlError(f"device runner not found at {p}; set EDGETL_RUNNER to run.py")
+    return p
+
+
+def run_runner(command: str, bundle: Path, *args: str, python: str | None = None,
+               quiet: bool = True) -> dict:
+    """Run ``run.py COMMAND BUNDLE ARGS --json`` and return its JSON result.
+
+    Raises:
+        EdgetlError: the runner exited non-zero; its ``error:`` line is the message.
+    """
+    cmd = [python or sys.executable, str(runner_path()), command, str(bundle), *args, "--json"]
+    if quiet:
+        cmd.append("--quiet")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise EdgetlError(f"device runner failed: {lines[-1] if lines else proc.returncode}")
+    if not quiet and proc.stderr:
+        print(proc.stderr, end="", file=sys.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: int = 32,
+          val_fraction: float = 0.25, lr: float | None = None, seed: int = 0,
+          head: Path | None = None, quiet: bool = True) -> dict:
+    """Personalise ``bundle``'s head on ``data`` in a runner subprocess; return its report."""
+    args = ["--data", str(data), "--out", str(out), "--epochs", str(epochs),
+            "--batch-size", str(batch_size), "--val-fraction", str(val_fraction),
+            "--seed", str(seed)]
+    if lr is not None:
+        args += ["--lr", str(lr)]
+    if head is not None:
+        args += ["--head", str(head)]
+    return run_runner("adapt", bundle, *args, quiet=quiet)
+
+
+def infer(bundle: Path, data: Path, *, head: Path | None = None) -> dict:
+    """Predictions (and accuracy for labelled data) from a runner subprocess."""
+    args = ["--data", str(data)] + (["--head", str(head)] if head else [])
+    return run_runner("infer", bundle, *args)

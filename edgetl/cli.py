@@ -1,0 +1,167 @@
+"""The ``edgetl`` command line: thin Typer wrappers over the stage functions.
+
+Heavy libraries (torch, onnx, onnxruntime, matplotlib) are imported inside the commands, so
+``edgetl --help`` is instant. Any :class:`~edgetl.errors.EdgetlError` exits 1 with one line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgetl import __version__
+from edgetl.errors import EdgetlError
+
+app = typer.Typer(name="edgetl", no_args_is_help=True, add_completion=False,
+                  help="On-device transfer learning: pretrain and distill on the server, export "
+                       "a frozen backbone + trainable head, personalise it on the device.")
+
+DEFAULT_RECIPE = Path("models/har/recipe.toml")
+RecipeArg = Annotated[Path, typer.Argument(help="recipe TOML (or its folder)")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output directory")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+def _err(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {msg}", highlight=False)
+
+
+def user_errors(fn):
+    """Turn :class:`EdgetlError` into a one-line message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgetlError as e:
+            _err(str(e))
+            raise typer.Exit(code=1) from None
+
+    return wrapper
+
+
+def _setup(threads: int = 2) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _recipe(path: Path):
+    from edgetl.config import load_recipe
+
+    return load_recipe(path)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgetl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version,
+                                               is_eager=True, help="print the version")] = False):
+    """edgetl command line."""
+
+
+@app.command()
+@user_errors
+def pretrain(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
+             quiet: QuietOpt = False):
+    """Train the teacher on the server users; writes OUT/teacher.pt."""
+    _setup()
+    from edgetl import stages
+
+    r = stages.pretrain(_recipe(recipe), out, show=not quiet)
+    typer.echo(f"teacher: {r.params:,} params, held-out accuracy {r.heldout_accuracy:.3f} "
+               f"-> {r.path}")
+
+
+@app.command()
+@user_errors
+def distill(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
+            teacher: Annotated[Path | None, typer.Option(help="teacher checkpoint "
+                                                         "(default OUT/teacher.pt)")] = None,
+            baseline: Annotated[bool, typer.Option(help="also train the student from scratch "
+                                                   "to measure what distillation buys")] = True,
+            quiet: QuietOpt = False):
+    """Distill the teacher into the small student; writes OUT/student.pt."""
+    _setup()
+    from edgetl import stages
+
+    res = stages.distill_student(_recipe(recipe), teacher or out / "teacher.pt", out,
+                                 baseline=baseline, show=not quiet)
+    for name, r in res.items():
+        typer.echo(f"{name}: {r.params:,} params, held-out accuracy {r.heldout_accuracy:.3f} "
+                   f"-> {r.path}")
+
+
+@app.command()
+@user_errors
+def export(checkpoint: Annotated[Path, typer.Argument(help="student checkpoint")] = Path(
+               "runs/har/student.pt"),
+           target: Annotated[str, typer.Option(help="runtime: onnx")] = "onnx",
+           precision: Annotated[str, typer.Option(help="backbone precision: fp32")] = "fp32",
+           recipe: Annotated[Path, typer.Option(help="recipe (export options, data)")] =
+           DEFAULT_RECIPE,
+           out: OutOpt = Path("runs/har/bundle")):
+    """Export a student as a device bundle (backbone + head graphs + manifest.json)."""
+    _setup()
+    from edgetl import stages
+
+    man = stages.export(checkpoint, out, _recipe(recipe), target=target, precision=precision)
+    total = sum(f.bytes for f in man.files.values())
+    typer.echo(f"bundle {out}: {man.target}/{man.precision}, {len(man.files)} files, "
+               f"{total / 1024:.0f} KiB; parity backbone {man.checks['backbone_max_abs_err']:.1e}"
+               f", train step {man.checks['train_step_max_abs_err']:.1e}")
+
+
+@app.command()
+@user_errors
+def adapt(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+          data: Annotated[Path, typer.Option(help=".npz (x, y) or .csv with the device's "
+                                             "labelled data")],
+          out: OutOpt = Path("runs/device"),
+          epochs: Annotated[int, typer.Option(min=1)] = 30,
+          batch_size: Annotated[int, typer.Option(min=1)] = 32,
+          val_fraction: Annotated[float, typer.Option(min=0.01, max=0.99)] = 0.25,
+          lr: Annotated[float | None, typer.Option(help="override the bundle's lr")] = None,
+          head: Annotated[Path | None, typer.Option(help="continue from this head")] = None,
+          seed: int = 0):
+    """Personalise a bundle's head on local data with the device runner (a subprocess)."""
+    from edgetl import adapt as device
+
+    rep = device.adapt(bundle, data, out, epochs=epochs, batch_size=batch_size,
+                       val_fraction=val_fraction, lr=lr, seed=seed, head=head, quiet=False)
+    typer.echo(json.dumps({k: rep[k] for k in (
+        "accuracy_before", "accuracy_after", "rolled_back", "n_train", "n_val",
+        "feature_seconds", "train_seconds", "peak_rss_mb", "checkpoint")}, indent=2))
+
+
+@app.command()
+@user_errors
+def run(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
+        quiet: QuietOpt = False):
+    """Run every stage of a recipe, then personalise each held-out user; print a summary."""
+    _setup()
+    from rich.console import Console
+
+    from edgetl.pipeline import run_recipe
+    from edgetl.report import device_table, server_table
+
+    s = run_recipe(_recipe(recipe), out, show=not quiet)
+    con = Console()
+    con.print(server_table(s))
+    con.print(device_table(s))
+    con.print(f"summary: {out / 'summary.json'}  plot: {out / 'personalisation.png'}  "
+              f"({s.totals['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,218 @@
+"""Recipes: frozen, validated dataclasses read from ``models/<name>/recipe.toml``.
+
+Every section is a dataclass whose ``__post_init__`` validates it; an unknown key is an error
+that lists the known ones, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgetl.errors import ConfigError
+
+HEAD_KINDS = ("linear", "mlp")
+OPTIMIZERS = ("sgd", "adam")
+TARGETS = ("onnx",)
+PRECISIONS = ("fp32",)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, how it is windowed and which users play server and devices."""
+
+    dataset: str = "hapt"
+    window: int = 128
+    stride: int = 64
+    server_users: tuple[int, ...] = tuple(range(1, 21))
+    device_users: tuple[int, ...] = tuple(range(21, 31))
+    server_val_users: tuple[int, ...] = (17, 18, 19, 20)
+
+    def __post_init__(self):
+        _check(self.dataset == "hapt", f"data.dataset: expected 'hapt', got {self.dataset!r}")
+        _check(self.window >= 8 and self.stride >= 1,
+               f"data.window must be >= 8 and data.stride >= 1, got {self.window}, {self.stride}")
+        overlap = set(self.server_users) & set(self.device_users)
+        _check(not overlap, f"data: users {sorted(overlap)} are both server and device users; "
+               "splits must be user-disjoint")
+        _check(set(self.server_val_users) <= set(self.server_users),
+               "data.server_val_users must be a subset of data.server_users")
+        _check(len(set(self.server_users) - set(self.server_val_users)) > 0,
+               "data: no server users left for training after server_val_users")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """A 1D CNN: one conv block (conv, BN, ReLU, optional max-pool) per entry of ``channels``."""
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    kernels: tuple[int, ...] = (7, 5, 3)
+    pools: tuple[int, ...] = (2, 2, 1)
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        n = len(self.channels)
+        _check(n > 0 and len(self.kernels) == n and len(self.pools) == n,
+               f"net: channels, kernels and pools need the same length, got "
+               f"{len(self.channels)}, {len(self.kernels)}, {len(self.pools)}")
+        _check(all(c > 0 for c in self.channels) and all(k % 2 == 1 for k in self.kernels),
+               "net: channels must be positive and kernels odd")
+        _check(0.0 <= self.dropout < 1.0, f"net.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Supervised training of a network on server data (AdamW, cosine schedule)."""
+
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.epochs >= 1 and self.batch_size >= 1, "train: epochs and batch_size >= 1")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Hinton knowledge distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1-alpha) * CE``."""
+
+    temperature: float = 4.0
+    alpha: float = 0.7
+
+    def __post_init__(self):
+        _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+        _check(0.0 <= self.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The trainable head the device fine-tunes, and its on-device optimizer."""
+
+    kind: str = "linear"
+    hidden: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        _check(self.kind in HEAD_KINDS, f"head.kind: expected one of {HEAD_KINDS}, got {self.kind!r}")
+        _check(self.optimizer in OPTIMIZERS,
+               f"head.optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(self.lr > 0 and self.hidden > 0, "head.lr and head.hidden must be > 0")
+        _check(0 <= self.momentum < 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+               "head: momentum, beta1 and beta2 must be in [0, 1)")
+
+    def hparams(self) -> dict[str, float]:
+        """The optimizer's hyper-parameters, as fed to the train-step graph."""
+        if self.optimizer == "sgd":
+            return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+                "weight_decay": self.weight_decay}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How the student becomes a device bundle."""
+
+    target: str = "onnx"
+    precision: str = "fp32"
+    opset: int = 17
+    n_test_vectors: int = 8
+
+    def __post_init__(self):
+        _check(self.target in TARGETS, f"export.target: expected one of {TARGETS}, got {self.target!r}")
+        _check(self.precision in PRECISIONS,
+               f"export.precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        _check(13 <= self.opset <= 21, f"export.opset must be in 13..21, got {self.opset}")
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """On-device adaptation: epochs over cached features, validation split and the gate."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    val_fraction: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.epochs >= 1 and self.batch_size >= 1, "adapt: epochs and batch_size >= 1")
+        _check(0.0 < self.val_fraction < 1.0,
+               f"adapt.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole scenario: data, teacher, student, distillation, head, export and adaptation."""
+
+    name: str = "har"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: NetConfig = field(default_factory=lambda: NetConfig((64, 128, 128), (7, 5, 3)))
+    student: NetConfig = field(default_factory=lambda: NetConfig((16, 32, 48), (7, 5, 3)))
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    student_train: TrainConfig = field(default_factory=TrainConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists), for run records."""
+        return dataclasses.asdict(self)
+
+
+def _build(base, raw: dict[str, Any], where: str):
+    """Return ``base`` (a dataclass instance) with the keys of ``raw`` replaced, type-checked."""
+    known = {f.name: f for f in dataclasses.fields(base)}
+    unknown = sorted(set(raw) - set(known))
+    _check(not unknown, f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    kwargs = {}
+    for k, v in raw.items():
+        default = getattr(base, k)
+        if dataclasses.is_dataclass(default):
+            _check(isinstance(v, dict), f"{where}.{k}: expected a table, got {type(v).__name__}")
+            kwargs[k] = _build(default, v, f"{where}.{k}")
+        elif isinstance(default, tuple):
+            _check(isinstance(v, list), f"{where}.{k}: expected a list, got {v!r}")
+            kwargs[k] = tuple(v)
+        elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+            kwargs[k] = float(v)
+        else:
+            _check(default is None or isinstance(v, type(default)),
+                   f"{where}.{k}: expected {type(default).__name__}, got {v!r}")
+            kwargs[k] = v
+    return dataclasses.replace(base, **kwargs)
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Read and validate a recipe TOML file.
+
+    Raises:
+        ConfigError: the file is missing, is not TOML, or has unknown or invalid keys.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "recipe.toml"
+    if not path.exists():
+        raise ConfigError(f"recipe {path} does not exist; try models/har/recipe.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
+    return _build(Recipe(), raw, path.name)

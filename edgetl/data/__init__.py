@@ -1,0 +1,1 @@
+"""Datasets edgetl ships recipes for, all installed offline from packages."""

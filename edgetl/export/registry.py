@@ -1,0 +1,83 @@
+"""The exporter registry: a plain dict from target name to :class:`Exporter` class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgetl.errors import ConfigError
+from edgetl.head import HeadSpec
+
+EXPORTERS: dict[str, type[Exporter]] = {}
+
+
+def register_exporter(target: str):
+    """Class decorator registering an :class:`Exporter` under ``target``."""
+
+    def deco(cls):
+        if target in EXPORTERS:
+            raise ConfigError(f"exporter {target!r} registered twice")
+        cls.target = target
+        EXPORTERS[target] = cls
+        return cls
+
+    return deco
+
+
+def get_exporter(target: str) -> Exporter:
+    """An instance of the exporter for ``target``; unknown targets list the known ones."""
+    _load_builtin()
+    try:
+        return EXPORTERS[target]()
+    except KeyError:
+        raise ConfigError(f"unknown export target {target!r}; known targets: "
+                          f"{sorted(EXPORTERS)}") from None
+
+
+def _load_builtin() -> None:
+    # Importing the module runs its @register_exporter; the backend library itself
+    # (onnx, onnxruntime) is imported only inside the methods that use it.
+    from edgetl.export import onnx as _onnx  # noqa: F401
+
+
+class Exporter:
+    """A target runtime: writes graphs and runs them for the parity check.
+
+    Attributes:
+        target: registry key (set by :func:`register_exporter`).
+        suffix: file suffix of its graphs.
+        atol: tolerance of fp32 outputs against PyTorch.
+        fixed_batch: train batch size the runtime needs, or ``None`` for dynamic batches.
+    """
+
+    target = ""
+    suffix = ""
+    atol = 1e-4
+    fixed_batch: int | None = None
+
+    def export_backbone(self, backbone: nn.Module, sample: torch.Tensor, path: Path, *,
+                        opset: int) -> dict[str, Any]:
+        """Write the frozen backbone graph; return its input/output names."""
+        raise NotImplementedError
+
+    def export_head(self, spec: HeadSpec, optimizer: str, train_path: Path, infer_path: Path,
+                    *, opset: int, batch: int) -> dict[str, Any]:
+        """Write the head's train-step and infer graphs; return their signatures."""
+        raise NotImplementedError
+
+    def session(self, bundle: Path, files: dict[str, str]) -> Any:
+        """An object with ``features(x)``, ``train_step(feeds)`` and ``infer(feeds)``."""
+        raise NotImplementedError
+
+    def runtime_info(self) -> dict[str, Any]:
+        """Version facts recorded in the manifest's provenance."""
+        return {}
+
+
+def as_feeds(names: list[str], arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Zip names and arrays into a feed dict, as contiguous numpy arrays."""
+    return {n: np.ascontiguousarray(a) for n, a in zip(names, arrays, strict=True)}

@@ -1,0 +1,216 @@
+"""The device-trainable head as stateless graphs with analytic gradients.
+
+On-device training runs on plain inference runtimes (see DESIGN.md), so a train step is an
+ordinary graph::
+
+    train_step(features, targets, sample_weight, <hparams>, <params>, <opt state>)
+        -> (loss, <new params>, <new opt state>)
+
+Gradients are written out by hand in torch ops (tested against autograd), optimizer state is
+explicit tensors, and ``sample_weight`` (0 for padding rows) makes fixed batch sizes and
+instance weighting free. Nothing mutates a buffer, so every exporter sees a pure function.
+
+Names are the contract: params ``weight``/``bias`` (linear) or ``fc1.weight``... (mlp); state
+``momentum.<param>`` (sgd) or ``exp_avg.<param>``, ``exp_avg_sq.<param>``, ``step`` (adam);
+outputs ``loss``, ``new.<param>``, ``new.<state>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgetl.errors import ConfigError
+
+HPARAMS = {"sgd": ("lr", "momentum", "weight_decay"),
+           "adam": ("lr", "beta1", "beta2", "eps", "weight_decay")}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Shapes and names of a head: ``kind`` linear or mlp, ``in_features`` -> ``num_classes``."""
+
+    kind: str
+    in_features: int
+    num_classes: int
+    hidden: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "mlp"):
+            raise ConfigError(f"head kind {self.kind!r} unknown; known: linear, mlp")
+        if self.kind == "mlp" and self.hidden <= 0:
+            raise ConfigError("an mlp head needs hidden > 0")
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Parameter names, in graph-input order."""
+        if self.kind == "linear":
+            return ("weight", "bias")
+        return ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+
+    @property
+    def class_params(self) -> tuple[str, ...]:
+        """Parameters whose dim 0 is the class axis (grown when a device adds labels)."""
+        return ("weight", "bias") if self.kind == "linear" else ("fc2.weight", "fc2.bias")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the last layer's input (what weight imprinting averages)."""
+        return self.in_features if self.kind == "linear" else self.hidden
+
+    def param_shapes(self, num_classes: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Shape of every parameter, for ``num_classes`` classes (default the spec's)."""
+        c = num_classes or self.num_classes
+        if self.kind == "linear":
+            return {"weight": (c, self.in_features), "bias": (c,)}
+        return {"fc1.weight": (self.hidden, self.in_features), "fc1.bias": (self.hidden,),
+                "fc2.weight": (c, self.hidden), "fc2.bias": (c,)}
+
+    def state_names(self, optimizer: str) -> tuple[str, ...]:
+        """Optimizer state tensor names for ``optimizer``."""
+        if optimizer == "sgd":
+            return tuple(f"momentum.{p}" for p in self.param_names)
+        if optimizer == "adam":
+            return (tuple(f"exp_avg.{p}" for p in self.param_names)
+                    + tuple(f"exp_avg_sq.{p}" for p in self.param_names) + ("step",))
+        raise ConfigError(f"optimizer {optimizer!r} unknown; known: {sorted(HPARAMS)}")
+
+
+def head_forward(spec: HeadSpec, f: torch.Tensor, params: list[torch.Tensor]):
+    """Logits and embedding (input of the last layer).
+
+    Shape:
+        f: (B, D) features -> logits (B, K), embedding (B, D or hidden).
+    """
+    if spec.kind == "linear":
+        w, b = params
+        return f @ w.t() + b, f
+    w1, b1, w2, b2 = params
+    h = torch.relu(f @ w1.t() + b1)
+    return h @ w2.t() + b2, h
+
+
+def weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor):
+    """Weighted cross-entropy and its gradient w.r.t. the logits.
+
+    ``loss = sum_i w_i * CE(logits_i, targets_i) / max(sum_i w_i, 1e-12)``; ``targets`` are
+    probability rows (one-hot or soft).
+
+    Shape:
+        logits, targets: (B, K); weight: (B,) -> loss (), dlogits (B, K).
+    """
+    z = logits - logits.max(dim=1, keepdim=True).values
+    ez = torch.exp(z)
+    s = ez.sum(dim=1, keepdim=True)
+    logp = z - torch.log(s)
+    denom = torch.clamp(weight.sum(), min=1e-12)
+    wn = (weight / denom).unsqueeze(1)
+    loss = -(wn * targets * logp).sum()
+    # d/dlogits of -sum_k t_k log p_k = p * sum_k t_k - t  (= p - t for normalised targets)
+    dlogits = wn * (ez / s * targets.sum(dim=1, keepdim=True) - targets)
+    return loss, dlogits
+
+
+def head_grads(spec: HeadSpec, f: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+               params: list[torch.Tensor]):
+    """Loss and analytic gradients of every head parameter (same order as ``params``)."""
+    logits, emb = head_forward(spec, f, params)
+    loss, g = weighted_ce(logits, targets, weight)
+    if spec.kind == "linear":
+        return loss, [g.t() @ f, g.sum(dim=0)]
+    _, _, w2, _ = params
+    dh = (g @ w2) * (emb > 0).to(emb.dtype)
+    return loss, [dh.t() @ f, dh.sum(dim=0), g.t() @ emb, g.sum(dim=0)]
+
+
+class TrainStep(nn.Module):
+    """One optimizer step on a batch, as a pure function (see module docstring).
+
+    ``forward(features, targets, sample_weight, *hparams, *params, *state)`` returns
+    ``(loss, *new_params, *new_state)``; hparams are 0-d tensors named by :data:`HPARAMS`.
+    Matches ``torch.optim.SGD`` (momentum, dampening 0, L2 ``weight_decay``) and
+    ``torch.optim.Adam`` (L2 ``weight_decay``, bias-corrected) on the weighted CE loss.
+    """
+
+    def __init__(self, spec: HeadSpec, optimizer: str):
+        super().__init__()
+        if optimizer not in HPARAMS:
+            raise ConfigError(f"optimizer {optimizer!r} unknown; known: {sorted(HPARAMS)}")
+        self.spec, self.optimizer = spec, optimizer
+        self.n_params = len(spec.param_names)
+
+    def input_names(self) -> list[str]:
+        """Graph input names, in order."""
+        return (["features", "targets", "sample_weight", *HPARAMS[self.optimizer],
+                 *self.spec.param_names, *self.spec.state_names(self.optimizer)])
+
+    def output_names(self) -> list[str]:
+        """Graph output names, in order; ``loss`` first."""
+        names = [*self.spec.param_names, *self.spec.state_names(self.optimizer)]
+        return ["loss", *(f"new.{n}" for n in names)]
+
+    def forward(self, features, targets, sample_weight, *rest):
+        nh = len(HPARAMS[self.optimizer])
+        hp, rest = rest[:nh], rest[nh:]
+        params, state = list(rest[: self.n_params]), list(rest[self.n_params :])
+        loss, grads = head_grads(self.spec, features, targets, sample_weight, params)
+        if self.optimizer == "sgd":
+            lr, mom, wd = hp
+            new_p, new_s = [], []
+            for p, g, buf in zip(params, grads, state, strict=True):
+                g = g + wd * p
+                buf = mom * buf + g
+                new_s.append(buf)
+                new_p.append(p - lr * buf)
+            return (loss, *new_p, *new_s)
+        lr, b1, b2, eps, wd = hp
+        n = self.n_params
+        m, v, step = state[:n], state[n : 2 * n], state[2 * n]
+        step = step + 1.0
+        bc1 = 1.0 - torch.pow(b1, step)
+        bc2 = 1.0 - torch.pow(b2, step)
+        new_p, new_m, new_v = [], [], []
+        for p, g, mi, vi in zip(params, grads, m, v, strict=True):
+            g = g + wd * p
+            mi = b1 * mi + (1.0 - b1) * g
+            vi = b2 * vi + (1.0 - b2) * g * g
+            denom = torch.sqrt(vi) / torch.sqrt(bc2) + eps
+            new_p.append(p - (lr / bc1) * mi / denom)
+            new_m.append(mi)
+            new_v.append(vi)
+        return (loss, *new_p, *new_m, *new_v, step)
+
+
+class InferStep(nn.Module):
+    """``forward(features, *params) -> (logits, embedding)``, params as inputs.
+
+    One infer graph serves every head checkpoint the device ever writes.
+    """
+
+    def __init__(self, spec: HeadSpec):
+        super().__init__()
+        self.spec = spec
+
+    def input_names(self) -> list[str]:
+        """Graph input names, in order."""
+        return ["features", *self.spec.param_names]
+
+    def output_names(self) -> list[str]:
+        """Graph output names, in order."""
+        return ["logits", "embedding"]
+
+    def forward(self, features, *params):
+        return head_forward(self.spec, features, list(params))
+
+
+def init_state(spec: HeadSpec, optimizer: str, params: dict[str, torch.Tensor]) -> dict:
+    """Zero optimizer state shaped like ``params`` (``step`` is a 0-d zero)."""
+    out = {}
+    for name in spec.state_names(optimizer):
+        if name == "step":
+            out[name] = torch.zeros(())
+        else:
+            out[name] = torch.zeros_like(params[name.split(".", 1)[1]])
+    return out

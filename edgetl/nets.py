@@ -1,0 +1,117 @@
+"""Networks: a 1D-CNN backbone for IMU windows, trainable heads, and the EdgeModel split.
+
+The backbone/head split is a type (:class:`EdgeModel`), not a convention: the device trains
+exactly ``model.head``'s parameters and nothing else, and :meth:`EdgeModel.trainable_names`
+is derived from it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from edgetl.config import HeadConfig, NetConfig
+from edgetl.errors import ConfigError
+
+
+class CNN1DBackbone(nn.Module):
+    """Conv blocks over time, then global average pooling.
+
+    Shape:
+        x: (N, T, C) windows, time-major as recorded (layout ``NTC``).
+        output: (N, channels[-1]) features.
+    """
+
+    def __init__(self, in_channels: int, cfg: NetConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for c, k, p in zip(cfg.channels, cfg.kernels, cfg.pools, strict=True):
+            layers += [nn.Conv1d(c_in, c, k, padding=k // 2, bias=False), nn.BatchNorm1d(c),
+                       nn.ReLU()]
+            if p > 1:
+                layers.append(nn.MaxPool1d(p))
+            c_in = c
+        self.blocks = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out_features = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(x.transpose(1, 2))  # (N, C, T)
+        return self.dropout(h.mean(dim=2))
+
+
+class LinearHead(nn.Module):
+    """``logits = f @ weight.T + bias``. Its embedding is the features themselves."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(f)
+
+
+class MLPHead(nn.Module):
+    """``logits = fc2(relu(fc1(f)))``. Its embedding is ``relu(fc1(f))``."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(f)))
+
+
+def make_head(in_features: int, num_classes: int, cfg: HeadConfig) -> nn.Module:
+    """Build the head named by ``cfg.kind``."""
+    if cfg.kind == "linear":
+        return LinearHead(in_features, num_classes)
+    if cfg.kind == "mlp":
+        return MLPHead(in_features, num_classes, cfg.hidden)
+    raise ConfigError(f"unknown head kind {cfg.kind!r}; known: linear, mlp")
+
+
+class EdgeModel(nn.Module):
+    """A frozen-on-device ``backbone`` followed by a device-trainable ``head``.
+
+    ``forward`` always returns logits only, in train and eval mode alike, so export never
+    depends on ``.training``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        overlap = {id(p) for p in backbone.parameters()} & {id(p) for p in head.parameters()}
+        if overlap:
+            raise ConfigError("a parameter is shared between backbone and head; "
+                              "the device cannot both freeze and train it")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def trainable_names(self) -> list[str]:
+        """Names of the head parameters the device trains, in graph-input order."""
+        return list(self.head_state().keys())
+
+    def head_state(self) -> OrderedDict[str, torch.Tensor]:
+        """Head parameters by device name (``weight``/``bias`` or ``fc1.weight``...)."""
+        sd = self.head.state_dict()
+        if isinstance(self.head, LinearHead):
+            return OrderedDict([("weight", sd["fc.weight"]), ("bias", sd["fc.bias"])])
+        return OrderedDict((k, v) for k, v in sd.items())
+
+
+def build_model(in_channels: int, num_classes: int, net: NetConfig, head: HeadConfig) -> EdgeModel:
+    """Backbone from ``net`` plus a head from ``head``."""
+    bb = CNN1DBackbone(in_channels, net)
+    return EdgeModel(bb, make_head(bb.out_features, num_classes, head))
+
+
+def count_params(m: nn.Module) -> int:
+    """Number of parameters (not buffers)."""
+    return sum(p.numel() for p in m.parameters())

@@ -1,0 +1,27 @@
+"""Rich progress bars and console shared by every stage."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(enabled: bool = True):
+    """A ``rich.progress.Progress`` (disabled when not wanted or not a terminal in tests)."""
+    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=not enabled, transient=False)
+    with prog:
+        yield prog
+
+
+def quiet_default() -> bool:
+    """True when stderr is not a terminal (CI, subprocess): progress bars then stay off."""
+    return not sys.stderr.isatty()

@@ -1,0 +1,141 @@
+"""Server stages as typed functions: data, pretrain, distill, export.
+
+Each writes its artifact into ``out`` and returns a small result record; the CLI's commands
+and :func:`edgetl.pipeline.run_recipe` call exactly these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from edgetl.config import Recipe
+from edgetl.data import hapt
+from edgetl.export import export_bundle
+from edgetl.manifest import Manifest
+from edgetl.nets import build_model, count_params
+from edgetl.train import Split, accuracy, distill, train_classifier
+
+
+@dataclass(frozen=True)
+class ServerData:
+    """User-disjoint splits of the source data, normalised with server-train statistics.
+
+    Shape:
+        mean, std: (C,); splits hold (N, T, C) normalised windows.
+    """
+
+    train: Split
+    val: Split
+    heldout: Split
+    mean: np.ndarray
+    std: np.ndarray
+    windows: hapt.Windows
+
+
+def server_data(recipe: Recipe, *, windows: hapt.Windows | None = None) -> ServerData:
+    """Split the recipe's dataset by user: train / server-val / held-out (device users)."""
+    d = recipe.data
+    w = windows if windows is not None else hapt.load_hapt(d.window, d.stride)
+    train_users = sorted(set(d.server_users) - set(d.server_val_users))
+    tr, va, ho = w.users(train_users), w.users(d.server_val_users), w.users(d.device_users)
+    flat = tr.x.reshape(-1, tr.x.shape[2])
+    mean, std = flat.mean(0), flat.std(0) + 1e-6
+
+    def norm(s: hapt.Windows) -> Split:
+        return Split(((s.x - mean) / std).astype(np.float32), s.y)
+
+    return ServerData(norm(tr), norm(va), norm(ho), mean.astype(np.float32),
+                      std.astype(np.float32), w)
+
+
+def _checkpoint(model, recipe: Recipe, net, sd: ServerData, meta: dict) -> Checkpoint:
+    w = sd.windows
+    return Checkpoint(model, net, recipe.head, tuple(w.labels), tuple(w.channels),
+                      recipe.data.window, recipe.data.stride, float(hapt.SAMPLE_RATE_HZ),
+                      sd.mean, sd.std, {"recipe": recipe.name, **meta})
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A written checkpoint and what it scored."""
+
+    path: Path
+    params: int
+    val_accuracy: float
+    heldout_accuracy: float
+    seconds: float
+    history: list
+
+
+def pretrain(recipe: Recipe, out: Path, *, data: ServerData | None = None,
+             show: bool = True) -> StageResult:
+    """Train the teacher on server users; write ``out/teacher.pt``."""
+    torch.manual_seed(recipe.pretrain.seed)
+    sd = data or server_data(recipe)
+    model = build_model(sd.train.x.shape[2], len(sd.windows.labels), recipe.teacher, recipe.head)
+    res = train_classifier(model, sd.train, sd.val, recipe.pretrain, desc="pretrain teacher",
+                           show=show)
+    ho = accuracy(model, sd.heldout)
+    path = save_checkpoint(_checkpoint(model, recipe, recipe.teacher, sd,
+                                       {"role": "teacher", "heldout_accuracy": ho}),
+                           Path(out) / "teacher.pt")
+    return StageResult(path, count_params(model), res.val_accuracy or 0.0, ho, res.seconds,
+                       res.history)
+
+
+def distill_student(recipe: Recipe, teacher_path: Path, out: Path, *,
+                    data: ServerData | None = None, baseline: bool = True,
+                    show: bool = True) -> dict[str, StageResult]:
+    """Distill the teacher into the student (``out/student.pt``).
+
+    With ``baseline``, also train the same student from scratch (``out/student_scratch.pt``) so
+    the gain of distillation is measured, not assumed.
+    """
+    sd = data or server_data(recipe)
+    teacher = load_checkpoint(teacher_path).model
+    results = {}
+    runs = [("student", True)] + ([("student_scratch", False)] if baseline else [])
+    for name, kd in runs:
+        torch.manual_seed(recipe.student_train.seed)
+        model = build_model(sd.train.x.shape[2], len(sd.windows.labels), recipe.student,
+                            recipe.head)
+        if kd:
+            res = distill(teacher, model, sd.train, sd.val, recipe.student_train, recipe.distill,
+                          show=show)
+        else:
+            res = train_classifier(model, sd.train, sd.val, recipe.student_train,
+                                   desc="student from scratch", show=show)
+        ho = accuracy(model, sd.heldout)
+        meta = {"role": name, "heldout_accuracy": ho, "distilled": kd,
+                "temperature": recipe.distill.temperature if kd else None,
+                "alpha": recipe.distill.alpha if kd else None}
+        path = save_checkpoint(_checkpoint(model, recipe, recipe.student, sd, meta),
+                               Path(out) / f"{name}.pt")
+        results[name] = StageResult(path, count_params(model), res.val_accuracy or 0.0, ho,
+                                    res.seconds, res.history)
+    return results
+
+
+def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = None,
+           precision: str | None = None, data: ServerData | None = None) -> Manifest:
+    """Export a student checkpoint as a device bundle in ``out``.
+
+    Reference windows (parity checks, test vectors) come from the server-validation users.
+    """
+    import dataclasses
+
+    cfg = dataclasses.replace(recipe.export, target=target or recipe.export.target,
+                              precision=precision or recipe.export.precision)
+    ck = load_checkpoint(checkpoint)
+    sd = data or server_data(recipe)
+    d = recipe.data
+    ref = sd.windows.users(d.server_val_users)
+    pick = np.random.default_rng(0).permutation(len(ref))[:256]
+    return export_bundle(ck, Path(out), cfg, reference_x=ref.x[np.sort(pick)],
+                         provenance={"checkpoint": str(checkpoint), "recipe": recipe.name,
+                                     "student_heldout_accuracy": ck.meta.get("heldout_accuracy")})

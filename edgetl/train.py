@@ -1,0 +1,154 @@
+"""Server-side training: supervised pretraining and Hinton knowledge distillation.
+
+Both stages are one typed function each (:func:`train_classifier`, :func:`distill`) returning a
+:class:`TrainResult`; the CLI, the pipeline and the tests call the same functions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetl.config import DistillConfig, TrainConfig
+from edgetl.errors import DataError
+from edgetl.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class Split:
+    """Normalised arrays for one stage.
+
+    Shape:
+        x: (N, T, C) float32 normalised windows; y: (N,) int64 class ids.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self):
+        if self.x.ndim != 3 or len(self.x) != len(self.y):
+            raise DataError(f"expected x (N, T, C) and y (N,), got {self.x.shape} and {self.y.shape}")
+        if len(self.y) == 0:
+            raise DataError("empty split: no windows selected; check the recipe's user lists")
+
+
+@dataclass
+class TrainResult:
+    """What a training stage produced."""
+
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    val_accuracy: float | None = None
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    """Eval-mode logits for normalised windows ``x`` (N, T, C)."""
+    model.eval()
+    out = [model(torch.from_numpy(x[i : i + batch])) for i in range(0, len(x), batch)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def accuracy(model: nn.Module, split: Split) -> float:
+    """Top-1 accuracy of ``model`` on ``split``."""
+    return float((predict_logits(model, split.x).argmax(1) == split.y).mean())
+
+
+def _augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # Per-window amplitude jitter: users hold phones differently; keeps the model from
+    # keying on absolute magnitudes of one person.
+    scale = 1.0 + 0.1 * torch.randn(xb.shape[0], 1, xb.shape[2], generator=gen)
+    return xb * scale + 0.01 * torch.randn(xb.shape, generator=gen)
+
+
+def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, desc: str,
+         loss_fn, show: bool) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    idx_all = torch.arange(len(y))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, pct_start=0.2,
+                                                total_steps=cfg.epochs * steps_per_epoch)
+    res = TrainResult(model)
+    t0 = time.perf_counter()
+    with progress_bar(show) as prog:
+        task = prog.add_task(desc, total=cfg.epochs * steps_per_epoch, info="")
+        for epoch in range(cfg.epochs):
+            model.train()
+            perm = idx_all[torch.randperm(len(y), generator=gen)]
+            total, n = 0.0, 0
+            for i in range(0, len(y), cfg.batch_size):
+                b = perm[i : i + cfg.batch_size]
+                xb = _augment(x[b], gen)
+                loss = loss_fn(model(xb), b, y[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(b)
+                n += len(b)
+                prog.advance(task)
+            rec = {"epoch": epoch + 1, "loss": total / n}
+            if val is not None:
+                rec["val_accuracy"] = accuracy(model, val)
+                res.val_accuracy = rec["val_accuracy"]
+            res.history.append(rec)
+            info = f"loss {rec['loss']:.3f}" + (
+                f" val {rec['val_accuracy']:.3f}" if val is not None else "")
+            prog.update(task, info=info)
+    res.seconds = time.perf_counter() - t0
+    model.eval()
+    return res
+
+
+def train_classifier(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, *,
+                     desc: str = "train", show: bool = True) -> TrainResult:
+    """Supervised training with cross-entropy, AdamW and a one-cycle schedule.
+
+    Args:
+        model: maps (N, T, C) windows to (N, K) logits.
+        train: training windows; val: optional held-out windows scored after each epoch.
+        cfg: epochs, batch size, learning rate, weight decay and seed.
+    """
+    return _fit(model, train, val, cfg, desc, lambda logits, _b, yb: F.cross_entropy(logits, yb),
+                show)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
+            cfg: DistillConfig) -> torch.Tensor:
+    """Hinton et al. (2015) distillation loss.
+
+    ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``; the ``T^2``
+    keeps the soft-target gradients on the scale of the hard-label ones.
+
+    Shape:
+        student_logits, teacher_logits: (N, K); y: (N,).
+    """
+    t = cfg.temperature
+    soft = F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                    reduction="batchmean", log_target=True)
+    return cfg.alpha * t * t * soft + (1 - cfg.alpha) * F.cross_entropy(student_logits, y)
+
+
+def distill(teacher: nn.Module, student: nn.Module, train: Split, val: Split | None,
+            cfg: TrainConfig, kd: DistillConfig, *, show: bool = True) -> TrainResult:
+    """Train ``student`` to match ``teacher``'s temperature-softened outputs.
+
+    The teacher is frozen, so its logits on the (un-augmented) training windows are computed
+    once; each batch then costs one student pass.
+    """
+    with torch.no_grad():
+        # Teacher targets on the clean windows; the student sees augmented ones, which
+        # acts as consistency regularisation.
+        t_logits = torch.from_numpy(predict_logits(teacher, train.x))
+    return _fit(student, train, val, cfg, "distill",
+                lambda logits, b, yb: kd_loss(logits, t_logits[b], yb, kd), show)
