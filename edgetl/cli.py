@@ -67,7 +67,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(version: Annotated[bool, typer.Option("--version", callback=_version,
                                                is_eager=True, help="print the version")] = False):
-    """edgetl command line."""
+    """Edgetl command line."""
 
 
 @app.command()

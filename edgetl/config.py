@@ -7,10 +7,11 @@ that lists the known ones, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from edgetl.errors import ConfigError
 
@@ -85,7 +86,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Hinton knowledge distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1-alpha) * CE``."""
+    """Hinton distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1-alpha) * CE``."""
 
     temperature: float = 4.0
     alpha: float = 0.7
@@ -110,7 +111,8 @@ class HeadConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
-        _check(self.kind in HEAD_KINDS, f"head.kind: expected one of {HEAD_KINDS}, got {self.kind!r}")
+        _check(self.kind in HEAD_KINDS,
+               f"head.kind: expected one of {HEAD_KINDS}, got {self.kind!r}")
         _check(self.optimizer in OPTIMIZERS,
                f"head.optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
         _check(self.lr > 0 and self.hidden > 0, "head.lr and head.hidden must be > 0")
@@ -135,7 +137,8 @@ class ExportConfig:
     n_test_vectors: int = 8
 
     def __post_init__(self):
-        _check(self.target in TARGETS, f"export.target: expected one of {TARGETS}, got {self.target!r}")
+        _check(self.target in TARGETS,
+               f"export.target: expected one of {TARGETS}, got {self.target!r}")
         _check(self.precision in PRECISIONS,
                f"export.precision: expected one of {PRECISIONS}, got {self.precision!r}")
         _check(13 <= self.opset <= 21, f"export.opset must be in 13..21, got {self.opset}")

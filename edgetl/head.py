@@ -11,7 +11,8 @@ explicit tensors, and ``sample_weight`` (0 for padding rows) makes fixed batch s
 instance weighting free. Nothing mutates a buffer, so every exporter sees a pure function.
 
 Names are the contract: params ``weight``/``bias`` (linear) or ``fc1.weight``... (mlp); state
-``momentum.<param>`` (sgd) or ``exp_avg.<param>``, ``exp_avg_sq.<param>``, ``step`` (adam);
+``momentum.<param>`` (sgd) or ``exp_avg.<param>``, ``exp_avg_sq.<param>``, ``step`` (shape
+(1,)) (adam);
 outputs ``loss``, ``new.<param>``, ``new.<state>``.
 """
 
@@ -206,11 +207,15 @@ class InferStep(nn.Module):
 
 
 def init_state(spec: HeadSpec, optimizer: str, params: dict[str, torch.Tensor]) -> dict:
-    """Zero optimizer state shaped like ``params`` (``step`` is a 0-d zero)."""
+    """Zero optimizer state shaped like ``params``; Adam's ``step`` is shape (1,).
+
+    (A 0-d counter comes back as (1,) from onnxruntime's ConstantOfShape path; a 1-element
+    vector is the same on every runtime.)
+    """
     out = {}
     for name in spec.state_names(optimizer):
         if name == "step":
-            out[name] = torch.zeros(())
+            out[name] = torch.zeros(1)
         else:
             out[name] = torch.zeros_like(params[name.split(".", 1)[1]])
     return out

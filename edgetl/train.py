@@ -33,7 +33,8 @@ class Split:
 
     def __post_init__(self):
         if self.x.ndim != 3 or len(self.x) != len(self.y):
-            raise DataError(f"expected x (N, T, C) and y (N,), got {self.x.shape} and {self.y.shape}")
+            raise DataError(f"expected x (N, T, C) and y (N,), got {self.x.shape} and "
+                            f"{self.y.shape}")
         if len(self.y) == 0:
             raise DataError("empty split: no windows selected; check the recipe's user lists")
 

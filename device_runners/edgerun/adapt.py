@@ -142,7 +142,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     state = {}
     for s in m["optimizer"]["state"]:
         like = s["like"]
-        state[s["name"]] = (np.zeros((), np.float32) if like is None
+        state[s["name"]] = (np.zeros(s["shape"], np.float32) if like is None
                             else np.zeros_like(head.params[like]))
     fixed = ts.get("batch_size")
     bs = int(fixed) if fixed else batch_size

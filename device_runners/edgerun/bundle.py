@@ -66,7 +66,8 @@ class Bundle:
         for role, entry in self.manifest["files"].items():
             p = self.path(role)
             if not os.path.isfile(p):
-                raise RunnerError(f"bundle file {entry['path']} ({role}) is missing from {self.root}")
+                raise RunnerError(f"bundle file {entry['path']} ({role}) is missing from "
+                                  f"{self.root}")
             digest = sha256_file(p)
             if digest != entry["sha256"]:
                 raise RunnerError(

@@ -48,8 +48,9 @@ class Head:
             raise RunnerError(f"{path}: expected format {FORMAT!r}, found {meta.get('format')!r}")
         want = bundle.manifest["files"]["backbone"]["sha256"]
         if meta.get("backbone_sha256") != want:
-            raise RunnerError(f"{path} was trained on another backbone (sha256 "
-                              f"{str(meta.get('backbone_sha256'))[:12]}…, bundle has {want[:12]}…); "
+            have = str(meta.get("backbone_sha256"))[:12]
+            raise RunnerError(f"{path} was trained on another backbone (sha256 {have}…, "
+                              f"bundle has {want[:12]}…); "
                               "start from the bundle's head instead (drop --head)")
         names = [p["name"] for p in bundle.manifest["head"]["params"]]
         if sorted(params) != sorted(names):

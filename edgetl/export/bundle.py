@@ -138,13 +138,12 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
 
     sess = exporter.session(tmp, files)
     atol = exporter.atol
+    infer_out = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
     checks = {
         "atol": atol,
         "backbone_max_abs_err": compare("backbone.features", sess.features(xn), feats, atol),
-        "infer_max_abs_err": compare(
-            "head_infer.logits",
-            sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))["logits"],
-            logits.numpy(), atol),
+        "infer_max_abs_err": compare("head_infer.logits", infer_out["logits"], logits.numpy(),
+                                     atol),
         "train_step_max_abs_err": _check_train_step(sess, spec, ck.head.optimizer,
                                                     ck.head.hparams(), params, atol, batch),
         "n_reference": len(reference_x),
@@ -152,7 +151,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     }
     shapes = spec.param_shapes()
     state = [{"name": n, "like": None if n == "step" else n.split(".", 1)[1],
-              "shape": [] if n == "step" else list(shapes[n.split(".", 1)[1]])}
+              "shape": [1] if n == "step" else list(shapes[n.split(".", 1)[1]])}
              for n in spec.state_names(ck.head.optimizer)]
     manifest = Manifest(
         edgetl_version=__version__,

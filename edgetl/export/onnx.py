@@ -50,7 +50,7 @@ class OnnxExporter(Exporter):
         step, infer = TrainStep(spec, optimizer), InferStep(spec)
         shapes = spec.param_shapes()
         params = [torch.randn(s) * 0.1 for s in shapes.values()]
-        state = [torch.zeros(()) if n == "step" else torch.zeros(shapes[n.split(".", 1)[1]])
+        state = [torch.zeros(1) if n == "step" else torch.zeros(shapes[n.split(".", 1)[1]])
                  for n in spec.state_names(optimizer)]
         hp = [torch.tensor(0.1)] * (len(step.input_names()) - 3 - len(params) - len(state))
         f = torch.randn(batch, spec.in_features)

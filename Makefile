@@ -1,0 +1,45 @@
+# edgetl: `make demo` sets everything up and runs the HAR recipe; `make test` runs the tests.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+RECIPE  ?= models/har/recipe.toml
+OUT     ?= runs/har
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: install demo test test-slow style lint format clean help
+
+help:
+	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
+	@echo "make test       fast test tier (no GPU, no network)"
+	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
+	@echo "make style      ruff lint + format check"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned: an unpinned torch pulls several GB of CUDA wheels.
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[train,onnx,data,dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/edgetl run $(RECIPE) --out $(OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+style lint: install
+	$(BIN)/ruff check edgetl device_runners tests
+	$(BIN)/ruff format --check edgetl device_runners tests || true
+
+format: install
+	$(BIN)/ruff check --fix edgetl device_runners tests
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

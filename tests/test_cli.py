@@ -1,0 +1,60 @@
+"""CLI: --help of every command, one-line errors with exit 1, lazy heavy imports."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from edgetl.cli import app
+
+from .conftest import write_device_npz
+
+COMMANDS = ["pretrain", "distill", "export", "adapt", "run"]
+runner = CliRunner()
+
+
+def test_every_command_is_listed_and_has_help():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in COMMANDS:
+        assert cmd in res.output
+        sub = runner.invoke(app, [cmd, "--help"])
+        assert sub.exit_code == 0, cmd
+        assert "--out" in sub.output or "-o" in sub.output, cmd
+
+
+def test_registered_commands_match_the_tested_list():
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert names == set(COMMANDS)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "no/such/recipe.toml"], "does not exist"),
+    (["pretrain", "tests/data/bad_recipe.toml"], "unknown key(s) ['epoch']"),
+    (["export", "no/such.pt"], "checkpoint no/such.pt does not exist"),
+    (["adapt", "no/such/bundle", "--data", "x.npz"], "is not a directory"),
+])
+def test_user_errors_exit_1_with_one_line(args, needle):
+    p = subprocess.run([sys.executable, "-m", "edgetl.cli", *args], capture_output=True,
+                       text=True, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    assert needle in " ".join(p.stderr.split()), p.stderr
+
+
+def test_cli_import_is_light():
+    code = ("import sys, edgetl.cli; print([m for m in ('torch', 'onnx', 'onnxruntime', "
+            "'tensorflow', 'matplotlib') if m in sys.modules])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "[]"
+
+
+def test_adapt_command_runs_the_device_runner(tiny_bundle, tmp_path):
+    data = write_device_npz(tmp_path / "d.npz", 90, seed=3)
+    res = runner.invoke(app, ["adapt", str(tiny_bundle), "--data", str(data), "--out",
+                              str(tmp_path / "s"), "--epochs", "3"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout[res.stdout.index("{"):])
+    assert rep["n_train"] > 0 and (tmp_path / "s" / "report.json").exists()

@@ -1,0 +1,121 @@
+"""ONNX bundle: manifest contract, parity against torch, registry coverage, safe replacement."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgetl.config import ExportConfig, HeadConfig
+from edgetl.data.synthetic import make_windows
+from edgetl.errors import BundleError, ConfigError, ToleranceError
+from edgetl.export import EXPORTERS, export_bundle, get_exporter
+from edgetl.export.bundle import _check_train_step, head_spec
+from edgetl.head import HeadSpec
+from edgetl.manifest import Manifest, sha256_file
+
+from .conftest import WINDOW, tiny_checkpoint
+
+TESTED_TARGETS = {"onnx"}
+
+
+def test_all_registered_targets_are_tested():
+    get_exporter("onnx")  # loads the built-in registrations
+    untested = set(EXPORTERS) - TESTED_TARGETS
+    assert not untested, f"untested exporters: {untested}"
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"known targets: \['onnx'\]"):
+        get_exporter("coreml")
+
+
+def test_manifest_names_every_file_with_its_hash(tiny_bundle):
+    m = Manifest.read(tiny_bundle)
+    m.verify(tiny_bundle)
+    assert set(m.files) == {"backbone", "head_train", "head_infer", "head_init", "test_vectors"}
+    for entry in m.files.values():
+        assert sha256_file(tiny_bundle / entry.path) == entry.sha256
+    assert m.input["shape"] == [None, WINDOW, 3] and m.input["layout"] == "NTC"
+    assert len(m.input["preprocess"]["normalize"]["mean"]) == 3
+    assert m.head["params"] == [{"name": "weight", "shape": [3, 8]}, {"name": "bias", "shape": [3]}]
+    assert m.train_step["outputs"][0] == m.train_step["loss_output"] == "loss"
+    assert m.optimizer["name"] == "sgd" and m.optimizer["hparams"]["lr"] == 0.1
+    assert m.checks["backbone_max_abs_err"] < 1e-4
+    raw = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert raw["schema_version"] == 1 and raw["edgetl_version"]
+
+
+def test_tampered_file_fails_verification(tiny_bundle, tmp_path):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    with open(b / "head_init.npz", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match=r"head_init.npz \(head_init\).*modified"):
+        Manifest.read(b).verify(b)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_onnx_train_step_matches_torch_for_20_steps(kind, opt, tmp_path):
+    """The exported graph, run in onnxruntime, follows torch within 1e-5 over 20 padded steps."""
+    ex = get_exporter("onnx")
+    spec = HeadSpec(kind, 8, 4, hidden=5 if kind == "mlp" else 0)
+    ex.export_head(spec, opt, tmp_path / "t.onnx", tmp_path / "i.onnx", opset=17, batch=6)
+    sess = ex.session(tmp_path, {"backbone": "t.onnx", "head_train": "t.onnx",
+                                 "head_infer": "i.onnx"})
+    g = torch.Generator().manual_seed(3)
+    params = {n: 0.3 * torch.randn(s, generator=g).numpy() for n, s in spec.param_shapes().items()}
+    hp = HeadConfig(kind=kind, optimizer=opt, lr=0.05 if opt == "sgd" else 0.01).hparams()
+    worst = _check_train_step(sess, spec, opt, hp, params, atol=1e-5, batch=6, steps=20)
+    assert worst < 1e-5
+
+
+def test_train_step_accepts_more_classes_than_exported(tmp_path):
+    """Dynamic class axis: a device that adds labels reuses the same graph."""
+    ex = get_exporter("onnx")
+    spec = HeadSpec("linear", 8, 3)
+    ex.export_head(spec, "sgd", tmp_path / "t.onnx", tmp_path / "i.onnx", opset=17, batch=4)
+    sess = ex.session(tmp_path, {"backbone": "t.onnx", "head_train": "t.onnx",
+                                 "head_infer": "i.onnx"})
+    f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    out = sess.train_step({"features": f32(5, 8), "targets": np.eye(5, dtype=np.float32),
+                           "sample_weight": np.ones(5, np.float32),
+                           "lr": np.array(0.1, np.float32), "momentum": np.array(0.9, np.float32),
+                           "weight_decay": np.array(0.0, np.float32), "weight": f32(5, 8),
+                           "bias": f32(5), "momentum.weight": f32(5, 8), "momentum.bias": f32(5)})
+    assert out["new.weight"].shape == (5, 8)
+
+
+def test_failed_export_keeps_the_good_bundle(tiny_bundle, tmp_path, monkeypatch):
+    import shutil
+
+    import edgetl.export.bundle as eb
+
+    good = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, good)
+    before = (good / "manifest.json").read_bytes()
+
+    def broken(*a, **k):
+        raise ToleranceError("forced")
+
+    monkeypatch.setattr(eb, "_check_train_step", broken)
+    x, _ = make_windows(16, window=WINDOW, seed=1)
+    with pytest.raises(ToleranceError):
+        export_bundle(tiny_checkpoint(epochs=1), good, ExportConfig(), reference_x=x)
+    assert (good / "manifest.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.tmp")]
+
+
+def test_backbone_parity_on_fresh_inputs(tiny_ck, tiny_bundle):
+    spec = head_spec(tiny_ck)
+    sess = get_exporter("onnx").session(tiny_bundle, {k: v.path for k, v in
+                                                       Manifest.read(tiny_bundle).files.items()})
+    x, _ = make_windows(50, window=WINDOW, seed=9)
+    xn = tiny_ck.normalize(x)
+    with torch.no_grad():
+        want = tiny_ck.model.backbone(torch.from_numpy(xn)).numpy()
+    assert sess.features(xn).shape == (50, spec.in_features)
+    np.testing.assert_allclose(sess.features(xn), want, atol=1e-5)

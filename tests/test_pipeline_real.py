@@ -1,0 +1,44 @@
+"""The real HAR pipeline on UCI HAPT: a shortened recipe in the fast tier, the demo as slow."""
+
+import dataclasses
+import json
+
+import pytest
+
+from edgetl.config import AdaptConfig, DataConfig, TrainConfig, load_recipe
+from edgetl.pipeline import run_recipe
+
+
+def _short_recipe():
+    r = load_recipe("models/har/recipe.toml")
+    quick = TrainConfig(epochs=2, batch_size=128, lr=0.005)
+    return dataclasses.replace(
+        r, pretrain=quick, student_train=quick,
+        data=dataclasses.replace(r.data, device_users=(21, 25, 29)),
+        adapt=AdaptConfig(epochs=10))
+
+
+def test_short_har_run_end_to_end(tmp_path):
+    s = run_recipe(_short_recipe(), tmp_path, show=False)
+    assert s.server["teacher"]["params"] >= 8 * s.server["student"]["params"]
+    assert s.server["student"]["heldout_accuracy"] > 0.6  # 2 epochs: well above 1/6 chance
+    assert [d["user"] for d in s.devices] == [21, 25, 29]
+    for d in s.devices:
+        assert d["n_adapt"] > 100 and d["n_eval"] > 100 and d["peak_rss_mb"] < 400
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["totals"]["mean_gain"] == pytest.approx(s.totals["mean_gain"])
+    assert (tmp_path / "personalisation.png").stat().st_size > 1000
+    assert (tmp_path / "bundle" / "manifest.json").exists()
+
+
+def test_data_config_rejects_overlapping_users():
+    with pytest.raises(ValueError, match="user-disjoint"):
+        DataConfig(server_users=(1, 2), device_users=(2,), server_val_users=(1,))
+
+
+@pytest.mark.slow
+def test_full_demo_recipe(tmp_path):
+    s = run_recipe(load_recipe("models/har/recipe.toml"), tmp_path, show=False)
+    assert s.server["teacher"]["heldout_accuracy"] > 0.9
+    assert s.server["student"]["heldout_accuracy"] > 0.9
+    assert s.totals["wall_seconds"] < 600

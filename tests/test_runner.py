@@ -1,0 +1,192 @@
+"""The device runner, run as a device runs it: a subprocess with numpy + onnxruntime only."""
+
+import ast
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import LABELS, RUNNER, WINDOW, run_runner, write_device_npz
+
+SHIFT = {"gain": np.array([2.0, 0.5, 1.5]), "offset": np.array([1.0, -1.0, 0.5])}
+
+
+@pytest.fixture()
+def bundle(tiny_bundle, tmp_path) -> Path:
+    b = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, b)
+    return b
+
+
+def _adapt(bundle, data, out, *extra):
+    return run_runner("adapt", bundle, "--data", data, "--out", out, "--json", "--quiet",
+                      "--epochs", "40", *extra)
+
+
+def test_end_to_end_adaptation_on_an_easy_shift(bundle, tmp_path):
+    """Given a bundle and shifted device data, the head changes, the backbone doesn't, and
+    accuracy on unseen shifted data goes up."""
+    before_hash = json.loads((bundle / "manifest.json").read_text())["files"]["backbone"]["sha256"]
+    train = write_device_npz(tmp_path / "local.npz", 240, seed=5, **SHIFT)
+    test = write_device_npz(tmp_path / "later.npz", 200, seed=6, **SHIFT)
+    p = _adapt(bundle, train, tmp_path / "state")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    for key in ("accuracy_before", "accuracy_after", "rolled_back", "n_train", "n_val", "epochs",
+                "feature_seconds", "train_seconds", "peak_rss_mb", "backend", "precision"):
+        assert key in rep, key
+    assert rep["accuracy_after"] > rep["accuracy_before"] and not rep["rolled_back"]
+    assert rep["backend"] == "onnxruntime" and rep["precision"] == "fp32"
+    assert rep["n_train"] + rep["n_val"] < 240  # one purge window per class between them
+
+    with np.load(tmp_path / "state" / "head.npz") as new, np.load(bundle / "head_init.npz") as old:
+        assert not np.allclose(new["weight"], old["weight"])
+    from edgetl.manifest import Manifest, sha256_file
+
+    Manifest.read(bundle).verify(bundle)  # every bundle file, the backbone included, unchanged
+    assert sha256_file(bundle / "backbone.onnx") == before_hash
+
+    general = json.loads(run_runner("infer", bundle, "--data", test, "--json", "--quiet",
+                                    check=True).stdout)
+    personal = json.loads(run_runner("infer", bundle, "--data", test, "--head",
+                                     tmp_path / "state" / "head.npz", "--json", "--quiet",
+                                     check=True).stdout)
+    assert personal["accuracy"] > general["accuracy"] + 0.1
+
+
+def test_runner_process_never_imports_torch_or_edgetl(bundle, tmp_path):
+    data = write_device_npz(tmp_path / "d.npz", 60, seed=1)
+    code = (
+        "import sys, json; sys.path.insert(0, %r); import run; "
+        "rc = run.main(['adapt', %r, '--data', %r, '--out', %r, '--quiet', '--epochs', '2']); "
+        "print(json.dumps({'rc': rc, 'mods': sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('torch', 'edgetl', 'tensorflow', 'onnx'))}))"
+    ) % (str(RUNNER.parent), str(bundle), str(data), str(tmp_path / "s"))
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res == {"rc": 0, "mods": []}
+
+
+def test_runner_sources_import_only_numpy_stdlib_and_one_runtime():
+    allowed = {"numpy", "onnxruntime", "edgerun", "run"} | set(sys.stdlib_module_names)
+    for path in RUNNER.parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for n in names:
+                assert n.split(".")[0] in allowed, f"{path.name} imports {n}"
+
+
+def _good_state(bundle, tmp_path):
+    state = tmp_path / "state"
+    assert _adapt(bundle, write_device_npz(tmp_path / "ok.npz", 120, seed=2, **SHIFT),
+                  state).returncode == 0
+    return state, (state / "head.npz").read_bytes()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("window", r"windows have shape \(20, 16, 3\), the bundle expects \(N, 32, 3\)"),
+    ("nan", r"window\(s\) contain NaN or inf"),
+    ("format", r"unknown data format '\.parquet'"),
+    ("int_labels", r"'y' must hold label names"),
+    ("tampered", r"backbone.onnx \(backbone\) fails its hash check"),
+])
+def test_bad_input_is_refused_and_keeps_the_checkpoint(bundle, tmp_path, case, match):
+    state, good = _good_state(bundle, tmp_path)
+    data = tmp_path / "bad.npz"
+    x = np.zeros((20, WINDOW, 3), np.float32)
+    y = np.array(["slow"] * 20, dtype=str)
+    if case == "window":
+        np.savez(data, x=x[:, :16], y=y)
+    elif case == "nan":
+        x[3, 5, 1] = np.nan
+        np.savez(data, x=x, y=y)
+    elif case == "format":
+        data = tmp_path / "bad.parquet"
+        data.write_bytes(b"PAR1")
+    elif case == "int_labels":
+        np.savez(data, x=x, y=np.zeros(20, np.int64))
+    elif case == "tampered":
+        write_device_npz(data, 60, seed=3)
+        with open(bundle / "backbone.onnx", "r+b") as f:
+            f.seek(200)
+            b = f.read(1)
+            f.seek(200)
+            f.write(bytes([b[0] ^ 0xFF]))
+    p = _adapt(bundle, data, state)
+    assert p.returncode == 1
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), p.stderr
+    assert __import__("re").search(match, err[0]), err[0]
+    assert "Traceback" not in p.stderr
+    assert (state / "head.npz").read_bytes() == good
+
+
+def test_rollback_keeps_the_previous_head(bundle, tmp_path):
+    """Training that hurts validation accuracy (absurd lr) is rolled back, file untouched."""
+    state, good = _good_state(bundle, tmp_path)
+    p = _adapt(bundle, write_device_npz(tmp_path / "d.npz", 120, seed=4, **SHIFT), state,
+               "--lr", "1e4", "--head", state / "head.npz")
+    rep = json.loads(p.stdout) if p.returncode == 0 else None
+    if rep is None:  # diverged to inf/nan: refused with a clear message, still no overwrite
+        assert "diverged" in p.stderr
+    else:
+        assert rep["rolled_back"] and not rep["checkpoint_written"]
+    assert (state / "head.npz").read_bytes() == good
+
+
+def test_new_labels_are_imprinted_and_missing_ones_warned(bundle, tmp_path):
+    names = ("slow", "medium", "jumping")  # 'fast' absent, 'jumping' new
+    data = write_device_npz(tmp_path / "d.npz", 150, seed=7, labels=names)
+    p = _adapt(bundle, data, tmp_path / "s")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["new_labels"] == ["jumping"] and rep["missing_labels"] == ["fast"]
+    assert rep["labels"] == [*LABELS, "jumping"]
+    assert any("weight imprinting" in w for w in rep["warnings"])
+    with np.load(tmp_path / "s" / "head.npz") as z:
+        assert z["weight"].shape == (4, 8)
+    # the grown head serves inference with the same infer graph
+    inf = json.loads(run_runner("infer", bundle, "--data", data, "--head", tmp_path / "s" /
+                                "head.npz", "--json", "--quiet", check=True).stdout)
+    assert inf["accuracy"] > 0.8 and "jumping" in inf["predictions"]
+
+
+def test_csv_sensor_log_is_windowed_by_the_manifest(bundle, tmp_path):
+    from edgetl.data.synthetic import make_windows
+
+    x, y = make_windows(12, window=WINDOW, seed=8, **SHIFT)
+    path = tmp_path / "log.csv"
+    with open(path, "w") as f:
+        f.write("timestamp,az,ay,ax,label\n")  # channel order differs from the manifest's
+        for i, (w, lab) in enumerate(zip(x, y)):
+            for t, row in enumerate(w):
+                f.write(f"{i * WINDOW + t},{row[2]},{row[1]},{row[0]},{LABELS[lab]}\n")
+    p = run_runner("infer", bundle, "--data", path, "--json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["n_windows"] >= 12
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ax,ay,label\n1,2,slow\n")
+    p = run_runner("infer", bundle, "--data", bad)
+    assert p.returncode == 1 and "header lacks channel column(s) ['az']" in p.stderr
+
+
+def test_selftest_passes_and_head_from_another_backbone_is_refused(bundle, tmp_path):
+    assert run_runner("selftest", bundle).returncode == 0
+    state, _ = _good_state(bundle, tmp_path)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"]["backbone"]["sha256"] = "0" * 64
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    (other / "manifest.json").write_text(json.dumps(m))
+    p = run_runner("infer", other, "--data", tmp_path / "ok.npz", "--head", state / "head.npz")
+    assert p.returncode == 1 and "hash check" in p.stderr
