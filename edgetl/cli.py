@@ -58,6 +58,14 @@ def _recipe(path: Path):
     return load_recipe(path)
 
 
+def _console():
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"edgetl {__version__}")
@@ -150,17 +158,36 @@ def run(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
         quiet: QuietOpt = False):
     """Run every stage of a recipe, then personalise each held-out user; print a summary."""
     _setup()
-    from rich.console import Console
 
     from edgetl.pipeline import run_recipe
     from edgetl.report import device_table, server_table
 
     s = run_recipe(_recipe(recipe), out, show=not quiet)
-    con = Console()
+    con = _console()
     con.print(server_table(s))
     con.print(device_table(s))
     con.print(f"summary: {out / 'summary.json'}  plot: {out / 'personalisation.png'}  "
               f"({s.totals['wall_seconds']:.0f} s)")
+
+
+@app.command()
+@user_errors
+def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
+                bundle: Annotated[Path, typer.Option(help="bundle directory")] = Path(
+                    "runs/har/bundle"),
+                users: Annotated[str | None, typer.Option(
+                    help="comma-separated user ids (default: the recipe's device users; the "
+                         "server-validation users tune adaptation without touching them)")] = None,
+                out: OutOpt = Path("runs/har-devices"), quiet: QuietOpt = False):
+    """Only the device stage: every user adapts on session 1, is scored on later sessions."""
+    from edgetl.pipeline import personalise as run_devices
+    from edgetl.report import device_table
+
+    ids = tuple(int(u) for u in users.split(",")) if users else None
+    s = run_devices(_recipe(recipe), bundle, out, users=ids, show=not quiet)
+    con = _console()
+    con.print(device_table(s))
+    con.print(f"summary: {out / 'summary.json'}  plot: {out / 'personalisation.png'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,7 @@ from edgetl import adapt as device
 from edgetl import stages
 from edgetl.config import Recipe
 from edgetl.data import hapt
+from edgetl.errors import ConfigError
 from edgetl.progress import console, progress_bar
 
 
@@ -54,13 +55,26 @@ def write_device_files(w: hapt.Windows, user: int, folder: Path) -> tuple[Path, 
 
 
 def personalise_devices(recipe: Recipe, bundle: Path, out: Path, w: hapt.Windows, *,
-                        show: bool = True) -> list[dict]:
-    """Adapt on each device user's first session, evaluate on the rest, via the runner."""
+                        users: tuple[int, ...] | None = None, show: bool = True) -> list[dict]:
+    """Adapt on each device user's first session, evaluate on the rest, via the runner.
+
+    Args:
+        users: which users play the phones; default the recipe's ``device_users``. Users the
+            server trained on are refused (their numbers would be meaningless); the
+            server-validation users are allowed, to tune adaptation without touching the
+            held-out users.
+    """
+    users = tuple(users or recipe.data.device_users)
+    seen = set(recipe.data.server_users) - set(recipe.data.server_val_users)
+    if set(users) & seen:
+        raise ConfigError(f"users {sorted(set(users) & seen)} trained the server model; pick "
+                          f"device users {list(recipe.data.device_users)} or server-validation "
+                          f"users {list(recipe.data.server_val_users)}")
     rows = []
     a = recipe.adapt
     with progress_bar(show) as prog:
-        task = prog.add_task("personalise devices", total=len(recipe.data.device_users), info="")
-        for user in recipe.data.device_users:
+        task = prog.add_task("personalise devices", total=len(users), info="")
+        for user in users:
             folder = Path(out) / "devices" / f"user_{user:02d}"
             if folder.exists():
                 shutil.rmtree(folder)  # a fresh phone each run
@@ -111,8 +125,17 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
                 f"(parity: backbone {man.checks['backbone_max_abs_err']:.1e}, train step "
                 f"{man.checks['train_step_max_abs_err']:.1e})")
     summ.devices = personalise_devices(recipe, bundle, out, sd.windows, show=show)
-    d = summ.devices
-    summ.totals = {
+    summ.totals = {**device_totals(summ.devices), "wall_seconds": time.perf_counter() - t0}
+    (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2))
+    from edgetl.report import plot_personalisation
+
+    plot_personalisation(summ, out / "personalisation.png")
+    return summ
+
+
+def device_totals(d: list[dict]) -> dict:
+    """Means over devices: accuracies, gain, how many improved/worsened/rolled back, costs."""
+    return {
         "mean_general_accuracy": float(np.mean([r["general_accuracy"] for r in d])),
         "mean_personal_accuracy": float(np.mean([r["personal_accuracy"] for r in d])),
         "mean_gain": float(np.mean([r["gain"] for r in d])),
@@ -121,8 +144,19 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
         "rolled_back": int(sum(r["rolled_back"] for r in d)),
         "mean_adapt_seconds": float(np.mean([r["adapt_seconds"] for r in d])),
         "max_peak_rss_mb": float(np.max([r["peak_rss_mb"] for r in d])),
-        "wall_seconds": time.perf_counter() - t0,
     }
+
+
+def personalise(recipe: Recipe, bundle: Path, out: Path, *, users: tuple[int, ...] | None = None,
+                show: bool = True) -> RunSummary:
+    """Only the device stage of :func:`run_recipe`, on an existing bundle."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    w = hapt.load_hapt(recipe.data.window, recipe.data.stride)
+    summ = RunSummary(recipe.name)
+    summ.devices = personalise_devices(recipe, Path(bundle), out, w, users=users, show=show)
+    summ.totals = {**device_totals(summ.devices), "wall_seconds": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2))
     from edgetl.report import plot_personalisation
 

@@ -25,9 +25,9 @@ def server_table(summary) -> Table:
 def device_table(summary) -> Table:
     """Per device: general vs personalised accuracy on later sessions."""
     t = Table(title="on-device personalisation (adapt on session 1, evaluate on later sessions)")
-    for c in ("user", "adapt n", "eval n", "general", "personal", "gain", "gate",
+    for c in ("user", "n adapt", "n eval", "general", "personal", "gain", "gate",
               "adapt ms", "peak RSS MiB"):
-        t.add_column(c, justify="right")
+        t.add_column(c, justify="right", no_wrap=True)
     for r in summary.devices:
         g = r["gain"]
         color = "green" if g > 0 else ("red" if g < 0 else "white")
@@ -65,7 +65,7 @@ def plot_personalisation(summary, path: Path) -> Path:
     ax.set_xlabel("held-out user")
     ax.set_ylabel("accuracy on later sessions")
     ax.set_title(f"{summary.recipe}: mean gain {summary.totals.get('mean_gain', 0):+.3f}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

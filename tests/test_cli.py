@@ -11,7 +11,7 @@ from edgetl.cli import app
 
 from .conftest import write_device_npz
 
-COMMANDS = ["pretrain", "distill", "export", "adapt", "run"]
+COMMANDS = ["pretrain", "distill", "export", "adapt", "run", "personalise"]
 runner = CliRunner()
 
 

@@ -104,6 +104,7 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         manifest = _build(exporter, ck, tmp, cfg, reference_x, provenance or {})
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shipped
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
