@@ -41,6 +41,12 @@ def test_end_to_end_adaptation_on_an_easy_shift(bundle, tmp_path):
     assert rep["accuracy_after"] > rep["accuracy_before"] and not rep["rolled_back"]
     assert rep["backend"] == "onnxruntime" and rep["precision"] == "fp32"
     assert rep["n_train"] + rep["n_val"] < 240  # one purge window per class between them
+    assert rep["features_cached"] is False
+    again = json.loads(_adapt(bundle, train, tmp_path / "state2", "--head",
+                              tmp_path / "state" / "head.npz").stdout)
+    assert again["features_cached"] is False  # other out dir, other cache
+    rerun = _adapt(bundle, train, tmp_path / "state")
+    assert json.loads(rerun.stdout)["features_cached"] is True
 
     with np.load(tmp_path / "state" / "head.npz") as new, np.load(bundle / "head_init.npz") as old:
         assert not np.allclose(new["weight"], old["weight"])

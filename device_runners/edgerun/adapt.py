@@ -6,6 +6,7 @@ only if validation accuracy did not drop; the local data never leaves the device
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 from edgerun import RunnerError, __version__
 from edgerun import data as dataio
 from edgerun.backends import make_backend
-from edgerun.bundle import Bundle
+from edgerun.bundle import Bundle, sha256_file
 from edgerun.head import Head
 
 
@@ -60,6 +61,33 @@ def selftest(bundle: Bundle, backend) -> float:
                           f"reference vectors by {err:.3g} (> {tv['atol']}); the runtime build "
                           "or the bundle is broken")
     return err
+
+
+def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
+    """Backbone features of ``ds``, cached in ``out_dir/features/`` on the device.
+
+    The backbone is frozen, so features depend only on the data file, the backbone and the
+    preprocessing; the key hashes all three. Returns ``(features, was_cached)``.
+    """
+    m = bundle.manifest
+    key = json.dumps([sha256_file(data_path), m["files"]["backbone"]["sha256"],
+                      m["input"].get("preprocess")], sort_keys=True)
+    name = hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy"
+    path = os.path.join(out_dir, "features", name)
+    if os.path.isfile(path):
+        try:
+            feats = np.load(path, allow_pickle=False)
+            if feats.shape == (len(ds.x), int(m["features"]["dim"])):
+                return feats, True
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is recomputed
+    feats = backend.features(dataio.preprocess(ds.x, m))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, feats)
+    os.replace(tmp, path)
+    return feats, False
 
 
 def _infer(backend, bundle: Bundle, head: Head, feats: np.ndarray) -> dict:
@@ -106,7 +134,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     warnings: list[str] = []
 
     t0 = time.perf_counter()
-    feats = backend.features(dataio.preprocess(ds.x, m))
+    feats, cached = cached_features(backend, bundle, ds, data_path, out_dir)
     feature_seconds = time.perf_counter() - t0
 
     head0 = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)
@@ -208,7 +236,8 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         "n_val": int(len(va)), "epochs": epochs, "batch_size": bs, "steps": steps,
         "optimizer": m["optimizer"]["name"], "hparams": hp, "labels": head.labels,
         "new_labels": new, "missing_labels": missing, "warnings": warnings,
-        "feature_seconds": feature_seconds, "train_seconds": train_seconds,
+        "feature_seconds": feature_seconds, "features_cached": cached,
+        "train_seconds": train_seconds,
         "step_ms": 1000 * train_seconds / max(steps, 1) if steps else None,
         "total_seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
         "selftest_max_abs_err": selftest_err, "history": history,
