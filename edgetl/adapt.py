@@ -37,7 +37,8 @@ def run_runner(command: str, bundle: Path, *args: str, python: str | None = None
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        raise EdgetlError(f"device runner failed: {lines[-1] if lines else proc.returncode}")
+        last = lines[-1].removeprefix("error: ") if lines else f"exit code {proc.returncode}"
+        raise EdgetlError(f"device runner failed: {last}")
     if not quiet and proc.stderr:
         print(proc.stderr, end="", file=sys.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
