@@ -42,3 +42,12 @@ def test_full_demo_recipe(tmp_path):
     assert s.server["teacher"]["heldout_accuracy"] > 0.9
     assert s.server["student"]["heldout_accuracy"] > 0.9
     assert s.totals["wall_seconds"] < 600
+
+
+def test_personalise_refuses_users_the_server_trained_on(tmp_path):
+    from edgetl.errors import ConfigError
+    from edgetl.pipeline import personalise
+
+    with pytest.raises(ConfigError, match=r"users \[3\] trained the server model"):
+        personalise(load_recipe("models/har/recipe.toml"), tmp_path / "b", tmp_path,
+                    users=(3, 21), show=False)
