@@ -13,7 +13,7 @@ help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
 	@echo "make test       fast test tier (no GPU, no network)"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
-	@echo "make style      ruff lint + format check"
+	@echo "make style      ruff lint (pyflakes, pycodestyle, pydocstyle, bugbear, isort)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,7 +36,6 @@ test-slow: install
 
 style lint: install
 	$(BIN)/ruff check edgetl device_runners tests
-	$(BIN)/ruff format --check edgetl device_runners tests || true
 
 format: install
 	$(BIN)/ruff check --fix edgetl device_runners tests
