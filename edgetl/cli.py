@@ -75,7 +75,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(version: Annotated[bool, typer.Option("--version", callback=_version,
                                                is_eager=True, help="print the version")] = False):
-    """Edgetl command line."""
+    """Run the edgetl command line."""
 
 
 @app.command()

@@ -7,11 +7,10 @@ that lists the known ones, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from edgetl.errors import ConfigError
 

@@ -125,6 +125,11 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
                 f"(parity: backbone {man.checks['backbone_max_abs_err']:.1e}, train step "
                 f"{man.checks['train_step_max_abs_err']:.1e})")
     summ.devices = personalise_devices(recipe, bundle, out, sd.windows, show=show)
+    return _finish(summ, out, t0)
+
+
+def _finish(summ: RunSummary, out: Path, t0: float) -> RunSummary:
+    """Add device totals and wall time; write ``summary.json`` and ``personalisation.png``."""
     summ.totals = {**device_totals(summ.devices), "wall_seconds": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2))
     from edgetl.report import plot_personalisation
@@ -156,9 +161,4 @@ def personalise(recipe: Recipe, bundle: Path, out: Path, *, users: tuple[int, ..
     w = hapt.load_hapt(recipe.data.window, recipe.data.stride)
     summ = RunSummary(recipe.name)
     summ.devices = personalise_devices(recipe, Path(bundle), out, w, users=users, show=show)
-    summ.totals = {**device_totals(summ.devices), "wall_seconds": time.perf_counter() - t0}
-    (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2))
-    from edgetl.report import plot_personalisation
-
-    plot_personalisation(summ, out / "personalisation.png")
-    return summ
+    return _finish(summ, out, t0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -26,8 +25,3 @@ def progress_bar(enabled: bool = True):
                     console=console, disable=not enabled, transient=False)
     with prog:
         yield prog
-
-
-def quiet_default() -> bool:
-    """True when stderr is not a terminal (CI, subprocess): progress bars then stay off."""
-    return not sys.stderr.isatty()

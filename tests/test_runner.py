@@ -189,10 +189,14 @@ def test_csv_sensor_log_is_windowed_by_the_manifest(bundle, tmp_path):
 def test_selftest_passes_and_head_from_another_backbone_is_refused(bundle, tmp_path):
     assert run_runner("selftest", bundle).returncode == 0
     state, _ = _good_state(bundle, tmp_path)
-    m = json.loads((bundle / "manifest.json").read_text())
-    m["files"]["backbone"]["sha256"] = "0" * 64
-    other = tmp_path / "other"
-    shutil.copytree(bundle, other)
-    (other / "manifest.json").write_text(json.dumps(m))
-    p = run_runner("infer", other, "--data", tmp_path / "ok.npz", "--head", state / "head.npz")
-    assert p.returncode == 1 and "hash check" in p.stderr
+    with np.load(state / "head.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["__meta__"]))
+    meta["backbone_sha256"] = "0" * 64  # as if trained on an older bundle's backbone
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    foreign = tmp_path / "foreign_head.npz"
+    np.savez(foreign, **arrays)
+    p = run_runner("infer", bundle, "--data", tmp_path / "ok.npz", "--head", foreign)
+    assert p.returncode == 1
+    assert "was trained on another backbone (sha256 000000000000" in p.stderr
+    assert "drop --head" in p.stderr

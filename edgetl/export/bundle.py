@@ -179,7 +179,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         infer={"file": "head_infer", **sig["infer"]},
         test_vectors={"file": "test_vectors", "count": n_tv, "atol": 10 * atol},
         checks=checks,
-        provenance={"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        provenance={"created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                     "torch": torch.__version__, "opset": cfg.opset,
                     **exporter.runtime_info(), **provenance},
     )
