@@ -114,20 +114,24 @@ def distill(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
 @user_errors
 def export(checkpoint: Annotated[Path, typer.Argument(help="student checkpoint")] = Path(
                "runs/har/student.pt"),
-           target: Annotated[str, typer.Option(help="runtime: onnx")] = "onnx",
-           precision: Annotated[str, typer.Option(help="backbone precision: fp32")] = "fp32",
+           target: Annotated[str, typer.Option(help="runtime: onnx (onnxruntime) or tflite "
+                                                    "(LiteRT)")] = "onnx",
+           precision: Annotated[str, typer.Option(help="backbone precision: fp32 or int8 "
+                                                       "(static, calibrated on source data)")]
+           = "fp32",
            recipe: Annotated[Path, typer.Option(help="recipe (export options, data)")] =
            DEFAULT_RECIPE,
-           out: OutOpt = Path("runs/har/bundle")):
-    """Export a student as a device bundle (backbone + head graphs + manifest.json)."""
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="bundle directory "
+                                                    "(default runs/har/bundles/TARGET-PRECISION)")]
+           = None):
+    """Export a student as a device bundle (backbone + trainable head + manifest.json)."""
     _setup()
     from edgetl import stages
+    from edgetl.report import bundle_line
 
+    out = out or Path("runs/har/bundles") / f"{target}-{precision}"
     man = stages.export(checkpoint, out, _recipe(recipe), target=target, precision=precision)
-    total = sum(f.bytes for f in man.files.values())
-    typer.echo(f"bundle {out}: {man.target}/{man.precision}, {len(man.files)} files, "
-               f"{total / 1024:.0f} KiB; parity backbone {man.checks['backbone_max_abs_err']:.1e}"
-               f", train step {man.checks['train_step_max_abs_err']:.1e}")
+    typer.echo(bundle_line(out, man))
 
 
 @app.command()

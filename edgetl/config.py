@@ -16,8 +16,8 @@ from edgetl.errors import ConfigError
 
 HEAD_KINDS = ("linear", "mlp")
 OPTIMIZERS = ("sgd", "adam")
-TARGETS = ("onnx",)
-PRECISIONS = ("fp32",)
+TARGETS = ("onnx", "tflite")
+PRECISIONS = ("fp32", "int8")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -128,19 +128,41 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """How the student becomes a device bundle."""
+    """How the student becomes device bundles.
+
+    ``target`` / ``precision`` is what ``edgetl export`` writes by default; ``edgetl run``
+    writes one bundle for every pair of ``targets`` x ``precisions``.
+    """
 
     target: str = "onnx"
     precision: str = "fp32"
+    targets: tuple[str, ...] = ("onnx",)
+    precisions: tuple[str, ...] = ("fp32",)
     opset: int = 17
     n_test_vectors: int = 8
+    train_batch: int = 32             # fixed-batch runtimes (TFLite) train on exactly this
+    calibration_windows: int = 512    # int8: source windows the activation ranges come from
+    max_accuracy_drop: float = 1.0    # points of held-out accuracy a bundle may lose vs torch
 
     def __post_init__(self):
-        _check(self.target in TARGETS,
-               f"export.target: expected one of {TARGETS}, got {self.target!r}")
-        _check(self.precision in PRECISIONS,
-               f"export.precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        for t in (self.target, *self.targets):
+            _check(t in TARGETS, f"export.target(s): expected one of {TARGETS}, got {t!r}")
+        for p in (self.precision, *self.precisions):
+            _check(p in PRECISIONS,
+                   f"export.precision(s): expected one of {PRECISIONS}, got {p!r}")
+        _check(len(self.targets) > 0 and len(self.precisions) > 0,
+               "export.targets and export.precisions must not be empty")
         _check(13 <= self.opset <= 21, f"export.opset must be in 13..21, got {self.opset}")
+        _check(1 <= self.train_batch <= 4096,
+               f"export.train_batch must be in 1..4096, got {self.train_batch}")
+        _check(self.calibration_windows >= 16,
+               f"export.calibration_windows must be >= 16, got {self.calibration_windows}")
+        _check(0 <= self.max_accuracy_drop <= 100,
+               f"export.max_accuracy_drop is in points (0..100), got {self.max_accuracy_drop}")
+
+    def bundles(self) -> list[tuple[str, str]]:
+        """Every (target, precision) pair ``edgetl run`` exports, in recipe order."""
+        return [(t, p) for t in self.targets for p in self.precisions]
 
 
 @dataclass(frozen=True)

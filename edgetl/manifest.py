@@ -55,6 +55,7 @@ class Manifest:
     train_step: dict[str, Any]
     infer: dict[str, Any]
     test_vectors: dict[str, Any]
+    quantization: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION

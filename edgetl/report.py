@@ -7,6 +7,19 @@ from pathlib import Path
 from rich.table import Table
 
 
+def bundle_line(path: Path, man) -> str:
+    """One line per exported bundle: size, parity and the accuracy gate."""
+    total = sum(f.bytes for f in man.files.values())
+    c = man.checks
+    acc = c.get("accuracy")
+    acc_s = (f"; held-out accuracy {acc['bundle']:.4f} vs torch {acc['torch_fp32']:.4f} "
+             f"({-acc['drop_points']:+.2f} pt)") if acc else ""
+    return (f"bundle {path}: {man.target}/{man.precision}, {len(man.files)} files, "
+            f"{total / 1024:.0f} KiB; backbone diff {c['backbone_max_abs_err']:.1e} "
+            f"(rel {c['backbone_rel_err']:.1e}), train step {c['train_step_max_abs_err']:.1e}"
+            f"{acc_s}")
+
+
 def server_table(summary) -> Table:
     """Teacher / student-from-scratch / distilled student on held-out users."""
     t = Table(title=f"{summary.recipe}: server models (accuracy on held-out users)")

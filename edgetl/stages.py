@@ -125,7 +125,9 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
            precision: str | None = None, data: ServerData | None = None) -> Manifest:
     """Export a student checkpoint as a device bundle in ``out``.
 
-    Reference windows (parity checks, test vectors) come from the server-validation users.
+    Reference windows (parity checks, test vectors) come from the server-validation users,
+    int8 calibration windows from the server's training users, and the accuracy gate runs on
+    the held-out users (the same numbers as the server table).
     """
     import dataclasses
 
@@ -134,8 +136,14 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
     ck = load_checkpoint(checkpoint)
     sd = data or server_data(recipe)
     d = recipe.data
-    ref = sd.windows.users(d.server_val_users)
-    pick = np.random.default_rng(0).permutation(len(ref))[:256]
-    return export_bundle(ck, Path(out), cfg, reference_x=ref.x[np.sort(pick)],
+    w = sd.windows
+    ref = w.users(d.server_val_users)
+    src = w.users(sorted(set(d.server_users) - set(d.server_val_users)))
+    ho = w.users(d.device_users)
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.permutation(len(ref))[:256])
+    calib = src.x[np.sort(rng.permutation(len(src.x))[: cfg.calibration_windows])]
+    return export_bundle(ck, Path(out), cfg, reference_x=ref.x[pick], calib_x=calib,
+                         eval_set=(ho.x, ho.y),
                          provenance={"checkpoint": str(checkpoint), "recipe": recipe.name,
                                      "student_heldout_accuracy": ck.meta.get("heldout_accuracy")})

@@ -81,29 +81,40 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: np.ndarray,
+                  calib_x: np.ndarray | None = None,
+                  eval_set: tuple[np.ndarray, np.ndarray] | None = None,
                   provenance: dict | None = None) -> Manifest:
     """Export ``ck`` as a device bundle in ``out`` and validate it against PyTorch.
 
     Args:
         ck: the student checkpoint.
         out: bundle directory; replaced only if the export and all checks succeed.
-        cfg: target, precision, opset and number of test vectors.
-        reference_x: raw (N, T, C) windows from source data, for parity checks and the
-            test vectors shipped to the device.
+        cfg: target, precision, opset, head batch, calibration size, accuracy threshold.
+        reference_x: raw (N, T, C) windows, for parity checks and the test vectors shipped
+            to the device.
+        calib_x: raw source windows that calibrate int8 activation ranges (int8 only).
+        eval_set: raw windows and integer labels of held-out data: the bundle's accuracy
+            must stay within ``cfg.max_accuracy_drop`` points of the PyTorch student's.
         provenance: extra facts recorded in the manifest (recipe, metrics...).
 
     Raises:
-        ShapeMismatchError, ToleranceError: an exported graph disagrees with PyTorch.
+        ShapeMismatchError, ToleranceError: an exported graph disagrees with PyTorch, or
+            loses too much accuracy.
     """
     exporter: Exporter = get_exporter(cfg.target)
-    if reference_x.ndim != 3 or reference_x.shape[1:] != (ck.window, len(ck.channels)):
-        raise DataError(f"reference windows must be (N, {ck.window}, {len(ck.channels)}), "
-                        f"got {reference_x.shape}")
+    shape = (ck.window, len(ck.channels))
+    for name, x in (("reference", reference_x), ("calibration", calib_x),
+                    ("evaluation", None if eval_set is None else eval_set[0])):
+        if x is not None and (x.ndim != 3 or x.shape[1:] != shape):
+            raise DataError(f"{name} windows must be (N, {shape[0]}, {shape[1]}), got {x.shape}")
+    if cfg.precision == "int8" and (calib_x is None or len(calib_x) == 0):
+        raise DataError("an int8 export needs calibration windows from source data (calib_x)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        manifest = _build(exporter, ck, tmp, cfg, reference_x, provenance or {})
+        manifest = _build(exporter, ck, tmp, cfg, reference_x, calib_x, eval_set,
+                          provenance or {})
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shipped
         _swap_in(tmp, out)
     except BaseException:
@@ -112,55 +123,102 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
     return manifest
 
 
+def _accuracy_check(sess, model, ck: Checkpoint, spec: HeadSpec, params: dict,
+                    eval_set: tuple[np.ndarray, np.ndarray], max_drop: float) -> dict:
+    """Held-out accuracy of the bundle (its runtime) vs the PyTorch student, in points."""
+    x, y = eval_set
+    xn = ck.normalize(x)
+    with torch.no_grad():
+        want = model(torch.from_numpy(xn)).argmax(1).numpy()
+    feats = sess.features(xn)
+    logits = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
+    got = logits["logits"].argmax(1)
+    res = {"n": len(y), "torch_fp32": float((want == y).mean()), "bundle": float((got == y).mean()),
+           "agreement": float((got == want).mean())}
+    res["drop_points"] = 100 * (res["torch_fp32"] - res["bundle"])
+    res["max_drop_points"] = max_drop
+    log.info("accuracy: torch %.4f, bundle %.4f (drop %.2f pt)", res["torch_fp32"],
+             res["bundle"], res["drop_points"])
+    if res["drop_points"] > max_drop:
+        raise ToleranceError(
+            f"the bundle's held-out accuracy {res['bundle']:.4f} is {res['drop_points']:.2f} "
+            f"points below the PyTorch student's {res['torch_fp32']:.4f} (allowed: {max_drop}); "
+            "try more calibration windows (export.calibration_windows) or fp32")
+    return res
+
+
 def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
-           reference_x: np.ndarray, provenance: dict) -> Manifest:
+           reference_x: np.ndarray, calib_x: np.ndarray | None,
+           eval_set: tuple[np.ndarray, np.ndarray] | None, provenance: dict) -> Manifest:
     spec = head_spec(ck)
-    sfx = exporter.suffix
-    files = {"backbone": f"backbone{sfx}", "head_train": f"head_train{sfx}",
-             "head_infer": f"head_infer{sfx}", "head_init": "head_init.npz",
-             "test_vectors": "test_vectors.npz"}
+    shape = (ck.window, len(ck.channels))
+    files = {"backbone": f"backbone{exporter.suffix}"}
     model = ck.model.eval()
     xn = ck.normalize(reference_x)
+    int8 = cfg.precision == "int8"
+    calib = ck.normalize(calib_x[: cfg.calibration_windows]) if int8 else None
     bb_sig = exporter.export_backbone(model.backbone, torch.from_numpy(xn[:2]),
-                                      tmp / files["backbone"], opset=cfg.opset)
-    batch = exporter.fixed_batch or 16
-    sig = exporter.export_head(spec, ck.head.optimizer, tmp / files["head_train"],
-                               tmp / files["head_infer"], opset=cfg.opset, batch=batch)
+                                      tmp / files["backbone"], opset=cfg.opset,
+                                      precision=cfg.precision, calib=calib)
+    batch = cfg.train_batch
+    sig = exporter.export_head(spec, ck.head.optimizer, tmp, opset=cfg.opset, batch=batch)
+    files.update(sig["files"])
+    files.update(head_init="head_init.npz", test_vectors="test_vectors.npz")
     params = {k: v.detach().numpy().astype(np.float32) for k, v in model.head_state().items()}
     np.savez(tmp / files["head_init"], **params)
 
     with torch.no_grad():
         feats = model.backbone(torch.from_numpy(xn)).numpy()
-        logits, emb = InferStep(spec)(torch.from_numpy(feats), *map(torch.from_numpy,
-                                                                    params.values()))
+        logits = InferStep(spec)(torch.from_numpy(feats), *map(torch.from_numpy,
+                                                               params.values()))[0].numpy()
+    sess = exporter.session(tmp, files, sig)
+    atol = exporter.atol
+    got_feats = sess.features(xn)
+    scale = float(np.abs(feats).max())
+    checks: dict = {"atol": atol, "feature_scale": scale}
+    if int8:
+        # Quantised features differ from fp32 by design: record how much, gate on accuracy,
+        # and ship the runtime's own outputs as test vectors (a quantisation step of slack).
+        err = compare("backbone.features", got_feats, feats, float("inf"))
+        checks["backbone_max_abs_err"] = err
+        tv_feats = got_feats
+        tv_logits = InferStep(spec)(torch.from_numpy(got_feats), *map(
+            torch.from_numpy, params.values()))[0].detach().numpy()
+        tv_atol = 0.02 * max(scale, float(np.abs(tv_logits).max()))
+    else:
+        checks["backbone_max_abs_err"] = compare("backbone.features", got_feats, feats, atol)
+        tv_feats, tv_logits, tv_atol = feats, logits, 10 * atol
+    checks["backbone_rel_err"] = checks["backbone_max_abs_err"] / max(scale, 1e-12)
+    infer_out = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
+    checks["infer_max_abs_err"] = compare("head_infer.logits", infer_out["logits"], logits, atol)
+    checks["train_step_max_abs_err"] = _check_train_step(sess, spec, ck.head.optimizer,
+                                                         ck.head.hparams(), params, atol, batch)
+    checks.update(n_reference=len(reference_x), train_steps_checked=20)
+    if eval_set is not None:
+        checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
+                                             cfg.max_accuracy_drop)
     n_tv = min(cfg.n_test_vectors, len(reference_x))
     np.savez(tmp / files["test_vectors"], x=reference_x[:n_tv].astype(np.float32),
-             features=feats[:n_tv], logits=logits.numpy()[:n_tv])
+             features=tv_feats[:n_tv], logits=tv_logits[:n_tv])
 
-    sess = exporter.session(tmp, files)
-    atol = exporter.atol
-    infer_out = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
-    checks = {
-        "atol": atol,
-        "backbone_max_abs_err": compare("backbone.features", sess.features(xn), feats, atol),
-        "infer_max_abs_err": compare("head_infer.logits", infer_out["logits"], logits.numpy(),
-                                     atol),
-        "train_step_max_abs_err": _check_train_step(sess, spec, ck.head.optimizer,
-                                                    ck.head.hparams(), params, atol, batch),
-        "n_reference": len(reference_x),
-        "train_steps_checked": 20,
-    }
+    quant = {}
+    if int8:
+        quant = {"backbone": "int8", "head": "fp32 (trainable)",
+                 "calibration_windows": len(calib), "calibration_source": "server training data",
+                 **bb_sig.get("quantization", {})}
     shapes = spec.param_shapes()
     state = [{"name": n, "like": None if n == "step" else n.split(".", 1)[1],
               "shape": [1] if n == "step" else list(shapes[n.split(".", 1)[1]])}
              for n in spec.state_names(ck.head.optimizer)]
+    fixed = exporter.fixed_head_batch
     manifest = Manifest(
         edgetl_version=__version__,
         name=ck.meta.get("recipe", "model"),
         target=exporter.target,
         precision=cfg.precision,
         files={role: file_entry(tmp, rel) for role, rel in files.items()},
-        input={"name": bb_sig["inputs"][0], "shape": [None, ck.window, len(ck.channels)],
+        input={"name": bb_sig["inputs"][0], "shape": [bb_sig["batch_size"], *shape],
+               "batch_size": bb_sig["batch_size"], "signature": bb_sig.get("signature"),
                "dtype": "float32", "layout": "NTC", "channels": list(ck.channels),
                "window": ck.window, "stride": ck.stride, "sample_rate_hz": ck.sample_rate_hz,
                "preprocess": {"normalize": {"mean": [float(v) for v in ck.mean],
@@ -171,13 +229,15 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
               "params": [{"name": n, "shape": list(s)} for n, s in shapes.items()],
               "class_params": list(spec.class_params), "init_file": "head_init"},
         optimizer={"name": ck.head.optimizer, "hparams": ck.head.hparams(), "state": state},
-        train_step={"file": "head_train", **sig["train"], "loss_output": "loss",
+        train_step={**sig["train"], "loss_output": "loss",
                     "targets_input": "targets", "targets_encoding": "one_hot_float32",
                     "sample_weight_input": "sample_weight",
                     "hparam_inputs": list(HPARAMS[ck.head.optimizer]),
-                    "batch_size": exporter.fixed_batch, "dynamic_classes": True},
-        infer={"file": "head_infer", **sig["infer"]},
-        test_vectors={"file": "test_vectors", "count": n_tv, "atol": 10 * atol},
+                    "batch_size": batch if fixed else None,
+                    "dynamic_classes": exporter.dynamic_classes},
+        infer={**sig["infer"], "batch_size": batch if fixed else None},
+        test_vectors={"file": "test_vectors", "count": n_tv, "atol": tv_atol},
+        quantization=quant,
         checks=checks,
         provenance={"created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                     "torch": torch.__version__, "opset": cfg.opset,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgetl.errors import require
+from edgetl.errors import BundleError, require
 from edgetl.export.registry import Exporter, register_exporter
 from edgetl.head import HeadSpec, InferStep, TrainStep
 
@@ -34,6 +34,34 @@ def _export(module: nn.Module, args: tuple, path: Path, names_in: list[str],
     onnx.checker.check_model(str(path))
 
 
+def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, input_name: str) -> None:
+    """Static int8 QDQ model: per-channel symmetric weights, int8 activations (MinMax)."""
+    require("onnxruntime", "onnx")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        batches = iter([{input_name: np.ascontiguousarray(calib[i : i + 64], np.float32)}
+                        for i in range(0, len(calib), 64)])
+
+        class Reader(CalibrationDataReader):
+            def get_next(self):
+                return next(batches, None)
+
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8)
+    finally:
+        pre.unlink(missing_ok=True)
+
+
 @register_exporter("onnx")
 class OnnxExporter(Exporter):
     """ONNX graphs for onnxruntime (any build: x86_64, aarch64, Android, iOS)."""
@@ -41,18 +69,33 @@ class OnnxExporter(Exporter):
     suffix = ".onnx"
     atol = 1e-4
 
-    def export_backbone(self, backbone, sample, path, *, opset):
-        _export(backbone.eval(), (sample,), path, ["x"], ["features"],
-                {"x": {0: "batch"}, "features": {0: "batch"}}, opset)
-        return {"inputs": ["x"], "outputs": ["features"]}
+    def export_backbone(self, backbone, sample, path, *, opset, precision, calib=None):
+        dyn = {"x": {0: "batch"}, "features": {0: "batch"}}
+        sig = {"inputs": ["x"], "outputs": ["features"], "batch_size": None}
+        if precision == "fp32":
+            _export(backbone.eval(), (sample,), path, ["x"], ["features"], dyn, opset)
+            return sig
+        if calib is None or len(calib) == 0:
+            raise BundleError("int8 export needs calibration windows from source data")
+        fp32 = path.with_name(path.stem + ".fp32.onnx")
+        try:
+            _export(backbone.eval(), (sample,), fp32, ["x"], ["features"], dyn, opset)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_int8(fp32, path, calib, "x")
+        finally:
+            fp32.unlink(missing_ok=True)
+        return {**sig, "quantization": {"scheme": "QDQ static, per-channel symmetric int8 "
+                                                  "weights, int8 activations (MinMax)"}}
 
-    def export_head(self, spec: HeadSpec, optimizer, train_path, infer_path, *, opset, batch):
+    def export_head(self, spec: HeadSpec, optimizer, folder, *, opset, batch):
         step, infer = TrainStep(spec, optimizer), InferStep(spec)
         shapes = spec.param_shapes()
         params = [torch.randn(s) * 0.1 for s in shapes.values()]
         state = [torch.zeros(1) if n == "step" else torch.zeros(shapes[n.split(".", 1)[1]])
                  for n in spec.state_names(optimizer)]
-        hp = [torch.tensor(0.1)] * (len(step.input_names()) - 3 - len(params) - len(state))
+        n_hp = len(step.input_names()) - 3 - len(params) - len(state)
+        hp = [torch.tensor(0.1 + 0.01 * i) for i in range(n_hp)]  # distinct objects
         f = torch.randn(batch, spec.in_features)
         t = torch.eye(spec.num_classes)[torch.arange(batch) % spec.num_classes]
         dyn = {"features": {0: "batch"}, "targets": {0: "batch", 1: "classes"},
@@ -63,18 +106,23 @@ class OnnxExporter(Exporter):
             for s in spec.state_names(optimizer):
                 if s.endswith("." + n):
                     dyn[s] = dyn[f"new.{s}"] = {0: "classes"}
-        _export(step, (f, t, torch.ones(batch), *hp, *params, *state), train_path,
+        folder = Path(folder)
+        _export(step, (f, t, torch.ones(batch), *hp, *params, *state), folder / "head_train.onnx",
                 step.input_names(), step.output_names(), dyn, opset)
         dyn_i = {"features": {0: "batch"}, "logits": {0: "batch", 1: "classes"},
                  "embedding": {0: "batch"}}
         dyn_i.update({n: {0: "classes"} for n in spec.class_params})
-        _export(infer, (f, *params), infer_path, infer.input_names(), infer.output_names(),
-                dyn_i, opset)
-        return {"train": {"inputs": step.input_names(), "outputs": step.output_names()},
-                "infer": {"inputs": infer.input_names(), "outputs": infer.output_names()}}
+        _export(infer, (f, *params), folder / "head_infer.onnx", infer.input_names(),
+                infer.output_names(), dyn_i, opset)
+        return {"files": {"head_train": "head_train.onnx", "head_infer": "head_infer.onnx"},
+                "train": {"file": "head_train", "signature": None, "inputs": step.input_names(),
+                          "outputs": step.output_names(), "batch_size": None},
+                "infer": {"file": "head_infer", "signature": None,
+                          "inputs": infer.input_names(), "outputs": infer.output_names(),
+                          "batch_size": None}}
 
-    def session(self, bundle, files):
-        return _OrtBundle(Path(bundle), files)
+    def session(self, bundle, files, sig):
+        return _OrtBundle(Path(bundle), files, sig)
 
     def runtime_info(self) -> dict[str, Any]:
         import onnx
@@ -84,13 +132,14 @@ class OnnxExporter(Exporter):
 
 
 class _OrtBundle:
-    def __init__(self, bundle: Path, files: dict[str, str]):
+    def __init__(self, bundle: Path, files: dict[str, str], sig: dict):
         ort = require("onnxruntime", "onnx")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         mk = lambda role: ort.InferenceSession(str(bundle / files[role]), opts,  # noqa: E731
                                                providers=["CPUExecutionProvider"])
-        self._bb, self._train, self._infer = mk("backbone"), mk("head_train"), mk("head_infer")
+        self._bb, self._train, self._infer = (mk("backbone"), mk(sig["train"]["file"]),
+                                              mk(sig["infer"]["file"]))
 
     def features(self, x: np.ndarray) -> np.ndarray:
         return self._bb.run(None, {"x": x.astype(np.float32)})[0]

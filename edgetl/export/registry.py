@@ -42,6 +42,7 @@ def _load_builtin() -> None:
     # Importing the module runs its @register_exporter; the backend library itself
     # (onnx, onnxruntime) is imported only inside the methods that use it.
     from edgetl.export import onnx as _onnx  # noqa: F401
+    from edgetl.export import tflite as _tflite  # noqa: F401
 
 
 class Exporter:
@@ -51,25 +52,37 @@ class Exporter:
         target: registry key (set by :func:`register_exporter`).
         suffix: file suffix of its graphs.
         atol: tolerance of fp32 outputs against PyTorch.
-        fixed_batch: train batch size the runtime needs, or ``None`` for dynamic batches.
+        backbone_batch: fixed batch of the backbone graph, or ``None`` for dynamic batches.
+        fixed_head_batch: the head graphs take exactly the batch given at export.
+        dynamic_classes: the head graphs accept any number of classes (devices may add some).
     """
 
     target = ""
     suffix = ""
     atol = 1e-4
-    fixed_batch: int | None = None
+    backbone_batch: int | None = None
+    fixed_head_batch = False
+    dynamic_classes = True
 
     def export_backbone(self, backbone: nn.Module, sample: torch.Tensor, path: Path, *,
-                        opset: int) -> dict[str, Any]:
-        """Write the frozen backbone graph; return its input/output names."""
+                        opset: int, precision: str,
+                        calib: np.ndarray | None = None) -> dict[str, Any]:
+        """Write the frozen backbone (int8: calibrated on ``calib``, normalised windows).
+
+        Returns its input/output names, ``batch_size`` and, for int8, ``quantization``.
+        """
         raise NotImplementedError
 
-    def export_head(self, spec: HeadSpec, optimizer: str, train_path: Path, infer_path: Path,
-                    *, opset: int, batch: int) -> dict[str, Any]:
-        """Write the head's train-step and infer graphs; return their signatures."""
+    def export_head(self, spec: HeadSpec, optimizer: str, folder: Path, *, opset: int,
+                    batch: int) -> dict[str, Any]:
+        """Write the head's train step and infer graphs into ``folder``.
+
+        Returns ``{"files": {role: name}, "train": {...}, "infer": {...}}`` where each
+        signature names its file role, runtime signature, inputs, outputs and batch size.
+        """
         raise NotImplementedError
 
-    def session(self, bundle: Path, files: dict[str, str]) -> Any:
+    def session(self, bundle: Path, files: dict[str, str], sig: dict[str, Any]) -> Any:
         """An object with ``features(x)``, ``train_step(feeds)`` and ``infer(feeds)``."""
         raise NotImplementedError
 

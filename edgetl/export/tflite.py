@@ -1,0 +1,285 @@
+"""TFLite / LiteRT target: ``backbone.tflite`` plus ``head.tflite`` with ``train`` / ``infer``.
+
+Converted with litert-torch. The head's train step is an ordinary stateless graph (parameters
+and optimizer state in, updated ones out), so it runs on any LiteRT build with built-in ops
+only: no Flex delegate, no ``tf.raw_ops.Save/Restore`` variables. LiteRT specialises batch
+sizes at conversion: the backbone takes one window per call and the head a fixed batch that
+the runner pads with ``sample_weight = 0`` rows.
+
+int8 backbones use PyTorch 2 export quantization (PT2E, static, per-channel symmetric
+weights) calibrated on source windows; their input and output tensors are int8, with the
+(scale, zero point) recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgetl.errors import BundleError, require
+from edgetl.export.registry import Exporter, register_exporter
+from edgetl.head import HeadSpec, InferStep, TrainStep
+
+log = logging.getLogger(__name__)
+
+#: Operator codes that mean "not a built-in op" (Flex ops are CUSTOM ops named ``Flex*``).
+NOT_BUILTIN = ("CUSTOM", "DELEGATE", "PLACEHOLDER_FOR_GREATER_OP_CODES")
+
+
+def _safe(name: str) -> str:
+    # torch.export forbids '.' in placeholder names ("momentum.weight"); '__' round-trips
+    # because no contract name contains it.
+    return name.replace(".", "__")
+
+
+class _Named(nn.Module):
+    """Keyword inputs and a dict output, so the TFLite signature keeps the contract's names."""
+
+    def __init__(self, step: nn.Module):
+        super().__init__()
+        self.step = step
+
+    def forward(self, **kw):
+        outs = self.step(*(kw[_safe(n)] for n in self.step.input_names()))
+        return dict(zip(map(_safe, self.step.output_names()), outs, strict=True))
+
+
+def _restore_names(path: Path) -> None:
+    """Rename signature tensors ``a__b`` back to ``a.b`` in the flatbuffer."""
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model(str(path))
+    for sd in model.signatureDefs:
+        for tm in [*sd.inputs, *sd.outputs]:
+            name = tm.name.decode() if isinstance(tm.name, bytes) else tm.name
+            tm.name = name.replace("__", ".")
+    fbu.write_model(model, str(path))
+
+
+def operator_codes(path: Path | str) -> list[tuple[str, str | None]]:
+    """Every operator code of a ``.tflite`` as (builtin name, custom code or None).
+
+    Read straight from the flatbuffer schema, so it needs neither TensorFlow nor a runtime.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    buf = Path(path).read_bytes()
+    model = schema.Model.GetRootAs(buf, 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    out = []
+    for i in range(model.OperatorCodesLength()):
+        oc = model.OperatorCodes(i)
+        code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())  # schema 3a: larger one wins
+        custom = oc.CustomCode()
+        out.append((names.get(code, str(code)), custom.decode() if custom else None))
+    return out
+
+
+def check_builtin_only(path: Path | str) -> list[str]:
+    """Sorted built-in op names of a model; raise :class:`BundleError` on any custom/Flex op."""
+    ops = operator_codes(path)
+    bad = [f"{n}:{c}" if c else n for n, c in ops if n in NOT_BUILTIN or c is not None]
+    if bad:
+        raise BundleError(f"{Path(path).name} uses non-built-in ops {bad}; a stock LiteRT "
+                          "runtime cannot run it (Flex ops are not shipped)")
+    return sorted(n for n, _ in ops)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep the converter's chatter (absl, XLA, torchao, warnings) off the user's terminal.
+
+    Output of C++ code goes to file descriptors 1 and 2 directly, so those are redirected to
+    a temporary file; if the conversion fails, its tail is logged for the bug report.
+    """
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile("w+b") as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        ok = False
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(
+                    io.StringIO()):
+                yield
+            ok = True
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if not ok:
+                sink.seek(0)
+                tail = sink.read().decode(errors="replace")[-4000:]
+                log.error("converter output before the failure:\n%s", tail)
+
+
+def _convert_backbone_int8(backbone: nn.Module, x1: torch.Tensor, calib: np.ndarray, path: Path):
+    import litert_torch
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = PT2EQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    gm = prepare_pt2e(torch.export.export(backbone, (x1,)).module(), quantizer)
+    with torch.no_grad():
+        for w in torch.from_numpy(calib.astype(np.float32)):  # batch fixed at 1, as exported
+            gm(w[None])
+    gm = convert_pt2e(gm, fold_quantize=False)
+    litert_torch.convert(gm, (x1,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(
+        str(path))
+
+
+def _io_quant(details: dict) -> dict[str, Any] | None:
+    if details["dtype"] == np.float32:
+        return None
+    scale, zero = details["quantization"]
+    return {"dtype": np.dtype(details["dtype"]).name, "scale": float(scale),
+            "zero_point": int(zero)}
+
+
+@register_exporter("tflite")
+class TFLiteExporter(Exporter):
+    """Built-in-op TFLite models for LiteRT (ai-edge-litert, Android, Raspberry Pi)."""
+
+    suffix = ".tflite"
+    atol = 1e-4
+    backbone_batch = 1
+    fixed_head_batch = True
+    dynamic_classes = False
+
+    def export_backbone(self, backbone, sample, path, *, opset, precision, calib=None):
+        x1 = sample[:1].contiguous()
+        with _quiet():
+            litert_torch = require("litert_torch", "tflite")
+
+            if precision == "fp32":
+                litert_torch.convert(backbone.eval(), (x1,)).export(str(path))
+            else:
+                if calib is None or len(calib) == 0:
+                    raise BundleError("int8 export needs calibration windows from source data")
+                _convert_backbone_int8(backbone.eval(), x1, calib, path)
+            run = _runner(path, None)
+        check_builtin_only(path)
+        (name_in, d_in), = run.get_input_details().items()
+        (name_out, d_out), = run.get_output_details().items()
+        return {"inputs": [name_in], "outputs": [name_out], "signature": "serving_default",
+                "batch_size": 1, "quantization": {"input": _io_quant(d_in),
+                                                  "output": _io_quant(d_out)}}
+
+    def export_head(self, spec: HeadSpec, optimizer, folder, *, opset, batch):
+        step, infer = TrainStep(spec, optimizer), InferStep(spec)
+        g = torch.Generator().manual_seed(0)
+        shapes = spec.param_shapes()
+        params = [torch.randn(s, generator=g) * 0.1 for s in shapes.values()]
+        state = [torch.zeros(1) if n == "step" else torch.zeros(shapes[n.split(".", 1)[1]])
+                 for n in spec.state_names(optimizer)]
+        n_hp = len(step.input_names()) - 3 - len(params) - len(state)
+        f = torch.randn(batch, spec.in_features, generator=g)
+        t = torch.eye(spec.num_classes)[torch.arange(batch) % spec.num_classes]
+        train_args = [f, t, torch.ones(batch), *_distinct_hparams(n_hp), *params, *state]
+        train_kw = {_safe(n): a for n, a in zip(step.input_names(), train_args, strict=True)}
+        infer_kw = {_safe(n): a for n, a in zip(infer.input_names(), [f, *params], strict=True)}
+        path = Path(folder) / "head.tflite"
+        with _quiet():
+            litert_torch = require("litert_torch", "tflite")
+            model = (litert_torch.signature("train", _Named(step), (), train_kw)
+                     .signature("infer", _Named(infer), (), infer_kw).convert())
+            model.export(str(path))
+        _restore_names(path)
+        check_builtin_only(path)
+        return {"files": {"head": path.name},
+                "train": {"file": "head", "signature": "train", "inputs": step.input_names(),
+                          "outputs": step.output_names(), "batch_size": batch},
+                "infer": {"file": "head", "signature": "infer", "inputs": infer.input_names(),
+                          "outputs": infer.output_names(), "batch_size": batch}}
+
+    def session(self, bundle, files, sig):
+        return _LiteRTBundle(Path(bundle), files, sig)
+
+    def runtime_info(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        return {"litert_torch": version("litert-torch"),
+                "ai_edge_litert_validated": version("ai-edge-litert")}
+
+
+def _runner(path: Path, signature: str | None, threads: int = 2):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_path=str(path), num_threads=threads).get_signature_runner(signature)
+
+
+def _distinct_hparams(n: int) -> list[torch.Tensor]:
+    # One tensor object per input: torch.export aliases inputs that are the *same* object,
+    # which silently bakes one hyper-parameter into another's place.
+    return [torch.tensor(0.1 + 0.01 * i) for i in range(n)]
+
+
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+    if len(a) == n:
+        return a
+    return np.concatenate([a, np.zeros((n - len(a), *a.shape[1:]), a.dtype)])
+
+
+class _LiteRTBundle:
+    """The exporter's own view of a TFLite bundle, for the parity checks."""
+
+    def __init__(self, bundle: Path, files: dict[str, str], sig: dict):
+        require("ai_edge_litert", "tflite")
+        self._sig = sig
+        with _quiet():  # the interpreter announces its XNNPACK delegate on stderr
+            self._bb = _runner(bundle / files["backbone"], None)
+            self._train = _runner(bundle / files[sig["train"]["file"]],
+                                  sig["train"]["signature"])
+            self._infer = _runner(bundle / files[sig["infer"]["file"]],
+                                  sig["infer"]["signature"])
+            (self._in, d_in), = self._bb.get_input_details().items()
+            self._qin = _io_quant(d_in)
+            self._qout = _io_quant(next(iter(self._bb.get_output_details().values())))
+            self._bb(**{self._in: np.zeros(d_in["shape"], d_in["dtype"])})
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        q = self._qin
+        if q:
+            x = np.clip(np.round(x / q["scale"]) + q["zero_point"], -128, 127).astype(np.int8)
+        out = np.concatenate([next(iter(self._bb(**{self._in: x[i : i + 1]}).values()))
+                              for i in range(len(x))])
+        q = self._qout
+        return (out.astype(np.float32) - q["zero_point"]) * q["scale"] if q else out
+
+    def train_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._train(**feeds)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        b = self._sig["infer"]["batch_size"]
+        name = self._sig["infer"]["inputs"][0]
+        x = feeds[name]
+        if len(x) == 0:
+            raise BundleError("infer needs at least one row")
+        chunks = []
+        for i in range(0, len(x), b):
+            out = self._infer(**{**feeds, name: _pad(x[i : i + b], b)})
+            chunks.append({k: v[: min(b, len(x) - i)] for k, v in out.items()})
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
