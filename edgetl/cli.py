@@ -164,12 +164,13 @@ def run(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
     _setup()
 
     from edgetl.pipeline import run_recipe
-    from edgetl.report import device_table, server_table
+    from edgetl.report import bundles_table, device_table, server_table
 
     s = run_recipe(_recipe(recipe), out, show=not quiet)
     con = _console()
     con.print(server_table(s))
     con.print(device_table(s))
+    con.print(bundles_table(s))
     con.print(f"summary: {out / 'summary.json'}  plot: {out / 'personalisation.png'}  "
               f"({s.totals['wall_seconds']:.0f} s)")
 
@@ -178,7 +179,7 @@ def run(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
 @user_errors
 def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
                 bundle: Annotated[Path, typer.Option(help="bundle directory")] = Path(
-                    "runs/har/bundle"),
+                    "runs/har/bundles/onnx-fp32"),
                 users: Annotated[str | None, typer.Option(
                     help="comma-separated user ids (default: the recipe's device users; the "
                          "server-validation users tune adaptation without touching them)")] = None,

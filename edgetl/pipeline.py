@@ -29,14 +29,18 @@ class RunSummary:
 
     recipe: str
     server: dict = field(default_factory=dict)
-    export: dict = field(default_factory=dict)
-    devices: list = field(default_factory=list)
-    totals: dict = field(default_factory=dict)
+    bundles: list = field(default_factory=list)   # one dict per exported bundle
+    devices: list = field(default_factory=list)   # one row per (bundle, user)
+    totals: dict = field(default_factory=dict)    # {"by_bundle": {name: ...}, "wall_seconds"}
 
     def to_dict(self) -> dict:
         """Plain dict for JSON."""
-        return {"recipe": self.recipe, "server": self.server, "export": self.export,
+        return {"recipe": self.recipe, "server": self.server, "bundles": self.bundles,
                 "devices": self.devices, "totals": self.totals}
+
+    def bundle_names(self) -> list[str]:
+        """Bundles that have device rows, in the order they ran."""
+        return list(dict.fromkeys(r["bundle"] for r in self.devices))
 
 
 def write_device_files(w: hapt.Windows, user: int, folder: Path) -> tuple[Path, Path]:
@@ -55,10 +59,12 @@ def write_device_files(w: hapt.Windows, user: int, folder: Path) -> tuple[Path, 
 
 
 def personalise_devices(recipe: Recipe, bundle: Path, out: Path, w: hapt.Windows, *,
-                        users: tuple[int, ...] | None = None, show: bool = True) -> list[dict]:
+                        users: tuple[int, ...] | None = None, name: str | None = None,
+                        show: bool = True) -> list[dict]:
     """Adapt on each device user's first session, evaluate on the rest, via the runner.
 
     Args:
+        name: the bundle's name in the rows and under ``out/devices/`` (default: its folder).
         users: which users play the phones; default the recipe's ``device_users``. Users the
             server trained on are refused (their numbers would be meaningless); the
             server-validation users are allowed, to tune adaptation without touching the
@@ -72,10 +78,11 @@ def personalise_devices(recipe: Recipe, bundle: Path, out: Path, w: hapt.Windows
                           f"users {list(recipe.data.server_val_users)}")
     rows = []
     a = recipe.adapt
+    name = name or Path(bundle).name
     with progress_bar(show) as prog:
-        task = prog.add_task("personalise devices", total=len(users), info="")
+        task = prog.add_task(f"personalise devices ({name})", total=len(users), info="")
         for user in users:
-            folder = Path(out) / "devices" / f"user_{user:02d}"
+            folder = Path(out) / "devices" / name / f"user_{user:02d}"
             if folder.exists():
                 shutil.rmtree(folder)  # a fresh phone each run
             adapt_npz, eval_npz = write_device_files(w, user, folder)
@@ -83,7 +90,7 @@ def personalise_devices(recipe: Recipe, bundle: Path, out: Path, w: hapt.Windows
             rep = device.adapt(bundle, adapt_npz, folder / "state", epochs=a.epochs,
                                batch_size=a.batch_size, val_fraction=a.val_fraction, seed=a.seed)
             personal = device.infer(bundle, eval_npz, head=Path(rep["checkpoint"]))
-            row = {"user": user, "n_adapt": rep["n_windows"], "n_eval": general["n_windows"],
+            row = {"bundle": name, "user": user, "n_adapt": rep["n_windows"], "n_eval": general["n_windows"],
                    "general_accuracy": general["accuracy"],
                    "personal_accuracy": personal["accuracy"],
                    "gain": personal["accuracy"] - general["accuracy"],
@@ -117,20 +124,28 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     summ.server["distill"] = {"temperature": recipe.distill.temperature,
                               "alpha": recipe.distill.alpha,
                               "param_ratio": students["student"].params / teacher.params}
-    bundle = out / "bundle"
-    man = stages.export(students["student"].path, bundle, recipe, data=sd)
-    summ.export = {"bundle": str(bundle), "target": man.target, "precision": man.precision,
-                   "bytes": {k: v.bytes for k, v in man.files.items()}, "checks": man.checks}
-    console.log(f"exported {man.target}/{man.precision} bundle to {bundle} "
-                f"(parity: backbone {man.checks['backbone_max_abs_err']:.1e}, train step "
-                f"{man.checks['train_step_max_abs_err']:.1e})")
-    summ.devices = personalise_devices(recipe, bundle, out, sd.windows, show=show)
+    for target, precision in recipe.export.bundles():
+        name = f"{target}-{precision}"
+        path = out / "bundles" / name
+        man = stages.export(students["student"].path, path, recipe, target=target,
+                            precision=precision, data=sd)
+        summ.bundles.append({"name": name, "path": str(path), "target": target,
+                             "precision": precision,
+                             "bytes": sum(f.bytes for f in man.files.values()),
+                             "files": {k: v.bytes for k, v in man.files.items()},
+                             "checks": man.checks})
+        from edgetl.report import bundle_line
+
+        console.log(bundle_line(path, man))
+        summ.devices += personalise_devices(recipe, path, out, sd.windows, name=name, show=show)
     return _finish(summ, out, t0)
 
 
 def _finish(summ: RunSummary, out: Path, t0: float) -> RunSummary:
     """Add device totals and wall time; write ``summary.json`` and ``personalisation.png``."""
-    summ.totals = {**device_totals(summ.devices), "wall_seconds": time.perf_counter() - t0}
+    summ.totals = {"by_bundle": {n: device_totals([r for r in summ.devices if r["bundle"] == n])
+                                 for n in summ.bundle_names()},
+                   "wall_seconds": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2))
     from edgetl.report import plot_personalisation
 

@@ -13,7 +13,7 @@ def bundle_line(path: Path, man) -> str:
     c = man.checks
     acc = c.get("accuracy")
     acc_s = (f"; held-out accuracy {acc['bundle']:.4f} vs torch {acc['torch_fp32']:.4f} "
-             f"({-acc['drop_points']:+.2f} pt)") if acc else ""
+             f"({0.0 - acc['drop_points']:+.2f} pt)") if acc else ""
     return (f"bundle {path}: {man.target}/{man.precision}, {len(man.files)} files, "
             f"{total / 1024:.0f} KiB; backbone diff {c['backbone_max_abs_err']:.1e} "
             f"(rel {c['backbone_rel_err']:.1e}), train step {c['train_step_max_abs_err']:.1e}"
@@ -35,20 +35,23 @@ def server_table(summary) -> Table:
     return t
 
 
-def device_table(summary) -> Table:
-    """Per device: general vs personalised accuracy on later sessions."""
-    t = Table(title="on-device personalisation (adapt on session 1, evaluate on later sessions)")
+def device_table(summary, bundle: str | None = None) -> Table:
+    """Per device, for one bundle (default the first): general vs personalised accuracy."""
+    name = bundle or summary.bundle_names()[0]
+    rows = [r for r in summary.devices if r["bundle"] == name]
+    t = Table(title=f"on-device personalisation with {name} (adapt on session 1, evaluate on "
+                    "later sessions)")
     for c in ("user", "n adapt", "n eval", "general", "personal", "gain", "gate",
               "adapt ms", "peak RSS MiB"):
         t.add_column(c, justify="right", no_wrap=True)
-    for r in summary.devices:
+    for r in rows:
         g = r["gain"]
         color = "green" if g > 0 else ("red" if g < 0 else "white")
         t.add_row(str(r["user"]), str(r["n_adapt"]), str(r["n_eval"]),
                   f"{r['general_accuracy']:.3f}", f"{r['personal_accuracy']:.3f}",
                   f"[{color}]{g:+.3f}[/]", "rolled back" if r["rolled_back"] else "kept",
                   f"{1000 * r['adapt_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}")
-    tot = summary.totals
+    tot = summary.totals.get("by_bundle", {}).get(name)
     if tot:
         t.add_section()
         t.add_row("mean", "", "", f"{tot['mean_general_accuracy']:.3f}",
@@ -58,27 +61,60 @@ def device_table(summary) -> Table:
     return t
 
 
+def bundles_table(summary) -> Table:
+    """One row per exported bundle: size, parity, held-out accuracy and device means."""
+    t = Table(title="bundles (held-out users; device columns are means over devices)")
+    for c in ("bundle", "KiB", "bb rel err", "step err", "held-out", "vs torch", "general",
+              "personal", "adapt ms", "RSS MiB"):
+        t.add_column(c, justify="left" if c == "bundle" else "right", no_wrap=True)
+    by = summary.totals.get("by_bundle", {})
+    for b in summary.bundles:
+        c, d = b["checks"], by.get(b["name"], {})
+        acc = c.get("accuracy", {})
+        t.add_row(b["name"], f"{b['bytes'] / 1024:.0f}", f"{c['backbone_rel_err']:.1e}",
+                  f"{c['train_step_max_abs_err']:.1e}", f"{acc.get('bundle', float('nan')):.4f}",
+                  f"{0.0 - acc.get('drop_points', float('nan')):+.2f} pt",
+                  f"{d.get('mean_general_accuracy', float('nan')):.3f}",
+                  f"{d.get('mean_personal_accuracy', float('nan')):.3f}",
+                  f"{1000 * d.get('mean_adapt_seconds', float('nan')):.0f}",
+                  f"{d.get('max_peak_rss_mb', float('nan')):.0f}")
+    return t
+
+
 def plot_personalisation(summary, path: Path) -> Path:
-    """Bar chart: general vs personalised accuracy per held-out user."""
+    """Per-user bars for the first bundle; per-bundle means beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    d = summary.devices
+    names = summary.bundle_names()
+    first = names[0] if names else ""
+    d = [r for r in summary.devices if r["bundle"] == first]
     users = [str(r["user"]) for r in d]
     x = np.arange(len(users))
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(users) + 2), 3.6))
+    wide = 0.7 * len(users) + 2
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(max(6, wide) + 1 + 0.9 * len(names), 3.8),
+                                 width_ratios=[max(6, wide), 1 + 0.9 * len(names)])
     ax.bar(x - 0.2, [r["general_accuracy"] for r in d], 0.4, label="general (server head)")
     ax.bar(x + 0.2, [r["personal_accuracy"] for r in d], 0.4, label="personalised on device")
-    lo = min(min(r["general_accuracy"], r["personal_accuracy"]) for r in d) if d else 0
-    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    vals = [v for r in summary.devices for v in (r["general_accuracy"], r["personal_accuracy"])]
+    lo = max(0.0, min(vals) - 0.05) if vals else 0.0
+    ax.set_ylim(lo, 1.0)
     ax.set_xticks(x, users)
     ax.set_xlabel("held-out user")
     ax.set_ylabel("accuracy on later sessions")
-    ax.set_title(f"{summary.recipe}: mean gain {summary.totals.get('mean_gain', 0):+.3f}")
+    gain = summary.totals.get("by_bundle", {}).get(first, {}).get("mean_gain", 0.0)
+    ax.set_title(f"{summary.recipe} / {first}: mean gain {gain:+.3f}", fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
+    by = summary.totals.get("by_bundle", {})
+    xb = np.arange(len(names))
+    bx.bar(xb - 0.2, [by[n]["mean_general_accuracy"] for n in names], 0.4)
+    bx.bar(xb + 0.2, [by[n]["mean_personal_accuracy"] for n in names], 0.4)
+    bx.set_ylim(lo, 1.0)
+    bx.set_xticks(xb, names, rotation=30, ha="right", fontsize=8)
+    bx.set_title("mean over devices", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

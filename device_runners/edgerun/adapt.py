@@ -142,6 +142,11 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     seen = list(dict.fromkeys(ds.y))
     new = [lab for lab in seen if lab not in head.labels]
     missing = [lab for lab in head.labels if lab not in seen]
+    if new and not m["train_step"].get("dynamic_classes", True):
+        raise RunnerError(
+            f"labels {new} are not in this bundle's head {head.labels}, and its {m['target']} "
+            "graphs have a fixed number of classes; drop those windows, or export an onnx "
+            "bundle (dynamic classes) for devices that add labels")
     if new:
         emb = _infer(backend, bundle, head, feats)["embedding"]
         ys = np.asarray(ds.y)
@@ -174,6 +179,9 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
                             else np.zeros_like(head.params[like]))
     fixed = ts.get("batch_size")
     bs = int(fixed) if fixed else batch_size
+    if fixed and batch_size != bs:
+        warnings.append(f"this {m['target']} bundle trains with a fixed batch of {bs}; "
+                        f"--batch-size {batch_size} was ignored")
     rng = np.random.default_rng(seed)
     eye = np.eye(n_cls, dtype=np.float32)
     history, steps = [], 0
