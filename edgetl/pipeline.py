@@ -90,7 +90,8 @@ def personalise_devices(recipe: Recipe, bundle: Path, out: Path, w: hapt.Windows
             rep = device.adapt(bundle, adapt_npz, folder / "state", epochs=a.epochs,
                                batch_size=a.batch_size, val_fraction=a.val_fraction, seed=a.seed)
             personal = device.infer(bundle, eval_npz, head=Path(rep["checkpoint"]))
-            row = {"bundle": name, "user": user, "n_adapt": rep["n_windows"], "n_eval": general["n_windows"],
+            row = {"bundle": name, "user": user, "n_adapt": rep["n_windows"],
+                   "n_eval": general["n_windows"],
                    "general_accuracy": general["accuracy"],
                    "personal_accuracy": personal["accuracy"],
                    "gain": personal["accuracy"] - general["accuracy"],

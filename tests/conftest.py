@@ -1,4 +1,4 @@
-"""Fixtures: a tiny model trained in a second on synthetic windows, and its ONNX bundle."""
+"""Fixtures: a tiny model trained in a second on synthetic windows, and its bundles."""
 
 from __future__ import annotations
 
@@ -46,14 +46,33 @@ def tiny_ck() -> Checkpoint:
     return tiny_checkpoint()
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_ck, tmp_path_factory) -> Path:
+def export_tiny(ck: Checkpoint, out: Path, target: str = "onnx", precision: str = "fp32",
+                **kw) -> Path:
+    """Export ``ck`` with synthetic reference, calibration and evaluation windows."""
     from edgetl.export import export_bundle
 
-    out = tmp_path_factory.mktemp("bundle") / "bundle"
     x, _ = make_windows(64, window=WINDOW, seed=1)
-    export_bundle(tiny_ck, out, ExportConfig(n_test_vectors=4), reference_x=x)
+    calib, _ = make_windows(128, window=WINDOW, seed=5)
+    ev = make_windows(300, window=WINDOW, seed=6)
+    cfg = ExportConfig(target=target, precision=precision, n_test_vectors=4, train_batch=16,
+                       calibration_windows=128, max_accuracy_drop=kw.pop("max_drop", 5.0))
+    export_bundle(ck, out, cfg, reference_x=x, calib_x=calib, eval_set=ev, **kw)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_ck, tmp_path_factory) -> Path:
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def tiny_tflite_bundle(tiny_ck, tmp_path_factory) -> Path:
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("tfl") / "bundle", "tflite")
+
+
+@pytest.fixture(scope="session")
+def tiny_tflite_int8_bundle(tiny_ck, tmp_path_factory) -> Path:
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("tfl8") / "bundle", "tflite", "int8")
 
 
 def write_device_npz(path: Path, n: int, seed: int, gain=1.0, offset=0.0, labels=LABELS):

@@ -1,4 +1,4 @@
-"""ONNX bundle: manifest contract, parity against torch, registry coverage, safe replacement."""
+"""Bundles: manifest contract, parity against torch, registry coverage, safe replacement."""
 
 import json
 
@@ -14,9 +14,9 @@ from edgetl.export.bundle import _check_train_step, head_spec
 from edgetl.head import HeadSpec
 from edgetl.manifest import Manifest, sha256_file
 
-from .conftest import WINDOW, tiny_checkpoint
+from .conftest import WINDOW, export_tiny, tiny_checkpoint
 
-TESTED_TARGETS = {"onnx"}
+TESTED_TARGETS = {"onnx", "tflite"}  # each has a parity test below
 
 
 def test_all_registered_targets_are_tested():
@@ -26,7 +26,7 @@ def test_all_registered_targets_are_tested():
 
 
 def test_unknown_target_lists_known_ones():
-    with pytest.raises(ConfigError, match=r"known targets: \['onnx'\]"):
+    with pytest.raises(ConfigError, match=r"known targets: \['onnx', 'tflite'\]"):
         get_exporter("coreml")
 
 
@@ -57,15 +57,35 @@ def test_tampered_file_fails_verification(tiny_bundle, tmp_path):
         Manifest.read(b).verify(b)
 
 
+def _head_session(target, spec, opt, folder, batch):
+    """Export only the head; the session's backbone slot reuses a head file (unused)."""
+    ex = get_exporter(target)
+    sig = ex.export_head(spec, opt, folder, opset=17, batch=batch)
+    files = {**sig["files"], "backbone": next(iter(sig["files"].values()))}
+    if target == "tflite":
+        return _TFLiteHeadOnly(folder, files, sig)
+    return ex.session(folder, files, sig)
+
+
+class _TFLiteHeadOnly:
+    """The TFLite session without its backbone (a head file has no default signature)."""
+
+    def __init__(self, folder, files, sig):
+        from edgetl.export.tflite import _runner
+
+        self._train = _runner(folder / files[sig["train"]["file"]], "train")
+
+    def train_step(self, feeds):
+        return self._train(**feeds)
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
-def test_onnx_train_step_matches_torch_for_20_steps(kind, opt, tmp_path):
-    """The exported graph, run in onnxruntime, follows torch within 1e-5 over 20 padded steps."""
-    ex = get_exporter("onnx")
+def test_train_step_matches_torch_for_20_steps(target, kind, opt, tmp_path):
+    """The exported graph, in its runtime, follows torch within 1e-5 over 20 padded steps."""
     spec = HeadSpec(kind, 8, 4, hidden=5 if kind == "mlp" else 0)
-    ex.export_head(spec, opt, tmp_path / "t.onnx", tmp_path / "i.onnx", opset=17, batch=6)
-    sess = ex.session(tmp_path, {"backbone": "t.onnx", "head_train": "t.onnx",
-                                 "head_infer": "i.onnx"})
+    sess = _head_session(target, spec, opt, tmp_path, batch=6)
     g = torch.Generator().manual_seed(3)
     params = {n: 0.3 * torch.randn(s, generator=g).numpy() for n, s in spec.param_shapes().items()}
     hp = HeadConfig(kind=kind, optimizer=opt, lr=0.05 if opt == "sgd" else 0.01).hparams()
@@ -75,11 +95,7 @@ def test_onnx_train_step_matches_torch_for_20_steps(kind, opt, tmp_path):
 
 def test_train_step_accepts_more_classes_than_exported(tmp_path):
     """Dynamic class axis: a device that adds labels reuses the same graph."""
-    ex = get_exporter("onnx")
-    spec = HeadSpec("linear", 8, 3)
-    ex.export_head(spec, "sgd", tmp_path / "t.onnx", tmp_path / "i.onnx", opset=17, batch=4)
-    sess = ex.session(tmp_path, {"backbone": "t.onnx", "head_train": "t.onnx",
-                                 "head_infer": "i.onnx"})
+    sess = _head_session("onnx", HeadSpec("linear", 8, 3), "sgd", tmp_path, batch=4)
     f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
     out = sess.train_step({"features": f32(5, 8), "targets": np.eye(5, dtype=np.float32),
                            "sample_weight": np.ones(5, np.float32),
@@ -106,16 +122,49 @@ def test_failed_export_keeps_the_good_bundle(tiny_bundle, tmp_path, monkeypatch)
     with pytest.raises(ToleranceError):
         export_bundle(tiny_checkpoint(epochs=1), good, ExportConfig(), reference_x=x)
     assert (good / "manifest.json").read_bytes() == before
+    assert (good / "manifest.json").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.tmp")]
 
 
 def test_backbone_parity_on_fresh_inputs(tiny_ck, tiny_bundle):
     spec = head_spec(tiny_ck)
-    sess = get_exporter("onnx").session(tiny_bundle, {k: v.path for k, v in
-                                                       Manifest.read(tiny_bundle).files.items()})
+    m = Manifest.read(tiny_bundle)
+    sess = get_exporter("onnx").session(tiny_bundle, {k: v.path for k, v in m.files.items()},
+                                        {"train": m.train_step, "infer": m.infer})
     x, _ = make_windows(50, window=WINDOW, seed=9)
     xn = tiny_ck.normalize(x)
     with torch.no_grad():
         want = tiny_ck.model.backbone(torch.from_numpy(xn)).numpy()
     assert sess.features(xn).shape == (50, spec.in_features)
     np.testing.assert_allclose(sess.features(xn), want, atol=1e-5)
+
+
+def test_accuracy_gate_refuses_a_bundle_that_loses_accuracy(tiny_ck):
+    """A runtime whose predictions collapse to one class fails the held-out accuracy gate."""
+    from edgetl.export.bundle import _accuracy_check
+
+    class Collapsed:
+        def features(self, x):
+            return np.zeros((len(x), 8), np.float32)
+
+        def infer(self, feeds):
+            n = len(feeds["features"])
+            return {"logits": np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (n, 1))}
+
+    spec = head_spec(tiny_ck)
+    params = {k: v.detach().numpy() for k, v in tiny_ck.model.head_state().items()}
+    x, y = make_windows(150, window=WINDOW, seed=6)
+    with pytest.raises(ToleranceError, match="points below the PyTorch student"):
+        _accuracy_check(Collapsed(), tiny_ck.model, tiny_ck, spec, params, (x, y), 1.0)
+    res = _accuracy_check(Collapsed(), tiny_ck.model, tiny_ck, spec, params, (x, y), 100.0)
+    assert res["drop_points"] == pytest.approx(100 * (res["torch_fp32"] - res["bundle"]))
+    assert res["drop_points"] > 15 and res["agreement"] < 0.8
+
+
+def test_int8_bundles_record_quantization_and_keep_accuracy(tiny_ck, tmp_path):
+    m = Manifest.read(export_tiny(tiny_ck, tmp_path / "q", "onnx", "int8", max_drop=2.0))
+    assert m.precision == "int8" and m.quantization["backbone"] == "int8"
+    assert m.quantization["calibration_windows"] == 128 and "per-channel" in m.quantization[
+        "scheme"]
+    assert m.checks["accuracy"]["drop_points"] <= 2.0
+    assert m.checks["train_step_max_abs_err"] < 1e-4  # the head stays fp32

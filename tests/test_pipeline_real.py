@@ -22,13 +22,25 @@ def test_short_har_run_end_to_end(tmp_path):
     s = run_recipe(_short_recipe(), tmp_path, show=False)
     assert s.server["teacher"]["params"] >= 8 * s.server["student"]["params"]
     assert s.server["student"]["heldout_accuracy"] > 0.6  # 2 epochs: well above 1/6 chance
-    assert [d["user"] for d in s.devices] == [21, 25, 29]
-    for d in s.devices:
-        assert d["n_adapt"] > 100 and d["n_eval"] > 100 and d["peak_rss_mb"] < 400
+    names = ["onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"]
+    assert [b["name"] for b in s.bundles] == s.bundle_names() == names
+    for name in names:
+        rows = [d for d in s.devices if d["bundle"] == name]
+        assert [d["user"] for d in rows] == [21, 25, 29]
+        backend = "ai-edge-litert" if name.startswith("tflite") else "onnxruntime"
+        for d in rows:
+            assert d["n_adapt"] > 100 and d["n_eval"] > 100 and d["peak_rss_mb"] < 400
+            assert d["backend"] == backend and d["precision"] == name.split("-")[1]
+        assert (tmp_path / "bundles" / name / "manifest.json").exists()
+    acc = {b["name"]: b["checks"]["accuracy"] for b in s.bundles}
+    for target in ("onnx", "tflite"):
+        # int8 backbone on the held-out users: within 1 point of the fp32 bundle
+        assert acc[f"{target}-int8"]["bundle"] >= acc[f"{target}-fp32"]["bundle"] - 0.01
+        assert acc[f"{target}-fp32"]["drop_points"] == pytest.approx(0.0, abs=0.1)
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["totals"]["mean_gain"] == pytest.approx(s.totals["mean_gain"])
+    assert saved["totals"]["by_bundle"]["tflite-int8"]["mean_gain"] == pytest.approx(
+        s.totals["by_bundle"]["tflite-int8"]["mean_gain"])
     assert (tmp_path / "personalisation.png").stat().st_size > 1000
-    assert (tmp_path / "bundle" / "manifest.json").exists()
 
 
 def test_data_config_rejects_overlapping_users():

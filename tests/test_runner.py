@@ -1,4 +1,4 @@
-"""The device runner, run as a device runs it: a subprocess with numpy + onnxruntime only."""
+"""The device runner, run as a device runs it: a subprocess with numpy + one runtime only."""
 
 import ast
 import json
@@ -63,14 +63,20 @@ def test_end_to_end_adaptation_on_an_easy_shift(bundle, tmp_path):
     assert personal["accuracy"] > general["accuracy"] + 0.1
 
 
-def test_runner_process_never_imports_torch_or_edgetl(bundle, tmp_path):
+@pytest.mark.parametrize("which", ["onnx", "tflite", "tflite-int8"])
+def test_runner_process_never_imports_torch_or_edgetl(which, request, tmp_path):
+    """Only the bundle's own runtime is loaded: never torch, edgetl, TensorFlow or the other."""
+    fixture = {"onnx": "tiny_bundle", "tflite": "tiny_tflite_bundle",
+               "tflite-int8": "tiny_tflite_int8_bundle"}[which]
+    bundle = request.getfixturevalue(fixture)
+    other = "ai_edge_litert" if which == "onnx" else "onnxruntime"
     data = write_device_npz(tmp_path / "d.npz", 60, seed=1)
     code = (
         "import sys, json; sys.path.insert(0, %r); import run; "
         "rc = run.main(['adapt', %r, '--data', %r, '--out', %r, '--quiet', '--epochs', '2']); "
-        "print(json.dumps({'rc': rc, 'mods': sorted(m for m in sys.modules "
-        "if m.split('.')[0] in ('torch', 'edgetl', 'tensorflow', 'onnx'))}))"
-    ) % (str(RUNNER.parent), str(bundle), str(data), str(tmp_path / "s"))
+        "print(json.dumps({'rc': rc, 'mods': sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'torch', 'edgetl', 'tensorflow', 'onnx', 'jax', %r})}))"
+    ) % (str(RUNNER.parent), str(bundle), str(data), str(tmp_path / "s"), other)
     import subprocess
 
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -79,7 +85,8 @@ def test_runner_process_never_imports_torch_or_edgetl(bundle, tmp_path):
 
 
 def test_runner_sources_import_only_numpy_stdlib_and_one_runtime():
-    allowed = {"numpy", "onnxruntime", "edgerun", "run"} | set(sys.stdlib_module_names)
+    runtimes = {"onnxruntime", "ai_edge_litert"}  # each imported only by its own backend
+    allowed = {"numpy", "edgerun", "run"} | runtimes | set(sys.stdlib_module_names)
     for path in RUNNER.parent.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):

@@ -1,0 +1,91 @@
+"""TFLite bundles: built-in ops only, parity with torch, int8 I/O contract, device runner."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgetl.data.synthetic import make_windows
+from edgetl.errors import BundleError
+from edgetl.export import tflite
+from edgetl.manifest import Manifest
+
+from .conftest import LABELS, WINDOW, run_runner, write_device_npz
+
+#: Ops a stock LiteRT build must run; CUSTOM would mean a Flex or custom kernel.
+FLEX_FREE = {"CUSTOM", "DELEGATE"}
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_every_op_is_a_builtin(which, tiny_tflite_bundle, tiny_tflite_int8_bundle):
+    b = tiny_tflite_bundle if which == "fp32" else tiny_tflite_int8_bundle
+    m = Manifest.read(b)
+    for role in ("backbone", "head"):
+        ops = tflite.operator_codes(b / m.files[role].path)
+        assert ops, role
+        assert all(custom is None and name not in FLEX_FREE for name, custom in ops), ops
+    head_ops = {n for n, _ in tflite.operator_codes(b / m.files["head"].path)}
+    assert {"FULLY_CONNECTED", "EXP", "LOG"} <= head_ops  # the softmax-CE gradient is in-graph
+    bb_ops = {n for n, _ in tflite.operator_codes(b / m.files["backbone"].path)}
+    assert "CONV_2D" in bb_ops
+
+
+def test_a_custom_op_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(tflite, "operator_codes",
+                        lambda p: [("ADD", None), ("CUSTOM", "FlexRestoreV2")])
+    with pytest.raises(BundleError, match=r"non-built-in ops \['CUSTOM:FlexRestoreV2'\]"):
+        tflite.check_builtin_only(tmp_path / "m.tflite")
+
+
+def test_fp32_features_match_torch(tiny_ck, tiny_tflite_bundle):
+    """Fresh windows through LiteRT vs torch: max abs diff <= 1e-4 of the feature scale."""
+    m = Manifest.read(tiny_tflite_bundle)
+    sess = tflite.TFLiteExporter().session(tiny_tflite_bundle,
+                                           {k: v.path for k, v in m.files.items()},
+                                           {"train": m.train_step, "infer": m.infer})
+    x, _ = make_windows(40, window=WINDOW, seed=11)
+    xn = tiny_ck.normalize(x)
+    with torch.no_grad():
+        want = tiny_ck.model.backbone(torch.from_numpy(xn)).numpy()
+    got = sess.features(xn)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_manifest_states_fixed_batches_and_int8_io(tiny_tflite_bundle, tiny_tflite_int8_bundle):
+    m = Manifest.read(tiny_tflite_bundle)
+    assert m.target == "tflite" and set(m.files) == {"backbone", "head", "head_init",
+                                                     "test_vectors"}
+    assert m.input["batch_size"] == 1 and m.train_step["batch_size"] == 16
+    assert m.train_step["signature"] == "train" and m.infer["signature"] == "infer"
+    assert m.train_step["dynamic_classes"] is False and m.quantization == {}
+    assert "momentum.weight" in m.train_step["inputs"]  # dotted names survive conversion
+    q = Manifest.read(tiny_tflite_int8_bundle).quantization
+    assert q["input"]["dtype"] == "int8" and q["input"]["scale"] > 0
+    assert q["output"]["dtype"] == "int8" and q["calibration_windows"] == 128
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_runner_adapts_a_tflite_bundle(which, tiny_tflite_bundle, tiny_tflite_int8_bundle,
+                                       tmp_path):
+    """Same command and report fields as ONNX; fixed batch is padded, not required."""
+    b = tiny_tflite_bundle if which == "fp32" else tiny_tflite_int8_bundle
+    data = write_device_npz(tmp_path / "d.npz", 90, seed=2, gain=1.3, offset=0.4)
+    p = run_runner("adapt", b, "--data", data, "--out", tmp_path / "s", "--json", "--quiet",
+                   "--epochs", "8", "--batch-size", "10")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["backend"] == "ai-edge-litert" and r["precision"] == which
+    assert r["batch_size"] == 16 and any("fixed batch of 16" in w for w in r["warnings"])
+    assert r["selftest_max_abs_err"] <= Manifest.read(b).test_vectors["atol"]
+    assert np.isfinite(r["history"][-1]["loss"]) and (tmp_path / "s" / "head.npz").exists()
+
+
+def test_runner_refuses_new_labels_on_a_fixed_class_head(tiny_tflite_bundle, tmp_path):
+    data = write_device_npz(tmp_path / "d.npz", 60, seed=3,
+                            labels=(LABELS[0], LABELS[1], "cycling"))
+    p = run_runner("adapt", tiny_tflite_bundle, "--data", data, "--out", tmp_path / "s")
+    assert p.returncode == 1
+    assert "fixed number of classes" in p.stderr and "onnx" in p.stderr
+    assert not (tmp_path / "s" / "head.npz").exists()
