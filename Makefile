@@ -7,10 +7,11 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install demo test test-slow style lint format clean help
+.PHONY: install demo bench test test-slow style lint format clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
+	@echo "make bench      size + batch-1 backbone latency of every bundle of $(OUT) -> bench.md"
 	@echo "make test       fast test tier (no GPU, no network)"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
 	@echo "make style      ruff lint (pyflakes, pycodestyle, pydocstyle, bugbear, isort)"
@@ -27,6 +28,10 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/edgetl run $(RECIPE) --out $(OUT)
+
+bench: install
+	test -f $(OUT)/summary.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
+	$(BIN)/edgetl bench $(OUT)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -6,6 +6,7 @@ Needs only numpy, the standard library and onnxruntime::
     python run.py adapt BUNDLE --data local.npz --out state/
     python run.py infer BUNDLE --data new.csv --head state/head.npz
     python run.py selftest BUNDLE
+    python run.py bench BUNDLE --threads 1
 
 Exit code 0 on success, 1 with a one-line ``error:`` message on bad input.
 """
@@ -43,7 +44,10 @@ def main(argv=None) -> int:
     i.add_argument("--out", default=None, help="folder for predictions.json")
     s = sub.add_parser("selftest", help="check this runtime against the bundle's test vectors")
     s.add_argument("bundle")
-    for sp in (a, i, s):
+    b = sub.add_parser("bench", help="backbone latency at batch 1 and bundle size")
+    b.add_argument("bundle")
+    b.add_argument("--repeats", type=int, default=300)
+    for sp in (a, i, s, b):
         sp.add_argument("--threads", type=int, default=0, help="runtime threads (0: default)")
         sp.add_argument("--quiet", action="store_true")
         sp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -59,6 +63,12 @@ def main(argv=None) -> int:
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, quiet=args.quiet)
+        elif args.cmd == "bench":
+            res = ad.bench(args.bundle, repeats=args.repeats, threads=args.threads)
+            if not args.quiet:
+                print(f"{res['target']}/{res['precision']}: backbone p50 "
+                      f"{res['backbone_ms_p50']:.3f} ms (p95 {res['backbone_ms_p95']:.3f}), "
+                      f"bundle {res['bundle_bytes'] / 1024:.0f} KiB", file=sys.stderr)
         else:
             from edgerun.backends import make_backend
             from edgerun.bundle import Bundle

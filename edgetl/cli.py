@@ -195,5 +195,25 @@ def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
     con.print(f"summary: {out / 'summary.json'}  plot: {out / 'personalisation.png'}")
 
 
+@app.command()
+@user_errors
+def bench(paths: Annotated[list[Path] | None, typer.Argument(
+              help="bundle folders, or run folders (their bundles/*)")] = None,
+          threads: Annotated[str, typer.Option(help="comma-separated thread counts")] = "1,2",
+          repeats: Annotated[int, typer.Option(min=10, help="timed calls per cell")] = 1000,
+          out: Annotated[Path | None, typer.Option("--out", "-o", help="where bench.json and "
+                                                   "bench.md go (default: the first path)")]
+          = None):
+    """Bundle size and batch-1 backbone latency of every bundle, in device-runner processes."""
+    from edgetl.bench import bench_bundles, find_bundles, markdown, write
+
+    paths = paths or [Path("runs/har")]
+    res = bench_bundles(find_bundles(paths),
+                        threads=tuple(int(t) for t in threads.split(",")), repeats=repeats)
+    j, m = write(res, out or paths[0])
+    typer.echo(markdown(res))
+    typer.echo(f"wrote {j} and {m}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

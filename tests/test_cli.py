@@ -11,7 +11,7 @@ from edgetl.cli import app
 
 from .conftest import write_device_npz
 
-COMMANDS = ["pretrain", "distill", "export", "adapt", "run", "personalise"]
+COMMANDS = ["pretrain", "distill", "export", "adapt", "run", "personalise", "bench"]
 runner = CliRunner()
 
 
@@ -58,3 +58,22 @@ def test_adapt_command_runs_the_device_runner(tiny_bundle, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout[res.stdout.index("{"):])
     assert rep["n_train"] > 0 and (tmp_path / "s" / "report.json").exists()
+
+
+def test_bench_measures_every_bundle_of_a_run(tiny_bundle, tiny_tflite_int8_bundle, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_bundle, run / "bundles" / "onnx-fp32")
+    shutil.copytree(tiny_tflite_int8_bundle, run / "bundles" / "tflite-int8")
+    res = runner.invoke(app, ["bench", str(run), "--threads", "1", "--repeats", "20"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((run / "bench.json").read_text())
+    assert [(r["name"], r["backend"]) for r in saved["rows"]] == [
+        ("onnx-fp32", "onnxruntime"), ("tflite-int8", "ai-edge-litert")]
+    for r in saved["rows"]:
+        assert 0 < r["backbone_ms_p50"] <= r["backbone_ms_p95"] and r["repeats"] == 20
+        assert r["bundle_bytes"] > r["backbone_bytes"] > 0
+    assert "| tflite-int8 | tflite | int8 |" in (run / "bench.md").read_text()
+    empty = runner.invoke(app, ["bench", str(tmp_path / "nothing")])
+    assert empty.exit_code == 1 and "no bundles" in empty.output
