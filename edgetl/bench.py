@@ -63,10 +63,11 @@ def markdown(res: dict) -> str:
         rs = {r["threads"]: r for r in res["rows"] if r["name"] == n}
         r = next(iter(rs.values()))
         acc = r.get("heldout_accuracy")
+        lat = [f"{rs[t]['backbone_ms_p50'] * 1e3:.0f} (p95 {rs[t]['backbone_ms_p95'] * 1e3:.0f})"
+               for t in threads]
         cells = [n, r["target"], r["precision"], f"{r['bundle_bytes'] / 1024:.0f}",
-                 f"{r['backbone_bytes'] / 1024:.0f}",
-                 *[f"{rs[t]['backbone_ms_p50'] * 1000:.0f} (p95 {rs[t]['backbone_ms_p95'] * 1000:.0f})"
-                   for t in threads], f"{acc:.4f}" if acc is not None else "–"]
+                 f"{r['backbone_bytes'] / 1024:.0f}", *lat,
+                 f"{acc:.4f}" if acc is not None else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     m = res["machine"]
     lines.append("")
