@@ -136,6 +136,60 @@ def export(checkpoint: Annotated[Path, typer.Argument(help="student checkpoint")
 
 @app.command()
 @user_errors
+def quantize(bundle: Annotated[Path, typer.Argument(help="fp32 ONNX bundle")] = Path(
+                 "runs/har/bundles/onnx-fp32"),
+             recipe: Annotated[Path, typer.Option(help="recipe (calibration and held-out "
+                                                       "data, accuracy threshold)")] =
+             DEFAULT_RECIPE,
+             out: Annotated[Path | None, typer.Option("--out", "-o", help="int8 bundle "
+                                                      "(default: BUNDLE with -int8)")] = None):
+    """int8 copy of an fp32 ONNX bundle (static QDQ backbone), gated on held-out accuracy."""
+    from edgetl import stages
+    from edgetl.report import bundle_line
+
+    out = out or bundle.with_name(bundle.name.removesuffix("-fp32") + "-int8")
+    man = stages.quantize(bundle, out, _recipe(recipe))
+    typer.echo(bundle_line(out, man))
+
+
+@app.command()
+@user_errors
+def check(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+          checkpoint: Annotated[Path | None, typer.Option(
+              help="PyTorch student: enables parity, and is the accuracy reference")] = None,
+          recipe: Annotated[Path | None, typer.Option(
+              help="recipe: enables the held-out accuracy and adaptation checks")] = None,
+          reference: Annotated[Path | None, typer.Option(
+              help="fp32 bundle as the accuracy reference (without --checkpoint)")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="machine-readable result on "
+                                                "stdout")] = False):
+    """Release gate: integrity, self-test, smoke train step, parity, accuracy, adaptation.
+
+    Exits 0 only if every check holds, else 1 with a table of what failed and by how much.
+    """
+    import json
+
+    from edgetl.check import check_bundle, failures
+    from edgetl.report import check_table
+
+    if checkpoint is not None:
+        _setup()
+    res = check_bundle(bundle, checkpoint=checkpoint,
+                       recipe=_recipe(recipe) if recipe else None, reference_bundle=reference)
+    bad = failures(res)
+    if as_json:
+        typer.echo(json.dumps({"bundle": str(bundle), "ok": not bad,
+                               "checks": [c.to_dict() for c in res]}, indent=2))
+    else:
+        _console().print(check_table(bundle, res))
+        if bad:
+            _err(f"{len(bad)} of {len(res)} checks failed: {', '.join(c.name for c in bad)}")
+    if bad:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@user_errors
 def adapt(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
           data: Annotated[Path, typer.Option(help=".npz (x, y) or .csv with the device's "
                                              "labelled data")],

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.errors import ConfigError
+from edgetl.tolerances import MAX_ACCURACY_DROP_POINTS, MAX_ADAPTATION_LOSS_POINTS
 
 HEAD_KINDS = ("linear", "mlp")
 OPTIMIZERS = ("sgd", "adam")
@@ -142,7 +143,7 @@ class ExportConfig:
     n_test_vectors: int = 8
     train_batch: int = 32             # fixed-batch runtimes (TFLite) train on exactly this
     calibration_windows: int = 512    # int8: source windows the activation ranges come from
-    max_accuracy_drop: float = 1.0    # points of held-out accuracy a bundle may lose vs torch
+    max_accuracy_drop: float = MAX_ACCURACY_DROP_POINTS  # held-out points a bundle may lose
 
     def __post_init__(self):
         for t in (self.target, *self.targets):
@@ -181,6 +182,23 @@ class AdaptConfig:
 
 
 @dataclass(frozen=True)
+class CheckConfig:
+    """``edgetl check``: who plays the phones of the adaptation check, and how much it may lose.
+
+    The adaptation check personalises the ``users`` (default: the server-validation users,
+    never trained on and never the held-out device users) and requires the mean personalised
+    accuracy to be no more than ``max_adaptation_loss`` points below the general head's.
+    """
+
+    users: tuple[int, ...] = ()
+    max_adaptation_loss: float = MAX_ADAPTATION_LOSS_POINTS
+
+    def __post_init__(self):
+        _check(self.max_adaptation_loss >= 0,
+               f"check.max_adaptation_loss is in points (>= 0), got {self.max_adaptation_loss}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole scenario: data, teacher, student, distillation, head, export and adaptation."""
 
@@ -195,6 +213,7 @@ class Recipe:
     head: HeadConfig = field(default_factory=HeadConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), for run records."""

@@ -19,7 +19,7 @@ from edgetl import adapt as device
 from edgetl import stages
 from edgetl.config import Recipe
 from edgetl.data import hapt
-from edgetl.errors import ConfigError
+from edgetl.errors import ConfigError, EdgetlError
 from edgetl.progress import console, progress_bar
 
 
@@ -130,16 +130,32 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
         path = out / "bundles" / name
         man = stages.export(students["student"].path, path, recipe, target=target,
                             precision=precision, data=sd)
+        from edgetl.report import bundle_line
+
+        console.log(bundle_line(path, man))
+        gate = release_gate(path, students["student"].path, recipe, sd)
         summ.bundles.append({"name": name, "path": str(path), "target": target,
                              "precision": precision,
                              "bytes": sum(f.bytes for f in man.files.values()),
                              "files": {k: v.bytes for k, v in man.files.items()},
-                             "checks": man.checks})
-        from edgetl.report import bundle_line
-
-        console.log(bundle_line(path, man))
+                             "checks": man.checks, "gate": gate})
         summ.devices += personalise_devices(recipe, path, out, sd.windows, name=name, show=show)
     return _finish(summ, out, t0)
+
+
+def release_gate(bundle: Path, checkpoint: Path, recipe: Recipe, sd) -> list[dict]:
+    """``edgetl check`` on a freshly exported bundle; stop the run if any check fails."""
+    from edgetl.check import check_bundle, failures
+
+    res = check_bundle(bundle, checkpoint=checkpoint, recipe=recipe, data=sd)
+    bad = failures(res)
+    if bad:
+        raise EdgetlError(f"bundle {bundle} failed `edgetl check`: " + "; ".join(
+            f"{c.name}: {c.detail}" + (f" ({c.value:.3g} vs limit {c.limit:.3g})"
+                                       if c.value is not None and c.limit is not None else "")
+            for c in bad))
+    console.log(f"edgetl check {bundle}: all {len(res)} checks hold")
+    return [c.to_dict() for c in res]
 
 
 def _finish(summ: RunSummary, out: Path, t0: float) -> RunSummary:

@@ -12,12 +12,26 @@ def bundle_line(path: Path, man) -> str:
     total = sum(f.bytes for f in man.files.values())
     c = man.checks
     acc = c.get("accuracy")
-    acc_s = (f"; held-out accuracy {acc['bundle']:.4f} vs torch {acc['torch_fp32']:.4f} "
+    acc_s = (f"; held-out accuracy {acc['bundle']:.4f} vs {acc['reference'].replace('_', ' ')} "
+             f"{acc['reference_accuracy']:.4f} "
              f"({0.0 - acc['drop_points']:+.2f} pt)") if acc else ""
     return (f"bundle {path}: {man.target}/{man.precision}, {len(man.files)} files, "
             f"{total / 1024:.0f} KiB; backbone diff {c['backbone_max_abs_err']:.1e} "
             f"(rel {c['backbone_rel_err']:.1e}), train step {c['train_step_max_abs_err']:.1e}"
             f"{acc_s}")
+
+
+def check_table(bundle, checks) -> Table:
+    """``edgetl check``: one row per check, failures in red."""
+    t = Table(title=f"edgetl check {bundle}")
+    for c in ("check", "result", "value", "limit", "detail"):
+        t.add_column(c, justify="right" if c in ("value", "limit") else "left",
+                     no_wrap=c != "detail")
+    for c in checks:
+        res = "[green]ok[/]" if c.ok else "[bold red]FAIL[/]"
+        fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
+        t.add_row(c.name, res, fmt(c.value), fmt(c.limit), c.detail)
+    return t
 
 
 def server_table(summary) -> Table:

@@ -121,6 +121,35 @@ def distill_student(recipe: Recipe, teacher_path: Path, out: Path, *,
     return results
 
 
+@dataclass(frozen=True)
+class CheckData:
+    """Raw windows the export and check stages draw from the recipe's data.
+
+    reference: server-validation windows (parity checks, shipped test vectors);
+    calibration: server-training windows (int8 activation ranges);
+    heldout: the device users' windows and labels (accuracy gates).
+    """
+
+    reference: np.ndarray
+    calibration: np.ndarray
+    heldout_x: np.ndarray
+    heldout_y: np.ndarray
+
+
+def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:
+    """Seeded, reproducible picks of reference and calibration windows, plus held-out data."""
+    sd = data or server_data(recipe)
+    d, w = recipe.data, sd.windows
+    ref = w.users(d.server_val_users)
+    src = w.users(sorted(set(d.server_users) - set(d.server_val_users)))
+    ho = w.users(d.device_users)
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.permutation(len(ref))[:256])
+    n_cal = recipe.export.calibration_windows
+    calib = src.x[np.sort(rng.permutation(len(src.x))[:n_cal])]
+    return CheckData(ref.x[pick], calib, ho.x, ho.y)
+
+
 def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = None,
            precision: str | None = None, data: ServerData | None = None) -> Manifest:
     """Export a student checkpoint as a device bundle in ``out``.
@@ -134,16 +163,19 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
     cfg = dataclasses.replace(recipe.export, target=target or recipe.export.target,
                               precision=precision or recipe.export.precision)
     ck = load_checkpoint(checkpoint)
-    sd = data or server_data(recipe)
-    d = recipe.data
-    w = sd.windows
-    ref = w.users(d.server_val_users)
-    src = w.users(sorted(set(d.server_users) - set(d.server_val_users)))
-    ho = w.users(d.device_users)
-    rng = np.random.default_rng(0)
-    pick = np.sort(rng.permutation(len(ref))[:256])
-    calib = src.x[np.sort(rng.permutation(len(src.x))[: cfg.calibration_windows])]
-    return export_bundle(ck, Path(out), cfg, reference_x=ref.x[pick], calib_x=calib,
-                         eval_set=(ho.x, ho.y),
+    cd = check_data(recipe, data)
+    return export_bundle(ck, Path(out), cfg, reference_x=cd.reference, calib_x=cd.calibration,
+                         eval_set=(cd.heldout_x, cd.heldout_y),
                          provenance={"checkpoint": str(checkpoint), "recipe": recipe.name,
                                      "student_heldout_accuracy": ck.meta.get("heldout_accuracy")})
+
+
+def quantize(bundle: Path, out: Path, recipe: Recipe, *,
+             data: ServerData | None = None) -> Manifest:
+    """int8 copy of an fp32 ONNX bundle, calibrated and gated on the recipe's data."""
+    from edgetl.quantize import quantize_bundle
+
+    cd = check_data(recipe, data)
+    return quantize_bundle(Path(bundle), Path(out), calib_x=cd.calibration,
+                           eval_set=(cd.heldout_x, cd.heldout_y),
+                           max_drop=recipe.export.max_accuracy_drop)

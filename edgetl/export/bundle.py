@@ -23,6 +23,12 @@ from edgetl.errors import DataError, ShapeMismatchError, ToleranceError
 from edgetl.export.registry import Exporter, as_feeds, get_exporter
 from edgetl.head import HPARAMS, HeadSpec, InferStep, TrainStep, init_state
 from edgetl.manifest import MANIFEST, Manifest, file_entry
+from edgetl.tolerances import (
+    SELFTEST_FP32_FACTOR,
+    SELFTEST_INT8_REL,
+    TRAIN_STEPS_CHECKED,
+    parity_atol,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
 
 
 def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, params: dict,
-                      atol: float, batch: int, steps: int = 20) -> float:
+                      atol: float, batch: int, steps: int = TRAIN_STEPS_CHECKED) -> float:
     """Run ``steps`` padded train steps in the runtime and in torch; return the max diff."""
     ref = TrainStep(spec, optimizer)
     names = ref.input_names()
@@ -70,7 +76,15 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     return worst
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
+def checked_with(exporter: Exporter) -> str:
+    """The runtime (and version) the export's checks ran in, e.g. ``onnxruntime 1.31.1``."""
+    info = exporter.runtime_info()
+    return ", ".join(f"{k.removesuffix('_validated')} {v}" for k, v in info.items()
+                     if k.endswith("_validated"))
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Replace ``out`` with the finished ``tmp`` folder (the old one is removed after)."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -116,11 +130,41 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
         manifest = _build(exporter, ck, tmp, cfg, reference_x, calib_x, eval_set,
                           provenance or {})
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shipped
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def runtime_predictions(sess, spec: HeadSpec, params: dict, xn: np.ndarray) -> np.ndarray:
+    """Class ids predicted by a bundle session (its runtime) for normalised windows."""
+    feats = sess.features(xn)
+    out = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
+    return out["logits"].argmax(1)
+
+
+def accuracy_gate(want: np.ndarray, got: np.ndarray, y: np.ndarray, max_drop: float, *,
+                  reference: str = "torch_fp32") -> dict:
+    """Compare a bundle's predictions ``got`` with the reference's ``want`` on labels ``y``.
+
+    Returns accuracies, agreement and the drop in points; raises :class:`ToleranceError` if
+    the bundle loses more than ``max_drop`` points.
+    """
+    ref = float((want == y).mean())
+    res = {"n": int(len(y)), "reference": reference, "reference_accuracy": ref,
+           "bundle": float((got == y).mean()), "agreement": float((got == want).mean())}
+    res["drop_points"] = 100 * (ref - res["bundle"])
+    res["max_drop_points"] = max_drop
+    log.info("accuracy: %s %.4f, bundle %.4f (drop %.2f pt)", reference, ref, res["bundle"],
+             res["drop_points"])
+    if res["drop_points"] > max_drop:
+        raise ToleranceError(
+            f"the bundle's held-out accuracy {res['bundle']:.4f} is {res['drop_points']:.2f} "
+            f"points below the {reference.replace('_', ' ')} reference's {ref:.4f} "
+            f"(allowed: {max_drop}); try more calibration windows "
+            "(export.calibration_windows) or fp32")
+    return res
 
 
 def _accuracy_check(sess, model, ck: Checkpoint, spec: HeadSpec, params: dict,
@@ -130,21 +174,7 @@ def _accuracy_check(sess, model, ck: Checkpoint, spec: HeadSpec, params: dict,
     xn = ck.normalize(x)
     with torch.no_grad():
         want = model(torch.from_numpy(xn)).argmax(1).numpy()
-    feats = sess.features(xn)
-    logits = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
-    got = logits["logits"].argmax(1)
-    res = {"n": len(y), "torch_fp32": float((want == y).mean()), "bundle": float((got == y).mean()),
-           "agreement": float((got == want).mean())}
-    res["drop_points"] = 100 * (res["torch_fp32"] - res["bundle"])
-    res["max_drop_points"] = max_drop
-    log.info("accuracy: torch %.4f, bundle %.4f (drop %.2f pt)", res["torch_fp32"],
-             res["bundle"], res["drop_points"])
-    if res["drop_points"] > max_drop:
-        raise ToleranceError(
-            f"the bundle's held-out accuracy {res['bundle']:.4f} is {res['drop_points']:.2f} "
-            f"points below the PyTorch student's {res['torch_fp32']:.4f} (allowed: {max_drop}); "
-            "try more calibration windows (export.calibration_windows) or fp32")
-    return res
+    return accuracy_gate(want, runtime_predictions(sess, spec, params, xn), y, max_drop)
 
 
 def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
@@ -172,7 +202,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         logits = InferStep(spec)(torch.from_numpy(feats), *map(torch.from_numpy,
                                                                params.values()))[0].numpy()
     sess = exporter.session(tmp, files, sig)
-    atol = exporter.atol
+    atol = parity_atol(exporter.target)
     got_feats = sess.features(xn)
     scale = float(np.abs(feats).max())
     checks: dict = {"atol": atol, "feature_scale": scale}
@@ -184,16 +214,16 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         tv_feats = got_feats
         tv_logits = InferStep(spec)(torch.from_numpy(got_feats), *map(
             torch.from_numpy, params.values()))[0].detach().numpy()
-        tv_atol = 0.02 * max(scale, float(np.abs(tv_logits).max()))
+        tv_atol = SELFTEST_INT8_REL * max(scale, float(np.abs(tv_logits).max()))
     else:
         checks["backbone_max_abs_err"] = compare("backbone.features", got_feats, feats, atol)
-        tv_feats, tv_logits, tv_atol = feats, logits, 10 * atol
+        tv_feats, tv_logits, tv_atol = feats, logits, SELFTEST_FP32_FACTOR * atol
     checks["backbone_rel_err"] = checks["backbone_max_abs_err"] / max(scale, 1e-12)
     infer_out = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
     checks["infer_max_abs_err"] = compare("head_infer.logits", infer_out["logits"], logits, atol)
     checks["train_step_max_abs_err"] = _check_train_step(sess, spec, ck.head.optimizer,
                                                          ck.head.hparams(), params, atol, batch)
-    checks.update(n_reference=len(reference_x), train_steps_checked=20)
+    checks.update(n_reference=len(reference_x), train_steps_checked=TRAIN_STEPS_CHECKED)
     if eval_set is not None:
         checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
                                              cfg.max_accuracy_drop)
@@ -203,9 +233,9 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
 
     quant = {}
     if int8:
-        quant = {"backbone": "int8", "head": "fp32 (trainable)",
+        quant = {"backbone": "int8", "head": "fp32 (trainable)", "per_channel": True,
                  "calibration_windows": len(calib), "calibration_source": "server training data",
-                 **bb_sig.get("quantization", {})}
+                 "checked_with": checked_with(exporter), **bb_sig.get("quantization", {})}
     shapes = spec.param_shapes()
     state = [{"name": n, "like": None if n == "step" else n.split(".", 1)[1],
               "shape": [1] if n == "step" else list(shapes[n.split(".", 1)[1]])}

@@ -67,7 +67,6 @@ class OnnxExporter(Exporter):
     """ONNX graphs for onnxruntime (any build: x86_64, aarch64, Android, iOS)."""
 
     suffix = ".onnx"
-    atol = 1e-4
 
     def export_backbone(self, backbone, sample, path, *, opset, precision, calib=None):
         dyn = {"x": {0: "batch"}, "features": {0: "batch"}}

@@ -51,7 +51,6 @@ class Exporter:
     Attributes:
         target: registry key (set by :func:`register_exporter`).
         suffix: file suffix of its graphs.
-        atol: tolerance of fp32 outputs against PyTorch.
         backbone_batch: fixed batch of the backbone graph, or ``None`` for dynamic batches.
         fixed_head_batch: the head graphs take exactly the batch given at export.
         dynamic_classes: the head graphs accept any number of classes (devices may add some).
@@ -59,7 +58,6 @@ class Exporter:
 
     target = ""
     suffix = ""
-    atol = 1e-4
     backbone_batch: int | None = None
     fixed_head_batch = False
     dynamic_classes = True

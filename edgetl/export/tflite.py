@@ -164,7 +164,6 @@ class TFLiteExporter(Exporter):
     """Built-in-op TFLite models for LiteRT (ai-edge-litert, Android, Raspberry Pi)."""
 
     suffix = ".tflite"
-    atol = 1e-4
     backbone_batch = 1
     fixed_head_batch = True
     dynamic_classes = False
@@ -185,8 +184,10 @@ class TFLiteExporter(Exporter):
         (name_in, d_in), = run.get_input_details().items()
         (name_out, d_out), = run.get_output_details().items()
         return {"inputs": [name_in], "outputs": [name_out], "signature": "serving_default",
-                "batch_size": 1, "quantization": {"input": _io_quant(d_in),
-                                                  "output": _io_quant(d_out)}}
+                "batch_size": 1,
+                "quantization": {"scheme": "PT2E static int8, per-channel symmetric weights, "
+                                           "int8 activations (litert-torch PT2EQuantizer)",
+                                 "input": _io_quant(d_in), "output": _io_quant(d_out)}}
 
     def export_head(self, spec: HeadSpec, optimizer, folder, *, opset, batch):
         step, infer = TrainStep(spec, optimizer), InferStep(spec)

@@ -1,0 +1,240 @@
+"""``edgetl check BUNDLE``: the release gate. Exit 0 only if every check holds.
+
+Checks, in order (a failed integrity check stops the rest: nothing else can be trusted):
+
+integrity   manifest schema, every file present with its sha256, none outside the bundle
+selftest    the device runner reproduces the bundle's reference vectors in its runtime
+smoke       the device runner adapts the head for one epoch on the reference windows
+parity      (with ``--checkpoint``) backbone, head and 20 train steps vs the PyTorch student
+accuracy    (with a recipe) held-out accuracy through the runner vs the fp32 reference
+adaptation  (with a recipe) personalised heads not worse than the general head on average
+
+Everything a device would run is run by the device runner in a subprocess, exactly as on a
+device; only the parity check runs the exporter's in-process session.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgetl import adapt as device
+from edgetl.errors import EdgetlError
+from edgetl.manifest import Manifest
+from edgetl.tolerances import TRAIN_STEPS_CHECKED, parity_atol
+
+
+@dataclass
+class Check:
+    """One check: did it hold, the measured value, its limit, and what was measured."""
+
+    name: str
+    ok: bool
+    value: float | None = None
+    limit: float | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        """Plain dict for ``--json``."""
+        return asdict(self)
+
+
+def integrity(bundle: Path) -> tuple[Check, Manifest | None]:
+    """Schema, presence and sha256 of every file, and no path leaving the bundle."""
+    try:
+        m = Manifest.read(bundle)
+        root = Path(bundle).resolve()
+        for role, entry in m.files.items():
+            p = (root / entry.path).resolve()
+            if Path(entry.path).is_absolute() or p.parent != root:
+                return Check("integrity", False, detail=f"file {entry.path!r} ({role}) is "
+                                                        "outside the bundle directory"), None
+        m.verify(bundle)
+    except (EdgetlError, OSError, ValueError, KeyError, TypeError) as e:
+        return Check("integrity", False, detail=str(e)), None
+    return Check("integrity", True, detail=f"schema {m.schema_version}, {len(m.files)} files, "
+                                           "sha256 ok"), m
+
+
+def _runner_check(name: str, fn) -> Check:
+    try:
+        return fn()
+    except EdgetlError as e:
+        return Check(name, False, detail=str(e))
+
+
+def selftest(bundle: Path, m: Manifest) -> Check:
+    """The runner's self-test against the shipped reference vectors."""
+
+    def run():
+        r = device.run_runner("selftest", bundle)
+        return Check("selftest", True, r["max_abs_err"], float(m.test_vectors["atol"]),
+                     f"{m.test_vectors['count']} reference windows")
+
+    return _runner_check("selftest", run)
+
+
+def smoke(bundle: Path, m: Manifest, work: Path) -> Check:
+    """One epoch of on-device training on the reference windows, labelled by their logits."""
+
+    def run():
+        with np.load(bundle / m.files["test_vectors"].path) as z:
+            x, logits = z["x"], z["logits"]
+        y = np.array([m.labels[i] for i in logits.argmax(1)], dtype=str)
+        data = work / "smoke.npz"
+        reps = max(1, 24 // len(x))  # enough windows for a train/validation split
+        np.savez(data, x=np.concatenate([x] * reps), y=np.concatenate([y] * reps))
+        r = device.adapt(bundle, data, work / "smoke", epochs=1, val_fraction=0.25)
+        loss = r["history"][-1]["loss"]
+        return Check("smoke", bool(np.isfinite(loss)) and r["steps"] >= 1, float(loss), None,
+                     f"{r['steps']} train step(s) in {r['backend']}, loss {loss:.3g}")
+
+    return _runner_check("smoke", run)
+
+
+def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray | None) -> Check:
+    """fp32 backbone (fp32 bundles), head logits and 20 train steps vs the PyTorch student."""
+    import torch
+
+    from edgetl.checkpoint import load_checkpoint
+    from edgetl.export.bundle import _check_train_step, compare, head_spec
+    from edgetl.head import InferStep
+    from edgetl.quantize import head_params, session_of
+
+    atol = parity_atol(m.target)
+    try:
+        ck = load_checkpoint(checkpoint)
+        if list(ck.labels) != m.labels or ck.window != m.input["window"]:
+            return Check("parity", False, detail=f"{checkpoint} is not this bundle's model "
+                                                 f"(labels/window differ)")
+        spec, params = head_spec(ck), head_params(bundle, m)
+        sess = session_of(bundle, m)
+        if reference_x is None:
+            with np.load(bundle / m.files["test_vectors"].path) as z:
+                reference_x = z["x"]
+        xn = ck.normalize(reference_x)
+        model = ck.model.eval()
+        with torch.no_grad():
+            feats = model.backbone(torch.from_numpy(xn)).numpy()
+            logits = InferStep(spec)(torch.from_numpy(feats),
+                                     *map(torch.from_numpy, params.values()))[0].numpy()
+        parts = []
+        worst = 0.0
+        if m.precision == "fp32":
+            worst = compare("backbone.features", sess.features(xn), feats, atol)
+            parts.append(f"backbone {worst:.1e}")
+        got = sess.infer({"features": feats, **params})["logits"]
+        e_inf = compare("head_infer.logits", got, logits, atol)
+        batch = m.train_step.get("batch_size") or 16
+        e_step = _check_train_step(sess, spec, m.optimizer["name"], m.optimizer["hparams"],
+                                   params, atol, batch)
+        worst = max(worst, e_inf, e_step)
+        parts += [f"infer {e_inf:.1e}", f"{TRAIN_STEPS_CHECKED} train steps {e_step:.1e}"]
+        if m.precision != "fp32":
+            parts.append("int8 backbone: see accuracy")
+        return Check("parity", True, worst, atol, f"{len(xn)} windows; " + ", ".join(parts))
+    except EdgetlError as e:
+        return Check("parity", False, limit=atol, detail=str(e))
+
+
+def _bundle_accuracy(bundle: Path, data: Path) -> float:
+    return float(device.infer(bundle, data)["accuracy"])
+
+
+def accuracy(bundle: Path, m: Manifest, x: np.ndarray, y_names: np.ndarray, work: Path, *,
+             max_drop: float, checkpoint: Path | None, reference_bundle: Path | None) -> Check:
+    """Held-out accuracy through the runner vs the fp32 reference, in points."""
+
+    def run():
+        data = work / "heldout.npz"
+        np.savez(data, x=x, y=y_names)
+        got = _bundle_accuracy(bundle, data)
+        if checkpoint is not None:
+            import torch
+
+            from edgetl.checkpoint import load_checkpoint
+
+            ck = load_checkpoint(checkpoint)
+            with torch.no_grad():
+                pred = ck.model.eval()(torch.from_numpy(ck.normalize(x))).argmax(1).numpy()
+            ref = float(np.mean(np.array(ck.labels)[pred] == y_names))
+            ref_name = "PyTorch student"
+        elif reference_bundle is not None:
+            ref, ref_name = _bundle_accuracy(reference_bundle, data), str(reference_bundle)
+        elif m.precision == "fp32":
+            return Check("accuracy", True, got, None, f"{got:.4f} on {len(x)} held-out windows "
+                                                      "(no fp32 reference given)")
+        else:
+            return Check("accuracy", False, got, max_drop,
+                         "an int8 bundle needs a reference: pass --checkpoint (the torch "
+                         "student) or --reference (the fp32 bundle)")
+        drop = 100 * (ref - got)
+        return Check("accuracy", drop <= max_drop, drop, max_drop,
+                     f"{got:.4f} vs {ref_name} {ref:.4f} on {len(x)} held-out windows "
+                     f"(drop in points)")
+
+    return _runner_check("accuracy", run)
+
+
+def adaptation(bundle: Path, recipe, windows, users: tuple[int, ...], work: Path) -> Check:
+    """Personalise ``users`` through the runner; mean gain may not fall below the limit."""
+    from edgetl.pipeline import personalise_devices
+
+    limit = recipe.check.max_adaptation_loss
+
+    def run():
+        rows = personalise_devices(recipe, bundle, work, windows, users=users, show=False)
+        gain = 100 * float(np.mean([r["gain"] for r in rows]))
+        per = ", ".join(f"{r['user']}: {100 * r['gain']:+.1f}" for r in rows)
+        return Check("adaptation", gain >= -limit, gain, 0.0 - limit,
+                     f"mean gain in points over users {list(users)} ({per})")
+
+    return _runner_check("adaptation", run)
+
+
+def check_bundle(bundle: Path, *, checkpoint: Path | None = None, recipe=None, data=None,
+                 reference_bundle: Path | None = None) -> list[Check]:
+    """Run every applicable check on ``bundle``; see the module docstring.
+
+    Args:
+        checkpoint: the PyTorch student, for parity and as the accuracy reference.
+        recipe: enables the accuracy and adaptation checks (its data and thresholds).
+        data: a :class:`edgetl.stages.ServerData` to reuse (else loaded from the recipe).
+        reference_bundle: an fp32 bundle as the accuracy reference, without a checkpoint.
+    """
+    bundle = Path(bundle)
+    first, m = integrity(bundle)
+    checks = [first]
+    if m is None:
+        return checks
+    work = Path(tempfile.mkdtemp(prefix="edgetl-check-"))
+    try:
+        checks += [selftest(bundle, m), smoke(bundle, m, work)]
+        cd = sd = None
+        if recipe is not None:
+            from edgetl import stages
+
+            sd = data or stages.server_data(recipe)
+            cd = stages.check_data(recipe, sd)
+        if checkpoint is not None:
+            checks.append(parity(bundle, m, Path(checkpoint),
+                                 cd.reference if cd is not None else None))
+        if recipe is not None:
+            names = np.array([sd.windows.labels[i] for i in cd.heldout_y], dtype=str)
+            checks.append(accuracy(bundle, m, cd.heldout_x, names, work,
+                                   max_drop=recipe.export.max_accuracy_drop,
+                                   checkpoint=checkpoint, reference_bundle=reference_bundle))
+            users = recipe.check.users or recipe.data.server_val_users
+            checks.append(adaptation(bundle, recipe, sd.windows, tuple(users), work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return checks
+
+
+def failures(checks: list[Check]) -> list[Check]:
+    """The checks that did not hold."""
+    return [c for c in checks if not c.ok]

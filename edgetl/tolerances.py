@@ -1,0 +1,37 @@
+"""Every tolerance edgetl checks bundles against, in one place.
+
+Export (``edgetl export``), the release gate (``edgetl check``) and the tests read these;
+the device runner reads the ones it needs from the manifest, where export records them.
+"""
+
+from __future__ import annotations
+
+#: max |runtime - PyTorch| of fp32 outputs (backbone features, logits, train-step outputs),
+#: per target. Both runtimes land at ~1e-6 on the HAR student; 1e-4 leaves room for other
+#: CPUs' kernels (e.g. ARM NEON summation order) without hiding a wrong graph.
+PARITY_ATOL = {"onnx": 1e-4, "tflite": 1e-4}
+
+#: Device self-test of fp32 bundles: the runner must reproduce the shipped reference vectors
+#: within this multiple of the target's parity tolerance.
+SELFTEST_FP32_FACTOR = 10.0
+
+#: Device self-test of int8 bundles: int8 kernels may round differently on another CPU, so
+#: the reference vectors (the exporting runtime's own outputs) are matched within this
+#: fraction of the largest feature / logit magnitude (~ a few quantisation steps).
+SELFTEST_INT8_REL = 0.02
+
+#: Train steps compared against PyTorch at export and in ``edgetl check``.
+TRAIN_STEPS_CHECKED = 20
+
+#: Default held-out accuracy (points) a bundle may lose against the fp32 reference; recipes
+#: override it with ``export.max_accuracy_drop``.
+MAX_ACCURACY_DROP_POINTS = 1.0
+
+#: Default: personalised heads may not lose accuracy on average against the general head on
+#: the check users (points); recipes override it with ``check.max_adaptation_loss``.
+MAX_ADAPTATION_LOSS_POINTS = 0.0
+
+
+def parity_atol(target: str) -> float:
+    """The fp32 parity tolerance of ``target``."""
+    return PARITY_ATOL[target]
