@@ -32,6 +32,10 @@ def test_short_har_run_end_to_end(tmp_path):
             assert d["n_adapt"] > 100 and d["n_eval"] > 100 and d["peak_rss_mb"] < 400
             assert d["backend"] == backend and d["precision"] == name.split("-")[1]
         assert (tmp_path / "bundles" / name / "manifest.json").exists()
+    for b in s.bundles:  # `edgetl run` gated every bundle with `edgetl check`
+        assert [c["name"] for c in b["gate"]] == ["integrity", "selftest", "smoke", "parity",
+                                                  "accuracy", "adaptation"]
+        assert all(c["ok"] for c in b["gate"])
     acc = {b["name"]: b["checks"]["accuracy"] for b in s.bundles}
     for target in ("onnx", "tflite"):
         # int8 backbone on the held-out users: within 1 point of the fp32 bundle
@@ -41,6 +45,25 @@ def test_short_har_run_end_to_end(tmp_path):
     assert saved["totals"]["by_bundle"]["tflite-int8"]["mean_gain"] == pytest.approx(
         s.totals["by_bundle"]["tflite-int8"]["mean_gain"])
     assert (tmp_path / "personalisation.png").stat().st_size > 1000
+
+
+def test_quantize_and_check_a_real_fp32_bundle(tmp_path):
+    """`edgetl quantize` then `edgetl check --reference` on a bundle of the real student."""
+    from edgetl import stages
+    from edgetl.check import check_bundle, failures
+
+    r = _short_recipe()
+    sd = stages.server_data(r)
+    teacher = stages.pretrain(r, tmp_path, data=sd, show=False)
+    student = stages.distill_student(r, teacher.path, tmp_path, data=sd, baseline=False,
+                                     show=False)["student"]
+    fp32 = tmp_path / "onnx-fp32"
+    stages.export(student.path, fp32, r, data=sd)
+    m = stages.quantize(fp32, tmp_path / "onnx-q8", r, data=sd)
+    assert m.precision == "int8" and m.checks["accuracy"]["drop_points"] <= 1.0
+    res = check_bundle(tmp_path / "onnx-q8", recipe=r, data=sd, reference_bundle=fp32)
+    assert not failures(res), [c for c in res if not c.ok]
+    assert [c.name for c in res][-2:] == ["accuracy", "adaptation"]
 
 
 def test_data_config_rejects_overlapping_users():
