@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install demo bench test test-slow style lint format clean help
+.PHONY: install venv-ort demo bench test test-slow style lint format clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -26,6 +26,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# ONNX Runtime's (deprecated) training API, for `--trainer ort-training` bundles: its package
+# installs the same import name as onnxruntime, so it gets an environment of its own.
+ORT_VENV ?= .venv-ort
+$(ORT_VENV)/.installed: constraints.txt
+	test -x $(ORT_VENV)/bin/python || $(PY) -m venv $(ORT_VENV)
+	$(ORT_VENV)/bin/pip install -q -c constraints.txt numpy onnx==1.17.0 \
+		onnxruntime-training-cpu==1.19.2
+	touch $@
+
+venv-ort: $(ORT_VENV)/.installed
+
 demo: install
 	$(BIN)/edgetl run $(RECIPE) --out $(OUT)
 
@@ -33,11 +44,11 @@ bench: install
 	test -f $(OUT)/summary.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
 	$(BIN)/edgetl bench $(OUT)
 
-test: install
-	$(BIN)/python -m pytest -q
+test: install venv-ort
+	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python $(BIN)/python -m pytest -q
 
-test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+test-slow: install venv-ort
+	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python $(BIN)/python -m pytest -q -m slow
 
 style lint: install
 	$(BIN)/ruff check edgetl device_runners tests

@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     a.add_argument("--lr", type=float, default=None, help="override the bundle's learning rate")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--head", default=None, help="continue from this head checkpoint")
+    a.add_argument("--trainer", choices=("stateless", "ort-training"), default=None,
+                   help="default: the bundle's (manifest train_step.trainer)")
     i = sub.add_parser("infer", help="predict labels (and accuracy if labelled)")
     i.add_argument("bundle")
     i.add_argument("--data", required=True)
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
     i.add_argument("--out", default=None, help="folder for predictions.json")
     s = sub.add_parser("selftest", help="check this runtime against the bundle's test vectors")
     s.add_argument("bundle")
+    s.add_argument("--trainer", choices=("stateless", "ort-training"), default=None)
     b = sub.add_parser("bench", help="backbone latency at batch 1 and bundle size")
     b.add_argument("bundle")
     b.add_argument("--repeats", type=int, default=300)
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
             res = ad.adapt(args.bundle, args.data, args.out, epochs=args.epochs,
                            batch_size=args.batch_size, val_fraction=args.val_fraction,
                            lr=args.lr, seed=args.seed, head_path=args.head,
-                           threads=args.threads, quiet=args.quiet)
+                           threads=args.threads, trainer=args.trainer, quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, quiet=args.quiet)
@@ -74,9 +77,14 @@ def main(argv=None) -> int:
             from edgerun.bundle import Bundle
 
             b = Bundle(args.bundle)
-            res = {"ok": True, "max_abs_err": ad.selftest(b, make_backend(b, args.threads))}
+            be = make_backend(b, args.threads, args.trainer)
+            res = {"ok": True, "max_abs_err": ad.selftest(b, be),
+                   "train_max_abs_err": ad.selftest_train(b, be), "backend": be.name,
+                   "trainer": be.trainer, "trainer_version": be.trainer_version}
             if not args.quiet:
-                print(f"self-test passed (max abs err {res['max_abs_err']:.2g})", file=sys.stderr)
+                print(f"self-test passed (max abs err {res['max_abs_err']:.2g}, "
+                      f"{be.trainer} train steps {res['train_max_abs_err']:.2g})",
+                      file=sys.stderr)
     except RunnerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -119,6 +119,9 @@ def export(checkpoint: Annotated[Path, typer.Argument(help="student checkpoint")
            precision: Annotated[str, typer.Option(help="backbone precision: fp32 or int8 "
                                                        "(static, calibrated on source data)")]
            = "fp32",
+           trainer: Annotated[str, typer.Option(
+               help="stateless (train step graph, any runtime) or ort-training (also ONNX "
+                    "Runtime training artifacts; deprecated upstream, x86_64)")] = "stateless",
            recipe: Annotated[Path, typer.Option(help="recipe (export options, data)")] =
            DEFAULT_RECIPE,
            out: Annotated[Path | None, typer.Option("--out", "-o", help="bundle directory "
@@ -130,7 +133,8 @@ def export(checkpoint: Annotated[Path, typer.Argument(help="student checkpoint")
     from edgetl.report import bundle_line
 
     out = out or Path("runs/har/bundles") / f"{target}-{precision}"
-    man = stages.export(checkpoint, out, _recipe(recipe), target=target, precision=precision)
+    man = stages.export(checkpoint, out, _recipe(recipe), target=target, precision=precision,
+                        trainer=trainer)
     typer.echo(bundle_line(out, man))
 
 

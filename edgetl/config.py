@@ -19,6 +19,7 @@ HEAD_KINDS = ("linear", "mlp")
 OPTIMIZERS = ("sgd", "adam")
 TARGETS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "int8")
+TRAINERS = ("stateless", "ort-training")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -144,6 +145,7 @@ class ExportConfig:
     train_batch: int = 32             # fixed-batch runtimes (TFLite) train on exactly this
     calibration_windows: int = 512    # int8: source windows the activation ranges come from
     max_accuracy_drop: float = MAX_ACCURACY_DROP_POINTS  # held-out points a bundle may lose
+    trainer: str = "stateless"        # or "ort-training": also ONNX Runtime training artifacts
 
     def __post_init__(self):
         for t in (self.target, *self.targets):
@@ -154,6 +156,10 @@ class ExportConfig:
         _check(len(self.targets) > 0 and len(self.precisions) > 0,
                "export.targets and export.precisions must not be empty")
         _check(13 <= self.opset <= 21, f"export.opset must be in 13..21, got {self.opset}")
+        _check(self.trainer in TRAINERS,
+               f"export.trainer: expected one of {TRAINERS}, got {self.trainer!r}")
+        _check(self.trainer == "stateless" or self.target == "onnx",
+               f"export.trainer {self.trainer!r} is an ONNX flavour; got target {self.target!r}")
         _check(1 <= self.train_batch <= 4096,
                f"export.train_batch must be in 1..4096, got {self.train_batch}")
         _check(self.calibration_windows >= 16,

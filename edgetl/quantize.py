@@ -104,7 +104,8 @@ def _build(src: Path, m: Manifest, tmp: Path, calib: np.ndarray,
     bb = m.files["backbone"].path
     quantize_int8(src / bb, tmp / bb, calib, m.input["name"])
     with np.load(src / m.files["test_vectors"].path) as z:
-        tv_x = z["x"]
+        tv = {k: z[k] for k in z.files}  # train_* reference steps stay valid: same head
+    tv_x = tv["x"]
     shutil.copy2(src / m.files["test_vectors"].path, tmp / m.files["test_vectors"].path)
     files = {role: file_entry(tmp, e.path) for role, e in m.files.items()}
     m8 = dataclasses.replace(m, files=files)
@@ -119,7 +120,7 @@ def _build(src: Path, m: Manifest, tmp: Path, calib: np.ndarray,
     xt = normalize(m, tv_x)
     f8, f32 = int8.features(xt), fp32.features(xt)
     logits = int8.infer({"features": f8, **params})["logits"]
-    np.savez(tmp / m.files["test_vectors"].path, x=tv_x, features=f8, logits=logits)
+    np.savez(tmp / m.files["test_vectors"].path, **{**tv, "features": f8, "logits": logits})
     files = {role: file_entry(tmp, e.path) for role, e in m.files.items()}
     scale = float(np.abs(f32).max())
     err = compare("backbone.features", f8, f32, float("inf"))

@@ -151,7 +151,8 @@ def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:
 
 
 def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = None,
-           precision: str | None = None, data: ServerData | None = None) -> Manifest:
+           precision: str | None = None, trainer: str | None = None,
+           data: ServerData | None = None) -> Manifest:
     """Export a student checkpoint as a device bundle in ``out``.
 
     Reference windows (parity checks, test vectors) come from the server-validation users,
@@ -161,7 +162,8 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
     import dataclasses
 
     cfg = dataclasses.replace(recipe.export, target=target or recipe.export.target,
-                              precision=precision or recipe.export.precision)
+                              precision=precision or recipe.export.precision,
+                              trainer=trainer or recipe.export.trainer)
     ck = load_checkpoint(checkpoint)
     cd = check_data(recipe, data)
     return export_bundle(ck, Path(out), cfg, reference_x=cd.reference, calib_x=cd.calibration,

@@ -23,6 +23,10 @@ SELFTEST_INT8_REL = 0.02
 #: Train steps compared against PyTorch at export and in ``edgetl check``.
 TRAIN_STEPS_CHECKED = 20
 
+#: Train steps shipped as reference vectors: the device self-test replays them with its
+#: trainer (stateless graph or ONNX Runtime training) and compares with the parity tolerance.
+TRAIN_VECTOR_STEPS = 5
+
 #: Default held-out accuracy (points) a bundle may lose against the fp32 reference; recipes
 #: override it with ``export.max_accuracy_drop``.
 MAX_ACCURACY_DROP_POINTS = 1.0

@@ -55,7 +55,8 @@ def export_tiny(ck: Checkpoint, out: Path, target: str = "onnx", precision: str 
     calib, _ = make_windows(128, window=WINDOW, seed=5)
     ev = make_windows(300, window=WINDOW, seed=6)
     cfg = ExportConfig(target=target, precision=precision, n_test_vectors=4, train_batch=16,
-                       calibration_windows=128, max_accuracy_drop=kw.pop("max_drop", 5.0))
+                       calibration_windows=128, max_accuracy_drop=kw.pop("max_drop", 5.0),
+                       trainer=kw.pop("trainer", "stateless"))
     export_bundle(ck, out, cfg, reference_x=x, calib_x=calib, eval_set=ev, **kw)
     return out
 

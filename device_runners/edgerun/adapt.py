@@ -47,8 +47,57 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _zero_state(m: dict, params: dict) -> dict:
+    state = {}
+    for s in m["optimizer"]["state"]:
+        like = s["like"]
+        state[s["name"]] = (np.zeros(s["shape"], np.float32) if like is None
+                            else np.zeros_like(params[like]))
+    return state
+
+
+def _step(backend, ts: dict, hp: dict, f, t, w, params: dict, state: dict) -> float:
+    """One train step through the backend; updates ``params`` and ``state`` in place."""
+    feeds = {ts["inputs"][0]: f, ts["targets_input"]: t, ts["sample_weight_input"]: w}
+    feeds.update({k: np.array(hp[k], np.float32) for k in ts["hparam_inputs"]})
+    feeds.update(params)
+    feeds.update(state)
+    out = backend.train_step(feeds)
+    for k in params:
+        params[k] = out["new." + k]
+    for k in state:
+        state[k] = out["new." + k]
+    return float(out[ts["loss_output"]])
+
+
+def selftest_train(bundle: Bundle, backend) -> float:
+    """Replay the shipped reference train steps with this backend's trainer; max error."""
+    m = bundle.manifest
+    tv = m["test_vectors"]
+    with np.load(bundle.path(tv["file"]), allow_pickle=False) as z:
+        if "train_loss" not in z.files:
+            return 0.0  # bundles exported before reference train steps were shipped
+        f, t, w, losses = (z[k] for k in ("train_features", "train_targets", "train_weights",
+                                          "train_loss"))
+        final = {k.split(".", 1)[1]: z[k] for k in z.files if k.startswith("train_final.")}
+    params = dict(Head.from_bundle(bundle).params)
+    state = _zero_state(m, params)
+    hp = m["optimizer"]["hparams"]
+    err = 0.0
+    for i in range(len(losses)):
+        loss = _step(backend, m["train_step"], hp, f[i], t[i], w[i], params, state)
+        err = max(err, abs(loss - float(losses[i])))
+    err = max(err, *(float(np.abs(params[k] - v).max()) for k, v in final.items()))
+    if not err <= float(tv.get("train_atol", 1e-4)):
+        raise RunnerError(f"self-test failed: {backend.trainer} training on this runtime differs "
+                          f"from the server's reference train steps by {err:.3g} (> "
+                          f"{tv.get('train_atol', 1e-4)}); the runtime build or the bundle is "
+                          "broken")
+    return err
+
+
 def selftest(bundle: Bundle, backend) -> float:
-    """Run the bundle's reference vectors; return the max error or raise."""
+    """Run the bundle's reference vectors (forward and train steps); return the max error."""
     tv = bundle.manifest["test_vectors"]
     with np.load(bundle.path(tv["file"]), allow_pickle=False) as z:
         x, feats, logits = z["x"], z["features"], z["logits"]
@@ -60,7 +109,7 @@ def selftest(bundle: Bundle, backend) -> float:
         raise RunnerError(f"self-test failed: this runtime's outputs differ from the server's "
                           f"reference vectors by {err:.3g} (> {tv['atol']}); the runtime build "
                           "or the bundle is broken")
-    return err
+    return max(err, selftest_train(bundle, backend))
 
 
 def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
@@ -117,7 +166,7 @@ def _say(quiet: bool, msg: str) -> None:
 def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
           batch_size: int = 32, val_fraction: float = 0.25, lr: float | None = None,
           seed: int = 0, head_path: str | None = None, threads: int = 0,
-          quiet: bool = False) -> dict:
+          trainer: str | None = None, quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Returns the report (also written as ``report.json``).
@@ -128,7 +177,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     t_start = time.perf_counter()
     bundle = Bundle(bundle_dir)
     m = bundle.manifest
-    backend = make_backend(bundle, threads)
+    backend = make_backend(bundle, threads, trainer)
     selftest_err = selftest(bundle, backend)
     ds = dataio.load(data_path, m, need_labels=True)
     warnings: list[str] = []
@@ -172,11 +221,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         hp["lr"] = lr
     ts = m["train_step"]
     n_cls = len(head.labels)
-    state = {}
-    for s in m["optimizer"]["state"]:
-        like = s["like"]
-        state[s["name"]] = (np.zeros(s["shape"], np.float32) if like is None
-                            else np.zeros_like(head.params[like]))
+    state = _zero_state(m, head.params)
     fixed = ts.get("batch_size")
     bs = int(fixed) if fixed else batch_size
     if fixed and batch_size != bs:
@@ -198,16 +243,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
                 f = np.concatenate([f, np.zeros((pad, f.shape[1]), np.float32)])
                 t = np.concatenate([t, np.zeros((pad, n_cls), np.float32)])
                 w = np.concatenate([w, np.zeros(pad, np.float32)])
-            feeds = {ts["inputs"][0]: f, ts["targets_input"]: t, ts["sample_weight_input"]: w}
-            feeds.update({k: np.array(hp[k], np.float32) for k in ts["hparam_inputs"]})
-            feeds.update(head.params)
-            feeds.update(state)
-            out = backend.train_step(feeds)
-            for k in head.params:
-                head.params[k] = out["new." + k]
-            for k in state:
-                state[k] = out["new." + k]
-            loss = float(out[ts["loss_output"]])
+            loss = _step(backend, ts, hp, f, t, w, head.params, state)
             if not np.isfinite(loss):
                 raise RunnerError(f"training diverged (loss {loss}) at epoch {epoch + 1}; lower "
                                   f"the learning rate (now {hp['lr']}) with --lr")
@@ -238,6 +274,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     report = {
         "runner_version": __version__, "bundle": m.get("name"), "data": os.path.abspath(data_path),
         "backend": backend.name, "backend_version": backend.version, "target": m["target"],
+        "trainer": backend.trainer, "trainer_version": backend.trainer_version,
         "precision": m["precision"], "accuracy_before": acc_before, "accuracy_after": acc_after,
         "rolled_back": rolled_back, "checkpoint": os.path.abspath(ckpt),
         "checkpoint_written": written, "n_windows": len(y), "n_train": int(len(tr)),

@@ -25,13 +25,34 @@ def register(target: str):
     return deco
 
 
-def make_backend(bundle, threads: int = 0):
-    """The backend for ``bundle.manifest['target']``."""
-    target = bundle.manifest["target"]
+TRAINERS = ("stateless", "ort-training")
+
+
+def make_backend(bundle, threads: int = 0, trainer: str | None = None):
+    """The backend for ``bundle.manifest['target']``, training with ``trainer``.
+
+    ``trainer`` defaults to the manifest's ``train_step.trainer``: ``stateless`` (the head's
+    train-step graph) or ``ort-training`` (ONNX Runtime's training API on the bundle's
+    training artifacts).
+    """
+    m = bundle.manifest
+    target = m["target"]
     if target not in BACKENDS:
         raise RunnerError(f"bundle target {target!r} is not supported by this runner; "
                           f"supported: {sorted(BACKENDS)}")
-    return BACKENDS[target](bundle, threads)
+    trainer = trainer or m["train_step"].get("trainer", "stateless")
+    if trainer not in TRAINERS:
+        raise RunnerError(f"unknown trainer {trainer!r}; expected one of {TRAINERS}")
+    if trainer == "ort-training" and "ort_training" not in m["train_step"]:
+        raise RunnerError("this bundle has no ONNX Runtime training artifacts; export it with "
+                          "`edgetl export --trainer ort-training` or use --trainer stateless")
+    backend = BACKENDS[target](bundle, threads)
+    backend.trainer, backend.trainer_version = "stateless", backend.version
+    if trainer == "ort-training":
+        step = OrtTrainingStep(bundle)
+        backend.train_step = step
+        backend.trainer, backend.trainer_version = "ort-training", step.version
+    return backend
 
 
 @register("onnx")
@@ -170,3 +191,90 @@ class LiteRTBackend:
             res = self._infer(**{**feeds, self._infer_x: _pad(x[i : i + b], b)})
             outs.append({k: v[: min(b, len(x) - i)] for k, v in res.items()})
         return {k: np.concatenate([o[k] for o in outs], axis=0) for k in outs[0]}
+
+
+def _ort_training_api():
+    """``onnxruntime.training.api`` without importing torch.
+
+    The package's ``__init__`` imports its torch-based optim module; registering the package
+    without running it loads only the C++-backed api (CheckpointState, Module, Optimizer).
+    """
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    hint = ("this bundle trains with ONNX Runtime's training API: pip install "
+            "onnxruntime-training-cpu==1.19.2 (x86_64, deprecated upstream; not together with "
+            "onnxruntime), or run with --trainer stateless (any onnxruntime)")
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None:
+        raise RunnerError(hint)
+    tdir = os.path.join(os.path.dirname(spec.origin), "training")
+    if not os.path.isdir(os.path.join(tdir, "api")):
+        raise RunnerError(hint)
+    if "onnxruntime.training" not in sys.modules:
+        pkg = types.ModuleType("onnxruntime.training")
+        pkg.__path__ = [tdir]
+        sys.modules["onnxruntime.training"] = pkg
+        sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+    try:
+        from onnxruntime.training.api import CheckpointState, Module, Optimizer
+    except ImportError as e:
+        raise RunnerError(f"{hint} ({e})") from None
+    return CheckpointState, Module, Optimizer
+
+
+class OrtTrainingStep:
+    """ONNX Runtime training (``onnxruntime.training.api``) behind the stateless contract.
+
+    Called with the same feeds as the head's train-step graph and returning the same outputs,
+    so the adaptation loop does not change. The head's parameters are written into the
+    training checkpoint state each step; ORT computes loss and gradients. With momentum and
+    weight decay 0 ORT's own SGD optimizer steps; otherwise (ORT's SGD has a learning rate
+    only) torch-semantics SGD is applied to ORT's gradients in numpy.
+    """
+
+    def __init__(self, bundle):
+        CheckpointState, Module, Optimizer = _ort_training_api()
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)  # shape-merge warnings of the optimizer graph
+        self.version = f"onnxruntime-training {ort.__version__}"
+        m = bundle.manifest
+        ts = m["train_step"]
+        ot = ts["ort_training"]
+        if m["optimizer"]["name"] != "sgd":
+            raise RunnerError(f"ort-training supports sgd heads, this one uses "
+                              f"{m['optimizer']['name']}; use --trainer stateless")
+        self.state = CheckpointState.load_checkpoint(bundle.path(ot["checkpoint"]))
+        # (the checkpoint state must be given its values only after the Module exists)
+        self.module = Module(bundle.path(ot["training_model"]), self.state,
+                             bundle.path(ot["eval_model"]), device="cpu")
+        self.opt = Optimizer(bundle.path(ot["optimizer_model"]), self.module)
+        self.names = [p["name"] for p in m["head"]["params"]]
+        self.inputs = list(ot["inputs"])
+        self.loss_name = ts["loss_output"]
+
+    def __call__(self, feeds: dict) -> dict:
+        lr, mom, wd = (float(feeds[k]) for k in ("lr", "momentum", "weight_decay"))
+        for n in self.names:
+            self.state.parameters[n] = np.ascontiguousarray(feeds[n], np.float32)
+        self.module.train()
+        loss = np.float32(self.module(*(np.ascontiguousarray(feeds[k]) for k in self.inputs)))
+        out = {self.loss_name: loss}
+        if mom == 0.0 and wd == 0.0:
+            self.opt.set_learning_rate(lr)
+            self.opt.step()
+            for n in self.names:
+                out["new." + n] = self.state.parameters[n].data.copy()
+                out["new.momentum." + n] = np.asarray(feeds["momentum." + n], np.float32)
+        else:
+            for n in self.names:
+                p = np.asarray(feeds[n], np.float32)
+                g = self.state.parameters[n].grad + np.float32(wd) * p
+                buf = np.float32(mom) * np.asarray(feeds["momentum." + n], np.float32) + g
+                out["new.momentum." + n] = buf
+                out["new." + n] = p - np.float32(lr) * buf
+        self.module.lazy_reset_grad()  # ORT accumulates gradients across calls otherwise
+        return out

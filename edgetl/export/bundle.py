@@ -27,6 +27,7 @@ from edgetl.tolerances import (
     SELFTEST_FP32_FACTOR,
     SELFTEST_INT8_REL,
     TRAIN_STEPS_CHECKED,
+    TRAIN_VECTOR_STEPS,
     parity_atol,
 )
 
@@ -74,6 +75,35 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
         p = list(out[1 : 1 + len(p)])
         s = list(out[1 + len(p) :])
     return worst
+
+
+def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, batch: int,
+                  steps: int = TRAIN_VECTOR_STEPS, seed: int = 1) -> dict[str, np.ndarray]:
+    """Reference train steps for the device self-test, computed by the torch train step.
+
+    Starting from ``params`` (the shipped head) and zero optimizer state, ``steps`` batches
+    of random features with some padded rows; stores the inputs, every step's loss and the
+    parameters after the last step (``train_final.<name>``).
+    """
+    ref = TrainStep(spec, optimizer)
+    g = torch.Generator().manual_seed(seed)
+    p = {k: torch.as_tensor(v) for k, v in params.items()}
+    s = init_state(spec, optimizer, p)
+    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in HPARAMS[optimizer]]
+    f = torch.randn(steps, batch, spec.in_features, generator=g)
+    t = torch.eye(spec.num_classes)[torch.randint(0, spec.num_classes, (steps, batch),
+                                                  generator=g)]
+    w = (torch.arange(batch)[None] < batch - torch.arange(steps)[:, None] % 3).float()
+    losses = []
+    with torch.no_grad():
+        for i in range(steps):
+            out = ref(f[i], t[i], w[i], *hp, *p.values(), *s.values())
+            losses.append(float(out[0]))
+            p = dict(zip(p, out[1 : 1 + len(p)], strict=True))
+            s = dict(zip(s, out[1 + len(p) :], strict=True))
+    return {"train_features": f.numpy(), "train_targets": t.numpy(), "train_weights": w.numpy(),
+            "train_loss": np.asarray(losses, np.float32),
+            **{f"train_final.{k}": v.numpy() for k, v in p.items()}}
 
 
 def checked_with(exporter: Exporter) -> str:
@@ -129,6 +159,8 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
     try:
         manifest = _build(exporter, ck, tmp, cfg, reference_x, calib_x, eval_set,
                           provenance or {})
+        if cfg.trainer == "ort-training":
+            manifest = _check_ort_training(tmp, manifest)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shipped
         swap_in(tmp, out)
     except BaseException:
@@ -177,6 +209,25 @@ def _accuracy_check(sess, model, ck: Checkpoint, spec: HeadSpec, params: dict,
     return accuracy_gate(want, runtime_predictions(sess, spec, params, xn), y, max_drop)
 
 
+def _check_ort_training(tmp: Path, manifest: Manifest) -> Manifest:
+    """Replay the reference train steps with ONNX Runtime training, in its own environment."""
+    import dataclasses
+
+    from edgetl.adapt import run_runner
+    from edgetl.export.ort_training import ort_python
+
+    python = ort_python()
+    res = run_runner("selftest", tmp, python=python)
+    if res.get("trainer") != "ort-training":
+        raise ToleranceError(f"the runner in {python} did not train with ort-training")
+    log.info("ort-training self-test: train max abs err %.3g", res["train_max_abs_err"])
+    manifest = dataclasses.replace(manifest, checks={
+        **manifest.checks, "ort_training_train_max_abs_err": res["train_max_abs_err"],
+        "ort_training_runtime": res.get("trainer_version")})
+    (tmp / MANIFEST).write_text(manifest.to_json())
+    return manifest
+
+
 def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
            reference_x: np.ndarray, calib_x: np.ndarray | None,
            eval_set: tuple[np.ndarray, np.ndarray] | None, provenance: dict) -> Manifest:
@@ -196,6 +247,18 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     files.update(head_init="head_init.npz", test_vectors="test_vectors.npz")
     params = {k: v.detach().numpy().astype(np.float32) for k, v in model.head_state().items()}
     np.savez(tmp / files["head_init"], **params)
+    ort_training = None
+    if cfg.trainer == "ort-training":
+        from edgetl.export.ort_training import export_artifacts
+
+        ort_files = export_artifacts(spec, ck.head.optimizer, params, tmp, opset=cfg.opset)
+        files.update(ort_files)
+        ort_training = {"training_model": "ort_training_model", "eval_model": "ort_eval_model",
+                        "optimizer_model": "ort_optimizer_model", "checkpoint": "ort_checkpoint",
+                        "inputs": ["features", "targets", "sample_weight"],
+                        "package": "onnxruntime-training-cpu==1.19.2",
+                        "update": "ORT SGD optimizer when momentum and weight decay are 0, "
+                                  "else torch-semantics SGD applied to ORT's gradients"}
 
     with torch.no_grad():
         feats = model.backbone(torch.from_numpy(xn)).numpy()
@@ -229,7 +292,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                                              cfg.max_accuracy_drop)
     n_tv = min(cfg.n_test_vectors, len(reference_x))
     np.savez(tmp / files["test_vectors"], x=reference_x[:n_tv].astype(np.float32),
-             features=tv_feats[:n_tv], logits=tv_logits[:n_tv])
+             features=tv_feats[:n_tv], logits=tv_logits[:n_tv],
+             **train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch))
 
     quant = {}
     if int8:
@@ -264,9 +328,12 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                     "sample_weight_input": "sample_weight",
                     "hparam_inputs": list(HPARAMS[ck.head.optimizer]),
                     "batch_size": batch if fixed else None,
-                    "dynamic_classes": exporter.dynamic_classes},
+                    "dynamic_classes": exporter.dynamic_classes and ort_training is None,
+                    "trainer": cfg.trainer,
+                    **({"ort_training": ort_training} if ort_training else {})},
         infer={**sig["infer"], "batch_size": batch if fixed else None},
-        test_vectors={"file": "test_vectors", "count": n_tv, "atol": tv_atol},
+        test_vectors={"file": "test_vectors", "count": n_tv, "atol": tv_atol,
+                      "train_steps": TRAIN_VECTOR_STEPS, "train_atol": atol},
         quantization=quant,
         checks=checks,
         provenance={"created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
