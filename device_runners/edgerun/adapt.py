@@ -77,8 +77,11 @@ def selftest_train(bundle: Bundle, backend) -> float:
     with np.load(bundle.path(tv["file"]), allow_pickle=False) as z:
         if "train_loss" not in z.files:
             return 0.0  # bundles exported before reference train steps were shipped
-        f, t, w, losses = (z[k] for k in ("train_features", "train_targets", "train_weights",
-                                          "train_loss"))
+        f = z["train_features"].astype(np.float32)
+        w = z["train_weights"].astype(np.float32)
+        losses = z["train_loss"]
+        n_cls = len(bundle.labels)
+        t = np.eye(n_cls, dtype=np.float32)[z["train_labels"]]
         final = {k.split(".", 1)[1]: z[k] for k in z.files if k.startswith("train_final.")}
     params = dict(Head.from_bundle(bundle).params)
     state = _zero_state(m, params)

@@ -82,7 +82,8 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
     """Reference train steps for the device self-test, computed by the torch train step.
 
     Starting from ``params`` (the shipped head) and zero optimizer state, ``steps`` batches
-    of random features with some padded rows; stores the inputs, every step's loss and the
+    of random features with some padded rows; stores the inputs compactly (features exactly
+    representable in float16, labels as ids, weights as 0/1), every step's loss and the
     parameters after the last step (``train_final.<name>``).
     """
     ref = TrainStep(spec, optimizer)
@@ -90,9 +91,9 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
     p = {k: torch.as_tensor(v) for k, v in params.items()}
     s = init_state(spec, optimizer, p)
     hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in HPARAMS[optimizer]]
-    f = torch.randn(steps, batch, spec.in_features, generator=g)
-    t = torch.eye(spec.num_classes)[torch.randint(0, spec.num_classes, (steps, batch),
-                                                  generator=g)]
+    f = torch.randn(steps, batch, spec.in_features, generator=g).half().float()
+    labels = torch.randint(0, spec.num_classes, (steps, batch), generator=g)
+    t = torch.eye(spec.num_classes)[labels]
     w = (torch.arange(batch)[None] < batch - torch.arange(steps)[:, None] % 3).float()
     losses = []
     with torch.no_grad():
@@ -101,7 +102,8 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
             losses.append(float(out[0]))
             p = dict(zip(p, out[1 : 1 + len(p)], strict=True))
             s = dict(zip(s, out[1 + len(p) :], strict=True))
-    return {"train_features": f.numpy(), "train_targets": t.numpy(), "train_weights": w.numpy(),
+    return {"train_features": f.half().numpy(), "train_labels": labels.numpy().astype(np.int32),
+            "train_weights": w.numpy().astype(np.uint8),
             "train_loss": np.asarray(losses, np.float32),
             **{f"train_final.{k}": v.numpy() for k, v in p.items()}}
 

