@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch pulls several GB of CUDA wheels.
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[train,onnx,tflite,data,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[train,onnx,tflite,data,vision,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     a.add_argument("bundle")
     a.add_argument("--data", required=True, help=".npz (x, y) windows or .csv sensor log")
     a.add_argument("--out", required=True, help="folder for head.npz and report.json")
-    a.add_argument("--epochs", type=int, default=30)
+    a.add_argument("--epochs", type=int, default=30,
+                   help="0: only imprint new labels, no training")
     a.add_argument("--batch-size", type=int, default=32)
     a.add_argument("--val-fraction", type=float, default=0.25)
     a.add_argument("--lr", type=float, default=None, help="override the bundle's learning rate")

@@ -108,7 +108,7 @@ def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray 
     atol = parity_atol(m.target)
     try:
         ck = load_checkpoint(checkpoint)
-        if list(ck.labels) != m.labels or ck.window != m.input["window"]:
+        if list(ck.labels) != m.labels or list(ck.input_shape) != list(m.input["shape"][1:]):
             return Check("parity", False, detail=f"{checkpoint} is not this bundle's model "
                                                  f"(labels/window differ)")
         spec, params = head_spec(ck), head_params(bundle, m)

@@ -28,6 +28,10 @@ class Checkpoint:
 
     Shape:
         mean, std: (C,) per-channel normalisation applied to raw windows before the model.
+
+    Image models carry ``image`` (the manifest's ``input["image"]`` spec: size, mode,
+    mean/std); raw input is then uint8 images of any size, preprocessed exactly as the
+    device runner does.
     """
 
     model: EdgeModel
@@ -41,10 +45,25 @@ class Checkpoint:
     mean: np.ndarray
     std: np.ndarray
     meta: dict = field(default_factory=dict)
+    image: dict | None = None
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        """Raw (N, T, C) windows -> model input."""
+        """Raw (N, T, C) windows, or uint8 (N, H, W[, 3]) images -> model input."""
+        if self.image is not None:
+            from edgetl.data.images import to_model_input
+
+            im = self.image
+            return to_model_input(x, (im["height"], im["width"]), im["mode"], im["mean"],
+                                  im["std"], resample=im.get("resample", "bilinear"))
         return ((x - self.mean) / self.std).astype(np.float32)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One model input without the batch axis: (T, C) or (C, H, W)."""
+        if self.image is not None:
+            im = self.image
+            return (len(im["mean"]), im["height"], im["width"])
+        return (self.window, len(self.channels))
 
 
 def save_checkpoint(ck: Checkpoint, path: Path) -> Path:
@@ -64,6 +83,7 @@ def save_checkpoint(ck: Checkpoint, path: Path) -> Path:
         "mean": torch.from_numpy(np.asarray(ck.mean, np.float32)),
         "std": torch.from_numpy(np.asarray(ck.std, np.float32)),
         "meta": ck.meta,
+        "image": ck.image,
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -91,9 +111,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
                           f"{p.get('format') if isinstance(p, dict) else type(p).__name__!r}")
     net = NetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in p["net"].items()})
     head = HeadConfig(**p["head"])
-    model = build_model(len(p["channels"]), len(p["labels"]), net, head)
+    net_build = dataclasses.replace(net, pretrained=False)  # weights come from the state dict
+    model = build_model(len(p["channels"]), len(p["labels"]), net_build, head)
     model.load_state_dict(p["state_dict"])
     model.eval()
     return Checkpoint(model, net, head, tuple(p["labels"]), tuple(p["channels"]), p["window"],
                       p["stride"], p["sample_rate_hz"], p["mean"].numpy(), p["std"].numpy(),
-                      p["meta"])
+                      p["meta"], p.get("image"))

@@ -226,6 +226,14 @@ def run(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
 
     s = run_recipe(_recipe(recipe), out, show=not quiet)
     con = _console()
+    if not hasattr(s, "bundle_names"):  # the vision scenario
+        from edgetl.report import vision_tables
+
+        for t in vision_tables(s):
+            con.print(t)
+        con.print(f"summary: {out / 'summary.json'}  plot: {out / 'vision.png'}  "
+                  f"({s.totals['wall_seconds']:.0f} s)")
+        return
     con.print(server_table(s))
     con.print(device_table(s))
     con.print(bundles_table(s))

@@ -20,6 +20,8 @@ OPTIMIZERS = ("sgd", "adam")
 TARGETS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "int8")
 TRAINERS = ("stateless", "ort-training")
+DATASETS = ("hapt", "fashion_mnist")
+ARCHS = ("cnn1d", "cnn2d", "efficientnet_lite0")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -29,7 +31,14 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which data, how it is windowed and which users play server and devices."""
+    """Which data, how it is prepared, and who plays server and devices.
+
+    ``hapt`` (phone IMU windows): ``window``/``stride`` and the user splits apply.
+    ``fashion_mnist`` (images): the server trains on ``source_subset`` Fashion-MNIST images
+    (0 = all 60,000) at ``image_size`` px in ``image_mode``; ``device_count`` cameras each
+    learn ``device_dataset`` (handwritten digits, new classes and a new domain) from
+    ``device_shots`` images per class.
+    """
 
     dataset: str = "hapt"
     window: int = 128
@@ -37,9 +46,29 @@ class DataConfig:
     server_users: tuple[int, ...] = tuple(range(1, 21))
     device_users: tuple[int, ...] = tuple(range(21, 31))
     server_val_users: tuple[int, ...] = (17, 18, 19, 20)
+    image_size: int = 64
+    image_mode: str = "RGB"
+    source_subset: int = 0
+    val_fraction: float = 0.1
+    device_dataset: str = "digits"
+    device_count: int = 3
+    device_shots: int = 10
 
     def __post_init__(self):
-        _check(self.dataset == "hapt", f"data.dataset: expected 'hapt', got {self.dataset!r}")
+        _check(self.dataset in DATASETS,
+               f"data.dataset: expected one of {DATASETS}, got {self.dataset!r}")
+        if self.dataset != "hapt":
+            _check(16 <= self.image_size <= 512,
+                   f"data.image_size must be in 16..512 px, got {self.image_size}")
+            _check(self.image_mode in ("RGB", "L"),
+                   f"data.image_mode: expected 'RGB' or 'L', got {self.image_mode!r}")
+            _check(self.device_dataset == "digits",
+                   f"data.device_dataset: expected 'digits', got {self.device_dataset!r}")
+            _check(self.device_count >= 1 and 1 <= self.device_shots <= 50,
+                   "data: device_count >= 1 and device_shots in 1..50")
+            _check(0.0 < self.val_fraction < 0.5,
+                   f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+            return
         _check(self.window >= 8 and self.stride >= 1,
                f"data.window must be >= 8 and data.stride >= 1, got {self.window}, {self.stride}")
         overlap = set(self.server_users) & set(self.device_users)
@@ -50,17 +79,30 @@ class DataConfig:
         _check(len(set(self.server_users) - set(self.server_val_users)) > 0,
                "data: no server users left for training after server_val_users")
 
+    @property
+    def is_image(self) -> bool:
+        """Whether the recipe's data are images."""
+        return self.dataset != "hapt"
+
 
 @dataclass(frozen=True)
 class NetConfig:
-    """A 1D CNN: one conv block (conv, BN, ReLU, optional max-pool) per entry of ``channels``."""
+    """A backbone.
+
+    ``cnn1d`` (windows) and ``cnn2d`` (images): one conv block (conv, BN, ReLU, optional
+    max-pool) per entry of ``channels``, then global average pooling. ``efficientnet_lite0``:
+    the ImageNet network (``pretrained`` loads its weights); channels/kernels/pools unused.
+    """
 
     channels: tuple[int, ...] = (32, 64, 64)
     kernels: tuple[int, ...] = (7, 5, 3)
     pools: tuple[int, ...] = (2, 2, 1)
     dropout: float = 0.1
+    arch: str = "cnn1d"
+    pretrained: bool = False
 
     def __post_init__(self):
+        _check(self.arch in ARCHS, f"net.arch: expected one of {ARCHS}, got {self.arch!r}")
         n = len(self.channels)
         _check(n > 0 and len(self.kernels) == n and len(self.pools) == n,
                f"net: channels, kernels and pools need the same length, got "
@@ -68,6 +110,8 @@ class NetConfig:
         _check(all(c > 0 for c in self.channels) and all(k % 2 == 1 for k in self.kernels),
                "net: channels must be positive and kernels odd")
         _check(0.0 <= self.dropout < 1.0, f"net.dropout must be in [0, 1), got {self.dropout}")
+        _check(not self.pretrained or self.arch == "efficientnet_lite0",
+               f"net.pretrained: only efficientnet_lite0 has pretrained weights, not {self.arch}")
 
 
 @dataclass(frozen=True)

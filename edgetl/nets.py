@@ -43,6 +43,65 @@ class CNN1DBackbone(nn.Module):
         return self.dropout(h.mean(dim=2))
 
 
+class CNN2DBackbone(nn.Module):
+    """Conv blocks over an image, then global average pooling.
+
+    Shape:
+        x: (N, C, H, W) images (layout ``NCHW``), normalised as the manifest says.
+        output: (N, channels[-1]) features.
+    """
+
+    def __init__(self, in_channels: int, cfg: NetConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for c, k, p in zip(cfg.channels, cfg.kernels, cfg.pools, strict=True):
+            layers += [nn.Conv2d(c_in, c, k, padding=k // 2, bias=False), nn.BatchNorm2d(c),
+                       nn.ReLU()]
+            if p > 1:
+                layers.append(nn.MaxPool2d(p))
+            c_in = c
+        self.blocks = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out_features = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.blocks(x).mean(dim=(2, 3)))
+
+
+class EfficientNetBackbone(nn.Module):
+    """EfficientNet-Lite0 up to its 1280-d pooled features (the classifier is dropped).
+
+    Shape:
+        x: (N, 3, H, W) images normalised with the ImageNet constants of the weights.
+    """
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        from edgetl.vision.effnet import EfficientNetLite0, load_imagenet
+
+        net = load_imagenet() if cfg.pretrained else EfficientNetLite0()
+        net._fc = nn.Identity()  # the 1000-way ImageNet classifier is not part of the backbone
+        self.net = net
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out_features = net.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.net.features(x))
+
+
+def build_backbone(in_channels: int, net: NetConfig) -> nn.Module:
+    """The backbone named by ``net.arch``."""
+    if net.arch == "cnn1d":
+        return CNN1DBackbone(in_channels, net)
+    if net.arch == "cnn2d":
+        return CNN2DBackbone(in_channels, net)
+    if in_channels != 3:
+        raise ConfigError(f"efficientnet_lite0 takes RGB images, got {in_channels} channels; "
+                          "set data.image_mode = 'RGB'")
+    return EfficientNetBackbone(net)
+
+
 class LinearHead(nn.Module):
     """``logits = f @ weight.T + bias``. Its embedding is the features themselves."""
 
@@ -108,7 +167,7 @@ class EdgeModel(nn.Module):
 
 def build_model(in_channels: int, num_classes: int, net: NetConfig, head: HeadConfig) -> EdgeModel:
     """Backbone from ``net`` plus a head from ``head``."""
-    bb = CNN1DBackbone(in_channels, net)
+    bb = build_backbone(in_channels, net)
     return EdgeModel(bb, make_head(bb.out_features, num_classes, head))
 
 

@@ -32,7 +32,13 @@ from edgetl.tolerances import MAX_ACCURACY_DROP_POINTS, SELFTEST_INT8_REL
 
 
 def normalize(m: Manifest, x: np.ndarray) -> np.ndarray:
-    """Raw windows -> the backbone's input, with the manifest's normalisation."""
+    """Raw windows or uint8 images -> the backbone's input, as the manifest says."""
+    if m.input.get("modality") == "image":
+        from edgetl.data.images import to_model_input
+
+        im = m.input["image"]
+        return to_model_input(x, (im["height"], im["width"]), im["mode"], im["mean"],
+                              im["std"], resample=im.get("resample", "bilinear"))
     want = (m.input["window"], len(m.input["channels"]))
     if x.ndim != 3 or x.shape[1:] != want:
         raise DataError(f"windows must be (N, {want[0]}, {want[1]}) for this bundle, "

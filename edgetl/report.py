@@ -34,6 +34,35 @@ def check_table(bundle, checks) -> Table:
     return t
 
 
+def vision_tables(summary) -> list[Table]:
+    """Server models, bundles and cameras of the vision scenario."""
+    t = Table(title=f"{summary.recipe}: server models (Fashion-MNIST test subset)")
+    for c in ("model", "params", "backbone params", "val acc", "test acc", "train s"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    names = {"teacher": "EfficientNet-Lite0 (ImageNet, fine-tuned)",
+             "student_scratch": "student CNN (from scratch)", "student": "student CNN (distilled)"}
+    for key, label in names.items():
+        r = summary.server.get(key)
+        if r:
+            t.add_row(label, f"{r['params']:,}", f"{r['backbone_params']:,}",
+                      f"{r['val_accuracy']:.3f}", f"{r['heldout_accuracy']:.3f}",
+                      f"{r['seconds']:.0f}")
+    b = Table(title="bundles and cameras (digits: 10 new classes, unseen test digits)")
+    for c in ("bundle", "KiB", "backbone KiB", "fashion test acc", "vs torch", "imprint",
+              "+ head training", "train ms", "RSS MiB"):
+        b.add_column(c, justify="left" if c == "bundle" else "right", no_wrap=True)
+    by = summary.totals.get("by_bundle", {})
+    for r in summary.bundles:
+        acc, d = r["checks"].get("accuracy", {}), by.get(r["name"])
+        cam = ([f"{d['imprint_accuracy']:.3f}", f"{d['trained_accuracy']:.3f}",
+                f"{1000 * d['train_seconds']:.0f}", f"{d['max_peak_rss_mb']:.0f}"]
+               if d else ["fixed classes", "–", "–", "–"])
+        b.add_row(r["name"], f"{r['bytes'] / 1024:.0f}", f"{r['backbone_bytes'] / 1024:.0f}",
+                  f"{acc.get('bundle', float('nan')):.4f}",
+                  f"{0.0 - acc.get('drop_points', float('nan')):+.2f} pt", *cam)
+    return [t, b]
+
+
 def server_table(summary) -> Table:
     """Teacher / student-from-scratch / distilled student on held-out users."""
     t = Table(title=f"{summary.recipe}: server models (accuracy on held-out users)")

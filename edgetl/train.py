@@ -25,16 +25,16 @@ class Split:
     """Normalised arrays for one stage.
 
     Shape:
-        x: (N, T, C) float32 normalised windows; y: (N,) int64 class ids.
+        x: (N, T, C) float32 normalised windows or (N, C, H, W) images; y: (N,) int64 ids.
     """
 
     x: np.ndarray
     y: np.ndarray
 
     def __post_init__(self):
-        if self.x.ndim != 3 or len(self.x) != len(self.y):
-            raise DataError(f"expected x (N, T, C) and y (N,), got {self.x.shape} and "
-                            f"{self.y.shape}")
+        if self.x.ndim not in (3, 4) or len(self.x) != len(self.y):
+            raise DataError(f"expected x (N, T, C) or (N, C, H, W) and y (N,), got "
+                            f"{self.x.shape} and {self.y.shape}")
         if len(self.y) == 0:
             raise DataError("empty split: no windows selected; check the recipe's user lists")
 
@@ -63,6 +63,9 @@ def accuracy(model: nn.Module, split: Split) -> float:
 
 
 def _augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if xb.ndim == 4:  # images (N, C, H, W): random horizontal flips
+        flip = torch.rand(xb.shape[0], generator=gen) < 0.5
+        return torch.where(flip[:, None, None, None], xb.flip(3), xb)
     # Per-window amplitude jitter: users hold phones differently; keeps the model from
     # keying on absolute magnitudes of one person.
     scale = 1.0 + 0.1 * torch.randn(xb.shape[0], 1, xb.shape[2], generator=gen)

@@ -115,6 +115,20 @@ def selftest(bundle: Bundle, backend) -> float:
     return max(err, selftest_train(bundle, backend))
 
 
+def data_digest(path: str) -> str:
+    """sha256 of a data file, or of every file (name and content) under a data folder."""
+    if not os.path.isdir(path):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode())
+            h.update(sha256_file(full).encode())
+    return h.hexdigest()
+
+
 def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
     """Backbone features of ``ds``, cached in ``out_dir/features/`` on the device.
 
@@ -122,8 +136,8 @@ def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
     preprocessing; the key hashes all three. Returns ``(features, was_cached)``.
     """
     m = bundle.manifest
-    key = json.dumps([sha256_file(data_path), m["files"]["backbone"]["sha256"],
-                      m["input"].get("preprocess")], sort_keys=True)
+    key = json.dumps([data_digest(data_path), m["files"]["backbone"]["sha256"],
+                      m["input"].get("preprocess") or m["input"].get("image")], sort_keys=True)
     name = hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy"
     path = os.path.join(out_dir, "features", name)
     if os.path.isfile(path):
@@ -174,8 +188,8 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
 
     Returns the report (also written as ``report.json``).
     """
-    if epochs < 1 or batch_size < 1 or not 0 < val_fraction < 1:
-        raise RunnerError(f"need epochs >= 1, batch_size >= 1, 0 < val_fraction < 1; got "
+    if epochs < 0 or batch_size < 1 or not 0 < val_fraction < 1:
+        raise RunnerError(f"need epochs >= 0, batch_size >= 1, 0 < val_fraction < 1; got "
                           f"{epochs}, {batch_size}, {val_fraction}")
     t_start = time.perf_counter()
     bundle = Bundle(bundle_dir)
@@ -184,6 +198,9 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     selftest_err = selftest(bundle, backend)
     ds = dataio.load(data_path, m, need_labels=True)
     warnings: list[str] = []
+    if ds.skipped:
+        warnings.append(f"skipped {len(ds.skipped)} unreadable file(s), e.g. "
+                        f"{ds.skipped[0]['path']}: {ds.skipped[0]['reason']}")
 
     t0 = time.perf_counter()
     feats, cached = cached_features(backend, bundle, ds, data_path, out_dir)
@@ -209,7 +226,9 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         warnings.append(f"local data has no windows of {missing}; the head keeps them but "
                         "cannot check them")
     y = np.asarray([head.labels.index(lab) for lab in ds.y], np.int64)
-    tr, va = dataio.stratified_split(y, val_fraction, seed)
+    # windows of a recording overlap (block split with a purge gap); images do not
+    tr, va = dataio.stratified_split(y, val_fraction, seed,
+                                     "random" if dataio.is_image(m) else "block")
     if len(va) == 0:
         raise RunnerError(f"{data_path}: too few windows ({len(y)}) for a validation split; "
                           "collect at least 2 windows per label")
@@ -217,7 +236,10 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     if few:
         warnings.append(f"labels {few} have fewer than 3 windows; their accuracy is noisy")
     yv_names = [ds.y[i] for i in va]
-    acc_before = _accuracy(_predict(backend, bundle, head0, feats[va]), yv_names)
+    # The gate's baseline is the head training starts from: the shipped (or given) head, with
+    # any new labels imprinted; a rollback returns to it.
+    start = head.copy()
+    acc_before = _accuracy(_predict(backend, bundle, start, feats[va]), yv_names)
 
     hp = dict(m["optimizer"]["hparams"])
     if lr is not None:
@@ -256,7 +278,8 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         val_acc = _accuracy(_predict(backend, bundle, head, feats[va]), yv_names)
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_accuracy": val_acc})
     train_seconds = time.perf_counter() - t1
-    acc_after = history[-1]["val_accuracy"]
+    acc_after = (history[-1]["val_accuracy"] if history else  # --epochs 0: imprinting only
+                 _accuracy(_predict(backend, bundle, head, feats[va]), yv_names))
     rolled_back = not acc_after >= acc_before
 
     os.makedirs(out_dir, exist_ok=True)
@@ -266,7 +289,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         _say(quiet, f"validation accuracy dropped ({acc_before:.3f} -> {acc_after:.3f}): "
              "rolling back to the previous head")
         if not os.path.exists(ckpt):
-            head0.save(ckpt, bundle, {"rolled_back": True})
+            start.save(ckpt, bundle, {"rolled_back": True, "imprinted": new})
             written = True
     else:
         if os.path.exists(ckpt):
@@ -284,6 +307,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         "n_val": int(len(va)), "epochs": epochs, "batch_size": bs, "steps": steps,
         "optimizer": m["optimizer"]["name"], "hparams": hp, "labels": head.labels,
         "new_labels": new, "missing_labels": missing, "warnings": warnings,
+        "skipped_files": len(ds.skipped), "skipped": ds.skipped[:50],
         "feature_seconds": feature_seconds, "features_cached": cached,
         "train_seconds": train_seconds,
         "step_ms": 1000 * train_seconds / max(steps, 1) if steps else None,
@@ -312,6 +336,7 @@ def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
     pred = _predict(backend, bundle, head, feats)
     seconds = time.perf_counter() - t0
     res = {"n_windows": len(pred), "head": head_path or "bundle", "labels": head.labels,
+           "skipped_files": len(ds.skipped),
            "predictions": pred, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     if ds.y is not None:
         res["accuracy"] = _accuracy(pred, ds.y)

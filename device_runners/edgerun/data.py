@@ -6,6 +6,8 @@
   channel (any order, extra columns ignored), optional ``label`` and ``session`` columns.
   The runner cuts windows of the manifest's length and stride inside runs of one label
   (and one session).
+* Image bundles (``input.modality == "image"``): a folder with one sub-folder of PNG/JPEG
+  files per label, or an ``.npz`` of uint8 images; see :mod:`edgerun.images`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,10 +29,34 @@ class Dataset:
     x: np.ndarray
     y: list[str] | None
     source: str
+    skipped: list = field(default_factory=list)  # unreadable files: {"path", "reason"}
+
+
+def is_image(manifest: dict) -> bool:
+    """Whether the bundle's backbone takes images."""
+    return manifest["input"].get("modality") == "image"
+
+
+def _load_images(path: str, manifest: dict, need_labels: bool) -> Dataset:
+    from edgerun import images
+
+    if os.path.isdir(path):
+        x, y, skipped = images.load_image_folder(path, manifest)
+    elif os.path.splitext(path)[1].lower() == ".npz":
+        x, y, skipped = images.load_image_npz(path, manifest)
+    else:
+        raise RunnerError(f"{path}: this bundle takes images: a folder with one sub-folder of "
+                          "PNG/JPEG files per label, or an .npz with uint8 'x' and label 'y'")
+    if need_labels and y is None:
+        raise RunnerError(f"{path} has no labels (npz key 'y' or label sub-folders); "
+                          "adaptation needs labelled images")
+    return Dataset(x, y, path, skipped)
 
 
 def load(path: str, manifest: dict, need_labels: bool) -> Dataset:
     """Load ``path`` (``.npz`` or ``.csv``) and check it against the manifest's input."""
+    if is_image(manifest):
+        return _load_images(path, manifest, need_labels)
     if not os.path.isfile(path):
         raise RunnerError(f"data file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -153,7 +179,17 @@ def _validate(ds: Dataset, inp: dict, manifest: dict) -> None:
 
 
 def preprocess(x: np.ndarray, manifest: dict) -> np.ndarray:
-    """Apply the manifest's preprocessing (per-channel normalisation) to raw windows."""
+    """Apply the manifest's preprocessing (per-channel normalisation) to raw windows.
+
+    Image bundles: uint8 images are converted as the manifest says; the loaders already
+    return model input (float32 NCHW), which passes through unchanged.
+    """
+    if is_image(manifest):
+        if x.dtype == np.uint8:
+            from edgerun import images
+
+            return images._array_input(x, images._manifest_spec(manifest))
+        return np.ascontiguousarray(x, dtype=np.float32)
     norm = manifest["input"].get("preprocess", {}).get("normalize")
     if norm:
         mean = np.asarray(norm["mean"], np.float32)

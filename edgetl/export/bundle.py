@@ -148,11 +148,10 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
             loses too much accuracy.
     """
     exporter: Exporter = get_exporter(cfg.target)
-    shape = (ck.window, len(ck.channels))
     for name, x in (("reference", reference_x), ("calibration", calib_x),
                     ("evaluation", None if eval_set is None else eval_set[0])):
-        if x is not None and (x.ndim != 3 or x.shape[1:] != shape):
-            raise DataError(f"{name} windows must be (N, {shape[0]}, {shape[1]}), got {x.shape}")
+        if x is not None:
+            _check_raw(ck, name, x)
     if cfg.precision == "int8" and (calib_x is None or len(calib_x) == 0):
         raise DataError("an int8 export needs calibration windows from source data (calib_x)")
     out = Path(out)
@@ -201,6 +200,30 @@ def accuracy_gate(want: np.ndarray, got: np.ndarray, y: np.ndarray, max_drop: fl
     return res
 
 
+def _check_raw(ck: Checkpoint, name: str, x: np.ndarray) -> None:
+    if ck.image is not None:
+        if x.dtype != np.uint8 or not (x.ndim == 3 or (x.ndim == 4 and x.shape[3] in (3, 4))):
+            raise DataError(f"{name} images must be uint8 (N, H, W) or (N, H, W, 3|4), got "
+                            f"{x.dtype} {x.shape}")
+        return
+    shape = (ck.window, len(ck.channels))
+    if x.ndim != 3 or x.shape[1:] != shape:
+        raise DataError(f"{name} windows must be (N, {shape[0]}, {shape[1]}), got {x.shape}")
+
+
+def _input_block(ck: Checkpoint, bb_sig: dict) -> dict:
+    """The manifest's ``input``: what the device feeds the backbone and how to make it."""
+    common = {"name": bb_sig["inputs"][0], "shape": [bb_sig["batch_size"], *ck.input_shape],
+              "batch_size": bb_sig["batch_size"], "signature": bb_sig.get("signature"),
+              "dtype": "float32"}
+    if ck.image is not None:
+        return {**common, "modality": "image", "layout": "NCHW", "image": dict(ck.image)}
+    return {**common, "modality": "timeseries", "layout": "NTC", "channels": list(ck.channels),
+            "window": ck.window, "stride": ck.stride, "sample_rate_hz": ck.sample_rate_hz,
+            "preprocess": {"normalize": {"mean": [float(v) for v in ck.mean],
+                                         "std": [float(v) for v in ck.std]}}}
+
+
 def _accuracy_check(sess, model, ck: Checkpoint, spec: HeadSpec, params: dict,
                     eval_set: tuple[np.ndarray, np.ndarray], max_drop: float) -> dict:
     """Held-out accuracy of the bundle (its runtime) vs the PyTorch student, in points."""
@@ -234,7 +257,6 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
            reference_x: np.ndarray, calib_x: np.ndarray | None,
            eval_set: tuple[np.ndarray, np.ndarray] | None, provenance: dict) -> Manifest:
     spec = head_spec(ck)
-    shape = (ck.window, len(ck.channels))
     files = {"backbone": f"backbone{exporter.suffix}"}
     model = ck.model.eval()
     xn = ck.normalize(reference_x)
@@ -293,7 +315,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
                                              cfg.max_accuracy_drop)
     n_tv = min(cfg.n_test_vectors, len(reference_x))
-    np.savez(tmp / files["test_vectors"], x=reference_x[:n_tv].astype(np.float32),
+    tv_x = reference_x[:n_tv] if ck.image is not None else reference_x[:n_tv].astype(np.float32)
+    np.savez(tmp / files["test_vectors"], x=tv_x,
              features=tv_feats[:n_tv], logits=tv_logits[:n_tv],
              **train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch))
 
@@ -313,12 +336,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         target=exporter.target,
         precision=cfg.precision,
         files={role: file_entry(tmp, rel) for role, rel in files.items()},
-        input={"name": bb_sig["inputs"][0], "shape": [bb_sig["batch_size"], *shape],
-               "batch_size": bb_sig["batch_size"], "signature": bb_sig.get("signature"),
-               "dtype": "float32", "layout": "NTC", "channels": list(ck.channels),
-               "window": ck.window, "stride": ck.stride, "sample_rate_hz": ck.sample_rate_hz,
-               "preprocess": {"normalize": {"mean": [float(v) for v in ck.mean],
-                                            "std": [float(v) for v in ck.std]}}},
+        input=_input_block(ck, bb_sig),
         features={"name": bb_sig["outputs"][0], "dim": spec.in_features},
         labels=list(ck.labels),
         head={"kind": spec.kind, "hidden": spec.hidden, "embedding_dim": spec.embedding_dim,

@@ -1,0 +1,300 @@
+"""The vision scenario: Fashion-MNIST on the server, handwritten digits on the cameras.
+
+Server: EfficientNet-Lite0 with its ImageNet weights is fine-tuned on Fashion-MNIST (teacher)
+and distilled into a small CNN (student). Both become device bundles, so the trade-off of a
+big pretrained backbone against a small distilled one is measured, not assumed.
+
+Devices: each simulated camera learns the ten handwritten digits (``load_digits``, 8x8,
+upsampled by the runner) — classes the server never saw, in a new domain — from a few
+images per class written as a PNG folder: weight imprinting adds the classes, head training
+refines them. Scored on the digits no camera trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetl import adapt as device
+from edgetl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from edgetl.config import Recipe
+from edgetl.data import images as imdata
+from edgetl.nets import build_model, count_params
+from edgetl.progress import console, progress_bar
+from edgetl.train import Split, accuracy, distill, train_classifier
+
+
+@dataclass
+class VisionData:
+    """Raw uint8 images and their model input, split for the server.
+
+    Shape:
+        raw_*: (N, 28, 28) uint8; train/val/test: Split of (N, C, S, S) float32.
+    """
+
+    raw_train: np.ndarray
+    raw_val: np.ndarray
+    raw_test: np.ndarray
+    train: Split
+    val: Split
+    test: Split
+    labels: tuple[str, ...]
+    image: dict
+
+
+def image_spec(recipe: Recipe) -> dict:
+    """The manifest's ``input["image"]``: size and mode from the recipe, the weights' mean/std."""
+    from edgetl.vision.effnet import IMAGENET_MEAN, IMAGENET_STD
+
+    d = recipe.data
+    c = 3 if d.image_mode == "RGB" else 1
+    spec = imdata.input_spec("x", d.image_size, d.image_mode, IMAGENET_MEAN[:c],
+                             IMAGENET_STD[:c])
+    return spec["image"]
+
+
+def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    classes = np.unique(y)
+    per = max(1, n // len(classes))
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per]
+                                   for c in classes]))
+
+
+def vision_data(recipe: Recipe, *, test_subset: int = 2000) -> VisionData:
+    """Fashion-MNIST: a stratified training subset, a validation split, a test subset."""
+    d = recipe.data
+    x, y, xt, yt, labels = imdata.load_fashion_mnist()
+    rng = np.random.default_rng(recipe.pretrain.seed)
+    if d.source_subset:
+        keep = _stratified(y, d.source_subset, rng)
+        x, y = x[keep], y[keep]
+    perm = rng.permutation(len(y))
+    n_val = int(round(d.val_fraction * len(y)))
+    va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    te = _stratified(yt, test_subset, rng) if test_subset else np.arange(len(yt))
+    spec = image_spec(recipe)
+
+    def split(raw: np.ndarray, lab: np.ndarray) -> Split:
+        return Split(imdata.to_model_input(raw, (spec["height"], spec["width"]), spec["mode"],
+                                           spec["mean"], spec["std"]), lab.astype(np.int64))
+
+    return VisionData(x[tr], x[va], xt[te], split(x[tr], y[tr]), split(x[va], y[va]),
+                      split(xt[te], yt[te]), tuple(labels), spec)
+
+
+def _checkpoint(model, recipe: Recipe, net, vd: VisionData, meta: dict) -> Checkpoint:
+    spec = vd.image
+    chans = ("R", "G", "B") if spec["mode"] == "RGB" else ("L",)
+    return Checkpoint(model, net, recipe.head, vd.labels, chans, 0, 0, 0.0,
+                      np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32),
+                      {"recipe": recipe.name, **meta}, image=dict(spec))
+
+
+@dataclass
+class VisionSummary:
+    """What the vision run measured; written as ``summary.json``."""
+
+    recipe: str
+    server: dict = field(default_factory=dict)
+    bundles: list = field(default_factory=list)
+    devices: list = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON."""
+        return {"recipe": self.recipe, "server": self.server, "bundles": self.bundles,
+                "devices": self.devices, "totals": self.totals}
+
+
+def train_server(recipe: Recipe, out: Path, vd: VisionData, *, show: bool = True) -> dict:
+    """Fine-tune the teacher, distill the student (and its from-scratch twin); save all three."""
+    out = Path(out)
+    c = 3 if vd.image["mode"] == "RGB" else 1
+    res = {}
+    torch.manual_seed(recipe.pretrain.seed)
+    teacher = build_model(c, len(vd.labels), recipe.teacher, recipe.head)
+    r = train_classifier(teacher, vd.train, vd.val, recipe.pretrain,
+                         desc="fine-tune EfficientNet-Lite0", show=show)
+    res["teacher"] = _record(teacher, r, vd, recipe, recipe.teacher, out / "teacher.pt",
+                             {"role": "teacher", "pretrained": recipe.teacher.pretrained})
+    for name, kd in (("student", True), ("student_scratch", False)):
+        torch.manual_seed(recipe.student_train.seed)
+        student = build_model(c, len(vd.labels), recipe.student, recipe.head)
+        if kd:
+            r = distill(teacher, student, vd.train, vd.val, recipe.student_train,
+                        recipe.distill, show=show)
+        else:
+            r = train_classifier(student, vd.train, vd.val, recipe.student_train,
+                                 desc="student from scratch", show=show)
+        res[name] = _record(student, r, vd, recipe, recipe.student, out / f"{name}.pt",
+                            {"role": name, "distilled": kd})
+    return res
+
+
+def _record(model, r, vd: VisionData, recipe: Recipe, net, path: Path, meta: dict) -> dict:
+    test_acc = accuracy(model, vd.test)
+    save_checkpoint(_checkpoint(model, recipe, net, vd,
+                                {**meta, "heldout_accuracy": test_acc}), path)
+    return {"params": count_params(model), "backbone_params": count_params(model.backbone),
+            "val_accuracy": r.val_accuracy or 0.0, "heldout_accuracy": test_acc,
+            "seconds": r.seconds, "checkpoint": str(path)}
+
+
+def export_bundles(recipe: Recipe, out: Path, vd: VisionData, *, show: bool = True) -> list:
+    """Every (backbone, target, precision) bundle, gated by ``edgetl check``."""
+    import dataclasses
+
+    from edgetl.check import check_bundle, failures
+    from edgetl.errors import EdgetlError
+    from edgetl.export import export_bundle
+    from edgetl.report import bundle_line
+
+    rng = np.random.default_rng(0)
+    ref = vd.raw_val[np.sort(rng.permutation(len(vd.raw_val))[:64])]
+    calib = vd.raw_train[np.sort(rng.permutation(len(vd.raw_train))[
+        : recipe.export.calibration_windows])]
+    rows = []
+    for role in ("student", "teacher"):
+        ck_path = Path(out) / f"{role}.pt"
+        ck = load_checkpoint(ck_path)
+        for target, precision in recipe.export.bundles():
+            name = f"{'effnet' if role == 'teacher' else 'student'}-{target}-{precision}"
+            path = Path(out) / "bundles" / name
+            cfg = dataclasses.replace(recipe.export, target=target, precision=precision)
+            man = export_bundle(ck, path, cfg, reference_x=ref, calib_x=calib,
+                                eval_set=(vd.raw_test, vd.test.y),
+                                provenance={"checkpoint": str(ck_path), "recipe": recipe.name})
+            console.log(bundle_line(path, man))
+            gate = check_bundle(path, checkpoint=ck_path)
+            bad = failures(gate)
+            if bad:
+                raise EdgetlError(f"bundle {path} failed `edgetl check`: " + "; ".join(
+                    f"{c.name}: {c.detail}" for c in bad))
+            rows.append({"name": name, "backbone": role, "path": str(path), "target": target,
+                         "precision": precision,
+                         "bytes": sum(f.bytes for f in man.files.values()),
+                         "backbone_bytes": man.files["backbone"].bytes,
+                         "dynamic_classes": man.train_step["dynamic_classes"],
+                         "checks": man.checks, "gate": [c.to_dict() for c in gate]})
+    return rows
+
+
+def write_cameras(recipe: Recipe, out: Path) -> list[dict]:
+    """Digits split into ``device_count`` cameras' PNG folders plus one shared eval set."""
+    from PIL import Image
+
+    d = recipe.data
+    x, y, labels = imdata.load_digits_images()
+    rng = np.random.default_rng(d.device_count * 1000 + d.device_shots)
+    pools = {c: list(rng.permutation(np.flatnonzero(y == c))) for c in range(len(labels))}
+    cams, used = [], set()
+    root = Path(out) / "cameras"
+    if root.exists():
+        shutil.rmtree(root)
+    for cam in range(d.device_count):
+        folder = root / f"camera_{cam + 1}" / "adapt"
+        n = 0
+        for c, lab in enumerate(labels):
+            (folder / lab).mkdir(parents=True, exist_ok=True)
+            for _ in range(d.device_shots):
+                i = int(pools[c].pop())
+                used.add(i)
+                Image.fromarray(x[i]).save(folder / lab / f"{i:04d}.png")
+                n += 1
+        cams.append({"camera": cam + 1, "adapt": folder, "n_adapt": n})
+    rest = np.array(sorted(set(range(len(y))) - used))
+    ev = root / "eval.npz"
+    np.savez(ev, x=x[rest], y=np.array([labels[i] for i in y[rest]], dtype=str))
+    for c in cams:
+        c["eval"], c["n_eval"] = ev, len(rest)
+    return cams
+
+
+def personalise_cameras(recipe: Recipe, bundles: list, out: Path, *,
+                        show: bool = True) -> list[dict]:
+    """Imprinting only, then imprinting + head training, on every camera and bundle."""
+    cams = write_cameras(recipe, out)
+    a = recipe.adapt
+    rows = []
+    usable = [b for b in bundles if b["dynamic_classes"]]
+    with progress_bar(show) as prog:
+        task = prog.add_task("cameras learn digits", total=len(usable) * len(cams), info="")
+        for b in usable:
+            for cam in cams:
+                state = Path(out) / "cameras" / f"camera_{cam['camera']}" / b["name"]
+                imprint = device.adapt(Path(b["path"]), cam["adapt"], state / "imprint",
+                                       epochs=0, val_fraction=a.val_fraction, seed=a.seed)
+                acc_imprint = device.infer(Path(b["path"]), cam["eval"],
+                                           head=Path(imprint["checkpoint"]))["accuracy"]
+                rep = device.adapt(Path(b["path"]), cam["adapt"], state / "trained",
+                                   epochs=a.epochs, batch_size=a.batch_size,
+                                   val_fraction=a.val_fraction, seed=a.seed)
+                acc = device.infer(Path(b["path"]), cam["eval"],
+                                   head=Path(rep["checkpoint"]))["accuracy"]
+                rows.append({"bundle": b["name"], "camera": cam["camera"],
+                             "n_adapt": cam["n_adapt"], "n_eval": cam["n_eval"],
+                             "imprint_accuracy": acc_imprint, "trained_accuracy": acc,
+                             "rolled_back": rep["rolled_back"],
+                             "feature_seconds": rep["feature_seconds"],
+                             "train_seconds": rep["train_seconds"],
+                             "peak_rss_mb": rep["peak_rss_mb"], "backend": rep["backend"]})
+                prog.update(task, advance=1, info=f"{b['name']} camera {cam['camera']}: "
+                                                  f"{acc_imprint:.3f} -> {acc:.3f}")
+    return rows
+
+
+def run_vision(recipe: Recipe, out: Path, *, show: bool = True) -> VisionSummary:
+    """Every stage of the vision recipe; writes ``summary.json`` and ``vision.png``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    vd = vision_data(recipe)
+    console.log(f"data: {len(vd.train.y)} train / {len(vd.val.y)} val / {len(vd.test.y)} test "
+                f"Fashion-MNIST images at {vd.image['height']} px {vd.image['mode']}")
+    summ = VisionSummary(recipe.name)
+    summ.server = train_server(recipe, out, vd, show=show)
+    summ.bundles = export_bundles(recipe, out, vd, show=show)
+    summ.devices = personalise_cameras(recipe, summ.bundles, out, show=show)
+    by = {}
+    for name in dict.fromkeys(r["bundle"] for r in summ.devices):
+        rs = [r for r in summ.devices if r["bundle"] == name]
+        by[name] = {k: float(np.mean([r[k] for r in rs])) for k in (
+            "imprint_accuracy", "trained_accuracy", "feature_seconds", "train_seconds")}
+        by[name]["max_peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in rs))
+    summ.totals = {"by_bundle": by, "wall_seconds": time.perf_counter() - t0}
+    (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2, default=str))
+    plot_vision(summ, out / "vision.png")
+    return summ
+
+
+def plot_vision(summ: VisionSummary, path: Path) -> Path:
+    """Digit accuracy on the cameras (imprinting vs + head training) per bundle, with size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = summ.totals.get("by_bundle", {})
+    names = list(by)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 3.8))
+    ax.bar(x - 0.2, [by[n]["imprint_accuracy"] for n in names], 0.4, label="imprinting only")
+    ax.bar(x + 0.2, [by[n]["trained_accuracy"] for n in names], 0.4,
+           label="imprinting + head training")
+    sizes = {b["name"]: b["bytes"] for b in summ.bundles}
+    ax.set_xticks(x, [f"{n}\n{sizes.get(n, 0) / 1024:.0f} KiB" for n in names], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("digit accuracy (unseen digits)")
+    ax.set_title(f"{summ.recipe}: cameras learn 10 new classes from a few images each",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
