@@ -7,10 +7,11 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort demo bench test test-slow style lint format clean help
+.PHONY: install venv-ort data-vision demo demo-vision bench test test-slow style lint format clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
+	@echo "make demo-vision  Fashion-MNIST -> digits on cameras (EfficientNet-Lite0 vs student)"
 	@echo "make bench      size + batch-1 backbone latency of every bundle of $(OUT) -> bench.md"
 	@echo "make test       fast test tier (no GPU, no network)"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
@@ -37,8 +38,19 @@ $(ORT_VENV)/.installed: constraints.txt
 
 venv-ort: $(ORT_VENV)/.installed
 
+# Fashion-MNIST ships as a Debian package (idx files under /usr/share/datasets).
+data-vision:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
+	  echo "installing the Debian package dataset-fashion-mnist (Fashion-MNIST)"; \
+	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } >/dev/null || \
+	  { echo "error: could not install dataset-fashion-mnist; as root run: apt-get update &&" \
+	         "apt-get install dataset-fashion-mnist"; exit 1; }; }
+
 demo: install
 	$(BIN)/edgetl run $(RECIPE) --out $(OUT)
+
+demo-vision: install data-vision
+	$(BIN)/edgetl run models/vision/recipe.toml --out runs/vision
 
 bench: install
 	test -f $(OUT)/summary.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
