@@ -101,9 +101,9 @@ def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray 
     import torch
 
     from edgetl.checkpoint import load_checkpoint
-    from edgetl.export.bundle import _check_train_step, compare, head_spec
+    from edgetl.export.bundle import _check_train_step, compare
     from edgetl.head import InferStep
-    from edgetl.quantize import head_params, session_of
+    from edgetl.quantize import head_params, session_of, spec_of
 
     atol = parity_atol(m.target)
     try:
@@ -111,7 +111,7 @@ def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray 
         if list(ck.labels) != m.labels or list(ck.input_shape) != list(m.input["shape"][1:]):
             return Check("parity", False, detail=f"{checkpoint} is not this bundle's model "
                                                  f"(labels/window differ)")
-        spec, params = head_spec(ck), head_params(bundle, m)
+        spec, params = spec_of(m), head_params(bundle, m)
         sess = session_of(bundle, m)
         if reference_x is None:
             with np.load(bundle / m.files["test_vectors"].path) as z:
@@ -131,7 +131,7 @@ def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray 
         e_inf = compare("head_infer.logits", got, logits, atol)
         batch = m.train_step.get("batch_size") or 16
         e_step = _check_train_step(sess, spec, m.optimizer["name"], m.optimizer["hparams"],
-                                   params, atol, batch)
+                                   params, atol, batch, n_labels=len(m.labels))
         worst = max(worst, e_inf, e_step)
         parts += [f"infer {e_inf:.1e}", f"{TRAIN_STEPS_CHECKED} train steps {e_step:.1e}"]
         if m.precision != "fp32":

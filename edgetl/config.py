@@ -190,6 +190,7 @@ class ExportConfig:
     calibration_windows: int = 512    # int8: source windows the activation ranges come from
     max_accuracy_drop: float = MAX_ACCURACY_DROP_POINTS  # held-out points a bundle may lose
     trainer: str = "stateless"        # or "ort-training": also ONNX Runtime training artifacts
+    class_capacity: int = 0           # fixed-class heads (TFLite): rows, spare ones for new labels
 
     def __post_init__(self):
         for t in (self.target, *self.targets):
@@ -204,6 +205,8 @@ class ExportConfig:
                f"export.trainer: expected one of {TRAINERS}, got {self.trainer!r}")
         _check(self.trainer == "stateless" or self.target == "onnx",
                f"export.trainer {self.trainer!r} is an ONNX flavour; got target {self.target!r}")
+        _check(0 <= self.class_capacity <= 1024,
+               f"export.class_capacity must be in 0..1024, got {self.class_capacity}")
         _check(1 <= self.train_batch <= 4096,
                f"export.train_batch must be in 1..4096, got {self.train_batch}")
         _check(self.calibration_windows >= 16,

@@ -50,8 +50,8 @@ def normalize(m: Manifest, x: np.ndarray) -> np.ndarray:
 
 def spec_of(m: Manifest) -> HeadSpec:
     """The :class:`HeadSpec` a manifest describes."""
-    return HeadSpec(m.head["kind"], int(m.features["dim"]), len(m.labels),
-                    int(m.head.get("hidden") or 0))
+    return HeadSpec(m.head["kind"], int(m.features["dim"]),
+                    int(m.head.get("capacity") or len(m.labels)), int(m.head.get("hidden") or 0))
 
 
 def session_of(bundle: Path, m: Manifest):

@@ -87,5 +87,32 @@ def test_runner_refuses_new_labels_on_a_fixed_class_head(tiny_tflite_bundle, tmp
                             labels=(LABELS[0], LABELS[1], "cycling"))
     p = run_runner("adapt", tiny_tflite_bundle, "--data", data, "--out", tmp_path / "s")
     assert p.returncode == 1
-    assert "fixed number of classes" in p.stderr and "onnx" in p.stderr
+    assert "fixed number of class rows (3, 3 in use)" in p.stderr
+    assert "class_capacity" in p.stderr and "onnx" in p.stderr
     assert not (tmp_path / "s" / "head.npz").exists()
+
+
+def test_spare_class_rows_let_a_tflite_head_learn_new_labels(tiny_ck, tmp_path):
+    """export.class_capacity: spare rows (bias -1e4) are filled by imprinting on the device."""
+    from .conftest import export_tiny
+
+    b = export_tiny(tiny_ck, tmp_path / "cap", "tflite", class_capacity=5)
+    m = Manifest.read(b)
+    assert m.head["capacity"] == 5 and m.head["params"][0]["shape"] == [5, 8]
+    assert m.checks["train_step_max_abs_err"] < 1e-4  # parity holds with spare rows
+    assert run_runner("selftest", b).returncode == 0
+    data = write_device_npz(tmp_path / "d.npz", 90, seed=3,
+                            labels=(LABELS[0], LABELS[1], "cycling"))
+    p = run_runner("adapt", b, "--data", data, "--out", tmp_path / "s", "--json", "--quiet",
+                   "--epochs", "5")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["new_labels"] == ["cycling"] and r["labels"][-1] == "cycling"
+    with np.load(tmp_path / "s" / "head.npz") as z:
+        assert z["weight"].shape == (5, 8) and z["bias"][4] < -1e3  # one spare row left
+    inf = json.loads(run_runner("infer", b, "--data", data, "--head", tmp_path / "s" /
+                                "head.npz", "--json", "--quiet").stdout)
+    assert set(inf["predictions"]) <= {LABELS[0], LABELS[1], LABELS[2], "cycling"}
+    three = write_device_npz(tmp_path / "t.npz", 90, seed=3, labels=("a", "b", "c"))
+    p = run_runner("adapt", b, "--data", three, "--out", tmp_path / "s3")
+    assert p.returncode == 1 and "class rows (5, 3 in use)" in p.stderr

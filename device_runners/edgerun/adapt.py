@@ -80,10 +80,11 @@ def selftest_train(bundle: Bundle, backend) -> float:
         f = z["train_features"].astype(np.float32)
         w = z["train_weights"].astype(np.float32)
         losses = z["train_loss"]
-        n_cls = len(bundle.labels)
-        t = np.eye(n_cls, dtype=np.float32)[z["train_labels"]]
+        labels = z["train_labels"]
         final = {k.split(".", 1)[1]: z[k] for k in z.files if k.startswith("train_final.")}
-    params = dict(Head.from_bundle(bundle).params)
+    head = Head.from_bundle(bundle)
+    t = np.eye(head.rows(m["head"]["class_params"]), dtype=np.float32)[labels]
+    params = dict(head.params)
     state = _zero_state(m, params)
     hp = m["optimizer"]["hparams"]
     err = 0.0
@@ -171,7 +172,8 @@ def _accuracy(pred_labels: list, true_labels: list) -> float:
 def _predict(backend, bundle, head: Head, feats: np.ndarray) -> list:
     if len(feats) == 0:
         return []
-    idx = _infer(backend, bundle, head, feats)["logits"].argmax(axis=1)
+    logits = _infer(backend, bundle, head, feats)["logits"]
+    idx = logits[:, : len(head.labels)].argmax(axis=1)  # spare rows of a fixed head never win
     return [head.labels[i] for i in idx]
 
 
@@ -211,15 +213,18 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     seen = list(dict.fromkeys(ds.y))
     new = [lab for lab in seen if lab not in head.labels]
     missing = [lab for lab in head.labels if lab not in seen]
-    if new and not m["train_step"].get("dynamic_classes", True):
+    dynamic = m["train_step"].get("dynamic_classes", True)
+    cls = m["head"]["class_params"]
+    if new and not dynamic and len(head.labels) + len(new) > head.rows(cls):
         raise RunnerError(
             f"labels {new} are not in this bundle's head {head.labels}, and its {m['target']} "
-            "graphs have a fixed number of classes; drop those windows, or export an onnx "
-            "bundle (dynamic classes) for devices that add labels")
+            f"graphs have a fixed number of class rows ({head.rows(cls)}, {len(head.labels)} "
+            "in use); drop those windows, export with a larger export.class_capacity, or use "
+            "an onnx bundle (dynamic classes)")
     if new:
         emb = _infer(backend, bundle, head, feats)["embedding"]
         ys = np.asarray(ds.y)
-        head.add_classes(new, {n: emb[ys == n] for n in new}, m["head"]["class_params"])
+        head.add_classes(new, {n: emb[ys == n] for n in new}, cls, grow=dynamic)
         warnings.append(f"labels {new} are new to this head: added {len(new)} class(es) by "
                         "weight imprinting from their mean features")
     if missing:
@@ -245,7 +250,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     if lr is not None:
         hp["lr"] = lr
     ts = m["train_step"]
-    n_cls = len(head.labels)
+    n_cls = head.rows(cls)  # targets span every class row (spare rows get none)
     state = _zero_state(m, head.params)
     fixed = ts.get("batch_size")
     bs = int(fixed) if fixed else batch_size

@@ -77,11 +77,17 @@ class Head:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def add_classes(self, names: list, embeddings: dict, class_params: list) -> None:
-        """Weight imprinting (Qi et al., 2018): grow the last layer with one row per new class.
+    def rows(self, class_params: list) -> int:
+        """Class rows of the last layer (labels plus spare rows of a fixed-capacity head)."""
+        return int(self.params[class_params[0]].shape[0])
+
+    def add_classes(self, names: list, embeddings: dict, class_params: list,
+                    grow: bool = True) -> None:
+        """Weight imprinting (Qi et al., 2018): one last-layer row per new class.
 
         A new class's weight row is its mean embedding, rescaled to the mean norm of the
-        existing rows; its bias is the mean existing bias.
+        rows in use; its bias is their mean bias. ``grow``: append rows (dynamic-class
+        graphs); otherwise fill the spare rows of a fixed-capacity head.
 
         Args:
             names: new class names.
@@ -89,13 +95,25 @@ class Head:
             class_params: [weight name, bias name] of the last layer.
         """
         w_name, b_name = class_params
+        used = len(self.labels)
         w, b = self.params[w_name], self.params[b_name]
-        scale = float(np.linalg.norm(w, axis=1).mean()) if len(w) else 1.0
-        rows, biases = [], []
+        scale = float(np.linalg.norm(w[:used], axis=1).mean()) if used else 1.0
+        bias = float(b[:used].mean()) if used else 0.0
+        rows = []
         for n in names:
             mu = embeddings[n].mean(axis=0)
             rows.append(mu / (np.linalg.norm(mu) + 1e-12) * scale)
-            biases.append(float(b.mean()) if len(b) else 0.0)
-        self.params[w_name] = np.concatenate([w, np.asarray(rows, np.float32)], axis=0)
-        self.params[b_name] = np.concatenate([b, np.asarray(biases, np.float32)], axis=0)
+        rows = np.asarray(rows, np.float32).reshape(len(names), w.shape[1])
+        if grow:
+            self.params[w_name] = np.concatenate([w[:used], rows, w[used:]], axis=0)
+            self.params[b_name] = np.concatenate(
+                [b[:used], np.full(len(names), bias, np.float32), b[used:]])
+        else:
+            if used + len(names) > len(w):
+                raise RunnerError(f"this head has {len(w)} class rows, {used} in use: no room "
+                                  f"for {len(names)} new label(s) {list(names)}")
+            w, b = w.copy(), b.copy()
+            w[used : used + len(names)] = rows
+            b[used : used + len(names)] = bias
+            self.params[w_name], self.params[b_name] = w, b
         self.labels += list(names)

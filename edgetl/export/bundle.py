@@ -19,7 +19,7 @@ import torch
 from edgetl import __version__
 from edgetl.checkpoint import Checkpoint
 from edgetl.config import ExportConfig
-from edgetl.errors import DataError, ShapeMismatchError, ToleranceError
+from edgetl.errors import ConfigError, DataError, ShapeMismatchError, ToleranceError
 from edgetl.export.registry import Exporter, as_feeds, get_exporter
 from edgetl.head import HPARAMS, HeadSpec, InferStep, TrainStep, init_state
 from edgetl.manifest import MANIFEST, Manifest, file_entry
@@ -54,8 +54,13 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
 
 
 def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, params: dict,
-                      atol: float, batch: int, steps: int = TRAIN_STEPS_CHECKED) -> float:
-    """Run ``steps`` padded train steps in the runtime and in torch; return the max diff."""
+                      atol: float, batch: int, steps: int = TRAIN_STEPS_CHECKED,
+                      n_labels: int | None = None) -> float:
+    """Run ``steps`` padded train steps in the runtime and in torch; return the max diff.
+
+    Targets are drawn from the first ``n_labels`` classes (default all): spare rows of a
+    fixed-capacity head never get targets on a device.
+    """
     ref = TrainStep(spec, optimizer)
     names = ref.input_names()
     p = [torch.as_tensor(v) for v in params.values()]
@@ -65,7 +70,8 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     worst = 0.0
     for i in range(steps):
         f = torch.randn(batch, spec.in_features, generator=g)
-        t = torch.eye(spec.num_classes)[torch.randint(0, spec.num_classes, (batch,), generator=g)]
+        t = torch.eye(spec.num_classes)[torch.randint(0, n_labels or spec.num_classes, (batch,),
+                                                      generator=g)]
         w = (torch.arange(batch) < batch - i % 3).float()  # some padded rows
         args = [f, t, w, *hp, *p, *s]
         out = ref(*args)
@@ -78,7 +84,8 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
 
 
 def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, batch: int,
-                  steps: int = TRAIN_VECTOR_STEPS, seed: int = 1) -> dict[str, np.ndarray]:
+                  steps: int = TRAIN_VECTOR_STEPS, seed: int = 1,
+                  n_labels: int | None = None) -> dict[str, np.ndarray]:
     """Reference train steps for the device self-test, computed by the torch train step.
 
     Starting from ``params`` (the shipped head) and zero optimizer state, ``steps`` batches
@@ -92,7 +99,7 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
     s = init_state(spec, optimizer, p)
     hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in HPARAMS[optimizer]]
     f = torch.randn(steps, batch, spec.in_features, generator=g).half().float()
-    labels = torch.randint(0, spec.num_classes, (steps, batch), generator=g)
+    labels = torch.randint(0, n_labels or spec.num_classes, (steps, batch), generator=g)
     t = torch.eye(spec.num_classes)[labels]
     w = (torch.arange(batch)[None] < batch - torch.arange(steps)[:, None] % 3).float()
     losses = []
@@ -253,10 +260,41 @@ def _check_ort_training(tmp: Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
+#: Bias of a spare class row of a fixed-capacity head: its logit never wins and its softmax
+#: probability (and so its gradient) is exactly 0 in float32.
+UNUSED_BIAS = -1e4
+
+
+def pad_classes(spec: HeadSpec, params: dict, capacity: int) -> tuple[HeadSpec, dict]:
+    """A head with ``capacity`` class rows: the trained ones, then spare rows.
+
+    Spare rows have zero weights and bias :data:`UNUSED_BIAS`; a device fills them with new
+    labels (weight imprinting) without changing the graph's shapes. Fixed-shape runtimes
+    (TFLite) can then learn new classes on the device.
+    """
+    extra = capacity - spec.num_classes
+    if extra <= 0:
+        return spec, params
+    w_name, b_name = spec.class_params
+    out = dict(params)
+    out[w_name] = np.concatenate([params[w_name],
+                                  np.zeros((extra, params[w_name].shape[1]), np.float32)])
+    out[b_name] = np.concatenate([params[b_name], np.full(extra, UNUSED_BIAS, np.float32)])
+    return HeadSpec(spec.kind, spec.in_features, capacity, spec.hidden), out
+
+
 def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
            reference_x: np.ndarray, calib_x: np.ndarray | None,
            eval_set: tuple[np.ndarray, np.ndarray] | None, provenance: dict) -> Manifest:
     spec = head_spec(ck)
+    params = {k: v.detach().numpy().astype(np.float32) for k, v in ck.model.head_state().items()}
+    capacity = spec.num_classes
+    if not exporter.dynamic_classes and cfg.class_capacity:
+        if cfg.class_capacity < spec.num_classes:
+            raise ConfigError(f"export.class_capacity {cfg.class_capacity} is below the "
+                              f"{spec.num_classes} classes the model already has")
+        capacity = cfg.class_capacity
+        spec, params = pad_classes(spec, params, capacity)
     files = {"backbone": f"backbone{exporter.suffix}"}
     model = ck.model.eval()
     xn = ck.normalize(reference_x)
@@ -269,7 +307,6 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     sig = exporter.export_head(spec, ck.head.optimizer, tmp, opset=cfg.opset, batch=batch)
     files.update(sig["files"])
     files.update(head_init="head_init.npz", test_vectors="test_vectors.npz")
-    params = {k: v.detach().numpy().astype(np.float32) for k, v in model.head_state().items()}
     np.savez(tmp / files["head_init"], **params)
     ort_training = None
     if cfg.trainer == "ort-training":
@@ -308,8 +345,9 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     checks["backbone_rel_err"] = checks["backbone_max_abs_err"] / max(scale, 1e-12)
     infer_out = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
     checks["infer_max_abs_err"] = compare("head_infer.logits", infer_out["logits"], logits, atol)
-    checks["train_step_max_abs_err"] = _check_train_step(sess, spec, ck.head.optimizer,
-                                                         ck.head.hparams(), params, atol, batch)
+    checks["train_step_max_abs_err"] = _check_train_step(
+        sess, spec, ck.head.optimizer, ck.head.hparams(), params, atol, batch,
+        n_labels=len(ck.labels))
     checks.update(n_reference=len(reference_x), train_steps_checked=TRAIN_STEPS_CHECKED)
     if eval_set is not None:
         checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
@@ -318,7 +356,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     tv_x = reference_x[:n_tv] if ck.image is not None else reference_x[:n_tv].astype(np.float32)
     np.savez(tmp / files["test_vectors"], x=tv_x,
              features=tv_feats[:n_tv], logits=tv_logits[:n_tv],
-             **train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch))
+             **train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch,
+                             n_labels=len(ck.labels)))
 
     quant = {}
     if int8:
@@ -341,7 +380,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         labels=list(ck.labels),
         head={"kind": spec.kind, "hidden": spec.hidden, "embedding_dim": spec.embedding_dim,
               "params": [{"name": n, "shape": list(s)} for n, s in shapes.items()],
-              "class_params": list(spec.class_params), "init_file": "head_init"},
+              "class_params": list(spec.class_params), "init_file": "head_init",
+              "capacity": capacity, "unused_bias": UNUSED_BIAS},
         optimizer={"name": ck.head.optimizer, "hparams": ck.head.hparams(), "state": state},
         train_step={**sig["train"], "loss_output": "loss",
                     "targets_input": "targets", "targets_encoding": "one_hot_float32",
