@@ -131,16 +131,52 @@ def _quiet():
                 log.error("converter output before the failure:\n%s", tail)
 
 
+def _relu6_aware_quantizer():
+    """litert-torch's PT2E quantizer, plus conv -> ReLU6 (hardtanh) annotated as one op.
+
+    The stock quantizer lets hardtanh share its quantization range with the convolution's
+    *unclipped* output: on EfficientNet-Lite0 the output scale came out 0.17 (range -18..26
+    for values in [0, 6]) and int8 features had cosine 0.77 to fp32. Annotating the pair like
+    conv -> ReLU (the range observed after the clip) gives cosine 0.99.
+    """
+    from litert_torch.quantize import pt2e_quantizer_utils as qutils
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    convs = {torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default,
+             torch.ops.aten.conv1d.default}
+    clips = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
+
+    class Relu6AwarePT2EQuantizer(PT2EQuantizer):
+        def annotate(self, model):
+            cfg = self.global_config
+            for n in model.graph.nodes:
+                if n.op != "call_function" or n.target not in clips:
+                    continue
+                conv = n.args[0]
+                if (not isinstance(conv, torch.fx.Node) or conv.target not in convs
+                        or len(conv.users) != 1):
+                    continue
+                qmap = {conv.args[0]: qutils.get_input_act_qspec(cfg),
+                        conv.args[1]: qutils.get_weight_qspec(cfg)}
+                if len(conv.args) > 2 and isinstance(conv.args[2], torch.fx.Node):
+                    qmap[conv.args[2]] = qutils.get_bias_qspec(cfg)
+                conv.meta["quantization_annotation"] = QuantizationAnnotation(
+                    input_qspec_map=qmap, _annotated=True)
+                n.meta["quantization_annotation"] = QuantizationAnnotation(
+                    output_qspec=qutils.get_output_act_qspec(cfg), _annotated=True)
+            return super().annotate(model)
+
+    return Relu6AwarePT2EQuantizer()
+
+
 def _convert_backbone_int8(backbone: nn.Module, x1: torch.Tensor, calib: np.ndarray, path: Path):
     import litert_torch
-    from litert_torch.quantize.pt2e_quantizer import (
-        PT2EQuantizer,
-        get_symmetric_quantization_config,
-    )
+    from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = PT2EQuantizer().set_global(
+    quantizer = _relu6_aware_quantizer().set_global(
         get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
     gm = prepare_pt2e(torch.export.export(backbone, (x1,)).module(), quantizer)
     with torch.no_grad():
