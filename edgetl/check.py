@@ -25,7 +25,7 @@ import numpy as np
 from edgetl import adapt as device
 from edgetl.errors import EdgetlError
 from edgetl.manifest import Manifest
-from edgetl.tolerances import TRAIN_STEPS_CHECKED, parity_atol
+from edgetl.tolerances import TRAIN_STEPS_CHECKED, parity_atol, scaled_atol
 
 
 @dataclass
@@ -125,10 +125,11 @@ def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray 
         parts = []
         worst = 0.0
         if m.precision == "fp32":
-            worst = compare("backbone.features", sess.features(xn), feats, atol)
+            worst = compare("backbone.features", sess.features(xn), feats,
+                            scaled_atol(m.target, feats))
             parts.append(f"backbone {worst:.1e}")
         got = sess.infer({"features": feats, **params})["logits"]
-        e_inf = compare("head_infer.logits", got, logits, atol)
+        e_inf = compare("head_infer.logits", got, logits, scaled_atol(m.target, logits))
         batch = m.train_step.get("batch_size") or 16
         e_step = _check_train_step(sess, spec, m.optimizer["name"], m.optimizer["hparams"],
                                    params, atol, batch, n_labels=len(m.labels))

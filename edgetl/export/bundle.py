@@ -29,6 +29,7 @@ from edgetl.tolerances import (
     TRAIN_STEPS_CHECKED,
     TRAIN_VECTOR_STEPS,
     parity_atol,
+    scaled_atol,
 )
 
 log = logging.getLogger(__name__)
@@ -340,11 +341,15 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
             torch.from_numpy, params.values()))[0].detach().numpy()
         tv_atol = SELFTEST_INT8_REL * max(scale, float(np.abs(tv_logits).max()))
     else:
-        checks["backbone_max_abs_err"] = compare("backbone.features", got_feats, feats, atol)
-        tv_feats, tv_logits, tv_atol = feats, logits, SELFTEST_FP32_FACTOR * atol
+        checks["backbone_max_abs_err"] = compare("backbone.features", got_feats, feats,
+                                                 scaled_atol(exporter.target, feats))
+        tv_feats, tv_logits = feats, logits
+        tv_atol = SELFTEST_FP32_FACTOR * max(scaled_atol(exporter.target, feats[:8]),
+                                             scaled_atol(exporter.target, logits[:8]))
     checks["backbone_rel_err"] = checks["backbone_max_abs_err"] / max(scale, 1e-12)
     infer_out = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
-    checks["infer_max_abs_err"] = compare("head_infer.logits", infer_out["logits"], logits, atol)
+    checks["infer_max_abs_err"] = compare("head_infer.logits", infer_out["logits"], logits,
+                                          scaled_atol(exporter.target, logits))
     checks["train_step_max_abs_err"] = _check_train_step(
         sess, spec, ck.head.optimizer, ck.head.hparams(), params, atol, batch,
         n_labels=len(ck.labels))
