@@ -116,3 +116,37 @@ def test_spare_class_rows_let_a_tflite_head_learn_new_labels(tiny_ck, tmp_path):
     three = write_device_npz(tmp_path / "t.npz", 90, seed=3, labels=("a", "b", "c"))
     p = run_runner("adapt", b, "--data", three, "--out", tmp_path / "s3")
     assert p.returncode == 1 and "class rows (5, 3 in use)" in p.stderr
+
+
+def test_int8_relu6_network_keeps_its_features(tmp_path):
+    """conv -> BN -> ReLU6 (EfficientNet's block) quantised with PT2E stays close to fp32."""
+    from torch import nn
+
+    from edgetl.export.tflite import TFLiteExporter, _LiteRTBundle
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+                        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32),
+                        nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():  # BN statistics that make the pre-clip range much wider than [0, 6]
+        for m in net:
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(2.0, 6.0)
+    net.eval()
+    calib = np.random.default_rng(0).normal(size=(64, 3, 16, 16)).astype(np.float32)
+    ex = TFLiteExporter()
+    ex.export_backbone(net, torch.from_numpy(calib[:2]), tmp_path / "b.tflite", opset=17,
+                       precision="int8", calib=calib)
+    sess = _LiteRTBundle.__new__(_LiteRTBundle)
+    from edgetl.export.tflite import _io_quant, _runner
+
+    sess._bb = _runner(tmp_path / "b.tflite", None)
+    (sess._in, d_in), = sess._bb.get_input_details().items()
+    sess._qin = _io_quant(d_in)
+    sess._qout = _io_quant(next(iter(sess._bb.get_output_details().values())))
+    x = np.random.default_rng(1).normal(size=(32, 3, 16, 16)).astype(np.float32)
+    got = sess.features(x)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.mean() > 0.98, cos.mean()

@@ -181,6 +181,8 @@ def export_bundles(recipe: Recipe, out: Path, vd: VisionData, *, show: bool = Tr
                          "bytes": sum(f.bytes for f in man.files.values()),
                          "backbone_bytes": man.files["backbone"].bytes,
                          "dynamic_classes": man.train_step["dynamic_classes"],
+                         "class_rows": int(man.head.get("capacity") or len(man.labels)),
+                         "n_labels": len(man.labels),
                          "checks": man.checks, "gate": [c.to_dict() for c in gate]})
     return rows
 
@@ -222,7 +224,9 @@ def personalise_cameras(recipe: Recipe, bundles: list, out: Path, *,
     cams = write_cameras(recipe, out)
     a = recipe.adapt
     rows = []
-    usable = [b for b in bundles if b["dynamic_classes"]]
+    n_new = len(imdata.load_digits_images()[2])
+    usable = [b for b in bundles  # ONNX grows its class axis; TFLite fills spare class rows
+              if b["dynamic_classes"] or b["class_rows"] >= b["n_labels"] + n_new]
     with progress_bar(show) as prog:
         task = prog.add_task("cameras learn digits", total=len(usable) * len(cams), info="")
         for b in usable:
