@@ -15,6 +15,7 @@ import torch
 from edgetl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgetl.config import Recipe
 from edgetl.data import hapt
+from edgetl.errors import ConfigError
 from edgetl.export import export_bundle
 from edgetl.manifest import Manifest
 from edgetl.nets import build_model, count_params
@@ -40,6 +41,10 @@ class ServerData:
 def server_data(recipe: Recipe, *, windows: hapt.Windows | None = None) -> ServerData:
     """Split the recipe's dataset by user: train / server-val / held-out (device users)."""
     d = recipe.data
+    if d.is_image:
+        raise ConfigError(f"recipe {recipe.name!r} is an image recipe: run it with `edgetl run "
+                          "models/vision/recipe.toml` (its stages run together); pretrain, "
+                          "distill, export and quantize take window (HAR) recipes")
     w = windows if windows is not None else hapt.load_hapt(d.window, d.stride)
     train_users = sorted(set(d.server_users) - set(d.server_val_users))
     tr, va, ho = w.users(train_users), w.users(d.server_val_users), w.users(d.device_users)
