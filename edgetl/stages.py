@@ -42,9 +42,9 @@ def server_data(recipe: Recipe, *, windows: hapt.Windows | None = None) -> Serve
     """Split the recipe's dataset by user: train / server-val / held-out (device users)."""
     d = recipe.data
     if d.is_image:
-        raise ConfigError(f"recipe {recipe.name!r} is an image recipe: run it with `edgetl run "
-                          "models/vision/recipe.toml` (its stages run together); pretrain, "
-                          "distill, export and quantize take window (HAR) recipes")
+        raise ConfigError(f"recipe {recipe.name!r} is an image recipe: train it with `edgetl "
+                          "run models/vision/recipe.toml` (its training stages run together); "
+                          "pretrain and distill take window (HAR) recipes")
     w = windows if windows is not None else hapt.load_hapt(d.window, d.stride)
     train_users = sorted(set(d.server_users) - set(d.server_val_users))
     tr, va, ho = w.users(train_users), w.users(d.server_val_users), w.users(d.device_users)
@@ -139,20 +139,33 @@ class CheckData:
     calibration: np.ndarray
     heldout_x: np.ndarray
     heldout_y: np.ndarray
+    labels: tuple[str, ...] = ()
 
 
 def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:
-    """Seeded, reproducible picks of reference and calibration windows, plus held-out data."""
+    """Seeded, reproducible picks of reference and calibration windows, plus held-out data.
+
+    Image recipes: reference images from the validation split, calibration images from the
+    training subset, the Fashion-MNIST test subset as held-out data (as ``edgetl run``).
+    """
+    rng = np.random.default_rng(0)
+    if recipe.data.is_image:
+        from edgetl.vision.pipeline import raw_splits
+
+        r = raw_splits(recipe)
+        ref = r["x_val"][np.sort(rng.permutation(len(r["x_val"]))[:64])]
+        calib = r["x_train"][np.sort(rng.permutation(len(r["x_train"]))[
+            : recipe.export.calibration_windows])]
+        return CheckData(ref, calib, r["x_test"], r["y_test"], r["labels"])
     sd = data or server_data(recipe)
     d, w = recipe.data, sd.windows
     ref = w.users(d.server_val_users)
     src = w.users(sorted(set(d.server_users) - set(d.server_val_users)))
     ho = w.users(d.device_users)
-    rng = np.random.default_rng(0)
     pick = np.sort(rng.permutation(len(ref))[:256])
     n_cal = recipe.export.calibration_windows
     calib = src.x[np.sort(rng.permutation(len(src.x))[:n_cal])]
-    return CheckData(ref.x[pick], calib, ho.x, ho.y)
+    return CheckData(ref.x[pick], calib, ho.x, ho.y, tuple(w.labels))
 
 
 def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = None,

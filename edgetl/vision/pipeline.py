@@ -66,8 +66,8 @@ def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
                                    for c in classes]))
 
 
-def vision_data(recipe: Recipe, *, test_subset: int = 2000) -> VisionData:
-    """Fashion-MNIST: a stratified training subset, a validation split, a test subset."""
+def raw_splits(recipe: Recipe, *, test_subset: int = 2000) -> dict[str, np.ndarray]:
+    """Seeded Fashion-MNIST splits as raw uint8 images: train, val, test (+ labels, names)."""
     d = recipe.data
     x, y, xt, yt, labels = imdata.load_fashion_mnist()
     rng = np.random.default_rng(recipe.pretrain.seed)
@@ -78,14 +78,22 @@ def vision_data(recipe: Recipe, *, test_subset: int = 2000) -> VisionData:
     n_val = int(round(d.val_fraction * len(y)))
     va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     te = _stratified(yt, test_subset, rng) if test_subset else np.arange(len(yt))
+    return {"x_train": x[tr], "y_train": y[tr], "x_val": x[va], "y_val": y[va],
+            "x_test": xt[te], "y_test": yt[te], "labels": tuple(labels)}
+
+
+def vision_data(recipe: Recipe, *, test_subset: int = 2000) -> VisionData:
+    """Fashion-MNIST: a stratified training subset, a validation split, a test subset."""
+    r = raw_splits(recipe, test_subset=test_subset)
     spec = image_spec(recipe)
 
     def split(raw: np.ndarray, lab: np.ndarray) -> Split:
         return Split(imdata.to_model_input(raw, (spec["height"], spec["width"]), spec["mode"],
                                            spec["mean"], spec["std"]), lab.astype(np.int64))
 
-    return VisionData(x[tr], x[va], xt[te], split(x[tr], y[tr]), split(x[va], y[va]),
-                      split(xt[te], yt[te]), tuple(labels), spec)
+    return VisionData(r["x_train"], r["x_val"], r["x_test"], split(r["x_train"], r["y_train"]),
+                      split(r["x_val"], r["y_val"]), split(r["x_test"], r["y_test"]),
+                      r["labels"], spec)
 
 
 def _checkpoint(model, recipe: Recipe, net, vd: VisionData, meta: dict) -> Checkpoint:
