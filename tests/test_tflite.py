@@ -138,13 +138,7 @@ def test_int8_relu6_network_keeps_its_features(tmp_path):
     ex = TFLiteExporter()
     ex.export_backbone(net, torch.from_numpy(calib[:2]), tmp_path / "b.tflite", opset=17,
                        precision="int8", calib=calib)
-    sess = _LiteRTBundle.__new__(_LiteRTBundle)
-    from edgetl.export.tflite import _io_quant, _runner
-
-    sess._bb = _runner(tmp_path / "b.tflite", None)
-    (sess._in, d_in), = sess._bb.get_input_details().items()
-    sess._qin = _io_quant(d_in)
-    sess._qout = _io_quant(next(iter(sess._bb.get_output_details().values())))
+    sess = _LiteRTBundle.backbone_only(tmp_path / "b.tflite")
     x = np.random.default_rng(1).normal(size=(32, 3, 16, 16)).astype(np.float32)
     got = sess.features(x)
     with torch.no_grad():

@@ -287,11 +287,22 @@ class _LiteRTBundle:
         require("ai_edge_litert", "tflite")
         self._sig = sig
         with _quiet():  # the interpreter announces its XNNPACK delegate on stderr
-            self._bb = _runner(bundle / files["backbone"], None)
             self._train = _runner(bundle / files[sig["train"]["file"]],
                                   sig["train"]["signature"])
             self._infer = _runner(bundle / files[sig["infer"]["file"]],
                                   sig["infer"]["signature"])
+        self._load_backbone(bundle / files["backbone"])
+
+    @classmethod
+    def backbone_only(cls, path: Path) -> _LiteRTBundle:
+        """A session with only ``features()``, for a lone backbone model."""
+        self = cls.__new__(cls)
+        self._load_backbone(Path(path))
+        return self
+
+    def _load_backbone(self, path: Path) -> None:
+        with _quiet():
+            self._bb = _runner(path, None)
             (self._in, d_in), = self._bb.get_input_details().items()
             self._qin = _io_quant(d_in)
             self._qout = _io_quant(next(iter(self._bb.get_output_details().values())))
