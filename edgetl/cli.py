@@ -198,7 +198,7 @@ def adapt(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
           data: Annotated[Path, typer.Option(help=".npz (x, y) or .csv with the device's "
                                              "labelled data")],
           out: OutOpt = Path("runs/device"),
-          epochs: Annotated[int, typer.Option(min=1)] = 30,
+          epochs: Annotated[int, typer.Option(min=0, help="0: only imprint new labels")] = 30,
           batch_size: Annotated[int, typer.Option(min=1)] = 32,
           val_fraction: Annotated[float, typer.Option(min=0.01, max=0.99)] = 0.25,
           lr: Annotated[float | None, typer.Option(help="override the bundle's lr")] = None,
