@@ -208,3 +208,15 @@ def test_selftest_passes_and_head_from_another_backbone_is_refused(bundle, tmp_p
     assert p.returncode == 1
     assert "was trained on another backbone (sha256 000000000000" in p.stderr
     assert "drop --head" in p.stderr
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(bundle, tmp_path):
+    """Hashes match (the target is a copy), but the file lives outside: refused by name."""
+    import os
+
+    outside = tmp_path / "elsewhere.npz"
+    shutil.copy(bundle / "head_init.npz", outside)
+    os.remove(bundle / "head_init.npz")
+    os.symlink(outside, bundle / "head_init.npz")
+    p = run_runner("selftest", bundle)
+    assert p.returncode == 1 and "head_init.npz" in p.stderr and "outside the bundle" in p.stderr

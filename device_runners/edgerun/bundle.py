@@ -57,7 +57,9 @@ class Bundle:
             raise RunnerError(f"manifest lists no file for role {role!r}; known roles: "
                               f"{sorted(self.manifest['files'])}") from None
         full = os.path.normpath(os.path.join(self.root, rel))
-        if os.path.dirname(full) != os.path.normpath(self.root):
+        real = os.path.realpath(full)  # a symlink inside the bundle may point anywhere
+        if (os.path.isabs(rel) or os.path.dirname(full) != os.path.normpath(self.root)
+                or os.path.dirname(real) != os.path.realpath(self.root)):
             raise RunnerError(f"manifest file {rel!r} points outside the bundle; refusing it")
         return full
 
