@@ -40,6 +40,10 @@ def main(argv=None) -> int:
     a.add_argument("--head", default=None, help="continue from this head checkpoint")
     a.add_argument("--trainer", choices=("stateless", "ort-training"), default=None,
                    help="default: the bundle's (manifest train_step.trainer)")
+    a.add_argument("--max-seconds", type=float, default=None,
+                   help="time budget: stop and keep the best head so far")
+    a.add_argument("--max-memory-mb", type=float, default=None,
+                   help="resident-memory budget: stop and keep the best head so far")
     i = sub.add_parser("infer", help="predict labels (and accuracy if labelled)")
     i.add_argument("bundle")
     i.add_argument("--data", required=True)
@@ -63,7 +67,9 @@ def main(argv=None) -> int:
             res = ad.adapt(args.bundle, args.data, args.out, epochs=args.epochs,
                            batch_size=args.batch_size, val_fraction=args.val_fraction,
                            lr=args.lr, seed=args.seed, head_path=args.head,
-                           threads=args.threads, trainer=args.trainer, quiet=args.quiet)
+                           threads=args.threads, trainer=args.trainer,
+                           max_seconds=args.max_seconds, max_memory_mb=args.max_memory_mb,
+                           quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, quiet=args.quiet)

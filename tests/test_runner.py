@@ -220,3 +220,18 @@ def test_a_symlink_out_of_the_bundle_is_refused(bundle, tmp_path):
     os.symlink(outside, bundle / "head_init.npz")
     p = run_runner("selftest", bundle)
     assert p.returncode == 1 and "head_init.npz" in p.stderr and "outside the bundle" in p.stderr
+
+
+def test_budgets_stop_cleanly_and_keep_the_best_head(bundle, tmp_path):
+    data = write_device_npz(tmp_path / "d.npz", 120, seed=2, **SHIFT)
+    p = _adapt(bundle, data, tmp_path / "s", "--max-seconds", "0.000001")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["epochs_run"] == 1 and r["steps"] == 1 and r["history"][0]["complete"] is False
+    assert "time budget" in r["stopped_early"] and any("stopped early" in w for w in r["warnings"])
+    assert (tmp_path / "s" / "head.npz").exists() and r["budget"]["max_seconds"] == 1e-06
+    p = _adapt(bundle, data, tmp_path / "m", "--max-memory-mb", "1")
+    assert p.returncode == 1 and "--max-memory-mb 1" in p.stderr
+    assert not (tmp_path / "m" / "head.npz").exists()
+    full = json.loads(_adapt(bundle, data, tmp_path / "f", "--max-seconds", "3600").stdout)
+    assert full["stopped_early"] is None and full["epochs_run"] == 40

@@ -37,6 +37,18 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def rss_mb() -> float:
+    """Current resident memory of this process, in MiB (Linux; 0 where unknown)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def write_json(path: str, obj: dict) -> None:
     """Atomic JSON write."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -185,8 +197,13 @@ def _say(quiet: bool, msg: str) -> None:
 def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
           batch_size: int = 32, val_fraction: float = 0.25, lr: float | None = None,
           seed: int = 0, head_path: str | None = None, threads: int = 0,
-          trainer: str | None = None, quiet: bool = False) -> dict:
+          trainer: str | None = None, max_seconds: float | None = None,
+          max_memory_mb: float | None = None, quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
+
+    Budgets: training stops after the step that crosses ``max_seconds`` (counted from the
+    start, feature pass included) or ``max_memory_mb`` (resident memory), and keeps the best
+    head so far by validation accuracy; the gate then judges that head as usual.
 
     Returns the report (also written as ``report.json``).
     """
@@ -260,6 +277,11 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     rng = np.random.default_rng(seed)
     eye = np.eye(n_cls, dtype=np.float32)
     history, steps = [], 0
+    if max_memory_mb is not None and rss_mb() > max_memory_mb:
+        raise RunnerError(f"the runner already uses {rss_mb():.0f} MiB after loading the runtime "
+                          f"and the data, above --max-memory-mb {max_memory_mb:g}; nothing was "
+                          "written. Raise the budget or adapt on fewer windows")
+    stopped, best = None, None
     t1 = time.perf_counter()
     for epoch in range(epochs):
         order = rng.permutation(tr)
@@ -280,11 +302,26 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
             total += loss * n
             count += n
             steps += 1
+            if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+                stopped = f"time budget of {max_seconds:g} s reached in epoch {epoch + 1}"
+            elif max_memory_mb is not None and rss_mb() > max_memory_mb:
+                stopped = f"memory budget of {max_memory_mb:g} MiB reached in epoch {epoch + 1}"
+            if stopped:
+                break
         val_acc = _accuracy(_predict(backend, bundle, head, feats[va]), yv_names)
-        history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_accuracy": val_acc})
+        history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_accuracy": val_acc,
+                        "complete": stopped is None})
+        if best is None or val_acc > best[0]:
+            best = (val_acc, {k: v.copy() for k, v in head.params.items()}, epoch + 1)
+        if stopped:
+            break
     train_seconds = time.perf_counter() - t1
     acc_after = (history[-1]["val_accuracy"] if history else  # --epochs 0: imprinting only
                  _accuracy(_predict(backend, bundle, head, feats[va]), yv_names))
+    if stopped:
+        acc_after, head.params = best[0], best[1]
+        warnings.append(f"stopped early: {stopped}; kept the best head so far (epoch {best[2]}, "
+                        f"validation accuracy {best[0]:.3f})")
     rolled_back = not acc_after >= acc_before
 
     os.makedirs(out_dir, exist_ok=True)
@@ -318,6 +355,8 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         "step_ms": 1000 * train_seconds / max(steps, 1) if steps else None,
         "total_seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
         "selftest_max_abs_err": selftest_err, "history": history,
+        "stopped_early": stopped, "epochs_run": len(history),
+        "budget": {"max_seconds": max_seconds, "max_memory_mb": max_memory_mb},
     }
     write_json(os.path.join(out_dir, "report.json"), report)
     for w in warnings:
