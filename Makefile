@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch pulls several GB of CUDA wheels.
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[train,onnx,tflite,data,vision,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[train,onnx,tflite,data,vision,sign,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -57,11 +57,14 @@ def main(argv=None) -> int:
     b.add_argument("--repeats", type=int, default=300)
     for sp in (a, i, s, b):
         sp.add_argument("--threads", type=int, default=0, help="runtime threads (0: default)")
+        sp.add_argument("--trust-key", default=None,
+                        help="Ed25519 public key (PEM): refuse bundles it did not sign")
         sp.add_argument("--quiet", action="store_true")
         sp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     args = p.parse_args(argv)
     try:
         from edgerun import adapt as ad
+        from edgerun.bundle import Bundle
 
         if args.cmd == "adapt":
             res = ad.adapt(args.bundle, args.data, args.out, epochs=args.epochs,
@@ -69,11 +72,12 @@ def main(argv=None) -> int:
                            lr=args.lr, seed=args.seed, head_path=args.head,
                            threads=args.threads, trainer=args.trainer,
                            max_seconds=args.max_seconds, max_memory_mb=args.max_memory_mb,
-                           quiet=args.quiet)
+                           trust_key=args.trust_key, quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
-                           threads=args.threads, quiet=args.quiet)
+                           threads=args.threads, trust_key=args.trust_key, quiet=args.quiet)
         elif args.cmd == "bench":
+            Bundle(args.bundle, trust_key=args.trust_key)
             res = ad.bench(args.bundle, repeats=args.repeats, threads=args.threads)
             if not args.quiet:
                 print(f"{res['target']}/{res['precision']}: backbone p50 "
@@ -81,9 +85,8 @@ def main(argv=None) -> int:
                       f"bundle {res['bundle_bytes'] / 1024:.0f} KiB", file=sys.stderr)
         else:
             from edgerun.backends import make_backend
-            from edgerun.bundle import Bundle
 
-            b = Bundle(args.bundle)
+            b = Bundle(args.bundle, trust_key=args.trust_key)
             be = make_backend(b, args.threads, args.trainer)
             res = {"ok": True, "max_abs_err": ad.selftest(b, be),
                    "train_max_abs_err": ad.selftest_train(b, be), "backend": be.name,

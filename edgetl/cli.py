@@ -126,7 +126,9 @@ def export(checkpoint: Annotated[Path, typer.Argument(help="student checkpoint")
            DEFAULT_RECIPE,
            out: Annotated[Path | None, typer.Option("--out", "-o", help="bundle directory "
                                                     "(default runs/har/bundles/TARGET-PRECISION)")]
-           = None):
+           = None,
+           sign_key: Annotated[Path | None, typer.Option(
+               help="Ed25519 private key (edgetl keygen): sign manifest.json")] = None):
     """Export a student as a device bundle (backbone + trainable head + manifest.json)."""
     _setup()
     from edgetl import stages
@@ -134,8 +136,21 @@ def export(checkpoint: Annotated[Path, typer.Argument(help="student checkpoint")
 
     out = out or Path("runs/har/bundles") / f"{target}-{precision}"
     man = stages.export(checkpoint, out, _recipe(recipe), target=target, precision=precision,
-                        trainer=trainer)
-    typer.echo(bundle_line(out, man))
+                        trainer=trainer, sign_key=sign_key)
+    typer.echo(bundle_line(out, man) + ("; signed" if sign_key else ""))
+
+
+@app.command()
+@user_errors
+def keygen(out: Annotated[Path, typer.Option("--out", "-o", help="folder for the key pair")] =
+           Path("keys"),
+           name: Annotated[str, typer.Option(help="file name stem")] = "edgetl"):
+    """Make an Ed25519 key pair: NAME.key (private, 0600) signs, NAME.pub goes to devices."""
+    from edgetl.signing import keygen as make
+
+    priv, pub = make(out, name)
+    typer.echo(f"private key {priv} (keep it on the build server), public key {pub} "
+               "(give it to devices: run.py ... --trust-key)")
 
 
 @app.command()

@@ -170,7 +170,7 @@ def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:
 
 def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = None,
            precision: str | None = None, trainer: str | None = None,
-           data: ServerData | None = None) -> Manifest:
+           data: ServerData | None = None, sign_key: Path | None = None) -> Manifest:
     """Export a student checkpoint as a device bundle in ``out``.
 
     Reference windows (parity checks, test vectors) come from the server-validation users,
@@ -187,7 +187,8 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
     return export_bundle(ck, Path(out), cfg, reference_x=cd.reference, calib_x=cd.calibration,
                          eval_set=(cd.heldout_x, cd.heldout_y),
                          provenance={"checkpoint": str(checkpoint), "recipe": recipe.name,
-                                     "student_heldout_accuracy": ck.meta.get("heldout_accuracy")})
+                                     "student_heldout_accuracy": ck.meta.get("heldout_accuracy")},
+                         sign_key=sign_key)
 
 
 def quantize(bundle: Path, out: Path, recipe: Recipe, *,

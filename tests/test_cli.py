@@ -11,8 +11,8 @@ from edgetl.cli import app
 
 from .conftest import write_device_npz
 
-COMMANDS = ["pretrain", "distill", "export", "quantize", "check", "adapt", "run", "personalise",
-            "bench"]
+COMMANDS = ["pretrain", "distill", "export", "keygen", "quantize", "check", "adapt", "run",
+            "personalise", "bench"]
 runner = CliRunner()
 
 

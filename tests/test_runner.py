@@ -85,7 +85,8 @@ def test_runner_process_never_imports_torch_or_edgetl(which, request, tmp_path):
 
 
 def test_runner_sources_import_only_numpy_stdlib_and_one_runtime():
-    runtimes = {"onnxruntime", "ai_edge_litert"}  # each imported only by its own backend
+    runtimes = {"onnxruntime", "ai_edge_litert",  # each imported only by its own backend
+                "cryptography"}  # only with --trust-key
     allowed = ({"numpy", "edgerun", "run", "PIL"} | runtimes  # PIL: image bundles, lazily
                | set(sys.stdlib_module_names))
     for path in RUNNER.parent.rglob("*.py"):
@@ -235,3 +236,34 @@ def test_budgets_stop_cleanly_and_keep_the_best_head(bundle, tmp_path):
     assert not (tmp_path / "m" / "head.npz").exists()
     full = json.loads(_adapt(bundle, data, tmp_path / "f", "--max-seconds", "3600").stdout)
     assert full["stopped_early"] is None and full["epochs_run"] == 40
+
+
+def test_signed_bundles_and_trust_keys(tiny_ck, tmp_path):
+    """--trust-key refuses unsigned bundles, other keys and modified manifests; files by hash."""
+    from edgetl.signing import keygen, verify_bundle
+
+    from .conftest import export_tiny
+
+    priv, pub = keygen(tmp_path / "keys")
+    _, other = keygen(tmp_path / "keys", "other")
+    assert oct(priv.stat().st_mode & 0o777) == "0o600"
+    b = export_tiny(tiny_ck, tmp_path / "signed", sign_key=priv)
+    verify_bundle(b, pub)
+    assert run_runner("selftest", b, "--trust-key", pub).returncode == 0
+    p = run_runner("selftest", b, "--trust-key", other)
+    assert p.returncode == 1 and "does not verify" in p.stderr
+    unsigned = export_tiny(tiny_ck, tmp_path / "unsigned")
+    p = run_runner("selftest", unsigned, "--trust-key", pub)
+    assert p.returncode == 1 and "not signed" in p.stderr
+    assert run_runner("selftest", unsigned).returncode == 0  # no key given: no requirement
+    m = json.loads((b / "manifest.json").read_text())
+    m["optimizer"]["hparams"]["lr"] = 10.0  # a tampered manifest
+    (b / "manifest.json").write_text(json.dumps(m))
+    assert "does not verify" in run_runner("selftest", b, "--trust-key", pub).stderr
+    b2 = export_tiny(tiny_ck, tmp_path / "signed2", sign_key=priv)
+    with open(b2 / "head_init.npz", "ab") as f:
+        f.write(b"\0")
+    p = run_runner("selftest", b2, "--trust-key", pub)
+    assert p.returncode == 1 and "head_init.npz (head_init) fails its hash check" in p.stderr
+    with pytest.raises(Exception, match="never overwritten"):
+        keygen(tmp_path / "keys")

@@ -198,7 +198,8 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
           batch_size: int = 32, val_fraction: float = 0.25, lr: float | None = None,
           seed: int = 0, head_path: str | None = None, threads: int = 0,
           trainer: str | None = None, max_seconds: float | None = None,
-          max_memory_mb: float | None = None, quiet: bool = False) -> dict:
+          max_memory_mb: float | None = None, trust_key: str | None = None,
+          quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Budgets: training stops after the step that crosses ``max_seconds`` (counted from the
@@ -211,7 +212,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         raise RunnerError(f"need epochs >= 0, batch_size >= 1, 0 < val_fraction < 1; got "
                           f"{epochs}, {batch_size}, {val_fraction}")
     t_start = time.perf_counter()
-    bundle = Bundle(bundle_dir)
+    bundle = Bundle(bundle_dir, trust_key=trust_key)
     m = bundle.manifest
     backend = make_backend(bundle, threads, trainer)
     selftest_err = selftest(bundle, backend)
@@ -369,9 +370,10 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
 
 
 def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
-          out_dir: str | None = None, threads: int = 0, quiet: bool = False) -> dict:
+          out_dir: str | None = None, threads: int = 0, trust_key: str | None = None,
+          quiet: bool = False) -> dict:
     """Predict labels for ``data_path``; with labels present, also accuracy."""
-    bundle = Bundle(bundle_dir)
+    bundle = Bundle(bundle_dir, trust_key=trust_key)
     backend = make_backend(bundle, threads)
     ds = dataio.load(data_path, bundle.manifest, need_labels=False)
     head = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)

@@ -21,10 +21,44 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def verify_signature(root: str, manifest_path: str, pub_path: str) -> None:
+    """Check ``manifest.sig`` (Ed25519 over manifest.json's bytes) against a PEM public key.
+
+    The manifest pins every file's sha256, so a valid signature plus :meth:`Bundle.verify`
+    authenticates the whole bundle. Needs ``cryptography`` (only when a key is given).
+    """
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import serialization
+    except ImportError:
+        raise RunnerError("--trust-key needs the cryptography package: pip install "
+                          "cryptography") from None
+    try:
+        with open(pub_path, "rb") as f:
+            pub = serialization.load_pem_public_key(f.read())
+    except (OSError, ValueError) as e:
+        raise RunnerError(f"--trust-key {pub_path} is not a readable PEM public key "
+                          f"({e})") from None
+    sig_path = os.path.join(root, "manifest.sig")
+    if not os.path.isfile(sig_path):
+        raise RunnerError(f"bundle {root} is not signed (no manifest.sig) but --trust-key was "
+                          "given; refusing it. Export it with `edgetl export --sign-key`")
+    with open(sig_path, "rb") as f:
+        sig = f.read()
+    with open(manifest_path, "rb") as f:
+        body = f.read()
+    try:
+        pub.verify(sig, body)
+    except (InvalidSignature, TypeError, ValueError):
+        raise RunnerError(f"bundle {root}: manifest.json's signature does not verify with "
+                          f"{pub_path} (wrong key, or the manifest was modified); refusing "
+                          "it") from None
+
+
 class Bundle:
     """A verified bundle: ``manifest`` (dict) and ``path(role)`` for its files."""
 
-    def __init__(self, root: str, verify: bool = True):
+    def __init__(self, root: str, verify: bool = True, trust_key: str | None = None):
         self.root = root
         mpath = os.path.join(root, "manifest.json")
         if not os.path.isdir(root):
@@ -46,6 +80,8 @@ class Bundle:
         if missing:
             raise RunnerError(f"manifest.json lacks {missing}; re-export the bundle")
         self.manifest = m
+        if trust_key:
+            verify_signature(root, mpath, trust_key)
         if verify:
             self.verify()
 

@@ -137,7 +137,7 @@ def swap_in(tmp: Path, out: Path) -> None:
 def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: np.ndarray,
                   calib_x: np.ndarray | None = None,
                   eval_set: tuple[np.ndarray, np.ndarray] | None = None,
-                  provenance: dict | None = None) -> Manifest:
+                  provenance: dict | None = None, sign_key: Path | None = None) -> Manifest:
     """Export ``ck`` as a device bundle in ``out`` and validate it against PyTorch.
 
     Args:
@@ -150,6 +150,7 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
         eval_set: raw windows and integer labels of held-out data: the bundle's accuracy
             must stay within ``cfg.max_accuracy_drop`` points of the PyTorch student's.
         provenance: extra facts recorded in the manifest (recipe, metrics...).
+        sign_key: Ed25519 private key (PEM): writes ``manifest.sig`` before the swap-in.
 
     Raises:
         ShapeMismatchError, ToleranceError: an exported graph disagrees with PyTorch, or
@@ -170,6 +171,10 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
                           provenance or {})
         if cfg.trainer == "ort-training":
             manifest = _check_ort_training(tmp, manifest)
+        if sign_key is not None:
+            from edgetl.signing import sign_bundle
+
+            sign_bundle(tmp, sign_key)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shipped
         swap_in(tmp, out)
     except BaseException:
