@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -112,6 +113,47 @@ def selftest_train(bundle: Bundle, backend) -> float:
     return err
 
 
+TRAIN_STATE = "train_state.npz"
+TRAIN_FORMAT = "edgerun.train/1"
+
+
+def _save_train_state(path: str, key: dict, epoch: int, rng, head: Head, state: dict,
+                      best, history: list, steps: int) -> None:
+    """Everything to continue training after ``epoch``; atomic (temp, fsync, rename)."""
+    meta = {"format": TRAIN_FORMAT, "key": key, "epoch": epoch, "steps": steps,
+            "rng": rng.bit_generator.state, "history": history, "labels": head.labels,
+            "best": None if best is None else [best[0], best[2]]}
+    arrays = {f"p.{k}": v for k, v in head.params.items()}
+    arrays.update({f"s.{k}": v for k, v in state.items()})
+    if best is not None:
+        arrays.update({f"b.{k}": v for k, v in best[1].items()})
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".train.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_train_state(path: str, key: dict):
+    """The saved training state if it belongs to this run (same key), else ``None``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged state file: start over (the head checkpoint is untouched)
+    if meta.get("format") != TRAIN_FORMAT or meta.get("key") != key:
+        raise RunnerError(f"{path} belongs to another adaptation (other data, bundle or "
+                          "settings); delete it or drop --resume")
+    return meta, arrays
+
+
 def selftest(bundle: Bundle, backend) -> float:
     """Run the bundle's reference vectors (forward and train steps); return the max error."""
     tv = bundle.manifest["test_vectors"]
@@ -199,12 +241,17 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
           seed: int = 0, head_path: str | None = None, threads: int = 0,
           trainer: str | None = None, max_seconds: float | None = None,
           max_memory_mb: float | None = None, trust_key: str | None = None,
-          quiet: bool = False) -> dict:
+          resume: bool = False, quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Budgets: training stops after the step that crosses ``max_seconds`` (counted from the
     start, feature pass included) or ``max_memory_mb`` (resident memory), and keeps the best
     head so far by validation accuracy; the gate then judges that head as usual.
+
+    Crash safety: after every epoch the training state (head, optimizer state, RNG, history)
+    is written atomically to ``out_dir/train_state.npz``; with ``resume`` a killed run
+    continues from it and ends exactly where an uninterrupted run would. ``head.npz`` is only
+    ever replaced atomically, so a valid checkpoint (old or new) exists at every moment.
 
     Returns the report (also written as ``report.json``).
     """
@@ -283,8 +330,27 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
                           f"and the data, above --max-memory-mb {max_memory_mb:g}; nothing was "
                           "written. Raise the budget or adapt on fewer windows")
     stopped, best = None, None
+    os.makedirs(out_dir, exist_ok=True)
+    state_path = os.path.join(out_dir, TRAIN_STATE)
+    key = {"data": data_digest(data_path), "backbone": m["files"]["backbone"]["sha256"],
+           "head": head_path and sha256_file(head_path), "epochs": epochs, "batch": bs,
+           "seed": seed, "val_fraction": val_fraction, "hparams": hp,
+           "trainer": backend.trainer, "labels": head.labels}
+    first = 0
+    if resume and os.path.isfile(state_path):
+        saved = _load_train_state(state_path, key)
+        if saved is not None:
+            meta, arrays = saved
+            first, steps, history = int(meta["epoch"]), int(meta["steps"]), meta["history"]
+            rng.bit_generator.state = meta["rng"]
+            head.params = {k: arrays[f"p.{k}"] for k in head.params}
+            state = {k: arrays[f"s.{k}"] for k in state}
+            if meta["best"] is not None:
+                best = (meta["best"][0], {k: arrays[f"b.{k}"] for k in head.params},
+                        meta["best"][1])
+            warnings.append(f"resumed after epoch {first} from {TRAIN_STATE}")
     t1 = time.perf_counter()
-    for epoch in range(epochs):
+    for epoch in range(first, epochs):
         order = rng.permutation(tr)
         total, count = 0.0, 0
         for i in range(0, len(order), bs):
@@ -316,6 +382,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
             best = (val_acc, {k: v.copy() for k, v in head.params.items()}, epoch + 1)
         if stopped:
             break
+        _save_train_state(state_path, key, epoch + 1, rng, head, state, best, history, steps)
     train_seconds = time.perf_counter() - t1
     acc_after = (history[-1]["val_accuracy"] if history else  # --epochs 0: imprinting only
                  _accuracy(_predict(backend, bundle, head, feats[va]), yv_names))
@@ -335,11 +402,15 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
             start.save(ckpt, bundle, {"rolled_back": True, "imprinted": new})
             written = True
     else:
-        if os.path.exists(ckpt):
-            os.replace(ckpt, os.path.join(out_dir, "head.prev.npz"))
+        if os.path.exists(ckpt):  # keep the previous head: copy, never move, head.npz
+            prev = os.path.join(out_dir, "head.prev.npz")
+            shutil.copy2(ckpt, prev + ".tmp")
+            os.replace(prev + ".tmp", prev)
         head.save(ckpt, bundle, {"accuracy_before": acc_before, "accuracy_after": acc_after,
                                  "data": os.path.basename(data_path)})
         written = True
+    if os.path.exists(state_path):
+        os.unlink(state_path)  # finished: a later --resume starts a new adaptation
     report = {
         "runner_version": __version__, "bundle": m.get("name"), "data": os.path.abspath(data_path),
         "backend": backend.name, "backend_version": backend.version, "target": m["target"],
