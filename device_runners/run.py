@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     a.add_argument("--head", default=None, help="continue from this head checkpoint")
     a.add_argument("--trainer", choices=("stateless", "ort-training"), default=None,
                    help="default: the bundle's (manifest train_step.trainer)")
+    a.add_argument("--max-data-mb", type=float, default=2048.0,
+                   help="refuse data files larger than this (MiB)")
     a.add_argument("--resume", action="store_true",
                    help="continue a killed adaptation from OUT/train_state.npz")
     a.add_argument("--max-seconds", type=float, default=None,
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
                            lr=args.lr, seed=args.seed, head_path=args.head,
                            threads=args.threads, trainer=args.trainer,
                            max_seconds=args.max_seconds, max_memory_mb=args.max_memory_mb,
-                           trust_key=args.trust_key, resume=args.resume, quiet=args.quiet)
+                           trust_key=args.trust_key, resume=args.resume,
+                           max_data_mb=args.max_data_mb, quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet)

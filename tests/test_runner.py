@@ -114,6 +114,12 @@ def _good_state(bundle, tmp_path):
     ("format", r"unknown data format '\.parquet'"),
     ("int_labels", r"'y' must hold label names"),
     ("tampered", r"backbone.onnx \(backbone\) fails its hash check"),
+    ("inf", r"window\(s\) contain NaN or inf"),
+    ("empty", r"holds no windows"),
+    ("single_class", r"every window is labelled 'slow'; adapting a classifier needs"),
+    ("text_dtype", r"'x' must be numeric, found dtype <U1"),
+    ("huge", r"above the 0.001 MiB limit for one data file"),
+    ("truncated_model", r"cannot load backbone.onnx"),
 ])
 def test_bad_input_is_refused_and_keeps_the_checkpoint(bundle, tmp_path, case, match):
     state, good = _good_state(bundle, tmp_path)
@@ -130,6 +136,26 @@ def test_bad_input_is_refused_and_keeps_the_checkpoint(bundle, tmp_path, case, m
         data.write_bytes(b"PAR1")
     elif case == "int_labels":
         np.savez(data, x=x, y=np.zeros(20, np.int64))
+    elif case == "inf":
+        x[0, 0, 0] = np.inf
+        np.savez(data, x=x, y=y)
+    elif case == "empty":
+        np.savez(data, x=x[:0], y=y[:0])
+    elif case == "single_class":
+        np.savez(data, x=x, y=y)  # all "slow"
+    elif case == "text_dtype":
+        np.savez(data, x=np.full(x.shape, "a"), y=y)
+    elif case == "huge":
+        write_device_npz(data, 60, seed=3)
+    elif case == "truncated_model":  # a broken model whose manifest hash still matches
+        import hashlib
+
+        write_device_npz(data, 60, seed=3)
+        body = (bundle / "backbone.onnx").read_bytes()[:300]
+        (bundle / "backbone.onnx").write_bytes(body)
+        man = json.loads((bundle / "manifest.json").read_text())
+        man["files"]["backbone"]["sha256"] = hashlib.sha256(body).hexdigest()
+        (bundle / "manifest.json").write_text(json.dumps(man))
     elif case == "tampered":
         write_device_npz(data, 60, seed=3)
         with open(bundle / "backbone.onnx", "r+b") as f:
@@ -137,7 +163,7 @@ def test_bad_input_is_refused_and_keeps_the_checkpoint(bundle, tmp_path, case, m
             b = f.read(1)
             f.seek(200)
             f.write(bytes([b[0] ^ 0xFF]))
-    p = _adapt(bundle, data, state)
+    p = _adapt(bundle, data, state, *(["--max-data-mb", "0.001"] if case == "huge" else []))
     assert p.returncode == 1
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), p.stderr

@@ -241,7 +241,8 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
           seed: int = 0, head_path: str | None = None, threads: int = 0,
           trainer: str | None = None, max_seconds: float | None = None,
           max_memory_mb: float | None = None, trust_key: str | None = None,
-          resume: bool = False, quiet: bool = False) -> dict:
+          resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
+          quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Budgets: training stops after the step that crosses ``max_seconds`` (counted from the
@@ -263,7 +264,10 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     m = bundle.manifest
     backend = make_backend(bundle, threads, trainer)
     selftest_err = selftest(bundle, backend)
-    ds = dataio.load(data_path, m, need_labels=True)
+    ds = dataio.load(data_path, m, need_labels=True, max_mb=max_data_mb)
+    if len(set(ds.y)) < 2:
+        raise RunnerError(f"{data_path}: every window is labelled {ds.y[0]!r}; adapting a "
+                          "classifier needs windows of at least 2 labels (nothing was written)")
     warnings: list[str] = []
     if ds.skipped:
         warnings.append(f"skipped {len(ds.skipped)} unreadable file(s), e.g. "

@@ -53,8 +53,23 @@ def _load_images(path: str, manifest: dict, need_labels: bool) -> Dataset:
     return Dataset(x, y, path, skipped)
 
 
-def load(path: str, manifest: dict, need_labels: bool) -> Dataset:
+#: Data files above this size are refused before reading (``--max-data-mb`` overrides).
+MAX_DATA_MB = 2048.0
+
+
+def _check_size(path: str, max_mb: float) -> None:
+    if not os.path.isfile(path):
+        return
+    size = os.path.getsize(path) / 2**20
+    if size > max_mb:
+        raise RunnerError(f"{path} is {size:,.1f} MiB, above the {max_mb:g} MiB limit for one "
+                          "data file; split it into smaller files or raise --max-data-mb")
+
+
+def load(path: str, manifest: dict, need_labels: bool,
+         max_mb: float = MAX_DATA_MB) -> Dataset:
     """Load ``path`` (``.npz`` or ``.csv``) and check it against the manifest's input."""
+    _check_size(path, max_mb)
     if is_image(manifest):
         return _load_images(path, manifest, need_labels)
     if not os.path.isfile(path):
