@@ -55,6 +55,30 @@ def verify_signature(root: str, manifest_path: str, pub_path: str) -> None:
                           "it") from None
 
 
+def _expect(cond: bool, what: str) -> None:
+    if not cond:
+        raise RunnerError(f"manifest.json: {what}; the bundle is damaged or not an edgetl "
+                          "bundle, re-export it")
+
+
+def _check_structure(m: dict) -> None:
+    """Types of the fields everything else relies on, so garbage fails here, clearly."""
+    _expect(isinstance(m["target"], str) and isinstance(m["precision"], str),
+            "'target' and 'precision' must be strings")
+    files = m["files"]
+    _expect(isinstance(files, dict) and len(files) > 0, "'files' must map roles to files")
+    for role, e in files.items():
+        _expect(isinstance(e, dict) and isinstance(e.get("path"), str)
+                and isinstance(e.get("sha256"), str),
+                f"files[{role!r}] needs 'path' and 'sha256' strings")
+    labels = m["labels"]
+    _expect(isinstance(labels, list) and len(labels) > 0
+            and all(isinstance(v, str) for v in labels), "'labels' must be a list of names")
+    for k in ("input", "features", "head", "optimizer", "train_step", "infer",
+              "test_vectors"):
+        _expect(isinstance(m[k], dict), f"{k!r} must be an object")
+
+
 class Bundle:
     """A verified bundle: ``manifest`` (dict) and ``path(role)`` for its files."""
 
@@ -79,6 +103,7 @@ class Bundle:
         missing = [k for k in REQUIRED if k not in m]
         if missing:
             raise RunnerError(f"manifest.json lacks {missing}; re-export the bundle")
+        _check_structure(m)
         self.manifest = m
         if trust_key:
             verify_signature(root, mpath, trust_key)

@@ -119,7 +119,9 @@ def _load_npz(path: str, inp: dict) -> Dataset:
             raise RunnerError(f"{path}: 'y' must hold label names (a string array, e.g. "
                               f"np.array(['walking', ...])), found dtype {y.dtype}")
         y = [str(v) for v in y.tolist()]
-    return Dataset(x.astype(np.float32, copy=False), y, path)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+        x = x.astype(np.float32, copy=False)
+    return Dataset(x, y, path)
 
 
 def _load_csv(path: str, inp: dict) -> Dataset:
