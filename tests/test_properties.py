@@ -86,3 +86,27 @@ def test_csv_loader_accepts_or_refuses_cleanly(text, manifest, tmp_path_factory)
     except RunnerError:
         return
     assert ds.x.ndim == 3 and np.isfinite(ds.x).all()
+
+
+def test_no_unsafe_deserialisation_anywhere():
+    """No pickle on the device; weights-only torch loads and no bare pickle on the server."""
+    import ast
+    from pathlib import Path
+
+    root = RUNNER.parents[1]
+    for path in [*root.joinpath("device_runners").rglob("*.py"),
+                 *root.joinpath("edgetl").rglob("*.py")]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.keyword) and node.arg == "allow_pickle":
+                assert isinstance(node.value, ast.Constant) and node.value.value is False, path
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "load" and \
+                    getattr(node.func.value, "id", "") == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                assert getattr(kw.get("weights_only"), "value", None) is True, path
+            if isinstance(node, ast.Attribute) and node.attr in ("load", "loads") and \
+                    getattr(node.value, "id", "") == "pickle":
+                raise AssertionError(f"{path}: bare pickle.{node.attr}")
+        if "device_runners" in path.parts:
+            assert "import pickle" not in path.read_text(), path
+    assert Path(root / "edgetl" / "data" / "hapt.py").read_text().count("Unpickler") >= 1
