@@ -44,6 +44,8 @@ def main(argv=None) -> int:
                    help="refuse data files larger than this (MiB)")
     a.add_argument("--resume", action="store_true",
                    help="continue a killed adaptation from OUT/train_state.npz")
+    a.add_argument("--checkpoint-every", type=float, default=1.0,
+                   help="seconds between training-state saves (0: every epoch)")
     a.add_argument("--max-seconds", type=float, default=None,
                    help="time budget: stop and keep the best head so far")
     a.add_argument("--max-memory-mb", type=float, default=None,
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
                            threads=args.threads, trainer=args.trainer,
                            max_seconds=args.max_seconds, max_memory_mb=args.max_memory_mb,
                            trust_key=args.trust_key, resume=args.resume,
-                           max_data_mb=args.max_data_mb, quiet=args.quiet)
+                           max_data_mb=args.max_data_mb,
+                           checkpoint_every=args.checkpoint_every, quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet)

@@ -248,15 +248,16 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
           trainer: str | None = None, max_seconds: float | None = None,
           max_memory_mb: float | None = None, trust_key: str | None = None,
           resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
-          quiet: bool = False) -> dict:
+          checkpoint_every: float = 1.0, quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Budgets: training stops after the step that crosses ``max_seconds`` (counted from the
     start, feature pass included) or ``max_memory_mb`` (resident memory), and keeps the best
     head so far by validation accuracy; the gate then judges that head as usual.
 
-    Crash safety: after every epoch the training state (head, optimizer state, RNG, history)
-    is written atomically to ``out_dir/train_state.npz``; with ``resume`` a killed run
+    Crash safety: after an epoch, once ``checkpoint_every`` seconds have passed since the last
+    save (0: every epoch), the training state (head, optimizer state, RNG, history) is written
+    atomically to ``out_dir/train_state.npz``; with ``resume`` a killed run
     continues from it and ends exactly where an uninterrupted run would. ``head.npz`` is only
     ever replaced atomically, so a valid checkpoint (old or new) exists at every moment.
 
@@ -359,7 +360,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
                 best = (meta["best"][0], {k: arrays[f"b.{k}"] for k in head.params},
                         meta["best"][1])
             warnings.append(f"resumed after epoch {first} from {TRAIN_STATE}")
-    t1 = time.perf_counter()
+    t1 = last_save = time.perf_counter()
     for epoch in range(first, epochs):
         order = rng.permutation(tr)
         total, count = 0.0, 0
@@ -392,7 +393,9 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
             best = (val_acc, {k: v.copy() for k, v in head.params.items()}, epoch + 1)
         if stopped:
             break
-        _save_train_state(state_path, key, epoch + 1, rng, head, state, best, history, steps)
+        if time.perf_counter() - last_save >= checkpoint_every and epoch + 1 < epochs:
+            _save_train_state(state_path, key, epoch + 1, rng, head, state, best, history, steps)
+            last_save = time.perf_counter()
     train_seconds = time.perf_counter() - t1
     acc_after = (history[-1]["val_accuracy"] if history else  # --epochs 0: imprinting only
                  _accuracy(_predict(backend, bundle, head, feats[va]), yv_names))
