@@ -16,6 +16,22 @@ from edgetl.config import HeadConfig, NetConfig
 from edgetl.errors import ConfigError
 
 
+def _conv_blocks(in_channels: int, cfg: NetConfig, conv, bn, pool) -> tuple[nn.Sequential, int]:
+    """One (conv, BN, ReLU, optional max-pool) block per entry of ``cfg.channels``.
+
+    ``conv``/``bn``/``pool`` pick the dimensionality (1d for windows, 2d for images); returns
+    the blocks and their output channels.
+    """
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for c, k, p in zip(cfg.channels, cfg.kernels, cfg.pools, strict=True):
+        layers += [conv(c_in, c, k, padding=k // 2, bias=False), bn(c), nn.ReLU()]
+        if p > 1:
+            layers.append(pool(p))
+        c_in = c
+    return nn.Sequential(*layers), c_in
+
+
 class CNN1DBackbone(nn.Module):
     """Conv blocks over time, then global average pooling.
 
@@ -26,17 +42,9 @@ class CNN1DBackbone(nn.Module):
 
     def __init__(self, in_channels: int, cfg: NetConfig):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = in_channels
-        for c, k, p in zip(cfg.channels, cfg.kernels, cfg.pools, strict=True):
-            layers += [nn.Conv1d(c_in, c, k, padding=k // 2, bias=False), nn.BatchNorm1d(c),
-                       nn.ReLU()]
-            if p > 1:
-                layers.append(nn.MaxPool1d(p))
-            c_in = c
-        self.blocks = nn.Sequential(*layers)
+        self.blocks, self.out_features = _conv_blocks(in_channels, cfg, nn.Conv1d,
+                                                      nn.BatchNorm1d, nn.MaxPool1d)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.out_features = c_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.blocks(x.transpose(1, 2))  # (N, C, T)
@@ -53,17 +61,9 @@ class CNN2DBackbone(nn.Module):
 
     def __init__(self, in_channels: int, cfg: NetConfig):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = in_channels
-        for c, k, p in zip(cfg.channels, cfg.kernels, cfg.pools, strict=True):
-            layers += [nn.Conv2d(c_in, c, k, padding=k // 2, bias=False), nn.BatchNorm2d(c),
-                       nn.ReLU()]
-            if p > 1:
-                layers.append(nn.MaxPool2d(p))
-            c_in = c
-        self.blocks = nn.Sequential(*layers)
+        self.blocks, self.out_features = _conv_blocks(in_channels, cfg, nn.Conv2d,
+                                                      nn.BatchNorm2d, nn.MaxPool2d)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.out_features = c_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.blocks(x).mean(dim=(2, 3)))
