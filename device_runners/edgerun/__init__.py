@@ -4,9 +4,32 @@ Standard library + numpy + one inference runtime (onnxruntime here). Never torch
 server package: this folder is copied onto phones, Raspberry Pis and gateways as it is.
 """
 
+import os
+import tempfile
+
 __version__ = "0.1.0"
 SCHEMA_VERSION = 1
 
 
 class RunnerError(ValueError):
     """Bad input or a bundle that fails verification; the message says what to do."""
+
+
+def atomic_write(path: str, write, *, binary: bool = True, prefix: str = ".tmp.",
+                 suffix: str = "") -> None:
+    """Crash-safe write: ``write(f)`` into a temporary file beside ``path``, fsync, rename.
+
+    A reader (or a reboot) sees the old file or the complete new one, never a partial one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    try:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -11,27 +11,34 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from edgerun import RunnerError, __version__
+from edgerun import RunnerError, __version__, atomic_write
 from edgerun import data as dataio
 from edgerun.backends import make_backend
 from edgerun.bundle import Bundle, sha256_file
 from edgerun.head import Head
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    try:  # Linux: VmHWM resets at exec; ru_maxrss would include a forking parent's peak
+def _proc_status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in MiB; None off Linux."""
+    try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = _proc_status_mb("VmHWM")  # resets at exec; ru_maxrss would include a parent's peak
+    if peak is not None:
+        return peak
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -40,30 +47,12 @@ def peak_rss_mb() -> float:
 
 def rss_mb() -> float:
     """Current resident memory of this process, in MiB (Linux; 0 where unknown)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _proc_status_mb("VmRSS") or 0.0
 
 
 def write_json(path: str, obj: dict) -> None:
     """Atomic JSON write."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp.", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must never expose an empty file after a crash
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False, suffix=".json")
 
 
 def _zero_state(m: dict, params: dict) -> dict:
@@ -133,17 +122,8 @@ def _save_train_state(path: str, key: dict, epoch: int, rng, head: Head, state: 
     arrays.update({f"s.{k}": v for k, v in state.items()})
     if best is not None:
         arrays.update({f"b.{k}": v for k, v in best[1].items()})
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".train.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays),
+                 prefix=".train.", suffix=".npz")
 
 
 def _load_train_state(path: str, key: dict):
@@ -209,11 +189,7 @@ def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
         except (OSError, ValueError):
             pass  # a damaged cache entry is recomputed
     feats = backend.features(dataio.preprocess(ds.x, m))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, feats)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, feats), suffix=".npy")
     return feats, False
 
 

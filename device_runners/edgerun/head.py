@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 
 import numpy as np
 
-from edgerun import RunnerError
+from edgerun import RunnerError, atomic_write
 
 FORMAT = "edgerun.head/1"
 
@@ -63,19 +61,10 @@ class Head:
         meta = {**self.meta, **(extra or {}), "format": FORMAT,
                 "backbone_sha256": bundle.manifest["files"]["backbone"]["sha256"],
                 "saved_unix": time.time()}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".head.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, __meta__=np.array(json.dumps(meta)),
-                         __labels__=np.array(self.labels, dtype=str), **self.params)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)),
+                                              __labels__=np.array(self.labels, dtype=str),
+                                              **self.params),
+                     prefix=".head.", suffix=".npz")
 
     def rows(self, class_params: list) -> int:
         """Class rows of the last layer (labels plus spare rows of a fixed-capacity head)."""
