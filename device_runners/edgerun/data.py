@@ -90,15 +90,25 @@ def load(path: str, manifest: dict, need_labels: bool,
     return ds
 
 
-def _load_npz(path: str, inp: dict) -> Dataset:
+def open_npz(path: str, what: str):
+    """``np.load`` of an ``.npz`` without pickle, with errors that say how to write one."""
+    if not os.path.isfile(path):
+        raise RunnerError(f"data file {path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":  # np.load would call any non-zip file "pickled data"
+            raise RunnerError(f"{path} is not a readable .npz file (no zip header); save it "
+                              f"with np.savez(path, x={what}, y=labels)")
     try:
-        z = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except ValueError as e:
         raise RunnerError(f"{path}: cannot read arrays without pickle ({e}); save labels as a "
                           "string array, e.g. np.array(names, dtype=str)") from None
     except OSError as e:
         raise RunnerError(f"{path} is not a readable .npz file ({e})") from None
-    with z:
+
+
+def _load_npz(path: str, inp: dict) -> Dataset:
+    with open_npz(path, "windows") as z:
         if "x" not in z.files:
             raise RunnerError(f"{path}: expected an array 'x' of windows, found keys {z.files}")
         x = np.asarray(z["x"])

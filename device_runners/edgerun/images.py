@@ -193,21 +193,10 @@ def load_image_npz(path: str, manifest: dict):
     Returns:
         ``(x, y, skipped)``: x float32 (N, C, H, W), y label names or None, skipped ``[]``.
     """
+    from edgerun.data import open_npz
+
     spec = _manifest_spec(manifest)
-    if not os.path.isfile(path):
-        raise RunnerError(f"data file {path} does not exist")
-    with open(path, "rb") as f:
-        if f.read(2) != b"PK":  # np.load would call any non-zip file "pickled data"
-            raise RunnerError(f"{path} is not a readable .npz file (no zip header); save it "
-                              "with np.savez(path, x=images, y=labels)")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise RunnerError(f"{path}: cannot read arrays without pickle ({e}); save labels as a "
-                          "string array, e.g. np.array(names, dtype=str)") from None
-    except OSError as e:
-        raise RunnerError(f"{path} is not a readable .npz file ({e})") from None
-    with z:
+    with open_npz(path, "images") as z:
         if "x" not in z.files:
             raise RunnerError(f"{path}: expected an array 'x' of images, found keys {z.files}")
         x = np.asarray(z["x"])
