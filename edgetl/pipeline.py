@@ -147,8 +147,12 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     return _finish(summ, out, t0)
 
 
-def release_gate(bundle: Path, checkpoint: Path, recipe: Recipe, sd) -> list[dict]:
-    """``edgetl check`` on a freshly exported bundle; stop the run if any check fails."""
+def release_gate(bundle: Path, checkpoint: Path, recipe: Recipe | None = None,
+                 sd=None) -> list[dict]:
+    """``edgetl check`` on a freshly exported bundle; stop the run if any check fails.
+
+    Without a recipe only the checks that need none run (integrity, self-test, smoke, parity).
+    """
     from edgetl.check import check_bundle, failures
 
     res = check_bundle(bundle, checkpoint=checkpoint, recipe=recipe, data=sd)
