@@ -25,6 +25,9 @@ WINDOW = 32
 
 torch.set_num_threads(1)
 
+#: An easy device shift of the synthetic windows (per-channel gain and offset).
+SHIFT = {"gain": np.array([2.0, 0.5, 1.5]), "offset": np.array([1.0, -1.0, 0.5])}
+
 
 def tiny_checkpoint(head: HeadConfig | None = None, epochs: int = 4) -> Checkpoint:
     """Conv 3->8 (k5), BN, ReLU, pool, linear 8->3 on (N, 32, 3) windows."""

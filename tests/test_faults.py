@@ -9,9 +9,7 @@ import time
 
 import numpy as np
 
-from .conftest import RUNNER, run_runner, write_device_npz
-
-SHIFT = {"gain": np.array([2.0, 0.5, 1.5]), "offset": np.array([1.0, -1.0, 0.5])}
+from .conftest import RUNNER, SHIFT, run_runner, write_device_npz
 
 
 def _valid_head(path):

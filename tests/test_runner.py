@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import LABELS, RUNNER, WINDOW, run_runner, write_device_npz
-
-SHIFT = {"gain": np.array([2.0, 0.5, 1.5]), "offset": np.array([1.0, -1.0, 0.5])}
+from .conftest import LABELS, RUNNER, SHIFT, WINDOW, run_runner, write_device_npz
 
 
 @pytest.fixture()
