@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort data-vision demo demo-vision bench test test-slow style lint format clean help
+.PHONY: install venv-ort data-vision demo demo-vision bench test test-slow test-pi style lint format clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench      size + batch-1 backbone latency of every bundle of $(OUT) -> bench.md"
 	@echo "make test       fast test tier (no GPU, no network)"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
+	@echo "make test-pi    device runners on emulated Linux aarch64 (Raspberry Pi) vs x86_64 (root)"
 	@echo "make style      ruff lint (pyflakes, pycodestyle, pydocstyle, bugbear, isort)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -61,6 +62,13 @@ test: install venv-ort
 
 test-slow: install venv-ort
 	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python $(BIN)/python -m pytest -q -m slow
+
+# Raspberry Pi: the device runners on an arm64 Debian bookworm chroot under qemu-user (root;
+# first build ~6 min, then a cached rootfs in $EDGETL_PI_CACHE), compared with this x86_64 run.
+# PI_BUNDLES=runs/har/bundles tests existing bundles instead of fresh small ones.
+PI_OUT ?= runs/pi
+test-pi: install
+	nice -n 10 $(BIN)/python -m edgetl.pi --out $(PI_OUT) $(if $(PI_BUNDLES),--bundles $(PI_BUNDLES))
 
 style lint: install
 	$(BIN)/ruff check edgetl device_runners tests
