@@ -58,9 +58,10 @@ def main(argv=None) -> int:
     s = sub.add_parser("selftest", help="check this runtime against the bundle's test vectors")
     s.add_argument("bundle")
     s.add_argument("--trainer", choices=("stateless", "ort-training"), default=None)
-    b = sub.add_parser("bench", help="backbone latency at batch 1 and bundle size")
+    b = sub.add_parser("bench", help="backbone latency at batch 1, throughput, bundle size")
     b.add_argument("bundle")
     b.add_argument("--repeats", type=int, default=300)
+    b.add_argument("--batch", type=int, default=32, help="batch size of the throughput run")
     for sp in (a, i, s, b):
         sp.add_argument("--threads", type=int, default=0, help="runtime threads (0: default)")
         sp.add_argument("--trust-key", default=None,
@@ -85,11 +86,14 @@ def main(argv=None) -> int:
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet)
         elif args.cmd == "bench":
-            Bundle(args.bundle, trust_key=args.trust_key)
-            res = ad.bench(args.bundle, repeats=args.repeats, threads=args.threads)
+            from edgerun.bench import bench
+
+            res = bench(args.bundle, repeats=args.repeats, threads=args.threads,
+                        batch=args.batch, trust_key=args.trust_key)
             if not args.quiet:
                 print(f"{res['target']}/{res['precision']}: backbone p50 "
                       f"{res['backbone_ms_p50']:.3f} ms (p95 {res['backbone_ms_p95']:.3f}), "
+                      f"{res['throughput_per_s']:.0f}/s at batch {res['batch']}, "
                       f"bundle {res['bundle_bytes'] / 1024:.0f} KiB", file=sys.stderr)
         else:
             from edgerun.backends import make_backend

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from edgetl import __version__
-from edgetl.errors import EdgetlError
+from edgetl.errors import ConfigError, EdgetlError
 
 app = typer.Typer(name="edgetl", no_args_is_help=True, add_completion=False,
                   help="On-device transfer learning: pretrain and distill on the server, export "
@@ -279,21 +279,41 @@ def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
 @app.command()
 @user_errors
 def bench(paths: Annotated[list[Path] | None, typer.Argument(
-              help="bundle folders, or run folders (their bundles/*)")] = None,
+              help="run folders of `edgetl run` (their bundles/* and device data), or bundle "
+                   "folders with --data/--eval")] = None,
           threads: Annotated[str, typer.Option(help="comma-separated thread counts")] = "1,2",
-          repeats: Annotated[int, typer.Option(min=10, help="timed calls per cell")] = 1000,
-          out: Annotated[Path | None, typer.Option("--out", "-o", help="where bench.json and "
-                                                   "bench.md go (default: the first path)")]
-          = None):
-    """Bundle size and batch-1 backbone latency of every bundle, in device-runner processes."""
-    from edgetl.bench import bench_bundles, find_bundles, markdown, write
+          repeats: Annotated[int, typer.Option(min=10, help="timed batch-1 calls per cell")]
+          = 1000,
+          epochs: Annotated[int, typer.Option(min=1, help="adaptation epochs (all methods)")]
+          = 20,
+          adapt_repeats: Annotated[int, typer.Option(
+              min=1, help="runner processes per adaptation cell (the median is reported)")] = 3,
+          data: Annotated[Path | None, typer.Option(
+              help="local data to adapt on (default: the run's first device)")] = None,
+          eval_data: Annotated[Path | None, typer.Option(
+              "--eval", help="data to score before/after adaptation (default: the run's)")]
+          = None,
+          baselines: Annotated[bool, typer.Option(
+              help="also run the PyTorch eager and ORT-training baselines")] = True,
+          out: Annotated[Path | None, typer.Option("--out", "-o", help="where bench.json, "
+                                                   "bench.md and tradeoff.png go (default: "
+                                                   "the first path)")] = None):
+    """Latency, throughput, adaptation cost, memory, size and accuracy of every bundle,
+    against the PyTorch eager loop, ORT training on the merged model and the machine's peak."""
+    from edgetl.bench import bench_bundles, markdown, write
 
     paths = paths or [Path("runs/har")]
-    res = bench_bundles(find_bundles(paths),
-                        threads=tuple(int(t) for t in threads.split(",")), repeats=repeats)
-    j, m = write(res, out or paths[0])
+    try:
+        ts = tuple(int(t) for t in threads.split(","))
+    except ValueError:
+        raise ConfigError(f"--threads takes comma-separated integers like 1,2; got "
+                          f"{threads!r}") from None
+    res = bench_bundles(paths, threads=ts, repeats=repeats, epochs=epochs,
+                        adapt_repeats=adapt_repeats, data=data, eval_data=eval_data,
+                        baselines=baselines)
+    j, m, png = write(res, out or paths[0])
     typer.echo(markdown(res))
-    typer.echo(f"wrote {j} and {m}")
+    typer.echo(f"wrote {j}, {m} and {png}")
 
 
 if __name__ == "__main__":  # pragma: no cover

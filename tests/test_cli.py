@@ -64,10 +64,16 @@ def test_adapt_command_runs_the_device_runner(tiny_bundle, tmp_path):
 def test_bench_measures_every_bundle_of_a_run(tiny_bundle, tiny_tflite_int8_bundle, tmp_path):
     import shutil
 
+    from .conftest import SHIFT, write_device_npz
+
     run = tmp_path / "run"
     shutil.copytree(tiny_bundle, run / "bundles" / "onnx-fp32")
     shutil.copytree(tiny_tflite_int8_bundle, run / "bundles" / "tflite-int8")
-    res = runner.invoke(app, ["bench", str(run), "--threads", "1", "--repeats", "20"])
+    data = write_device_npz(tmp_path / "local.npz", 120, seed=3, **SHIFT)
+    ev = write_device_npz(tmp_path / "later.npz", 60, seed=4, **SHIFT)
+    res = runner.invoke(app, ["bench", str(run), "--threads", "1", "--repeats", "20",
+                              "--epochs", "2", "--adapt-repeats", "1", "--data", str(data),
+                              "--eval", str(ev), "--no-baselines"])
     assert res.exit_code == 0, res.output
     saved = json.loads((run / "bench.json").read_text())
     assert [(r["name"], r["backend"]) for r in saved["rows"]] == [
@@ -75,6 +81,9 @@ def test_bench_measures_every_bundle_of_a_run(tiny_bundle, tiny_tflite_int8_bund
     for r in saved["rows"]:
         assert 0 < r["backbone_ms_p50"] <= r["backbone_ms_p95"] and r["repeats"] == 20
         assert r["bundle_bytes"] > r["backbone_bytes"] > 0
-    assert "| tflite-int8 | tflite | int8 |" in (run / "bench.md").read_text()
+    assert "| tflite-int8 | 1 |" in (run / "bench.md").read_text()
+    assert (run / "tradeoff.png").is_file() and saved["baselines"] == []
     empty = runner.invoke(app, ["bench", str(tmp_path / "nothing")])
     assert empty.exit_code == 1 and "no bundles" in empty.output
+    bad = runner.invoke(app, ["bench", str(run), "--threads", "one"])
+    assert bad.exit_code == 1 and "comma-separated integers" in bad.output

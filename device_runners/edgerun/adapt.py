@@ -459,39 +459,3 @@ def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
     acc = f", accuracy {res['accuracy']:.3f}" if "accuracy" in res else ""
     _say(quiet, f"{len(pred)} windows in {seconds * 1000:.0f} ms{acc}")
     return res
-
-
-def bench(bundle_dir: str, *, repeats: int = 300, warmup: int = 30, threads: int = 0) -> dict:
-    """Backbone latency at batch 1 (the streaming case) and the bundle's size on disk.
-
-    Times ``backend.features`` on one window of the bundle's test vectors, so int8
-    quantise/dequantise and padding costs are included, as a device pays them.
-    """
-    if repeats < 10:
-        raise RunnerError(f"--repeats must be >= 10 for percentiles, got {repeats}")
-    bundle = Bundle(bundle_dir)
-    m = bundle.manifest
-    t0 = time.perf_counter()
-    backend = make_backend(bundle, threads)
-    load_seconds = time.perf_counter() - t0
-    with np.load(bundle.path(m["test_vectors"]["file"]), allow_pickle=False) as z:
-        x1 = dataio.preprocess(z["x"][:1], m)
-    for _ in range(warmup):
-        backend.features(x1)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        backend.features(x1)
-        times.append(time.perf_counter() - t)
-    ms = np.asarray(times) * 1000
-    sizes = {role: int(e["bytes"]) if "bytes" in e else os.path.getsize(bundle.path(role))
-             for role, e in m["files"].items()}
-    return {"bundle": os.path.abspath(bundle_dir), "target": m["target"],
-            "precision": m["precision"], "backend": backend.name,
-            "backend_version": backend.version, "threads": threads, "repeats": repeats,
-            "backbone_ms_p50": float(np.percentile(ms, 50)),
-            "backbone_ms_p95": float(np.percentile(ms, 95)),
-            "backbone_ms_mean": float(ms.mean()), "load_seconds": load_seconds,
-            "bundle_bytes": sum(sizes.values()) + os.path.getsize(
-                os.path.join(bundle_dir, "manifest.json")),
-            "backbone_bytes": sizes["backbone"], "peak_rss_mb": peak_rss_mb()}
