@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def vm_hwm_mb() -> float | None:
-    """This process's peak resident memory in MiB (Linux), else None."""
+    """Peak resident memory of this process in MiB (Linux), else None."""
     try:
         with open("/proc/self/status") as f:
             for line in f:

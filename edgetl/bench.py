@@ -149,8 +149,11 @@ def _median(rows: list[dict], key: str) -> float:
 
 def bench_adaptation(bundle: Path, data: Path, work: Path, *, threads: int, epochs: int,
                      repeats: int) -> dict:
-    """Median feature/train seconds and peak RSS of ``repeats`` fresh ``adapt`` processes,
-    and of ``repeats`` inference passes over the same data."""
+    """Median feature/train seconds and peak RSS of fresh ``adapt`` processes.
+
+    Also the median of as many inference passes over the same data, the comparison the
+    adaptation target is judged on.
+    """
     reps = []
     for k in range(repeats):
         out = work / f"adapt_t{threads}_{k}"  # fresh folder: no feature cache
@@ -180,6 +183,11 @@ def bench_accuracy(bundle: Path, data: Path, eval_data: Path, work: Path, head: 
             "n_eval": before["n_windows"], "new_labels": start["new_labels"]}
 
 
+def _ck_label(ck) -> str:
+    """``run/checkpoint`` (``har/student``), the backbone's name in the tables."""
+    return f"{Path(ck).parent.name}/{Path(ck).stem}"
+
+
 def _checkpoint_of(man: dict) -> Path | None:
     ck = (man.get("provenance") or {}).get("checkpoint")
     return Path(ck) if ck and Path(ck).is_file() else None
@@ -196,7 +204,8 @@ def bench_baselines(ck: Path, bundles: list[Path], data: Path, eval_data: Path, 
     ref = next((b for b in bundles if mans[b]["target"] == "onnx"
                 and mans[b]["precision"] == "fp32"), bundles[0])
     m = mans[ref]
-    prep = work / f"baseline_{ck.stem}.npz"
+    tag = _ck_label(ck).replace("/", "_")
+    prep = work / f"baseline_{tag}.npz"
     info = prepare_data(ref, data, eval_data, prep, val_fraction=val_fraction, seed=seed)
     opt = m["optimizer"]
     out = {"checkpoint": str(ck), "reference_bundle": ref.name, **info, "rows": []}
@@ -215,7 +224,7 @@ def bench_baselines(ck: Path, bundles: list[Path], data: Path, eval_data: Path, 
         if ort_py:
             script = Path(__file__).with_name("_ort_merged_baseline.py")
             r = _json_proc([ort_py, str(script), str(ref), str(prep),
-                            str(work / f"ort_{ck.stem}_{t}"), "--epochs", str(epochs),
+                            str(work / f"ort_{tag}_{t}"), "--epochs", str(epochs),
                             "--batch", "32", "--threads", str(t),
                             "--lr", str(opt["hparams"]["lr"])], "ORT training baseline")
             out["rows"].append(r)
@@ -228,6 +237,31 @@ def machine_peak(threads: tuple[int, ...]) -> dict[int, dict]:
                            str(t)], "matmul peak") for t in threads}
 
 
+def bench_groups(paths: list[Path], data: Path | None = None,
+                 eval_data: Path | None = None) -> list[dict]:
+    """``paths`` as groups that share one local data set.
+
+    Each run folder is a group with its own device data; bundle folders given directly form
+    one more group, which needs ``data`` and ``eval_data``.
+    """
+    groups, loose = [], []
+    for p in map(Path, paths):
+        if (p / MANIFEST).is_file():
+            loose.append(p)
+            continue
+        bundles = find_bundles([p])
+        d, e = (data, eval_data) if data and eval_data else find_device_data([p])
+        groups.append({"run": p.name, "bundles": bundles, "data": d, "eval_data": e})
+    if loose:
+        if not (data and eval_data):
+            raise ConfigError("bundle folders given directly need --data and --eval (the local "
+                              "data to adapt on and to score); or pass the run folder")
+        groups.append({"run": "", "bundles": loose, "data": data, "eval_data": eval_data})
+    if not groups:
+        raise ConfigError("nothing to bench: pass run folders or bundle folders")
+    return groups
+
+
 def bench_bundles(paths: list[Path], *, threads: tuple[int, ...] = (1, 2), repeats: int = 1000,
                   epochs: int = 20, adapt_repeats: int = 3, data: Path | None = None,
                   eval_data: Path | None = None, baselines: bool = True,
@@ -236,38 +270,39 @@ def bench_bundles(paths: list[Path], *, threads: tuple[int, ...] = (1, 2), repea
     from edgetl.baselines import backbone_flops
     from edgetl.progress import progress_bar
 
-    bundles = find_bundles(paths)
-    if data is None or eval_data is None:
-        found = find_device_data(paths)
-        data, eval_data = data or found[0], eval_data or found[1]
-    mans = {b: _manifest(b) for b in bundles}
-    by_ck: dict[Path, list[Path]] = {}
-    for b in bundles:
+    groups = bench_groups(paths, data, eval_data)
+    many = len(groups) > 1
+    jobs = [(g, b) for g in groups for b in g["bundles"]]
+    mans = {b: _manifest(b) for _, b in jobs}
+    by_ck: dict[Path, tuple[dict, list[Path]]] = {}
+    for g, b in jobs:
         ck = _checkpoint_of(mans[b])
         if ck is not None:
-            by_ck.setdefault(ck, []).append(b)
+            by_ck.setdefault(ck, (g, []))[1].append(b)
     rows, base = [], []
-    n_steps = len(bundles) * len(threads) + (len(by_ck) if baselines else 0) + 1
+    n_steps = len(jobs) * len(threads) + (len(by_ck) if baselines else 0) + 1
     with tempfile.TemporaryDirectory(prefix="edgetl-bench-") as tmp, progress_bar(show) as prog:
         work = Path(tmp)
         task = prog.add_task("bench", total=n_steps, info="matmul peak")
         peak = machine_peak(threads)
         prog.update(task, advance=1)
         flops = {ck: backbone_flops(ck) for ck in by_ck}
-        for b in bundles:
+        for k, (g, b) in enumerate(jobs):
             man = mans[b]
+            name = f"{g['run']}/{b.name}" if many and g["run"] else b.name
             acc = None
             for i, t in enumerate(threads):
-                prog.update(task, info=f"{b.name} × {t} thread(s)")
+                prog.update(task, info=f"{name} × {t} thread(s)")
                 r = device.run_runner("bench", b, "--threads", str(t), "--repeats",
                                       str(repeats), "--batch", "32")
-                ad = bench_adaptation(b, data, work / b.name, threads=t, epochs=epochs,
+                ad = bench_adaptation(b, g["data"], work / str(k), threads=t, epochs=epochs,
                                       repeats=adapt_repeats)
                 if i == 0:
-                    acc = bench_accuracy(b, data, eval_data, work / b.name, ad["checkpoint"])
+                    acc = bench_accuracy(b, g["data"], g["eval_data"], work / str(k),
+                                         ad["checkpoint"])
                 chk = man.get("checks", {}).get("accuracy", {})
                 ck = _checkpoint_of(man)
-                row = {"name": b.name, "checkpoint": str(ck) if ck else None,
+                row = {"name": name, "run": g["run"], "checkpoint": str(ck) if ck else None,
                        "backbone_flops": flops.get(ck), **r, "adaptation": ad,
                        "device_accuracy": acc,
                        "heldout_accuracy": chk.get("bundle"),
@@ -275,17 +310,19 @@ def bench_bundles(paths: list[Path], *, threads: tuple[int, ...] = (1, 2), repea
                 rows.append(_with_limits(row, peak[t]["gflops"]))
                 prog.update(task, advance=1)
         if baselines:
-            for ck, bs in by_ck.items():
-                prog.update(task, info=f"baselines for {ck.name}")
-                base.append(bench_baselines(ck, bs, data, eval_data, work, threads=threads,
-                                            epochs=epochs, val_fraction=val_fraction,
-                                            seed=seed))
+            for ck, (g, bs) in by_ck.items():
+                prog.update(task, info=f"baselines for {ck.parent.name}/{ck.name}")
+                base.append(bench_baselines(ck, bs, g["data"], g["eval_data"], work,
+                                            threads=threads, epochs=epochs,
+                                            val_fraction=val_fraction, seed=seed))
                 prog.update(task, advance=1)
     machine = {"platform": platform.platform(), "machine": platform.machine(),
                "processor": platform.processor() or None, "python": platform.python_version(),
                "cpus": os.cpu_count()}
     res = {"machine": machine, "repeats": repeats, "epochs": epochs,
-           "adapt_repeats": adapt_repeats, "data": str(data), "eval_data": str(eval_data),
+           "adapt_repeats": adapt_repeats,
+           "groups": [{"run": g["run"], "data": str(g["data"]), "eval_data": str(g["eval_data"]),
+                       "bundles": [b.name for b in g["bundles"]]} for g in groups],
            "peak": {str(t): v for t, v in peak.items()}, "rows": rows, "baselines": base}
     res["comparisons"] = comparisons(res)
     res["targets"] = targets(res)
@@ -408,11 +445,11 @@ def markdown(res: dict) -> str:
                 ref = (f"{best['name']}: {best['adaptation']['adapt_seconds']:.3f} s, "
                        f"{r['train_seconds'] / best['adaptation']['adapt_seconds']:.0f}× faster, "
                        f"{best['adaptation']['peak_rss_mb']:.0f} MiB" if best else "–")
-                L.append(f"| {Path(b['checkpoint']).stem} | {r['name']} | {r['threads']} | "
+                L.append(f"| {_ck_label(b['checkpoint'])} | {r['name']} | {r['threads']} | "
                          f"{r['train_seconds']:.3f} | {_fmt(r.get('peak_rss_mb'), '.0f')} | "
                          f"{r['accuracy_after']:.3f} | {ref} |")
             if b.get("ort_training_skipped"):
-                L.append(f"| {Path(b['checkpoint']).stem} | ort-training-merged | – | skipped: "
+                L.append(f"| {_ck_label(b['checkpoint'])} | ort-training-merged | – | skipped: "
                          f"{b['ort_training_skipped']} | | | |")
     L += ["", "#### Targets", "", "| target | measured | where | met |", "|---|---|---|---|"]
     for t in res["targets"]:
@@ -425,8 +462,9 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     peaks = ", ".join(f"{v['gflops']:.0f} GFLOP/s at {t} thread(s)"
                       for t, v in res["peak"].items())
+    data = "; ".join(f"{g['run'] or 'bundles'}: `{g['data']}`" for g in res["groups"])
     L += ["", f"Batch-1 latency: {res['repeats']} timed calls after warm-up; each cell a fresh "
-          f"runner process. Local data: `{res['data']}`. Measured matmul peak: {peaks}. "
+          f"runner process. Local data: {data}. Measured matmul peak: {peaks}. "
           f"{m['machine']}, {m['cpus']} CPUs, {m['platform']}."]
     return "\n".join(L) + "\n"
 
@@ -459,7 +497,7 @@ def plot(res: dict, path: Path) -> Path:
             ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         front = pareto([(x, y) for x, y, _ in pts])
         if front:
-            fx_, fy_ = zip(*front)
+            fx_, fy_ = zip(*front, strict=True)
             ax.step(fx_, fy_, where="post", color="tab:red", lw=1.2)
             ax.scatter(fx_, fy_, s=260, facecolors="none", edgecolors="tab:red", lw=1.5,
                        label="Pareto front (faster and at least as accurate)")

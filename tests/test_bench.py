@@ -143,3 +143,16 @@ def test_comparisons_and_targets_are_computed_within_the_run():
 def test_pareto_front():
     pts = [(1.0, 0.90), (2.0, 0.95), (3.0, 0.93), (0.5, 0.80), (2.0, 0.94), (4.0, 0.96)]
     assert bench.pareto(pts) == [(0.5, 0.80), (1.0, 0.90), (2.0, 0.95), (4.0, 0.96)]
+
+
+def test_each_run_folder_benches_on_its_own_device_data(run_dir, tmp_path):
+    other = tmp_path / "vision"
+    shutil.copytree(run_dir, other)
+    groups = bench.bench_groups([run_dir, other])
+    assert [g["run"] for g in groups] == [run_dir.name, "vision"]
+    assert groups[1]["data"] == other / "devices" / "onnx-fp32" / "user_21" / "adapt.npz"
+    loose = [run_dir / "bundles" / "onnx-fp32"]
+    with pytest.raises(EdgetlError, match="need --data and --eval"):
+        bench.bench_groups(loose)
+    data = groups[0]["data"]
+    assert bench.bench_groups(loose, data, data)[0]["bundles"] == loose

@@ -58,6 +58,8 @@ def bench(bundle_dir: str, *, repeats: int = 300, warmup: int = 30, threads: int
     n_batches = max(5, repeats // batch)
     tb = _timed(lambda: backend.features(xb), n_batches, max(2, warmup // batch))
     graph_batch = m["input"].get("batch_size")
+    mode = (f"{-(-batch // int(graph_batch))} calls of the batch-{graph_batch} graph"
+            if graph_batch else f"one call of batch {batch}")
     sizes = {role: int(e["bytes"]) if "bytes" in e else os.path.getsize(bundle.path(role))
              for role, e in m["files"].items()}
     return {"bundle": os.path.abspath(bundle_dir), "target": m["target"],
@@ -69,8 +71,7 @@ def bench(bundle_dir: str, *, repeats: int = 300, warmup: int = 30, threads: int
             "batch": batch, "batch_calls": n_batches,
             "batch_ms_p50": float(np.median(tb) * 1000),
             "throughput_per_s": float(batch / np.median(tb)),
-            "batch_mode": (f"{-(-batch // int(graph_batch))} calls of the batch-{graph_batch} graph" if graph_batch
-                           else f"one call of batch {batch}"),
+            "batch_mode": mode,
             "load_seconds": load_seconds,
             "bundle_bytes": sum(sizes.values()) + os.path.getsize(
                 os.path.join(bundle_dir, "manifest.json")),
