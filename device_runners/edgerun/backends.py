@@ -179,8 +179,15 @@ class LiteRTBackend:
         return np.concatenate(out, axis=0)
 
     def train_step(self, feeds: dict) -> dict:
-        """One optimizer step (the caller pads to the manifest's batch with weight 0)."""
-        return self._train(**feeds)
+        """One optimizer step (the caller pads to the manifest's batch with weight 0).
+
+        0-d inputs (lr, momentum, weight decay) go in as shape (1,): LiteRT's signature runner
+        resizes every input on every call, and resizing one to 0-d segfaults ai-edge-litert
+        2.3.0 on Linux aarch64 (found by `make test-pi`). (1,) broadcasts the same: outputs
+        are bit-identical on x86_64.
+        """
+        return self._train(**{k: v.reshape(1) if np.ndim(v) == 0 else v
+                               for k, v in feeds.items()})
 
     def infer(self, feeds: dict) -> dict:
         """Head logits and embedding of any number of rows."""
