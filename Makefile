@@ -7,12 +7,13 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort data-vision demo demo-vision bench test test-slow test-pi style lint format clean help
+.PHONY: install venv-ort data-vision demo demo-vision bench methods test test-slow test-pi style lint format clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
 	@echo "make demo-vision  Fashion-MNIST -> digits on cameras (EfficientNet-Lite0 vs student)"
 	@echo "make bench      size + batch-1 backbone latency of every bundle of $(OUT) -> bench.md"
+	@echo "make methods    transfer methods vs source-only (HAR cross-user, Fashion-MNIST -> digits)"
 	@echo "make test       fast test tier (no GPU, no network)"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
 	@echo "make test-pi    device runners on emulated Linux aarch64 (Raspberry Pi) vs x86_64 (root)"
@@ -56,6 +57,11 @@ demo-vision: install data-vision
 bench: install
 	test -f $(OUT)/summary.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
 	$(BIN)/edgetl bench $(OUT)
+
+# Transfer methods (L2-SP, EWC, AdaBN, DANN, MMD, CORAL) against the source-only model on
+# both scenarios -> runs/methods/methods.{json,md} (the README's "Transfer methods" table).
+methods: install data-vision
+	$(BIN)/edgetl methods models/har/recipe.toml models/vision/recipe.toml --out runs/methods
 
 test: install venv-ort
 	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python $(BIN)/python -m pytest -q

@@ -40,6 +40,10 @@ def main(argv=None) -> int:
     a.add_argument("--head", default=None, help="continue from this head checkpoint")
     a.add_argument("--trainer", choices=("stateless", "ort-training"), default=None,
                    help="default: the bundle's (manifest train_step.trainer)")
+    a.add_argument("--class-balanced", action="store_true",
+                   help="weight windows n / (K * n_label): rare labels count as much as common")
+    a.add_argument("--l2sp", type=float, default=None,
+                   help="override the L2-SP pull toward the starting head (head.l2sp bundles)")
     a.add_argument("--max-data-mb", type=float, default=2048.0,
                    help="refuse data files larger than this (MiB)")
     a.add_argument("--resume", action="store_true",
@@ -81,7 +85,9 @@ def main(argv=None) -> int:
                            max_seconds=args.max_seconds, max_memory_mb=args.max_memory_mb,
                            trust_key=args.trust_key, resume=args.resume,
                            max_data_mb=args.max_data_mb,
-                           checkpoint_every=args.checkpoint_every, quiet=args.quiet)
+                           checkpoint_every=args.checkpoint_every,
+                           class_balanced=args.class_balanced, l2sp=args.l2sp,
+                           quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet)

@@ -46,7 +46,8 @@ def run_runner(command: str, bundle: Path, *args: str, python: str | None = None
 
 def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: int = 32,
           val_fraction: float = 0.25, lr: float | None = None, seed: int = 0,
-          head: Path | None = None, quiet: bool = True) -> dict:
+          head: Path | None = None, class_balanced: bool = False, l2sp: float | None = None,
+          quiet: bool = True) -> dict:
     """Personalise ``bundle``'s head on ``data`` in a runner subprocess; return its report."""
     args = ["--data", str(data), "--out", str(out), "--epochs", str(epochs),
             "--batch-size", str(batch_size), "--val-fraction", str(val_fraction),
@@ -55,6 +56,10 @@ def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: 
         args += ["--lr", str(lr)]
     if head is not None:
         args += ["--head", str(head)]
+    if class_balanced:
+        args.append("--class-balanced")
+    if l2sp is not None:
+        args += ["--l2sp", str(l2sp)]
     return run_runner("adapt", bundle, *args, quiet=quiet)
 
 

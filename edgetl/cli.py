@@ -316,5 +316,44 @@ def bench(paths: Annotated[list[Path] | None, typer.Argument(
     typer.echo(f"wrote {j}, {m} and {png}")
 
 
+
+@app.command()
+@user_errors
+def methods(recipes: Annotated[list[Path] | None, typer.Argument(
+                help="recipe TOMLs: a HAR recipe (cross-user) and/or the vision recipe "
+                     "(Fashion-MNIST -> digits)")] = None,
+            out: OutOpt = Path("runs/methods"),
+            seeds: Annotated[str | None, typer.Option(
+                help="comma-separated seeds (vision: one run per seed; default the recipe's "
+                     "transfer.seeds)")] = None,
+            kd: Annotated[bool, typer.Option(
+                help="HAR: also train a teacher and distill it (same epochs as the source "
+                     "model), for the KD gap-recovered line; otherwise it is read from "
+                     "runs/<recipe>/summary.json when `edgetl run` wrote one")] = False,
+            threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 2,
+            quiet: QuietOpt = False):
+    """Transfer methods against the source-only baseline; writes methods.json and methods.md.
+
+    L2-SP, EWC, AdaBN, DANN, MMD and CORAL, on the recipe's scenario (HAR cross-user or
+    Fashion-MNIST -> digits).
+    """
+    _setup(threads)
+    from edgetl.methods.compare import markdown, run_methods, write_report
+
+    try:
+        sd = tuple(int(v) for v in seeds.split(",")) if seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers like 0,1,2; got "
+                          f"{seeds!r}") from None
+    results = []
+    for path in recipes or [DEFAULT_RECIPE]:
+        rec = _recipe(path)
+        summary = Path("runs") / rec.name / "summary.json"
+        results.append(run_methods(rec, seeds=sd, kd=kd, kd_summary=summary, show=not quiet))
+    j, m = write_report(results, out)
+    typer.echo(markdown(results))
+    typer.echo(f"wrote {j} and {m}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

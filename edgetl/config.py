@@ -15,12 +15,13 @@ from typing import Any
 from edgetl.errors import ConfigError
 from edgetl.tolerances import MAX_ACCURACY_DROP_POINTS, MAX_ADAPTATION_LOSS_POINTS
 
-HEAD_KINDS = ("linear", "mlp")
+HEAD_KINDS = ("linear", "mlp", "cosine")
 OPTIMIZERS = ("sgd", "adam")
 TARGETS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "int8")
 TRAINERS = ("stateless", "ort-training")
 DATASETS = ("hapt", "fashion_mnist")
+TRANSFER_METHODS = ("source_only", "finetune", "l2sp", "ewc", "adabn", "dann", "mmd", "coral")
 ARCHS = ("cnn1d", "cnn2d", "efficientnet_lite0")
 
 
@@ -143,10 +144,18 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """The trainable head the device fine-tunes, and its on-device optimizer."""
+    """The trainable head the device fine-tunes, and its on-device optimizer.
+
+    ``cosine`` heads start at ``scale`` (learned on the device unless ``learn_scale`` is
+    false). ``l2sp`` > 0 exports a train step that pulls the head toward its shipped weights
+    with that coefficient (L2-SP on the head).
+    """
 
     kind: str = "linear"
     hidden: int = 32
+    scale: float = 10.0
+    learn_scale: bool = True
+    l2sp: float = 0.0
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -161,15 +170,18 @@ class HeadConfig:
         _check(self.optimizer in OPTIMIZERS,
                f"head.optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
         _check(self.lr > 0 and self.hidden > 0, "head.lr and head.hidden must be > 0")
+        _check(self.scale > 0 and self.l2sp >= 0, "head.scale must be > 0 and head.l2sp >= 0")
         _check(0 <= self.momentum < 1 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
                "head: momentum, beta1 and beta2 must be in [0, 1)")
 
     def hparams(self) -> dict[str, float]:
         """The optimizer's hyper-parameters, as fed to the train-step graph."""
+        extra = {"l2sp": self.l2sp} if self.l2sp > 0 else {}
         if self.optimizer == "sgd":
-            return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
+            return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                    **extra}
         return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
-                "weight_decay": self.weight_decay}
+                "weight_decay": self.weight_decay, **extra}
 
 
 @dataclass(frozen=True)
@@ -252,6 +264,56 @@ class CheckConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """Server-side transfer methods (``edgetl methods``; see ``edgetl/methods/``).
+
+    ``method`` is the one a pipeline applies, ``methods`` the ones ``edgetl methods``
+    compares. The source model trains ``source_epochs`` (recipe's student net); supervised
+    methods fine-tune ``epochs`` on labelled target data, alignment methods take
+    ``uda_steps`` steps of ``batch_size`` source + target inputs; Adam at ``lr``. Vision:
+    ``shots`` labelled digits per class, images at ``image_size`` px (0: data.image_size),
+    one run per seed of ``seeds``. HAR: ``users`` (default data.device_users) are the targets.
+    """
+
+    method: str = "finetune"
+    methods: tuple[str, ...] = TRANSFER_METHODS
+    source_epochs: int = 6
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 32
+    uda_steps: int = 100
+    l2sp_alpha: float = 0.1
+    l2sp_beta: float = 0.01
+    ewc_lambda: float = 100.0
+    ewc_samples: int = 256
+    dann_lambda: float = 1.0
+    dann_hidden: int = 64
+    mmd_lambda: float = 1.0
+    coral_lambda: float = 1.0
+    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    shots: int = 10
+    image_size: int = 32
+    users: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for m in (self.method, *self.methods):
+            _check(m in TRANSFER_METHODS,
+                   f"transfer.method(s): {m!r} unknown; known: {list(TRANSFER_METHODS)}")
+        _check(len(self.methods) > 0 and len(self.seeds) > 0,
+               "transfer.methods and transfer.seeds must not be empty")
+        _check(min(self.source_epochs, self.epochs, self.uda_steps, self.batch_size,
+                   self.ewc_samples, self.dann_hidden, self.shots) >= 1,
+               "transfer: epochs, steps, batch size, samples, hidden and shots must be >= 1")
+        _check(self.lr > 0, f"transfer.lr must be > 0, got {self.lr}")
+        _check(min(self.l2sp_alpha, self.l2sp_beta, self.ewc_lambda, self.dann_lambda,
+                   self.mmd_lambda, self.coral_lambda) >= 0,
+               "transfer: method coefficients must be >= 0")
+        _check(self.image_size == 0 or 16 <= self.image_size <= 512,
+               f"transfer.image_size must be 0 or 16..512 px, got {self.image_size}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole scenario: data, teacher, student, distillation, head, export and adaptation."""
 
@@ -267,6 +329,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), for run records."""

@@ -125,13 +125,38 @@ class MLPHead(nn.Module):
         return self.fc2(torch.relu(self.fc1(f)))
 
 
+class CosineHead(nn.Module):
+    """``logits = scale * cos(f, weight_k) + bias_k`` (Gidaris & Komodakis, 2018).
+
+    Normalised features and class rows make a new class's weight its normalised mean
+    embedding (imprinting) and keep logits bounded by ``scale``. ``learn_scale`` False fixes
+    the scale (a buffer-like parameter without gradient). Its embedding is the normalised
+    features.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, scale: float, learn_scale: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, in_features) / in_features ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.scale = nn.Parameter(torch.tensor([float(scale)]), requires_grad=learn_scale)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        from edgetl.head import COSINE_EPS
+
+        fn = f / torch.sqrt((f * f).sum(1, keepdim=True) + COSINE_EPS)
+        wn = self.weight / torch.sqrt((self.weight ** 2).sum(1, keepdim=True) + COSINE_EPS)
+        return self.scale * (fn @ wn.t()) + self.bias
+
+
 def make_head(in_features: int, num_classes: int, cfg: HeadConfig) -> nn.Module:
     """Build the head named by ``cfg.kind``."""
     if cfg.kind == "linear":
         return LinearHead(in_features, num_classes)
     if cfg.kind == "mlp":
         return MLPHead(in_features, num_classes, cfg.hidden)
-    raise ConfigError(f"unknown head kind {cfg.kind!r}; known: linear, mlp")
+    if cfg.kind == "cosine":
+        return CosineHead(in_features, num_classes, cfg.scale, cfg.learn_scale)
+    raise ConfigError(f"unknown head kind {cfg.kind!r}; known: linear, mlp, cosine")
 
 
 class EdgeModel(nn.Module):

@@ -1,6 +1,6 @@
 """``edgetl quantize``: an fp32 ONNX bundle -> an int8 one, without the PyTorch checkpoint.
 
-Only the backbone is quantized (static QDQ, per-channel int8 weights, int8 activations
+Only the backbone is quantized (static QDQ, per-channel int8 weights, uint8 activations
 calibrated on source windows); the head graphs and parameters are copied unchanged. The new
 bundle must keep the fp32 bundle's held-out accuracy within the threshold, measured in
 onnxruntime on both, or it is not written.
@@ -51,7 +51,9 @@ def normalize(m: Manifest, x: np.ndarray) -> np.ndarray:
 def spec_of(m: Manifest) -> HeadSpec:
     """The :class:`HeadSpec` a manifest describes."""
     return HeadSpec(m.head["kind"], int(m.features["dim"]),
-                    int(m.head.get("capacity") or len(m.labels)), int(m.head.get("hidden") or 0))
+                    int(m.head.get("capacity") or len(m.labels)), int(m.head.get("hidden") or 0),
+                    learn_scale=bool(m.head.get("learn_scale", True)),
+                    l2sp=bool(m.head.get("l2sp", 0)))
 
 
 def session_of(bundle: Path, m: Manifest):
@@ -137,7 +139,7 @@ def _build(src: Path, m: Manifest, tmp: Path, calib: np.ndarray,
                       "atol": SELFTEST_INT8_REL * max(
                           scale, float(np.abs(logits[:, : len(m.labels)]).max()))},
         quantization={"backbone": "int8", "head": "fp32 (trainable)", "per_channel": True,
-                      "scheme": "QDQ static, per-channel symmetric int8 weights, int8 "
+                      "scheme": "QDQ static, per-channel symmetric int8 weights, uint8 "
                                 "activations (MinMax)",
                       "calibration_windows": int(len(calib)),
                       "calibration_source": "source windows given to edgetl quantize",

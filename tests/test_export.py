@@ -80,7 +80,7 @@ class _TFLiteHeadOnly:
 
 
 @pytest.mark.parametrize("target", ["onnx", "tflite"])
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("kind", ["linear", "mlp", "cosine"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_train_step_matches_torch_for_20_steps(target, kind, opt, tmp_path):
     """The exported graph, in its runtime, follows torch within 1e-5 over 20 padded steps."""

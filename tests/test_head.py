@@ -5,7 +5,7 @@ import torch
 
 from edgetl.head import HeadSpec, TrainStep, head_forward, head_grads, init_state
 
-SPECS = [HeadSpec("linear", 5, 3), HeadSpec("mlp", 5, 3, hidden=4)]
+SPECS = [HeadSpec("linear", 5, 3), HeadSpec("mlp", 5, 3, hidden=4), HeadSpec("cosine", 5, 3)]
 
 
 def _params(spec, seed=0):

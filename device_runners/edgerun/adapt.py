@@ -55,6 +55,22 @@ def write_json(path: str, obj: dict) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), binary=False, suffix=".json")
 
 
+def anchors_of(m: dict, params: dict) -> dict:
+    """The ``anchor.<param>`` feeds of an L2-SP train step: copies of ``params`` (or none)."""
+    return {a: params[p].copy() for a, p in m["train_step"].get("anchor_inputs", {}).items()}
+
+
+def class_balanced_weights(y: np.ndarray) -> np.ndarray:
+    """Per-window weights ``n / (K * n_c)``: every label present weighs the same in total.
+
+    Shape:
+        y: (N,) class ids -> (N,) float32 weights with mean 1.
+    """
+    classes, counts = np.unique(y, return_counts=True)
+    per = dict(zip(classes.tolist(), (len(y) / (len(classes) * counts)).tolist()))
+    return np.asarray([per[c] for c in y.tolist()], np.float32)
+
+
 def _zero_state(m: dict, params: dict) -> dict:
     state = {}
     for s in m["optimizer"]["state"]:
@@ -64,12 +80,17 @@ def _zero_state(m: dict, params: dict) -> dict:
     return state
 
 
-def _step(backend, ts: dict, hp: dict, f, t, w, params: dict, state: dict) -> float:
-    """One train step through the backend; updates ``params`` and ``state`` in place."""
+def _step(backend, ts: dict, hp: dict, f, t, w, params: dict, state: dict,
+          anchors: dict | None = None) -> float:
+    """One train step through the backend; updates ``params`` and ``state`` in place.
+
+    ``anchors``: the ``anchor.<param>`` inputs of an L2-SP train step (held fixed).
+    """
     feeds = {ts["inputs"][0]: f, ts["targets_input"]: t, ts["sample_weight_input"]: w}
     feeds.update({k: np.array(hp[k], np.float32) for k in ts["hparam_inputs"]})
     feeds.update(params)
     feeds.update(state)
+    feeds.update(anchors or {})
     out = backend.train_step(feeds)
     for k in params:
         params[k] = out["new." + k]
@@ -94,10 +115,11 @@ def selftest_train(bundle: Bundle, backend) -> float:
     t = np.eye(head.rows(m["head"]["class_params"]), dtype=np.float32)[labels]
     params = dict(head.params)
     state = _zero_state(m, params)
+    anchors = anchors_of(m, params)
     hp = m["optimizer"]["hparams"]
     err = 0.0
     for i in range(len(losses)):
-        loss = _step(backend, m["train_step"], hp, f[i], t[i], w[i], params, state)
+        loss = _step(backend, m["train_step"], hp, f[i], t[i], w[i], params, state, anchors)
         err = max(err, abs(loss - float(losses[i])))
     err = max(err, *(float(np.abs(params[k] - v).max()) for k, v in final.items()))
     if not err <= float(tv.get("train_atol", 1e-4)):
@@ -229,7 +251,8 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
           trainer: str | None = None, max_seconds: float | None = None,
           max_memory_mb: float | None = None, trust_key: str | None = None,
           resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
-          checkpoint_every: float = 1.0, quiet: bool = False) -> dict:
+          checkpoint_every: float = 1.0, class_balanced: bool = False,
+          l2sp: float | None = None, quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Budgets: training stops after the step that crosses ``max_seconds`` (counted from the
@@ -241,6 +264,10 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     atomically to ``out_dir/train_state.npz``; with ``resume`` a killed run
     continues from it and ends exactly where an uninterrupted run would. ``head.npz`` is only
     ever replaced atomically, so a valid checkpoint (old or new) exists at every moment.
+
+    ``class_balanced``: each training window weighs ``n / (K * n_c)`` (sample_weight), so a
+    label with few windows counts as much as a frequent one. ``l2sp``: coefficient of the
+    head's pull toward the head training starts from (bundles exported with head.l2sp).
 
     Returns the report (also written as ``report.json``).
     """
@@ -281,7 +308,8 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     if new:
         emb = _infer(backend, bundle, head, feats)["embedding"]
         ys = np.asarray(ds.y)
-        head.add_classes(new, {n: emb[ys == n] for n in new}, cls, grow=dynamic)
+        head.add_classes(new, {n: emb[ys == n] for n in new}, cls, grow=dynamic,
+                         normalise=m["head"]["kind"] == "cosine")
         warnings.append(f"labels {new} are new to this head: added {len(new)} class(es) by "
                         "weight imprinting from their mean features")
     if missing:
@@ -307,6 +335,17 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     if lr is not None:
         hp["lr"] = lr
     ts = m["train_step"]
+    if l2sp is not None:
+        if "l2sp" not in ts["hparam_inputs"]:
+            raise RunnerError("--l2sp needs a bundle exported with head.l2sp > 0 (its train step "
+                              "takes the anchor inputs); this one has none")
+        if not l2sp >= 0:
+            raise RunnerError(f"--l2sp must be >= 0, got {l2sp}")
+        hp["l2sp"] = l2sp
+    anchors = anchors_of(m, start.params)  # L2-SP pulls toward the head training starts from
+    sw = np.ones(len(y), np.float32)  # per-window sample weights (training windows only)
+    if class_balanced:
+        sw[tr] = class_balanced_weights(y[tr])
     n_cls = head.rows(cls)  # targets span every class row (spare rows get none)
     state = _zero_state(m, head.params)
     fixed = ts.get("batch_size")
@@ -327,6 +366,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     key = {"data": data_digest(data_path), "backbone": m["files"]["backbone"]["sha256"],
            "head": head_path and sha256_file(head_path), "epochs": epochs, "batch": bs,
            "seed": seed, "val_fraction": val_fraction, "hparams": hp,
+           "class_balanced": class_balanced,
            "trainer": backend.trainer, "labels": head.labels}
     first = 0
     if resume and os.path.isfile(state_path):
@@ -348,13 +388,13 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         for i in range(0, len(order), bs):
             b = order[i : i + bs]
             n = len(b)
-            f, t, w = feats[b], eye[y[b]], np.ones(n, np.float32)
+            f, t, w = feats[b], eye[y[b]], sw[b]
             if fixed and n < bs:  # pad to the runtime's fixed batch; weight 0 masks padding
                 pad = bs - n
                 f = np.concatenate([f, np.zeros((pad, f.shape[1]), np.float32)])
                 t = np.concatenate([t, np.zeros((pad, n_cls), np.float32)])
                 w = np.concatenate([w, np.zeros(pad, np.float32)])
-            loss = _step(backend, ts, hp, f, t, w, head.params, state)
+            loss = _step(backend, ts, hp, f, t, w, head.params, state, anchors)
             if not np.isfinite(loss):
                 raise RunnerError(f"training diverged (loss {loss}) at epoch {epoch + 1}; lower "
                                   f"the learning rate (now {hp['lr']}) with --lr")
@@ -414,6 +454,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         "checkpoint_written": written, "n_windows": len(y), "n_train": int(len(tr)),
         "n_val": int(len(va)), "epochs": epochs, "batch_size": bs, "steps": steps,
         "optimizer": m["optimizer"]["name"], "hparams": hp, "labels": head.labels,
+        "class_balanced": class_balanced, "head_kind": m["head"]["kind"],
         "new_labels": new, "missing_labels": missing, "warnings": warnings,
         "skipped_files": len(ds.skipped), "skipped": ds.skipped[:50],
         "feature_seconds": feature_seconds, "features_cached": cached,

@@ -71,12 +71,14 @@ class Head:
         return int(self.params[class_params[0]].shape[0])
 
     def add_classes(self, names: list, embeddings: dict, class_params: list,
-                    grow: bool = True) -> None:
+                    grow: bool = True, normalise: bool = False) -> None:
         """Weight imprinting (Qi et al., 2018): one last-layer row per new class.
 
         A new class's weight row is its mean embedding, rescaled to the mean norm of the
         rows in use; its bias is their mean bias. ``grow``: append rows (dynamic-class
-        graphs); otherwise fill the spare rows of a fixed-capacity head.
+        graphs); otherwise fill the spare rows of a fixed-capacity head. ``normalise``
+        (cosine heads): each embedding is scaled to unit length before averaging, so the row
+        is the normalised prototype of the class.
 
         Args:
             names: new class names.
@@ -90,7 +92,10 @@ class Head:
         bias = float(b[:used].mean()) if used else 0.0
         rows = []
         for n in names:
-            mu = embeddings[n].mean(axis=0)
+            e = np.asarray(embeddings[n], np.float32)
+            if normalise:
+                e = e / (np.linalg.norm(e, axis=1, keepdims=True) + 1e-12)
+            mu = e.mean(axis=0)
             rows.append(mu / (np.linalg.norm(mu) + 1e-12) * scale)
         rows = np.asarray(rows, np.float32).reshape(len(names), w.shape[1])
         if grow:

@@ -6,6 +6,7 @@ check passed, so a failed export never replaces a good bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import os
@@ -21,7 +22,7 @@ from edgetl.checkpoint import Checkpoint
 from edgetl.config import ExportConfig
 from edgetl.errors import ConfigError, DataError, ShapeMismatchError, ToleranceError
 from edgetl.export.registry import Exporter, as_feeds, get_exporter
-from edgetl.head import HPARAMS, HeadSpec, InferStep, TrainStep, init_state
+from edgetl.head import HeadSpec, InferStep, TrainStep, init_state
 from edgetl.manifest import MANIFEST, Manifest, file_entry
 from edgetl.tolerances import (
     SELFTEST_FP32_FACTOR,
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 def head_spec(ck: Checkpoint) -> HeadSpec:
     """The :class:`HeadSpec` of a checkpoint's head."""
     return HeadSpec(ck.head.kind, ck.model.backbone.out_features, len(ck.labels),
-                    ck.head.hidden if ck.head.kind == "mlp" else 0)
+                    ck.head.hidden if ck.head.kind == "mlp" else 0,
+                    learn_scale=ck.head.learn_scale, l2sp=ck.head.l2sp > 0)
 
 
 def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
@@ -66,7 +68,8 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     names = ref.input_names()
     p = [torch.as_tensor(v) for v in params.values()]
     s = list(init_state(spec, optimizer, dict(zip(params, p, strict=True))).values())
-    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in HPARAMS[optimizer]]
+    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
+    anchors = p if spec.l2sp else []  # L2-SP toward the starting head, as the runner does
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for i in range(steps):
@@ -74,7 +77,7 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
         t = torch.eye(spec.num_classes)[torch.randint(0, n_labels or spec.num_classes, (batch,),
                                                       generator=g)]
         w = (torch.arange(batch) < batch - i % 3).float()  # some padded rows
-        args = [f, t, w, *hp, *p, *s]
+        args = [f, t, w, *hp, *p, *s, *anchors]
         out = ref(*args)
         got = sess.train_step(as_feeds(names, [a.numpy() for a in args]))
         for name, want in zip(ref.output_names(), out, strict=True):
@@ -98,7 +101,8 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
     g = torch.Generator().manual_seed(seed)
     p = {k: torch.as_tensor(v) for k, v in params.items()}
     s = init_state(spec, optimizer, p)
-    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in HPARAMS[optimizer]]
+    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
+    anchors = list(p.values()) if spec.l2sp else []
     f = torch.randn(steps, batch, spec.in_features, generator=g).half().float()
     labels = torch.randint(0, n_labels or spec.num_classes, (steps, batch), generator=g)
     t = torch.eye(spec.num_classes)[labels]
@@ -106,7 +110,7 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
     losses = []
     with torch.no_grad():
         for i in range(steps):
-            out = ref(f[i], t[i], w[i], *hp, *p.values(), *s.values())
+            out = ref(f[i], t[i], w[i], *hp, *p.values(), *s.values(), *anchors)
             losses.append(float(out[0]))
             p = dict(zip(p, out[1 : 1 + len(p)], strict=True))
             s = dict(zip(s, out[1 + len(p) :], strict=True))
@@ -249,8 +253,6 @@ def _accuracy_check(sess, model, ck: Checkpoint, spec: HeadSpec, params: dict,
 
 def _check_ort_training(tmp: Path, manifest: Manifest) -> Manifest:
     """Replay the reference train steps with ONNX Runtime training, in its own environment."""
-    import dataclasses
-
     from edgetl.adapt import run_runner
     from edgetl.export.ort_training import ort_python
 
@@ -286,7 +288,7 @@ def pad_classes(spec: HeadSpec, params: dict, capacity: int) -> tuple[HeadSpec, 
     out[w_name] = np.concatenate([params[w_name],
                                   np.zeros((extra, params[w_name].shape[1]), np.float32)])
     out[b_name] = np.concatenate([params[b_name], np.full(extra, UNUSED_BIAS, np.float32)])
-    return HeadSpec(spec.kind, spec.in_features, capacity, spec.hidden), out
+    return dataclasses.replace(spec, num_classes=capacity), out
 
 
 def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
@@ -390,6 +392,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         features={"name": bb_sig["outputs"][0], "dim": spec.in_features},
         labels=list(ck.labels),
         head={"kind": spec.kind, "hidden": spec.hidden, "embedding_dim": spec.embedding_dim,
+              **({"learn_scale": spec.learn_scale} if spec.kind == "cosine" else {}),
+              **({"l2sp": ck.head.l2sp} if spec.l2sp else {}),
               "params": [{"name": n, "shape": list(s)} for n, s in shapes.items()],
               "class_params": list(spec.class_params), "init_file": "head_init",
               "capacity": capacity, "unused_bias": UNUSED_BIAS},
@@ -397,7 +401,9 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         train_step={**sig["train"], "loss_output": "loss",
                     "targets_input": "targets", "targets_encoding": "one_hot_float32",
                     "sample_weight_input": "sample_weight",
-                    "hparam_inputs": list(HPARAMS[ck.head.optimizer]),
+                    "hparam_inputs": list(spec.hparam_names(ck.head.optimizer)),
+                    **({"anchor_inputs": {a: a.split(".", 1)[1] for a in spec.anchor_names}}
+                       if spec.l2sp else {}),
                     "batch_size": batch if fixed else None,
                     "dynamic_classes": exporter.dynamic_classes and ort_training is None,
                     "trainer": cfg.trainer,

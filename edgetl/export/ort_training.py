@@ -68,6 +68,10 @@ class _Head(nn.Module):
 def export_artifacts(spec: HeadSpec, optimizer: str, params: dict, folder: Path, *,
                      opset: int) -> dict[str, str]:
     """Write the ``ort_*`` files into ``folder``; return role -> file name."""
+    if spec.kind not in ("linear", "mlp") or spec.l2sp:
+        raise ConfigError(f"--trainer ort-training supports linear and mlp heads without "
+                          f"head.l2sp; this recipe has a {spec.kind} head"
+                          f"{' with l2sp' if spec.l2sp else ''}: use --trainer stateless")
     if optimizer != "sgd":
         raise ConfigError(f"--trainer ort-training supports the sgd head optimizer (ORT's SGD, "
                           f"plus momentum/weight decay applied to ORT's gradients); the recipe "

@@ -232,10 +232,12 @@ class TFLiteExporter(Exporter):
         params = [torch.randn(s, generator=g) * 0.1 for s in shapes.values()]
         state = [torch.zeros(1) if n == "step" else torch.zeros(shapes[n.split(".", 1)[1]])
                  for n in spec.state_names(optimizer)]
-        n_hp = len(step.input_names()) - 3 - len(params) - len(state)
+        anchors = [p.clone() for p in params] if spec.l2sp else []
+        n_hp = len(step.hparam_names)
         f = torch.randn(batch, spec.in_features, generator=g)
         t = torch.eye(spec.num_classes)[torch.arange(batch) % spec.num_classes]
-        train_args = [f, t, torch.ones(batch), *_distinct_hparams(n_hp), *params, *state]
+        train_args = [f, t, torch.ones(batch), *_distinct_hparams(n_hp), *params, *state,
+                      *anchors]
         train_kw = {_safe(n): a for n, a in zip(step.input_names(), train_args, strict=True)}
         infer_kw = {_safe(n): a for n, a in zip(infer.input_names(), [f, *params], strict=True)}
         path = Path(folder) / "head.tflite"
