@@ -218,12 +218,19 @@ def adapt(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
           val_fraction: Annotated[float, typer.Option(min=0.01, max=0.99)] = 0.25,
           lr: Annotated[float | None, typer.Option(help="override the bundle's lr")] = None,
           head: Annotated[Path | None, typer.Option(help="continue from this head")] = None,
+          class_balanced: Annotated[bool, typer.Option(
+              help="weight windows n / (K * n_label): rare labels count as much as common")]
+          = False,
+          l2sp: Annotated[float | None, typer.Option(
+              help="L2-SP pull toward the starting head (bundles exported with head.l2sp)")]
+          = None,
           seed: int = 0):
     """Personalise a bundle's head on local data with the device runner (a subprocess)."""
     from edgetl import adapt as device
 
     rep = device.adapt(bundle, data, out, epochs=epochs, batch_size=batch_size,
-                       val_fraction=val_fraction, lr=lr, seed=seed, head=head, quiet=False)
+                       val_fraction=val_fraction, lr=lr, seed=seed, head=head,
+                       class_balanced=class_balanced, l2sp=l2sp, quiet=False)
     typer.echo(json.dumps({k: rep[k] for k in (
         "accuracy_before", "accuracy_after", "rolled_back", "n_train", "n_val",
         "feature_seconds", "train_seconds", "peak_rss_mb", "checkpoint")}, indent=2))

@@ -21,7 +21,8 @@ TARGETS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "int8")
 TRAINERS = ("stateless", "ort-training")
 DATASETS = ("hapt", "fashion_mnist")
-TRANSFER_METHODS = ("source_only", "finetune", "l2sp", "ewc", "adabn", "dann", "mmd", "coral")
+TRANSFER_METHODS = ("source_only", "finetune", "l2sp", "ewc", "adabn", "source_steps", "dann",
+                    "mmd", "coral")
 ARCHS = ("cnn1d", "cnn2d", "efficientnet_lite0")
 
 

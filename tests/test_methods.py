@@ -44,28 +44,28 @@ from edgerun.adapt import class_balanced_weights  # noqa: E402
 # ----------------------------------------------------------------- server methods, synthetic
 
 
-#: A sensor shift (per-channel gain and offset) that breaks the tiny source model (a
-#: two-layer net shrugs off conftest's SHIFT: 0.975 on shifted windows, nothing to beat).
-STRONG = {"gain": np.array([3.0, 0.3, 2.0]), "offset": np.array([2.0, -2.0, 1.5])}
-
-
 @pytest.fixture(scope="module")
 def shift():
-    """A source model on clean windows; shifted (gain/offset per channel) target windows."""
+    """A well-trained tiny source model on clean windows; target windows with conftest's
+    per-channel gain/offset SHIFT (a two-layer net shrugs it off: nothing to beat there).
+
+    The source model is trained to convergence (0.99 on held-out source windows), so a method
+    cannot win by merely training the source model longer.
+    """
     xs, ys = make_windows(600, window=WINDOW, seed=0)
     mean, std = xs.reshape(-1, 3).mean(0), xs.reshape(-1, 3).std(0)
 
     def norm(x):
         return ((x - mean) / std).astype(np.float32)
 
-    xl, yl = make_windows(60, window=WINDOW, seed=11, **STRONG)     # few labelled target
-    xu, _ = make_windows(400, window=WINDOW, seed=12, **STRONG)     # unlabelled target
-    xe, ye = make_windows(400, window=WINDOW, seed=13, **STRONG)    # scored target
+    xl, yl = make_windows(60, window=WINDOW, seed=11, **SHIFT)     # few labelled target
+    xu, _ = make_windows(400, window=WINDOW, seed=12, **SHIFT)     # unlabelled target
+    xe, ye = make_windows(400, window=WINDOW, seed=13, **SHIFT)    # scored target
     xv, yv = make_windows(300, window=WINDOW, seed=14)              # source, held out
     torch.manual_seed(0)
     model = build_model(3, 3, NetConfig((8,), (5,), (1,), 0.0), HeadConfig())
     train_classifier(model, Split(norm(xs), ys), None,
-                     TrainConfig(epochs=6, batch_size=32, lr=0.01), show=False)
+                     TrainConfig(epochs=20, batch_size=32, lr=0.01), show=False)
     src = Split(norm(xs), ys)
     return {"model": model, "source": src, "labelled": Split(norm(xl), yl),
             "unlabelled": norm(xu), "eval": Split(norm(xe), ye), "source_val": Split(norm(xv), yv)}
@@ -95,17 +95,20 @@ def test_the_shift_hurts_the_source_model(shift):
     """Otherwise 'beats source-only' below would mean nothing."""
     src = accuracy(shift["model"], shift["source_val"])
     tgt = accuracy(shift["model"], shift["eval"])
-    assert src > 0.7 and tgt < src - 0.15, (src, tgt)
+    assert src > 0.95 and tgt < src - 0.15, (src, tgt)
 
 
 CORAL_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "CORAL matches feature covariances, not means: on this offset shift it stays at the "
-    "source-only accuracy (0.367), and on gain-only shifts tried it was below source-only "
-    "(0.46 vs 0.60); no synthetic shift where it helps was found"))
+    "CORAL matches feature covariances, not means: on this gain/offset shift it stays at the "
+    "source-only accuracy (0.367); on a channel-rotation shift it equalled its no-alignment "
+    "control (0.925 both, source-only 0.900). No synthetic shift where its alignment helps "
+    "was found; strict, so a fix that makes it pass shows up"))
 
 
+# source_steps is not a method but the control of the alignment methods (tested below).
 @pytest.mark.parametrize("name", [pytest.param(m, marks=CORAL_XFAIL) if m == "coral" else m
-                                  for m in TRANSFER_METHODS if m != "source_only"])
+                                  for m in TRANSFER_METHODS
+                                  if m not in ("source_only", "source_steps")])
 def test_each_method_beats_source_only_on_a_sensor_shift(name, shift):
     base = accuracy(_fit("source_only", shift), shift["eval"])
     acc = accuracy(_fit(name, shift), shift["eval"])
@@ -114,6 +117,13 @@ def test_each_method_beats_source_only_on_a_sensor_shift(name, shift):
     _fit(name, shift)
     for k, v in shift["model"].state_dict().items():  # the source model is never modified
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("name", ["dann", "mmd"])
+def test_alignment_beats_its_own_loop_without_alignment(name, shift):
+    """The gain of DANN/MMD is their alignment loss, not the extra source steps they take."""
+    control = accuracy(_fit("source_steps", shift), shift["eval"])
+    assert accuracy(_fit(name, shift), shift["eval"]) >= control + 0.05, control
 
 
 def _distance(a, b):
