@@ -12,7 +12,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
 	@echo "make demo-vision  Fashion-MNIST -> digits on cameras (EfficientNet-Lite0 vs student)"
-	@echo "make bench      size + batch-1 backbone latency of every bundle of $(OUT) -> bench.md"
+	@echo "make bench      latency/throughput/adaptation/memory/accuracy of every bundle vs PyTorch,"
+	@echo "                ORT training and the machine's peak -> runs/bench/{bench.md,tradeoff.png}"
 	@echo "make methods    transfer methods vs source-only (HAR cross-user, Fashion-MNIST -> digits)"
 	@echo "make test       fast test tier (no GPU, no network)"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
@@ -54,9 +55,14 @@ demo: install
 demo-vision: install data-vision
 	$(BIN)/edgetl run models/vision/recipe.toml --out runs/vision
 
-bench: install
+# Both scenarios in one bench run (ratios within one run: the machine is noisy); the runs are
+# made first when missing (make demo / make demo-vision write the same folders).
+BENCH_RUNS ?= $(OUT) runs/vision
+bench: install venv-ort data-vision
 	test -f $(OUT)/summary.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
-	$(BIN)/edgetl bench $(OUT)
+	test -f runs/vision/summary.json || $(BIN)/edgetl run models/vision/recipe.toml --out runs/vision
+	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python \
+		$(BIN)/edgetl bench $(BENCH_RUNS) --out runs/bench
 
 # Transfer methods (L2-SP, EWC, AdaBN, DANN, MMD, CORAL) against the source-only model on
 # both scenarios -> runs/methods/methods.{json,md} (the README's "Transfer methods" table).

@@ -46,7 +46,9 @@ RUNNERS = ROOT / "device_runners"
 #: Bump when the rootfs recipe changes: the cache key includes it.
 ROOTFS_VERSION = 1
 SUITE = "bookworm"
-DEBIAN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+#: No ca-certificates package: the host's CA bundle is copied in (its emulated postinst alone
+#: takes minutes).
+DEBIAN_PACKAGES = ("python3", "python3-venv")
 HOST_PACKAGES = {"qemu-aarch64-static": "qemu-user-static", "debootstrap": "debootstrap",
                  "update-binfmts": "binfmt-support"}
 #: Device requirement files installed in the chroot venv (Pillow: image bundles).
@@ -198,6 +200,13 @@ def chroot_pip_env(config: dict[str, str], environ: dict[str, str]) -> dict[str,
     return env
 
 
+def host_pip_config() -> dict[str, str]:
+    """The host pip's effective settings (``pip config list``, environment included)."""
+    p = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
+                       text=True, check=False)
+    return parse_pip_config(p.stdout or "")
+
+
 def host_ca_bundle(config: dict[str, str], environ: dict[str, str]) -> Path:
     """The CA bundle the host's pip trusts (``cert`` in its config, else the system one)."""
     for c in (config.get("cert"), environ.get("SSL_CERT_FILE"),
@@ -254,6 +263,7 @@ class Check:
     limit: float
     ok: bool
     detail: str = ""
+    measured: bool = True  # False: a yes/no check (value and limit mean nothing)
 
 
 def _max_abs(a, b) -> float:
@@ -271,9 +281,11 @@ def compare_bundle(bundle: str, tol: PiTolerance, ref: dict, arm: dict) -> list[
     """
     checks = []
 
-    def add(name, value, limit, ok=None, detail=""):
-        ok = value <= limit if ok is None else ok
-        checks.append(Check(bundle, name, float(value), float(limit), bool(ok), detail))
+    def add(name, value, limit, ok=None, detail="", measured=None):
+        measured = ok is None if measured is None else measured
+        ok = value <= limit * (1 + 1e-9) if ok is None else ok  # 100 * (0.99 - 0.98) > 1
+        checks.append(Check(bundle, name, float(value), float(limit), bool(ok), detail,
+                            measured))
 
     ra, aa = ref["adapt"], arm["adapt"]
     add("selftest passes on aarch64", 0, 0, bool(arm["selftest"].get("ok")),
@@ -306,8 +318,8 @@ def compare_bundle(bundle: str, tol: PiTolerance, ref: dict, arm: dict) -> list[
     pr, pa = ref["infer"]["predictions"], arm["infer"]["predictions"]
     same = len(pr) == len(pa) and len(pr) > 0
     agree = sum(a == b for a, b in zip(pr, pa, strict=True)) / len(pr) if same else 0.0
-    add("infer predictions identical, fraction", agree, tol.min_agreement,
-        agree >= tol.min_agreement, f"{len(pa)} windows")
+    add("infer predictions identical, fraction (min)", agree, tol.min_agreement,
+        agree >= tol.min_agreement, f"{len(pa)} windows", measured=True)
     if "accuracy" in ref["infer"]:
         ir, ia = ref["infer"]["accuracy"], arm["infer"].get("accuracy", float("nan"))
         add("infer accuracy, |Δ| points", 100 * abs(ir - ia), tol.accuracy_points,
@@ -374,7 +386,33 @@ def preflight() -> str | None:
                            capture_output=True, text=True, check=False)
         if r.returncode != 0:
             return f"binfmt_misc cannot be mounted here ({r.stderr.strip() or r.returncode})"
+    if not any(default_cache().glob(f"rootfs-{SUITE}-arm64-*.tar.*")):
+        try:
+            mirror = debian_mirror(debian_sources(host_apt_sources()))
+        except PiError as e:
+            return str(e)
+        index = chroot_pip_env(host_pip_config(), dict(os.environ)).get(
+            "PIP_INDEX_URL", "https://pypi.org/simple/").split()[0]
+        for url in (f"{mirror.rstrip('/')}/dists/{SUITE}/Release", index):
+            if not reachable(url):
+                return (f"no cached rootfs in {default_cache()} and {url} is unreachable "
+                        "(the first build needs the Debian mirror and PyPI)")
     return None
+
+
+def reachable(url: str, timeout: float = 10.0) -> bool:
+    """Whether an HTTP(S) HEAD request to ``url`` gets an answer (any status below 500)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                    timeout=timeout):
+            return True
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_host_tools(log: Path) -> None:
@@ -461,8 +499,8 @@ def build_rootfs(root: Path, *, mirror: str, sources: list[AptSource], constrain
     (root / "etc/apt/sources.list").write_text(
         "# see /etc/apt/sources.list.d/debian.sources (the host's mirrors)\n")
     (root / "etc/apt/sources.list.d/debian.sources").write_text(sources_deb822(sources))
-    pip_cfg = parse_pip_config(_run([sys.executable, "-m", "pip", "config", "list"],
-                                    capture=True, check=False).stdout or "")
+    pip_cfg = host_pip_config()
+    (root / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
     shutil.copy2(host_ca_bundle(pip_cfg, dict(os.environ)),
                  root / "etc/ssl/certs/ca-certificates.crt")
     for f in ("/etc/resolv.conf", "/etc/hosts"):
@@ -792,7 +830,8 @@ def summary_markdown(s: dict) -> str:
              "| bundle | check | aarch64 vs x86_64 | limit | ok | detail |",
              "|---|---|---:|---:|---|---|"]
     for c in s["checks"]:
-        lines.append(f"| {c['bundle']} | {c['name']} | {c['value']:.3g} | {c['limit']:.3g} | "
+        v, lim = (f"{c['value']:.3g}", f"{c['limit']:.3g}") if c["measured"] else ("", "")
+        lines.append(f"| {c['bundle']} | {c['name']} | {v} | {lim} | "
                      f"{'yes' if c['ok'] else '**NO**'} | {c['detail']} |")
     lines += ["", "Emulated timings say nothing about a real Pi's speed."]
     return "\n".join(lines) + "\n"
@@ -828,8 +867,9 @@ def main(argv: list[str] | None = None) -> int:
     print((args.out / "summary.md").read_text())
     bad = [c for c in s["checks"] if not c["ok"]]
     for c in bad:
-        print(f"FAIL {c['bundle']}: {c['name']} = {c['value']:.3g} (limit {c['limit']:.3g}) "
-              f"{c['detail']}", file=sys.stderr)
+        print(f"FAIL {c['bundle']}: {c['name']}"
+              + (f" = {c['value']:.3g} (limit {c['limit']:.3g})" if c["measured"] else "")
+              + f" {c['detail']}", file=sys.stderr)
     return 0 if not bad else 1
 
 

@@ -72,9 +72,10 @@ class PiTolerance:
     min_agreement: float
 
 
-#: fp32: both CPUs run the same graphs in float32, only kernel summation order differs (NEON
-#: vs AVX), so 30 epochs of head training stay at parity (same bound as export parity).
-#: int8: integer kernels may round a few activations one quantisation step apart, which the
-#: head then trains on: looser, still far below what a wrong graph or a wrong scale gives.
+#: Under qemu the runtimes pick the kernels a real Cortex-A72/A76 gets (the emulated CPU's
+#: features), so both precisions landed at <= 2e-7 (head) and identical predictions on the HAR
+#: student (`make test-pi`, README). fp32 keeps the export parity bound; int8 allows a few
+#: activations one quantisation step apart (other int8 kernels, e.g. dot-product ones) on a
+#: real Pi: looser, still far below what a wrong graph, layout or scale produces.
 PI_TOLERANCE = {"fp32": PiTolerance(1e-4, 1e-4, 0.0, 1.0),
-                "int8": PiTolerance(2e-2, 2e-2, 2.0, 0.98)}
+                "int8": PiTolerance(1e-3, 1e-3, 1.0, 0.99)}

@@ -115,7 +115,7 @@ def test_compare_passes_parity_and_fails_each_kind_of_drift():
     assert failed(fp32, _side(w, [0.7], preds)) == {"train loss per epoch, max |Δ|"}
     flipped = ["b"] + preds[1:]
     assert failed(fp32, _side(w, [0.7, 0.5], flipped)) == {
-        "infer predictions identical, fraction", "infer accuracy, |Δ| points"}
+        "infer predictions identical, fraction (min)", "infer accuracy, |Δ| points"}
     assert not failed(int8, _side(w, [0.7, 0.5], flipped))  # 1 % of windows: within int8
     assert failed(fp32, _side(w, [0.7, 0.5], preds, rolled_back=True)) == {
         "same keep/roll-back decision"}
