@@ -48,22 +48,36 @@ def backbone_flops(checkpoint: Path) -> int:
     return int(counter.get_total_flops())
 
 
+def _best_seconds(fn, seconds: float) -> float:
+    for _ in range(3):
+        fn()
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def matmul_peak(threads: int, n: int = 1024, seconds: float = 1.5) -> dict:
-    """Best fp32 GFLOP/s of an ``n``×``n`` matmul (torch's BLAS) at ``threads`` threads."""
+    """Best fp32 GFLOP/s and int8 GOP/s of ``n``×``n`` matmuls (torch's kernels) at ``threads``.
+
+    int8 (``torch._int_mm``, int8 × int8 → int32) is the denominator for int8 backbones:
+    with VNNI it is several times the fp32 peak. None where this torch build lacks it.
+    """
     import torch
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return {"threads": threads, "n": n, "gflops": 2 * n ** 3 / best / 1e9,
-            "backend": "torch " + torch.__version__ + " (" + torch.backends.cpu.get_cpu_capability()
-                       + ")"}
+    fp32 = 2 * n ** 3 / _best_seconds(lambda: a @ b, seconds) / 1e9
+    try:
+        qa = torch.randint(-128, 128, (n, n), dtype=torch.int8)
+        qb = torch.randint(-128, 128, (n, n), dtype=torch.int8)
+        int8 = 2 * n ** 3 / _best_seconds(lambda: torch._int_mm(qa, qb), seconds) / 1e9
+    except (RuntimeError, AttributeError):
+        int8 = None
+    return {"threads": threads, "n": n, "gflops": fp32, "int8_gops": int8,
+            "backend": f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"}
 
 
 def torch_eager(checkpoint: Path, data: Path, *, epochs: int, batch: int, threads: int,

@@ -307,7 +307,8 @@ def bench_bundles(paths: list[Path], *, threads: tuple[int, ...] = (1, 2), repea
                        "device_accuracy": acc,
                        "heldout_accuracy": chk.get("bundle"),
                        "accuracy_drop_points": chk.get("drop_points")}
-                rows.append(_with_limits(row, peak[t]["gflops"]))
+                pk = peak[t].get("int8_gops") if r["precision"] == "int8" else None
+                rows.append(_with_limits(row, pk or peak[t]["gflops"]))
                 prog.update(task, advance=1)
         if baselines:
             for ck, (g, bs) in by_ck.items():
@@ -460,11 +461,14 @@ def markdown(res: dict) -> str:
         met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
         L.append(f"| {t['text']} | {val} | {t['where']} | {met} |")
     m = res["machine"]
-    peaks = ", ".join(f"{v['gflops']:.0f} GFLOP/s at {t} thread(s)"
-                      for t, v in res["peak"].items())
+    peaks = ", ".join(f"{v['gflops']:.0f} GFLOP/s fp32"
+                      + (f" / {v['int8_gops']:.0f} GOP/s int8" if v.get("int8_gops") else "")
+                      + f" at {t} thread(s)" for t, v in res["peak"].items())
     data = "; ".join(f"{g['run'] or 'bundles'}: `{g['data']}`" for g in res["groups"])
     L += ["", f"Batch-1 latency: {res['repeats']} timed calls after warm-up; each cell a fresh "
-          f"runner process. Local data: {data}. Measured matmul peak: {peaks}. "
+          f"runner process. % of peak: backbone FLOPs (multiply-add = 2) per second ÷ the "
+          f"measured matmul peak of the bundle's precision. Local data: {data}. "
+          f"Measured matmul peak: {peaks}. "
           f"{m['machine']}, {m['cpus']} CPUs, {m['platform']}."]
     return "\n".join(L) + "\n"
 

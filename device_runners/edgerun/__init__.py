@@ -16,10 +16,12 @@ class RunnerError(ValueError):
 
 
 def atomic_write(path: str, write, *, binary: bool = True, prefix: str = ".tmp.",
-                 suffix: str = "") -> None:
+                 suffix: str = "", durable: bool = True) -> None:
     """Crash-safe write: ``write(f)`` into a temporary file beside ``path``, fsync, rename.
 
     A reader (or a reboot) sees the old file or the complete new one, never a partial one.
+    ``durable=False`` skips the fsync (milliseconds on flash) for files that are only a
+    cache: after a power cut they may be lost, never half-written.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -28,7 +30,8 @@ def atomic_write(path: str, write, *, binary: bool = True, prefix: str = ".tmp."
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -216,7 +216,7 @@ def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
         except (OSError, ValueError):
             pass  # a damaged cache entry is recomputed
     feats = backend.features(dataio.preprocess(ds.x, m))
-    atomic_write(path, lambda f: np.save(f, feats), suffix=".npy")
+    atomic_write(path, lambda f: np.save(f, feats), suffix=".npy", durable=False)  # a cache
     return feats, False
 
 
