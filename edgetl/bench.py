@@ -188,9 +188,19 @@ def _ck_label(ck) -> str:
     return f"{Path(ck).parent.name}/{Path(ck).stem}"
 
 
-def _checkpoint_of(man: dict) -> Path | None:
+def _checkpoint_of(man: dict, bundle: Path) -> Path | None:
+    """The checkpoint a bundle was exported from, or None.
+
+    Its recorded path, else the file of that name in the bundle's run folder (run folders
+    move between machines).
+    """
     ck = (man.get("provenance") or {}).get("checkpoint")
-    return Path(ck) if ck and Path(ck).is_file() else None
+    if not ck:
+        return None
+    for p in (Path(ck), Path(bundle).resolve().parents[1] / Path(ck).name):
+        if p.is_file():
+            return p
+    return None
 
 
 def bench_baselines(ck: Path, bundles: list[Path], data: Path, eval_data: Path, work: Path, *,
@@ -276,7 +286,7 @@ def bench_bundles(paths: list[Path], *, threads: tuple[int, ...] = (1, 2), repea
     mans = {b: _manifest(b) for _, b in jobs}
     by_ck: dict[Path, tuple[dict, list[Path]]] = {}
     for g, b in jobs:
-        ck = _checkpoint_of(mans[b])
+        ck = _checkpoint_of(mans[b], b)
         if ck is not None:
             by_ck.setdefault(ck, (g, []))[1].append(b)
     rows, base = [], []
@@ -301,7 +311,7 @@ def bench_bundles(paths: list[Path], *, threads: tuple[int, ...] = (1, 2), repea
                     acc = bench_accuracy(b, g["data"], g["eval_data"], work / str(k),
                                          ad["checkpoint"])
                 chk = man.get("checks", {}).get("accuracy", {})
-                ck = _checkpoint_of(man)
+                ck = _checkpoint_of(man, b)
                 row = {"name": name, "run": g["run"], "checkpoint": str(ck) if ck else None,
                        "backbone_flops": flops.get(ck), **r, "adaptation": ad,
                        "device_accuracy": acc,

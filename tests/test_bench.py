@@ -156,3 +156,14 @@ def test_each_run_folder_benches_on_its_own_device_data(run_dir, tmp_path):
         bench.bench_groups(loose)
     data = groups[0]["data"]
     assert bench.bench_groups(loose, data, data)[0]["bundles"] == loose
+
+
+def test_a_moved_run_folder_still_finds_its_checkpoint(run_dir, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    b = moved / "bundles" / "onnx-fp32"
+    man = json.loads((b / "manifest.json").read_text())
+    man["provenance"]["checkpoint"] = "/nowhere/student.pt"  # recorded on another machine
+    assert bench._checkpoint_of(man, b) == (moved / "student.pt").resolve()
+    man["provenance"]["checkpoint"] = "/nowhere/other.pt"
+    assert bench._checkpoint_of(man, b) is None
