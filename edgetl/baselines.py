@@ -59,24 +59,29 @@ def _best_seconds(fn, seconds: float) -> float:
     return best
 
 
-def matmul_peak(threads: int, n: int = 1024, seconds: float = 1.5) -> dict:
-    """Best fp32 GFLOP/s and int8 GOP/s of ``n``×``n`` matmuls (torch's kernels) at ``threads``.
+def matmul_peak(threads: int, sizes: tuple[int, ...] = (512, 1024, 2048),
+                seconds: float = 0.7) -> dict:
+    """Best fp32 GFLOP/s and int8 GOP/s of square matmuls (torch's kernels) at ``threads``.
 
-    int8 (``torch._int_mm``, int8 × int8 → int32) is the denominator for int8 backbones:
-    with VNNI it is several times the fp32 peak. None where this torch build lacks it.
+    The best over a few sizes, each timed for ``seconds``. int8 (``torch._int_mm``, int8 ×
+    int8 → int32) is the denominator for int8 backbones: with VNNI it is several times the
+    fp32 peak; None where this torch build lacks it.
     """
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    fp32 = 2 * n ** 3 / _best_seconds(lambda: a @ b, seconds) / 1e9
-    try:
-        qa = torch.randint(-128, 128, (n, n), dtype=torch.int8)
-        qb = torch.randint(-128, 128, (n, n), dtype=torch.int8)
-        int8 = 2 * n ** 3 / _best_seconds(lambda: torch._int_mm(qa, qb), seconds) / 1e9
-    except (RuntimeError, AttributeError):
-        int8 = None
-    return {"threads": threads, "n": n, "gflops": fp32, "int8_gops": int8,
+    fp32 = int8 = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        fp32 = max(fp32, 2 * n ** 3 / _best_seconds(lambda: a @ b, seconds) / 1e9)  # noqa: B023
+        try:
+            qa = torch.randint(-128, 128, (n, n), dtype=torch.int8)
+            qb = torch.randint(-128, 128, (n, n), dtype=torch.int8)
+            int8 = max(int8, 2 * n ** 3 / _best_seconds(
+                lambda: torch._int_mm(qa, qb), seconds) / 1e9)  # noqa: B023
+        except (RuntimeError, AttributeError):
+            pass
+    return {"threads": threads, "sizes": list(sizes), "gflops": fp32, "int8_gops": int8 or None,
             "backend": f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"}
 
 
