@@ -315,7 +315,7 @@ def markdown(results: list[dict]) -> str:
             data = {"none": "—", "supervised": "labelled",
                     "unsupervised": "unlabelled"}[r["kind"]]
             if res["scenario"] == "vision" and r["kind"] != "supervised":
-                data += " + probe on shots" if r["kind"] == "unsupervised" else "probe on shots"
+                data = "probe on shots" if r["kind"] == "none" else data + " + probe on shots"
             delta = ("—" if r["method"] == "source_only" or "delta_mean" not in r
                      else f"{100 * r['delta_mean']:+.1f} pt")
             bw = ("—" if r["method"] == "source_only" or "better_runs" not in r
