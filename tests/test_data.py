@@ -57,7 +57,8 @@ def test_default_recipe_loads_and_splits_are_user_disjoint():
 def test_recipe_errors_name_the_key(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text("[head]\nkind = 'transformer'\n")
-    with pytest.raises(ConfigError, match=r"head.kind: expected one of \('linear', 'mlp'\)"):
+    with pytest.raises(ConfigError,
+                       match=r"head.kind: expected one of \('linear', 'mlp', 'cosine'\)"):
         load_recipe(p)
     p.write_text("[data]\nserver_users = [1, 2]\ndevice_users = [2, 3]\nserver_val_users = [1]\n")
     with pytest.raises(ConfigError, match=r"users \[2\] are both server and device users"):
