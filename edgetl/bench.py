@@ -484,7 +484,11 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> Path:
-    """``tradeoff.png``: accuracy vs latency per bundle, Pareto front marked (1 thread)."""
+    """``tradeoff.png``: per scenario (run), accuracy vs latency and vs adaptation cost.
+
+    One thread; the Pareto front (no other bundle is faster *and* at least as accurate) is
+    circled. Accuracies of different scenarios are not comparable, so each gets its own row.
+    """
     import matplotlib
     import matplotlib.ticker
 
@@ -492,43 +496,53 @@ def plot(res: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     t0 = min(r["threads"] for r in res["rows"])
-    rows = [r for r in res["rows"] if r["threads"] == t0]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    panels = [
-        (axes[0], lambda r: r["backbone_ms_p50"] * 1e3, lambda r: r.get("heldout_accuracy"),
-         f"backbone latency, batch 1, {t0} thread (µs, p50)", "held-out accuracy (server test)"),
-        (axes[1], lambda r: r["adaptation"]["adapt_seconds"] * 1e3,
-         lambda r: (r.get("device_accuracy") or {}).get("accuracy_after"),
-         f"on-device adaptation, {res['epochs']} epochs (ms)", "device accuracy after adaptation"),
-    ]
-    for ax, fx, fy, xl, yl in panels:
-        pts = [(fx(r), fy(r), r) for r in rows if fy(r) is not None]
-        for x, y, r in pts:
-            ax.scatter(x, y, s=30 + 120 * np.sqrt(r["bundle_bytes"] / max(
-                q["bundle_bytes"] for _, _, q in pts)),
-                marker="o" if r["target"] == "onnx" else "s",
-                c="tab:blue" if r["precision"] == "fp32" else "tab:orange", alpha=0.8)
-            ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        front = pareto([(x, y) for x, y, _ in pts])
-        if front:
-            fx_, fy_ = zip(*front, strict=True)
-            ax.step(fx_, fy_, where="post", color="tab:red", lw=1.2)
-            ax.scatter(fx_, fy_, s=260, facecolors="none", edgecolors="tab:red", lw=1.5,
-                       label="Pareto front (faster and at least as accurate)")
-            ax.legend(loc="best", fontsize=8)
-        xs = [x for x, _, _ in pts]
-        if xs and max(xs) > 20 * min(xs):  # student and big backbone: decades apart
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        ax.grid(alpha=0.3)
-    fig.suptitle("edgetl bundles: ○ onnx, □ tflite; blue fp32, orange int8; size ∝ bundle bytes",
-                 fontsize=10)
+    runs = list(dict.fromkeys(r.get("run", "") for r in res["rows"]))
+    fig, axes = plt.subplots(len(runs), 2, figsize=(12, 4.4 * len(runs)), squeeze=False)
+    for k, run in enumerate(runs):
+        rows = [r for r in res["rows"] if r["threads"] == t0 and r.get("run", "") == run]
+        panels = [
+            (axes[k][0], lambda r: r["backbone_ms_p50"] * 1e3, lambda r: r.get("heldout_accuracy"),
+             f"backbone latency, batch 1, {t0} thread (µs, p50)",
+             "held-out accuracy (server test set)"),
+            (axes[k][1], lambda r: r["adaptation"]["adapt_seconds"] * 1e3,
+             lambda r: (r.get("device_accuracy") or {}).get("accuracy_after"),
+             f"on-device adaptation: features + {res['epochs']} epochs (ms)",
+             "device accuracy after adaptation"),
+        ]
+        for ax, fx, fy, xl, yl in panels:
+            _tradeoff_panel(ax, [(fx(r), fy(r), r) for r in rows if fy(r) is not None])
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+            ax.set_title(run or "bundles", fontsize=10, loc="left")
+    fig.suptitle("edgetl bundles: ○ onnx, □ tflite; blue fp32, orange int8; marker area ∝ "
+                 "bundle bytes; red: Pareto front", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _tradeoff_panel(ax, pts: list) -> None:
+    import matplotlib.ticker
+
+    if not pts:
+        return
+    biggest = max(r["bundle_bytes"] for _, _, r in pts)
+    for x, y, r in pts:
+        ax.scatter(x, y, s=30 + 150 * np.sqrt(r["bundle_bytes"] / biggest),
+                   marker="o" if r["target"] == "onnx" else "s",
+                   c="tab:blue" if r["precision"] == "fp32" else "tab:orange", alpha=0.75)
+        ax.annotate(r["name"].split("/")[-1], (x, y), fontsize=7, xytext=(5, 3),
+                    textcoords="offset points")
+    front = pareto([(x, y) for x, y, _ in pts])
+    fx, fy = zip(*front, strict=True)
+    ax.step(fx, fy, where="post", color="tab:red", lw=1.2)
+    ax.scatter(fx, fy, s=300, facecolors="none", edgecolors="tab:red", lw=1.5)
+    xs = [x for x, _, _ in pts]
+    if max(xs) > 20 * min(xs):  # student and big backbone: decades apart
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.grid(alpha=0.3)
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
