@@ -128,7 +128,7 @@ def test_alignment_beats_its_own_loop_without_alignment(name, shift):
 
 def _distance(a, b):
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    return float(sum(((pa[n] - pb[n]) ** 2).sum() for n in pa).sqrt())
+    return float(sum(((pa[n] - pb[n]).detach() ** 2).sum() for n in pa).sqrt())
 
 
 def test_l2sp_and_ewc_stay_closer_to_the_source_than_fine_tuning(shift):
