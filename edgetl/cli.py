@@ -305,8 +305,11 @@ def bench(paths: Annotated[list[Path] | None, typer.Argument(
           out: Annotated[Path | None, typer.Option("--out", "-o", help="where bench.json, "
                                                    "bench.md and tradeoff.png go (default: "
                                                    "the first path)")] = None):
-    """Latency, throughput, adaptation cost, memory, size and accuracy of every bundle,
-    against the PyTorch eager loop, ORT training on the merged model and the machine's peak."""
+    """Latency, throughput, adaptation cost, memory, size and accuracy of every bundle.
+
+    In device-runner processes, against the PyTorch eager loop, ONNX Runtime training on the
+    merged model and the machine's measured matmul peak.
+    """
     from edgetl.bench import bench_bundles, markdown, write
 
     paths = paths or [Path("runs/har")]
