@@ -167,3 +167,24 @@ def test_a_moved_run_folder_still_finds_its_checkpoint(run_dir, tmp_path):
     assert bench._checkpoint_of(man, b) == (moved / "student.pt").resolve()
     man["provenance"]["checkpoint"] = "/nowhere/other.pt"
     assert bench._checkpoint_of(man, b) is None
+
+
+def test_without_the_ort_training_environment_that_baseline_is_skipped_and_said(
+        run_dir, tmp_path, monkeypatch):
+    from edgetl.errors import MissingBackendError
+    from edgetl.export import ort_training
+
+    def missing():
+        raise MissingBackendError("no .venv-ort here")
+
+    monkeypatch.setattr(ort_training, "ort_python", missing)
+    dev = run_dir / "devices" / "onnx-fp32" / "user_21"
+    b = bench.bench_baselines(run_dir / "student.pt", [run_dir / "bundles" / "onnx-fp32"],
+                              dev / "adapt.npz", dev / "eval.npz", tmp_path, threads=(1,),
+                              epochs=1, val_fraction=0.25, seed=0)
+    assert [r["name"] for r in b["rows"]] == ["pytorch-eager"]
+    assert "no .venv-ort here" in b["ort_training_skipped"]
+    res = {"rows": [], "baselines": [b], "comparisons": [], "targets": [], "epochs": 1,
+           "adapt_repeats": 1, "repeats": 10, "groups": [], "peak": {},
+           "machine": {"machine": "x", "cpus": 1, "platform": "p"}}
+    assert "ort-training-merged | – | skipped: no .venv-ort here" in bench.markdown(res)
