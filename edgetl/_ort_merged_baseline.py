@@ -27,24 +27,14 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)  # edgetl's own modules must not shadow the packages below
 
 
-def _artifacts_module():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export", "_ort_artifacts.py")
-    spec = importlib.util.spec_from_file_location("_ort_artifacts", path)
+def _sibling(relpath: str):
+    """A module of edgetl loaded from its file: this environment has no edgetl installed."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), relpath)
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def vm_hwm_mb():
-    """Peak resident memory of this process in MiB (Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def merged_model(bundle: str, init: dict):
@@ -91,7 +81,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    art = _artifacts_module()
+    art = _sibling(os.path.join("export", "_ort_artifacts.py"))
+    vm_hwm_mb = _sibling("baselines.py").vm_hwm_mb  # stdlib-only at import
     art._training_package()
     import numpy as np
     import onnxruntime as ort

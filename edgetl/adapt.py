@@ -34,12 +34,22 @@ def run_runner(command: str, bundle: Path, *args: str, python: str | None = None
     cmd = [python or sys.executable, str(runner_path()), command, str(bundle), *args, "--json"]
     if quiet:
         cmd.append("--quiet")
+    return run_json(cmd, "device runner", echo_stderr=not quiet)
+
+
+def run_json(cmd: list[str], what: str, *, echo_stderr: bool = False) -> dict:
+    """Run ``cmd`` and parse the JSON on the last line of its stdout.
+
+    Raises:
+        EdgetlError: the process exited non-zero; its last stderr line (an ``error:`` line
+            from the runner) is the message, prefixed with ``what``.
+    """
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         last = lines[-1].removeprefix("error: ") if lines else f"exit code {proc.returncode}"
-        raise EdgetlError(f"device runner failed: {last}")
-    if not quiet and proc.stderr:
+        raise EdgetlError(f"{what} failed: {last}")
+    if echo_stderr and proc.stderr:
         print(proc.stderr, end="", file=sys.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -106,12 +105,13 @@ def prepare_data(bundle: Path, adapt_data: Path, eval_data: Path, out: Path, *,
     ev = dataio.load(str(eval_data), m, need_labels=True)
     labels = list(m["labels"])
     seen = list(dict.fromkeys(ds.y))
+    new_labels = not set(seen) <= set(labels)
     order = labels + [lab for lab in seen if lab not in labels]  # the runner's class order
     y = np.asarray([order.index(lab) for lab in ds.y], np.int64)
     tr, _ = dataio.stratified_split(y, val_fraction, seed,
                                     "random" if dataio.is_image(m) else "block")
     arrays: dict[str, np.ndarray] = {}
-    if set(seen) <= set(labels):
+    if not new_labels:
         with np.load(bundle / m["files"][m["head"]["init_file"]]["path"],
                      allow_pickle=False) as z:
             for p in m["head"]["params"]:
@@ -132,15 +132,7 @@ def prepare_data(bundle: Path, adapt_data: Path, eval_data: Path, out: Path, *,
              n_classes=np.int64(len(classes)), feature_dim=np.int64(m["features"]["dim"]),
              **arrays)
     return {"n_train": int(len(tr)), "n_windows": int(len(y)), "n_eval": int(len(y_eval)),
-            "classes": classes, "new_labels": not set(seen) <= set(labels)}
-
-
-def _json_proc(cmd: list[str], what: str) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        raise EdgetlError(f"{what} failed: {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+            "classes": classes, "new_labels": new_labels}
 
 
 def _median(rows: list[dict], key: str) -> float:
@@ -226,25 +218,26 @@ def bench_baselines(ck: Path, bundles: list[Path], data: Path, eval_data: Path, 
     if (m["target"], m["precision"]) != ("onnx", "fp32"):
         ort_py, out["ort_training_skipped"] = None, "no fp32 ONNX bundle of this backbone"
     for t in threads:
-        r = _json_proc([sys.executable, "-m", "edgetl.baselines", "torch", "--checkpoint",
-                        str(ck), "--data", str(prep), "--epochs", str(epochs), "--batch", "32",
-                        "--threads", str(t), "--optimizer", opt["name"],
-                        "--hparams", json.dumps(opt["hparams"])], "PyTorch eager baseline")
+        r = device.run_json([sys.executable, "-m", "edgetl.baselines", "torch",
+                             "--checkpoint", str(ck), "--data", str(prep), "--epochs",
+                             str(epochs), "--batch", "32", "--threads", str(t), "--optimizer",
+                             opt["name"], "--hparams", json.dumps(opt["hparams"])],
+                            "PyTorch eager baseline")
         out["rows"].append(r)
         if ort_py:
             script = Path(__file__).with_name("_ort_merged_baseline.py")
-            r = _json_proc([ort_py, str(script), str(ref), str(prep),
-                            str(work / f"ort_{tag}_{t}"), "--epochs", str(epochs),
-                            "--batch", "32", "--threads", str(t),
-                            "--lr", str(opt["hparams"]["lr"])], "ORT training baseline")
+            r = device.run_json([ort_py, str(script), str(ref), str(prep),
+                                 str(work / f"ort_{tag}_{t}"), "--epochs", str(epochs),
+                                 "--batch", "32", "--threads", str(t),
+                                 "--lr", str(opt["hparams"]["lr"])], "ORT training baseline")
             out["rows"].append(r)
     return out
 
 
 def machine_peak(threads: tuple[int, ...]) -> dict[int, dict]:
     """Measured fp32 matmul GFLOP/s per thread count (a process each)."""
-    return {t: _json_proc([sys.executable, "-m", "edgetl.baselines", "peak", "--threads",
-                           str(t)], "matmul peak") for t in threads}
+    return {t: device.run_json([sys.executable, "-m", "edgetl.baselines", "peak",
+                                "--threads", str(t)], "matmul peak") for t in threads}
 
 
 def bench_groups(paths: list[Path], data: Path | None = None,

@@ -58,6 +58,15 @@ def _recipe(path: Path):
     return load_recipe(path)
 
 
+def _int_list(text: str, option: str, example: str) -> tuple[int, ...]:
+    """``"1,2"`` -> ``(1, 2)``; anything else is a clear error naming the option."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated integers like {example}; got "
+                          f"{text!r}") from None
+
+
 def _console():
     import sys
 
@@ -276,7 +285,7 @@ def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
     from edgetl.pipeline import personalise as run_devices
     from edgetl.report import device_table
 
-    ids = tuple(int(u) for u in users.split(",")) if users else None
+    ids = _int_list(users, "--users", "17,18") if users else None
     s = run_devices(_recipe(recipe), bundle, out, users=ids, show=not quiet)
     con = _console()
     con.print(device_table(s))
@@ -313,18 +322,13 @@ def bench(paths: Annotated[list[Path] | None, typer.Argument(
     from edgetl.bench import bench_bundles, markdown, write
 
     paths = paths or [Path("runs/har")]
-    try:
-        ts = tuple(int(t) for t in threads.split(","))
-    except ValueError:
-        raise ConfigError(f"--threads takes comma-separated integers like 1,2; got "
-                          f"{threads!r}") from None
+    ts = _int_list(threads, "--threads", "1,2")
     res = bench_bundles(paths, threads=ts, repeats=repeats, epochs=epochs,
                         adapt_repeats=adapt_repeats, data=data, eval_data=eval_data,
                         baselines=baselines)
     j, m, png = write(res, out or paths[0])
     typer.echo(markdown(res))
     typer.echo(f"wrote {j}, {m} and {png}")
-
 
 
 @app.command()
@@ -350,11 +354,7 @@ def methods(recipes: Annotated[list[Path] | None, typer.Argument(
     _setup(threads)
     from edgetl.methods.compare import markdown, run_methods, write_report
 
-    try:
-        sd = tuple(int(v) for v in seeds.split(",")) if seeds else None
-    except ValueError:
-        raise ConfigError(f"--seeds takes comma-separated integers like 0,1,2; got "
-                          f"{seeds!r}") from None
+    sd = _int_list(seeds, "--seeds", "0,1,2") if seeds else None
     results = []
     for path in recipes or [DEFAULT_RECIPE]:
         rec = _recipe(path)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgetl import bench
+from edgetl.adapt import run_json
 from edgetl.checkpoint import save_checkpoint
 from edgetl.errors import EdgetlError
 
@@ -80,7 +81,7 @@ def test_baselines_with_a_zero_learning_rate_reproduce_the_shipped_head(run_dir,
     except EdgetlError:
         pytest.skip("no ORT-training environment (make venv-ort)")
     script = Path(bench.__file__).with_name("_ort_merged_baseline.py")
-    o = bench._json_proc([py, str(script), str(b), str(tmp_path / "p.npz"),
+    o = run_json([py, str(script), str(b), str(tmp_path / "p.npz"),
                           str(tmp_path / "ort"), "--epochs", "2", "--lr", "0"], "ort")
     assert o["accuracy_after"] == pytest.approx(shipped) and o["steps"] == r["steps"]
 
