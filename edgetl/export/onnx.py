@@ -38,8 +38,8 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, input_name: str) -> 
     """Static int8 QDQ model: per-channel symmetric int8 weights, uint8 activations (MinMax).
 
     uint8 activations × int8 weights (U8S8) is onnxruntime's fast integer path on x86-64
-    (VPMADDUBSW / VNNI) and is supported on ARM64; int8 activations (S8S8) ran EfficientNet-
-    Lite0 2.6× slower here (README, "Benchmarks").
+    (VPMADDUBSW / VNNI) and is supported on ARM64; with int8 activations (S8S8) onnxruntime
+    ran EfficientNet-Lite0 slower than fp32 here (README, "Benchmarks").
     """
     require("onnxruntime", "onnx")
     from onnxruntime.quantization import (
