@@ -24,6 +24,22 @@ def runner_path() -> Path:
     return p
 
 
+def runner_module(name: str):
+    """Import a numpy-only module of the runner's ``edgerun`` package, e.g. ``"edgerun.data"``.
+
+    For code the server must share *exactly* with the device (data loading, tokenisation);
+    the runner itself still only runs in its own process.
+    """
+    import importlib
+
+    root = str(runner_path().parent)
+    sys.path.insert(0, root)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(root)
+
+
 def run_runner(command: str, bundle: Path, *args: str, python: str | None = None,
                quiet: bool = True) -> dict:
     """Run ``run.py COMMAND BUNDLE ARGS --json`` and return its JSON result.

@@ -81,17 +81,6 @@ def _manifest(bundle: Path) -> dict:
     return json.loads((Path(bundle) / MANIFEST).read_text())
 
 
-def _runner_modules():
-    """The runner's data module (numpy only), so baselines get exactly the runner's inputs."""
-    root = str(device.runner_path().parent)
-    sys.path.insert(0, root)
-    try:
-        from edgerun import data as dataio
-    finally:
-        sys.path.remove(root)
-    return dataio
-
-
 def prepare_data(bundle: Path, adapt_data: Path, eval_data: Path, out: Path, *,
                  val_fraction: float, seed: int) -> dict:
     """Write the baselines' inputs: the runner's preprocessing and training split, as ``.npz``.
@@ -99,7 +88,7 @@ def prepare_data(bundle: Path, adapt_data: Path, eval_data: Path, out: Path, *,
     The head starts from the bundle's when the device's labels are the bundle's; otherwise
     (new labels) from a fresh linear layer over the device's labels, as a tutorial would.
     """
-    dataio = _runner_modules()
+    dataio = device.runner_module("edgerun.data")  # baselines get exactly the runner's inputs
     m = _manifest(bundle)
     ds = dataio.load(str(adapt_data), m, need_labels=True)
     ev = dataio.load(str(eval_data), m, need_labels=True)

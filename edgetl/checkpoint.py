@@ -31,7 +31,9 @@ class Checkpoint:
 
     Image models carry ``image`` (the manifest's ``input["image"]`` spec: size, mode,
     mean/std); raw input is then uint8 images of any size, preprocessed exactly as the
-    device runner does.
+    device runner does. Text models carry ``text`` (the manifest's ``input["text"]``:
+    tokenizer and ``max_length``); raw input is then strings, tokenised to ``(N, 2, L)``
+    int64 ids and attention mask.
     """
 
     model: EdgeModel
@@ -46,9 +48,14 @@ class Checkpoint:
     std: np.ndarray
     meta: dict = field(default_factory=dict)
     image: dict | None = None
+    text: dict | None = None
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        """Raw (N, T, C) windows, or uint8 (N, H, W[, 3]) images -> model input."""
+        """Raw (N, T, C) windows, uint8 (N, H, W[, 3]) images or texts -> model input."""
+        if self.text is not None:
+            from edgetl.text.encoder import Tokens
+
+            return Tokens(self.text["max_length"]).encode(x)[0]
         if self.image is not None:
             from edgetl.data.images import to_model_input
 
@@ -59,7 +66,9 @@ class Checkpoint:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """One model input without the batch axis: (T, C) or (C, H, W)."""
+        """One model input without the batch axis: (T, C), (C, H, W) or (2, L) for text."""
+        if self.text is not None:
+            return (2, self.text["max_length"])
         if self.image is not None:
             im = self.image
             return (len(im["mean"]), im["height"], im["width"])
@@ -84,6 +93,7 @@ def save_checkpoint(ck: Checkpoint, path: Path) -> Path:
         "std": torch.from_numpy(np.asarray(ck.std, np.float32)),
         "meta": ck.meta,
         "image": ck.image,
+        "text": ck.text,
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -117,4 +127,4 @@ def load_checkpoint(path: Path) -> Checkpoint:
     model.eval()
     return Checkpoint(model, net, head, tuple(p["labels"]), tuple(p["channels"]), p["window"],
                       p["stride"], p["sample_rate_hz"], p["mean"].numpy(), p["std"].numpy(),
-                      p["meta"], p.get("image"))
+                      p["meta"], p.get("image"), p.get("text"))

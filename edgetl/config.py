@@ -20,10 +20,10 @@ OPTIMIZERS = ("sgd", "adam")
 TARGETS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "int8")
 TRAINERS = ("stateless", "ort-training")
-DATASETS = ("hapt", "fashion_mnist")
+DATASETS = ("hapt", "fashion_mnist", "wordnet")
 TRANSFER_METHODS = ("source_only", "finetune", "l2sp", "ewc", "adabn", "source_steps", "dann",
                     "mmd", "coral")
-ARCHS = ("cnn1d", "cnn2d", "efficientnet_lite0")
+ARCHS = ("cnn1d", "cnn2d", "efficientnet_lite0", "minilm")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -40,6 +40,10 @@ class DataConfig:
     (0 = all 60,000) at ``image_size`` px in ``image_mode``; ``device_count`` cameras each
     learn ``device_dataset`` (handwritten digits, new classes and a new domain) from
     ``device_shots`` images per class.
+    ``wordnet`` (text): the server learns WordNet noun glosses' lexicographer categories
+    (``source_subset`` glosses, 0 = all); ``device_count`` devices each learn
+    ``device_topics`` (``fortunes`` topic files the server never saw) from ``device_shots``
+    texts per topic. Texts are tokenised to at most ``max_length`` word pieces.
     """
 
     dataset: str = "hapt"
@@ -55,10 +59,26 @@ class DataConfig:
     device_dataset: str = "digits"
     device_count: int = 3
     device_shots: int = 10
+    max_length: int = 128
+    device_topics: tuple[str, ...] = ("computers", "science", "food", "law", "medicine",
+                                      "sports")
 
     def __post_init__(self):
         _check(self.dataset in DATASETS,
                f"data.dataset: expected one of {DATASETS}, got {self.dataset!r}")
+        if self.dataset == "wordnet":
+            _check(8 <= self.max_length <= 512,
+                   f"data.max_length must be in 8..512 word pieces, got {self.max_length}")
+            _check(self.device_dataset == "fortunes",
+                   f"data.device_dataset: expected 'fortunes' for text, got "
+                   f"{self.device_dataset!r}")
+            _check(len(self.device_topics) >= 2 and len(set(self.device_topics)) == len(
+                self.device_topics), "data.device_topics: at least two distinct topics")
+            _check(self.device_count >= 1 and 1 <= self.device_shots <= 200,
+                   "data: device_count >= 1 and device_shots in 1..200")
+            _check(0.0 < self.val_fraction < 0.5,
+                   f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+            return
         if self.dataset != "hapt":
             _check(16 <= self.image_size <= 512,
                    f"data.image_size must be in 16..512 px, got {self.image_size}")
@@ -84,7 +104,12 @@ class DataConfig:
     @property
     def is_image(self) -> bool:
         """Whether the recipe's data are images."""
-        return self.dataset != "hapt"
+        return self.dataset == "fashion_mnist"
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the recipe's data are texts."""
+        return self.dataset == "wordnet"
 
 
 @dataclass(frozen=True)
@@ -94,6 +119,8 @@ class NetConfig:
     ``cnn1d`` (windows) and ``cnn2d`` (images): one conv block (conv, BN, ReLU, optional
     max-pool) per entry of ``channels``, then global average pooling. ``efficientnet_lite0``:
     the ImageNet network (``pretrained`` loads its weights); channels/kernels/pools unused.
+    ``minilm``: the all-MiniLM-L6-v2 sentence encoder (mean pooling, L2 normalisation) with
+    ``layers`` of its 6 transformer layers, evenly spaced (``pretrained`` loads its weights).
     """
 
     channels: tuple[int, ...] = (32, 64, 64)
@@ -102,6 +129,7 @@ class NetConfig:
     dropout: float = 0.1
     arch: str = "cnn1d"
     pretrained: bool = False
+    layers: int = 6
 
     def __post_init__(self):
         _check(self.arch in ARCHS, f"net.arch: expected one of {ARCHS}, got {self.arch!r}")
@@ -112,7 +140,8 @@ class NetConfig:
         _check(all(c > 0 for c in self.channels) and all(k % 2 == 1 for k in self.kernels),
                "net: channels must be positive and kernels odd")
         _check(0.0 <= self.dropout < 1.0, f"net.dropout must be in [0, 1), got {self.dropout}")
-        _check(not self.pretrained or self.arch == "efficientnet_lite0",
+        _check(1 <= self.layers <= 6, f"net.layers must be in 1..6, got {self.layers}")
+        _check(not self.pretrained or self.arch in ("efficientnet_lite0", "minilm"),
                f"net.pretrained: only efficientnet_lite0 has pretrained weights, not {self.arch}")
 
 

@@ -96,6 +96,10 @@ def build_backbone(in_channels: int, net: NetConfig) -> nn.Module:
         return CNN1DBackbone(in_channels, net)
     if net.arch == "cnn2d":
         return CNN2DBackbone(in_channels, net)
+    if net.arch == "minilm":
+        from edgetl.text.encoder import SentenceEncoder
+
+        return SentenceEncoder(net.layers, pretrained=net.pretrained)
     if in_channels != 3:
         raise ConfigError(f"efficientnet_lite0 takes RGB images, got {in_channels} channels; "
                           "set data.image_mode = 'RGB'")

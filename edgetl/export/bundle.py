@@ -217,7 +217,27 @@ def accuracy_gate(want: np.ndarray, got: np.ndarray, y: np.ndarray, max_drop: fl
     return res
 
 
+def torch_features(backbone: torch.nn.Module, xn: np.ndarray, batch: int = 128) -> np.ndarray:
+    """PyTorch backbone features of model input, in chunks (text: padding columns cut)."""
+    text = getattr(backbone, "is_text", False)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(xn), batch):
+            c = xn[i : i + batch]
+            if text:
+                from edgetl.text.encoder import trim
+
+                c = trim(c)
+            out.append(backbone(torch.from_numpy(np.ascontiguousarray(c))).numpy())
+    return np.concatenate(out) if out else np.zeros((0, backbone.out_features), np.float32)
+
+
 def _check_raw(ck: Checkpoint, name: str, x: np.ndarray) -> None:
+    if ck.text is not None:
+        if np.asarray(x).ndim != 1 or np.asarray(x).dtype.kind not in "UO":
+            raise DataError(f"{name} texts must be a 1-D array of strings, got "
+                            f"{np.asarray(x).dtype} {np.asarray(x).shape}")
+        return
     if ck.image is not None:
         if x.dtype != np.uint8 or not (x.ndim == 3 or (x.ndim == 4 and x.shape[3] in (3, 4))):
             raise DataError(f"{name} images must be uint8 (N, H, W) or (N, H, W, 3|4), got "
@@ -235,6 +255,9 @@ def _input_block(ck: Checkpoint, bb_sig: dict) -> dict:
               "dtype": "float32"}
     if ck.image is not None:
         return {**common, "modality": "image", "layout": "NCHW", "image": dict(ck.image)}
+    if ck.text is not None:
+        return {**common, "modality": "text", "layout": "N2L", "names": bb_sig["inputs"],
+                "dtype": bb_sig.get("dtype", "int64"), "text": dict(ck.text)}
     return {**common, "modality": "timeseries", "layout": "NTC", "channels": list(ck.channels),
             "window": ck.window, "stride": ck.stride, "sample_rate_hz": ck.sample_rate_hz,
             "preprocess": {"normalize": {"mean": [float(v) for v in ck.mean],
@@ -247,7 +270,8 @@ def _accuracy_check(sess, model, ck: Checkpoint, spec: HeadSpec, params: dict,
     x, y = eval_set
     xn = ck.normalize(x)
     with torch.no_grad():
-        want = model(torch.from_numpy(xn)).argmax(1).numpy()
+        feats = torch.from_numpy(torch_features(model.backbone, xn))
+        want = model.head(feats).argmax(1).numpy()
     return accuracy_gate(want, runtime_predictions(sess, spec, params, xn), y, max_drop)
 
 
@@ -304,6 +328,10 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         capacity = cfg.class_capacity
         spec, params = pad_classes(spec, params, capacity)
     files = {"backbone": f"backbone{exporter.suffix}"}
+    if ck.text is not None:  # the device tokenises with the bundle's own tokenizer
+        from edgetl.text.encoder import copy_tokenizer
+
+        files.update(copy_tokenizer(tmp))
     model = ck.model.eval()
     xn = ck.normalize(reference_x)
     int8 = cfg.precision == "int8"
@@ -329,8 +357,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                         "update": "ORT SGD optimizer when momentum and weight decay are 0, "
                                   "else torch-semantics SGD applied to ORT's gradients"}
 
+    feats = torch_features(model.backbone, xn)
     with torch.no_grad():
-        feats = model.backbone(torch.from_numpy(xn)).numpy()
         logits = InferStep(spec)(torch.from_numpy(feats), *map(torch.from_numpy,
                                                                params.values()))[0].numpy()
     sess = exporter.session(tmp, files, sig)
@@ -366,8 +394,14 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
                                              cfg.max_accuracy_drop)
     n_tv = min(cfg.n_test_vectors, len(reference_x))
-    tv_x = reference_x[:n_tv] if ck.image is not None else reference_x[:n_tv].astype(np.float32)
-    np.savez(tmp / files["test_vectors"], x=tv_x,
+    tv_extra = {}
+    if ck.text is not None:  # the tokens, and the texts: the device checks its tokenizer too
+        tv_x, tv_extra = xn[:n_tv], {"texts": np.asarray(reference_x[:n_tv], dtype=str)}
+    elif ck.image is not None:
+        tv_x = reference_x[:n_tv]
+    else:
+        tv_x = reference_x[:n_tv].astype(np.float32)
+    np.savez(tmp / files["test_vectors"], x=tv_x, **tv_extra,
              features=tv_feats[:n_tv], logits=tv_logits[:n_tv],
              **train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch,
                              n_labels=len(ck.labels)))
@@ -415,6 +449,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         checks=checks,
         provenance={"created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                     "torch": torch.__version__, "opset": cfg.opset,
+                    **({"backbone_exporter": bb_sig["exporter"]} if "exporter" in bb_sig
+                       else {}),
                     **exporter.runtime_info(), **provenance},
     )
     (tmp / MANIFEST).write_text(manifest.to_json())

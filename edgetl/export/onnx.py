@@ -74,6 +74,11 @@ class OnnxExporter(Exporter):
     suffix = ".onnx"
 
     def export_backbone(self, backbone, sample, path, *, opset, precision, calib=None):
+        if getattr(backbone, "is_text", False):  # transformers go through optimum
+            from edgetl.text.export import export_onnx
+
+            return export_onnx(backbone.eval(), path, opset=opset, precision=precision,
+                               max_length=int(sample.shape[-1]))
         dyn = {"x": {0: "batch"}, "features": {0: "batch"}}
         sig = {"inputs": ["x"], "outputs": ["features"], "batch_size": None}
         if precision == "fp32":
@@ -148,9 +153,21 @@ class _OrtBundle:
                                                providers=["CPUExecutionProvider"])
         self._bb, self._train, self._infer = (mk("backbone"), mk(sig["train"]["file"]),
                                               mk(sig["infer"]["file"]))
+        self._bb_in = [i.name for i in self._bb.get_inputs()]
 
-    def features(self, x: np.ndarray) -> np.ndarray:
-        return self._bb.run(None, {"x": x.astype(np.float32)})[0]
+    def features(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
+        if len(self._bb_in) == 1:
+            return self._bb.run(None, {self._bb_in[0]: x.astype(np.float32)})[0]
+        # text: (N, 2, L) ids + mask -> input_ids, attention_mask; padding every row of a
+        # chunk has is cut (same output, a fraction of the work on short texts)
+        from edgetl.text.encoder import trim
+
+        out = []
+        for i in range(0, len(x), batch):
+            c = trim(x[i : i + batch])
+            out.append(self._bb.run(None, {n: np.ascontiguousarray(c[:, j])
+                                           for j, n in enumerate(self._bb_in)})[0])
+        return np.concatenate(out)
 
     def train_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._train.get_outputs()]

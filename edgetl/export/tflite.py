@@ -188,7 +188,7 @@ def _convert_backbone_int8(backbone: nn.Module, x1: torch.Tensor, calib: np.ndar
 
 
 def _io_quant(details: dict) -> dict[str, Any] | None:
-    if details["dtype"] == np.float32:
+    if details["dtype"] not in (np.int8, np.uint8):  # float, or token ids (int32)
         return None
     scale, zero = details["quantization"]
     return {"dtype": np.dtype(details["dtype"]).name, "scale": float(scale),
@@ -206,6 +206,15 @@ class TFLiteExporter(Exporter):
 
     def export_backbone(self, backbone, sample, path, *, opset, precision, calib=None):
         x1 = sample[:1].contiguous()
+        text = getattr(backbone, "is_text", False)
+        if text:
+            if precision != "fp32":
+                raise BundleError(
+                    "int8 TFLite text backbones are not supported: litert-torch's PT2E "
+                    "quantizer calibrates float image/sensor inputs, not token ids, and was not "
+                    "validated on transformer encoders; export text to TFLite as fp32, or to "
+                    "ONNX int8 (optimum ORTQuantizer)")
+            x1 = x1.to(torch.int32)  # TFLite's native index type; the encoder casts
         with _quiet():
             litert_torch = require("litert_torch", "tflite")
 
@@ -219,8 +228,11 @@ class TFLiteExporter(Exporter):
         check_builtin_only(path)
         (name_in, d_in), = run.get_input_details().items()
         (name_out, d_out), = run.get_output_details().items()
-        return {"inputs": [name_in], "outputs": [name_out], "signature": "serving_default",
-                "batch_size": 1,
+        sig = {"inputs": [name_in], "outputs": [name_out], "signature": "serving_default",
+               "batch_size": 1, **({"dtype": "int32"} if text else {})}
+        if precision == "fp32":
+            return sig
+        return {**sig,
                 "quantization": {"scheme": "PT2E static int8, per-channel symmetric weights, "
                                            "int8 activations (litert-torch PT2EQuantizer)",
                                  "input": _io_quant(d_in), "output": _io_quant(d_out)}}
@@ -308,12 +320,15 @@ class _LiteRTBundle:
             (self._in, d_in), = self._bb.get_input_details().items()
             self._qin = _io_quant(d_in)
             self._qout = _io_quant(next(iter(self._bb.get_output_details().values())))
+            self._in_dtype = d_in["dtype"]
             self._bb(**{self._in: np.zeros(d_in["shape"], d_in["dtype"])})
 
     def features(self, x: np.ndarray) -> np.ndarray:
         q = self._qin
         if q:
             x = np.clip(np.round(x / q["scale"]) + q["zero_point"], -128, 127).astype(np.int8)
+        else:
+            x = x.astype(self._in_dtype, copy=False)
         out = np.concatenate([next(iter(self._bb(**{self._in: x[i : i + 1]}).values()))
                               for i in range(len(x))])
         q = self._qout
