@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl import adapt as device
-from edgetl.errors import EdgetlError
+from edgetl.errors import ConfigError, EdgetlError
 from edgetl.manifest import Manifest
 from edgetl.tolerances import TRAIN_STEPS_CHECKED, parity_atol, scaled_atol
 
@@ -83,14 +83,22 @@ def smoke(bundle: Path, m: Manifest, work: Path) -> Check:
 
     def run():
         with np.load(bundle / m.files["test_vectors"].path) as z:
-            x = z["x"]
-        reps = max(1, 24 // len(x))  # enough windows for a train/validation split
+            x = z["texts"] if "texts" in z.files else z["x"]
+        # enough windows for a train/validation split: >= 24, and 3 of every label
+        reps = max(1, -(-max(24, 3 * len(m.labels)) // len(x)))
         xs = np.concatenate([x] * reps)
         # labels cycle over the bundle's classes: a smoke test of the train step, not of
         # accuracy (and the runner refuses single-label data)
         y = np.array([m.labels[i % len(m.labels)] for i in range(len(xs))], dtype=str)
-        data = work / "smoke.npz"
-        np.savez(data, x=xs, y=y)
+        if m.input.get("modality") == "text":  # text bundles read .csv (text, label)
+            import csv
+
+            data = work / "smoke.csv"
+            with open(data, "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows([("text", "label"), *zip(xs, y, strict=True)])
+        else:
+            data = work / "smoke.npz"
+            np.savez(data, x=xs, y=y)
         r = device.adapt(bundle, data, work / "smoke", epochs=1, val_fraction=0.25)
         loss = r["history"][-1]["loss"]
         return Check("smoke", bool(np.isfinite(loss)) and r["steps"] >= 1, float(loss), None,
@@ -104,7 +112,7 @@ def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray 
     import torch
 
     from edgetl.checkpoint import load_checkpoint
-    from edgetl.export.bundle import _check_train_step, compare
+    from edgetl.export.bundle import _check_train_step, compare, torch_features
     from edgetl.head import InferStep
     from edgetl.quantize import head_params, session_of, spec_of
 
@@ -118,11 +126,11 @@ def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray 
         sess = session_of(bundle, m)
         if reference_x is None:
             with np.load(bundle / m.files["test_vectors"].path) as z:
-                reference_x = z["x"]
+                reference_x = z["texts"] if "texts" in z.files else z["x"]
         xn = ck.normalize(reference_x)
         model = ck.model.eval()
+        feats = torch_features(model.backbone, xn)
         with torch.no_grad():
-            feats = model.backbone(torch.from_numpy(xn)).numpy()
             logits = InferStep(spec)(torch.from_numpy(feats),
                                      *map(torch.from_numpy, params.values()))[0].numpy()
         parts = []
@@ -220,6 +228,10 @@ def check_bundle(bundle: Path, *, checkpoint: Path | None = None, recipe=None, d
     try:
         checks += [selftest(bundle, m), smoke(bundle, m, work)]
         cd = sd = None
+        if recipe is not None and recipe.data.is_text:
+            raise ConfigError("`edgetl check --recipe` does not cover text recipes yet; the "
+                              "text export gates held-out accuracy itself (manifest "
+                              "checks.accuracy): check text bundles with --checkpoint only")
         if recipe is not None:
             from edgetl import stages
 

@@ -257,6 +257,17 @@ def run(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
 
     s = run_recipe(_recipe(recipe), out, show=not quiet)
     con = _console()
+    if type(s).__name__ == "TextSummary":
+        from edgetl.report import text_tables
+
+        for t in text_tables(s):
+            con.print(t)
+        for r in s.bundles:
+            if "skipped" in r:
+                con.print(f"[yellow]{r['name']} not built:[/] {r['skipped']}")
+        con.print(f"summary: {out / 'summary.json'}  plot: {out / 'text.png'}  "
+                  f"({s.totals['wall_seconds']:.0f} s)")
+        return
     if not hasattr(s, "bundle_names"):  # the vision scenario
         from edgetl.report import vision_tables
 

@@ -43,7 +43,8 @@ class DataConfig:
     ``wordnet`` (text): the server learns WordNet noun glosses' lexicographer categories
     (``source_subset`` glosses, 0 = all); ``device_count`` devices each learn
     ``device_topics`` (``fortunes`` topic files the server never saw) from ``device_shots``
-    texts per topic. Texts are tokenised to at most ``max_length`` word pieces.
+    texts per topic; ``test_subset`` held-out glosses score the server models and gate the
+    exports. Texts are tokenised to at most ``max_length`` word pieces.
     """
 
     dataset: str = "hapt"
@@ -60,6 +61,7 @@ class DataConfig:
     device_count: int = 3
     device_shots: int = 10
     max_length: int = 128
+    test_subset: int = 1000
     device_topics: tuple[str, ...] = ("computers", "science", "food", "law", "medicine",
                                       "sports")
 
@@ -162,10 +164,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Hinton distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1-alpha) * CE``."""
+    """Hinton distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1-alpha) * CE``.
+
+    ``embedding_weight`` (text encoders): plus that weight times ``1 - cos`` between the
+    student's and the teacher's sentence embeddings, so the student's *features* (what the
+    device's head trains on) follow the teacher's, not only its logits.
+    """
 
     temperature: float = 4.0
     alpha: float = 0.7
+    embedding_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")

@@ -109,6 +109,10 @@ def personalise_devices(recipe: Recipe, bundle: Path, out: Path, w: hapt.Windows
 
 def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     """Pretrain, distill (with a from-scratch baseline), export, personalise every device."""
+    if recipe.data.is_text:
+        from edgetl.text.pipeline import run_text
+
+        return run_text(recipe, out, show=show)
     if recipe.data.is_image:
         from edgetl.vision.pipeline import run_vision
 

@@ -63,6 +63,36 @@ def vision_tables(summary) -> list[Table]:
     return [t, b]
 
 
+def text_tables(summary) -> list[Table]:
+    """MiniLM vs its distilled student, then every bundle with its device topic accuracy."""
+    t = Table(title=f"{summary.recipe}: server models (WordNet noun categories, test glosses)")
+    for c in ("model", "layers", "params", "val acc", "test acc", "train s"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    names = {"teacher": "all-MiniLM-L6-v2 (frozen) + head", "student": "student (distilled)"}
+    for key, label in names.items():
+        r = summary.server.get(key)
+        if r:
+            t.add_row(label, str(r["layers"]), f"{r['params']:,}", f"{r['val_accuracy']:.3f}",
+                      f"{r['heldout_accuracy']:.3f}", f"{r['seconds']:.0f}")
+    b = Table(title="bundles and devices (fortune topics the server never saw)")
+    for c in ("bundle", "MiB", "latency ms", "gloss test acc", "vs torch", "imprint",
+              "+ head training", "train ms", "RSS MiB"):
+        b.add_column(c, justify="left" if c == "bundle" else "right", no_wrap=True)
+    by = summary.totals.get("by_bundle", {})
+    for r in summary.bundles:
+        if "skipped" in r:
+            b.add_row(r["name"], "[yellow]not built[/]", "", "", "", "", "", "", "")
+            continue
+        acc, d = r["checks"].get("accuracy", {}), by.get(r["name"])
+        dev = ([f"{d['imprint_accuracy']:.3f}", f"{d['trained_accuracy']:.3f}",
+                f"{1000 * d['train_seconds']:.0f}", f"{d['max_peak_rss_mb']:.0f}"]
+               if d else ["fixed classes", "–", "–", "–"])
+        b.add_row(r["name"], f"{r['bytes'] / 2**20:.1f}", f"{r.get('latency_ms_p50', 0):.2f}",
+                  f"{acc.get('bundle', float('nan')):.4f}",
+                  f"{0.0 - acc.get('drop_points', float('nan')):+.2f} pt", *dev)
+    return [t, b]
+
+
 def server_table(summary) -> Table:
     """Teacher / student-from-scratch / distilled student on held-out users."""
     t = Table(title=f"{summary.recipe}: server models (accuracy on held-out users)")

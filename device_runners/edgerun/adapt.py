@@ -172,6 +172,17 @@ def selftest_forward(bundle: Bundle, backend) -> float:
     tv = bundle.manifest["test_vectors"]
     with np.load(bundle.path(tv["file"]), allow_pickle=False) as z:
         x, feats, logits = z["x"], z["features"], z["logits"]
+        texts = [str(t) for t in z["texts"]] if "texts" in z.files else None
+    if texts is not None:  # text bundles: this device's tokenizer must give the server's ids
+        from edgerun.text import TextEncoder
+
+        enc = TextEncoder(bundle)
+        ids = enc.encode(texts)[0]
+        if not np.array_equal(ids, x):
+            bad = int(np.flatnonzero((ids != x).any(axis=(1, 2)))[0])
+            raise RunnerError(f"self-test failed: the tokenizer ({enc.name}) gives other ids "
+                              f"than the server for {texts[bad][:80]!r}; the bundle's "
+                              "tokenizer files or the tokenizers package are inconsistent")
     f = backend.features(dataio.preprocess(x, bundle.manifest))
     head = Head.from_bundle(bundle)
     lg = _infer(backend, bundle, head, f)["logits"]
@@ -205,7 +216,8 @@ def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
     """
     m = bundle.manifest
     key = json.dumps([data_digest(data_path), m["files"]["backbone"]["sha256"],
-                      m["input"].get("preprocess") or m["input"].get("image")], sort_keys=True)
+                      m["input"].get("preprocess") or m["input"].get("image")
+                      or m["input"].get("text")], sort_keys=True)
     name = hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy"
     path = os.path.join(out_dir, "features", name)
     if os.path.isfile(path):
@@ -279,7 +291,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     m = bundle.manifest
     backend = make_backend(bundle, threads, trainer)
     selftest_err = selftest(bundle, backend)
-    ds = dataio.load(data_path, m, need_labels=True, max_mb=max_data_mb)
+    ds = dataio.load(data_path, m, need_labels=True, max_mb=max_data_mb, bundle=bundle)
     if len(set(ds.y)) < 2:
         raise RunnerError(f"{data_path}: every window is labelled {ds.y[0]!r}; adapting a "
                           "classifier needs windows of at least 2 labels (nothing was written)")
@@ -464,7 +476,11 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
         "selftest_max_abs_err": selftest_err, "history": history,
         "stopped_early": stopped, "epochs_run": len(history),
         "budget": {"max_seconds": max_seconds, "max_memory_mb": max_memory_mb},
+        **ds.info,
     }
+    if ds.info.get("truncated_texts"):
+        warnings.append(f"{ds.info['truncated_texts']} of {ds.info['n_texts']} texts were longer "
+                        f"than {ds.info['max_length']} word pieces and were truncated")
     write_json(os.path.join(out_dir, "report.json"), report)
     for w in warnings:
         _say(quiet, f"warning: {w}")
@@ -481,14 +497,14 @@ def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
     """Predict labels for ``data_path``; with labels present, also accuracy."""
     bundle = Bundle(bundle_dir, trust_key=trust_key)
     backend = make_backend(bundle, threads)
-    ds = dataio.load(data_path, bundle.manifest, need_labels=False)
+    ds = dataio.load(data_path, bundle.manifest, need_labels=False, bundle=bundle)
     head = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)
     t0 = time.perf_counter()
     feats = backend.features(dataio.preprocess(ds.x, bundle.manifest))
     pred = _predict(backend, bundle, head, feats)
     seconds = time.perf_counter() - t0
     res = {"n_windows": len(pred), "head": head_path or "bundle", "labels": head.labels,
-           "skipped_files": len(ds.skipped),
+           "skipped_files": len(ds.skipped), **ds.info,
            "predictions": pred, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     if ds.y is not None:
         res["accuracy"] = _accuracy(pred, ds.y)

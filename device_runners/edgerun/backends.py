@@ -91,14 +91,39 @@ class OrtBackend:
         self._train = sess(m["train_step"]["file"], 1)
         self._infer = sess(m["infer"]["file"], 1)
         self._in = bundle.manifest["input"]["name"]
+        self._text_in = bundle.manifest["input"].get("names") if m["input"].get(
+            "modality") == "text" else None
+        self._dynamic_int8 = "dynamic" in str((m.get("quantization") or {}).get("scheme", ""))
         self._train_out = [o.name for o in self._train.get_outputs()]
         self._infer_out = [o.name for o in self._infer.get_outputs()]
 
     def features(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         """Backbone features of preprocessed windows, computed in chunks."""
+        if self._text_in:
+            return self._text_features(x)
         out = [self._bb.run(None, {self._in: x[i : i + batch]})[0]
                for i in range(0, len(x), batch)]
         return np.concatenate(out, axis=0)
+
+    def _text_features(self, x: np.ndarray) -> np.ndarray:
+        """(N, 2, L) ids + mask: texts sorted by length, each chunk cut to its longest text.
+
+        int8 bundles run one text per call: dynamic quantisation picks one activation scale
+        per call, so in a batch a text's features would depend on its neighbours.
+        """
+        batch = 1 if self._dynamic_int8 else 32
+        n_tok = x[:, 1].sum(1)
+        order = np.argsort(n_tok, kind="stable")
+        out = np.empty((len(x), 0), np.float32)
+        for i in range(0, len(x), batch):
+            idx = order[i : i + batch]
+            c = x[idx, :, : max(int(n_tok[idx].max()), 1)]
+            y = self._bb.run(None, {n: np.ascontiguousarray(c[:, j])
+                                    for j, n in enumerate(self._text_in)})[0]
+            if out.shape[1] == 0:
+                out = np.empty((len(x), y.shape[1]), np.float32)
+            out[idx] = y
+        return out
 
     def train_step(self, feeds: dict) -> dict:
         """One optimizer step; returns outputs by name."""
@@ -172,6 +197,7 @@ class LiteRTBackend:
         q = m.get("quantization") or {}
         self._qin, self._qout = q.get("input"), q.get("output")
         self._bb_batch = int(m["input"].get("batch_size") or 1)
+        self._in_dtype = np.dtype(m["input"].get("dtype") or "float32")
         self._infer_batch = m["infer"].get("batch_size")
         self._infer_x = m["infer"]["inputs"][0]
 
@@ -179,7 +205,8 @@ class LiteRTBackend:
         """Backbone features of preprocessed windows, in the graph's fixed batch."""
         b, out = self._bb_batch, []
         for i in range(0, len(x), b):
-            chunk = _quantize(x[i : i + b], self._qin)
+            chunk = (_quantize(x[i : i + b], self._qin) if self._qin
+                     else np.ascontiguousarray(x[i : i + b], self._in_dtype))
             y = self._bb(**{self._in: _pad(chunk, b)})[self._out]
             out.append(_dequantize(y, self._qout)[: min(b, len(x) - i)])
         return np.concatenate(out, axis=0)

@@ -8,6 +8,9 @@
   (and one session).
 * Image bundles (``input.modality == "image"``): a folder with one sub-folder of PNG/JPEG
   files per label, or an ``.npz`` of uint8 images; see :mod:`edgerun.images`.
+* Text bundles (``input.modality == "text"``): a ``.csv`` with ``text`` (and ``label``)
+  columns or a ``.txt`` with one text per line, tokenised with the bundle's tokenizer into
+  ``(N, 2, L)`` int64 ids + attention mask; see :mod:`edgerun.text`.
 """
 
 from __future__ import annotations
@@ -30,11 +33,35 @@ class Dataset:
     y: list[str] | None
     source: str
     skipped: list = field(default_factory=list)  # unreadable files: {"path", "reason"}
+    info: dict = field(default_factory=dict)  # text: tokenizer used, texts truncated
 
 
 def is_image(manifest: dict) -> bool:
     """Whether the bundle's backbone takes images."""
     return manifest["input"].get("modality") == "image"
+
+
+def is_text(manifest: dict) -> bool:
+    """Whether the bundle's backbone takes tokenised text."""
+    return manifest["input"].get("modality") == "text"
+
+
+def _load_texts(path: str, bundle, need_labels: bool) -> Dataset:
+    from edgerun import text
+
+    if bundle is None:
+        raise RunnerError("text data needs the bundle (its tokenizer) to load")
+    texts, y = text.read_texts(path)
+    if not texts:
+        raise RunnerError(f"{path} holds no texts")
+    if need_labels and y is None:
+        raise RunnerError(f"{path} has no labels: adaptation needs a .csv with 'text' and "
+                          "'label' columns")
+    enc = text.TextEncoder(bundle)
+    x, truncated = enc.encode(texts)
+    return Dataset(x, y, path, info={"tokenizer": enc.name, "n_texts": len(texts),
+                                     "truncated_texts": truncated,
+                                     "max_length": enc.max_length})
 
 
 def _load_images(path: str, manifest: dict, need_labels: bool) -> Dataset:
@@ -67,9 +94,11 @@ def _check_size(path: str, max_mb: float) -> None:
 
 
 def load(path: str, manifest: dict, need_labels: bool,
-         max_mb: float = MAX_DATA_MB) -> Dataset:
-    """Load ``path`` (``.npz`` or ``.csv``) and check it against the manifest's input."""
+         max_mb: float = MAX_DATA_MB, bundle=None) -> Dataset:
+    """Load ``path`` and check it against the manifest's input (text needs ``bundle``)."""
     _check_size(path, max_mb)
+    if is_text(manifest):
+        return _load_texts(path, bundle, need_labels)
     if is_image(manifest):
         return _load_images(path, manifest, need_labels)
     if not os.path.isfile(path):
@@ -211,6 +240,8 @@ def preprocess(x: np.ndarray, manifest: dict) -> np.ndarray:
     Image bundles: uint8 images are converted as the manifest says; the loaders already
     return model input (float32 NCHW), which passes through unchanged.
     """
+    if is_text(manifest):  # token ids and mask pass through
+        return np.ascontiguousarray(x, dtype=np.int64)
     if is_image(manifest):
         if x.dtype == np.uint8:
             from edgerun import images

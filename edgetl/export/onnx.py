@@ -155,19 +155,17 @@ class _OrtBundle:
                                               mk(sig["infer"]["file"]))
         self._bb_in = [i.name for i in self._bb.get_inputs()]
 
-    def features(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    def features(self, x: np.ndarray) -> np.ndarray:
         if len(self._bb_in) == 1:
             return self._bb.run(None, {self._bb_in[0]: x.astype(np.float32)})[0]
-        # text: (N, 2, L) ids + mask -> input_ids, attention_mask; padding every row of a
-        # chunk has is cut (same output, a fraction of the work on short texts)
+        # text: (N, 2, L) ids + mask -> input_ids, attention_mask, one text per call cut to
+        # its own length: a dynamic-int8 graph quantises each call's activations with one
+        # scale, so batching would make a text's features depend on its neighbours
         from edgetl.text.encoder import trim
 
-        out = []
-        for i in range(0, len(x), batch):
-            c = trim(x[i : i + batch])
-            out.append(self._bb.run(None, {n: np.ascontiguousarray(c[:, j])
-                                           for j, n in enumerate(self._bb_in)})[0])
-        return np.concatenate(out)
+        return np.concatenate([self._bb.run(None, {n: np.ascontiguousarray(c[:, j])
+                                                   for j, n in enumerate(self._bb_in)})[0]
+                               for c in (trim(x[i : i + 1]) for i in range(len(x)))])
 
     def train_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._train.get_outputs()]

@@ -68,9 +68,10 @@ class SentenceEncoder(nn.Module):
         cfg._attn_implementation = "eager"
         self.bert = BertModel(cfg, add_pooling_layer=False)
         self.layers = layers
+        self.kept = kept_layers(layers)  # which teacher layers the weights started from
         self.out_features = cfg.hidden_size
         if pretrained:
-            self.bert.load_state_dict(_teacher_state(kept_layers(layers)), strict=True)
+            self.bert.load_state_dict(_teacher_state(self.kept), strict=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0].long(), x[:, 1].long()

@@ -156,26 +156,44 @@ def _record(model, r, vd: VisionData, recipe: Recipe, net, path: Path, meta: dic
 
 def export_bundles(recipe: Recipe, out: Path, vd: VisionData, *, show: bool = True) -> list:
     """Every (backbone, target, precision) bundle, gated by ``edgetl check``."""
+    rng = np.random.default_rng(0)
+    ref = vd.raw_val[np.sort(rng.permutation(len(vd.raw_val))[:64])]
+    calib = vd.raw_train[np.sort(rng.permutation(len(vd.raw_train))[
+        : recipe.export.calibration_windows])]
+    return export_roles(recipe, out, {"student": "student", "teacher": "effnet"}, ref, calib,
+                        (vd.raw_test, vd.test.y))
+
+
+def export_roles(recipe: Recipe, out: Path, roles: dict[str, str], ref: np.ndarray,
+                 calib: np.ndarray, eval_set: tuple, *,
+                 unsupported: dict[tuple[str, str], str] | None = None) -> list:
+    """Export ``out/<role>.pt`` for every recipe (target, precision) as ``<prefix>-t-p``.
+
+    Every bundle is gated by ``edgetl check``. ``unsupported`` maps (target, precision) to
+    the reason that pair cannot be built; it is skipped and listed as a row with ``skipped``.
+    """
     import dataclasses
 
     from edgetl.export import export_bundle
     from edgetl.pipeline import release_gate
     from edgetl.report import bundle_line
 
-    rng = np.random.default_rng(0)
-    ref = vd.raw_val[np.sort(rng.permutation(len(vd.raw_val))[:64])]
-    calib = vd.raw_train[np.sort(rng.permutation(len(vd.raw_train))[
-        : recipe.export.calibration_windows])]
     rows = []
-    for role in ("student", "teacher"):
+    for role, prefix in roles.items():
         ck_path = Path(out) / f"{role}.pt"
         ck = load_checkpoint(ck_path)
         for target, precision in recipe.export.bundles():
-            name = f"{'effnet' if role == 'teacher' else 'student'}-{target}-{precision}"
+            name = f"{prefix}-{target}-{precision}"
+            if (target, precision) in (unsupported or {}):
+                why = unsupported[(target, precision)]
+                console.log(f"[yellow]{name}: not built: {why}")
+                rows.append({"name": name, "backbone": role, "target": target,
+                             "precision": precision, "skipped": why})
+                continue
             path = Path(out) / "bundles" / name
             cfg = dataclasses.replace(recipe.export, target=target, precision=precision)
             man = export_bundle(ck, path, cfg, reference_x=ref, calib_x=calib,
-                                eval_set=(vd.raw_test, vd.test.y),
+                                eval_set=eval_set,
                                 provenance={"checkpoint": str(ck_path), "recipe": recipe.name})
             console.log(bundle_line(path, man))
             gate = release_gate(path, ck_path)  # the export itself gated held-out accuracy
@@ -225,33 +243,48 @@ def personalise_cameras(recipe: Recipe, bundles: list, out: Path, *,
                         show: bool = True) -> list[dict]:
     """Imprinting only, then imprinting + head training, on every camera and bundle."""
     cams = write_cameras(recipe, out)
+    return learn_new_classes(recipe, bundles, cams, Path(out) / "cameras", "camera",
+                             "cameras learn digits", show=show)
+
+
+def learn_new_classes(recipe: Recipe, bundles: list, devices: list[dict], root: Path,
+                      key: str, desc: str, *, show: bool = True) -> list[dict]:
+    """Every device learns its new labels on every bundle that can hold them.
+
+    ``devices``: dicts with ``key`` (the device number), ``adapt`` / ``eval`` data paths and
+    ``n_adapt`` / ``n_eval`` / ``n_labels``. Per (bundle, device): weight imprinting only
+    (0 epochs), then imprinting + ``adapt.epochs`` of head training, each scored on the
+    device's eval data; state goes to ``root/<key>_<n>/<bundle>/``.
+    """
     a = recipe.adapt
     rows = []
-    n_new = cams[0]["n_labels"]
+    n_new = devices[0]["n_labels"]
     usable = [b for b in bundles  # ONNX grows its class axis; TFLite fills spare class rows
               if b["dynamic_classes"] or b["class_rows"] >= b["n_labels"] + n_new]
     with progress_bar(show) as prog:
-        task = prog.add_task("cameras learn digits", total=len(usable) * len(cams), info="")
+        task = prog.add_task(desc, total=len(usable) * len(devices), info="")
         for b in usable:
-            for cam in cams:
-                state = Path(out) / "cameras" / f"camera_{cam['camera']}" / b["name"]
-                imprint = device.adapt(Path(b["path"]), cam["adapt"], state / "imprint",
+            for dev in devices:
+                state = Path(root) / f"{key}_{dev[key]}" / b["name"]
+                imprint = device.adapt(Path(b["path"]), dev["adapt"], state / "imprint",
                                        epochs=0, val_fraction=a.val_fraction, seed=a.seed)
-                acc_imprint = device.infer(Path(b["path"]), cam["eval"],
+                acc_imprint = device.infer(Path(b["path"]), dev["eval"],
                                            head=Path(imprint["checkpoint"]))["accuracy"]
-                rep = device.adapt(Path(b["path"]), cam["adapt"], state / "trained",
+                rep = device.adapt(Path(b["path"]), dev["adapt"], state / "trained",
                                    epochs=a.epochs, batch_size=a.batch_size,
                                    val_fraction=a.val_fraction, seed=a.seed)
-                acc = device.infer(Path(b["path"]), cam["eval"],
+                acc = device.infer(Path(b["path"]), dev["eval"],
                                    head=Path(rep["checkpoint"]))["accuracy"]
-                rows.append({"bundle": b["name"], "camera": cam["camera"],
-                             "n_adapt": cam["n_adapt"], "n_eval": cam["n_eval"],
+                rows.append({"bundle": b["name"], key: dev[key],
+                             "n_adapt": dev["n_adapt"], "n_eval": dev["n_eval"],
                              "imprint_accuracy": acc_imprint, "trained_accuracy": acc,
                              "rolled_back": rep["rolled_back"],
                              "feature_seconds": rep["feature_seconds"],
                              "train_seconds": rep["train_seconds"],
-                             "peak_rss_mb": rep["peak_rss_mb"], "backend": rep["backend"]})
-                prog.update(task, advance=1, info=f"{b['name']} camera {cam['camera']}: "
+                             "peak_rss_mb": rep["peak_rss_mb"], "backend": rep["backend"],
+                             **{k: rep[k] for k in ("truncated_texts", "n_texts", "tokenizer")
+                                if k in rep}})
+                prog.update(task, advance=1, info=f"{b['name']} {key} {dev[key]}: "
                                                   f"{acc_imprint:.3f} -> {acc:.3f}")
     return rows
 
@@ -268,16 +301,21 @@ def run_vision(recipe: Recipe, out: Path, *, show: bool = True) -> VisionSummary
     summ.server = train_server(recipe, out, vd, show=show)
     summ.bundles = export_bundles(recipe, out, vd, show=show)
     summ.devices = personalise_cameras(recipe, summ.bundles, out, show=show)
-    by = {}
-    for name in dict.fromkeys(r["bundle"] for r in summ.devices):
-        rs = [r for r in summ.devices if r["bundle"] == name]
-        by[name] = {k: float(np.mean([r[k] for r in rs])) for k in (
-            "imprint_accuracy", "trained_accuracy", "feature_seconds", "train_seconds")}
-        by[name]["max_peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in rs))
-    summ.totals = {"by_bundle": by, "wall_seconds": time.perf_counter() - t0}
+    summ.totals = {"by_bundle": by_bundle(summ.devices), "wall_seconds": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2, default=str))
     plot_vision(summ, out / "vision.png")
     return summ
+
+
+def by_bundle(rows: list[dict]) -> dict[str, dict]:
+    """Per bundle: mean accuracies and seconds over its devices, their largest peak RSS."""
+    by = {}
+    for name in dict.fromkeys(r["bundle"] for r in rows):
+        rs = [r for r in rows if r["bundle"] == name]
+        by[name] = {k: float(np.mean([r[k] for r in rs])) for k in (
+            "imprint_accuracy", "trained_accuracy", "feature_seconds", "train_seconds")}
+        by[name]["max_peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in rs))
+    return by
 
 
 def plot_vision(summ: VisionSummary, path: Path) -> Path:

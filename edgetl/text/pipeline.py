@@ -1,0 +1,367 @@
+"""The text scenario: WordNet glosses on the server, fortune topics learned on the devices.
+
+Server: all-MiniLM-L6-v2 (frozen, its packaged weights) with a linear head learns the
+lexicographer category of WordNet noun glosses (``noun.animal``, ``noun.food``, ...): the
+teacher. A student keeps fewer of MiniLM's transformer layers (same tokenizer, same width)
+and is distilled on the glosses: cosine loss to the teacher's sentence embeddings plus
+Hinton KD on the teacher head's logits. Both become device bundles (ONNX through optimum,
+int8 through optimum's ORTQuantizer, TFLite through litert-torch), so MiniLM against its
+student is measured, not assumed.
+
+Devices: each simulated device learns topics the server never saw — the ``fortunes``
+package's topic files — from a few texts per topic written as a ``.csv``: weight imprinting
+adds the topics, head training refines them; scored on fortunes no device trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgetl.checkpoint import Checkpoint, save_checkpoint
+from edgetl.config import Recipe
+from edgetl.export.bundle import torch_features
+from edgetl.nets import build_model, count_params
+from edgetl.progress import console, progress_bar
+from edgetl.text import data as tdata
+from edgetl.text.encoder import Tokens, trim
+from edgetl.train import kd_loss
+from edgetl.vision.pipeline import by_bundle, export_roles, learn_new_classes
+
+#: The one (target, precision) pair the text scenario cannot build, and why (README too).
+UNSUPPORTED = {("tflite", "int8"): "int8 TFLite text backbones are not supported: "
+                                   "litert-torch's PT2E quantizer calibrates float inputs, not "
+                                   "token ids, and is not validated on transformer encoders "
+                                   "(use onnx int8)"}
+
+
+@dataclass
+class TextSplits:
+    """Glosses split for the server: raw texts, their tokens and category ids."""
+
+    texts: dict[str, np.ndarray]       # train / val / test -> (N,) str
+    tokens: dict[str, np.ndarray]      # -> (N, 2, L) int64
+    y: dict[str, np.ndarray]           # -> (N,) int64
+    labels: tuple[str, ...]
+    truncated: dict[str, int] = field(default_factory=dict)
+
+
+def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """About ``n`` indices with every class in proportion (at least 1 each)."""
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        k = max(1, int(round(n * len(idx) / len(y))))
+        keep.append(rng.permutation(idx)[:k])
+    return np.sort(np.concatenate(keep))
+
+
+def text_splits(recipe: Recipe) -> TextSplits:
+    """Seeded, class-stratified splits of the glosses: subset -> train / val; test disjoint."""
+    d = recipe.data
+    texts, y, labels = tdata.load_glosses()
+    texts = np.asarray(texts, dtype=str)
+    rng = np.random.default_rng(recipe.pretrain.seed)
+    test = _stratified(y, d.test_subset, rng)
+    rest = np.setdiff1d(np.arange(len(y)), test)
+    if d.source_subset:
+        rest = rest[_stratified(y[rest], d.source_subset, rng)]
+    rest = rng.permutation(rest)
+    n_val = int(round(d.val_fraction * len(rest)))
+    parts = {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": test}
+    tok = Tokens(d.max_length)
+    out = TextSplits({}, {}, {}, labels)
+    for name, idx in parts.items():
+        out.texts[name], out.y[name] = texts[idx], y[idx].astype(np.int64)
+        out.tokens[name], out.truncated[name] = tok.encode(out.texts[name])
+    return out
+
+
+def _checkpoint(model, recipe: Recipe, net, labels, meta: dict) -> Checkpoint:
+    tok = Tokens(recipe.data.max_length)
+    return Checkpoint(model, net, recipe.head, tuple(labels), ("input_ids", "attention_mask"),
+                      recipe.data.max_length, 0, 0.0, np.zeros(2, np.float32),
+                      np.ones(2, np.float32), {"recipe": recipe.name, **meta},
+                      text=tok.spec())
+
+
+def _batches(tokens: np.ndarray, batch: int, gen: np.random.Generator | None):
+    """Index batches of texts of similar length (fewer padding columns), shuffled if ``gen``."""
+    order = np.argsort(tokens[:, 1].sum(1), kind="stable")
+    chunks = [order[i : i + batch] for i in range(0, len(order), batch)]
+    if gen is not None:
+        chunks = [chunks[i] for i in gen.permutation(len(chunks))]
+    return chunks
+
+
+def _embed(backbone, tokens: np.ndarray, desc: str, show: bool) -> np.ndarray:
+    """Eval-mode sentence embeddings, length-bucketed, with a progress bar."""
+    backbone.eval()
+    out = np.zeros((len(tokens), backbone.out_features), np.float32)
+    chunks = _batches(tokens, 128, None)
+    with progress_bar(show) as prog:
+        task = prog.add_task(desc, total=len(tokens), info="")
+        for idx in chunks:
+            out[idx] = torch_features(backbone, tokens[idx], batch=len(idx))
+            prog.advance(task, len(idx))
+    return out
+
+
+def _fit_head(head, feats: np.ndarray, y: np.ndarray, val: tuple[np.ndarray, np.ndarray],
+              cfg, show: bool) -> dict:
+    """Train ``head`` on frozen embeddings: AdamW, cosine schedule, best-on-val kept."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, t = torch.from_numpy(feats), torch.from_numpy(y)
+    xv, yv = torch.from_numpy(val[0]), val[1]
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(t) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    best, best_state, t0 = -1.0, None, time.perf_counter()
+    with progress_bar(show) as prog:
+        task = prog.add_task("teacher head on MiniLM embeddings", total=cfg.epochs, info="")
+        for _ in range(cfg.epochs):
+            head.train()
+            for b in torch.randperm(len(t), generator=gen).split(cfg.batch_size):
+                loss = F.cross_entropy(head(x[b]), t[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            head.eval()
+            with torch.no_grad():
+                acc = float((head(xv).argmax(1).numpy() == yv).mean())
+            if acc > best:
+                best, best_state = acc, {k: v.clone() for k, v in head.state_dict().items()}
+            prog.update(task, advance=1, info=f"val {acc:.3f}")
+    head.load_state_dict(best_state)
+    return {"val_accuracy": best, "seconds": time.perf_counter() - t0}
+
+
+def _accuracy(model, tokens: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        logits = model.head(torch.from_numpy(torch_features(model.backbone, tokens)))
+    return float((logits.argmax(1).numpy() == y).mean())
+
+
+def distill_student(teacher, student, sp: TextSplits, t_emb: np.ndarray, recipe: Recipe, *,
+                    show: bool = True) -> dict:
+    """Train the student encoder + head on the glosses against the frozen teacher.
+
+    Loss per batch: ``embedding_weight * (1 - cos(s_emb, t_emb)) + KD(s_logits, t_logits)``
+    (Hinton, ``distill.temperature`` / ``alpha``). The student head starts as the teacher's.
+    """
+    cfg, kd = recipe.student_train, recipe.distill
+    student.head.load_state_dict(teacher.head.state_dict())
+    with torch.no_grad():
+        t_logits = teacher.head(torch.from_numpy(t_emb))
+    tok, y = sp.tokens["train"], torch.from_numpy(sp.y["train"])
+    te = torch.from_numpy(t_emb)
+    torch.manual_seed(cfg.seed)
+    gen = np.random.default_rng(cfg.seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_steps = cfg.epochs * math.ceil(len(y) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, pct_start=0.1,
+                                                total_steps=n_steps)
+    history, t0 = [], time.perf_counter()
+    with progress_bar(show) as prog:
+        task = prog.add_task(f"distil {student.backbone.layers}-layer student", total=n_steps,
+                             info="")
+        for epoch in range(cfg.epochs):
+            student.train()
+            total = 0.0
+            for idx in _batches(tok, cfg.batch_size, gen):
+                emb = student.backbone(torch.from_numpy(trim(tok[idx])))
+                loss = kd_loss(student.head(emb), t_logits[idx], y[idx], kd)
+                if kd.embedding_weight:
+                    cos = F.cosine_similarity(emb, te[idx], dim=1)
+                    loss = loss + kd.embedding_weight * (1 - cos).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+                prog.advance(task)
+            student.eval()
+            acc = _accuracy(student, sp.tokens["val"], sp.y["val"])
+            history.append({"epoch": epoch + 1, "loss": total / len(y), "val_accuracy": acc})
+            prog.update(task, info=f"loss {total / len(y):.3f} val {acc:.3f}")
+    return {"history": history, "val_accuracy": history[-1]["val_accuracy"],
+            "seconds": time.perf_counter() - t0}
+
+
+def train_server(recipe: Recipe, out: Path, sp: TextSplits, *, show: bool = True) -> dict:
+    """Teacher (frozen MiniLM + trained head) and distilled student; both saved."""
+    k = len(sp.labels)
+    torch.manual_seed(recipe.pretrain.seed)
+    teacher = build_model(2, k, recipe.teacher, recipe.head).eval()
+    emb = {s: _embed(teacher.backbone, sp.tokens[s], f"MiniLM embeddings ({s})", show)
+           for s in ("train", "val")}
+    r = _fit_head(teacher.head, emb["train"], sp.y["train"], (emb["val"], sp.y["val"]),
+                  recipe.pretrain, show)
+    res = {"teacher": _record(teacher, r, sp, recipe, recipe.teacher, Path(out) / "teacher.pt",
+                              {"role": "teacher", "pretrained": True, "frozen_backbone": True})}
+    torch.manual_seed(recipe.student_train.seed)
+    student = build_model(2, k, recipe.student, recipe.head)
+    r = distill_student(teacher, student, sp, emb["train"], recipe, show=show)
+    res["student"] = _record(student, r, sp, recipe, recipe.student, Path(out) / "student.pt",
+                             {"role": "student", "distilled": True,
+                              "layers_from_teacher": student.backbone.kept})
+    return res
+
+
+def _record(model, r: dict, sp: TextSplits, recipe: Recipe, net, path: Path, meta: dict) -> dict:
+    model.eval()
+    test_acc = _accuracy(model, sp.tokens["test"], sp.y["test"])
+    save_checkpoint(_checkpoint(model, recipe, net, sp.labels,
+                                {**meta, "heldout_accuracy": test_acc}), path)
+    return {"params": count_params(model), "backbone_params": count_params(model.backbone),
+            "layers": model.backbone.layers, "val_accuracy": r["val_accuracy"],
+            "heldout_accuracy": test_acc, "seconds": r["seconds"], "checkpoint": str(path)}
+
+
+def write_devices(recipe: Recipe, out: Path) -> list[dict]:
+    """Fortunes split into ``device_count`` devices' ``adapt.csv`` plus one shared eval set.
+
+    Each device gets ``device_shots`` texts per topic (disjoint across devices); the eval set
+    is the rest, at most 60 per topic so large topics do not dominate the score.
+    """
+    d = recipe.data
+    topics = tdata.load_fortunes(d.device_topics)
+    rng = np.random.default_rng(d.device_count * 1000 + d.device_shots)
+    need = d.device_count * d.device_shots + 1
+    short = {t: len(v) for t, v in topics.items() if len(v) < need}
+    if short:
+        from edgetl.errors import ConfigError
+
+        raise ConfigError(f"fortunes topics {short} have too few texts for {d.device_count} "
+                          f"devices x {d.device_shots} shots (+ evaluation); lower "
+                          "data.device_shots or pick other topics")
+    pools = {t: [v[i] for i in rng.permutation(len(v))] for t, v in topics.items()}
+    root = Path(out) / "devices"
+    if root.exists():
+        shutil.rmtree(root)
+    devs = []
+    for k in range(d.device_count):
+        rows = [(pools[t].pop(), t) for t in d.device_topics for _ in range(d.device_shots)]
+        path = root / f"device_{k + 1}" / "adapt.csv"
+        _write_csv(path, rows)
+        devs.append({"device": k + 1, "adapt": path, "n_adapt": len(rows)})
+    ev = [(s, t) for t in d.device_topics for s in pools[t][:60]]
+    ev_path = root / "eval.csv"
+    _write_csv(ev_path, ev)
+    for dev in devs:
+        dev.update(eval=ev_path, n_eval=len(ev), n_labels=len(d.device_topics))
+    return devs
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+
+
+def bench_bundles(bundles: list[dict], *, repeats: int = 50) -> None:
+    """Batch-1 backbone latency (runner ``bench``, 1 thread) of every built bundle, in place."""
+    from edgetl import adapt as device
+
+    for b in bundles:
+        if "path" in b:
+            r = device.run_runner("bench", Path(b["path"]), "--repeats", str(repeats),
+                                  "--threads", "1", "--batch", "8")
+            b["latency_ms_p50"], b["throughput_per_s"] = (r["backbone_ms_p50"],
+                                                          r["throughput_per_s"])
+
+
+@dataclass
+class TextSummary:
+    """What the text run measured; written as ``summary.json``."""
+
+    recipe: str
+    server: dict = field(default_factory=dict)
+    bundles: list = field(default_factory=list)
+    devices: list = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON."""
+        return {"recipe": self.recipe, "server": self.server, "bundles": self.bundles,
+                "devices": self.devices, "totals": self.totals}
+
+
+def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
+    """Every stage of the text recipe; writes ``summary.json`` and ``text.png``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tdata.ensure_packages()
+    sp = text_splits(recipe)
+    console.log(f"data: {len(sp.y['train'])} train / {len(sp.y['val'])} val / "
+                f"{len(sp.y['test'])} test WordNet noun glosses, {len(sp.labels)} categories; "
+                f"truncated at {recipe.data.max_length} word pieces: {sp.truncated}")
+    summ = TextSummary(recipe.name)
+    summ.server = train_server(recipe, out, sp, show=show)
+    summ.server["data"] = {k: int(len(v)) for k, v in sp.y.items()}
+    summ.server["truncated"] = sp.truncated
+    rng = np.random.default_rng(0)
+    ref = sp.texts["val"][np.sort(rng.permutation(len(sp.y["val"]))[:32])]
+    calib = sp.texts["train"][: recipe.export.calibration_windows]
+    summ.bundles = export_roles(recipe, out, {"student": "student", "teacher": "minilm"}, ref,
+                                calib, (sp.texts["test"], sp.y["test"]),
+                                unsupported=UNSUPPORTED)
+    bench_bundles(summ.bundles)
+    built = [b for b in summ.bundles if "path" in b]
+    summ.devices = learn_new_classes(recipe, built, write_devices(recipe, out),
+                                     out / "devices", "device", "devices learn fortune topics",
+                                     show=show)
+    summ.totals = {"by_bundle": by_bundle(summ.devices),
+                   "wall_seconds": time.perf_counter() - t0}
+    (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2, default=str))
+    plot_text(summ, out / "text.png")
+    return summ
+
+
+def plot_text(summ: TextSummary, path: Path) -> Path:
+    """Device topic accuracy per bundle (imprinting vs + training) and latency vs size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = summ.totals.get("by_bundle", {})
+    names = list(by)
+    info = {b["name"]: b for b in summ.bundles}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2),
+                                  gridspec_kw={"width_ratios": [3, 2]})
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [by[n]["imprint_accuracy"] for n in names], 0.4, label="imprinting only")
+    ax.bar(x + 0.2, [by[n]["trained_accuracy"] for n in names], 0.4,
+           label="imprinting + head training")
+    ax.set_xticks(x, names, fontsize=7, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("topic accuracy (unseen fortunes)")
+    ax.set_title("devices learn fortune topics the server never saw", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    for n in names:
+        b = info[n]
+        if "latency_ms_p50" in b:
+            ax2.scatter(b["bytes"] / 2**20, b["latency_ms_p50"], s=40)
+            ax2.annotate(n, (b["bytes"] / 2**20, b["latency_ms_p50"]), fontsize=7,
+                         xytext=(4, 3), textcoords="offset points")
+    ax2.set_xlabel("bundle size (MiB)")
+    ax2.set_ylabel("backbone latency, batch 1, 1 thread (ms)")
+    ax2.set_title("size vs latency (reference glosses)", fontsize=10)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
