@@ -7,11 +7,12 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort data-vision demo demo-vision bench methods test test-slow test-pi style lint format clean help
+.PHONY: install venv-ort data-vision data-text demo demo-vision demo-text bench methods test test-slow test-pi style lint format clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
 	@echo "make demo-vision  Fashion-MNIST -> digits on cameras (EfficientNet-Lite0 vs student)"
+	@echo "make demo-text  WordNet glosses -> fortune topics on devices (MiniLM vs student)"
 	@echo "make bench      latency/throughput/adaptation/memory/accuracy of every bundle vs PyTorch,"
 	@echo "                ORT training and the machine's peak -> runs/bench/{bench.md,tradeoff.png}"
 	@echo "make methods    transfer methods vs source-only (HAR cross-user, Fashion-MNIST -> digits)"
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch pulls several GB of CUDA wheels.
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[train,onnx,tflite,data,vision,sign,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[train,onnx,tflite,data,vision,text,sign,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -49,11 +50,24 @@ data-vision:
 	  { echo "error: could not install dataset-fashion-mnist; as root run: apt-get update &&" \
 	         "apt-get install dataset-fashion-mnist"; exit 1; }; }
 
+# WordNet and the fortunes topic files ship as Debian packages.
+TEXT_DEBS := wordnet-base fortunes
+data-text:
+	@missing=$$(for p in $(TEXT_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing the Debian packages $$missing (WordNet glosses, fortunes topics)"; \
+	  { apt-get update -qq && apt-get install -y -qq $$missing; } >/dev/null || \
+	  { echo "error: could not install $$missing; as root run: apt-get update &&" \
+	         "apt-get install $$missing"; exit 1; }; fi
+
 demo: install
 	$(BIN)/edgetl run $(RECIPE) --out $(OUT)
 
 demo-vision: install data-vision
 	$(BIN)/edgetl run models/vision/recipe.toml --out runs/vision
+
+demo-text: install data-text
+	$(BIN)/edgetl run models/text/recipe.toml --out runs/text
 
 # Both scenarios in one bench run (ratios within one run: the machine is noisy); the runs are
 # made first when missing (make demo / make demo-vision write the same folders).

@@ -358,6 +358,7 @@ def plot_text(summ: TextSummary, path: Path) -> Path:
             ax2.annotate(n, (b["bytes"] / 2**20, b["latency_ms_p50"]), fontsize=7,
                          xytext=(4, 3), textcoords="offset points")
     ax2.set_xlabel("bundle size (MiB)")
+    ax2.set_yscale("log")
     ax2.set_ylabel("backbone latency, batch 1, 1 thread (ms)")
     ax2.set_title("size vs latency (reference glosses)", fontsize=10)
     ax2.grid(alpha=0.3)
