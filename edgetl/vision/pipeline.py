@@ -273,8 +273,8 @@ def learn_new_classes(recipe: Recipe, bundles: list, devices: list[dict], root: 
                 rep = device.adapt(Path(b["path"]), dev["adapt"], state / "trained",
                                    epochs=a.epochs, batch_size=a.batch_size,
                                    val_fraction=a.val_fraction, seed=a.seed)
-                acc = device.infer(Path(b["path"]), dev["eval"],
-                                   head=Path(rep["checkpoint"]))["accuracy"]
+                inf = device.infer(Path(b["path"]), dev["eval"], head=Path(rep["checkpoint"]))
+                acc = inf["accuracy"]
                 rows.append({"bundle": b["name"], key: dev[key],
                              "n_adapt": dev["n_adapt"], "n_eval": dev["n_eval"],
                              "imprint_accuracy": acc_imprint, "trained_accuracy": acc,
@@ -283,7 +283,9 @@ def learn_new_classes(recipe: Recipe, bundles: list, devices: list[dict], root: 
                              "train_seconds": rep["train_seconds"],
                              "peak_rss_mb": rep["peak_rss_mb"], "backend": rep["backend"],
                              **{k: rep[k] for k in ("truncated_texts", "n_texts", "tokenizer")
-                                if k in rep}})
+                                if k in rep},
+                             **({"eval_truncated_texts": inf["truncated_texts"]}
+                                if "truncated_texts" in inf else {})})
                 prog.update(task, advance=1, info=f"{b['name']} {key} {dev[key]}: "
                                                   f"{acc_imprint:.3f} -> {acc:.3f}")
     return rows
