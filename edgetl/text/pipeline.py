@@ -312,6 +312,8 @@ def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
     summ.server = train_server(recipe, out, sp, show=show)
     summ.server["data"] = {k: int(len(v)) for k, v in sp.y.items()}
     summ.server["truncated"] = sp.truncated
+    summ.server["mean_word_pieces"] = {k: float(v[:, 1].sum(1).mean())
+                                       for k, v in sp.tokens.items()}
     rng = np.random.default_rng(0)
     ref = sp.texts["val"][np.sort(rng.permutation(len(sp.y["val"]))[:32])]
     calib = sp.texts["train"][: recipe.export.calibration_windows]
