@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl import adapt as device
-from edgetl.errors import ConfigError, EdgetlError
+from edgetl.errors import EdgetlError
 from edgetl.manifest import Manifest
 from edgetl.tolerances import TRAIN_STEPS_CHECKED, parity_atol, scaled_atol
 
@@ -78,6 +78,14 @@ def selftest(bundle: Path, m: Manifest) -> Check:
     return _runner_check("selftest", run)
 
 
+def _write_text_csv(path: Path, texts, labels) -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("text", "label"), *zip(texts, labels, strict=True)])
+    return path
+
+
 def smoke(bundle: Path, m: Manifest, work: Path) -> Check:
     """One epoch of on-device training on the reference windows (labels cycling)."""
 
@@ -91,11 +99,7 @@ def smoke(bundle: Path, m: Manifest, work: Path) -> Check:
         # accuracy (and the runner refuses single-label data)
         y = np.array([m.labels[i % len(m.labels)] for i in range(len(xs))], dtype=str)
         if m.input.get("modality") == "text":  # text bundles read .csv (text, label)
-            import csv
-
-            data = work / "smoke.csv"
-            with open(data, "w", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerows([("text", "label"), *zip(xs, y, strict=True)])
+            data = _write_text_csv(work / "smoke.csv", xs, y)
         else:
             data = work / "smoke.npz"
             np.savez(data, x=xs, y=y)
@@ -163,17 +167,24 @@ def accuracy(bundle: Path, m: Manifest, x: np.ndarray, y_names: np.ndarray, work
     """Held-out accuracy through the runner vs the fp32 reference, in points."""
 
     def run():
-        data = work / "heldout.npz"
-        np.savez(data, x=x, y=y_names)
+        text = m.input.get("modality") == "text"
+        data = work / ("heldout.csv" if text else "heldout.npz")
+        if text:
+            _write_text_csv(data, x, y_names)
+        else:
+            np.savez(data, x=x, y=y_names)
         got = _bundle_accuracy(bundle, data)
         if checkpoint is not None:
             import torch
 
             from edgetl.checkpoint import load_checkpoint
+            from edgetl.export.bundle import torch_features
 
             ck = load_checkpoint(checkpoint)
+            model = ck.model.eval()
             with torch.no_grad():
-                pred = ck.model.eval()(torch.from_numpy(ck.normalize(x))).argmax(1).numpy()
+                feats = torch.from_numpy(torch_features(model.backbone, ck.normalize(x)))
+                pred = model.head(feats).argmax(1).numpy()
             ref = float(np.mean(np.array(ck.labels)[pred] == y_names))
             ref_name = "PyTorch student"
         elif reference_bundle is not None:
@@ -228,14 +239,10 @@ def check_bundle(bundle: Path, *, checkpoint: Path | None = None, recipe=None, d
     try:
         checks += [selftest(bundle, m), smoke(bundle, m, work)]
         cd = sd = None
-        if recipe is not None and recipe.data.is_text:
-            raise ConfigError("`edgetl check --recipe` does not cover text recipes yet; the "
-                              "text export gates held-out accuracy itself (manifest "
-                              "checks.accuracy): check text bundles with --checkpoint only")
         if recipe is not None:
             from edgetl import stages
 
-            image = recipe.data.is_image
+            image = recipe.data.is_image or recipe.data.is_text  # no HAR users to adapt
             sd = None if image else (data or stages.server_data(recipe))
             cd = stages.check_data(recipe, sd)
         if checkpoint is not None:
@@ -246,7 +253,7 @@ def check_bundle(bundle: Path, *, checkpoint: Path | None = None, recipe=None, d
             checks.append(accuracy(bundle, m, cd.heldout_x, names, work,
                                    max_drop=recipe.export.max_accuracy_drop,
                                    checkpoint=checkpoint, reference_bundle=reference_bundle))
-            if not image:  # cameras' adaptation is measured by `edgetl run` (new classes)
+            if not image:  # cameras'/text devices' adaptation: `edgetl run` (new classes)
                 users = recipe.check.users or recipe.data.server_val_users
                 checks.append(adaptation(bundle, recipe, sd.windows, tuple(users), work))
     finally:

@@ -88,6 +88,11 @@ def quantize_bundle(src: Path, out: Path, *, calib_x: np.ndarray,
         raise ConfigError(f"{src} is a {m.target}/{m.precision} bundle; `edgetl quantize` takes "
                           "an fp32 ONNX bundle. For TFLite use `edgetl export --target tflite "
                           "--precision int8` with the checkpoint (PT2E needs the torch model)")
+    if m.input.get("modality") == "text":
+        raise ConfigError(f"{src} is a text bundle: its int8 backbone is optimum's dynamic "
+                          "ORTQuantizer model, made by `edgetl export --precision int8` from the "
+                          "checkpoint (`edgetl quantize` calibrates a static QDQ graph on "
+                          "windows/images)")
     if out.resolve() == src.resolve():
         raise ConfigError("--out must differ from the fp32 bundle; it is kept as the reference")
     if len(calib_x) == 0:

@@ -41,6 +41,10 @@ class ServerData:
 def server_data(recipe: Recipe, *, windows: hapt.Windows | None = None) -> ServerData:
     """Split the recipe's dataset by user: train / server-val / held-out (device users)."""
     d = recipe.data
+    if d.is_text:
+        raise ConfigError(f"recipe {recipe.name!r} is a text recipe: train it with `edgetl "
+                          "run models/text/recipe.toml` (its training stages run together); "
+                          "pretrain and distill take window (HAR) recipes")
     if d.is_image:
         raise ConfigError(f"recipe {recipe.name!r} is an image recipe: train it with `edgetl "
                           "run models/vision/recipe.toml` (its training stages run together); "
@@ -149,6 +153,13 @@ def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:
     training subset, the Fashion-MNIST test subset as held-out data (as ``edgetl run``).
     """
     rng = np.random.default_rng(0)
+    if recipe.data.is_text:  # the picks `edgetl run` makes for the text scenario
+        from edgetl.text.pipeline import text_splits
+
+        sp = text_splits(recipe)
+        ref = sp.texts["val"][np.sort(rng.permutation(len(sp.y["val"]))[:32])]
+        return CheckData(ref, sp.texts["train"][: recipe.export.calibration_windows],
+                         sp.texts["test"], sp.y["test"], sp.labels)
     if recipe.data.is_image:
         from edgetl.vision.pipeline import raw_splits
 

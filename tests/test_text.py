@@ -303,3 +303,14 @@ def test_edgetl_run_text_recipe_on_a_tiny_slice(tmp_path):
                                   for r in rows)
     assert (tmp_path / "run" / "text.png").stat().st_size > 10_000
     assert "fortune topics" in p.stdout
+
+
+def test_stage_commands_refuse_text_with_a_reason(text_bundle, tmp_path):
+    from edgetl import stages
+    from edgetl.quantize import quantize_bundle
+
+    with pytest.raises(ConfigError, match="text bundle: its int8 backbone is optimum"):
+        quantize_bundle(text_bundle["onnx-fp32"], tmp_path / "q", calib_x=np.array(["a"]),
+                        eval_set=(np.array(["a"]), np.array([0])))
+    with pytest.raises(ConfigError, match="is a text recipe"):
+        stages.server_data(load_recipe(ROOT / "models/text/recipe.toml"))

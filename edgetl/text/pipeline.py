@@ -314,11 +314,11 @@ def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
     summ.server["truncated"] = sp.truncated
     summ.server["mean_word_pieces"] = {k: float(v[:, 1].sum(1).mean())
                                        for k, v in sp.tokens.items()}
-    rng = np.random.default_rng(0)
-    ref = sp.texts["val"][np.sort(rng.permutation(len(sp.y["val"]))[:32])]
-    calib = sp.texts["train"][: recipe.export.calibration_windows]
-    summ.bundles = export_roles(recipe, out, {"student": "student", "teacher": "minilm"}, ref,
-                                calib, (sp.texts["test"], sp.y["test"]),
+    from edgetl.stages import check_data
+
+    cd = check_data(recipe)  # the same reference/calibration/held-out picks as `edgetl export`
+    summ.bundles = export_roles(recipe, out, {"student": "student", "teacher": "minilm"},
+                                cd.reference, cd.calibration, (cd.heldout_x, cd.heldout_y),
                                 unsupported=UNSUPPORTED)
     bench_bundles(summ.bundles)
     built = [b for b in summ.bundles if "path" in b]
