@@ -62,13 +62,17 @@ def find_device_data(paths: list[Path]) -> tuple[Path, Path]:
     """The fixed local data set of a run folder: ``(adapt data, evaluation data)``.
 
     HAR runs: the first device user's first session (``adapt.npz``) and later sessions
-    (``eval.npz``); vision runs: camera 1's image folders and the shared ``eval.npz``.
+    (``eval.npz``); vision runs: camera 1's image folders and the shared ``eval.npz``; text
+    runs: device 1's ``adapt.csv`` and the shared ``eval.csv``.
     """
     for p in map(Path, paths):
         users = sorted(p.glob("devices/*/user_*/adapt.npz"))
         if users:
             first = min(users, key=lambda q: (q.parent.name, q.parent.parent.name))
             return first, first.with_name("eval.npz")
+        text = p / "devices" / "device_1" / "adapt.csv"
+        if text.is_file() and (p / "devices" / "eval.csv").is_file():
+            return text, p / "devices" / "eval.csv"
         cam = p / "cameras" / "camera_1" / "adapt"
         if cam.is_dir() and (p / "cameras" / "eval.npz").is_file():
             return cam, p / "cameras" / "eval.npz"
@@ -89,16 +93,16 @@ def prepare_data(bundle: Path, adapt_data: Path, eval_data: Path, out: Path, *,
     (new labels) from a fresh linear layer over the device's labels, as a tutorial would.
     """
     dataio = device.runner_module("edgerun.data")  # baselines get exactly the runner's inputs
-    m = _manifest(bundle)
-    ds = dataio.load(str(adapt_data), m, need_labels=True)
-    ev = dataio.load(str(eval_data), m, need_labels=True)
+    rb = device.runner_module("edgerun.bundle").Bundle(str(bundle))  # text: its tokenizer
+    m = rb.manifest
+    ds = dataio.load(str(adapt_data), m, need_labels=True, bundle=rb)
+    ev = dataio.load(str(eval_data), m, need_labels=True, bundle=rb)
     labels = list(m["labels"])
     seen = list(dict.fromkeys(ds.y))
     new_labels = not set(seen) <= set(labels)
     order = labels + [lab for lab in seen if lab not in labels]  # the runner's class order
     y = np.asarray([order.index(lab) for lab in ds.y], np.int64)
-    tr, _ = dataio.stratified_split(y, val_fraction, seed,
-                                    "random" if dataio.is_image(m) else "block")
+    tr, _ = dataio.stratified_split(y, val_fraction, seed, dataio.split_mode(m))
     arrays: dict[str, np.ndarray] = {}
     if not new_labels:
         with np.load(bundle / m["files"][m["head"]["init_file"]]["path"],

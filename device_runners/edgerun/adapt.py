@@ -329,8 +329,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
                         "cannot check them")
     y = np.asarray([head.labels.index(lab) for lab in ds.y], np.int64)
     # windows of a recording overlap (block split with a purge gap); images do not
-    tr, va = dataio.stratified_split(y, val_fraction, seed,
-                                     "random" if dataio.is_image(m) else "block")
+    tr, va = dataio.stratified_split(y, val_fraction, seed, dataio.split_mode(m))
     if len(va) == 0:
         raise RunnerError(f"{data_path}: too few windows ({len(y)}) for a validation split; "
                           "collect at least 2 windows per label")

@@ -46,6 +46,15 @@ def is_text(manifest: dict) -> bool:
     return manifest["input"].get("modality") == "text"
 
 
+def split_mode(manifest: dict) -> str:
+    """How to hold out validation data: ``block`` or ``random``.
+
+    Time series: contiguous runs (overlapping windows must not leak into validation);
+    images and texts are independent samples: random.
+    """
+    return "random" if is_image(manifest) or is_text(manifest) else "block"
+
+
 def _load_texts(path: str, bundle, need_labels: bool) -> Dataset:
     from edgerun import text
 
