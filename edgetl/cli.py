@@ -94,10 +94,13 @@ def pretrain(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
     """Train the teacher on the server users; writes OUT/teacher.pt."""
     _setup()
     from edgetl import stages
+    from edgetl.distributed import session
 
-    r = stages.pretrain(_recipe(recipe), out, show=not quiet)
-    typer.echo(f"teacher: {r.params:,} params, held-out accuracy {r.heldout_accuracy:.3f} "
-               f"-> {r.path}")
+    with session() as dist:  # torchrun --nproc-per-node N: DDP (edgetl.distributed)
+        r = stages.pretrain(_recipe(recipe), out, show=not quiet)
+    if dist.is_main:
+        typer.echo(f"teacher: {r.params:,} params, held-out accuracy {r.heldout_accuracy:.3f} "
+                   f"-> {r.path}" + (f" ({dist.world_size} processes)" if dist.enabled else ""))
 
 
 @app.command()
@@ -111,10 +114,12 @@ def distill(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
     """Distill the teacher into the small student; writes OUT/student.pt."""
     _setup()
     from edgetl import stages
+    from edgetl.distributed import session
 
-    res = stages.distill_student(_recipe(recipe), teacher or out / "teacher.pt", out,
-                                 baseline=baseline, show=not quiet)
-    for name, r in res.items():
+    with session() as dist:  # torchrun --nproc-per-node N: DDP (edgetl.distributed)
+        res = stages.distill_student(_recipe(recipe), teacher or out / "teacher.pt", out,
+                                     baseline=baseline, show=not quiet)
+    for name, r in res.items() if dist.is_main else ():
         typer.echo(f"{name}: {r.params:,} params, held-out accuracy {r.heldout_accuracy:.3f} "
                    f"-> {r.path}")
 
