@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort venv-fleet data-vision demo demo-vision bench methods fleet test test-slow test-pi style lint format clean help
+.PHONY: install venv-ort venv-fleet data-vision demo demo-vision bench methods fleet ddp test test-slow test-pi style lint format clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -17,6 +17,7 @@ help:
 	@echo "make methods    transfer methods vs source-only (HAR cross-user, Fashion-MNIST -> digits)"
 	@echo "make fleet      Flower fleet: 100 simulated devices improve the shipped head (FedAvg)"
 	@echo "                -> runs/fleet/{fleet.md,fleet.png,bundle-v2}"
+	@echo "make ddp        teacher pretraining on 2 processes (torchrun) vs 1 -> weight difference"
 	@echo "make test       fast test tier (no GPU, no network)"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
 	@echo "make test-pi    device runners on emulated Linux aarch64 (Raspberry Pi) vs x86_64 (root)"
@@ -87,6 +88,18 @@ fleet: install venv-fleet
 	test -f $(OUT)/bundles/onnx-fp32/manifest.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
 	EDGETL_FLEET_PYTHON=$(abspath $(FLEET_VENV))/bin/python \
 		$(BIN)/edgetl fleet $(OUT)/bundles/onnx-fp32 --recipe $(RECIPE) --out runs/fleet
+
+# Server training on 2 processes (torchrun, DDP over gloo on CPU) vs 1 process, same seed and
+# global batch: the teacher's max weight difference (the README's "Scaling out" numbers), and
+# the same difference between two 1-process runs that differ only in their thread count.
+ddp: install
+	$(BIN)/edgetl pretrain $(RECIPE) --out runs/ddp/p1 -q
+	$(BIN)/torchrun --standalone --nproc-per-node 2 -m edgetl.cli pretrain $(RECIPE) \
+		--out runs/ddp/p2 -q
+	$(BIN)/python -m edgetl.distributed runs/ddp/p1/teacher.pt runs/ddp/p2/teacher.pt
+	# control: the same single process with 1 thread instead of 2 (only float sums reorder)
+	$(BIN)/edgetl pretrain $(RECIPE) --out runs/ddp/p1-1thread -q --threads 1
+	$(BIN)/python -m edgetl.distributed runs/ddp/p1/teacher.pt runs/ddp/p1-1thread/teacher.pt
 
 test: install venv-ort venv-fleet
 	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python \

@@ -90,9 +90,11 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version,
 @app.command()
 @user_errors
 def pretrain(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
-             quiet: QuietOpt = False):
+             quiet: QuietOpt = False,
+             threads: Annotated[int, typer.Option(min=1, help="torch threads (under torchrun: "
+                                                  "shared by a machine's processes)")] = 2):
     """Train the teacher on the server users; writes OUT/teacher.pt."""
-    _setup()
+    _setup(threads)
     from edgetl import stages
     from edgetl.distributed import session
 

@@ -282,3 +282,32 @@ def check_batch(batch_size: int, info: DistInfo) -> None:
         raise ConfigError(f"the global batch ({batch_size}) must be at least the number of "
                           f"processes ({info.world_size}); raise batch_size in the recipe or "
                           "launch fewer processes")
+
+
+def compare_checkpoints(a, b) -> dict:
+    """Max |Δ| over every weight and buffer of two checkpoints, and their held-out accuracy.
+
+    ``python -m edgetl.distributed A.pt B.pt`` prints it (the README's torchrun vs one
+    process numbers).
+    """
+    import torch
+
+    from edgetl.errors import EdgetlError
+
+    one, two = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+    sa, sb = one["state_dict"], two["state_dict"]
+    if sa.keys() != sb.keys():
+        raise EdgetlError(f"{a} and {b} hold different networks; compare checkpoints of the "
+                          "same recipe stage")
+    diff = {k: float((sa[k].double() - sb[k].double()).abs().max()) for k in sa}
+    worst = max(diff, key=diff.get)
+    return {"max_abs_diff": diff[worst], "worst_tensor": worst,
+            "heldout_accuracy": [one["meta"].get("heldout_accuracy"),
+                                 two["meta"].get("heldout_accuracy")]}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import json
+    import sys
+
+    print(json.dumps(compare_checkpoints(*sys.argv[1:3]), indent=2))

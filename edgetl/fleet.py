@@ -192,7 +192,7 @@ def plot(rep: dict, path: Path) -> Path:
     ax.set_ylabel("accuracy on the devices' test windows")
     ax.set_title(f"{rep['n_clients']} devices, {r[0]['bytes_up_per_client']:,.0f} B up / "
                  "client / round")
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
