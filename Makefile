@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort data-vision data-text demo demo-vision demo-text bench methods test test-slow test-pi style lint format clean help
+.PHONY: install venv-ort venv-fleet data-vision data-text demo demo-vision demo-text bench methods fleet ddp test test-slow test-pi style lint format clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -16,6 +16,9 @@ help:
 	@echo "make bench      latency/throughput/adaptation/memory/accuracy of every bundle vs PyTorch,"
 	@echo "                ORT training and the machine's peak -> runs/bench/{bench.md,tradeoff.png}"
 	@echo "make methods    transfer methods vs source-only (HAR cross-user, Fashion-MNIST -> digits)"
+	@echo "make fleet      Flower fleet: 100 simulated devices improve the shipped head (FedAvg)"
+	@echo "                -> runs/fleet/{fleet.md,fleet.png,bundle-v2}"
+	@echo "make ddp        teacher pretraining on 2 processes (torchrun) vs 1 -> weight difference"
 	@echo "make test       fast test tier (no GPU, no network)"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
 	@echo "make test-pi    device runners on emulated Linux aarch64 (Raspberry Pi) vs x86_64 (root)"
@@ -41,6 +44,16 @@ $(ORT_VENV)/.installed: constraints.txt
 	touch $@
 
 venv-ort: $(ORT_VENV)/.installed
+
+# Flower (edgetl fleet): flwr pins typer < 0.21 (edgetl: 0.29), so the fleet simulation and the
+# device clients get an environment of their own: flwr + numpy + onnxruntime, no torch.
+FLEET_VENV ?= .venv-fleet
+$(FLEET_VENV)/.installed: device_runners/requirements-fleet.txt
+	test -x $(FLEET_VENV)/bin/python || $(PY) -m venv $(FLEET_VENV)
+	$(FLEET_VENV)/bin/pip install -q -r device_runners/requirements-fleet.txt
+	touch $@
+
+venv-fleet: $(FLEET_VENV)/.installed
 
 # Fashion-MNIST ships as a Debian package (idx files under /usr/share/datasets).
 data-vision:
@@ -83,8 +96,28 @@ bench: install venv-ort data-vision
 methods: install data-vision
 	$(BIN)/edgetl methods models/har/recipe.toml models/vision/recipe.toml --out runs/methods
 
-test: install venv-ort
-	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python $(BIN)/python -m pytest -q
+# Federated head training over 100 simulated devices (held-out HAPT users) -> runs/fleet
+# (the README's "Scaling out" numbers); the HAR run is made first when missing.
+fleet: install venv-fleet
+	test -f $(OUT)/bundles/onnx-fp32/manifest.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
+	EDGETL_FLEET_PYTHON=$(abspath $(FLEET_VENV))/bin/python \
+		$(BIN)/edgetl fleet $(OUT)/bundles/onnx-fp32 --recipe $(RECIPE) --out runs/fleet
+
+# Server training on 2 processes (torchrun, DDP over gloo on CPU) vs 1 process, same seed and
+# global batch: the teacher's max weight difference (the README's "Scaling out" numbers), and
+# the same difference between two 1-process runs that differ only in their thread count.
+ddp: install
+	$(BIN)/edgetl pretrain $(RECIPE) --out runs/ddp/p1 -q
+	$(BIN)/torchrun --standalone --nproc-per-node 2 -m edgetl.cli pretrain $(RECIPE) \
+		--out runs/ddp/p2 -q
+	$(BIN)/python -m edgetl.distributed runs/ddp/p1/teacher.pt runs/ddp/p2/teacher.pt
+	# control: the same single process with 1 thread instead of 2 (only float sums reorder)
+	$(BIN)/edgetl pretrain $(RECIPE) --out runs/ddp/p1-1thread -q --threads 1
+	$(BIN)/python -m edgetl.distributed runs/ddp/p1/teacher.pt runs/ddp/p1-1thread/teacher.pt
+
+test: install venv-ort venv-fleet
+	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python \
+		EDGETL_FLEET_PYTHON=$(abspath $(FLEET_VENV))/bin/python $(BIN)/python -m pytest -q
 
 test-slow: install venv-ort
 	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python $(BIN)/python -m pytest -q -m slow

@@ -7,6 +7,7 @@ Needs only numpy, the standard library and onnxruntime::
     python run.py infer BUNDLE --data new.csv --head state/head.npz
     python run.py selftest BUNDLE
     python run.py bench BUNDLE --threads 1
+    python run.py update NEW_BUNDLE --state state/ [--data local.npz]
 
 Exit code 0 on success, 1 with a one-line ``error:`` message on bad input.
 """
@@ -62,11 +63,17 @@ def main(argv=None) -> int:
     s = sub.add_parser("selftest", help="check this runtime against the bundle's test vectors")
     s.add_argument("bundle")
     s.add_argument("--trainer", choices=("stateless", "ort-training"), default=None)
+    u = sub.add_parser("update", help="take a new bundle version: keep the personal head if "
+                       "the backbone is unchanged, else re-adapt (with --data) or reset")
+    u.add_argument("bundle")
+    u.add_argument("--state", required=True, help="the adaptation folder (head.npz)")
+    u.add_argument("--data", default=None, help="local data to re-adapt on if needed")
+    u.add_argument("--epochs", type=int, default=30)
     b = sub.add_parser("bench", help="backbone latency at batch 1, throughput, bundle size")
     b.add_argument("bundle")
     b.add_argument("--repeats", type=int, default=300)
     b.add_argument("--batch", type=int, default=32, help="batch size of the throughput run")
-    for sp in (a, i, s, b):
+    for sp in (a, i, s, b, u):
         sp.add_argument("--threads", type=int, default=0, help="runtime threads (0: default)")
         sp.add_argument("--trust-key", default=None,
                         help="Ed25519 public key (PEM): refuse bundles it did not sign")
@@ -91,6 +98,12 @@ def main(argv=None) -> int:
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet)
+        elif args.cmd == "update":
+            from edgerun.update import update
+
+            res = update(args.bundle, args.state, data_path=args.data,
+                         trust_key=args.trust_key, quiet=args.quiet, epochs=args.epochs,
+                         threads=args.threads)
         elif args.cmd == "bench":
             from edgerun.bench import bench
 

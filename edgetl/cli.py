@@ -90,14 +90,19 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version,
 @app.command()
 @user_errors
 def pretrain(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
-             quiet: QuietOpt = False):
+             quiet: QuietOpt = False,
+             threads: Annotated[int, typer.Option(min=1, help="torch threads (under torchrun: "
+                                                  "shared by a machine's processes)")] = 2):
     """Train the teacher on the server users; writes OUT/teacher.pt."""
-    _setup()
+    _setup(threads)
     from edgetl import stages
+    from edgetl.distributed import session
 
-    r = stages.pretrain(_recipe(recipe), out, show=not quiet)
-    typer.echo(f"teacher: {r.params:,} params, held-out accuracy {r.heldout_accuracy:.3f} "
-               f"-> {r.path}")
+    with session() as dist:  # torchrun --nproc-per-node N: DDP (edgetl.distributed)
+        r = stages.pretrain(_recipe(recipe), out, show=not quiet)
+    if dist.is_main:
+        typer.echo(f"teacher: {r.params:,} params, held-out accuracy {r.heldout_accuracy:.3f} "
+                   f"-> {r.path}" + (f" ({dist.world_size} processes)" if dist.enabled else ""))
 
 
 @app.command()
@@ -111,10 +116,12 @@ def distill(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
     """Distill the teacher into the small student; writes OUT/student.pt."""
     _setup()
     from edgetl import stages
+    from edgetl.distributed import session
 
-    res = stages.distill_student(_recipe(recipe), teacher or out / "teacher.pt", out,
-                                 baseline=baseline, show=not quiet)
-    for name, r in res.items():
+    with session() as dist:  # torchrun --nproc-per-node N: DDP (edgetl.distributed)
+        res = stages.distill_student(_recipe(recipe), teacher or out / "teacher.pt", out,
+                                     baseline=baseline, show=not quiet)
+    for name, r in res.items() if dist.is_main else ():
         typer.echo(f"{name}: {r.params:,} params, held-out accuracy {r.heldout_accuracy:.3f} "
                    f"-> {r.path}")
 
@@ -374,6 +381,43 @@ def methods(recipes: Annotated[list[Path] | None, typer.Argument(
     j, m = write_report(results, out)
     typer.echo(markdown(results))
     typer.echo(f"wrote {j} and {m}")
+
+
+@app.command()
+@user_errors
+def fleet(bundle: Annotated[Path, typer.Argument(help="ONNX bundle whose head the fleet "
+                                                 "improves")] = Path("runs/har/bundles/onnx-fp32"),
+          recipe: Annotated[Path, typer.Option(help="recipe: its device users become the "
+                                                    "fleet")] = DEFAULT_RECIPE,
+          clients: Annotated[int, typer.Option(min=2, help="simulated devices (slices of the "
+                                                           "held-out users)")] = 100,
+          rounds: Annotated[int, typer.Option(min=1)] = 10,
+          local_epochs: Annotated[int, typer.Option(min=1, help="head epochs per device and "
+                                                                "round")] = 5,
+          personal_epochs: Annotated[int, typer.Option(
+              min=0, help="epochs of the per-device personalisation baseline")] = 30,
+          strategy: Annotated[str, typer.Option(help="fedavg, or fedprox (head.l2sp bundles)")]
+          = "fedavg",
+          proximal_mu: Annotated[float, typer.Option(help="FedProx's mu")] = 0.0,
+          seed: int = 0,
+          sign_key: Annotated[Path | None, typer.Option(
+              help="Ed25519 private key: sign the new bundle version (needed if the bundle is "
+                   "signed)")] = None,
+          out: OutOpt = Path("runs/fleet")):
+    """Federated head training (Flower) over simulated devices; writes bundle version N+1.
+
+    Devices send only head parameters and sample counts; writes fleet.json, fleet.md,
+    fleet.png (accuracy per round: global vs shipped head vs per-device personalisation)
+    and OUT/bundle-v<N+1>.
+    """
+    from edgetl.fleet import hapt_clients, markdown, run_fleet
+
+    rep = run_fleet(bundle, hapt_clients(_recipe(recipe), clients), out, rounds=rounds,
+                    local_epochs=local_epochs, personal_epochs=personal_epochs,
+                    strategy=strategy, proximal_mu=proximal_mu, seed=seed, sign_key=sign_key)
+    typer.echo(markdown(rep))
+    typer.echo(f"wrote {out / 'fleet.json'}, {out / 'fleet.md'}, {out / 'fleet.png'} and "
+               f"{rep['new_bundle']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,6 +59,10 @@ class Manifest:
     checks: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    #: Bundle versioning (edgetl.versioning): 1 and null for an export, and for manifests
+    #: written before these fields existed.
+    version: int = 1
+    parent: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Stable, human-readable JSON."""

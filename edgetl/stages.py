@@ -15,6 +15,7 @@ import torch
 from edgetl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgetl.config import Recipe
 from edgetl.data import hapt
+from edgetl.distributed import is_main
 from edgetl.errors import ConfigError
 from edgetl.export import export_bundle
 from edgetl.manifest import Manifest
@@ -90,9 +91,10 @@ def pretrain(recipe: Recipe, out: Path, *, data: ServerData | None = None,
     res = train_classifier(model, sd.train, sd.val, recipe.pretrain, desc="pretrain teacher",
                            show=show)
     ho = accuracy(model, sd.heldout)
-    path = save_checkpoint(_checkpoint(model, recipe, recipe.teacher, sd,
-                                       {"role": "teacher", "heldout_accuracy": ho}),
-                           Path(out) / "teacher.pt")
+    path = Path(out) / "teacher.pt"
+    if is_main():  # under torchrun every rank holds the same weights; rank 0 writes them
+        save_checkpoint(_checkpoint(model, recipe, recipe.teacher, sd,
+                                    {"role": "teacher", "heldout_accuracy": ho}), path)
     return StageResult(path, count_params(model), res.val_accuracy or 0.0, ho, res.seconds,
                        res.history)
 
@@ -123,8 +125,9 @@ def distill_student(recipe: Recipe, teacher_path: Path, out: Path, *,
         meta = {"role": name, "heldout_accuracy": ho, "distilled": kd,
                 "temperature": recipe.distill.temperature if kd else None,
                 "alpha": recipe.distill.alpha if kd else None}
-        path = save_checkpoint(_checkpoint(model, recipe, recipe.student, sd, meta),
-                               Path(out) / f"{name}.pt")
+        path = Path(out) / f"{name}.pt"
+        if is_main():
+            save_checkpoint(_checkpoint(model, recipe, recipe.student, sd, meta), path)
         results[name] = StageResult(path, count_params(model), res.val_accuracy or 0.0, ho,
                                     res.seconds, res.history)
     return results

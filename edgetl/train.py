@@ -53,7 +53,9 @@ class TrainResult:
 def predict_logits(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
     """Eval-mode logits for normalised windows ``x`` (N, T, C)."""
     model.eval()
-    out = [model(torch.from_numpy(x[i : i + batch])) for i in range(0, len(x), batch)]
+    dev = next(model.parameters()).device
+    out = [model(torch.from_numpy(x[i : i + batch]).to(dev)).cpu()
+           for i in range(0, len(x), batch)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -74,6 +76,13 @@ def _augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, desc: str,
          loss_fn, show: bool) -> TrainResult:
+    from edgetl import distributed
+
+    # Under torchrun: every rank draws the same permutation and augmentation for the global
+    # batch and trains on its rows of it (edgetl.distributed); one process: the rows are all.
+    info = distributed.current()
+    distributed.check_batch(cfg.batch_size, info)
+    show = show and info.is_main
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
@@ -84,31 +93,37 @@ def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, de
                                                 total_steps=cfg.epochs * steps_per_epoch)
     res = TrainResult(model)
     t0 = time.perf_counter()
-    with progress_bar(show) as prog:
+    with progress_bar(show) as prog, distributed.data_parallel(model, info) as (net, batch):
         task = prog.add_task(desc, total=cfg.epochs * steps_per_epoch, info="")
         for epoch in range(cfg.epochs):
-            model.train()
+            net.train()
             perm = idx_all[torch.randperm(len(y), generator=gen)]
             total, n = 0.0, 0
             for i in range(0, len(y), cfg.batch_size):
                 b = perm[i : i + cfg.batch_size]
                 xb = _augment(x[b], gen)
-                loss = loss_fn(model(xb), b, y[b])
+                if info.enabled:
+                    rows = batch.rows(len(b))
+                    b, xb = b[rows], xb[rows].to(info.device)
+                logits = net(xb)
+                loss = loss_fn(logits, b, y[b].to(logits.device)) if len(b) else logits.sum()
+                step_loss = loss * batch.weight(len(b)) if info.enabled else loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                step_loss.backward()
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(b)
                 n += len(b)
                 prog.advance(task)
+            total, n = distributed.all_reduce_sum([total, n], info)
             rec = {"epoch": epoch + 1, "loss": total / n}
-            if val is not None:
+            if val is not None and info.is_main:
                 rec["val_accuracy"] = accuracy(model, val)
                 res.val_accuracy = rec["val_accuracy"]
             res.history.append(rec)
-            info = f"loss {rec['loss']:.3f}" + (
-                f" val {rec['val_accuracy']:.3f}" if val is not None else "")
-            prog.update(task, info=info)
+            info_text = f"loss {rec['loss']:.3f}" + (
+                f" val {rec['val_accuracy']:.3f}" if "val_accuracy" in rec else "")
+            prog.update(task, info=info_text)
     res.seconds = time.perf_counter() - t0
     model.eval()
     return res
@@ -155,4 +170,5 @@ def distill(teacher: nn.Module, student: nn.Module, train: Split, val: Split | N
         # acts as consistency regularisation.
         t_logits = torch.from_numpy(predict_logits(teacher, train.x))
     return _fit(student, train, val, cfg, "distill",
-                lambda logits, b, yb: kd_loss(logits, t_logits[b], yb, kd), show)
+                lambda logits, b, yb: kd_loss(logits, t_logits[b].to(logits.device), yb, kd),
+                show)

@@ -12,7 +12,7 @@ from edgetl.cli import app
 from .conftest import write_device_npz
 
 COMMANDS = ["pretrain", "distill", "export", "keygen", "quantize", "check", "adapt", "run",
-            "personalise", "bench", "methods"]
+            "personalise", "bench", "methods", "fleet"]
 runner = CliRunner()
 
 

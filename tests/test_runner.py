@@ -96,7 +96,11 @@ def test_runner_sources_import_only_numpy_stdlib_and_one_runtime():
             else:
                 continue
             for n in names:
-                assert n.split(".")[0] in allowed, f"{path.name} imports {n}"
+                # Flower only in the fleet client (its own environment, make venv-fleet);
+                # tokenizers only in text.py, optional (a pure-Python WordPiece otherwise).
+                ok = allowed | {"fleet_client.py": {"flwr"}, "text.py": {"tokenizers"}}.get(
+                    path.name, set())
+                assert n.split(".")[0] in ok, f"{path.name} imports {n}"
 
 
 def _good_state(bundle, tmp_path):

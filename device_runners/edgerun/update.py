@@ -1,0 +1,111 @@
+"""Receiving a new bundle version: keep the personal head, or re-adapt when the backbone changed.
+
+A personal head (``STATE/head.npz``, written by ``adapt``) records the sha256 of the backbone
+it was trained on. A new bundle with the *same* backbone (e.g. a fleet-aggregated head,
+manifest ``version`` n+1) leaves the personal head valid: it is kept. A new backbone makes the
+personal head meaningless (other features): the device re-adapts from the new bundle's head
+when it still has its local data, else falls back to the shipped head, and says which. Either
+way the old head is kept beside it as ``head.<backbone sha[:12]>.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from edgerun import RunnerError
+from edgerun.bundle import Bundle, sha256_file
+from edgerun.head import Head
+
+STATE_FILE = "bundle.json"
+
+
+def bundle_record(bundle: Bundle) -> dict:
+    """The version facts of a bundle a device keeps in ``STATE/bundle.json``."""
+    m = bundle.manifest
+    return {"version": int(m.get("version", 1)), "parent": m.get("parent"),
+            "manifest_sha256": sha256_file(os.path.join(bundle.root, "manifest.json")),
+            "backbone_sha256": m["files"]["backbone"]["sha256"], "name": m.get("name")}
+
+
+def _head_meta(path: str) -> dict:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["__meta__"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise RunnerError(f"{path} is not a readable head checkpoint ({e})") from None
+
+
+def update(bundle_dir: str, state_dir: str, *, data_path: str | None = None,
+           trust_key: str | None = None, quiet: bool = False, **adapt_kw) -> dict:
+    """Move a device's state to the bundle ``bundle_dir``; returns (and writes) the decision.
+
+    Args:
+        state_dir: the device's adaptation folder (``head.npz`` from ``adapt``; may be empty).
+        data_path: the device's local labelled data, to re-adapt when the backbone changed.
+        adapt_kw: options of :func:`edgerun.adapt.adapt` for a re-adaptation.
+
+    Returns:
+        ``{"action": "kept" | "readapted" | "reset" | "fresh", ...}``; ``reset`` means the
+        backbone changed and no data was given: the shipped head replaces the personal one.
+    """
+    from edgerun import adapt as ad
+
+    bundle = Bundle(bundle_dir, trust_key=trust_key)
+    new = bundle_record(bundle)
+    os.makedirs(state_dir, exist_ok=True)
+    ckpt = os.path.join(state_dir, "head.npz")
+    prev_path = os.path.join(state_dir, STATE_FILE)
+    previous = None
+    if os.path.isfile(prev_path):
+        with open(prev_path, encoding="utf-8") as f:
+            previous = json.load(f)
+    res = {"bundle": os.path.abspath(bundle_dir), "to": new, "from": previous}
+    if not os.path.isfile(ckpt):
+        res["action"] = "fresh"
+        res["message"] = "no personal head yet: the device runs the bundle's head"
+    else:
+        old_bb = _head_meta(ckpt).get("backbone_sha256")
+        same = old_bb == new["backbone_sha256"]
+        if same:
+            try:
+                Head.load(ckpt, bundle)  # names and shapes of the new head graphs
+            except RunnerError as e:
+                same, why = False, str(e)
+        else:
+            why = (f"the backbone changed (sha256 {str(old_bb)[:12]}… -> "
+                   f"{new['backbone_sha256'][:12]}…)")
+        if same:
+            res["action"] = "kept"
+            res["message"] = ("same backbone: the personal head stays valid and is kept "
+                              f"(bundle version {new['version']})")
+        else:
+            stale = os.path.join(state_dir, f"head.{str(old_bb)[:12]}.npz")
+            shutil.copy2(ckpt, stale + ".tmp")
+            os.replace(stale + ".tmp", stale)
+            os.unlink(ckpt)  # adapt keeps an existing head on rollback: it must not be this one
+            res["stale_head"] = stale
+            if data_path is not None:
+                rep = ad.adapt(bundle_dir, data_path, state_dir, trust_key=trust_key,
+                               quiet=True, **adapt_kw)
+                res["action"] = "readapted"
+                res["message"] = (f"{why}: re-adapted the new head on {data_path} (validation "
+                                  f"{rep['accuracy_before']:.3f} -> {rep['accuracy_after']:.3f}"
+                                  f"{', rolled back' if rep['rolled_back'] else ''})")
+                res["adapt"] = {k: rep[k] for k in ("accuracy_before", "accuracy_after",
+                                                    "rolled_back", "n_train", "n_val")}
+            else:
+                Head.from_bundle(bundle).save(ckpt, bundle, {"reset_from": stale})
+                res["action"] = "reset"
+                res["message"] = (f"{why}: no local data given (--data), so the personal head "
+                                  "was replaced by the bundle's shipped head; re-adapt with "
+                                  "`run.py adapt` to personalise again")
+    ad.write_json(prev_path, new)
+    if not quiet:
+        import sys
+
+        print(f"{res['action']}: {res['message']}", file=sys.stderr)
+    return res
