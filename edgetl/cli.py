@@ -269,9 +269,6 @@ def run(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
 
         for t in text_tables(s):
             con.print(t)
-        for r in s.bundles:
-            if "skipped" in r:
-                con.print(f"[yellow]{r['name']} not built:[/] {r['skipped']}")
         con.print(f"summary: {out / 'summary.json'}  plot: {out / 'text.png'}  "
                   f"({s.totals['wall_seconds']:.0f} s)")
         return

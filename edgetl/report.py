@@ -80,9 +80,6 @@ def text_tables(summary) -> list[Table]:
         b.add_column(c, justify="left" if c == "bundle" else "right", no_wrap=True)
     by = summary.totals.get("by_bundle", {})
     for r in summary.bundles:
-        if "skipped" in r:
-            b.add_row(r["name"], "[yellow]not built[/]", "", "", "", "", "", "", "")
-            continue
         acc, d = r["checks"].get("accuracy", {}), by.get(r["name"])
         dev = ([f"{d['imprint_accuracy']:.3f}", f"{d['trained_accuracy']:.3f}",
                 f"{1000 * d['train_seconds']:.0f}", f"{d['max_peak_rss_mb']:.0f}"]

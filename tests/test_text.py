@@ -176,7 +176,8 @@ def text_bundle(text_ck, tmp_path_factory) -> dict[str, Path]:
     ck = load_checkpoint(path)
     root = tmp_path_factory.mktemp("bundles")
     out = {}
-    for target, prec in (("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32")):
+    for target, prec in (("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"),
+                         ("tflite", "int8")):
         cfg = ExportConfig(target=target, precision=prec, opset=18, class_capacity=32,
                            max_accuracy_drop=100.0)
         export_bundle(ck, root / f"{target}-{prec}", cfg, reference_x=texts[:8],
@@ -207,16 +208,24 @@ def test_optimum_graph_has_pooling_and_normalisation(text_bundle):
     assert {"Div", "Sqrt"} & ops or "LpNormalization" in ops  # L2 normalisation
 
 
-def test_int8_tflite_text_is_refused_with_a_reason(text_ck, tmp_path):
-    from edgetl.errors import BundleError
-    from edgetl.export import export_bundle
+def test_int8_tflite_text_is_dynamic_range_builtin_and_close_to_fp32(text_bundle):
+    from edgerun.backends import make_backend
+    from edgerun.bundle import Bundle
 
-    path, texts, y = text_ck
-    cfg = ExportConfig(target="tflite", precision="int8", opset=18, class_capacity=32)
-    with pytest.raises(BundleError, match="int8 TFLite text backbones are not supported"):
-        export_bundle(load_checkpoint(path), tmp_path / "b", cfg, reference_x=texts[:8],
-                      calib_x=texts[:32])
-    assert not (tmp_path / "b").exists()
+    from edgetl.export.tflite import check_builtin_only
+
+    m = json.loads((text_bundle["tflite-int8"] / "manifest.json").read_text())
+    assert "dynamic-range int8" in m["quantization"]["scheme"]
+    ops = check_builtin_only(text_bundle["tflite-int8"] / "backbone.tflite")
+    assert "FULLY_CONNECTED" in ops
+    size = {k: (text_bundle[k] / "backbone.tflite").stat().st_size
+            for k in ("tflite-fp32", "tflite-int8")}
+    assert size["tflite-int8"] < 0.35 * size["tflite-fp32"]
+    b8, b32 = Bundle(str(text_bundle["tflite-int8"])), Bundle(str(text_bundle["tflite-fp32"]))
+    x, _ = dtext.TextEncoder(b8).encode(list(_glosses(20)[0]))
+    f8, f32 = make_backend(b8).features(x), make_backend(b32).features(x)
+    cos = (f8 * f32).sum(1) / np.linalg.norm(f8, axis=1) / np.linalg.norm(f32, axis=1)
+    assert cos.min() > 0.99, cos.min()
 
 
 def _topic_csv(path: Path, n_per: int, offset: int) -> Path:
@@ -232,7 +241,7 @@ def _topic_csv(path: Path, n_per: int, offset: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8", "tflite-fp32"])
+@pytest.mark.parametrize("name", ["onnx-fp32", "onnx-int8", "tflite-fp32", "tflite-int8"])
 def test_runner_learns_new_topics_from_a_csv(text_bundle, name, tmp_path):
     bundle = text_bundle[name]
     adapt_csv = _topic_csv(tmp_path / "adapt.csv", 12, 0)

@@ -195,6 +195,13 @@ def _io_quant(details: dict) -> dict[str, Any] | None:
             "zero_point": int(zero)}
 
 
+#: int8 for text encoders: litert-torch's dynamic-range recipe (ai-edge-quantizer) instead of
+#: PT2E static, which calibrates float inputs, not token ids: weights int8 per channel, each
+#: call's activations quantised from their own range (as onnxruntime's dynamic int8).
+TEXT_INT8 = ("dynamic-range int8 (litert-torch full_dynamic_recipe, ai-edge-quantizer): "
+             "per-channel int8 weights, activations quantised per call")
+
+
 @register_exporter("tflite")
 class TFLiteExporter(Exporter):
     """Built-in-op TFLite models for LiteRT (ai-edge-litert, Android, Raspberry Pi)."""
@@ -208,18 +215,18 @@ class TFLiteExporter(Exporter):
         x1 = sample[:1].contiguous()
         text = getattr(backbone, "is_text", False)
         if text:
-            if precision != "fp32":
-                raise BundleError(
-                    "int8 TFLite text backbones are not supported: litert-torch's PT2E "
-                    "quantizer calibrates float image/sensor inputs, not token ids, and was not "
-                    "validated on transformer encoders; export text to TFLite as fp32, or to "
-                    "ONNX int8 (optimum ORTQuantizer)")
             x1 = x1.to(torch.int32)  # TFLite's native index type; the encoder casts
         with _quiet():
             litert_torch = require("litert_torch", "tflite")
 
             if precision == "fp32":
                 litert_torch.convert(backbone.eval(), (x1,)).export(str(path))
+            elif text:  # transformers: dynamic-range int8, no calibration (see TEXT_INT8)
+                from litert_torch.generative.quantize import quant_recipes
+
+                litert_torch.convert(backbone.eval(), (x1,),
+                                     quant_config=quant_recipes.full_dynamic_recipe()
+                                     ).export(str(path))
             else:
                 if calib is None or len(calib) == 0:
                     raise BundleError("int8 export needs calibration windows from source data")
@@ -232,10 +239,10 @@ class TFLiteExporter(Exporter):
                "batch_size": 1, **({"dtype": "int32"} if text else {})}
         if precision == "fp32":
             return sig
-        return {**sig,
-                "quantization": {"scheme": "PT2E static int8, per-channel symmetric weights, "
-                                           "int8 activations (litert-torch PT2EQuantizer)",
-                                 "input": _io_quant(d_in), "output": _io_quant(d_out)}}
+        scheme = TEXT_INT8 if text else ("PT2E static int8, per-channel symmetric weights, "
+                                         "int8 activations (litert-torch PT2EQuantizer)")
+        return {**sig, "quantization": {"scheme": scheme, "input": _io_quant(d_in),
+                                        "output": _io_quant(d_out)}}
 
     def export_head(self, spec: HeadSpec, optimizer, folder, *, opset, batch):
         step, infer = TrainStep(spec, optimizer), InferStep(spec)

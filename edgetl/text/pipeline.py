@@ -5,7 +5,8 @@ lexicographer category of WordNet noun glosses (``noun.animal``, ``noun.food``, 
 teacher. A student keeps fewer of MiniLM's transformer layers (same tokenizer, same width)
 and is distilled on the glosses: cosine loss to the teacher's sentence embeddings plus
 Hinton KD on the teacher head's logits. Both become device bundles (ONNX through optimum,
-int8 through optimum's ORTQuantizer, TFLite through litert-torch), so MiniLM against its
+int8 through optimum's ORTQuantizer, TFLite through litert-torch, its int8 with
+litert-torch's dynamic-range recipe), so MiniLM against its
 student is measured, not assumed.
 
 Devices: each simulated device learns topics the server never saw — the ``fortunes``
@@ -36,12 +37,6 @@ from edgetl.text import data as tdata
 from edgetl.text.encoder import Tokens, trim
 from edgetl.train import kd_loss
 from edgetl.vision.pipeline import by_bundle, export_roles, learn_new_classes
-
-#: The one (target, precision) pair the text scenario cannot build, and why (README too).
-UNSUPPORTED = {("tflite", "int8"): "int8 TFLite text backbones are not supported: "
-                                   "litert-torch's PT2E quantizer calibrates float inputs, not "
-                                   "token ids, and is not validated on transformer encoders "
-                                   "(use onnx int8)"}
 
 
 @dataclass
@@ -275,11 +270,9 @@ def bench_bundles(bundles: list[dict], *, repeats: int = 50) -> None:
     from edgetl import adapt as device
 
     for b in bundles:
-        if "path" in b:
-            r = device.run_runner("bench", Path(b["path"]), "--repeats", str(repeats),
-                                  "--threads", "1", "--batch", "8")
-            b["latency_ms_p50"], b["throughput_per_s"] = (r["backbone_ms_p50"],
-                                                          r["throughput_per_s"])
+        r = device.run_runner("bench", Path(b["path"]), "--repeats", str(repeats),
+                              "--threads", "1", "--batch", "8")
+        b["latency_ms_p50"], b["throughput_per_s"] = r["backbone_ms_p50"], r["throughput_per_s"]
 
 
 @dataclass
@@ -318,11 +311,9 @@ def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
 
     cd = check_data(recipe)  # the same reference/calibration/held-out picks as `edgetl export`
     summ.bundles = export_roles(recipe, out, {"student": "student", "teacher": "minilm"},
-                                cd.reference, cd.calibration, (cd.heldout_x, cd.heldout_y),
-                                unsupported=UNSUPPORTED)
+                                cd.reference, cd.calibration, (cd.heldout_x, cd.heldout_y))
     bench_bundles(summ.bundles)
-    built = [b for b in summ.bundles if "path" in b]
-    summ.devices = learn_new_classes(recipe, built, write_devices(recipe, out),
+    summ.devices = learn_new_classes(recipe, summ.bundles, write_devices(recipe, out),
                                      out / "devices", "device", "devices learn fortune topics",
                                      show=show)
     summ.totals = {"by_bundle": by_bundle(summ.devices),
@@ -355,10 +346,9 @@ def plot_text(summ: TextSummary, path: Path) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     for n in names:
         b = info[n]
-        if "latency_ms_p50" in b:
-            ax2.scatter(b["bytes"] / 2**20, b["latency_ms_p50"], s=40)
-            ax2.annotate(n, (b["bytes"] / 2**20, b["latency_ms_p50"]), fontsize=7,
-                         xytext=(4, 3), textcoords="offset points")
+        ax2.scatter(b["bytes"] / 2**20, b["latency_ms_p50"], s=40)
+        ax2.annotate(n, (b["bytes"] / 2**20, b["latency_ms_p50"]), fontsize=7,
+                     xytext=(4, 3), textcoords="offset points")
     ax2.set_xlabel("bundle size (MiB)")
     ax2.set_yscale("log")
     ax2.set_ylabel("backbone latency, batch 1, 1 thread (ms)")

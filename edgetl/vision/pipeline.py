@@ -165,12 +165,10 @@ def export_bundles(recipe: Recipe, out: Path, vd: VisionData, *, show: bool = Tr
 
 
 def export_roles(recipe: Recipe, out: Path, roles: dict[str, str], ref: np.ndarray,
-                 calib: np.ndarray, eval_set: tuple, *,
-                 unsupported: dict[tuple[str, str], str] | None = None) -> list:
+                 calib: np.ndarray, eval_set: tuple) -> list:
     """Export ``out/<role>.pt`` for every recipe (target, precision) as ``<prefix>-t-p``.
 
-    Every bundle is gated by ``edgetl check``. ``unsupported`` maps (target, precision) to
-    the reason that pair cannot be built; it is skipped and listed as a row with ``skipped``.
+    Every bundle is gated by ``edgetl check``.
     """
     import dataclasses
 
@@ -184,12 +182,6 @@ def export_roles(recipe: Recipe, out: Path, roles: dict[str, str], ref: np.ndarr
         ck = load_checkpoint(ck_path)
         for target, precision in recipe.export.bundles():
             name = f"{prefix}-{target}-{precision}"
-            if (target, precision) in (unsupported or {}):
-                why = unsupported[(target, precision)]
-                console.log(f"[yellow]{name}: not built: {why}")
-                rows.append({"name": name, "backbone": role, "target": target,
-                             "precision": precision, "skipped": why})
-                continue
             path = Path(out) / "bundles" / name
             cfg = dataclasses.replace(recipe.export, target=target, precision=precision)
             man = export_bundle(ck, path, cfg, reference_x=ref, calib_x=calib,
