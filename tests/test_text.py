@@ -196,6 +196,8 @@ def test_text_manifest_ships_the_tokenizer(text_bundle):
     assert "ORTQuantizer" in m["quantization"]["scheme"]
     t = json.loads((text_bundle["tflite-fp32"] / "manifest.json").read_text())
     assert t["input"]["dtype"] == "int32" and t["input"]["shape"] == [1, 2, 64]
+    # one signature per length; each text runs in the shortest that holds it
+    assert t["input"]["length_signatures"] == {"32": "len32", "64": "len64"}
 
 
 def test_optimum_graph_has_pooling_and_normalisation(text_bundle):
@@ -260,6 +262,20 @@ def test_runner_learns_new_topics_from_a_csv(text_bundle, name, tmp_path):
     assert res.returncode == 0, res.stderr
     acc = json.loads(res.stdout)["accuracy"]
     assert acc > 0.5, acc  # 3 new topics from 12 texts each; chance is 1/3 or less
+
+
+def test_tflite_length_signatures_give_the_full_length_features(text_bundle, text_ck):
+    import torch
+    from edgerun.backends import make_backend
+    from edgerun.bundle import Bundle
+
+    b = Bundle(str(text_bundle["tflite-fp32"]))
+    x, _ = dtext.TextEncoder(b).encode(["short", "a longer text about law and order " * 6])
+    assert x[0, 1].sum() <= 32 < x[1, 1].sum() <= 64  # one text per signature
+    ck = load_checkpoint(text_ck[0])
+    with torch.no_grad():
+        want = ck.model.backbone(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(make_backend(b).features(x), want, atol=1e-5)
 
 
 def test_int8_text_features_do_not_depend_on_the_batch(text_bundle):

@@ -179,9 +179,9 @@ class LiteRTBackend:
             self.version = "unknown"
         m = bundle.manifest
 
-        def runner(role, signature, n=threads):
+        def runner(role, signature, n=threads, it=None):
             try:
-                it = Interpreter(model_path=bundle.path(role), num_threads=n or None)
+                it = it or Interpreter(model_path=bundle.path(role), num_threads=n or None)
                 return it.get_signature_runner(signature)
             except Exception as e:  # noqa: BLE001 - runtime errors vary by build
                 raise RunnerError(f"ai-edge-litert {self.version} cannot load "
@@ -189,6 +189,14 @@ class LiteRTBackend:
                                   f"{e}") from None
 
         self._bb = runner("backbone", m["input"].get("signature"))
+        # text: one backbone signature per sequence length; each text goes to the shortest
+        # one that holds it (padding is masked: same features, less work)
+        lens = m["input"].get("length_signatures") or {}
+        self._by_len = None
+        if lens:
+            it = Interpreter(model_path=bundle.path("backbone"), num_threads=threads or None)
+            self._by_len = sorted((int(n), runner("backbone", s, it=it))
+                                  for n, s in lens.items())
         # the small head graphs run on one thread (see OrtBackend)
         self._train = runner(m["train_step"]["file"], m["train_step"]["signature"], 1)
         self._infer = runner(m["infer"]["file"], m["infer"]["signature"], 1)
@@ -203,12 +211,24 @@ class LiteRTBackend:
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """Backbone features of preprocessed windows, in the graph's fixed batch."""
+        if self._by_len:
+            return self._text_features(x)
         b, out = self._bb_batch, []
         for i in range(0, len(x), b):
             chunk = (_quantize(x[i : i + b], self._qin) if self._qin
                      else np.ascontiguousarray(x[i : i + b], self._in_dtype))
             y = self._bb(**{self._in: _pad(chunk, b)})[self._out]
             out.append(_dequantize(y, self._qout)[: min(b, len(x) - i)])
+        return np.concatenate(out, axis=0)
+
+    def _text_features(self, x: np.ndarray) -> np.ndarray:
+        """(N, 2, L) ids + mask, one text per call through its shortest length signature."""
+        out = []
+        for i in range(len(x)):
+            n = int(x[i, 1].sum())
+            length, run = next((L, r) for L, r in self._by_len if L >= n)
+            out.append(run(**{self._in: np.ascontiguousarray(x[i : i + 1, :, :length],
+                                                              self._in_dtype)})[self._out])
         return np.concatenate(out, axis=0)
 
     def train_step(self, feeds: dict) -> dict:

@@ -257,7 +257,9 @@ def _input_block(ck: Checkpoint, bb_sig: dict) -> dict:
         return {**common, "modality": "image", "layout": "NCHW", "image": dict(ck.image)}
     if ck.text is not None:
         return {**common, "modality": "text", "layout": "N2L", "names": bb_sig["inputs"],
-                "dtype": bb_sig.get("dtype", "int64"), "text": dict(ck.text)}
+                "dtype": bb_sig.get("dtype", "int64"), "text": dict(ck.text),
+                **({"length_signatures": bb_sig["length_signatures"]}
+                   if "length_signatures" in bb_sig else {})}
     return {**common, "modality": "timeseries", "layout": "NTC", "channels": list(ck.channels),
             "window": ck.window, "stride": ck.stride, "sample_rate_hz": ck.sample_rate_hz,
             "preprocess": {"normalize": {"mean": [float(v) for v in ck.mean],

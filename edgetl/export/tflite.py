@@ -202,6 +202,17 @@ TEXT_INT8 = ("dynamic-range int8 (litert-torch full_dynamic_recipe, ai-edge-quan
              "per-channel int8 weights, activations quantised per call")
 
 
+def text_lengths(max_length: int) -> list[int]:
+    """Sequence lengths a TFLite text backbone gets a signature for: 32, 64, ... and the max.
+
+    LiteRT fixes shapes at conversion; one graph at ``max_length`` would run every short text
+    padded to full length. The runner feeds each text to the shortest signature that holds
+    it (the padding is masked, so the features are the same); the signatures share one copy
+    of the weights in the flatbuffer.
+    """
+    return [n for n in (32, 64, 128, 256) if n < max_length] + [max_length]
+
+
 @register_exporter("tflite")
 class TFLiteExporter(Exporter):
     """Built-in-op TFLite models for LiteRT (ai-edge-litert, Android, Raspberry Pi)."""
@@ -214,29 +225,39 @@ class TFLiteExporter(Exporter):
     def export_backbone(self, backbone, sample, path, *, opset, precision, calib=None):
         x1 = sample[:1].contiguous()
         text = getattr(backbone, "is_text", False)
-        if text:
-            x1 = x1.to(torch.int32)  # TFLite's native index type; the encoder casts
+        lengths: list[int] = []
         with _quiet():
             litert_torch = require("litert_torch", "tflite")
 
-            if precision == "fp32":
-                litert_torch.convert(backbone.eval(), (x1,)).export(str(path))
-            elif text:  # transformers: dynamic-range int8, no calibration (see TEXT_INT8)
-                from litert_torch.generative.quantize import quant_recipes
+            if text:  # one signature per sequence length, sharing the weights (see below)
+                x1 = x1.to(torch.int32)  # TFLite's native index type; the encoder casts
+                lengths = text_lengths(int(x1.shape[-1]))
+                builder = None
+                for n in lengths:
+                    args = (x1[:, :, :n].contiguous(),)
+                    builder = (litert_torch.signature(f"len{n}", backbone.eval(), args)
+                               if builder is None
+                               else builder.signature(f"len{n}", backbone.eval(), args))
+                qc = None
+                if precision == "int8":  # dynamic-range int8, no calibration (see TEXT_INT8)
+                    from litert_torch.generative.quantize import quant_recipes
 
-                litert_torch.convert(backbone.eval(), (x1,),
-                                     quant_config=quant_recipes.full_dynamic_recipe()
-                                     ).export(str(path))
+                    qc = quant_recipes.full_dynamic_recipe()
+                builder.convert(quant_config=qc).export(str(path))
+            elif precision == "fp32":
+                litert_torch.convert(backbone.eval(), (x1,)).export(str(path))
             else:
                 if calib is None or len(calib) == 0:
                     raise BundleError("int8 export needs calibration windows from source data")
                 _convert_backbone_int8(backbone.eval(), x1, calib, path)
-            run = _runner(path, None)
+            run = _runner(path, f"len{lengths[-1]}" if text else None)
         check_builtin_only(path)
         (name_in, d_in), = run.get_input_details().items()
         (name_out, d_out), = run.get_output_details().items()
-        sig = {"inputs": [name_in], "outputs": [name_out], "signature": "serving_default",
-               "batch_size": 1, **({"dtype": "int32"} if text else {})}
+        sig = {"inputs": [name_in], "outputs": [name_out], "batch_size": 1,
+               "signature": f"len{lengths[-1]}" if text else "serving_default"}
+        if text:
+            sig.update(dtype="int32", length_signatures={str(n): f"len{n}" for n in lengths})
         if precision == "fp32":
             return sig
         scheme = TEXT_INT8 if text else ("PT2E static int8, per-channel symmetric weights, "
@@ -322,8 +343,15 @@ class _LiteRTBundle:
         return self
 
     def _load_backbone(self, path: Path) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
         with _quiet():
-            self._bb = _runner(path, None)
+            it = Interpreter(model_path=str(path), num_threads=2)
+            names = list(it.get_signature_list())
+            # text: one signature per sequence length (len32, len64, ...), else one signature
+            self._by_len = sorted((int(n[3:]), it.get_signature_runner(n)) for n in names
+                                  if n.startswith("len") and n[3:].isdigit()) or None
+            self._bb = self._by_len[-1][1] if self._by_len else it.get_signature_runner(None)
             (self._in, d_in), = self._bb.get_input_details().items()
             self._qin = _io_quant(d_in)
             self._qout = _io_quant(next(iter(self._bb.get_output_details().values())))
@@ -336,10 +364,18 @@ class _LiteRTBundle:
             x = np.clip(np.round(x / q["scale"]) + q["zero_point"], -128, 127).astype(np.int8)
         else:
             x = x.astype(self._in_dtype, copy=False)
-        out = np.concatenate([next(iter(self._bb(**{self._in: x[i : i + 1]}).values()))
+        out = np.concatenate([next(iter(self._backbone_for(x[i : i + 1]).values()))
                               for i in range(len(x))])
         q = self._qout
         return (out.astype(np.float32) - q["zero_point"]) * q["scale"] if q else out
+
+    def _backbone_for(self, x1: np.ndarray) -> dict:
+        """One input through the backbone (text: the shortest signature that holds it)."""
+        if not self._by_len:
+            return self._bb(**{self._in: x1})
+        n = int(x1[0, 1].sum())
+        length, run = next((L, r) for L, r in self._by_len if L >= n)
+        return run(**{self._in: np.ascontiguousarray(x1[:, :, :length])})
 
     def train_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._train(**feeds)
