@@ -128,6 +128,17 @@ def prepare_data(bundle: Path, adapt_data: Path, eval_data: Path, out: Path, *,
             "classes": classes, "new_labels": new_labels}
 
 
+def _flops_input(man: dict, bundle: Path):
+    """Text bundles: the runner bench's batch-1 input (first reference text, own length)."""
+    if man["input"].get("modality") != "text":
+        return None
+    from edgetl.text.encoder import trim
+
+    with np.load(Path(bundle) / man["files"][man["test_vectors"]["file"]]["path"],
+                 allow_pickle=False) as z:
+        return trim(z["x"][:1])
+
+
 def _median(rows: list[dict], key: str) -> float:
     return float(statistics.median(r[key] for r in rows))
 
@@ -282,7 +293,8 @@ def bench_bundles(paths: list[Path], *, threads: tuple[int, ...] = (1, 2), repea
         task = prog.add_task("bench", total=n_steps, info="matmul peak")
         peak = machine_peak(threads)
         prog.update(task, advance=1)
-        flops = {ck: backbone_flops(ck) for ck in by_ck}
+        flops = {ck: backbone_flops(ck, _flops_input(mans[bs[0]], bs[0]))
+                 for ck, (_, bs) in by_ck.items()}
         for k, (g, b) in enumerate(jobs):
             man = mans[b]
             name = f"{g['run']}/{b.name}" if many and g["run"] else b.name
