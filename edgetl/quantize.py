@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from edgetl.export.bundle import (
     checked_with,
     compare,
     runtime_predictions,
-    swap_in,
+    staged_bundle,
 )
 from edgetl.export.onnx import quantize_int8
 from edgetl.export.registry import get_exporter
@@ -97,15 +96,8 @@ def quantize_bundle(src: Path, out: Path, *, calib_x: np.ndarray,
         raise ConfigError("--out must differ from the fp32 bundle; it is kept as the reference")
     if len(calib_x) == 0:
         raise DataError("no calibration windows")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_bundle(out) as tmp:
         man = _build(src, m, tmp, normalize(m, calib_x), eval_set, max_drop)
-        tmp.chmod(0o755)
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return man
 
 

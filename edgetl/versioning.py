@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +60,7 @@ def publish_head(parent: Path, out: Path, params: dict[str, np.ndarray], *,
         BundleError: the parent fails verification or ``out`` is the parent.
         ConfigError: wrong parameter names/shapes, or a signed parent without ``sign_key``.
     """
-    from edgetl.export.bundle import swap_in
+    from edgetl.export.bundle import staged_bundle
 
     parent, out = Path(parent), Path(out)
     m = Manifest.read(parent)
@@ -74,19 +73,12 @@ def publish_head(parent: Path, out: Path, params: dict[str, np.ndarray], *,
                           "version is signed too; devices that trust the key refuse an "
                           "unsigned bundle")
     params = _check_params(m, params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_bundle(out) as tmp:
         man = _build(parent, m, tmp, params, note or {})
         if sign_key is not None:
             from edgetl.signing import sign_bundle
 
             sign_bundle(tmp, sign_key)
-        tmp.chmod(0o755)
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return man
 
 

@@ -6,6 +6,7 @@ check passed, so a failed export never replaces a good bundle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import logging
@@ -127,6 +128,25 @@ def checked_with(exporter: Exporter) -> str:
                      if k.endswith("_validated"))
 
 
+@contextlib.contextmanager
+def staged_bundle(out: Path):
+    """A temporary folder beside ``out`` to build a bundle in.
+
+    It replaces ``out`` only if the block finishes and is removed otherwise, so a failed build
+    never touches a good bundle.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shipped
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def swap_in(tmp: Path, out: Path) -> None:
     """Replace ``out`` with the finished ``tmp`` folder (the old one is removed after)."""
     old = None
@@ -167,10 +187,7 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
             _check_raw(ck, name, x)
     if cfg.precision == "int8" and (calib_x is None or len(calib_x) == 0):
         raise DataError("an int8 export needs calibration windows from source data (calib_x)")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_bundle(out) as tmp:
         manifest = _build(exporter, ck, tmp, cfg, reference_x, calib_x, eval_set,
                           provenance or {})
         if cfg.trainer == "ort-training":
@@ -179,11 +196,6 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
             from edgetl.signing import sign_bundle
 
             sign_bundle(tmp, sign_key)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shipped
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
