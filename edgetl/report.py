@@ -34,6 +34,14 @@ def check_table(bundle, checks) -> Table:
     return t
 
 
+def _new_class_cells(d: dict | None) -> list[str]:
+    """Imprinting / + head training accuracy, train ms and peak RSS of a bundle's devices."""
+    if not d:  # no device could add its classes to this bundle's head
+        return ["fixed classes", "–", "–", "–"]
+    return [f"{d['imprint_accuracy']:.3f}", f"{d['trained_accuracy']:.3f}",
+            f"{1000 * d['train_seconds']:.0f}", f"{d['max_peak_rss_mb']:.0f}"]
+
+
 def vision_tables(summary) -> list[Table]:
     """Server models, bundles and cameras of the vision scenario."""
     t = Table(title=f"{summary.recipe}: server models (Fashion-MNIST test subset)")
@@ -53,10 +61,8 @@ def vision_tables(summary) -> list[Table]:
         b.add_column(c, justify="left" if c == "bundle" else "right", no_wrap=True)
     by = summary.totals.get("by_bundle", {})
     for r in summary.bundles:
-        acc, d = r["checks"].get("accuracy", {}), by.get(r["name"])
-        cam = ([f"{d['imprint_accuracy']:.3f}", f"{d['trained_accuracy']:.3f}",
-                f"{1000 * d['train_seconds']:.0f}", f"{d['max_peak_rss_mb']:.0f}"]
-               if d else ["fixed classes", "–", "–", "–"])
+        acc = r["checks"].get("accuracy", {})
+        cam = _new_class_cells(by.get(r["name"]))
         b.add_row(r["name"], f"{r['bytes'] / 1024:.0f}", f"{r['backbone_bytes'] / 1024:.0f}",
                   f"{acc.get('bundle', float('nan')):.4f}",
                   f"{0.0 - acc.get('drop_points', float('nan')):+.2f} pt", *cam)
@@ -80,10 +86,8 @@ def text_tables(summary) -> list[Table]:
         b.add_column(c, justify="left" if c == "bundle" else "right", no_wrap=True)
     by = summary.totals.get("by_bundle", {})
     for r in summary.bundles:
-        acc, d = r["checks"].get("accuracy", {}), by.get(r["name"])
-        dev = ([f"{d['imprint_accuracy']:.3f}", f"{d['trained_accuracy']:.3f}",
-                f"{1000 * d['train_seconds']:.0f}", f"{d['max_peak_rss_mb']:.0f}"]
-               if d else ["fixed classes", "–", "–", "–"])
+        acc = r["checks"].get("accuracy", {})
+        dev = _new_class_cells(by.get(r["name"]))
         b.add_row(r["name"], f"{r['bytes'] / 2**20:.1f}", f"{r.get('latency_ms_p50', 0):.2f}",
                   f"{acc.get('bundle', float('nan')):.4f}",
                   f"{0.0 - acc.get('drop_points', float('nan')):+.2f} pt", *dev)

@@ -36,7 +36,12 @@ from edgetl.progress import console, progress_bar
 from edgetl.text import data as tdata
 from edgetl.text.encoder import Tokens, trim
 from edgetl.train import kd_loss
-from edgetl.vision.pipeline import by_bundle, export_roles, learn_new_classes
+from edgetl.vision.pipeline import (
+    VisionSummary,
+    by_bundle,
+    export_roles,
+    learn_new_classes,
+)
 
 
 @dataclass
@@ -79,6 +84,16 @@ def text_splits(recipe: Recipe) -> TextSplits:
         out.texts[name], out.y[name] = texts[idx], y[idx].astype(np.int64)
         out.tokens[name], out.truncated[name] = tok.encode(out.texts[name])
     return out
+
+
+def check_picks(recipe: Recipe, sp: TextSplits):
+    """Reference (32 seeded validation glosses), calibration and held-out texts for exports."""
+    from edgetl.stages import CheckData
+
+    rng = np.random.default_rng(0)
+    ref = sp.texts["val"][np.sort(rng.permutation(len(sp.y["val"]))[:32])]
+    return CheckData(ref, sp.texts["train"][: recipe.export.calibration_windows],
+                     sp.texts["test"], sp.y["test"], sp.labels)
 
 
 def _checkpoint(model, recipe: Recipe, net, labels, meta: dict) -> Checkpoint:
@@ -275,20 +290,8 @@ def bench_bundles(bundles: list[dict], *, repeats: int = 50) -> None:
         b["latency_ms_p50"], b["throughput_per_s"] = r["backbone_ms_p50"], r["throughput_per_s"]
 
 
-@dataclass
-class TextSummary:
-    """What the text run measured; written as ``summary.json``."""
-
-    recipe: str
-    server: dict = field(default_factory=dict)
-    bundles: list = field(default_factory=list)
-    devices: list = field(default_factory=list)
-    totals: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """Plain dict for JSON."""
-        return {"recipe": self.recipe, "server": self.server, "bundles": self.bundles,
-                "devices": self.devices, "totals": self.totals}
+class TextSummary(VisionSummary):
+    """What the text run measured (the vision run's fields); written as ``summary.json``."""
 
 
 def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
@@ -307,9 +310,7 @@ def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
     summ.server["truncated"] = sp.truncated
     summ.server["mean_word_pieces"] = {k: float(v[:, 1].sum(1).mean())
                                        for k, v in sp.tokens.items()}
-    from edgetl.stages import check_data
-
-    cd = check_data(recipe)  # the same reference/calibration/held-out picks as `edgetl export`
+    cd = check_picks(recipe, sp)  # the same picks as `edgetl export/check --recipe`
     summ.bundles = export_roles(recipe, out, {"student": "student", "teacher": "minilm"},
                                 cd.reference, cd.calibration, (cd.heldout_x, cd.heldout_y))
     bench_bundles(summ.bundles)
