@@ -157,12 +157,9 @@ def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:
     """
     rng = np.random.default_rng(0)
     if recipe.data.is_text:  # the picks `edgetl run` makes for the text scenario
-        from edgetl.text.pipeline import text_splits
+        from edgetl.text.pipeline import check_picks, text_splits
 
-        sp = text_splits(recipe)
-        ref = sp.texts["val"][np.sort(rng.permutation(len(sp.y["val"]))[:32])]
-        return CheckData(ref, sp.texts["train"][: recipe.export.calibration_windows],
-                         sp.texts["test"], sp.y["test"], sp.labels)
+        return check_picks(recipe, text_splits(recipe))
     if recipe.data.is_image:
         from edgetl.vision.pipeline import raw_splits
 
