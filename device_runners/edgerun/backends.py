@@ -94,6 +94,7 @@ class OrtBackend:
         self._text_in = bundle.manifest["input"].get("names") if m["input"].get(
             "modality") == "text" else None
         self._dynamic_int8 = "dynamic" in str((m.get("quantization") or {}).get("scheme", ""))
+        self._dim = int(m["features"]["dim"])
         self._train_out = [o.name for o in self._train.get_outputs()]
         self._infer_out = [o.name for o in self._infer.get_outputs()]
 
@@ -114,15 +115,12 @@ class OrtBackend:
         batch = 1 if self._dynamic_int8 else 32
         n_tok = x[:, 1].sum(1)
         order = np.argsort(n_tok, kind="stable")
-        out = np.empty((len(x), 0), np.float32)
+        out = np.empty((len(x), self._dim), np.float32)
         for i in range(0, len(x), batch):
             idx = order[i : i + batch]
             c = x[idx, :, : max(int(n_tok[idx].max()), 1)]
-            y = self._bb.run(None, {n: np.ascontiguousarray(c[:, j])
-                                    for j, n in enumerate(self._text_in)})[0]
-            if out.shape[1] == 0:
-                out = np.empty((len(x), y.shape[1]), np.float32)
-            out[idx] = y
+            out[idx] = self._bb.run(None, {n: np.ascontiguousarray(c[:, j])
+                                           for j, n in enumerate(self._text_in)})[0]
         return out
 
     def train_step(self, feeds: dict) -> dict:
