@@ -94,3 +94,17 @@ def run_runner(*args, check=False) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
         raise AssertionError(p.stderr)
     return p
+
+
+def device_imports(statement: str, watched: set[str]) -> list[str]:
+    """Top-level packages of ``watched`` loaded after running ``statement``.
+
+    In a fresh process with ``device_runners`` on the path, as a device runs it.
+    """
+    import json
+
+    code = ("import sys, json; sys.path.insert(0, %r); %s; "
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & %r)))"
+            ) % (str(ROOT / "device_runners"), statement, set(watched))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(p.stdout)

@@ -1,8 +1,6 @@
 """Image data: server loaders and preprocessing, device folder/npz loaders, and their parity."""
 
 import gzip
-import json
-import subprocess
 import sys
 
 import numpy as np
@@ -12,7 +10,7 @@ from PIL import Image
 from edgetl.data import images as srv
 from edgetl.errors import DataError
 
-from .conftest import ROOT
+from .conftest import ROOT, device_imports
 
 sys.path.insert(0, str(ROOT / "device_runners"))
 from edgerun import RunnerError  # noqa: E402
@@ -169,11 +167,7 @@ def test_image_spec_errors():
 
 
 def test_device_images_module_imports_no_pillow_torch_or_edgetl():
-    code = ("import sys, json; sys.path.insert(0, %r); import edgerun.images; "
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'torch', 'edgetl', 'PIL'})))") % str(ROOT / "device_runners")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(p.stdout) == []
+    assert device_imports("import edgerun.images", {"torch", "edgetl", "PIL"}) == []
 
 
 def _idx(dims, data: bytes, code=0x08) -> bytes:

@@ -24,6 +24,8 @@ from edgetl.errors import ConfigError, DataError  # noqa: E402
 from edgetl.text import data as tdata  # noqa: E402
 from edgetl.text.encoder import SentenceEncoder, Tokens, kept_layers, minilm_dir  # noqa: E402
 
+from .conftest import device_imports  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "device_runners"))
 from edgerun import RunnerError  # noqa: E402
@@ -293,11 +295,8 @@ def test_int8_text_features_do_not_depend_on_the_batch(text_bundle):
 
 
 def test_device_text_module_imports_no_torch_edgetl_or_tokenizers():
-    code = ("import sys, json; sys.path.insert(0, %r); import edgerun.text, edgerun.data; "
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'torch', 'edgetl', 'tokenizers', 'transformers'})))") % str(ROOT / "device_runners")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(p.stdout) == []
+    assert device_imports("import edgerun.text, edgerun.data",
+                          {"torch", "edgetl", "tokenizers", "transformers"}) == []
 
 
 @needs_debs
