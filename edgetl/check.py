@@ -221,7 +221,9 @@ def adaptation(bundle: Path, recipe, windows, users: tuple[int, ...], work: Path
 
 
 def check_bundle(bundle: Path, *, checkpoint: Path | None = None, recipe=None, data=None,
-                 reference_bundle: Path | None = None) -> list[Check]:
+                 reference_bundle: Path | None = None,
+                 heldout: tuple[np.ndarray, np.ndarray] | None = None,
+                 max_drop: float | None = None) -> list[Check]:
     """Run every applicable check on ``bundle``; see the module docstring.
 
     Args:
@@ -229,6 +231,9 @@ def check_bundle(bundle: Path, *, checkpoint: Path | None = None, recipe=None, d
         recipe: enables the accuracy and adaptation checks (its data and thresholds).
         data: a :class:`edgetl.stages.ServerData` to reuse (else loaded from the recipe).
         reference_bundle: an fp32 bundle as the accuracy reference, without a checkpoint.
+        heldout: ``(x, label names)`` for the accuracy check without a recipe (a bundle of
+            a user's own model); ``max_drop`` points (default: the recipe default's) vs the
+            reference.
     """
     bundle = Path(bundle)
     first, m = integrity(bundle)
@@ -256,6 +261,17 @@ def check_bundle(bundle: Path, *, checkpoint: Path | None = None, recipe=None, d
             if not image:  # cameras'/text devices' adaptation: `edgetl run` (new classes)
                 users = recipe.check.users or recipe.data.server_val_users
                 checks.append(adaptation(bundle, recipe, sd.windows, tuple(users), work))
+        elif heldout is not None:
+            from edgetl.tolerances import MAX_ACCURACY_DROP_POINTS
+
+            hx, hy = heldout
+            names = np.asarray(hy)
+            if names.dtype.kind in "iu":  # ids -> the bundle's label names
+                names = np.asarray(m.labels)[names]
+            checks.append(accuracy(bundle, m, hx, names.astype(str), work,
+                                   max_drop=MAX_ACCURACY_DROP_POINTS if max_drop is None
+                                   else max_drop, checkpoint=None,
+                                   reference_bundle=reference_bundle))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return checks

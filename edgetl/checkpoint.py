@@ -11,6 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,42 +38,44 @@ class Checkpoint:
     """
 
     model: EdgeModel
-    net: NetConfig
+    net: NetConfig | None
     head: HeadConfig
     labels: tuple[str, ...]
-    channels: tuple[str, ...]
-    window: int
-    stride: int
-    sample_rate_hz: float
-    mean: np.ndarray
-    std: np.ndarray
+    channels: tuple[str, ...] = ()
+    window: int = 0
+    stride: int = 0
+    sample_rate_hz: float = 0.0
+    mean: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    std: np.ndarray = field(default_factory=lambda: np.ones(0, np.float32))
     meta: dict = field(default_factory=dict)
     image: dict | None = None
     text: dict | None = None
+    #: An input kind of :mod:`edgetl.inputs` (a user's model: :class:`TensorInput`); when
+    #: None it follows from ``image``/``text``, else the time-series fields.
+    input: Any = None
+
+    @property
+    def kind(self):
+        """The :mod:`edgetl.inputs` kind of this model's input."""
+        from edgetl import inputs
+
+        if self.input is not None:
+            return self.input
+        if self.text is not None:
+            return inputs.TextInput(self.text)
+        if self.image is not None:
+            return inputs.ImageInput(self.image)
+        return inputs.TimeseriesInput(tuple(self.channels), self.window, self.stride,
+                                      self.sample_rate_hz, self.mean, self.std)
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        """Raw (N, T, C) windows, uint8 (N, H, W[, 3]) images or texts -> model input."""
-        if self.text is not None:
-            from edgetl.text.encoder import Tokens
-
-            return Tokens(self.text["max_length"]).encode(x)[0]
-        if self.image is not None:
-            from edgetl.data.images import to_model_input
-
-            im = self.image
-            return to_model_input(x, (im["height"], im["width"]), im["mode"], im["mean"],
-                                  im["std"], resample=im.get("resample", "bilinear"))
-        return ((x - self.mean) / self.std).astype(np.float32)
+        """Raw data (windows, uint8 images, texts, tensors) -> model input."""
+        return self.kind.normalize(x)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """One model input without the batch axis: (T, C), (C, H, W) or (2, L) for text."""
-        if self.text is not None:
-            return (2, self.text["max_length"])
-        if self.image is not None:
-            im = self.image
-            return (len(im["mean"]), im["height"], im["width"])
-        return (self.window, len(self.channels))
+        """One model input without the batch axis: (T, C), (C, H, W), (2, L) for text..."""
+        return self.kind.shape
 
 
 def save_checkpoint(ck: Checkpoint, path: Path) -> Path:

@@ -126,34 +126,152 @@ def distill(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
                    f"-> {r.path}")
 
 
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated numbers like 0.5,0.5,0.5; got "
+                          f"{text!r}") from None
+
+
+def _npz(path: Path | None, option: str, need_y: bool):
+    """``x`` (and ``y``) of an ``.npz`` given to ``--calibration`` / ``--heldout``."""
+    if path is None:
+        return None
+    import numpy as np
+
+    if not path.is_file():
+        raise ConfigError(f"{option} {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{option} {path} is not a readable .npz without pickled objects "
+                          f"({e}); write it with np.savez(path, x=..., y=...)") from None
+    if "x" not in arrays or (need_y and "y" not in arrays):
+        raise ConfigError(f"{option} {path} needs array 'x'{' and labels y' if need_y else ''}; "
+                          f"found {sorted(arrays)}")
+    return (arrays["x"], arrays["y"]) if need_y else arrays["x"]
+
+
+def _labels(labels: str | None, labels_file: Path | None) -> tuple[str, ...] | None:
+    if labels is not None and labels_file is not None:
+        raise ConfigError("give --labels or --labels-file, not both")
+    if labels_file is not None:
+        if not labels_file.is_file():
+            raise ConfigError(f"--labels-file {labels_file} does not exist")
+        names = [v.strip() for v in labels_file.read_text(encoding="utf-8").splitlines()]
+        return tuple(v for v in names if v)
+    return tuple(v.strip() for v in labels.split(",")) if labels is not None else None
+
+
 @app.command()
 @user_errors
-def export(checkpoint: Annotated[Path, typer.Argument(help="student checkpoint")] = Path(
-               "runs/har/student.pt"),
+def export(model: Annotated[str, typer.Argument(
+               help="edgetl checkpoint (.pt), package.module:factory (or file.py:factory), "
+                    "or a Hugging Face model folder")] = "runs/har/student.pt",
            target: Annotated[str, typer.Option(help="runtime: onnx (onnxruntime) or tflite "
                                                     "(LiteRT)")] = "onnx",
            precision: Annotated[str, typer.Option(help="backbone precision: fp32 or int8 "
-                                                       "(static, calibrated on source data)")]
-           = "fp32",
-           trainer: Annotated[str, typer.Option(
-               help="stateless (train step graph, any runtime) or ort-training (also ONNX "
-                    "Runtime training artifacts; deprecated upstream, x86_64)")] = "stateless",
-           recipe: Annotated[Path, typer.Option(help="recipe (export options, data)")] =
-           DEFAULT_RECIPE,
+                                                       "(static, calibrated)")] = "fp32",
            out: Annotated[Path | None, typer.Option("--out", "-o", help="bundle directory "
                                                     "(default runs/har/bundles/TARGET-PRECISION)")]
            = None,
+           head: Annotated[str | None, typer.Option(
+               help="attribute path of the trainable head (default: the Linear named "
+                    "classifier, fc or head)")] = None,
+           input_shape: Annotated[str | None, typer.Option(
+               help="input dims without the batch axis, e.g. 3,96,96")] = None,
+           input_dtype: Annotated[str | None, typer.Option(
+               help="float32, or int64 (token ids)")] = None,
+           labels: Annotated[str | None, typer.Option(help="class names, comma-separated, in "
+                                                      "logit order")] = None,
+           labels_file: Annotated[Path | None, typer.Option(help="class names, one per line")]
+           = None,
+           calibration: Annotated[Path | None, typer.Option(
+               help=".npz with x: inputs that calibrate int8 (and serve as reference)")] = None,
+           heldout: Annotated[Path | None, typer.Option(
+               help=".npz with x and y (label names or ids): the accuracy gate")] = None,
+           weights: Annotated[Path | None, typer.Option(
+               help="factory models: safetensors or torch state dict")] = None,
+           mean: Annotated[str | None, typer.Option(
+               help="normalisation the model expects, per channel: (x - mean) / std")] = None,
+           std: Annotated[str | None, typer.Option(help="see --mean")] = None,
+           layout: Annotated[str | None, typer.Option(help="a note for people, e.g. NCHW")]
+           = None,
+           class_capacity: Annotated[int, typer.Option(
+               min=0, max=1024, help="tflite: class rows of the head, spare ones for labels "
+                                     "a device adds (0: just the model's)")] = 0,
+           trainer: Annotated[str, typer.Option(
+               help="stateless (train step graph, any runtime) or ort-training (also ONNX "
+                    "Runtime training artifacts; deprecated upstream, x86_64)")] = "stateless",
+           recipe: Annotated[Path, typer.Option(help="edgetl checkpoints: recipe (export "
+                                                     "options, data)")] = DEFAULT_RECIPE,
            sign_key: Annotated[Path | None, typer.Option(
                help="Ed25519 private key (edgetl keygen): sign manifest.json")] = None):
-    """Export a student as a device bundle (backbone + trainable head + manifest.json)."""
+    """Export a model as a device bundle (frozen backbone + trainable head + manifest.json).
+
+    MODEL is an edgetl student checkpoint (data from --recipe), or your own classifier: a
+    factory `package.module:make_model` (with --weights) or a Hugging Face folder.
+    """
     _setup()
-    from edgetl import stages
     from edgetl.report import bundle_line
 
     out = out or Path("runs/har/bundles") / f"{target}-{precision}"
-    man = stages.export(checkpoint, out, _recipe(recipe), target=target, precision=precision,
-                        trainer=trainer, sign_key=sign_key)
+    if model.endswith(".pt") and ":" not in model:
+        from edgetl import stages
+
+        man = stages.export(Path(model), out, _recipe(recipe), target=target,
+                            precision=precision, trainer=trainer, sign_key=sign_key)
+    else:
+        man = _export_user_model(model, out, target=target, precision=precision, head=head,
+                                 input_shape=input_shape, input_dtype=input_dtype,
+                                 labels=_labels(labels, labels_file),
+                                 calibration=_npz(calibration, "--calibration", False),
+                                 heldout=_npz(heldout, "--heldout", True), weights=weights,
+                                 mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                                 layout=layout, trainer=trainer, sign_key=sign_key,
+                                 class_capacity=class_capacity)
     typer.echo(bundle_line(out, man) + ("; signed" if sign_key else ""))
+
+
+def _export_user_model(spec: str, out: Path, *, target, precision, head, input_shape,
+                       input_dtype, labels, calibration, heldout, weights, mean, std, layout,
+                       trainer, sign_key, class_capacity):
+    import dataclasses
+
+    import torch
+
+    from edgetl.config import ExportConfig
+    from edgetl.export.load import load_model
+    from edgetl.export.model import export_model
+
+    um = load_model(spec, weights)
+    shape = _int_list(input_shape, "--input-shape", "3,96,96") if input_shape else um.shape
+    if shape is None:
+        raise ConfigError(f"{spec}: pass --input-shape (dims without the batch axis, e.g. "
+                          "3,96,96 or 128 for token ids)")
+    dtype = input_dtype or um.dtype or "float32"
+    if dtype not in ("float32", "int64"):
+        raise ConfigError(f"--input-dtype must be float32 or int64, got {dtype!r}")
+    labels = labels or um.labels
+    if labels is None:
+        raise ConfigError(f"{spec}: pass --labels a,b,c or --labels-file (one class name per "
+                          "head output)")
+    example = (torch.zeros((1, *shape)) if dtype == "float32"
+               else torch.ones((1, *shape), dtype=torch.int64))
+    if calibration is not None:
+        example = torch.from_numpy(calibration[:1].astype(dtype))
+    cfg = dataclasses.replace(ExportConfig(), trainer=trainer, class_capacity=class_capacity)
+    return export_model(um.module, example=example, labels=labels, out=out, head=head,
+                        target=target, precision=precision, calibration=calibration,
+                        heldout=heldout, mean=mean if mean is not None else um.mean,
+                        std=std if std is not None else um.std,
+                        layout=layout if layout is not None else um.layout, name=um.name,
+                        export=cfg, call=um.call, sign_key=sign_key,
+                        provenance=um.provenance)
 
 
 @app.command()
@@ -196,6 +314,9 @@ def check(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
               help="recipe: enables the held-out accuracy and adaptation checks")] = None,
           reference: Annotated[Path | None, typer.Option(
               help="fp32 bundle as the accuracy reference (without --checkpoint)")] = None,
+          heldout: Annotated[Path | None, typer.Option(
+              help=".npz with x and y: held-out accuracy through the runner (without a "
+                   "recipe)")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="machine-readable result on "
                                                 "stdout")] = False):
     """Release gate: integrity, self-test, smoke train step, parity, accuracy, adaptation.
@@ -210,7 +331,8 @@ def check(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
     if checkpoint is not None:
         _setup()
     res = check_bundle(bundle, checkpoint=checkpoint,
-                       recipe=_recipe(recipe) if recipe else None, reference_bundle=reference)
+                       recipe=_recipe(recipe) if recipe else None, reference_bundle=reference,
+                       heldout=_npz(heldout, "--heldout", True))
     bad = failures(res)
     if as_json:
         typer.echo(json.dumps({"bundle": str(bundle), "ok": not bad,

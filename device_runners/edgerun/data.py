@@ -11,6 +11,11 @@
 * Text bundles (``input.modality == "text"``): a ``.csv`` with ``text`` (and ``label``)
   columns or a ``.txt`` with one text per line, tokenised with the bundle's tokenizer into
   ``(N, 2, L)`` int64 ids + attention mask; see :mod:`edgerun.text`.
+* Bundles of any other model (``input.modality == "tensor"``): an ``.npz`` whose ``x`` is the
+  model's input (shape and dtype as the manifest says) and ``y`` label names; see
+  :mod:`edgerun.tensors`.
+
+Each input kind is one entry of :data:`KINDS` (its loader, preprocessing and split rule).
 """
 
 from __future__ import annotations
@@ -36,26 +41,35 @@ class Dataset:
     info: dict = field(default_factory=dict)  # text: tokenizer used, texts truncated
 
 
+def modality(manifest: dict) -> str:
+    """The bundle's input kind (a key of :data:`KINDS`)."""
+    kind = manifest["input"].get("modality", "timeseries")
+    if kind not in KINDS:
+        raise RunnerError(f"manifest input.modality {kind!r} is not supported by this runner "
+                          f"(known: {sorted(KINDS)}); update the runner")
+    return kind
+
+
 def is_image(manifest: dict) -> bool:
     """Whether the bundle's backbone takes images."""
-    return manifest["input"].get("modality") == "image"
+    return modality(manifest) == "image"
 
 
 def is_text(manifest: dict) -> bool:
     """Whether the bundle's backbone takes tokenised text."""
-    return manifest["input"].get("modality") == "text"
+    return modality(manifest) == "text"
 
 
 def split_mode(manifest: dict) -> str:
     """How to hold out validation data: ``block`` or ``random``.
 
     Time series: contiguous runs (overlapping windows must not leak into validation);
-    images and texts are independent samples: random.
+    images, texts and other samples are independent: random.
     """
-    return "random" if is_image(manifest) or is_text(manifest) else "block"
+    return KINDS[modality(manifest)].split
 
 
-def _load_texts(path: str, bundle, need_labels: bool) -> Dataset:
+def _load_texts(path: str, manifest: dict, need_labels: bool, bundle=None) -> Dataset:
     from edgerun import text
 
     if bundle is None:
@@ -73,7 +87,7 @@ def _load_texts(path: str, bundle, need_labels: bool) -> Dataset:
                                      "max_length": enc.max_length})
 
 
-def _load_images(path: str, manifest: dict, need_labels: bool) -> Dataset:
+def _load_images(path: str, manifest: dict, need_labels: bool, bundle=None) -> Dataset:
     from edgerun import images
 
     if os.path.isdir(path):
@@ -106,10 +120,14 @@ def load(path: str, manifest: dict, need_labels: bool,
          max_mb: float = MAX_DATA_MB, bundle=None) -> Dataset:
     """Load ``path`` and check it against the manifest's input (text needs ``bundle``)."""
     _check_size(path, max_mb)
-    if is_text(manifest):
-        return _load_texts(path, bundle, need_labels)
-    if is_image(manifest):
-        return _load_images(path, manifest, need_labels)
+    ds = KINDS[modality(manifest)].load(path, manifest, need_labels, bundle)
+    if need_labels and ds.y is None:
+        raise RunnerError(f"{path} has no labels (npz key 'y', csv column 'label' or label "
+                          "sub-folders); adaptation needs labelled data")
+    return ds
+
+
+def _load_windows(path: str, manifest: dict, need_labels: bool, bundle=None) -> Dataset:
     if not os.path.isfile(path):
         raise RunnerError(f"data file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -122,10 +140,18 @@ def load(path: str, manifest: dict, need_labels: bool,
         raise RunnerError(f"{path}: unknown data format {ext or '(no extension)'!r}; expected "
                           ".npz (x, y arrays) or .csv (one sensor sample per row)")
     _validate(ds, inp, manifest)
-    if need_labels and ds.y is None:
-        raise RunnerError(f"{path} has no labels (npz key 'y' or csv column 'label'); "
-                          "adaptation needs labelled windows")
     return ds
+
+
+def _load_tensors(path: str, manifest: dict, need_labels: bool, bundle=None) -> Dataset:
+    from edgerun import tensors
+
+    if os.path.splitext(path)[1].lower() != ".npz":
+        raise RunnerError(f"{path}: this bundle takes model inputs as an .npz with 'x' "
+                          f"(N, {', '.join(map(str, manifest['input']['shape'][1:]))}) and "
+                          "label names 'y'")
+    x, y = tensors.load_npz(path, manifest)
+    return Dataset(x, y, path)
 
 
 def open_npz(path: str, what: str):
@@ -249,20 +275,51 @@ def preprocess(x: np.ndarray, manifest: dict) -> np.ndarray:
     Image bundles: uint8 images are converted as the manifest says; the loaders already
     return model input (float32 NCHW), which passes through unchanged.
     """
-    if is_text(manifest):  # token ids and mask pass through
-        return np.ascontiguousarray(x, dtype=np.int64)
-    if is_image(manifest):
-        if x.dtype == np.uint8:
-            from edgerun import images
+    return KINDS[modality(manifest)].preprocess(x, manifest)
 
-            return images._array_input(x, images._manifest_spec(manifest))
-        return np.ascontiguousarray(x, dtype=np.float32)
+
+def _preprocess_text(x: np.ndarray, manifest: dict) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.int64)  # token ids and mask pass through
+
+
+def _preprocess_image(x: np.ndarray, manifest: dict) -> np.ndarray:
+    if x.dtype == np.uint8:
+        from edgerun import images
+
+        return images._array_input(x, images._manifest_spec(manifest))
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _preprocess_tensor(x: np.ndarray, manifest: dict) -> np.ndarray:
+    from edgerun import tensors
+
+    return tensors.preprocess(x, manifest)
+
+
+def _preprocess_windows(x: np.ndarray, manifest: dict) -> np.ndarray:
     norm = manifest["input"].get("preprocess", {}).get("normalize")
     if norm:
         mean = np.asarray(norm["mean"], np.float32)
         std = np.asarray(norm["std"], np.float32)
         x = (x - mean) / std
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One input kind: how its data files load, how they become model input, how to split."""
+
+    load: object  # (path, manifest, need_labels, bundle) -> Dataset
+    preprocess: object  # (raw x, manifest) -> backbone input
+    split: str  # "block" (time order matters) or "random"
+
+
+KINDS = {
+    "timeseries": Kind(_load_windows, _preprocess_windows, "block"),
+    "image": Kind(_load_images, _preprocess_image, "random"),
+    "text": Kind(_load_texts, _preprocess_text, "random"),
+    "tensor": Kind(_load_tensors, _preprocess_tensor, "random"),
+}
 
 
 def stratified_split(y: np.ndarray, frac: float, seed: int,

@@ -184,7 +184,7 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
     for name, x in (("reference", reference_x), ("calibration", calib_x),
                     ("evaluation", None if eval_set is None else eval_set[0])):
         if x is not None:
-            _check_raw(ck, name, x)
+            ck.kind.check_raw(name, x)
     if cfg.precision == "int8" and (calib_x is None or len(calib_x) == 0):
         raise DataError("an int8 export needs calibration windows from source data (calib_x)")
     with staged_bundle(out) as tmp:
@@ -244,38 +244,11 @@ def torch_features(backbone: torch.nn.Module, xn: np.ndarray, batch: int = 128) 
     return np.concatenate(out) if out else np.zeros((0, backbone.out_features), np.float32)
 
 
-def _check_raw(ck: Checkpoint, name: str, x: np.ndarray) -> None:
-    if ck.text is not None:
-        if np.asarray(x).ndim != 1 or np.asarray(x).dtype.kind not in "UO":
-            raise DataError(f"{name} texts must be a 1-D array of strings, got "
-                            f"{np.asarray(x).dtype} {np.asarray(x).shape}")
-        return
-    if ck.image is not None:
-        if x.dtype != np.uint8 or not (x.ndim == 3 or (x.ndim == 4 and x.shape[3] in (3, 4))):
-            raise DataError(f"{name} images must be uint8 (N, H, W) or (N, H, W, 3|4), got "
-                            f"{x.dtype} {x.shape}")
-        return
-    shape = (ck.window, len(ck.channels))
-    if x.ndim != 3 or x.shape[1:] != shape:
-        raise DataError(f"{name} windows must be (N, {shape[0]}, {shape[1]}), got {x.shape}")
-
-
 def _input_block(ck: Checkpoint, bb_sig: dict) -> dict:
     """The manifest's ``input``: what the device feeds the backbone and how to make it."""
-    common = {"name": bb_sig["inputs"][0], "shape": [bb_sig["batch_size"], *ck.input_shape],
-              "batch_size": bb_sig["batch_size"], "signature": bb_sig.get("signature"),
-              "dtype": "float32"}
-    if ck.image is not None:
-        return {**common, "modality": "image", "layout": "NCHW", "image": dict(ck.image)}
-    if ck.text is not None:
-        return {**common, "modality": "text", "layout": "N2L", "names": bb_sig["inputs"],
-                "dtype": bb_sig.get("dtype", "int64"), "text": dict(ck.text),
-                **({"length_signatures": bb_sig["length_signatures"]}
-                   if "length_signatures" in bb_sig else {})}
-    return {**common, "modality": "timeseries", "layout": "NTC", "channels": list(ck.channels),
-            "window": ck.window, "stride": ck.stride, "sample_rate_hz": ck.sample_rate_hz,
-            "preprocess": {"normalize": {"mean": [float(v) for v in ck.mean],
-                                         "std": [float(v) for v in ck.std]}}}
+    return {"name": bb_sig["inputs"][0], "shape": [bb_sig["batch_size"], *ck.input_shape],
+            "batch_size": bb_sig["batch_size"], "signature": bb_sig.get("signature"),
+            "dtype": "float32", "modality": ck.kind.modality, **ck.kind.block(bb_sig)}
 
 
 def _accuracy_check(sess, model, ck: Checkpoint, spec: HeadSpec, params: dict,
@@ -408,14 +381,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
                                              cfg.max_accuracy_drop)
     n_tv = min(cfg.n_test_vectors, len(reference_x))
-    tv_extra = {}
-    if ck.text is not None:  # the tokens, and the texts: the device checks its tokenizer too
-        tv_x, tv_extra = xn[:n_tv], {"texts": np.asarray(reference_x[:n_tv], dtype=str)}
-    elif ck.image is not None:
-        tv_x = reference_x[:n_tv]
-    else:
-        tv_x = reference_x[:n_tv].astype(np.float32)
-    np.savez(tmp / files["test_vectors"], x=tv_x, **tv_extra,
+    np.savez(tmp / files["test_vectors"], **ck.kind.vector_x(reference_x[:n_tv], xn[:n_tv]),
              features=tv_feats[:n_tv], logits=tv_logits[:n_tv],
              **train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch,
                              n_labels=len(ck.labels)))

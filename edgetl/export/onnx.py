@@ -53,7 +53,8 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, input_name: str) -> 
     pre = out.with_suffix(".pre.onnx")
     try:
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        batches = iter([{input_name: np.ascontiguousarray(calib[i : i + 64], np.float32)}
+        dtype = np.float32 if calib.dtype.kind == "f" else np.int64  # token ids stay ids
+        batches = iter([{input_name: np.ascontiguousarray(calib[i : i + 64], dtype)}
                         for i in range(0, len(calib), 64)])
 
         class Reader(CalibrationDataReader):
@@ -144,6 +145,10 @@ class OnnxExporter(Exporter):
         return {"onnx": onnx.__version__, "onnxruntime_validated": ort.__version__}
 
 
+#: onnxruntime's input type names -> numpy dtypes (token-id models take int64).
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
 class _OrtBundle:
     def __init__(self, bundle: Path, files: dict[str, str], sig: dict):
         ort = require("onnxruntime", "onnx")
@@ -154,10 +159,11 @@ class _OrtBundle:
         self._bb, self._train, self._infer = (mk("backbone"), mk(sig["train"]["file"]),
                                               mk(sig["infer"]["file"]))
         self._bb_in = [i.name for i in self._bb.get_inputs()]
+        self._bb_dtype = _ORT_TYPES.get(self._bb.get_inputs()[0].type, np.float32)
 
     def features(self, x: np.ndarray) -> np.ndarray:
         if len(self._bb_in) == 1:
-            return self._bb.run(None, {self._bb_in[0]: x.astype(np.float32)})[0]
+            return self._bb.run(None, {self._bb_in[0]: x.astype(self._bb_dtype)})[0]
         # text: (N, 2, L) ids + mask -> input_ids, attention_mask, one text per call cut to
         # its own length: a dynamic-int8 graph quantises each call's activations with one
         # scale, so batching would make a text's features depend on its neighbours

@@ -180,7 +180,8 @@ def _convert_backbone_int8(backbone: nn.Module, x1: torch.Tensor, calib: np.ndar
         get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
     gm = prepare_pt2e(torch.export.export(backbone, (x1,)).module(), quantizer)
     with torch.no_grad():
-        for w in torch.from_numpy(calib.astype(np.float32)):  # batch fixed at 1, as exported
+        for w in torch.from_numpy(calib.astype(np.float32 if calib.dtype.kind == "f"
+                                               else np.int64)):  # batch fixed at 1, as exported
             gm(w[None])
     gm = convert_pt2e(gm, fold_quantize=False)
     litert_torch.convert(gm, (x1,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(
@@ -256,6 +257,8 @@ class TFLiteExporter(Exporter):
         (name_out, d_out), = run.get_output_details().items()
         sig = {"inputs": [name_in], "outputs": [name_out], "batch_size": 1,
                "signature": f"len{lengths[-1]}" if text else "serving_default"}
+        if _io_quant(d_in) is None:  # what the graph takes (token ids: int32 or int64)
+            sig["dtype"] = np.dtype(d_in["dtype"]).name
         if text:
             sig.update(dtype="int32", length_signatures={str(n): f"len{n}" for n in lengths})
         if precision == "fp32":

@@ -1,0 +1,255 @@
+"""Bring your own model: models written outside edgetl, exported through the CLI contract.
+
+``edgetl export MODEL --target onnx|tflite`` on (a) a user-written token-id classifier
+(int64 input, ``tests/user_models/nets.py:token_classifier`` + safetensors weights) and (b) a
+Hugging Face MobileNetV2 image classifier folder; each bundle must pass ``edgetl check`` and
+personalise through the torch-free runner.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import ROOT, run_runner
+from tests.user_models import nets
+
+EDGETL = [sys.executable, "-m", "edgetl.cli"]
+FACTORY = str(ROOT / "tests" / "user_models" / "nets.py")
+
+
+def edgetl(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([*EDGETL, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def token_data(n: int, seed: int, classes=("a", "b", "c")):
+    """Class c draws most of its tokens from its own id range: learnable from pooled features."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, len(classes), n)
+    span = nets.VOCAB // len(classes)
+    own = rng.integers(0, span, (n, nets.LENGTH)) + (y * span)[:, None]
+    noise = rng.integers(0, nets.VOCAB, (n, nets.LENGTH))
+    x = np.where(rng.random((n, nets.LENGTH)) < 0.7, own, noise).astype(np.int64)
+    return x, np.asarray(classes)[y]
+
+
+# -- head detection ---------------------------------------------------------------------------
+
+def test_head_is_detected_split_and_ambiguity_lists_candidates():
+    from edgetl.errors import ConfigError
+    from edgetl.export.model import as_edge_model, find_head
+
+    assert find_head(nets.TokenClassifier()) == "head"
+    assert find_head(nets.SeparableCNN()) == "classifier"
+    with pytest.raises(ConfigError, match=r"ambiguous: fc \(3 outputs\), head \(3 outputs\)"):
+        find_head(nets.TwoHeads())
+    with pytest.raises(ConfigError, match="found no head"):
+        find_head(nn.Sequential(nn.Linear(4, 2)))
+    with pytest.raises(ConfigError, match="has 4 outputs but 3 labels"):
+        as_edge_model(nets.SeparableCNN(), head="classifier", labels=["a", "b", "c"])
+    # Flatten + Dropout before the Linear go into the backbone; the logits are unchanged
+    m = nets.separable_cnn().eval()
+    edge, cfg, path = as_edge_model(m, head=None, labels=list("abcd"))
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(edge(x), m(x), atol=1e-6)
+    assert (cfg.kind, path, edge.backbone.out_features) == ("linear", "classifier", 32)
+    # an MLP head (Linear -> ReLU -> Linear) trains as edgetl's mlp head
+    mlp = nn.Sequential()
+    mlp.body = nn.Linear(6, 8)
+    mlp.head = nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Dropout(0.1), nn.Linear(5, 2))
+    edge, cfg, _ = as_edge_model(mlp.eval(), head="head", labels=["x", "y"])
+    assert (cfg.kind, cfg.hidden) == ("mlp", 5)
+    with torch.no_grad():
+        z = torch.randn(3, 6)
+        assert torch.allclose(edge(z), mlp(z), atol=1e-6)
+
+
+def test_unsupported_head_and_missing_head_call_are_clear():
+    from edgetl.errors import ConfigError
+    from edgetl.export.model import as_edge_model
+
+    m = nn.Sequential()
+    m.fc = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"\['Linear', 'Tanh', 'Linear'\].*fc\.<name>"):
+        as_edge_model(m, head="fc", labels=["a", "b"])
+    with pytest.raises(ConfigError, match="no submodule 'nope'"):
+        as_edge_model(m, head="nope", labels=["a", "b"])
+
+
+# -- a user-written token-id model, through the CLI, both targets -----------------------------
+
+@pytest.fixture(scope="module")
+def token_files(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("tok")
+    torch.manual_seed(1)
+    model = nets.TokenClassifier()
+    x, y = token_data(600, seed=0)
+    ids = torch.from_numpy(x)
+    yt = torch.from_numpy(np.searchsorted(["a", "b", "c"], y))
+    opt = torch.optim.Adam(model.parameters(), 0.02)
+    for _ in range(60):  # a quick server-side training: the held-out gate has a real model
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(ids), yt).backward()
+        opt.step()
+    save_file(model.state_dict(), str(d / "w.safetensors"))
+    xv, yv = token_data(200, seed=1)
+    np.savez(d / "val.npz", x=xv, y=yv)
+    np.savez(d / "calib.npz", x=token_data(128, seed=2)[0])
+    # the device's task: the same tokens, its own label names (new classes to learn)
+    xd, yd = token_data(90, seed=3, classes=("red", "green", "blue"))
+    np.savez(d / "device.npz", x=xd, y=yd)
+    return d
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_token_model_exports_checks_and_personalises(token_files, target, tmp_path):
+    d = token_files
+    out = tmp_path / "bundle"
+    p = edgetl("export", f"{FACTORY}:token_classifier", "--weights", d / "w.safetensors",
+               "--input-shape", nets.LENGTH, "--input-dtype", "int64", "--labels", "a,b,c",
+               "--heldout", d / "val.npz", "--calibration", d / "calib.npz",
+               "--target", target, "--class-capacity", 8, "--out", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["input"]["modality"] == "tensor" and m["input"]["data_dtype"] == "int64"
+    assert m["input"]["shape"][1:] == [nets.LENGTH]
+    assert m["labels"] == ["a", "b", "c"]
+    assert m["provenance"]["head_path"] == "head"
+    assert m["checks"]["backbone_max_abs_err"] <= 1e-4  # fp32 parity vs torch, in export
+    acc = m["checks"]["accuracy"]
+    assert acc["reference_accuracy"] > 0.8 and acc["drop_points"] <= 1.0
+
+    p = edgetl("check", out, "--heldout", d / "val.npz", "--json")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    checks = {c["name"]: c for c in json.loads(p.stdout)["checks"]}
+    assert set(checks) == {"integrity", "selftest", "smoke", "accuracy"}
+    assert abs(checks["accuracy"]["value"] - acc["bundle"]) < 1e-9
+
+    state = tmp_path / "state"
+    r = run_runner("adapt", out, "--data", d / "device.npz", "--out", state, "--epochs", 30,
+                   "--quiet")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((state / "report.json").read_text())
+    # three new labels: imprinted, then trained; the trained head must beat the imprinted one
+    assert sorted(rep["new_labels"]) == ["blue", "green", "red"]
+    assert not rep["rolled_back"] and rep["accuracy_after"] > 0.8
+
+
+def test_runner_refuses_token_data_of_the_wrong_shape_or_kind(token_files, tmp_path):
+    out = tmp_path / "b"
+    p = edgetl("export", f"{FACTORY}:token_classifier", "--input-shape", nets.LENGTH,
+               "--input-dtype", "int64", "--labels", "a,b,c", "--out", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((10, nets.LENGTH + 1), np.int64), y=np.array(["a"] * 10))
+    r = run_runner("adapt", out, "--data", bad, "--out", tmp_path / "s")
+    assert r.returncode == 1 and "the bundle takes (N, 12)" in r.stderr
+    np.savez(bad, x=np.zeros((10, nets.LENGTH), np.float32), y=np.array(["a"] * 10))
+    r = run_runner("adapt", out, "--data", bad, "--out", tmp_path / "s")
+    assert r.returncode == 1 and "integer ids" in r.stderr
+
+
+# -- a Hugging Face image classifier folder, both targets --------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_image(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    cfg = transformers.MobileNetV2Config(
+        image_size=32, depth_multiplier=0.35, num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "bird"}, label2id={"cat": 0, "dog": 1, "bird": 2})
+    model = transformers.MobileNetV2ForImageClassification(cfg)
+    for mod in model.modules():  # HF's std-0.02 init makes near-zero features in 17 blocks
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight)
+    model.save_pretrained(d / "model")
+    (d / "model" / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    def images(n, seed, classes):
+        r = np.random.default_rng(seed)
+        y = r.integers(0, len(classes), n)
+        x = r.normal(60, 25, (n, 3, 32, 32))
+        for c in range(len(classes)):  # each class is mostly its own colour
+            x[y == c, c % 3] += 140
+        return np.clip(x, 0, 255).astype(np.float32), np.asarray(classes)[y]
+
+    x, _ = images(64, 1, ("cat", "dog", "bird"))
+    np.savez(d / "calib.npz", x=x)
+    xd, yd = images(90, 2, ("red", "green", "blue"))
+    np.savez(d / "device.npz", x=xd, y=yd)
+    return d
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_hf_image_classifier_exports_checks_and_personalises(hf_image, target, tmp_path):
+    out = tmp_path / "bundle"
+    p = edgetl("export", hf_image / "model", "--calibration", hf_image / "calib.npz",
+               "--target", target, "--class-capacity", 8, "--out", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["labels"] == ["cat", "dog", "bird"]  # from config.json's id2label
+    assert m["input"]["shape"][1:] == [3, 32, 32] and m["input"]["layout"] == "NCHW"
+    # preprocessor_config's rescale + normalise, in pixel units: (x - 127.5) / 127.5
+    assert m["input"]["preprocess"]["normalize"]["mean"] == pytest.approx([127.5] * 3)
+    assert m["provenance"]["head_path"] == "classifier"
+    assert m["checks"]["backbone_rel_err"] <= 1e-4
+    p = edgetl("check", out, "--json")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    state = tmp_path / "state"
+    r = run_runner("adapt", out, "--data", hf_image / "device.npz", "--out", state,
+                   "--epochs", 30, "--quiet")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((state / "report.json").read_text())
+    # new labels, imprinted from mean features, then trained: training must beat imprinting
+    assert not rep["rolled_back"] and rep["accuracy_after"] > rep["accuracy_before"]
+    assert rep["accuracy_after"] > 0.7
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+class _FFTNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(9, 2)
+
+    def forward(self, x):
+        return self.head(torch.fft.rfft(x).abs())
+
+
+def test_unexportable_model_names_the_operator_and_keeps_the_old_bundle(token_files, tmp_path):
+    import edgetl
+    from edgetl.export.model import ExportError
+
+    out = tmp_path / "bundle"
+    edgetl.export_model(nets.token_classifier(), example=torch.zeros(1, nets.LENGTH,
+                                                                     dtype=torch.int64),
+                        labels=["a", "b", "c"], out=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ExportError, match=r"fft_rfft.*nothing was written"):
+        edgetl.export_model(_FFTNet(), example=torch.zeros(1, 16), labels=["a", "b"], out=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.tmp")]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    p = edgetl("export", f"{FACTORY}:token_classifier", "--out", tmp_path / "b",
+               "--labels", "a,b,c")
+    assert p.returncode == 1 and "pass --input-shape" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = edgetl("export", f"{FACTORY}:nope", "--out", tmp_path / "b")
+    assert p.returncode == 1 and "no callable 'nope'" in p.stderr
+    p = edgetl("export", f"{FACTORY}:token_classifier", "--input-shape", nets.LENGTH,
+               "--input-dtype", "int64", "--labels", "a,b", "--out", tmp_path / "b")
+    assert p.returncode == 1 and "3 outputs but 2 labels" in p.stderr
+    assert not (tmp_path / "b").exists()
