@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml device_runners/pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
@@ -24,10 +24,12 @@ help:
 	@echo "make test-pi    device runners on emulated Linux aarch64 (Raspberry Pi) vs x86_64 (root)"
 	@echo "make style      ruff lint (pyflakes, pycodestyle, pydocstyle, bugbear, isort)"
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml device_runners/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch pulls several GB of CUDA wheels.
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	# the device package (edgetl-edgerun: the bundle schema and runtime backends) before edgetl
+	$(BIN)/pip install -q -c constraints.txt -e device_runners
 	$(BIN)/pip install -q -c constraints.txt -e ".[train,onnx,tflite,data,vision,text,sign,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -32,10 +32,13 @@ def main(argv=None) -> int:
     a.add_argument("bundle")
     a.add_argument("--data", required=True, help=".npz (x, y) windows or .csv sensor log")
     a.add_argument("--out", required=True, help="folder for head.npz and report.json")
-    a.add_argument("--epochs", type=int, default=30,
-                   help="0: only imprint new labels, no training")
-    a.add_argument("--batch-size", type=int, default=32)
-    a.add_argument("--val-fraction", type=float, default=0.25)
+    a.add_argument("--epochs", type=int, default=None,
+                   help="0: only imprint new labels, no training (default: the bundle's "
+                        "adapt.epochs)")
+    a.add_argument("--batch-size", type=int, default=None,
+                   help="default: the bundle's adapt.batch_size")
+    a.add_argument("--val-fraction", type=float, default=None,
+                   help="default: the bundle's adapt.val_fraction")
     a.add_argument("--lr", type=float, default=None, help="override the bundle's learning rate")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--head", default=None, help="continue from this head checkpoint")
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
     u.add_argument("bundle")
     u.add_argument("--state", required=True, help="the adaptation folder (head.npz)")
     u.add_argument("--data", default=None, help="local data to re-adapt on if needed")
-    u.add_argument("--epochs", type=int, default=30)
+    u.add_argument("--epochs", type=int, default=None, help="default: the bundle's adapt.epochs")
     b = sub.add_parser("bench", help="backbone latency at batch 1, throughput, bundle size")
     b.add_argument("bundle")
     b.add_argument("--repeats", type=int, default=300)

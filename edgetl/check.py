@@ -47,13 +47,7 @@ def integrity(bundle: Path) -> tuple[Check, Manifest | None]:
     """Schema, presence and sha256 of every file, and no path leaving the bundle."""
     try:
         m = Manifest.read(bundle)
-        root = Path(bundle).resolve()
-        for role, entry in m.files.items():
-            p = (root / entry.path).resolve()
-            if Path(entry.path).is_absolute() or p.parent != root:
-                return Check("integrity", False, detail=f"file {entry.path!r} ({role}) is "
-                                                        "outside the bundle directory"), None
-        m.verify(bundle)
+        m.verify(bundle)  # the device's own guard: no file outside the bundle, sha256s
     except (EdgetlError, OSError, ValueError, KeyError, TypeError) as e:
         return Check("integrity", False, detail=str(e)), None
     return Check("integrity", True, detail=f"schema {m.schema_version}, {len(m.files)} files, "

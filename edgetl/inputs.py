@@ -47,6 +47,8 @@ class TimeseriesInput:
     mean: np.ndarray
     std: np.ndarray
     modality: ClassVar[str]
+    #: int8 quantises activations per call (no calibration data): inputs that are ids.
+    dynamic_int8: ClassVar[bool] = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -77,6 +79,7 @@ class ImageInput:
 
     spec: dict
     modality: ClassVar[str]
+    dynamic_int8: ClassVar[bool] = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -108,6 +111,8 @@ class TextInput:
 
     spec: dict
     modality: ClassVar[str]
+    #: activation ranges change with every sentence: one calibration set would clip others
+    dynamic_int8: ClassVar[bool] = True
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -186,6 +191,11 @@ class TensorInput:
     @property
     def integer(self) -> bool:
         return self.dtype != "float32"
+
+    @property
+    def dynamic_int8(self) -> bool:
+        """Token-id models quantise activations per call, as the text scenario does."""
+        return self.integer
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)

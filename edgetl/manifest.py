@@ -1,32 +1,27 @@
 """``manifest.json``: the whole contract between server and device.
 
-Written by ``export``; read by device runners with the standard library only. Every file of
-the bundle is listed with its sha256; names of graph inputs/outputs, parameters and optimizer
-state are explicit, never positional conventions.
+The schema itself lives on the device side, in ``edgerun.manifest`` (one ``TypedDict`` per
+block, ``SCHEMA_VERSION``, sha256, the path guard); this module is the server's typed
+*writer* on top of it. Every manifest the server writes or reads is checked with the device's
+own :func:`edgerun.manifest.check`, so the two sides cannot drift apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgerun import RunnerError
+from edgerun import manifest as schema
+
 from edgetl.errors import BundleError
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+SCHEMA_VERSION = schema.SCHEMA_VERSION
+MANIFEST = schema.MANIFEST
+sha256_file = schema.sha256_file
 
 
 @dataclass(frozen=True)
@@ -40,7 +35,7 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Typed view of ``manifest.json``; see the README's "Bundle format" for every field."""
+    """Typed view of ``manifest.json``; ``docs/bundle-format.md`` lists every field."""
 
     edgetl_version: str
     name: str
@@ -55,47 +50,70 @@ class Manifest:
     train_step: dict[str, Any]
     infer: dict[str, Any]
     test_vectors: dict[str, Any]
+    #: Adaptation defaults for the device (the recipe's ``[adapt]``): epochs, batch_size,
+    #: val_fraction.
+    adapt: dict[str, Any]
     quantization: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
-    #: Bundle versioning (edgetl.versioning): 1 and null for an export, and for manifests
-    #: written before these fields existed.
+    #: Bundle versioning (edgetl.versioning): 1 and null for an export.
     version: int = 1
     parent: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        """Stable, human-readable JSON."""
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+        """Stable, human-readable JSON, checked against the device schema first."""
+        raw = dataclasses.asdict(self)
+        _checked(raw)
+        return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        """Parse and check the schema version."""
-        raw = json.loads(text)
-        if raw.get("schema_version") != SCHEMA_VERSION:
-            raise BundleError(f"manifest schema_version {raw.get('schema_version')!r} is not "
-                              f"supported (expected {SCHEMA_VERSION}); re-export the bundle")
+    def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse and check against the device schema (version, keys, types)."""
+        body = text.encode() if isinstance(text, str) else text
+        try:
+            raw = schema.parse(body)
+        except RunnerError as e:
+            raise BundleError(str(e)) from None
         raw["files"] = {k: FileEntry(**v) for k, v in raw["files"].items()}
-        return cls(**raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
 
     @classmethod
     def read(cls, bundle: Path) -> Manifest:
-        """Read ``bundle/manifest.json``."""
-        path = Path(bundle) / MANIFEST
-        if not path.is_file():
-            raise BundleError(f"{bundle} has no {MANIFEST}; is it an edgetl bundle?")
-        return cls.from_json(path.read_text())
+        """Read ``bundle/manifest.json`` (a regular file, size-capped, read once)."""
+        try:
+            body = schema.read_bytes(str(bundle))
+        except RunnerError as e:
+            raise BundleError(str(e)) from None
+        return cls.from_json(body)
 
     def verify(self, bundle: Path) -> None:
-        """Check every listed file exists and matches its sha256."""
-        for role, entry in self.files.items():
-            p = Path(bundle) / entry.path
-            if not p.is_file():
-                raise BundleError(f"bundle file {entry.path} ({role}) is missing")
-            digest = sha256_file(p)
-            if digest != entry.sha256:
-                raise BundleError(f"bundle file {entry.path} ({role}) has sha256 {digest[:12]}…, "
-                                  f"manifest says {entry.sha256[:12]}…; the file was modified")
+        """Every listed file is inside the bundle, present and matches its sha256.
+
+        The device's own check: no ``..``, no symlink leading out of the bundle.
+        """
+        try:
+            schema.verify_files(str(bundle), dataclasses.asdict(self))
+        except RunnerError as e:
+            raise BundleError(str(e)) from None
+
+    def path(self, bundle: Path, role: str) -> Path:
+        """The file of ``role`` inside ``bundle``, through the device's path guard."""
+        try:
+            return Path(schema.safe_path(str(bundle), self.files[role].path))
+        except KeyError:
+            raise BundleError(f"manifest lists no file for role {role!r}; known roles: "
+                              f"{sorted(self.files)}") from None
+        except RunnerError as e:
+            raise BundleError(str(e)) from None
+
+
+def _checked(raw: dict) -> None:
+    try:
+        schema.check(raw)
+    except RunnerError as e:
+        raise BundleError(f"edgetl wrote a manifest its own schema refuses: {e}") from None
 
 
 def file_entry(bundle: Path, rel: str) -> FileEntry:

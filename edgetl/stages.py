@@ -199,7 +199,7 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
                          eval_set=(cd.heldout_x, cd.heldout_y),
                          provenance={"checkpoint": str(checkpoint), "recipe": recipe.name,
                                      "student_heldout_accuracy": ck.meta.get("heldout_accuracy")},
-                         sign_key=sign_key)
+                         sign_key=sign_key, adapt=recipe.adapt)
 
 
 def quantize(bundle: Path, out: Path, recipe: Recipe, *,

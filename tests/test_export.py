@@ -43,7 +43,8 @@ def test_manifest_names_every_file_with_its_hash(tiny_bundle):
     assert m.optimizer["name"] == "sgd" and m.optimizer["hparams"]["lr"] == 0.1
     assert m.checks["backbone_max_abs_err"] < 1e-4
     raw = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert raw["schema_version"] == 1 and raw["edgetl_version"]
+    assert raw["schema_version"] == 2 and raw["edgetl_version"]
+    assert raw["adapt"] == {"epochs": 30, "batch_size": 32, "val_fraction": 0.25}
 
 
 def test_tampered_file_fails_verification(tiny_bundle, tmp_path):

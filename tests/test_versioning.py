@@ -27,12 +27,17 @@ def versions(tiny_bundle, tmp_path_factory):
     return tiny_bundle, v2, params
 
 
-def test_old_manifests_load_as_version_1(tiny_bundle):
+def test_an_export_is_version_1_and_schema_1_manifests_are_refused(tiny_bundle):
+    from edgetl.errors import BundleError
+
     raw = json.loads((tiny_bundle / MANIFEST).read_text())
     assert raw["version"] == 1 and raw["parent"] is None  # an export is version 1
     del raw["version"], raw["parent"]
-    m = Manifest.from_json(json.dumps(raw))
-    assert (m.version, m.parent) == (1, None)
+    with pytest.raises(BundleError, match=r"lacks \['parent', 'version'\]"):
+        Manifest.from_json(json.dumps(raw))
+    raw["schema_version"] = 1  # schema 1 (before the typed schema): refused, not guessed at
+    with pytest.raises(BundleError, match="schema_version 1 is not supported.*re-export"):
+        Manifest.from_json(json.dumps(raw))
 
 
 def test_publish_head_writes_version_2_with_its_parent(versions):

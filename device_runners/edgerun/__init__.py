@@ -8,7 +8,6 @@ import os
 import tempfile
 
 __version__ = "0.1.0"
-SCHEMA_VERSION = 1
 
 
 class RunnerError(ValueError):

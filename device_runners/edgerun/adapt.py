@@ -105,7 +105,8 @@ def selftest_train(bundle: Bundle, backend) -> float:
     tv = m["test_vectors"]
     with np.load(bundle.path(tv["file"]), allow_pickle=False) as z:
         if "train_loss" not in z.files:
-            return 0.0  # bundles exported before reference train steps were shipped
+            raise RunnerError("the bundle's test vectors have no reference train steps; "
+                              "re-export the bundle")
         f = z["train_features"].astype(np.float32)
         w = z["train_weights"].astype(np.float32)
         losses = z["train_loss"]
@@ -122,11 +123,10 @@ def selftest_train(bundle: Bundle, backend) -> float:
         loss = _step(backend, m["train_step"], hp, f[i], t[i], w[i], params, state, anchors)
         err = max(err, abs(loss - float(losses[i])))
     err = max(err, *(float(np.abs(params[k] - v).max()) for k, v in final.items()))
-    if not err <= float(tv.get("train_atol", 1e-4)):
+    if not err <= float(tv["train_atol"]):
         raise RunnerError(f"self-test failed: {backend.trainer} training on this runtime differs "
                           f"from the server's reference train steps by {err:.3g} (> "
-                          f"{tv.get('train_atol', 1e-4)}); the runtime build or the bundle is "
-                          "broken")
+                          f"{tv['train_atol']}); the runtime build or the bundle is broken")
     return err
 
 
@@ -252,13 +252,26 @@ def _predict(backend, bundle, head: Head, feats: np.ndarray) -> list:
     return [head.labels[i] for i in idx]
 
 
+def adapt_settings(m: dict, epochs, batch_size, val_fraction) -> tuple[int, int, float]:
+    """Flags given, else the manifest's ``adapt`` defaults; validated."""
+    d = m["adapt"]
+    epochs = d["epochs"] if epochs is None else epochs
+    batch_size = d["batch_size"] if batch_size is None else batch_size
+    val_fraction = d["val_fraction"] if val_fraction is None else val_fraction
+    if epochs < 0 or batch_size < 1 or not 0 < val_fraction < 1:
+        raise RunnerError(f"need epochs >= 0, batch_size >= 1, 0 < val_fraction < 1; got "
+                          f"{epochs}, {batch_size}, {val_fraction}")
+    return int(epochs), int(batch_size), float(val_fraction)
+
+
 def _say(quiet: bool, msg: str) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
 
 
-def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
-          batch_size: int = 32, val_fraction: float = 0.25, lr: float | None = None,
+def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int | None = None,
+          batch_size: int | None = None, val_fraction: float | None = None,
+          lr: float | None = None,
           seed: int = 0, head_path: str | None = None, threads: int = 0,
           trainer: str | None = None, max_seconds: float | None = None,
           max_memory_mb: float | None = None, trust_key: str | None = None,
@@ -281,14 +294,15 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     label with few windows counts as much as a frequent one. ``l2sp``: coefficient of the
     head's pull toward the head training starts from (bundles exported with head.l2sp).
 
+    ``epochs``, ``batch_size`` and ``val_fraction`` default to the bundle's ``adapt`` block
+    (the recipe's ``[adapt]`` section, written at export).
+
     Returns the report (also written as ``report.json``).
     """
-    if epochs < 0 or batch_size < 1 or not 0 < val_fraction < 1:
-        raise RunnerError(f"need epochs >= 0, batch_size >= 1, 0 < val_fraction < 1; got "
-                          f"{epochs}, {batch_size}, {val_fraction}")
     t_start = time.perf_counter()
     bundle = Bundle(bundle_dir, trust_key=trust_key)
     m = bundle.manifest
+    epochs, batch_size, val_fraction = adapt_settings(m, epochs, batch_size, val_fraction)
     backend = make_backend(bundle, threads, trainer)
     selftest_err = selftest(bundle, backend)
     ds = dataio.load(data_path, m, need_labels=True, max_mb=max_data_mb, bundle=bundle)
@@ -309,7 +323,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int = 30,
     seen = list(dict.fromkeys(ds.y))
     new = [lab for lab in seen if lab not in head.labels]
     missing = [lab for lab in head.labels if lab not in seen]
-    dynamic = m["train_step"].get("dynamic_classes", True)
+    dynamic = m["train_step"]["dynamic_classes"]
     cls = m["head"]["class_params"]
     if new and not dynamic and len(head.labels) + len(new) > head.rows(cls):
         raise RunnerError(

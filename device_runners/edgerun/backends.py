@@ -102,6 +102,8 @@ class OrtBackend:
         """Backbone features of preprocessed windows, computed in chunks."""
         if self._text_in:
             return self._text_features(x)
+        if self._dynamic_int8:  # one activation scale per call: one input per call
+            batch = 1
         out = [self._bb.run(None, {self._in: x[i : i + batch]})[0]
                for i in range(0, len(x), batch)]
         return np.concatenate(out, axis=0)

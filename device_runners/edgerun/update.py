@@ -15,7 +15,7 @@ import os
 import shutil
 
 from edgerun import RunnerError
-from edgerun.bundle import Bundle, sha256_file
+from edgerun.bundle import Bundle
 from edgerun.head import Head
 
 STATE_FILE = "bundle.json"
@@ -24,9 +24,9 @@ STATE_FILE = "bundle.json"
 def bundle_record(bundle: Bundle) -> dict:
     """The version facts of a bundle a device keeps in ``STATE/bundle.json``."""
     m = bundle.manifest
-    return {"version": int(m.get("version", 1)), "parent": m.get("parent"),
-            "manifest_sha256": sha256_file(os.path.join(bundle.root, "manifest.json")),
-            "backbone_sha256": m["files"]["backbone"]["sha256"], "name": m.get("name")}
+    return {"version": int(m["version"]), "parent": m["parent"],
+            "manifest_sha256": bundle.manifest_sha256,
+            "backbone_sha256": m["files"]["backbone"]["sha256"], "name": m["name"]}
 
 
 def _head_meta(path: str) -> dict:

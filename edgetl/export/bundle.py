@@ -20,7 +20,7 @@ import torch
 
 from edgetl import __version__
 from edgetl.checkpoint import Checkpoint
-from edgetl.config import ExportConfig
+from edgetl.config import AdaptConfig, ExportConfig
 from edgetl.errors import ConfigError, DataError, ShapeMismatchError, ToleranceError
 from edgetl.export.registry import Exporter, as_feeds, get_exporter
 from edgetl.head import HeadSpec, InferStep, TrainStep, init_state
@@ -161,7 +161,8 @@ def swap_in(tmp: Path, out: Path) -> None:
 def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: np.ndarray,
                   calib_x: np.ndarray | None = None,
                   eval_set: tuple[np.ndarray, np.ndarray] | None = None,
-                  provenance: dict | None = None, sign_key: Path | None = None) -> Manifest:
+                  provenance: dict | None = None, sign_key: Path | None = None,
+                  adapt: AdaptConfig | None = None) -> Manifest:
     """Export ``ck`` as a device bundle in ``out`` and validate it against PyTorch.
 
     Args:
@@ -175,6 +176,8 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
             must stay within ``cfg.max_accuracy_drop`` points of the PyTorch student's.
         provenance: extra facts recorded in the manifest (recipe, metrics...).
         sign_key: Ed25519 private key (PEM): writes ``manifest.sig`` before the swap-in.
+        adapt: the device's adaptation defaults (the recipe's ``[adapt]``), written to the
+            manifest; default :class:`AdaptConfig`.
 
     Raises:
         ShapeMismatchError, ToleranceError: an exported graph disagrees with PyTorch, or
@@ -185,11 +188,12 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
                     ("evaluation", None if eval_set is None else eval_set[0])):
         if x is not None:
             ck.kind.check_raw(name, x)
-    if cfg.precision == "int8" and (calib_x is None or len(calib_x) == 0):
+    if cfg.precision == "int8" and not ck.kind.dynamic_int8 and (
+            calib_x is None or len(calib_x) == 0):
         raise DataError("an int8 export needs calibration windows from source data (calib_x)")
     with staged_bundle(out) as tmp:
         manifest = _build(exporter, ck, tmp, cfg, reference_x, calib_x, eval_set,
-                          provenance or {})
+                          provenance or {}, adapt or AdaptConfig())
         if cfg.trainer == "ort-training":
             manifest = _check_ort_training(tmp, manifest)
         if sign_key is not None:
@@ -304,7 +308,8 @@ def pad_classes(spec: HeadSpec, params: dict, capacity: int) -> tuple[HeadSpec, 
 
 def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
            reference_x: np.ndarray, calib_x: np.ndarray | None,
-           eval_set: tuple[np.ndarray, np.ndarray] | None, provenance: dict) -> Manifest:
+           eval_set: tuple[np.ndarray, np.ndarray] | None, provenance: dict,
+           adapt: AdaptConfig) -> Manifest:
     spec = head_spec(ck)
     params = {k: v.detach().numpy().astype(np.float32) for k, v in ck.model.head_state().items()}
     capacity = spec.num_classes
@@ -322,7 +327,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     model = ck.model.eval()
     xn = ck.normalize(reference_x)
     int8 = cfg.precision == "int8"
-    calib = ck.normalize(calib_x[: cfg.calibration_windows]) if int8 else None
+    calib = (ck.normalize(calib_x[: cfg.calibration_windows])
+             if int8 and calib_x is not None and len(calib_x) else None)
     bb_sig = exporter.export_backbone(model.backbone, torch.from_numpy(xn[:2]),
                                       tmp / files["backbone"], opset=cfg.opset,
                                       precision=cfg.precision, calib=calib)
@@ -389,7 +395,9 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     quant = {}
     if int8:
         quant = {"backbone": "int8", "head": "fp32 (trainable)", "per_channel": True,
-                 "calibration_windows": len(calib), "calibration_source": "server training data",
+                 "calibration_windows": 0 if calib is None else len(calib),
+                 "calibration_source": "server training data" if calib is not None else
+                 "none: activations are quantised per call (dynamic)",
                  "checked_with": checked_with(exporter), **bb_sig.get("quantization", {})}
     shapes = spec.param_shapes()
     state = [{"name": n, "like": None if n == "step" else n.split(".", 1)[1],
@@ -425,6 +433,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         infer={**sig["infer"], "batch_size": batch if fixed else None},
         test_vectors={"file": "test_vectors", "count": n_tv, "atol": tv_atol,
                       "train_steps": TRAIN_VECTOR_STEPS, "train_atol": atol},
+        adapt={"epochs": adapt.epochs, "batch_size": adapt.batch_size,
+               "val_fraction": adapt.val_fraction},
         quantization=quant,
         checks=checks,
         provenance={"created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

@@ -57,12 +57,14 @@ def find_head(model: nn.Module, n_labels: int | None = None) -> str:
 
     Candidates are submodules named ``classifier``, ``fc`` or ``head`` that are (or end
     with) an ``nn.Linear``; with ``n_labels``, only those with that many outputs. Exactly one
-    must remain.
+    must remain (the label count only decides between several).
     """
     cands = []
     for path, mod in model.named_modules():
         if path.rsplit(".", 1)[-1] in HEAD_NAMES and (lin := _linear_of(mod)) is not None:
             cands.append((path, lin.out_features))
+    if len(cands) == 1:  # the only candidate (a label-count mismatch is reported later)
+        return cands[0][0]
     fitting = [p for p, k in cands if n_labels is None or k == n_labels]
     if len(fitting) == 1:
         return fitting[0]

@@ -85,13 +85,18 @@ class OnnxExporter(Exporter):
         if precision == "fp32":
             _export(backbone.eval(), (sample,), path, ["x"], ["features"], dyn, opset)
             return sig
-        if calib is None or len(calib) == 0:
+        ids = not sample.is_floating_point()  # token ids: dynamic int8, as text models
+        if not ids and (calib is None or len(calib) == 0):
             raise BundleError("int8 export needs calibration windows from source data")
         fp32 = path.with_name(path.stem + ".fp32.onnx")
         try:
             _export(backbone.eval(), (sample,), fp32, ["x"], ["features"], dyn, opset)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                if ids:
+                    from edgetl.text.export import quantize_dynamic_int8
+
+                    return {**sig, "quantization": quantize_dynamic_int8(fp32, path)}
                 quantize_int8(fp32, path, calib, "x")
         finally:
             fp32.unlink(missing_ok=True)
@@ -145,6 +150,12 @@ class OnnxExporter(Exporter):
         return {"onnx": onnx.__version__, "onnxruntime_validated": ort.__version__}
 
 
+def _graph_nodes(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.node
+
+
 #: onnxruntime's input type names -> numpy dtypes (token-id models take int64).
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -160,10 +171,15 @@ class _OrtBundle:
                                               mk(sig["infer"]["file"]))
         self._bb_in = [i.name for i in self._bb.get_inputs()]
         self._bb_dtype = _ORT_TYPES.get(self._bb.get_inputs()[0].type, np.float32)
+        self._dynamic = any(n.op_type == "DynamicQuantizeLinear" for n in _graph_nodes(
+            bundle / files["backbone"]))
 
     def features(self, x: np.ndarray) -> np.ndarray:
-        if len(self._bb_in) == 1:
+        if len(self._bb_in) == 1 and not self._dynamic:
             return self._bb.run(None, {self._bb_in[0]: x.astype(self._bb_dtype)})[0]
+        if len(self._bb_in) == 1:  # dynamic int8: one scale per call, so one input per call
+            return np.concatenate([self._bb.run(None, {self._bb_in[0]: x[i : i + 1].astype(
+                self._bb_dtype)})[0] for i in range(len(x))])
         # text: (N, 2, L) ids + mask -> input_ids, attention_mask, one text per call cut to
         # its own length: a dynamic-int8 graph quantises each call's activations with one
         # scale, so batching would make a text's features depend on its neighbours

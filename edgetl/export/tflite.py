@@ -247,6 +247,11 @@ class TFLiteExporter(Exporter):
                 builder.convert(quant_config=qc).export(str(path))
             elif precision == "fp32":
                 litert_torch.convert(backbone.eval(), (x1,)).export(str(path))
+            elif not x1.is_floating_point():  # token ids: dynamic-range int8 (see TEXT_INT8)
+                from litert_torch.generative.quantize import quant_recipes
+
+                litert_torch.convert(backbone.eval(), (x1,), quant_config=(
+                    quant_recipes.full_dynamic_recipe())).export(str(path))
             else:
                 if calib is None or len(calib) == 0:
                     raise BundleError("int8 export needs calibration windows from source data")
@@ -263,8 +268,9 @@ class TFLiteExporter(Exporter):
             sig.update(dtype="int32", length_signatures={str(n): f"len{n}" for n in lengths})
         if precision == "fp32":
             return sig
-        scheme = TEXT_INT8 if text else ("PT2E static int8, per-channel symmetric weights, "
-                                         "int8 activations (litert-torch PT2EQuantizer)")
+        scheme = TEXT_INT8 if text or not x1.is_floating_point() else (
+            "PT2E static int8, per-channel symmetric weights, int8 activations (litert-torch "
+            "PT2EQuantizer)")
         return {**sig, "quantization": {"scheme": scheme, "input": _io_quant(d_in),
                                         "output": _io_quant(d_out)}}
 

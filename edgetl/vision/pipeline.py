@@ -186,7 +186,8 @@ def export_roles(recipe: Recipe, out: Path, roles: dict[str, str], ref: np.ndarr
             cfg = dataclasses.replace(recipe.export, target=target, precision=precision)
             man = export_bundle(ck, path, cfg, reference_x=ref, calib_x=calib,
                                 eval_set=eval_set,
-                                provenance={"checkpoint": str(ck_path), "recipe": recipe.name})
+                                provenance={"checkpoint": str(ck_path), "recipe": recipe.name},
+                                adapt=recipe.adapt)
             console.log(bundle_line(path, man))
             gate = release_gate(path, ck_path)  # the export itself gated held-out accuracy
             rows.append({"name": name, "backbone": role, "path": str(path), "target": target,

@@ -1,0 +1,379 @@
+"""``manifest.json``: the whole contract between server and device, as one typed schema.
+
+One ``TypedDict`` per block. :func:`check` validates a parsed manifest against these types
+(every required key present, every value of its type, unknown ``schema_version`` refused),
+so a damaged or foreign manifest fails here with the field's path, never deep in the runner.
+The server (``edgetl``) writes manifests with these same types and checks them with the same
+function; ``docs/bundle-format.md`` is generated from this module.
+
+Standard library only: this file runs on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, List, Optional, TypedDict, Union
+
+from edgerun import RunnerError
+
+#: Version of this schema; bumped whenever a block changes. A runner refuses others.
+SCHEMA_VERSION = 2
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+#: A manifest is a few KiB; anything much larger is not one (and is not read whole).
+MAX_MANIFEST_BYTES = 4 << 20
+
+
+class FileEntry(TypedDict):
+    """One bundle file: path relative to the bundle folder, sha256, size in bytes."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+class Quant(TypedDict):
+    """Affine int8 quantisation of a graph input or output: ``real = (q - zero) * scale``."""
+
+    dtype: str
+    scale: float
+    zero_point: int
+
+
+class _Input(TypedDict):
+    name: str
+    shape: List[Optional[int]]
+    batch_size: Optional[int]
+    signature: Optional[str]
+    dtype: str
+    modality: str
+    layout: str
+
+
+class InputBlock(_Input, total=False):
+    """What the backbone takes and how raw data becomes it (``modality`` picks the kind).
+
+    ``dtype`` is the graph's input type; ``shape[0]`` / ``batch_size`` is the fixed batch of
+    the graph, or null for any batch. Kind-specific keys: timeseries ``channels``, ``window``,
+    ``stride``, ``sample_rate_hz``, ``preprocess``; image ``image``; text ``text``,
+    ``names``, ``length_signatures``; tensor ``data_dtype``, ``preprocess``.
+    """
+
+    channels: List[str]
+    window: int
+    stride: int
+    sample_rate_hz: float
+    preprocess: Dict[str, Any]
+    image: Dict[str, Any]
+    text: Dict[str, Any]
+    names: List[str]
+    length_signatures: Dict[str, str]
+    data_dtype: str
+
+
+class FeaturesBlock(TypedDict):
+    """The backbone's output: graph output name and feature dimension."""
+
+    name: str
+    dim: int
+
+
+class ParamSpec(TypedDict):
+    """One trainable head parameter."""
+
+    name: str
+    shape: List[int]
+
+
+class _Head(TypedDict):
+    kind: str
+    hidden: int
+    embedding_dim: int
+    params: List[ParamSpec]
+    class_params: List[str]
+    init_file: str
+    capacity: int
+    unused_bias: float
+
+
+class HeadBlock(_Head, total=False):
+    """The trainable head: kind, parameters (initial values in ``init_file``), class rows.
+
+    ``capacity`` class rows exist in fixed-shape graphs; spare rows have bias
+    ``unused_bias`` until a device imprints a new label into them.
+    """
+
+    learn_scale: bool
+    l2sp: float
+
+
+class StateSpec(TypedDict):
+    """One optimizer state tensor (``like``: the parameter it has the shape of)."""
+
+    name: str
+    like: Optional[str]
+    shape: List[int]
+
+
+class OptimizerBlock(TypedDict):
+    """The device optimizer: name, hyper-parameters (fed as graph inputs) and its state."""
+
+    name: str
+    hparams: Dict[str, float]
+    state: List[StateSpec]
+
+
+class GraphBlock(TypedDict):
+    """One graph (file role + signature) with its input and output names."""
+
+    file: str
+    signature: Optional[str]
+    inputs: List[str]
+    outputs: List[str]
+    batch_size: Optional[int]
+
+
+class _TrainStep(GraphBlock):
+    loss_output: str
+    targets_input: str
+    targets_encoding: str
+    sample_weight_input: str
+    hparam_inputs: List[str]
+    dynamic_classes: bool
+    trainer: str
+
+
+class TrainStepBlock(_TrainStep, total=False):
+    """The stateless train step: which inputs carry targets, weights, hyper-parameters."""
+
+    anchor_inputs: Dict[str, str]
+    ort_training: Dict[str, Any]
+
+
+class TestVectorsBlock(TypedDict):
+    """Reference inputs/outputs for the device self-test, with their tolerances."""
+
+    file: str
+    count: int
+    atol: float
+    train_steps: int
+    train_atol: float
+
+
+class AdaptBlock(TypedDict):
+    """Adaptation defaults of this bundle (the recipe's ``[adapt]``); flags override them."""
+
+    epochs: int
+    batch_size: int
+    val_fraction: float
+
+
+class Parent(TypedDict):
+    """The bundle version this one was made from (``edgetl.versioning``)."""
+
+    version: int
+    manifest_sha256: str
+    backbone_sha256: str
+
+
+class Manifest(TypedDict):
+    """``manifest.json``."""
+
+    schema_version: int
+    edgetl_version: str
+    name: str
+    version: int
+    parent: Optional[Parent]
+    target: str
+    precision: str
+    files: Dict[str, FileEntry]
+    input: InputBlock
+    features: FeaturesBlock
+    labels: List[str]
+    head: HeadBlock
+    optimizer: OptimizerBlock
+    train_step: TrainStepBlock
+    infer: GraphBlock
+    test_vectors: TestVectorsBlock
+    adapt: AdaptBlock
+    quantization: Dict[str, Any]
+    checks: Dict[str, Any]
+    provenance: Dict[str, Any]
+
+
+def _hints(td) -> dict:
+    import typing
+
+    return typing.get_type_hints(td)
+
+
+def _name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _conform(value, tp, where: str) -> None:
+    """Raise :class:`RunnerError` unless ``value`` has type ``tp`` (recursively)."""
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return
+    if origin is Union:
+        if value is None and type(None) in args:
+            return
+        return _conform(value, next(a for a in args if a is not type(None)), where)
+    if isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__required_keys__"):
+        _expect(isinstance(value, dict), where, "an object", value)
+        hints = _hints(tp)
+        missing = sorted(k for k in tp.__required_keys__ if k not in value)
+        if missing:
+            raise RunnerError(f"manifest.json: {where} lacks {missing}; the bundle is damaged "
+                              "or was written by another edgetl version: re-export it")
+        for k, v in value.items():
+            if k in hints:
+                _conform(v, hints[k], f"{where}.{k}")
+        return
+    if origin in (list, List):
+        _expect(isinstance(value, list), where, "a list", value)
+        for i, v in enumerate(value):
+            _conform(v, args[0], f"{where}[{i}]")
+        return
+    if origin in (dict, Dict):
+        _expect(isinstance(value, dict), where, "an object", value)
+        for k, v in value.items():
+            _expect(isinstance(k, str), where, "string keys", k)
+            _conform(v, args[1], f"{where}[{k!r}]")
+        return
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return _expect(ok, where, "a number", value)
+    if tp is int:
+        return _expect(isinstance(value, int) and not isinstance(value, bool), where,
+                       "an integer", value)
+    _expect(isinstance(value, tp), where, f"a {_name(tp)}", value)
+
+
+def _expect(ok: bool, where: str, what: str, found) -> None:
+    if not ok:
+        shown = repr(found)
+        raise RunnerError(f"manifest.json: {where} must be {what}, found "
+                          f"{shown[:60] + '…' if len(shown) > 60 else shown}; the bundle is "
+                          "damaged or not an edgetl bundle, re-export it")
+
+
+def check(m) -> dict:
+    """Validate a parsed manifest against :class:`Manifest`; return it."""
+    if not isinstance(m, dict):
+        raise RunnerError(f"manifest.json must hold a JSON object, found {type(m).__name__}; "
+                          "re-export the bundle")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        found = m.get("schema_version")
+        raise RunnerError(f"manifest schema_version {found!r} is not supported (this runner "
+                          f"reads {SCHEMA_VERSION}); re-export the bundle with the matching "
+                          "edgetl, or update the runner")
+    _conform(m, Manifest, "manifest")
+    if not m["files"]:
+        raise RunnerError("manifest.json: 'files' is empty; re-export the bundle")
+    if not m["labels"] or len(set(m["labels"])) != len(m["labels"]):
+        raise RunnerError(f"manifest.json: labels must be distinct names, found "
+                          f"{m['labels'][:10]}; re-export the bundle")
+    return m
+
+
+def parse(body: bytes) -> dict:
+    """Parse and :func:`check` the bytes of a manifest."""
+    try:
+        m = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RunnerError(f"manifest.json is not valid JSON ({str(e)[:120]}); re-export the "
+                          "bundle") from None
+    return check(m)
+
+
+def read_bytes(root: str) -> bytes:
+    """The bytes of ``root/manifest.json``, read once (a regular file, size-capped)."""
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isdir(root):
+        raise RunnerError(f"bundle {root} is not a directory; pass the folder that "
+                          "`edgetl export` wrote")
+    if not os.path.isfile(path):
+        raise RunnerError(f"{root} has no {MANIFEST}; is it an edgetl bundle?")
+    with open(path, "rb") as f:
+        body = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise RunnerError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a "
+                          "manifest")
+    return body
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_path(root: str, rel: str) -> str:
+    """``root/rel`` if it names a file directly inside ``root``, else refused.
+
+    No ``..``, no absolute path, no NUL byte, no symlink leading elsewhere.
+    """
+    full = os.path.normpath(os.path.join(root, rel))
+    real = os.path.realpath(full)
+    if (os.path.isabs(rel) or "\x00" in rel or os.path.dirname(full) != os.path.normpath(root)
+            or os.path.dirname(real) != os.path.realpath(root)):
+        raise RunnerError(f"manifest file {rel!r} points outside the bundle; refusing it")
+    return full
+
+
+def verify_files(root: str, m: dict) -> None:
+    """Every listed file is inside ``root``, present, and matches its sha256."""
+    for role, entry in m["files"].items():
+        p = safe_path(root, entry["path"])
+        if not os.path.isfile(p):
+            raise RunnerError(f"bundle file {entry['path']} ({role}) is missing from {root}")
+        digest = sha256_file(p)
+        if digest != entry["sha256"]:
+            raise RunnerError(
+                f"bundle file {entry['path']} ({role}) fails its hash check: sha256 "
+                f"{digest[:12]}… but manifest.json says {entry['sha256'][:12]}…; the file was "
+                "modified or corrupted. Re-download the bundle")
+
+
+def markdown() -> str:
+    """The bundle format as Markdown, from the TypedDicts above (``docs/bundle-format.md``)."""
+    blocks = [Manifest, FileEntry, InputBlock, FeaturesBlock, HeadBlock, ParamSpec,
+              OptimizerBlock, StateSpec, GraphBlock, TrainStepBlock, TestVectorsBlock,
+              AdaptBlock, Parent, Quant]
+    out = ["# Bundle format (`manifest.json`, schema version %d)" % SCHEMA_VERSION, "",
+           "Generated from `device_runners/edgerun/manifest.py` by `make docs`; do not edit.",
+           "A runner refuses a manifest of another schema version, a missing required key or a "
+           "value of the wrong type, naming the field.", ""]
+    for td in blocks:
+        out += [f"## {td.__name__}", "", (td.__doc__ or "").strip().replace("\n    ", "\n"),
+                "", "| key | type | required |", "|---|---|---|"]
+        for k, tp in _hints(td).items():
+            req = "yes" if k in td.__required_keys__ else "no"
+            out.append(f"| `{k}` | `{_type_text(tp)}` | {req} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _type_text(tp) -> str:
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return "any"
+    if origin is Union:
+        return " | ".join(_type_text(a) for a in args).replace("NoneType", "null")
+    if origin in (list, List):
+        return f"list[{_type_text(args[0])}]"
+    if origin in (dict, Dict):
+        return f"object[str, {_type_text(args[1])}]"
+    return {str: "str", int: "int", float: "number", bool: "bool",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
