@@ -561,8 +561,11 @@ class Recipe:
 
 
 def _build(cls, raw: dict[str, Any], where: str, base=None):
-    """An instance of dataclass ``cls``: ``base``'s values (or the field defaults) replaced by
-    the keys of ``raw``, type-checked. ``[data]`` picks its class by ``kind``."""
+    """An instance of dataclass ``cls`` from ``raw``, type-checked.
+
+    Keys absent from ``raw`` keep ``base``'s values (or the field defaults); ``[data]`` picks
+    its class by ``kind``.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     _check(not unknown, f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
