@@ -34,6 +34,8 @@ INPUT_KINDS = ("timeseries", "image", "text")
 TRANSFER_METHODS = ("source_only", "finetune", "l2sp", "ewc", "adabn", "source_steps", "dann",
                     "mmd", "coral")
 ARCHS = ("cnn1d", "cnn2d", "efficientnet_lite0", "minilm")
+KIND_ARCHS = {"timeseries": ("cnn1d",), "image": ("cnn2d", "efficientnet_lite0"),
+              "text": ("minilm",)}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -554,6 +556,13 @@ class Recipe:
     adapt: AdaptConfig = _section(AdaptConfig, "on-device adaptation")
     check: CheckConfig = _section(CheckConfig, "the release gate")
     transfer: TransferConfig = _section(TransferConfig, "edgetl methods")
+
+    def __post_init__(self):
+        archs = KIND_ARCHS[self.data.kind]
+        for role in ("teacher", "student"):
+            arch = getattr(self, role).arch
+            _check(arch in archs, f"{role}.arch: {self.data.kind} data need one of {archs}, got "
+                   f"{arch!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), for run records."""
