@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort venv-fleet data-vision data-text demo demo-vision demo-text bench methods fleet ddp test test-slow test-pi style lint format clean help
+.PHONY: install venv-ort venv-fleet data-vision data-text demo demo-vision demo-text bench methods fleet ddp test test-slow test-pi style lint format docs clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -23,6 +23,7 @@ help:
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
 	@echo "make test-pi    device runners on emulated Linux aarch64 (Raspberry Pi) vs x86_64 (root)"
 	@echo "make style      ruff lint (pyflakes, pycodestyle, pydocstyle, bugbear, isort)"
+	@echo "make docs       docs/recipe.md (every recipe key) from the config dataclasses"
 
 $(STAMP): pyproject.toml device_runners/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -136,6 +137,10 @@ style lint: install
 
 format: install
 	$(BIN)/ruff check --fix edgetl device_runners tests
+
+# The recipe reference is generated from edgetl/config.py (tests/test_recipe_doc.py checks it).
+docs: install
+	$(BIN)/python -m edgetl.config --markdown > docs/recipe.md
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

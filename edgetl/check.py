@@ -198,18 +198,20 @@ def accuracy(bundle: Path, m: Manifest, x: np.ndarray, y_names: np.ndarray, work
     return _runner_check("accuracy", run)
 
 
-def adaptation(bundle: Path, recipe, windows, users: tuple[int, ...], work: Path) -> Check:
+def adaptation(bundle: Path, recipe, windows, users: tuple[int, ...], work: Path, *,
+               split=None) -> Check:
     """Personalise ``users`` through the runner; mean gain may not fall below the limit."""
     from edgetl.pipeline import personalise_devices
 
     limit = recipe.check.max_adaptation_loss
 
     def run():
-        rows = personalise_devices(recipe, bundle, work, windows, users=users, show=False)
+        rows = personalise_devices(recipe, bundle, work, windows, split=split, users=users,
+                                   show=False)
         gain = 100 * float(np.mean([r["gain"] for r in rows]))
         per = ", ".join(f"{r['user']}: {100 * r['gain']:+.1f}" for r in rows)
         return Check("adaptation", gain >= -limit, gain, 0.0 - limit,
-                     f"mean gain in points over users {list(users)} ({per})")
+                     f"mean gain in points over users {[r['user'] for r in rows]} ({per})")
 
     return _runner_check("adaptation", run)
 
@@ -253,8 +255,10 @@ def check_bundle(bundle: Path, *, checkpoint: Path | None = None, recipe=None, d
                                    max_drop=recipe.export.max_accuracy_drop,
                                    checkpoint=checkpoint, reference_bundle=reference_bundle))
             if not image:  # cameras'/text devices' adaptation: `edgetl run` (new classes)
-                users = recipe.check.users or recipe.data.server_val_users
-                checks.append(adaptation(bundle, recipe, sd.windows, tuple(users), work))
+                users = sd.split.val if recipe.data.is_files else (
+                    recipe.check.users or recipe.data.server_val_users)
+                checks.append(adaptation(bundle, recipe, sd.windows, tuple(users), work,
+                                         split=sd.split))
         elif heldout is not None:
             from edgetl.tolerances import MAX_ACCURACY_DROP_POINTS
 

@@ -1,12 +1,21 @@
 """Recipes: frozen, validated dataclasses read from ``models/<name>/recipe.toml``.
 
 Every section is a dataclass whose ``__post_init__`` validates it; an unknown key is an error
-that lists the known ones, so a typo never silently falls back to a default.
+that lists the known ones, so a typo never silently falls back to a default. Every key carries
+its description and unit in ``field(metadata=...)``: ``python -m edgetl.config --markdown``
+writes the recipe reference (``docs/recipe.md``) from them, so the page cannot drift.
+
+``[data]`` is a tagged union: ``dataset = "hapt" | "fashion_mnist" | "wordnet"`` picks a
+built-in dataset (:class:`DataConfig`); ``kind = "timeseries" | "image" | "text"`` with a
+``path`` reads your own files (:class:`TimeseriesFiles`, :class:`ImageFiles`,
+:class:`TextFiles`). Either way ``recipe.data.kind`` names the input kind, which picks the
+scenario pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +29,13 @@ OPTIMIZERS = ("sgd", "adam")
 TARGETS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "int8")
 TRAINERS = ("stateless", "ort-training")
-DATASETS = ("hapt", "fashion_mnist", "wordnet")
+DATASETS = {"hapt": "timeseries", "fashion_mnist": "image", "wordnet": "text"}
+INPUT_KINDS = ("timeseries", "image", "text")
 TRANSFER_METHODS = ("source_only", "finetune", "l2sp", "ewc", "adabn", "source_steps", "dann",
                     "mmd", "coral")
 ARCHS = ("cnn1d", "cnn2d", "efficientnet_lite0", "minilm")
+KIND_ARCHS = {"timeseries": ("cnn1d",), "image": ("cnn2d", "efficientnet_lite0"),
+              "text": ("minilm",)}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -31,49 +43,65 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _f(default, doc: str, unit: str = ""):
+    """A recipe key: its default, a one-line description and its unit (for docs/recipe.md)."""
+    return field(default=default, metadata={"doc": doc, "unit": unit})
+
+
+def _section(factory, doc: str):
+    return field(default_factory=factory, metadata={"doc": doc, "unit": ""})
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Which data, how it is prepared, and who plays server and devices.
+    """A built-in dataset (``dataset = ...``) and who plays server and devices.
 
     ``hapt`` (phone IMU windows): ``window``/``stride`` and the user splits apply.
     ``fashion_mnist`` (images): the server trains on ``source_subset`` Fashion-MNIST images
-    (0 = all 60,000) at ``image_size`` px in ``image_mode``; ``device_count`` cameras each
-    learn ``device_dataset`` (handwritten digits, new classes and a new domain) from
-    ``device_shots`` images per class.
-    ``wordnet`` (text): the server learns WordNet noun glosses' lexicographer categories
-    (``source_subset`` glosses, 0 = all); ``device_count`` devices each learn
-    ``device_topics`` (``fortunes`` topic files the server never saw) from ``device_shots``
-    texts per topic; ``test_subset`` held-out glosses score the server models and gate the
-    exports. Texts are tokenised to at most ``max_length`` word pieces.
+    at ``image_size`` px in ``image_mode``; ``device_count`` cameras each learn the
+    handwritten digits (new classes, a new domain) from ``device_shots`` images per class.
+    ``wordnet`` (text): the server learns WordNet noun glosses' lexicographer categories;
+    ``device_count`` devices each learn ``device_topics`` (``fortunes`` topic files the
+    server never saw) from ``device_shots`` texts per topic; ``test_subset`` held-out glosses
+    score the server models and gate the exports.
     """
 
-    dataset: str = "hapt"
-    window: int = 128
-    stride: int = 64
-    server_users: tuple[int, ...] = tuple(range(1, 21))
-    device_users: tuple[int, ...] = tuple(range(21, 31))
-    server_val_users: tuple[int, ...] = (17, 18, 19, 20)
-    image_size: int = 64
-    image_mode: str = "RGB"
-    source_subset: int = 0
-    val_fraction: float = 0.1
-    device_dataset: str = "digits"
-    device_count: int = 3
-    device_shots: int = 10
-    max_length: int = 128
-    test_subset: int = 1000
-    device_topics: tuple[str, ...] = ("computers", "science", "food", "law", "medicine",
-                                      "sports")
+    dataset: str = _f("hapt", "built-in dataset: hapt (IMU windows), fashion_mnist (images -> "
+                      "digits on cameras), wordnet (glosses -> fortune topics on devices)")
+    window: int = _f(128, "hapt: samples per window (2.56 s at 50 Hz)", "samples")
+    stride: int = _f(64, "hapt: hop between windows", "samples")
+    server_users: tuple[int, ...] = _f(tuple(range(1, 21)),
+                                       "hapt: users the server trains on (with the val users)",
+                                       "user ids")
+    device_users: tuple[int, ...] = _f(tuple(range(21, 31)),
+                                       "hapt: held-out users that play the phones", "user ids")
+    server_val_users: tuple[int, ...] = _f((17, 18, 19, 20),
+                                           "hapt: server users kept for validation", "user ids")
+    image_size: int = _f(64, "fashion_mnist: model input side", "px")
+    image_mode: str = _f("RGB", "fashion_mnist: RGB or L (grayscale)")
+    source_subset: int = _f(0, "fashion_mnist/wordnet: stratified source samples (0 = all)",
+                            "samples")
+    val_fraction: float = _f(0.1, "fashion_mnist/wordnet: share of the source samples kept "
+                             "for validation", "fraction")
+    device_count: int = _f(3, "fashion_mnist/wordnet: simulated devices (disjoint data)",
+                           "devices")
+    device_shots: int = _f(10, "fashion_mnist/wordnet: samples per class on each device",
+                           "samples")
+    max_length: int = _f(128, "wordnet: word pieces per text incl. [CLS]/[SEP]; longer texts "
+                         "are truncated", "word pieces")
+    test_subset: int = _f(1000, "wordnet: held-out glosses that score the server models",
+                          "texts")
+    device_topics: tuple[str, ...] = _f(("computers", "science", "food", "law", "medicine",
+                                         "sports"),
+                                        "wordnet: fortunes topic files the devices learn")
 
     def __post_init__(self):
         _check(self.dataset in DATASETS,
-               f"data.dataset: expected one of {DATASETS}, got {self.dataset!r}")
-        if self.dataset == "wordnet":
+               f"data.dataset: expected one of {tuple(DATASETS)}, got {self.dataset!r} (your "
+               f"own files: set data.kind to one of {INPUT_KINDS} and data.path)")
+        if self.kind == "text":
             _check(8 <= self.max_length <= 512,
                    f"data.max_length must be in 8..512 word pieces, got {self.max_length}")
-            _check(self.device_dataset == "fortunes",
-                   f"data.device_dataset: expected 'fortunes' for text, got "
-                   f"{self.device_dataset!r}")
             _check(len(self.device_topics) >= 2 and len(set(self.device_topics)) == len(
                 self.device_topics), "data.device_topics: at least two distinct topics")
             _check(self.device_count >= 1 and 1 <= self.device_shots <= 200,
@@ -81,13 +109,8 @@ class DataConfig:
             _check(0.0 < self.val_fraction < 0.5,
                    f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
             return
-        if self.dataset != "hapt":
-            _check(16 <= self.image_size <= 512,
-                   f"data.image_size must be in 16..512 px, got {self.image_size}")
-            _check(self.image_mode in ("RGB", "L"),
-                   f"data.image_mode: expected 'RGB' or 'L', got {self.image_mode!r}")
-            _check(self.device_dataset == "digits",
-                   f"data.device_dataset: expected 'digits', got {self.device_dataset!r}")
+        if self.kind == "image":
+            _check_image(self.image_size, self.image_mode)
             _check(self.device_count >= 1 and 1 <= self.device_shots <= 50,
                    "data: device_count >= 1 and device_shots in 1..50")
             _check(0.0 < self.val_fraction < 0.5,
@@ -104,14 +127,162 @@ class DataConfig:
                "data: no server users left for training after server_val_users")
 
     @property
+    def kind(self) -> str:
+        """The input kind of the dataset: ``timeseries``, ``image`` or ``text``."""
+        return DATASETS[self.dataset]
+
+    @property
+    def is_files(self) -> bool:
+        """Whether the data are the user's own files (never, for a built-in dataset)."""
+        return False
+
+    @property
     def is_image(self) -> bool:
         """Whether the recipe's data are images."""
-        return self.dataset == "fashion_mnist"
+        return self.kind == "image"
 
     @property
     def is_text(self) -> bool:
         """Whether the recipe's data are texts."""
-        return self.dataset == "wordnet"
+        return self.kind == "text"
+
+
+def _check_image(size: int, mode: str) -> None:
+    _check(16 <= size <= 512, f"data.image_size must be in 16..512 px, got {size}")
+    _check(mode in ("RGB", "L"), f"data.image_mode: expected 'RGB' or 'L', got {mode!r}")
+
+
+@dataclass(frozen=True)
+class FilesData:
+    """Your own files (``kind`` + ``path``): the keys every input kind shares.
+
+    Who plays server and devices: with a ``user`` column (or user folders) the users are
+    split user-disjoint: ``device_users`` (default: ``device_fraction`` of the users, seeded)
+    play the devices, the rest train the server, ``server_val_users`` (default:
+    ``val_fraction`` of the server users) validate it. Without users, every label's samples
+    are split by the same fractions (in file order for time series) and the device share is
+    dealt to ``device_count`` simulated devices; the run says so. Each device adapts on the
+    first half of its samples (its first session, when it has several) and is scored on the
+    rest.
+    """
+
+    kind: str = _f("", "input kind of your files: timeseries, image or text")
+    path: str = _f("", "your data: a file or folder (relative to the current directory)")
+    server_users: tuple[int | str, ...] = _f((), "users the server trains on (default: every "
+                                             "user that is not a device user)", "user names")
+    server_val_users: tuple[int | str, ...] = _f((), "server users kept for validation "
+                                                 "(default: val_fraction of them)",
+                                                 "user names")
+    device_users: tuple[int | str, ...] = _f((), "held-out users that play the devices "
+                                             "(default: device_fraction of the users)",
+                                             "user names")
+    val_fraction: float = _f(0.2, "share of the server users (no users: of each label's "
+                             "samples) kept for validation", "fraction")
+    device_fraction: float = _f(0.25, "share of the users (no users: of each label's samples) "
+                                "held out for the devices", "fraction")
+    device_count: int = _f(2, "without users: simulated devices the device share is dealt to",
+                           "devices")
+    seed: int = _f(0, "seed of the user/sample split")
+
+    def __post_init__(self):
+        _check(self.kind in INPUT_KINDS,
+               f"data.kind: expected one of {INPUT_KINDS}, got {self.kind!r}")
+        _check(bool(self.path), f"data.path: required with data.kind = {self.kind!r}: the file "
+               "or folder holding your data")
+        for key in ("server_users", "server_val_users", "device_users"):
+            ids = getattr(self, key)
+            _check(all(isinstance(u, int | str) and not isinstance(u, bool) for u in ids),
+                   f"data.{key}: expected user names (strings or integers), got {list(ids)}")
+        names = {k: {str(u) for u in getattr(self, k)}
+                 for k in ("server_users", "server_val_users", "device_users")}
+        overlap = names["device_users"] & (names["server_users"] | names["server_val_users"])
+        _check(not overlap, f"data: users {sorted(overlap)} are both server and device users; "
+               "splits must be user-disjoint")
+        _check(not names["server_users"] or names["server_val_users"] <= names["server_users"],
+               "data.server_val_users must be a subset of data.server_users")
+        _check(0.0 < self.val_fraction < 0.5 and 0.0 < self.device_fraction < 0.5,
+               f"data.val_fraction and data.device_fraction must be in (0, 0.5), got "
+               f"{self.val_fraction}, {self.device_fraction}")
+        _check(1 <= self.device_count <= 100,
+               f"data.device_count must be in 1..100, got {self.device_count}")
+
+    @property
+    def is_files(self) -> bool:
+        """Whether the data are the user's own files."""
+        return True
+
+    @property
+    def is_image(self) -> bool:
+        """Whether the recipe's data are images."""
+        return self.kind == "image"
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the recipe's data are texts."""
+        return self.kind == "text"
+
+
+@dataclass(frozen=True)
+class TimeseriesFiles(FilesData):
+    """``kind = "timeseries"``: sensor windows in ``.npz`` or sensor logs in ``.csv``.
+
+    ``.npz``: ``x`` (N, T, C) windows, ``y`` (N,) label names, optional ``user``/``session``
+    (N,) and ``channels`` (C,) names. ``.csv`` (a file, or a folder of them): one sample per
+    row at ``sample_rate_hz``, the ``channels`` columns, ``label``, and optional ``user`` and
+    ``session`` columns; windows are cut inside runs of one label (and user, session, file),
+    exactly as the device runner cuts them. A folder's files without a ``session`` column are
+    sessions of their own.
+    """
+
+    channels: tuple[str, ...] = _f((), "channel columns / names, in model order (empty: every "
+                                   "CSV column except label, user, session; .npz: its own)")
+    window: int = _f(128, "samples per window (.npz windows must have this length)", "samples")
+    stride: int = _f(64, "hop between the windows cut from a CSV log", "samples")
+    sample_rate_hz: float = _f(50.0, "rate of the CSV samples (recorded in the bundle)", "Hz")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.window >= 8 and self.stride >= 1,
+               f"data.window must be >= 8 and data.stride >= 1, got {self.window}, {self.stride}")
+        _check(self.sample_rate_hz > 0, f"data.sample_rate_hz must be > 0, got "
+               f"{self.sample_rate_hz}")
+        _check(len(set(self.channels)) == len(self.channels),
+               f"data.channels: names must be distinct, got {list(self.channels)}")
+
+
+@dataclass(frozen=True)
+class ImageFiles(FilesData):
+    """``kind = "image"``: a folder with one sub-folder of PNG/JPEG files per label.
+
+    With ``by_user``, ``path/<user>/<label>/*.png``: one folder per user (or device) first.
+    Images are converted and resized exactly as the device runner does.
+    """
+
+    image_size: int = _f(64, "model input side (a multiple of 32 for efficientnet_lite0)", "px")
+    image_mode: str = _f("RGB", "RGB or L (grayscale)")
+    by_user: bool = _f(False, "path holds one folder per user, each with one folder per label")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_image(self.image_size, self.image_mode)
+
+
+@dataclass(frozen=True)
+class TextFiles(FilesData):
+    """``kind = "text"``: a ``.csv`` with ``text`` and ``label`` columns, optional ``user``."""
+
+    max_length: int = _f(128, "word pieces per text incl. [CLS]/[SEP]; longer texts are "
+                         "truncated", "word pieces")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(8 <= self.max_length <= 512,
+               f"data.max_length must be in 8..512 word pieces, got {self.max_length}")
+
+
+#: ``[data] kind = ...`` -> its section; without ``kind`` the section is a :class:`DataConfig`.
+DATA_KINDS = {"timeseries": TimeseriesFiles, "image": ImageFiles, "text": TextFiles}
+Data = DataConfig | TimeseriesFiles | ImageFiles | TextFiles
 
 
 @dataclass(frozen=True)
@@ -125,13 +296,16 @@ class NetConfig:
     ``layers`` of its 6 transformer layers, evenly spaced (``pretrained`` loads its weights).
     """
 
-    channels: tuple[int, ...] = (32, 64, 64)
-    kernels: tuple[int, ...] = (7, 5, 3)
-    pools: tuple[int, ...] = (2, 2, 1)
-    dropout: float = 0.1
-    arch: str = "cnn1d"
-    pretrained: bool = False
-    layers: int = 6
+    channels: tuple[int, ...] = _f((32, 64, 64), "cnn1d/cnn2d: output channels of each conv "
+                                   "block", "channels")
+    kernels: tuple[int, ...] = _f((7, 5, 3), "cnn1d/cnn2d: odd kernel size of each block",
+                                  "samples or px")
+    pools: tuple[int, ...] = _f((2, 2, 1), "cnn1d/cnn2d: max-pool factor after each block "
+                                "(1 = none)")
+    dropout: float = _f(0.1, "dropout before the head", "probability")
+    arch: str = _f("cnn1d", "cnn1d, cnn2d, efficientnet_lite0 or minilm")
+    pretrained: bool = _f(False, "efficientnet_lite0/minilm: start from the packaged weights")
+    layers: int = _f(6, "minilm: transformer layers kept of 6, evenly spaced", "layers")
 
     def __post_init__(self):
         _check(self.arch in ARCHS, f"net.arch: expected one of {ARCHS}, got {self.arch!r}")
@@ -144,18 +318,19 @@ class NetConfig:
         _check(0.0 <= self.dropout < 1.0, f"net.dropout must be in [0, 1), got {self.dropout}")
         _check(1 <= self.layers <= 6, f"net.layers must be in 1..6, got {self.layers}")
         _check(not self.pretrained or self.arch in ("efficientnet_lite0", "minilm"),
-               f"net.pretrained: only efficientnet_lite0 has pretrained weights, not {self.arch}")
+               f"net.pretrained: only efficientnet_lite0 and minilm have pretrained weights, "
+               f"not {self.arch}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Supervised training of a network on server data (AdamW, cosine schedule)."""
 
-    epochs: int = 12
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
+    epochs: int = _f(12, "passes over the training data", "epochs")
+    batch_size: int = _f(64, "samples per step", "samples")
+    lr: float = _f(3e-3, "peak learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    seed: int = _f(0, "seed of initialisation and shuffling")
 
     def __post_init__(self):
         _check(self.epochs >= 1 and self.batch_size >= 1, "train: epochs and batch_size >= 1")
@@ -171,9 +346,10 @@ class DistillConfig:
     device's head trains on) follow the teacher's, not only its logits.
     """
 
-    temperature: float = 4.0
-    alpha: float = 0.7
-    embedding_weight: float = 0.0
+    temperature: float = _f(4.0, "softmax temperature T of the soft targets")
+    alpha: float = _f(0.7, "weight of the KD term (1 - alpha: cross-entropy on labels)",
+                      "fraction")
+    embedding_weight: float = _f(0.0, "text: weight of 1 - cos(student, teacher embedding)")
 
     def __post_init__(self):
         _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
@@ -189,18 +365,18 @@ class HeadConfig:
     with that coefficient (L2-SP on the head).
     """
 
-    kind: str = "linear"
-    hidden: int = 32
-    scale: float = 10.0
-    learn_scale: bool = True
-    l2sp: float = 0.0
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    kind: str = _f("linear", "linear, mlp or cosine")
+    hidden: int = _f(32, "mlp: hidden units", "units")
+    scale: float = _f(10.0, "cosine: initial logit scale")
+    learn_scale: bool = _f(True, "cosine: the device learns the scale")
+    l2sp: float = _f(0.0, "L2-SP pull toward the shipped head (0 = off)")
+    optimizer: str = _f("sgd", "on-device optimizer: sgd or adam")
+    lr: float = _f(0.05, "on-device learning rate")
+    momentum: float = _f(0.9, "sgd momentum")
+    weight_decay: float = _f(1e-4, "on-device weight decay")
+    beta1: float = _f(0.9, "adam beta1")
+    beta2: float = _f(0.999, "adam beta2")
+    eps: float = _f(1e-8, "adam epsilon")
 
     def __post_init__(self):
         _check(self.kind in HEAD_KINDS,
@@ -226,21 +402,27 @@ class HeadConfig:
 class ExportConfig:
     """How the student becomes device bundles.
 
-    ``target`` / ``precision`` is what ``edgetl export`` writes by default; ``edgetl run``
-    writes one bundle for every pair of ``targets`` x ``precisions``.
+    ``edgetl run`` writes one bundle for every pair of ``targets`` x ``precisions``;
+    ``target`` / ``precision`` / ``trainer`` are the defaults of :func:`edgetl.stages.export`
+    when its caller passes none.
     """
 
-    target: str = "onnx"
-    precision: str = "fp32"
-    targets: tuple[str, ...] = ("onnx",)
-    precisions: tuple[str, ...] = ("fp32",)
-    opset: int = 17
-    n_test_vectors: int = 8
-    train_batch: int = 32             # fixed-batch runtimes (TFLite) train on exactly this
-    calibration_windows: int = 512    # int8: source windows the activation ranges come from
-    max_accuracy_drop: float = MAX_ACCURACY_DROP_POINTS  # held-out points a bundle may lose
-    trainer: str = "stateless"        # or "ort-training": also ONNX Runtime training artifacts
-    class_capacity: int = 0           # fixed-class heads (TFLite): rows, spare ones for new labels
+    target: str = _f("onnx", "stages.export's default runtime: onnx or tflite")
+    precision: str = _f("fp32", "stages.export's default backbone precision: fp32 or int8")
+    targets: tuple[str, ...] = _f(("onnx",), "edgetl run: runtimes to export (onnx, tflite)")
+    precisions: tuple[str, ...] = _f(("fp32",), "edgetl run: backbone precisions (fp32, int8)")
+    opset: int = _f(17, "ONNX opset", "opset")
+    n_test_vectors: int = _f(8, "reference inputs shipped for the device self-test", "samples")
+    train_batch: int = _f(32, "fixed-batch runtimes (TFLite) train on exactly this, padded",
+                          "samples")
+    calibration_windows: int = _f(512, "int8: source samples the activation ranges come from",
+                                  "samples")
+    max_accuracy_drop: float = _f(MAX_ACCURACY_DROP_POINTS, "held-out accuracy a bundle may "
+                                  "lose vs the PyTorch student", "points")
+    trainer: str = _f("stateless", "stateless, or ort-training (also ONNX Runtime training "
+                      "artifacts)")
+    class_capacity: int = _f(0, "fixed-class heads (TFLite): rows, spare ones for new labels "
+                             "(0 = the labels)", "classes")
 
     def __post_init__(self):
         for t in (self.target, *self.targets):
@@ -273,10 +455,11 @@ class ExportConfig:
 class AdaptConfig:
     """On-device adaptation: epochs over cached features, validation split and the gate."""
 
-    epochs: int = 30
-    batch_size: int = 32
-    val_fraction: float = 0.25
-    seed: int = 0
+    epochs: int = _f(30, "head training passes over the device's cached features", "epochs")
+    batch_size: int = _f(32, "samples per on-device step", "samples")
+    val_fraction: float = _f(0.25, "share of the device data that gates the new head",
+                             "fraction")
+    seed: int = _f(0, "seed of the device's split and shuffling")
 
     def __post_init__(self):
         _check(self.epochs >= 1 and self.batch_size >= 1, "adapt: epochs and batch_size >= 1")
@@ -293,8 +476,10 @@ class CheckConfig:
     accuracy to be no more than ``max_adaptation_loss`` points below the general head's.
     """
 
-    users: tuple[int, ...] = ()
-    max_adaptation_loss: float = MAX_ADAPTATION_LOSS_POINTS
+    users: tuple[int, ...] = _f((), "hapt: users of the adaptation check (default: the "
+                                "server-validation users)", "user ids")
+    max_adaptation_loss: float = _f(MAX_ADAPTATION_LOSS_POINTS, "mean personalised accuracy "
+                                    "may fall this far below the general head's", "points")
 
     def __post_init__(self):
         _check(self.max_adaptation_loss >= 0,
@@ -305,39 +490,40 @@ class CheckConfig:
 class TransferConfig:
     """Server-side transfer methods (``edgetl methods``; see ``edgetl/methods/``).
 
-    ``method`` is the one a pipeline applies, ``methods`` the ones ``edgetl methods``
-    compares. The source model trains ``source_epochs`` (recipe's student net); supervised
-    methods fine-tune ``epochs`` on labelled target data, alignment methods take
-    ``uda_steps`` steps of ``batch_size`` source + target inputs; Adam at ``lr``. Vision:
-    ``shots`` labelled digits per class, images at ``image_size`` px (0: data.image_size),
-    one run per seed of ``seeds``. HAR: ``users`` (default data.device_users) are the targets.
+    ``methods`` are the ones ``edgetl methods`` compares. The source model trains
+    ``source_epochs`` (recipe's student net); supervised methods fine-tune ``epochs`` on
+    labelled target data, alignment methods take ``uda_steps`` steps of ``batch_size`` source
+    + target inputs; Adam at ``lr``. Vision: ``shots`` labelled digits per class, images at
+    ``image_size`` px (0: data.image_size), one run per seed of ``seeds``. HAR: ``users``
+    (default data.device_users) are the targets.
     """
 
-    method: str = "finetune"
-    methods: tuple[str, ...] = TRANSFER_METHODS
-    source_epochs: int = 6
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 32
-    uda_steps: int = 100
-    l2sp_alpha: float = 0.1
-    l2sp_beta: float = 0.01
-    ewc_lambda: float = 100.0
-    ewc_samples: int = 256
-    dann_lambda: float = 1.0
-    dann_hidden: int = 64
-    mmd_lambda: float = 1.0
-    coral_lambda: float = 1.0
-    seed: int = 0
-    seeds: tuple[int, ...] = (0, 1, 2)
-    shots: int = 10
-    image_size: int = 32
-    users: tuple[int, ...] = ()
+    methods: tuple[str, ...] = _f(TRANSFER_METHODS, "methods edgetl methods compares")
+    source_epochs: int = _f(6, "training of the source model (the student net)", "epochs")
+    epochs: int = _f(10, "supervised methods: fine-tuning on labelled target data", "epochs")
+    lr: float = _f(1e-3, "Adam learning rate of every method")
+    batch_size: int = _f(32, "source (and target) samples per step", "samples")
+    uda_steps: int = _f(100, "alignment methods: steps", "steps")
+    l2sp_alpha: float = _f(0.1, "L2-SP: pull of the shared weights toward the source's")
+    l2sp_beta: float = _f(0.01, "L2-SP: weight decay of the new weights")
+    ewc_lambda: float = _f(100.0, "EWC: Fisher-weighted penalty")
+    ewc_samples: int = _f(256, "EWC: source samples of the Fisher estimate", "samples")
+    dann_lambda: float = _f(1.0, "DANN: weight of the domain loss")
+    dann_hidden: int = _f(64, "DANN: hidden units of the domain classifier", "units")
+    mmd_lambda: float = _f(1.0, "MMD: weight of the feature discrepancy")
+    coral_lambda: float = _f(1.0, "CORAL: weight of the covariance discrepancy")
+    seed: int = _f(0, "seed of the HAR comparison")
+    seeds: tuple[int, ...] = _f((0, 1, 2), "vision: one run per seed")
+    shots: int = _f(10, "vision: labelled digits per class", "samples")
+    image_size: int = _f(32, "vision: image side for the comparison (0 = data.image_size)",
+                         "px")
+    users: tuple[int, ...] = _f((), "HAR: target users (default data.device_users)",
+                                "user ids")
 
     def __post_init__(self):
-        for m in (self.method, *self.methods):
+        for m in self.methods:
             _check(m in TRANSFER_METHODS,
-                   f"transfer.method(s): {m!r} unknown; known: {list(TRANSFER_METHODS)}")
+                   f"transfer.methods: {m!r} unknown; known: {list(TRANSFER_METHODS)}")
         _check(len(self.methods) > 0 and len(self.seeds) > 0,
                "transfer.methods and transfer.seeds must not be empty")
         _check(min(self.source_epochs, self.epochs, self.uda_steps, self.batch_size,
@@ -355,46 +541,67 @@ class TransferConfig:
 class Recipe:
     """A whole scenario: data, teacher, student, distillation, head, export and adaptation."""
 
-    name: str = "har"
-    description: str = ""
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: NetConfig = field(default_factory=lambda: NetConfig((64, 128, 128), (7, 5, 3)))
-    student: NetConfig = field(default_factory=lambda: NetConfig((16, 32, 48), (7, 5, 3)))
-    pretrain: TrainConfig = field(default_factory=TrainConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    student_train: TrainConfig = field(default_factory=TrainConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)
-    check: CheckConfig = field(default_factory=CheckConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
+    name: str = _f("har", "the recipe's name (in summaries and bundle provenance)")
+    description: str = _f("", "one line for people")
+    data: Data = _section(DataConfig, "the data and who plays server and devices")
+    teacher: NetConfig = _section(lambda: NetConfig((64, 128, 128), (7, 5, 3)),
+                                  "the big network pretrained on the server")
+    student: NetConfig = _section(lambda: NetConfig((16, 32, 48), (7, 5, 3)),
+                                  "the small network distilled from it: the bundle's backbone")
+    pretrain: TrainConfig = _section(TrainConfig, "training of the teacher")
+    distill: DistillConfig = _section(DistillConfig, "distillation of the student")
+    student_train: TrainConfig = _section(TrainConfig, "training of the student")
+    head: HeadConfig = _section(HeadConfig, "the trainable head and its on-device optimizer")
+    export: ExportConfig = _section(ExportConfig, "device bundles")
+    adapt: AdaptConfig = _section(AdaptConfig, "on-device adaptation")
+    check: CheckConfig = _section(CheckConfig, "the release gate")
+    transfer: TransferConfig = _section(TransferConfig, "edgetl methods")
+
+    def __post_init__(self):
+        archs = KIND_ARCHS[self.data.kind]
+        for role in ("teacher", "student"):
+            arch = getattr(self, role).arch
+            _check(arch in archs, f"{role}.arch: {self.data.kind} data need one of {archs}, got "
+                   f"{arch!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), for run records."""
         return dataclasses.asdict(self)
 
 
-def _build(base, raw: dict[str, Any], where: str):
-    """Return ``base`` (a dataclass instance) with the keys of ``raw`` replaced, type-checked."""
-    known = {f.name: f for f in dataclasses.fields(base)}
-    unknown = sorted(set(raw) - set(known))
-    _check(not unknown, f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    kwargs = {}
+def _build(cls, raw: dict[str, Any], where: str, base=None):
+    """An instance of dataclass ``cls`` from ``raw``, type-checked.
+
+    Keys absent from ``raw`` keep ``base``'s values (or the field defaults); ``[data]`` picks
+    its class by ``kind``.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    _check(not unknown, f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    values = {n: getattr(base, n) if base is not None else
+              (f.default_factory() if f.default_factory is not dataclasses.MISSING
+               else f.default) for n, f in fields.items()}
     for k, v in raw.items():
-        default = getattr(base, k)
-        if dataclasses.is_dataclass(default):
+        default = values[k]
+        if cls is Recipe and k == "data" and isinstance(v, dict) and "kind" in v:
+            _check("dataset" not in v, f"{where}.data: set either dataset (a built-in dataset) "
+                   "or kind + path (your own files), not both")
+            _check(v["kind"] in DATA_KINDS, f"{where}.data.kind: expected one of "
+                   f"{tuple(DATA_KINDS)}, got {v['kind']!r}")
+            values[k] = _build(DATA_KINDS[v["kind"]], v, f"{where}.data")
+        elif dataclasses.is_dataclass(default):
             _check(isinstance(v, dict), f"{where}.{k}: expected a table, got {type(v).__name__}")
-            kwargs[k] = _build(default, v, f"{where}.{k}")
+            values[k] = _build(type(default), v, f"{where}.{k}", default)
         elif isinstance(default, tuple):
             _check(isinstance(v, list), f"{where}.{k}: expected a list, got {v!r}")
-            kwargs[k] = tuple(v)
+            values[k] = tuple(v)
         elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
-            kwargs[k] = float(v)
+            values[k] = float(v)
         else:
             _check(default is None or isinstance(v, type(default)),
                    f"{where}.{k}: expected {type(default).__name__}, got {v!r}")
-            kwargs[k] = v
-    return dataclasses.replace(base, **kwargs)
+            values[k] = v
+    return cls(**values)
 
 
 def load_recipe(path: Path | str) -> Recipe:
@@ -412,4 +619,75 @@ def load_recipe(path: Path | str) -> Recipe:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
-    return _build(Recipe(), raw, path.name)
+    return _build(Recipe, raw, path.name)
+
+
+# ------------------------------------------------------------------ the recipe reference page
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
+def _table(cls, base=None, skip: tuple[str, ...] = ()) -> list[str]:
+    rows = ["| key | type | default | unit | description |", "|---|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        doc = f.metadata.get("doc")
+        if not doc:
+            raise ConfigError(f"{cls.__name__}.{f.name} has no description: add "
+                              "metadata={'doc': ...} (edgetl.config._f)")
+        default = getattr(base, f.name) if base is not None else f.default
+        cells = [f"`{f.name}`", f"`{f.type}`", f"`{_toml(default)}`",
+                 f.metadata.get("unit") or "", doc]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return rows
+
+
+def _summary(cls) -> str:
+    return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "`")
+
+
+def recipe_markdown() -> str:
+    """The recipe reference (``docs/recipe.md``): every section and key of :class:`Recipe`."""
+    out = ["# Recipe reference", "",
+           "Generated from the dataclasses of `edgetl/config.py` by "
+           "`python -m edgetl.config --markdown > docs/recipe.md` (`make docs`); "
+           "`tests/test_recipe_doc.py` fails when this page is stale. An unknown key is an "
+           "error that lists the known ones.", ""]
+    top = [f for f in dataclasses.fields(Recipe) if f.default_factory is dataclasses.MISSING]
+    out += ["## Top level", "", *_table(Recipe, skip=tuple(
+        f.name for f in dataclasses.fields(Recipe) if f not in top)), ""]
+    for f in dataclasses.fields(Recipe):
+        if f in top:
+            continue
+        default = f.default_factory()
+        if f.name == "data":
+            out += [f"## `[data]`: {f.metadata['doc']}", "",
+                    "A tagged union: `dataset = ...` picks a built-in dataset, `kind = ...` "
+                    "with `path` reads your own files (see `docs/own-data.md`).", "",
+                    "### Built-in datasets (`dataset = \"hapt\" | \"fashion_mnist\" | "
+                    "\"wordnet\"`)", "", _summary(DataConfig), "", *_table(DataConfig), ""]
+            out += ["### Your files: keys of every kind", "", _summary(FilesData), "",
+                    *_table(FilesData, skip=("kind",)), ""]
+            common = {g.name for g in dataclasses.fields(FilesData)}
+            for kind, cls in DATA_KINDS.items():
+                own = tuple(g.name for g in dataclasses.fields(cls) if g.name in common)
+                out += [f"### Your files: `kind = \"{kind}\"`", "", _summary(cls), "",
+                        *_table(cls, skip=own), ""]
+            continue
+        out += [f"## `[{f.name}]`: {f.metadata['doc']}", "", _summary(type(default)), "",
+                *_table(type(default), default), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":  # python -m edgetl.config --markdown > docs/recipe.md
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m edgetl.config --markdown > docs/recipe.md")
+    sys.stdout.write(recipe_markdown())

@@ -64,6 +64,10 @@ def hapt_clients(recipe, n_clients: int) -> list[ClientData]:
     """
     from edgetl.data import hapt
 
+    if recipe.data.is_files or recipe.data.kind != "timeseries":
+        raise ConfigError("edgetl fleet simulates devices from the HAPT recipe's held-out "
+                          "users; recipes over your own files run their devices with "
+                          "`edgetl run`")
     users = list(recipe.data.device_users)
     if n_clients < 2:
         raise ConfigError(f"--clients must be at least 2, got {n_clients}")

@@ -43,13 +43,25 @@ class RunSummary:
         return list(dict.fromkeys(r["bundle"] for r in self.devices))
 
 
-def write_device_files(w: hapt.Windows, user: int, folder: Path) -> tuple[Path, Path]:
-    """Write a user's first session as ``adapt.npz`` and later sessions as ``eval.npz``."""
+def write_device_files(w: hapt.Windows, user: int, folder: Path, *,
+                       gap: int = 0) -> tuple[Path, Path]:
+    """Write a user's first session as ``adapt.npz`` and later sessions as ``eval.npz``.
+
+    A user with one session (your own files): the first half of each label's windows adapts,
+    the second half (after ``gap`` windows that overlap the first half) evaluates.
+    """
+    from edgetl.data.files import device_halves
+
     folder.mkdir(parents=True, exist_ok=True)
     u = w.users([user])
     first = u.session.min()
+    if len(np.unique(u.session)) > 1:
+        parts = (u.session == first, u.session != first)
+    else:
+        ad, ev = device_halves(u.y, u.session, in_order=True, gap=gap)
+        parts = tuple(np.isin(np.arange(len(u)), i) for i in (ad, ev))
     paths = []
-    for name, mask in (("adapt", u.session == first), ("eval", u.session != first)):
+    for name, mask in zip(("adapt", "eval"), parts, strict=True):
         s = u.select(mask)
         p = folder / f"{name}.npz"
         np.savez(p, x=s.x, y=np.array([w.labels[i] for i in s.y], dtype=str),
@@ -59,38 +71,46 @@ def write_device_files(w: hapt.Windows, user: int, folder: Path) -> tuple[Path, 
 
 
 def personalise_devices(recipe: Recipe, bundle: Path, out: Path, w: hapt.Windows, *,
+                        split: stages.UserSplit | None = None,
                         users: tuple[int, ...] | None = None, name: str | None = None,
                         show: bool = True) -> list[dict]:
     """Adapt on each device user's first session, evaluate on the rest, via the runner.
 
     Args:
+        split: the recipe's user split (default: HAPT's, from the recipe; your own files:
+            made again from the data).
         name: the bundle's name in the rows and under ``out/devices/`` (default: its folder).
-        users: which users play the phones; default the recipe's ``device_users``. Users the
+        users: which users play the phones; default the split's device users. Users the
             server trained on are refused (their numbers would be meaningless); the
             server-validation users are allowed, to tune adaptation without touching the
             held-out users.
     """
-    users = tuple(users or recipe.data.device_users)
-    seen = set(recipe.data.server_users) - set(recipe.data.server_val_users)
+    if split is None:
+        split = stages.load_windows(recipe)[1] if recipe.data.is_files else \
+            stages.hapt_split(recipe)
+    users = tuple(users or split.device)
+    seen = set(split.train)
     if set(users) & seen:
-        raise ConfigError(f"users {sorted(set(users) & seen)} trained the server model; pick "
-                          f"device users {list(recipe.data.device_users)} or server-validation "
-                          f"users {list(recipe.data.server_val_users)}")
+        raise ConfigError(f"users {sorted(split.name(u) for u in set(users) & seen)} trained "
+                          f"the server model; pick device users "
+                          f"{[split.name(u) for u in split.device]} or server-validation "
+                          f"users {[split.name(u) for u in split.val]}")
+    gap = -(-recipe.data.window // recipe.data.stride) - 1 if recipe.data.is_files else 0
     rows = []
     a = recipe.adapt
     name = name or Path(bundle).name
     with progress_bar(show) as prog:
         task = prog.add_task(f"personalise devices ({name})", total=len(users), info="")
         for user in users:
-            folder = Path(out) / "devices" / name / f"user_{user:02d}"
+            folder = Path(out) / "devices" / name / split.folder(user)
             if folder.exists():
                 shutil.rmtree(folder)  # a fresh phone each run
-            adapt_npz, eval_npz = write_device_files(w, user, folder)
+            adapt_npz, eval_npz = write_device_files(w, user, folder, gap=gap)
             general = device.infer(bundle, eval_npz)
             rep = device.adapt(bundle, adapt_npz, folder / "state", epochs=a.epochs,
                                batch_size=a.batch_size, val_fraction=a.val_fraction, seed=a.seed)
             personal = device.infer(bundle, eval_npz, head=Path(rep["checkpoint"]))
-            row = {"bundle": name, "user": user, "n_adapt": rep["n_windows"],
+            row = {"bundle": name, "user": split.name(user), "n_adapt": rep["n_windows"],
                    "n_eval": general["n_windows"],
                    "general_accuracy": general["accuracy"],
                    "personal_accuracy": personal["accuracy"],
@@ -102,18 +122,19 @@ def personalise_devices(recipe: Recipe, bundle: Path, out: Path, w: hapt.Windows
                    "peak_rss_mb": rep["peak_rss_mb"], "backend": rep["backend"],
                    "precision": rep["precision"]}
             rows.append(row)
-            prog.update(task, advance=1, info=f"user {user}: {row['general_accuracy']:.3f} -> "
+            prog.update(task, advance=1, info=f"user {row['user']}: "
+                                              f"{row['general_accuracy']:.3f} -> "
                                               f"{row['personal_accuracy']:.3f}")
     return rows
 
 
 def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     """Pretrain, distill (with a from-scratch baseline), export, personalise every device."""
-    if recipe.data.is_text:
+    if recipe.data.kind == "text":
         from edgetl.text.pipeline import run_text
 
         return run_text(recipe, out, show=show)
-    if recipe.data.is_image:
+    if recipe.data.kind == "image":
         from edgetl.vision.pipeline import run_vision
 
         return run_vision(recipe, out, show=show)
@@ -121,8 +142,11 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sd = stages.server_data(recipe)
+    if sd.split.note:
+        console.log(f"split of {recipe.data.path}: {sd.split.note}")
     console.log(f"data: {len(sd.train.y)} train / {len(sd.val.y)} val windows from server "
-                f"users, {len(sd.heldout.y)} from held-out users {list(recipe.data.device_users)}")
+                f"users, {len(sd.heldout.y)} from held-out users "
+                f"{[sd.split.name(u) for u in sd.split.device]}")
     summ = RunSummary(recipe.name)
     teacher = stages.pretrain(recipe, out, data=sd, show=show)
     students = stages.distill_student(recipe, teacher.path, out, data=sd, show=show)
@@ -147,7 +171,8 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
                              "bytes": sum(f.bytes for f in man.files.values()),
                              "files": {k: v.bytes for k, v in man.files.items()},
                              "checks": man.checks, "gate": gate})
-        summ.devices += personalise_devices(recipe, path, out, sd.windows, name=name, show=show)
+        summ.devices += personalise_devices(recipe, path, out, sd.windows, split=sd.split,
+                                            name=name, show=show)
     return _finish(summ, out, t0)
 
 
@@ -202,7 +227,8 @@ def personalise(recipe: Recipe, bundle: Path, out: Path, *, users: tuple[int, ..
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    w = hapt.load_hapt(recipe.data.window, recipe.data.stride)
+    w, split = stages.load_windows(recipe)
     summ = RunSummary(recipe.name)
-    summ.devices = personalise_devices(recipe, Path(bundle), out, w, users=users, show=show)
+    summ.devices = personalise_devices(recipe, Path(bundle), out, w, split=split, users=users,
+                                       show=show)
     return _finish(summ, out, t0)

@@ -44,10 +44,12 @@ def _new_class_cells(d: dict | None) -> list[str]:
 
 def vision_tables(summary) -> list[Table]:
     """Server models, bundles and cameras of the vision scenario."""
-    t = Table(title=f"{summary.recipe}: server models (Fashion-MNIST test subset)")
+    own = summary.server.get("own_data")  # your image folders, not Fashion-MNIST -> digits
+    t = Table(title=f"{summary.recipe}: server models "
+                    f"({'device users of ' + own if own else 'Fashion-MNIST test subset'})")
     for c in ("model", "params", "backbone params", "val acc", "test acc", "train s"):
         t.add_column(c, justify="left" if c == "model" else "right")
-    names = {"teacher": "EfficientNet-Lite0 (ImageNet, fine-tuned)",
+    names = {"teacher": "teacher" if own else "EfficientNet-Lite0 (ImageNet, fine-tuned)",
              "student_scratch": "student CNN (from scratch)", "student": "student CNN (distilled)"}
     for key, label in names.items():
         r = summary.server.get(key)
@@ -55,8 +57,10 @@ def vision_tables(summary) -> list[Table]:
             t.add_row(label, f"{r['params']:,}", f"{r['backbone_params']:,}",
                       f"{r['val_accuracy']:.3f}", f"{r['heldout_accuracy']:.3f}",
                       f"{r['seconds']:.0f}")
-    b = Table(title="bundles and cameras (digits: 10 new classes, unseen test digits)")
-    for c in ("bundle", "KiB", "backbone KiB", "fashion test acc", "vs torch", "imprint",
+    b = Table(title="bundles and devices (each personalises on its own images)" if own else
+              "bundles and cameras (digits: 10 new classes, unseen test digits)")
+    for c in ("bundle", "KiB", "backbone KiB", "test acc" if own else "fashion test acc",
+              "vs torch", "imprint",
               "+ head training", "train ms", "RSS MiB"):
         b.add_column(c, justify="left" if c == "bundle" else "right", no_wrap=True)
     by = summary.totals.get("by_bundle", {})
@@ -71,7 +75,9 @@ def vision_tables(summary) -> list[Table]:
 
 def text_tables(summary) -> list[Table]:
     """MiniLM vs its distilled student, then every bundle with its device topic accuracy."""
-    t = Table(title=f"{summary.recipe}: server models (WordNet noun categories, test glosses)")
+    own = summary.server.get("own_data")  # your text CSV, not WordNet -> fortunes
+    what = "device users of " + own if own else "WordNet noun categories, test glosses"
+    t = Table(title=f"{summary.recipe}: server models ({what})")
     for c in ("model", "layers", "params", "val acc", "test acc", "train s"):
         t.add_column(c, justify="left" if c == "model" else "right")
     names = {"teacher": "all-MiniLM-L6-v2 (frozen) + head", "student": "student (distilled)"}
@@ -80,8 +86,10 @@ def text_tables(summary) -> list[Table]:
         if r:
             t.add_row(label, str(r["layers"]), f"{r['params']:,}", f"{r['val_accuracy']:.3f}",
                       f"{r['heldout_accuracy']:.3f}", f"{r['seconds']:.0f}")
-    b = Table(title="bundles and devices (fortune topics the server never saw)")
-    for c in ("bundle", "MiB", "latency ms", "gloss test acc", "vs torch", "imprint",
+    b = Table(title="bundles and devices (each personalises on its own texts)" if own else
+              "bundles and devices (fortune topics the server never saw)")
+    for c in ("bundle", "MiB", "latency ms", "test acc" if own else "gloss test acc",
+              "vs torch", "imprint",
               "+ head training", "train ms", "RSS MiB"):
         b.add_column(c, justify="left" if c == "bundle" else "right", no_wrap=True)
     by = summary.totals.get("by_bundle", {})

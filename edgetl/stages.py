@@ -16,11 +16,37 @@ from edgetl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgetl.config import Recipe
 from edgetl.data import hapt
 from edgetl.distributed import is_main
-from edgetl.errors import ConfigError
+from edgetl.errors import ConfigError, DataError
 from edgetl.export import export_bundle
 from edgetl.manifest import Manifest
 from edgetl.nets import build_model, count_params
 from edgetl.train import Split, accuracy, distill, train_classifier
+
+
+@dataclass(frozen=True)
+class UserSplit:
+    """Which users (``Windows.user`` ids) train the server, validate it and play the phones.
+
+    ``names``: each id's name for user files (``()`` for HAPT, whose ids are its names);
+    ``note``: how the split was made, for the run's log.
+    """
+
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+    device: tuple[int, ...]
+    names: tuple[str, ...] = ()
+    note: str = ""
+
+    def name(self, user: int) -> int | str:
+        """The user as tables and summaries show it (the HAPT id, or the file's name)."""
+        return self.names[user] if self.names else int(user)
+
+    def folder(self, user: int) -> str:
+        """A folder name for the user's device files."""
+        if not self.names:
+            return f"user_{user:02d}"
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.names[user])
+        return f"user_{safe}"
 
 
 @dataclass(frozen=True)
@@ -37,22 +63,52 @@ class ServerData:
     mean: np.ndarray
     std: np.ndarray
     windows: hapt.Windows
+    split: UserSplit
+
+
+def load_windows(recipe: Recipe) -> tuple[hapt.Windows, UserSplit]:
+    """The recipe's windows (HAPT or your sensor files) and its user split."""
+    d = recipe.data
+    if not d.is_files:
+        return hapt.load_hapt(d.window, d.stride), hapt_split(recipe)
+    from edgetl.data import files
+
+    sd = files.load_timeseries(d)
+    g = files.groups_of(d, sd.owners, sd.what, sd.y, sd.labels, in_order=True, gap=sd.gap)
+    keep = g.group >= 0
+    n = int(keep.sum())
+    w = hapt.Windows(sd.x[keep], sd.y[keep], g.group[keep], sd.session[keep],
+                     np.arange(n, dtype=np.int64), sd.labels, sd.channels)
+    return w, UserSplit(g.train, g.val, g.device, g.names, g.note)
+
+
+def hapt_split(recipe: Recipe) -> UserSplit:
+    """The HAPT recipe's user split, as its ``[data]`` names it."""
+    d = recipe.data
+    return UserSplit(tuple(sorted(set(d.server_users) - set(d.server_val_users))),
+                     tuple(d.server_val_users), tuple(d.device_users))
 
 
 def server_data(recipe: Recipe, *, windows: hapt.Windows | None = None) -> ServerData:
-    """Split the recipe's dataset by user: train / server-val / held-out (device users)."""
+    """Split the recipe's windows by user: train / server-val / held-out (device users)."""
     d = recipe.data
     if d.is_text:
         raise ConfigError(f"recipe {recipe.name!r} is a text recipe: train it with `edgetl "
-                          "run models/text/recipe.toml` (its training stages run together); "
-                          "pretrain and distill take window (HAR) recipes")
+                          "run` (its training stages run together); pretrain and distill take "
+                          "time-series recipes")
     if d.is_image:
         raise ConfigError(f"recipe {recipe.name!r} is an image recipe: train it with `edgetl "
-                          "run models/vision/recipe.toml` (its training stages run together); "
-                          "pretrain and distill take window (HAR) recipes")
-    w = windows if windows is not None else hapt.load_hapt(d.window, d.stride)
-    train_users = sorted(set(d.server_users) - set(d.server_val_users))
-    tr, va, ho = w.users(train_users), w.users(d.server_val_users), w.users(d.device_users)
+                          "run` (its training stages run together); pretrain and distill take "
+                          "time-series recipes")
+    if windows is not None:
+        w, split = windows, hapt_split(recipe)
+    else:
+        w, split = load_windows(recipe)
+    tr, va, ho = w.users(split.train), w.users(split.val), w.users(split.device)
+    for part, s in (("server-training", tr), ("server-validation", va), ("device", ho)):
+        if len(s) == 0:
+            raise DataError(f"the {part} users hold no windows; check data.server_users / "
+                            "server_val_users / device_users against the data")
     flat = tr.x.reshape(-1, tr.x.shape[2])
     mean, std = flat.mean(0), flat.std(0) + 1e-6
 
@@ -60,14 +116,15 @@ def server_data(recipe: Recipe, *, windows: hapt.Windows | None = None) -> Serve
         return Split(((s.x - mean) / std).astype(np.float32), s.y)
 
     return ServerData(norm(tr), norm(va), norm(ho), mean.astype(np.float32),
-                      std.astype(np.float32), w)
+                      std.astype(np.float32), w, split)
 
 
 def _checkpoint(model, recipe: Recipe, net, sd: ServerData, meta: dict) -> Checkpoint:
-    w = sd.windows
+    w, d = sd.windows, recipe.data
+    rate = d.sample_rate_hz if d.is_files else hapt.SAMPLE_RATE_HZ
     return Checkpoint(model, net, recipe.head, tuple(w.labels), tuple(w.channels),
-                      recipe.data.window, recipe.data.stride, float(hapt.SAMPLE_RATE_HZ),
-                      sd.mean, sd.std, {"recipe": recipe.name, **meta})
+                      d.window, d.stride, float(rate), sd.mean, sd.std,
+                      {"recipe": recipe.name, **meta})
 
 
 @dataclass(frozen=True)
@@ -169,10 +226,8 @@ def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:
             : recipe.export.calibration_windows])]
         return CheckData(ref, calib, r["x_test"], r["y_test"], r["labels"])
     sd = data or server_data(recipe)
-    d, w = recipe.data, sd.windows
-    ref = w.users(d.server_val_users)
-    src = w.users(sorted(set(d.server_users) - set(d.server_val_users)))
-    ho = w.users(d.device_users)
+    w = sd.windows
+    ref, src, ho = w.users(sd.split.val), w.users(sd.split.train), w.users(sd.split.device)
     pick = np.sort(rng.permutation(len(ref))[:256])
     n_cal = recipe.export.calibration_windows
     calib = src.x[np.sort(rng.permutation(len(src.x))[:n_cal])]

@@ -181,9 +181,9 @@ def test_report_is_written(tmp_path):
 
 def test_recipe_transfer_section(tmp_path):
     p = tmp_path / "r.toml"
-    p.write_text('[transfer]\nmethod = "l2sp"\nl2sp_alpha = 0.5\n')
+    p.write_text('[transfer]\nmethods = ["l2sp"]\nl2sp_alpha = 0.5\n')
     r = load_recipe(p)
-    assert r.transfer.method == "l2sp" and r.transfer.l2sp_alpha == 0.5
+    assert r.transfer.methods == ("l2sp",) and r.transfer.l2sp_alpha == 0.5
     p.write_text('[transfer]\nalpha = 0.5\n')
     with pytest.raises(ConfigError, match="known keys"):
         load_recipe(p)

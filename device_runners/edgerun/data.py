@@ -198,22 +198,38 @@ def _load_npz(path: str, inp: dict) -> Dataset:
     return Dataset(x, y, path)
 
 
-def _load_csv(path: str, inp: dict) -> Dataset:
-    want = list(inp["channels"])
+def read_csv_log(path: str, channels, columns=("label", "session")):
+    """One sensor sample per row: ``(signals, channel names, {column: values or None})``.
+
+    ``channels``: the channel columns in model order (any order in the file, extra columns
+    ignored); ``None`` takes every column not in ``columns``. ``columns``: optional text
+    columns (label, session, user) returned as stripped strings, ``None`` when absent.
+    The server reads users' logs with this same function.
+
+    Shape:
+        signals: (S, C) float32, finite.
+    """
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
+        want = list(channels) if channels is not None else None
         if header is None:
-            raise RunnerError(f"{path} is empty; expected a header row {want + ['label']}")
+            raise RunnerError(f"{path} is empty; expected a header row "
+                              f"{(want or ['<channels>']) + ['label']}")
         header = [h.strip() for h in header]
+        if want is None:
+            want = [h for h in header if h not in columns]
+            if not want:
+                raise RunnerError(f"{path}: header has no channel columns besides "
+                                  f"{list(columns)}; found {header}")
         miss = [c for c in want if c not in header]
         if miss:
             raise RunnerError(f"{path}: header lacks channel column(s) {miss}; expected "
                               f"{want} (+ optional 'label', 'session'), found {header}")
         cols = [header.index(c) for c in want]
-        li = header.index("label") if "label" in header else None
-        si = header.index("session") if "session" in header else None
-        rows, labels, sessions = [], [], []
+        extra = {c: header.index(c) for c in columns if c in header}
+        rows = []
+        values = {c: [] for c in extra}
         for lineno, row in enumerate(reader, start=2):
             if not row:
                 continue
@@ -222,8 +238,8 @@ def _load_csv(path: str, inp: dict) -> Dataset:
             except (ValueError, IndexError):
                 raise RunnerError(f"{path}:{lineno}: expected {len(want)} numeric channel values, "
                                   f"found {row}") from None
-            labels.append(row[li].strip() if li is not None else "")
-            sessions.append(row[si].strip() if si is not None else "")
+            for c, i in extra.items():
+                values[c].append(row[i].strip() if i < len(row) else "")
     if not rows:
         raise RunnerError(f"{path} has a header but no samples")
     sig = np.asarray(rows, np.float32)
@@ -231,22 +247,43 @@ def _load_csv(path: str, inp: dict) -> Dataset:
         bad = int(np.argwhere(~np.isfinite(sig))[0][0]) + 2
         raise RunnerError(f"{path}:{bad}: non-finite sensor value (NaN/inf); clean or drop "
                           "those samples before adapting")
-    win, stride = int(inp["window"]), int(inp["stride"])
-    xs, ys = [], []
+    return sig, want, {c: values.get(c) for c in columns}
+
+
+def window_starts(keys: list, win: int, stride: int) -> list:
+    """``(start, run)`` of every window of ``win`` samples inside a run of equal ``keys[i]``.
+
+    A run is a stretch of consecutive samples with one key (label, session, ...); windows
+    never cross runs. ``run`` is the index of the run's first sample.
+    """
+    out = []
     start = 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or labels[i] != labels[start] or sessions[i] != sessions[start]:
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
             for s in range(start, i - win + 1, stride):
-                xs.append(sig[s : s + win])
-                ys.append(labels[start])
+                out.append((s, start))
             start = i
+    return out
+
+
+def _load_csv(path: str, inp: dict) -> Dataset:
+    want = list(inp["channels"])
+    sig, _, cols = read_csv_log(path, want)
+    n = len(sig)
+    labels = cols["label"] or [""] * n
+    sessions = cols["session"] or [""] * n
+    win, stride = int(inp["window"]), int(inp["stride"])
+    starts = window_starts(list(zip(labels, sessions)), win, stride)
+    xs = [sig[s : s + win] for s, _ in starts]
+    ys = [labels[r] for _, r in starts]
     if not xs:
         raise RunnerError(f"{path}: no run of {win} samples with one label; windows are "
                           f"{win} samples ({win / float(inp['sample_rate_hz']):.2f} s at "
                           f"{inp['sample_rate_hz']} Hz)")
-    keep = [j for j, lab in enumerate(ys) if lab != ""] if li is not None else list(range(len(ys)))
+    has_label = cols["label"] is not None
+    keep = [j for j, lab in enumerate(ys) if lab != ""] if has_label else list(range(len(ys)))
     x = np.stack([xs[j] for j in keep]) if keep else np.zeros((0, win, len(want)), np.float32)
-    return Dataset(x, [ys[j] for j in keep] if li is not None else None, path)
+    return Dataset(x, [ys[j] for j in keep] if has_label else None, path)
 
 
 def _validate(ds: Dataset, inp: dict, manifest: dict) -> None:

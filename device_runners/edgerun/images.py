@@ -111,8 +111,11 @@ def preprocess_image(img, spec: dict) -> np.ndarray:
     return normalize(image_bytes(img, spec)[None], spec)[0]
 
 
-def _read(path: str, spec: dict):
-    """uint8 (H, W, C), or a reason string when the file cannot be used."""
+def read_image(path: str, spec: dict):
+    """uint8 (H, W, C), or a reason string when the file cannot be used.
+
+    ``spec`` needs height, width, mode and resample (see :func:`image_spec`).
+    """
     Image = _pil()
     try:
         if os.path.getsize(path) == 0:
@@ -128,8 +131,8 @@ def _read(path: str, spec: dict):
         return f"unreadable image ({type(e).__name__}: {e})"
 
 
-def _collect(root: str):
-    """``(files [(path, label)], skipped)`` in sorted, deterministic order."""
+def collect_images(root: str):
+    """``(files [(path, label)], skipped)`` of ``root/<label>/**``, sorted, deterministic."""
     files, skipped = [], []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
@@ -167,10 +170,10 @@ def load_image_folder(root: str, manifest: dict):
     if not os.path.isdir(root):
         raise RunnerError(f"image folder {root} does not exist or is not a folder; expected "
                           f"{root}/<label>/<image>.png|.jpg")
-    files, skipped = _collect(root)
+    files, skipped = collect_images(root)
     arrays, labels = [], []
     for path, label in files:
-        r = _read(path, spec)
+        r = read_image(path, spec)
         if isinstance(r, str):
             skipped.append({"path": path, "reason": r})
         else:

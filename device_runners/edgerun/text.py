@@ -215,13 +215,24 @@ def pack(pieces: list[list[int]], max_length: int, cls_id: int, sep_id: int,
 
 def read_texts(path: str) -> tuple[list[str], list[str] | None]:
     """Texts and optional labels from a ``.csv`` (``text`` [, ``label``]) or ``.txt`` file."""
+    texts, labels, _ = read_text_table(path)
+    return texts, labels
+
+
+def read_text_table(path: str, columns=()):
+    """``(texts, labels or None, {column: values or None})`` from a ``.csv`` or ``.txt``.
+
+    ``columns``: other optional columns to return (e.g. ``("user",)``), stripped strings.
+    The server reads users' text files with this same function.
+    """
     if not os.path.isfile(path):
         raise RunnerError(f"data file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
+    extra = {c: None for c in columns}
     try:
         with open(path, newline="", encoding="utf-8") as f:
             if ext == ".txt":
-                return [s for s in (line.strip() for line in f) if s], None
+                return [s for s in (line.strip() for line in f) if s], None, extra
             if ext != ".csv":
                 raise RunnerError(f"{path}: this bundle takes text: a .csv with a 'text' column "
                                   "(and 'label' to adapt) or a .txt with one text per line, "
@@ -231,14 +242,18 @@ def read_texts(path: str) -> tuple[list[str], list[str] | None]:
             if "text" not in cols:
                 raise RunnerError(f"{path}: expected a header with a 'text' column (and "
                                   f"'label' to adapt), found {cols}")
+            extra = {c: [] if c in cols else None for c in columns}
             texts, labels = [], []
             for row in reader:
                 texts.append(row["text"] or "")
                 labels.append((row.get("label") or "").strip())
+                for c, v in extra.items():
+                    if v is not None:
+                        v.append((row.get(c) or "").strip())
     except UnicodeDecodeError as e:
         raise RunnerError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
     has = "label" in cols
     if has and any(not lab for lab in labels):
         bad = [i + 2 for i, lab in enumerate(labels) if not lab][:5]
         raise RunnerError(f"{path}: empty labels on line(s) {bad}; every row needs a label")
-    return texts, labels if has else None
+    return texts, labels if has else None, extra

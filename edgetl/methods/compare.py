@@ -290,6 +290,13 @@ def run_methods(recipe: Recipe, *, seeds: tuple[int, ...] | None = None, kd: boo
     cfg = recipe.transfer
     if seeds:
         cfg = dataclasses.replace(cfg, seeds=tuple(seeds), seed=seeds[0])
+    if recipe.data.is_files or recipe.data.is_text:
+        from edgetl.errors import ConfigError
+
+        raise ConfigError(f"edgetl methods compares transfer methods on the built-in hapt and "
+                          f"fashion_mnist scenarios, not on {recipe.data.kind} "
+                          f"{'files' if recipe.data.is_files else 'data'}; run your own files "
+                          "with `edgetl run`")
     t = time.perf_counter()
     if recipe.data.is_image:
         res = vision_scenario(recipe, cfg, kd_summary=kd_summary, show=show)

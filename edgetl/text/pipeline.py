@@ -65,19 +65,38 @@ def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
+def own_texts(recipe: Recipe):
+    """Your text CSV (``kind = "text"``) and its split: ``(TextData, Groups)``."""
+    from edgetl.data import files
+
+    td = files.load_texts(recipe.data)
+    return td, files.groups_of(recipe.data, td.owners, "users", td.y, td.labels,
+                               in_order=False)
+
+
 def text_splits(recipe: Recipe) -> TextSplits:
-    """Seeded, class-stratified splits of the glosses: subset -> train / val; test disjoint."""
+    """Seeded, class-stratified splits of the glosses: subset -> train / val; test disjoint.
+
+    Your text CSV: the server users' texts train and validate, the device users' are the test
+    set.
+    """
     d = recipe.data
-    texts, y, labels = tdata.load_glosses()
-    texts = np.asarray(texts, dtype=str)
-    rng = np.random.default_rng(recipe.pretrain.seed)
-    test = _stratified(y, d.test_subset, rng)
-    rest = np.setdiff1d(np.arange(len(y)), test)
-    if d.source_subset:
-        rest = rest[_stratified(y[rest], d.source_subset, rng)]
-    rest = rng.permutation(rest)
-    n_val = int(round(d.val_fraction * len(rest)))
-    parts = {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": test}
+    if d.is_files:
+        td, g = own_texts(recipe)
+        texts, y, labels = td.texts, td.y, td.labels
+        parts = {k: np.flatnonzero(np.isin(g.group, ids))
+                 for k, ids in (("train", g.train), ("val", g.val), ("test", g.device))}
+    else:
+        texts, y, labels = tdata.load_glosses()
+        texts = np.asarray(texts, dtype=str)
+        rng = np.random.default_rng(recipe.pretrain.seed)
+        test = _stratified(y, d.test_subset, rng)
+        rest = np.setdiff1d(np.arange(len(y)), test)
+        if d.source_subset:
+            rest = rest[_stratified(y[rest], d.source_subset, rng)]
+        rest = rng.permutation(rest)
+        n_val = int(round(d.val_fraction * len(rest)))
+        parts = {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": test}
     tok = Tokens(d.max_length)
     out = TextSplits({}, {}, {}, labels)
     for name, idx in parts.items():
@@ -274,6 +293,29 @@ def write_devices(recipe: Recipe, out: Path) -> list[dict]:
     return devs
 
 
+def write_own_devices(recipe: Recipe, out: Path) -> list[dict]:
+    """Each device user's texts as ``adapt.csv`` (first half of every label) + ``eval.csv``."""
+    from edgetl.data.files import device_halves
+
+    td, g = own_texts(recipe)
+    root = Path(out) / "devices"
+    if root.exists():
+        shutil.rmtree(root)
+    devs = []
+    for k, dev in enumerate(g.device):
+        idx = np.flatnonzero(g.group == dev)
+        ad, ev = device_halves(td.y[idx], np.zeros(len(idx)), in_order=False,
+                               seed=recipe.data.seed)
+        folder = root / f"device_{k + 1}"
+        for part, sel in (("adapt", idx[ad]), ("eval", idx[ev])):
+            _write_csv(folder / f"{part}.csv",
+                       [(str(td.texts[i]), td.labels[td.y[i]]) for i in sel])
+        devs.append({"device": k + 1, "user": g.name(dev), "adapt": folder / "adapt.csv",
+                     "eval": folder / "eval.csv", "n_adapt": len(ad), "n_eval": len(ev),
+                     "n_labels": 0})  # no new labels: the device personalises known ones
+    return devs
+
+
 def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -299,13 +341,18 @@ def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tdata.ensure_packages()
+    own = recipe.data.is_files
+    if not own:
+        tdata.ensure_packages()
     sp = text_splits(recipe)
+    what = f"texts of {recipe.data.path}" if own else "WordNet noun glosses"
     console.log(f"data: {len(sp.y['train'])} train / {len(sp.y['val'])} val / "
-                f"{len(sp.y['test'])} test WordNet noun glosses, {len(sp.labels)} categories; "
+                f"{len(sp.y['test'])} test {what}, {len(sp.labels)} categories; "
                 f"truncated at {recipe.data.max_length} word pieces: {sp.truncated}")
     summ = TextSummary(recipe.name)
     summ.server = train_server(recipe, out, sp, show=show)
+    if own:
+        summ.server["own_data"] = recipe.data.path
     summ.server["data"] = {k: int(len(v)) for k, v in sp.y.items()}
     summ.server["truncated"] = sp.truncated
     summ.server["mean_word_pieces"] = {k: float(v[:, 1].sum(1).mean())
@@ -314,9 +361,10 @@ def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
     summ.bundles = export_roles(recipe, out, {"student": "student", "teacher": "minilm"},
                                 cd.reference, cd.calibration, (cd.heldout_x, cd.heldout_y))
     bench_bundles(summ.bundles)
-    summ.devices = learn_new_classes(recipe, summ.bundles, write_devices(recipe, out),
-                                     out / "devices", "device", "devices learn fortune topics",
-                                     show=show)
+    devices = write_own_devices(recipe, out) if own else write_devices(recipe, out)
+    summ.devices = learn_new_classes(recipe, summ.bundles, devices, out / "devices", "device",
+                                     "devices personalise" if own else
+                                     "devices learn fortune topics", show=show)
     summ.totals = {"by_bundle": by_bundle(summ.devices),
                    "wall_seconds": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2, default=str))

@@ -67,8 +67,15 @@ def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def raw_splits(recipe: Recipe, *, test_subset: int = 2000) -> dict[str, np.ndarray]:
-    """Seeded Fashion-MNIST splits as raw uint8 images: train, val, test (+ labels, names)."""
+    """Seeded Fashion-MNIST splits as raw uint8 images: train, val, test (+ labels, names).
+
+    Your image folders (``kind = "image"``): the server users' images train and validate, the
+    device users' images are the test set; ``"own"`` holds the loaded folders and their split
+    (the device files are made from them).
+    """
     d = recipe.data
+    if d.is_files:
+        return _own_splits(recipe)
     x, y, xt, yt, labels = imdata.load_fashion_mnist()
     rng = np.random.default_rng(recipe.pretrain.seed)
     if d.source_subset:
@@ -82,9 +89,24 @@ def raw_splits(recipe: Recipe, *, test_subset: int = 2000) -> dict[str, np.ndarr
             "x_test": xt[te], "y_test": yt[te], "labels": tuple(labels)}
 
 
-def vision_data(recipe: Recipe, *, test_subset: int = 2000) -> VisionData:
-    """Fashion-MNIST: a stratified training subset, a validation split, a test subset."""
-    r = raw_splits(recipe, test_subset=test_subset)
+def _own_splits(recipe: Recipe) -> dict:
+    from edgetl.data import files
+
+    d = recipe.data
+    im = files.load_images(d)
+    g = files.groups_of(d, im.owners, "users", im.y, im.labels, in_order=False)
+    tr, va, te = (np.flatnonzero(np.isin(g.group, ids)) for ids in (g.train, g.val, g.device))
+    return {"x_train": im.x[tr], "y_train": im.y[tr], "x_val": im.x[va], "y_val": im.y[va],
+            "x_test": im.x[te], "y_test": im.y[te], "labels": im.labels, "own": (im, g)}
+
+
+def vision_data(recipe: Recipe, *, test_subset: int = 2000, raw: dict | None = None
+                ) -> VisionData:
+    """Fashion-MNIST: a stratified training subset, a validation split, a test subset.
+
+    ``raw``: the :func:`raw_splits` to use (default: made from the recipe).
+    """
+    r = raw if raw is not None else raw_splits(recipe, test_subset=test_subset)
     spec = image_spec(recipe)
 
     def split(raw: np.ndarray, lab: np.ndarray) -> Split:
@@ -127,8 +149,9 @@ def train_server(recipe: Recipe, out: Path, vd: VisionData, *, show: bool = True
     res = {}
     torch.manual_seed(recipe.pretrain.seed)
     teacher = build_model(c, len(vd.labels), recipe.teacher, recipe.head)
-    r = train_classifier(teacher, vd.train, vd.val, recipe.pretrain,
-                         desc="fine-tune EfficientNet-Lite0", show=show)
+    desc = ("fine-tune EfficientNet-Lite0" if recipe.teacher.arch == "efficientnet_lite0"
+            else "pretrain teacher")
+    r = train_classifier(teacher, vd.train, vd.val, recipe.pretrain, desc=desc, show=show)
     res["teacher"] = _record(teacher, r, vd, recipe, recipe.teacher, out / "teacher.pt",
                              {"role": "teacher", "pretrained": recipe.teacher.pretrained})
     for name, kd in (("student", True), ("student_scratch", False)):
@@ -160,7 +183,8 @@ def export_bundles(recipe: Recipe, out: Path, vd: VisionData, *, show: bool = Tr
     ref = vd.raw_val[np.sort(rng.permutation(len(vd.raw_val))[:64])]
     calib = vd.raw_train[np.sort(rng.permutation(len(vd.raw_train))[
         : recipe.export.calibration_windows])]
-    return export_roles(recipe, out, {"student": "student", "teacher": "effnet"}, ref, calib,
+    teacher = "effnet" if recipe.teacher.arch == "efficientnet_lite0" else "teacher"
+    return export_roles(recipe, out, {"student": "student", "teacher": teacher}, ref, calib,
                         (vd.raw_test, vd.test.y))
 
 
@@ -232,6 +256,35 @@ def write_cameras(recipe: Recipe, out: Path) -> list[dict]:
     return cams
 
 
+def write_own_devices(recipe: Recipe, out: Path, own) -> list[dict]:
+    """Each device user's images, copied as ``adapt/<label>/`` and ``eval/<label>/`` folders.
+
+    The first half of every label (seeded) adapts, the rest evaluates; the device reads the
+    original files, as a camera would.
+    """
+    from edgetl.data.files import device_halves
+
+    im, g = own
+    root = Path(out) / "devices"
+    if root.exists():
+        shutil.rmtree(root)
+    devs = []
+    for k, dev in enumerate(g.device):
+        idx = np.flatnonzero(g.group == dev)
+        ad, ev = device_halves(im.y[idx], np.zeros(len(idx)), in_order=False,
+                               seed=recipe.data.seed)
+        folder = root / f"device_{k + 1}"
+        for part, sel in (("adapt", idx[ad]), ("eval", idx[ev])):
+            for i in sel:
+                dst = folder / part / im.labels[im.y[i]]
+                dst.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(im.paths[i], dst / f"{i:05d}_{Path(im.paths[i]).name}")
+        devs.append({"device": k + 1, "user": g.name(dev), "adapt": folder / "adapt",
+                     "eval": folder / "eval", "n_adapt": len(ad), "n_eval": len(ev),
+                     "n_labels": 0})  # no new labels: the device personalises known ones
+    return devs
+
+
 def personalise_cameras(recipe: Recipe, bundles: list, out: Path, *,
                         show: bool = True) -> list[dict]:
     """Imprinting only, then imprinting + head training, on every camera and bundle."""
@@ -269,6 +322,7 @@ def learn_new_classes(recipe: Recipe, bundles: list, devices: list[dict], root: 
                 inf = device.infer(Path(b["path"]), dev["eval"], head=Path(rep["checkpoint"]))
                 acc = inf["accuracy"]
                 rows.append({"bundle": b["name"], key: dev[key],
+                             **({"user": dev["user"]} if "user" in dev else {}),
                              "n_adapt": dev["n_adapt"], "n_eval": dev["n_eval"],
                              "imprint_accuracy": acc_imprint, "trained_accuracy": acc,
                              "rolled_back": rep["rolled_back"],
@@ -289,13 +343,26 @@ def run_vision(recipe: Recipe, out: Path, *, show: bool = True) -> VisionSummary
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    vd = vision_data(recipe)
+    raw = raw_splits(recipe)
+    vd = vision_data(recipe, raw=raw)
+    own = raw.get("own")
+    if own:
+        skipped = f"; {len(own[0].skipped)} file(s) skipped" if own[0].skipped else ""
+        console.log(f"split of {recipe.data.path}: {own[1].note}{skipped}")
     console.log(f"data: {len(vd.train.y)} train / {len(vd.val.y)} val / {len(vd.test.y)} test "
-                f"Fashion-MNIST images at {vd.image['height']} px {vd.image['mode']}")
+                f"{'images of ' + recipe.data.path if own else 'Fashion-MNIST images'} at "
+                f"{vd.image['height']} px {vd.image['mode']}")
     summ = VisionSummary(recipe.name)
     summ.server = train_server(recipe, out, vd, show=show)
+    if own:
+        summ.server["own_data"] = recipe.data.path
     summ.bundles = export_bundles(recipe, out, vd, show=show)
-    summ.devices = personalise_cameras(recipe, summ.bundles, out, show=show)
+    if own:
+        summ.devices = learn_new_classes(recipe, summ.bundles,
+                                         write_own_devices(recipe, out, own), out / "devices",
+                                         "device", "devices personalise", show=show)
+    else:
+        summ.devices = personalise_cameras(recipe, summ.bundles, out, show=show)
     summ.totals = {"by_bundle": by_bundle(summ.devices), "wall_seconds": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2, default=str))
     plot_vision(summ, out / "vision.png")
