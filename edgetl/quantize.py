@@ -20,6 +20,7 @@ from edgetl.export.bundle import (
     accuracy_gate,
     checked_with,
     compare,
+    device_session,
     runtime_predictions,
     staged_bundle,
 )
@@ -56,9 +57,8 @@ def spec_of(m: Manifest) -> HeadSpec:
 
 
 def session_of(bundle: Path, m: Manifest):
-    """The exporter's runtime session on an existing bundle."""
-    return get_exporter(m.target).session(bundle, {k: v.path for k, v in m.files.items()},
-                                          {"train": m.train_step, "infer": m.infer})
+    """The device runner's backend (``edgerun.backends``) on a bundle and its manifest."""
+    return device_session(bundle, m)
 
 
 def head_params(bundle: Path, m: Manifest) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ from edgetl.config import ExportConfig, HeadConfig
 from edgetl.data.synthetic import make_windows
 from edgetl.errors import BundleError, ConfigError, ToleranceError
 from edgetl.export import EXPORTERS, export_bundle, get_exporter
-from edgetl.export.bundle import _check_train_step, head_spec
+from edgetl.export.bundle import _check_train_step, device_session, head_spec
 from edgetl.head import HeadSpec
 from edgetl.manifest import Manifest, sha256_file
 
@@ -63,21 +63,27 @@ def _head_session(target, spec, opt, folder, batch):
     ex = get_exporter(target)
     sig = ex.export_head(spec, opt, folder, opset=17, batch=batch)
     files = {**sig["files"], "backbone": next(iter(sig["files"].values()))}
-    if target == "tflite":
-        return _TFLiteHeadOnly(folder, files, sig)
-    return ex.session(folder, files, sig)
+    return _HeadOnly(target, folder, files, sig)
 
 
-class _TFLiteHeadOnly:
-    """The TFLite session without its backbone (a head file has no default signature)."""
+class _HeadOnly:
+    """The head's train step in its runtime, without a backbone."""
 
-    def __init__(self, folder, files, sig):
-        from edgetl.export.tflite import _runner
+    def __init__(self, target, folder, files, sig):
+        path = folder / files[sig["train"]["file"]]
+        if target == "tflite":
+            from edgetl.export.tflite import _runner
 
-        self._train = _runner(folder / files[sig["train"]["file"]], "train")
+            self._run = _runner(path, "train")
+        else:
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            names = [o.name for o in sess.get_outputs()]
+            self._run = lambda **f: dict(zip(names, sess.run(None, f), strict=True))
 
     def train_step(self, feeds):
-        return self._train(**feeds)
+        return self._run(**feeds)
 
 
 @pytest.mark.parametrize("target", ["onnx", "tflite"])
@@ -130,8 +136,7 @@ def test_failed_export_keeps_the_good_bundle(tiny_bundle, tmp_path, monkeypatch)
 def test_backbone_parity_on_fresh_inputs(tiny_ck, tiny_bundle):
     spec = head_spec(tiny_ck)
     m = Manifest.read(tiny_bundle)
-    sess = get_exporter("onnx").session(tiny_bundle, {k: v.path for k, v in m.files.items()},
-                                        {"train": m.train_step, "infer": m.infer})
+    sess = device_session(tiny_bundle, m)  # the device runner's own backend
     x, _ = make_windows(50, window=WINDOW, seed=9)
     xn = tiny_ck.normalize(x)
     with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 from edgetl.data.synthetic import make_windows
 from edgetl.errors import BundleError
 from edgetl.export import tflite
+from edgetl.export.bundle import device_session
 from edgetl.manifest import Manifest
 
 from .conftest import LABELS, WINDOW, run_runner, write_device_npz
@@ -41,9 +42,7 @@ def test_a_custom_op_is_refused(monkeypatch, tmp_path):
 def test_fp32_features_match_torch(tiny_ck, tiny_tflite_bundle):
     """Fresh windows through LiteRT vs torch: max abs diff <= 1e-4 of the feature scale."""
     m = Manifest.read(tiny_tflite_bundle)
-    sess = tflite.TFLiteExporter().session(tiny_tflite_bundle,
-                                           {k: v.path for k, v in m.files.items()},
-                                           {"train": m.train_step, "infer": m.infer})
+    sess = device_session(tiny_tflite_bundle, m)  # the device runner's LiteRT backend
     x, _ = make_windows(40, window=WINDOW, seed=11)
     xn = tiny_ck.normalize(x)
     with torch.no_grad():
@@ -123,7 +122,7 @@ def test_int8_relu6_network_keeps_its_features(tmp_path):
     """conv -> BN -> ReLU6 (EfficientNet's block) quantised with PT2E stays close to fp32."""
     from torch import nn
 
-    from edgetl.export.tflite import TFLiteExporter, _LiteRTBundle
+    from edgetl.export.tflite import TFLiteExporter, _io_quant, _runner
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
@@ -138,9 +137,13 @@ def test_int8_relu6_network_keeps_its_features(tmp_path):
     ex = TFLiteExporter()
     ex.export_backbone(net, torch.from_numpy(calib[:2]), tmp_path / "b.tflite", opset=17,
                        precision="int8", calib=calib)
-    sess = _LiteRTBundle.backbone_only(tmp_path / "b.tflite")
+    run = _runner(tmp_path / "b.tflite", None)
+    (name, d_in), = run.get_input_details().items()
+    qi, qo = _io_quant(d_in), _io_quant(next(iter(run.get_output_details().values())))
     x = np.random.default_rng(1).normal(size=(32, 3, 16, 16)).astype(np.float32)
-    got = sess.features(x)
+    xq = np.clip(np.round(x / qi["scale"]) + qi["zero_point"], -128, 127).astype(np.int8)
+    got = np.concatenate([(next(iter(run(**{name: xq[i : i + 1]}).values())).astype(np.float32)
+                           - qo["zero_point"]) * qo["scale"] for i in range(len(x))])
     with torch.no_grad():
         want = net(torch.from_numpy(x)).numpy()
     cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))

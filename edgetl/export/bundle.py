@@ -21,7 +21,7 @@ import torch
 from edgetl import __version__
 from edgetl.checkpoint import Checkpoint
 from edgetl.config import AdaptConfig, ExportConfig
-from edgetl.errors import ConfigError, DataError, ShapeMismatchError, ToleranceError
+from edgetl.errors import BundleError, ConfigError, DataError, ShapeMismatchError, ToleranceError
 from edgetl.export.registry import Exporter, as_feeds, get_exporter
 from edgetl.head import HeadSpec, InferStep, TrainStep, init_state
 from edgetl.manifest import MANIFEST, Manifest, file_entry
@@ -203,6 +203,34 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
     return manifest
 
 
+class _Staged:
+    """A bundle folder and its manifest as the device runner's ``Bundle`` presents them."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root, self.manifest = str(root), manifest
+
+    def path(self, role: str) -> str:
+        from edgerun.manifest import safe_path
+
+        return safe_path(self.root, self.manifest["files"][role]["path"])
+
+
+def device_session(root: Path, manifest: Manifest | dict, threads: int = 2):
+    """The device runner's backend for the bundle in ``root`` (its manifest may be unwritten).
+
+    ``features(x)`` on preprocessed input, ``infer(feeds)`` and ``train_step(feeds)``, run
+    by exactly the code a device runs (``edgerun.backends``), with the stateless train step.
+    """
+    from edgerun import RunnerError
+    from edgerun.backends import make_backend
+
+    m = dataclasses.asdict(manifest) if isinstance(manifest, Manifest) else manifest
+    try:
+        return make_backend(_Staged(Path(root), m), threads, trainer="stateless")
+    except RunnerError as e:
+        raise BundleError(str(e)) from None
+
+
 def runtime_predictions(sess, spec: HeadSpec, params: dict, xn: np.ndarray) -> np.ndarray:
     """Class ids predicted by a bundle session (its runtime) for normalised windows."""
     feats = sess.features(xn)
@@ -354,7 +382,55 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     with torch.no_grad():
         logits = InferStep(spec)(torch.from_numpy(feats), *map(torch.from_numpy,
                                                                params.values()))[0].numpy()
-    sess = exporter.session(tmp, files, sig)
+    quant = {}
+    if int8:
+        quant = {"backbone": "int8", "head": "fp32 (trainable)", "per_channel": True,
+                 "calibration_windows": 0 if calib is None else len(calib),
+                 "calibration_source": "server training data" if calib is not None else
+                 "none: activations are quantised per call (dynamic)",
+                 "checked_with": checked_with(exporter), **bb_sig.get("quantization", {})}
+    shapes = spec.param_shapes()
+    state = [{"name": n, "like": None if n == "step" else n.split(".", 1)[1],
+              "shape": [1] if n == "step" else list(shapes[n.split(".", 1)[1]])}
+             for n in spec.state_names(ck.head.optimizer)]
+    fixed = exporter.fixed_head_batch
+    blocks = dict(
+        edgetl_version=__version__,
+        name=ck.meta.get("recipe", "model"),
+        target=exporter.target,
+        precision=cfg.precision,
+        input=_input_block(ck, bb_sig),
+        features={"name": bb_sig["outputs"][0], "dim": spec.in_features},
+        labels=list(ck.labels),
+        head={"kind": spec.kind, "hidden": spec.hidden, "embedding_dim": spec.embedding_dim,
+              **({"learn_scale": spec.learn_scale} if spec.kind == "cosine" else {}),
+              **({"l2sp": ck.head.l2sp} if spec.l2sp else {}),
+              "params": [{"name": n, "shape": list(s)} for n, s in shapes.items()],
+              "class_params": list(spec.class_params), "init_file": "head_init",
+              "capacity": capacity, "unused_bias": UNUSED_BIAS},
+        optimizer={"name": ck.head.optimizer, "hparams": ck.head.hparams(), "state": state},
+        train_step={**sig["train"], "loss_output": "loss",
+                    "targets_input": "targets", "targets_encoding": "one_hot_float32",
+                    "sample_weight_input": "sample_weight",
+                    "hparam_inputs": list(spec.hparam_names(ck.head.optimizer)),
+                    **({"anchor_inputs": {a: a.split(".", 1)[1] for a in spec.anchor_names}}
+                       if spec.l2sp else {}),
+                    "batch_size": batch if fixed else None,
+                    "dynamic_classes": exporter.dynamic_classes and ort_training is None,
+                    "trainer": cfg.trainer,
+                    **({"ort_training": ort_training} if ort_training else {})},
+        infer={**sig["infer"], "batch_size": batch if fixed else None},
+        adapt={"epochs": adapt.epochs, "batch_size": adapt.batch_size,
+               "val_fraction": adapt.val_fraction},
+        quantization=quant,
+        provenance={"created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                    "torch": torch.__version__, "opset": cfg.opset,
+                    **({"backbone_exporter": bb_sig["exporter"]} if "exporter" in bb_sig
+                       else {}),
+                    **exporter.runtime_info(), **provenance},
+    )
+    # the checks run in the device runner's own backend (edgerun.backends), not a copy of it
+    sess = device_session(tmp, {**blocks, "files": {r: {"path": p} for r, p in files.items()}})
     atol = parity_atol(exporter.target)
     got_feats = sess.features(xn)
     scale = float(np.abs(feats).max())
@@ -392,56 +468,12 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
              **train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch,
                              n_labels=len(ck.labels)))
 
-    quant = {}
-    if int8:
-        quant = {"backbone": "int8", "head": "fp32 (trainable)", "per_channel": True,
-                 "calibration_windows": 0 if calib is None else len(calib),
-                 "calibration_source": "server training data" if calib is not None else
-                 "none: activations are quantised per call (dynamic)",
-                 "checked_with": checked_with(exporter), **bb_sig.get("quantization", {})}
-    shapes = spec.param_shapes()
-    state = [{"name": n, "like": None if n == "step" else n.split(".", 1)[1],
-              "shape": [1] if n == "step" else list(shapes[n.split(".", 1)[1]])}
-             for n in spec.state_names(ck.head.optimizer)]
-    fixed = exporter.fixed_head_batch
     manifest = Manifest(
-        edgetl_version=__version__,
-        name=ck.meta.get("recipe", "model"),
-        target=exporter.target,
-        precision=cfg.precision,
+        **blocks,
         files={role: file_entry(tmp, rel) for role, rel in files.items()},
-        input=_input_block(ck, bb_sig),
-        features={"name": bb_sig["outputs"][0], "dim": spec.in_features},
-        labels=list(ck.labels),
-        head={"kind": spec.kind, "hidden": spec.hidden, "embedding_dim": spec.embedding_dim,
-              **({"learn_scale": spec.learn_scale} if spec.kind == "cosine" else {}),
-              **({"l2sp": ck.head.l2sp} if spec.l2sp else {}),
-              "params": [{"name": n, "shape": list(s)} for n, s in shapes.items()],
-              "class_params": list(spec.class_params), "init_file": "head_init",
-              "capacity": capacity, "unused_bias": UNUSED_BIAS},
-        optimizer={"name": ck.head.optimizer, "hparams": ck.head.hparams(), "state": state},
-        train_step={**sig["train"], "loss_output": "loss",
-                    "targets_input": "targets", "targets_encoding": "one_hot_float32",
-                    "sample_weight_input": "sample_weight",
-                    "hparam_inputs": list(spec.hparam_names(ck.head.optimizer)),
-                    **({"anchor_inputs": {a: a.split(".", 1)[1] for a in spec.anchor_names}}
-                       if spec.l2sp else {}),
-                    "batch_size": batch if fixed else None,
-                    "dynamic_classes": exporter.dynamic_classes and ort_training is None,
-                    "trainer": cfg.trainer,
-                    **({"ort_training": ort_training} if ort_training else {})},
-        infer={**sig["infer"], "batch_size": batch if fixed else None},
         test_vectors={"file": "test_vectors", "count": n_tv, "atol": tv_atol,
                       "train_steps": TRAIN_VECTOR_STEPS, "train_atol": atol},
-        adapt={"epochs": adapt.epochs, "batch_size": adapt.batch_size,
-               "val_fraction": adapt.val_fraction},
-        quantization=quant,
         checks=checks,
-        provenance={"created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                    "torch": torch.__version__, "opset": cfg.opset,
-                    **({"backbone_exporter": bb_sig["exporter"]} if "exporter" in bb_sig
-                       else {}),
-                    **exporter.runtime_info(), **provenance},
     )
     (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest

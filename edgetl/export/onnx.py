@@ -140,59 +140,8 @@ class OnnxExporter(Exporter):
                           "inputs": infer.input_names(), "outputs": infer.output_names(),
                           "batch_size": None}}
 
-    def session(self, bundle, files, sig):
-        return _OrtBundle(Path(bundle), files, sig)
-
     def runtime_info(self) -> dict[str, Any]:
         import onnx
 
         ort = require("onnxruntime", "onnx")
         return {"onnx": onnx.__version__, "onnxruntime_validated": ort.__version__}
-
-
-def _graph_nodes(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=False).graph.node
-
-
-#: onnxruntime's input type names -> numpy dtypes (token-id models take int64).
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
-class _OrtBundle:
-    def __init__(self, bundle: Path, files: dict[str, str], sig: dict):
-        ort = require("onnxruntime", "onnx")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        mk = lambda role: ort.InferenceSession(str(bundle / files[role]), opts,  # noqa: E731
-                                               providers=["CPUExecutionProvider"])
-        self._bb, self._train, self._infer = (mk("backbone"), mk(sig["train"]["file"]),
-                                              mk(sig["infer"]["file"]))
-        self._bb_in = [i.name for i in self._bb.get_inputs()]
-        self._bb_dtype = _ORT_TYPES.get(self._bb.get_inputs()[0].type, np.float32)
-        self._dynamic = any(n.op_type == "DynamicQuantizeLinear" for n in _graph_nodes(
-            bundle / files["backbone"]))
-
-    def features(self, x: np.ndarray) -> np.ndarray:
-        if len(self._bb_in) == 1 and not self._dynamic:
-            return self._bb.run(None, {self._bb_in[0]: x.astype(self._bb_dtype)})[0]
-        if len(self._bb_in) == 1:  # dynamic int8: one scale per call, so one input per call
-            return np.concatenate([self._bb.run(None, {self._bb_in[0]: x[i : i + 1].astype(
-                self._bb_dtype)})[0] for i in range(len(x))])
-        # text: (N, 2, L) ids + mask -> input_ids, attention_mask, one text per call cut to
-        # its own length: a dynamic-int8 graph quantises each call's activations with one
-        # scale, so batching would make a text's features depend on its neighbours
-        from edgetl.text.encoder import trim
-
-        return np.concatenate([self._bb.run(None, {n: np.ascontiguousarray(c[:, j])
-                                                   for j, n in enumerate(self._bb_in)})[0]
-                               for c in (trim(x[i : i + 1]) for i in range(len(x)))])
-
-    def train_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [o.name for o in self._train.get_outputs()]
-        return dict(zip(names, self._train.run(None, feeds), strict=True))
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [o.name for o in self._infer.get_outputs()]
-        return dict(zip(names, self._infer.run(None, feeds), strict=True))

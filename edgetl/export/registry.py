@@ -80,10 +80,6 @@ class Exporter:
         """
         raise NotImplementedError
 
-    def session(self, bundle: Path, files: dict[str, str], sig: dict[str, Any]) -> Any:
-        """An object with ``features(x)``, ``train_step(feeds)`` and ``infer(feeds)``."""
-        raise NotImplementedError
-
     def runtime_info(self) -> dict[str, Any]:
         """Version facts recorded in the manifest's provenance."""
         return {}

@@ -303,9 +303,6 @@ class TFLiteExporter(Exporter):
                 "infer": {"file": "head", "signature": "infer", "inputs": infer.input_names(),
                           "outputs": infer.output_names(), "batch_size": batch}}
 
-    def session(self, bundle, files, sig):
-        return _LiteRTBundle(Path(bundle), files, sig)
-
     def runtime_info(self) -> dict[str, Any]:
         from importlib.metadata import version
 
@@ -323,80 +320,3 @@ def _distinct_hparams(n: int) -> list[torch.Tensor]:
     # One tensor object per input: torch.export aliases inputs that are the *same* object,
     # which silently bakes one hyper-parameter into another's place.
     return [torch.tensor(0.1 + 0.01 * i) for i in range(n)]
-
-
-def _pad(a: np.ndarray, n: int) -> np.ndarray:
-    if len(a) == n:
-        return a
-    return np.concatenate([a, np.zeros((n - len(a), *a.shape[1:]), a.dtype)])
-
-
-class _LiteRTBundle:
-    """The exporter's own view of a TFLite bundle, for the parity checks."""
-
-    def __init__(self, bundle: Path, files: dict[str, str], sig: dict):
-        require("ai_edge_litert", "tflite")
-        self._sig = sig
-        with _quiet():  # the interpreter announces its XNNPACK delegate on stderr
-            self._train = _runner(bundle / files[sig["train"]["file"]],
-                                  sig["train"]["signature"])
-            self._infer = _runner(bundle / files[sig["infer"]["file"]],
-                                  sig["infer"]["signature"])
-        self._load_backbone(bundle / files["backbone"])
-
-    @classmethod
-    def backbone_only(cls, path: Path) -> _LiteRTBundle:
-        """A session with only ``features()``, for a lone backbone model."""
-        self = cls.__new__(cls)
-        self._load_backbone(Path(path))
-        return self
-
-    def _load_backbone(self, path: Path) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        with _quiet():
-            it = Interpreter(model_path=str(path), num_threads=2)
-            names = list(it.get_signature_list())
-            # text: one signature per sequence length (len32, len64, ...), else one signature
-            self._by_len = sorted((int(n[3:]), it.get_signature_runner(n)) for n in names
-                                  if n.startswith("len") and n[3:].isdigit()) or None
-            self._bb = self._by_len[-1][1] if self._by_len else it.get_signature_runner(None)
-            (self._in, d_in), = self._bb.get_input_details().items()
-            self._qin = _io_quant(d_in)
-            self._qout = _io_quant(next(iter(self._bb.get_output_details().values())))
-            self._in_dtype = d_in["dtype"]
-            self._bb(**{self._in: np.zeros(d_in["shape"], d_in["dtype"])})
-
-    def features(self, x: np.ndarray) -> np.ndarray:
-        q = self._qin
-        if q:
-            x = np.clip(np.round(x / q["scale"]) + q["zero_point"], -128, 127).astype(np.int8)
-        else:
-            x = x.astype(self._in_dtype, copy=False)
-        out = np.concatenate([next(iter(self._backbone_for(x[i : i + 1]).values()))
-                              for i in range(len(x))])
-        q = self._qout
-        return (out.astype(np.float32) - q["zero_point"]) * q["scale"] if q else out
-
-    def _backbone_for(self, x1: np.ndarray) -> dict:
-        """One input through the backbone (text: the shortest signature that holds it)."""
-        if not self._by_len:
-            return self._bb(**{self._in: x1})
-        n = int(x1[0, 1].sum())
-        length, run = next((L, r) for L, r in self._by_len if L >= n)
-        return run(**{self._in: np.ascontiguousarray(x1[:, :, :length])})
-
-    def train_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._train(**feeds)
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        b = self._sig["infer"]["batch_size"]
-        name = self._sig["infer"]["inputs"][0]
-        x = feeds[name]
-        if len(x) == 0:
-            raise BundleError("infer needs at least one row")
-        chunks = []
-        for i in range(0, len(x), b):
-            out = self._infer(**{**feeds, name: _pad(x[i : i + b], b)})
-            chunks.append({k: v[: min(b, len(x) - i)] for k, v in out.items()})
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
