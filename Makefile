@@ -127,13 +127,13 @@ test-slow: install venv-ort
 # PI_BUNDLES=runs/har/bundles tests existing bundles instead of fresh small ones.
 PI_OUT ?= runs/pi
 test-pi: install
-	nice -n 10 $(BIN)/python -m edgetl.pi --out $(PI_OUT) $(if $(PI_BUNDLES),--bundles $(PI_BUNDLES))
+	nice -n 10 $(BIN)/python -m tools.pi --out $(PI_OUT) $(if $(PI_BUNDLES),--bundles $(PI_BUNDLES))
 
 style lint: install
-	$(BIN)/ruff check edgetl device_runners tests
+	$(BIN)/ruff check edgetl device_runners tests tools
 
 format: install
-	$(BIN)/ruff check --fix edgetl device_runners tests
+	$(BIN)/ruff check --fix edgetl device_runners tests tools
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
