@@ -95,7 +95,7 @@ def test_no_unsafe_deserialisation_anywhere():
 
     root = RUNNER.parents[1]
     for path in [*root.joinpath("device_runners").rglob("*.py"),
-                 *root.joinpath("edgetl").rglob("*.py")]:
+                 *root.joinpath("edgetl").rglob("*.py"), *root.joinpath("tools").rglob("*.py")]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.keyword) and node.arg == "allow_pickle":
