@@ -25,6 +25,8 @@ try:
 except MissingBackendError as e:  # only outside `make test`, which creates the environment
     pytest.skip(f"no fleet environment: {e}", allow_module_level=True)
 
+pytestmark = pytest.mark.env_fleet
+
 
 def _clients(n: int = 6) -> list[ClientData]:
     """Non-IID devices: each its own sensor shift and a label mix skewed to one label."""

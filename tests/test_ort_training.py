@@ -25,6 +25,8 @@ try:
 except MissingBackendError as e:  # only outside `make test`, which creates the environment
     pytest.skip(f"no ORT-training environment: {e}", allow_module_level=True)
 
+pytestmark = pytest.mark.env_ort
+
 
 def _ort_runner(*args):
     return subprocess.run([ORT_PY, str(RUNNER), *map(str, args)], capture_output=True,

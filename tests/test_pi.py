@@ -45,6 +45,7 @@ Components: main
 """
 
 
+@pytest.mark.unit
 def test_apt_sources_pick_the_hosts_debian_mirrors():
     src = host.parse_apt_sources(DEB822, deb822=True)
     assert [s.uri for s in src] == ["http://deb.debian.org/debian",
@@ -64,6 +65,7 @@ def test_apt_sources_pick_the_hosts_debian_mirrors():
         host.debian_mirror(host.debian_sources(one_line[1:]))
 
 
+@pytest.mark.unit
 def test_chroot_pip_reaches_the_hosts_index_not_its_local_paths():
     cfg = host.parse_pip_config(
         ":env:.cert='/etc/ssl/certs/ca-certificates.crt'\n:env:.default-timeout='180'\n"
@@ -79,6 +81,7 @@ def test_chroot_pip_reaches_the_hosts_index_not_its_local_paths():
                    "PIP_DEFAULT_TIMEOUT": "180", "https_proxy": "http://proxy:3128"}
 
 
+@pytest.mark.unit
 def test_fake_sys_holds_only_the_cpu_lists(tmp_path):
     root = rootfs.make_fake_sys(tmp_path / "sys", "0-3")
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -89,6 +92,7 @@ def test_fake_sys_holds_only_the_cpu_lists(tmp_path):
         rootfs.make_fake_sys(tmp_path / "bad", "../../etc")
 
 
+@pytest.mark.unit
 def test_rootfs_key_and_constraints():
     c = host.device_constraints("torch==2.13.0\nnumpy==1.0\nonnxruntime==1.31.1\n", "2.4.6")
     assert "numpy==2.4.6" in c and "numpy==1.0" not in c and "onnxruntime==1.31.1" in c
@@ -107,6 +111,7 @@ def _side(w, losses, preds, acc=(0.9, 0.95), rolled_back=False):
             "infer": {"predictions": preds, "accuracy": sum(p == "a" for p in preds) / len(preds)}}
 
 
+@pytest.mark.unit
 def test_compare_passes_parity_and_fails_each_kind_of_drift():
     w, preds = np.full((2, 3), 5.0), ["a"] * 99 + ["b"]
     ref = _side(w, [0.7, 0.5], preds)
@@ -137,6 +142,7 @@ def test_compare_passes_parity_and_fails_each_kind_of_drift():
     assert "adapted head, max |Δ| / max(1, |w|)" in failed(int8, broken)
 
 
+@pytest.mark.unit
 def test_summary_markdown_names_every_check():
     ref = _side(np.ones((2, 3)), [0.5], ["a", "b"])
     checks = compare.compare_bundle("onnx-int8", PI_TOLERANCE["int8"], ref, ref)
@@ -150,6 +156,7 @@ def test_summary_markdown_names_every_check():
     assert "say nothing about a real Pi's speed" in md
 
 
+@pytest.mark.unit
 def test_preflight_says_why_it_skips(monkeypatch):
     monkeypatch.setenv("EDGETL_SKIP_PI", "1")
     assert host.preflight() == "EDGETL_SKIP_PI is set"
@@ -160,6 +167,7 @@ def test_preflight_says_why_it_skips(monkeypatch):
     assert "needs root" in host.preflight()
 
 
+@pytest.mark.unit
 def test_preflight_runs_as_a_module_from_the_repository_root():
     env = {**os.environ, "EDGETL_SKIP_PI": "1"}
     p = subprocess.run([sys.executable, "-m", "tools.pi", "--preflight"], cwd=ROOT, env=env,
@@ -168,6 +176,7 @@ def test_preflight_runs_as_a_module_from_the_repository_root():
     assert p.stdout.strip() == "cannot run: EDGETL_SKIP_PI is set"
 
 
+@pytest.mark.unit
 def test_remove_tree_refuses_a_tree_with_mounts(tmp_path, monkeypatch):
     (tmp_path / "root" / "dev").mkdir(parents=True)
     monkeypatch.setattr(rootfs, "_mounts_under", lambda root: [str(root / "dev")])

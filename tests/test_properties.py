@@ -21,6 +21,8 @@ from edgerun import RunnerError  # noqa: E402
 from edgerun import data as dataio  # noqa: E402
 from edgerun.bundle import Bundle  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),

@@ -27,6 +27,7 @@ def versions(tiny_bundle, tmp_path_factory):
     return tiny_bundle, v2, params
 
 
+@pytest.mark.unit
 def test_old_manifests_load_as_version_1(tiny_bundle):
     raw = json.loads((tiny_bundle / MANIFEST).read_text())
     assert raw["version"] == 1 and raw["parent"] is None  # an export is version 1
@@ -53,6 +54,7 @@ def test_publish_head_writes_version_2_with_its_parent(versions):
         publish_head(v1, v2.parent / "bad", {"weight": np.zeros((2, 2))})
 
 
+@pytest.mark.unit
 def test_publish_head_refuses_a_signed_parent_without_a_key(tiny_bundle, tmp_path):
     from edgetl.signing import keygen, verify_bundle
 
