@@ -20,7 +20,7 @@ help:
 	@echo "                -> runs/fleet/{fleet.md,fleet.png,bundle-v2}"
 	@echo "make ddp        teacher pretraining on 2 processes (torchrun) vs 1 -> weight difference"
 	@echo "make test       default tier: unit + integration, everything but slow (no GPU, no"
-	@echo "                network; ~16 min on 2 cores); lists skipped tests and why at the end"
+	@echo "                network; 16-20 min on 2 cores); lists skipped tests and why at the end"
 	@echo "make test-quick unit tier only (pytest -m unit, ~1 min): no dataset, no runner"
 	@echo "                subprocess, no .venv-ort/.venv-fleet"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
