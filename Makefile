@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort venv-fleet data-vision data-text demo demo-vision demo-text bench methods fleet ddp test test-slow test-pi style lint format docs clean help
+.PHONY: install venv-ort venv-fleet data-vision data-text demo demo-vision demo-text bench methods fleet ddp test test-quick test-slow test-pi style lint format docs clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -19,7 +19,10 @@ help:
 	@echo "make fleet      Flower fleet: 100 simulated devices improve the shipped head (FedAvg)"
 	@echo "                -> runs/fleet/{fleet.md,fleet.png,bundle-v2}"
 	@echo "make ddp        teacher pretraining on 2 processes (torchrun) vs 1 -> weight difference"
-	@echo "make test       fast test tier (no GPU, no network)"
+	@echo "make test       default tier: unit + integration, everything but slow (no GPU, no"
+	@echo "                network; 16-20 min on 2 cores); lists skipped tests and why at the end"
+	@echo "make test-quick unit tier only (pytest -m unit, ~1 min): no dataset, no runner"
+	@echo "                subprocess, no .venv-ort/.venv-fleet"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
 	@echo "make test-pi    device runners on emulated Linux aarch64 (Raspberry Pi) vs x86_64 (root)"
 	@echo "make style      ruff lint (pyflakes, pycodestyle, pydocstyle, bugbear, isort)"
@@ -118,25 +121,30 @@ ddp: install
 	$(BIN)/edgetl pretrain $(RECIPE) --out runs/ddp/p1-1thread -q --threads 1
 	$(BIN)/python -m edgetl.distributed runs/ddp/p1/teacher.pt runs/ddp/p1-1thread/teacher.pt
 
+# Tiers (pyproject.toml markers, tests/conftest.py): `unit` or `integration` for every test;
+# `data`, `env_ort`, `env_fleet`, `slow` for what it needs. -rs: skipped tests and why, at the end.
 test: install venv-ort venv-fleet
 	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python \
-		EDGETL_FLEET_PYTHON=$(abspath $(FLEET_VENV))/bin/python $(BIN)/python -m pytest -q
+		EDGETL_FLEET_PYTHON=$(abspath $(FLEET_VENV))/bin/python $(BIN)/python -m pytest -q -rs
+
+test-quick: install
+	$(BIN)/python -m pytest -q -rs -m unit
 
 test-slow: install venv-ort
-	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python $(BIN)/python -m pytest -q -m slow
+	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python $(BIN)/python -m pytest -q -rs -m slow
 
 # Raspberry Pi: the device runners on an arm64 Debian bookworm chroot under qemu-user (root;
 # first build ~6 min, then a cached rootfs in $EDGETL_PI_CACHE), compared with this x86_64 run.
 # PI_BUNDLES=runs/har/bundles tests existing bundles instead of fresh small ones.
 PI_OUT ?= runs/pi
 test-pi: install
-	nice -n 10 $(BIN)/python -m edgetl.pi --out $(PI_OUT) $(if $(PI_BUNDLES),--bundles $(PI_BUNDLES))
+	nice -n 10 $(BIN)/python -m tools.pi --out $(PI_OUT) $(if $(PI_BUNDLES),--bundles $(PI_BUNDLES))
 
 style lint: install
-	$(BIN)/ruff check edgetl device_runners tests
+	$(BIN)/ruff check edgetl device_runners tests tools
 
 format: install
-	$(BIN)/ruff check --fix edgetl device_runners tests
+	$(BIN)/ruff check --fix edgetl device_runners tests tools
 
 # The recipe reference is generated from edgetl/config.py (tests/test_recipe_doc.py checks it).
 docs: install

@@ -1,4 +1,10 @@
-"""Fixtures: a tiny model trained in a second on synthetic windows, and its bundles."""
+"""Fixtures: a tiny model trained in a second on synthetic windows, and its bundles.
+
+Also the test tiers (markers registered in ``pyproject.toml``): every test is in exactly one
+of ``unit`` (``make test-quick``) and ``integration``; a test not marked ``unit`` is put in
+``integration`` at collection. ``data``, ``env_ort``, ``env_fleet`` and ``slow`` say what a
+test needs besides; a ``unit`` test needs none of them.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,40 @@ CHANNELS = ("ax", "ay", "az")
 WINDOW = 32
 
 torch.set_num_threads(1)
+
+#: The tiers; a test is in exactly one.
+TIERS = ("unit", "integration")
+#: What a test can need beyond the tier (a dataset, another virtualenv, a long run).
+NEEDS = ("data", "env_ort", "env_fleet", "slow")
+
+
+def tier_of(markers: set[str]) -> str:
+    """The tier of a test carrying the markers named ``markers``: ``unit`` or ``integration``.
+
+    A test marked with neither tier is ``integration``. Raises ``ValueError`` for a test marked
+    with both tiers, or marked ``unit`` while needing a dataset, another environment or a long
+    run.
+    """
+    tiers = sorted(markers & set(TIERS))
+    if len(tiers) > 1:
+        raise ValueError(f"marked with both tiers {tiers}; keep one")
+    needs = sorted(markers & set(NEEDS))
+    if tiers == ["unit"] and needs:
+        raise ValueError(f"marked unit but needs {needs}; a unit test needs no dataset, other "
+                         "environment or long run: drop the unit marker")
+    return tiers[0] if tiers else "integration"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the tier markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = {m.name for m in item.iter_markers()}
+        try:
+            tier = tier_of(names)
+        except ValueError as e:
+            raise pytest.UsageError(f"{item.nodeid}: {e}") from None
+        if tier not in names:
+            item.add_marker(tier)
 
 #: An easy device shift of the synthetic windows (per-channel gain and offset).
 SHIFT = {"gain": np.array([2.0, 0.5, 1.5]), "offset": np.array([1.0, -1.0, 0.5])}

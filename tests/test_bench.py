@@ -60,6 +60,7 @@ def test_prepared_baseline_data_is_the_runners_training_split(run_dir, tmp_path)
         assert set(z["y_train"].tolist()) <= {0, 1, 2} and not info["new_labels"]
 
 
+@pytest.mark.env_ort
 def test_baselines_with_a_zero_learning_rate_reproduce_the_shipped_head(run_dir, tmp_path):
     """The oracle for both baselines: with lr 0 their model IS the bundle's backbone + head, so
     their eval accuracy must equal the runner's with the shipped head."""
@@ -86,6 +87,7 @@ def test_baselines_with_a_zero_learning_rate_reproduce_the_shipped_head(run_dir,
     assert o["accuracy_after"] == pytest.approx(shipped) and o["steps"] == r["steps"]
 
 
+@pytest.mark.env_ort
 def test_bench_run_end_to_end(run_dir, tmp_path):
     res = bench.bench_bundles([run_dir], threads=(1,), repeats=10, epochs=3, adapt_repeats=1,
                               show=False)
@@ -123,6 +125,7 @@ def _row(name, target, precision, p50_ms, adapt_s, infer_s, rss, ck="ck"):
                            "peak_rss_mb": rss}}
 
 
+@pytest.mark.unit
 def test_comparisons_and_targets_are_computed_within_the_run():
     res = {"rows": [_row("onnx-fp32", "onnx", "fp32", 1.0, 0.010, 0.008, 60),
                     _row("onnx-int8", "onnx", "int8", 0.4, 0.012, 0.006, 70)],
@@ -141,6 +144,7 @@ def test_comparisons_and_targets_are_computed_within_the_run():
     assert t["rss_vs_pytorch"]["value"] == pytest.approx(70 / 300) and t["rss_vs_pytorch"]["met"]
 
 
+@pytest.mark.unit
 def test_pareto_front():
     pts = [(1.0, 0.90), (2.0, 0.95), (3.0, 0.93), (0.5, 0.80), (2.0, 0.94), (4.0, 0.96)]
     assert bench.pareto(pts) == [(0.5, 0.80), (1.0, 0.90), (2.0, 0.95), (4.0, 0.96)]

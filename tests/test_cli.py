@@ -16,6 +16,7 @@ COMMANDS = ["pretrain", "distill", "export", "keygen", "quantize", "check", "ada
 runner = CliRunner()
 
 
+@pytest.mark.unit
 def test_every_command_is_listed_and_has_help():
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
@@ -26,6 +27,7 @@ def test_every_command_is_listed_and_has_help():
         assert "--out" in sub.output or "-o" in sub.output, cmd
 
 
+@pytest.mark.unit
 def test_registered_commands_match_the_tested_list():
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert names == set(COMMANDS)
@@ -45,6 +47,7 @@ def test_user_errors_exit_1_with_one_line(args, needle):
     assert needle in " ".join(p.stderr.split()), p.stderr
 
 
+@pytest.mark.unit
 def test_cli_import_is_light():
     code = ("import sys, edgetl.cli; print([m for m in ('torch', 'onnx', 'onnxruntime', "
             "'tensorflow', 'matplotlib') if m in sys.modules])")
@@ -61,6 +64,7 @@ def test_adapt_command_runs_the_device_runner(tiny_bundle, tmp_path):
     assert rep["n_train"] > 0 and (tmp_path / "s" / "report.json").exists()
 
 
+@pytest.mark.env_ort
 def test_bench_measures_every_bundle_of_a_run(tiny_bundle, tiny_tflite_int8_bundle, tmp_path):
     import shutil
 

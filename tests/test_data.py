@@ -18,6 +18,7 @@ class _Evil:
         return (os.system, ("echo pwned",))
 
 
+@pytest.mark.unit
 def test_restricted_unpickler_refuses_code(tmp_path):
     path = tmp_path / "evil.pkl.gz"
     with gzip.open(path, "wb") as f:
@@ -26,6 +27,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
         hapt.read_hapt_pickle(path)
 
 
+@pytest.mark.unit
 def test_window_recording_stays_inside_one_activity():
     sig = np.arange(40 * 6, dtype=np.float32).reshape(40, 6)
     lab = np.array([1] * 20 + [-1] * 4 + [4] * 16, np.int16)
@@ -37,6 +39,7 @@ def test_window_recording_stays_inside_one_activity():
         np.testing.assert_array_equal(xi, sig[si : si + 8])
 
 
+@pytest.mark.data
 def test_real_hapt_windows(tmp_path):
     w = hapt.load_hapt(128, 64, cache=tmp_path)
     assert w.x.shape[1:] == (128, 6) and w.x.dtype == np.float32
@@ -48,12 +51,14 @@ def test_real_hapt_windows(tmp_path):
     assert len(list(tmp_path.glob("hapt_*.npz"))) == 1
 
 
+@pytest.mark.unit
 def test_default_recipe_loads_and_splits_are_user_disjoint():
     r = load_recipe("models/har/recipe.toml")
     assert isinstance(r, Recipe)
     assert not set(r.data.server_users) & set(r.data.device_users)
 
 
+@pytest.mark.unit
 def test_recipe_errors_name_the_key(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text("[head]\nkind = 'transformer'\n")

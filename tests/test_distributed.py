@@ -51,6 +51,7 @@ def _edgetl(args, procs: int) -> str:
     return p.stdout
 
 
+@pytest.mark.unit
 def test_env_info_reads_torchrun_variables():
     assert env_info({}) == DistInfo()
     info = env_info({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
@@ -61,6 +62,7 @@ def test_env_info_reads_torchrun_variables():
         env_info({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"})
 
 
+@pytest.mark.data
 def test_torchrun_two_processes_match_one_process(tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(RECIPE)

@@ -20,6 +20,8 @@ from edgetl.vision.effnet import (  # noqa: E402
     weights_path,
 )
 
+pytestmark = pytest.mark.unit
+
 N_PARAMS = 4_652_008  # trainable parameters, classifier (1280*1000 + 1000) included
 
 

@@ -19,17 +19,20 @@ from .conftest import WINDOW, export_tiny, tiny_checkpoint
 TESTED_TARGETS = {"onnx", "tflite"}  # each has a parity test below
 
 
+@pytest.mark.unit
 def test_all_registered_targets_are_tested():
     get_exporter("onnx")  # loads the built-in registrations
     untested = set(EXPORTERS) - TESTED_TARGETS
     assert not untested, f"untested exporters: {untested}"
 
 
+@pytest.mark.unit
 def test_unknown_target_lists_known_ones():
     with pytest.raises(ConfigError, match=r"known targets: \['onnx', 'tflite'\]"):
         get_exporter("coreml")
 
 
+@pytest.mark.unit
 def test_manifest_names_every_file_with_its_hash(tiny_bundle):
     m = Manifest.read(tiny_bundle)
     m.verify(tiny_bundle)
@@ -47,6 +50,7 @@ def test_manifest_names_every_file_with_its_hash(tiny_bundle):
     assert raw["adapt"] == {"epochs": 30, "batch_size": 32, "val_fraction": 0.25}
 
 
+@pytest.mark.unit
 def test_tampered_file_fails_verification(tiny_bundle, tmp_path):
     import shutil
 
@@ -86,7 +90,7 @@ class _HeadOnly:
         return self._run(**feeds)
 
 
-@pytest.mark.parametrize("target", ["onnx", "tflite"])
+@pytest.mark.parametrize("target", [pytest.param("onnx", marks=pytest.mark.unit), "tflite"])
 @pytest.mark.parametrize("kind", ["linear", "mlp", "cosine"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_train_step_matches_torch_for_20_steps(target, kind, opt, tmp_path):
@@ -100,6 +104,7 @@ def test_train_step_matches_torch_for_20_steps(target, kind, opt, tmp_path):
     assert worst < 1e-5
 
 
+@pytest.mark.unit
 def test_train_step_accepts_more_classes_than_exported(tmp_path):
     """Dynamic class axis: a device that adds labels reuses the same graph."""
     sess = _head_session("onnx", HeadSpec("linear", 8, 3), "sgd", tmp_path, batch=4)
@@ -112,6 +117,7 @@ def test_train_step_accepts_more_classes_than_exported(tmp_path):
     assert out["new.weight"].shape == (5, 8)
 
 
+@pytest.mark.unit
 def test_failed_export_keeps_the_good_bundle(tiny_bundle, tmp_path, monkeypatch):
     import shutil
 
@@ -133,6 +139,7 @@ def test_failed_export_keeps_the_good_bundle(tiny_bundle, tmp_path, monkeypatch)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.tmp")]
 
 
+@pytest.mark.unit
 def test_backbone_parity_on_fresh_inputs(tiny_ck, tiny_bundle):
     spec = head_spec(tiny_ck)
     m = Manifest.read(tiny_bundle)
@@ -145,6 +152,7 @@ def test_backbone_parity_on_fresh_inputs(tiny_ck, tiny_bundle):
     np.testing.assert_allclose(sess.features(xn), want, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_accuracy_gate_refuses_a_bundle_that_loses_accuracy(tiny_ck):
     """A runtime whose predictions collapse to one class fails the held-out accuracy gate."""
     from edgetl.export.bundle import _accuracy_check
@@ -167,6 +175,7 @@ def test_accuracy_gate_refuses_a_bundle_that_loses_accuracy(tiny_ck):
     assert res["drop_points"] > 15 and res["agreement"] < 0.8
 
 
+@pytest.mark.unit
 def test_int8_bundles_record_quantization_and_keep_accuracy(tiny_ck, tmp_path):
     m = Manifest.read(export_tiny(tiny_ck, tmp_path / "q", "onnx", "int8", max_drop=2.0))
     assert m.precision == "int8" and m.quantization["backbone"] == "int8"

@@ -21,9 +21,12 @@ from edgetl.manifest import MANIFEST, Manifest, sha256_file
 from .conftest import LABELS, RUNNER, export_tiny, tiny_checkpoint
 
 try:
-    FLEET_PY = fleet_python()
+    FLEET_PY, NO_ENV = fleet_python(), ""
 except MissingBackendError as e:  # only outside `make test`, which creates the environment
-    pytest.skip(f"no fleet environment: {e}", allow_module_level=True)
+    FLEET_PY, NO_ENV = None, f"no fleet environment: {e}"
+
+# A skip per test, not per module: `-m unit` then deselects these quietly.
+pytestmark = [pytest.mark.env_fleet, pytest.mark.skipif(FLEET_PY is None, reason=NO_ENV)]
 
 
 def _clients(n: int = 6) -> list[ClientData]:

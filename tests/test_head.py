@@ -5,6 +5,8 @@ import torch
 
 from edgetl.head import HeadSpec, TrainStep, head_forward, head_grads, init_state
 
+pytestmark = pytest.mark.unit
+
 SPECS = [HeadSpec("linear", 5, 3), HeadSpec("mlp", 5, 3, hidden=4), HeadSpec("cosine", 5, 3)]
 
 

@@ -47,6 +47,7 @@ def folder(tmp_path):
     return root
 
 
+@pytest.mark.unit
 def test_folder_loads_labels_in_sorted_order_and_reports_skipped_files(folder):
     x, y, skipped = dev.load_image_folder(str(folder), manifest())
     assert x.shape == (5, 3, 16, 16) and x.dtype == np.float32 and np.isfinite(x).all()
@@ -63,6 +64,7 @@ def test_folder_loads_labels_in_sorted_order_and_reports_skipped_files(folder):
     np.testing.assert_array_equal(x[0], want)
 
 
+@pytest.mark.unit
 def test_grayscale_file_becomes_three_equal_channels(folder):
     x, y, _ = dev.load_image_folder(str(folder), manifest(mean=[0.5] * 3, std=[0.5] * 3))
     g = x[y.index("dog") + 1]  # dog/day2/g.png
@@ -71,6 +73,7 @@ def test_grayscale_file_becomes_three_equal_channels(folder):
     assert gray_bundle.shape == (5, 1, 16, 16)
 
 
+@pytest.mark.unit
 def test_empty_or_unusable_folder_is_a_runner_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunnerError, match=r"holds no usable image; expected one sub-folder"):
@@ -83,11 +86,13 @@ def test_empty_or_unusable_folder_is_a_runner_error(tmp_path):
         dev.load_image_folder(str(tmp_path / "nope"), manifest())
 
 
+@pytest.mark.unit
 def test_window_bundle_refuses_images(folder):
     with pytest.raises(RunnerError, match="not images"):
         dev.load_image_folder(str(folder), {"input": {"channels": ["ax"], "window": 32}})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shape", [(6, 12, 12, 3), (6, 12, 12), (6, 12, 12, 4), (6, 16, 16, 3),
                                    (6, 16, 16), (6, 16, 16, 4), (6, 40, 30, 3)])
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -101,6 +106,7 @@ def test_npz_matches_per_image_preprocessing(tmp_path, shape, mode):
     np.testing.assert_array_equal(got, want)  # the numpy fast path is exact too
 
 
+@pytest.mark.unit
 def test_npz_without_labels_and_bad_npz_files(tmp_path):
     np.savez(tmp_path / "nolab.npz", x=np.zeros((2, 16, 16, 3), np.uint8))
     x, y, _ = dev.load_image_npz(str(tmp_path / "nolab.npz"), manifest())
@@ -122,6 +128,7 @@ def test_npz_without_labels_and_bad_npz_files(tmp_path):
         dev.load_image_npz(str(tmp_path / "junk.npz"), manifest())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("src", ["L", "RGB"])
 @pytest.mark.parametrize("mode,size", [("RGB", 16), ("L", 16), ("RGB", 5), ("RGB", 12)])
 def test_server_and_device_preprocess_identically(src, mode, size):
@@ -136,6 +143,7 @@ def test_server_and_device_preprocess_identically(src, mode, size):
     np.testing.assert_allclose(server, device, rtol=0, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_digits_upsample_like_the_device(tmp_path):
     x = (np.arange(64, dtype=np.uint8).reshape(1, 8, 8) * 4)
     server = srv.to_model_input(x, 32, "RGB", [0.5] * 3, [0.25] * 3)
@@ -145,6 +153,7 @@ def test_digits_upsample_like_the_device(tmp_path):
     np.testing.assert_allclose(server, device, rtol=0, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_sixteen_bit_png_keeps_its_contrast(tmp_path):
     (tmp_path / "a").mkdir()
     ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256)
@@ -153,6 +162,7 @@ def test_sixteen_bit_png_keeps_its_contrast(tmp_path):
     np.testing.assert_allclose(x[0, 0] * 255, (ramp >> 8).astype(np.float32), atol=1e-4)
 
 
+@pytest.mark.unit
 def test_image_spec_errors():
     spec = manifest()["input"]["image"]
     for bad, match in [({"mode": "CMYK"}, "not supported"), ({"std": [1, 0, 1]}, "std > 0"),
@@ -166,6 +176,7 @@ def test_image_spec_errors():
         srv.to_model_input(np.zeros((1, 8, 8), np.float32), 8, "L", [0.5], [0.5])
 
 
+@pytest.mark.unit
 def test_device_images_module_imports_no_pillow_torch_or_edgetl():
     assert device_imports("import edgerun.images", {"torch", "edgetl", "PIL"}) == []
 
@@ -174,6 +185,7 @@ def _idx(dims, data: bytes, code=0x08) -> bytes:
     return bytes([0, 0, code, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + data
 
 
+@pytest.mark.unit
 def test_read_idx_parses_and_rejects_damaged_files(tmp_path):
     x = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     (tmp_path / "a.gz").write_bytes(gzip.compress(_idx([2, 3, 4], x.tobytes())))
@@ -195,11 +207,13 @@ def test_read_idx_parses_and_rejects_damaged_files(tmp_path):
             srv.read_idx(tmp_path / name)
 
 
+@pytest.mark.unit
 def test_missing_fashion_mnist_says_how_to_install(tmp_path):
     with pytest.raises(DataError, match="expected the four idx files"):
         srv.fashion_mnist_files(tmp_path)
 
 
+@pytest.mark.unit
 def test_load_fashion_mnist_from_idx_root_and_cache(tmp_path):
     """A fake 'package' of the real shapes with constant images; the second load is cached."""
     def fake(split, n):
@@ -224,6 +238,7 @@ def _fashion_installed() -> bool:
     return True
 
 
+@pytest.mark.data
 @pytest.mark.skipif(not _fashion_installed(), reason="apt-get install dataset-fashion-mnist")
 def test_real_fashion_mnist(tmp_path):
     x_tr, y_tr, x_te, y_te, labels = srv.load_fashion_mnist(tmp_path)

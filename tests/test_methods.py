@@ -83,6 +83,7 @@ def _fit(name, shift, cfg=CFG):
     return transfer(name, shift["model"], data, cfg)
 
 
+@pytest.mark.unit
 def test_registry_covers_every_recipe_method_and_unknown_names_list_known_ones():
     assert tuple(methods()) == TRANSFER_METHODS
     with pytest.raises(ConfigError, match="known: .*'coral'"):
@@ -91,6 +92,7 @@ def test_registry_covers_every_recipe_method_and_unknown_names_list_known_ones()
         TransferConfig(methods=("finetune", "nope"))
 
 
+@pytest.mark.unit
 def test_the_shift_hurts_the_source_model(shift):
     """Otherwise 'beats source-only' below would mean nothing."""
     src = accuracy(shift["model"], shift["source_val"])
@@ -106,6 +108,7 @@ CORAL_XFAIL = pytest.mark.xfail(strict=True, reason=(
 
 
 # source_steps is not a method but the control of the alignment methods (tested below).
+@pytest.mark.unit
 @pytest.mark.parametrize("name", [pytest.param(m, marks=CORAL_XFAIL) if m == "coral" else m
                                   for m in TRANSFER_METHODS
                                   if m not in ("source_only", "source_steps")])
@@ -119,6 +122,7 @@ def test_each_method_beats_source_only_on_a_sensor_shift(name, shift):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["dann", "mmd"])
 def test_alignment_beats_its_own_loop_without_alignment(name, shift):
     """The gain of DANN/MMD is their alignment loss, not the extra source steps they take."""
@@ -131,6 +135,7 @@ def _distance(a, b):
     return float(sum(((pa[n] - pb[n]).detach() ** 2).sum() for n in pa).sqrt())
 
 
+@pytest.mark.unit
 def test_l2sp_and_ewc_stay_closer_to_the_source_than_fine_tuning(shift):
     strong = dataclasses.replace(CFG, l2sp_alpha=10.0, ewc_lambda=1e4)
     d_ft = _distance(_fit("finetune", shift), shift["model"])
@@ -138,6 +143,7 @@ def test_l2sp_and_ewc_stay_closer_to_the_source_than_fine_tuning(shift):
     assert _distance(_fit("ewc", shift, strong), shift["model"]) < 0.8 * d_ft
 
 
+@pytest.mark.unit
 def test_method_without_its_data_says_what_it_needs(shift):
     with pytest.raises(ValueError, match="needs target"):
         transfer("l2sp", shift["model"], TransferData(source=shift["source"]), CFG)
@@ -145,6 +151,7 @@ def test_method_without_its_data_says_what_it_needs(shift):
         transfer("dann", shift["model"], TransferData(source=shift["source"]), CFG)
 
 
+@pytest.mark.unit
 def test_alignment_losses_and_gradient_reversal():
     from edgetl.methods.coral import coral_loss
     from edgetl.methods.dann import grad_reverse
@@ -160,12 +167,14 @@ def test_alignment_losses_and_gradient_reversal():
     assert torch.equal(x.grad, torch.full((3,), -0.5))
 
 
+@pytest.mark.unit
 def test_kd_gap_recovered():
     assert kd_gap_recovered(0.9, 0.8, 0.85) == pytest.approx(0.5)
     assert kd_gap_recovered(0.9, 0.8, 0.75) == pytest.approx(-0.5)
     assert kd_gap_recovered(0.8, 0.8, 0.9) is None
 
 
+@pytest.mark.unit
 def test_report_is_written(tmp_path):
     row = {"method": "source_only", "title": "source only", "kind": "none", "n": 2,
            "target_mean": 0.5, "target_std": 0.1, "source_mean": 0.9, "source_std": 0.0,
@@ -179,6 +188,7 @@ def test_report_is_written(tmp_path):
     assert "| source only | — | 0.500 ± 0.100 |" in m.read_text() and "**0.50**" in markdown(res)
 
 
+@pytest.mark.unit
 def test_recipe_transfer_section(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('[transfer]\nmethods = ["l2sp"]\nl2sp_alpha = 0.5\n')
@@ -216,6 +226,7 @@ SPECS = [HeadSpec("linear", 5, 3, l2sp=True), HeadSpec("mlp", 5, 3, hidden=4, l2
          HeadSpec("cosine", 5, 3, learn_scale=False, l2sp=True)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}-l2sp{s.l2sp}-ls{s.learn_scale}")
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_train_step_matches_autograd_and_torch_optim(spec, opt):
@@ -263,6 +274,7 @@ def test_train_step_matches_autograd_and_torch_optim(spec, opt):
         assert moved == spec.learn_scale
 
 
+@pytest.mark.unit
 def test_cosine_logits_are_bounded_by_the_scale():
     spec = HeadSpec("cosine", 6, 4)
     p = _params(spec)
@@ -273,7 +285,7 @@ def test_cosine_logits_are_bounded_by_the_scale():
     assert torch.allclose(emb.norm(dim=1), torch.ones(9, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("target", ["onnx", "tflite"])
+@pytest.mark.parametrize("target", [pytest.param("onnx", marks=pytest.mark.unit), "tflite"])
 @pytest.mark.parametrize("spec", [HeadSpec("cosine", 8, 4, learn_scale=False, l2sp=True),
                                   HeadSpec("linear", 8, 4, l2sp=True)],
                          ids=["cosine-fixed-l2sp", "linear-l2sp"])
@@ -292,6 +304,7 @@ def test_exported_l2sp_train_step_matches_torch(target, spec, tmp_path):
 
 # ------------------------------------------------------------------------ device side: runner
 
+@pytest.mark.unit
 def test_class_balanced_weights():
     y = np.array([0] * 8 + [1] * 2 + [2] * 2)
     w = class_balanced_weights(y)

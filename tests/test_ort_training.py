@@ -21,9 +21,12 @@ from edgetl.manifest import Manifest
 from .conftest import RUNNER, export_tiny, run_runner, tiny_checkpoint, write_device_npz
 
 try:
-    ORT_PY = ort_python()
+    ORT_PY, NO_ENV = ort_python(), ""
 except MissingBackendError as e:  # only outside `make test`, which creates the environment
-    pytest.skip(f"no ORT-training environment: {e}", allow_module_level=True)
+    ORT_PY, NO_ENV = None, f"no ORT-training environment: {e}"
+
+# A skip per test, not per module: `-m unit` then deselects these quietly.
+pytestmark = [pytest.mark.env_ort, pytest.mark.skipif(ORT_PY is None, reason=NO_ENV)]
 
 
 def _ort_runner(*args):

@@ -18,6 +18,7 @@ def _short_recipe():
         adapt=AdaptConfig(epochs=10))
 
 
+@pytest.mark.data
 def test_short_har_run_end_to_end(tmp_path):
     s = run_recipe(_short_recipe(), tmp_path, show=False)
     assert s.server["teacher"]["params"] >= 8 * s.server["student"]["params"]
@@ -47,6 +48,7 @@ def test_short_har_run_end_to_end(tmp_path):
     assert (tmp_path / "personalisation.png").stat().st_size > 1000
 
 
+@pytest.mark.data
 def test_quantize_and_check_a_real_fp32_bundle(tmp_path):
     """`edgetl quantize` then `edgetl check --reference` on a bundle of the real student."""
     from edgetl import stages
@@ -66,11 +68,13 @@ def test_quantize_and_check_a_real_fp32_bundle(tmp_path):
     assert [c.name for c in res][-2:] == ["accuracy", "adaptation"]
 
 
+@pytest.mark.unit
 def test_data_config_rejects_overlapping_users():
     with pytest.raises(ValueError, match="user-disjoint"):
         DataConfig(server_users=(1, 2), device_users=(2,), server_val_users=(1,))
 
 
+@pytest.mark.data
 @pytest.mark.slow
 def test_full_demo_recipe(tmp_path):
     s = run_recipe(load_recipe("models/har/recipe.toml"), tmp_path, show=False)
@@ -79,6 +83,7 @@ def test_full_demo_recipe(tmp_path):
     assert s.totals["wall_seconds"] < 600
 
 
+@pytest.mark.unit
 def test_personalise_refuses_users_the_server_trained_on(tmp_path):
     from edgetl.errors import ConfigError
     from edgetl.pipeline import personalise

@@ -21,6 +21,8 @@ from edgerun import RunnerError  # noqa: E402
 from edgerun import data as dataio  # noqa: E402
 from edgerun.bundle import Bundle  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
@@ -95,7 +97,7 @@ def test_no_unsafe_deserialisation_anywhere():
 
     root = RUNNER.parents[1]
     for path in [*root.joinpath("device_runners").rglob("*.py"),
-                 *root.joinpath("edgetl").rglob("*.py")]:
+                 *root.joinpath("edgetl").rglob("*.py"), *root.joinpath("tools").rglob("*.py")]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.keyword) and node.arg == "allow_pickle":

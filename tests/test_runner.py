@@ -82,6 +82,7 @@ def test_runner_process_never_imports_torch_or_edgetl(which, request, tmp_path):
     assert res == {"rc": 0, "mods": []}
 
 
+@pytest.mark.unit
 def test_runner_sources_import_only_numpy_stdlib_and_one_runtime():
     runtimes = {"onnxruntime", "ai_edge_litert",  # each imported only by its own backend
                 "cryptography"}  # only with --trust-key

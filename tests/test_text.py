@@ -49,6 +49,7 @@ def _strings(n_glosses: int = 3000) -> list[str]:
     return pick + [t for v in fort.values() for t in v] + TRICKY
 
 
+@pytest.mark.data
 @needs_debs
 def test_pure_python_wordpiece_matches_tokenizers_on_thousands_of_strings():
     vocab = (minilm_dir() / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
@@ -61,6 +62,7 @@ def test_pure_python_wordpiece_matches_tokenizers_on_thousands_of_strings():
     assert not bad, f"{len(bad)} strings differ, e.g. {bad[:3]!r}"
 
 
+@pytest.mark.unit
 def test_pack_adds_specials_pads_and_counts_truncation():
     x, n = dtext.pack([[5, 6], list(range(10, 20))], 6, 101, 102, 0)
     assert n == 1
@@ -79,6 +81,7 @@ def test_server_tokens_match_the_runner_tokenizer_both_ways(text_bundle):
         assert n == n_want == 1
 
 
+@pytest.mark.unit
 def test_read_texts_clear_errors(tmp_path):
     p = tmp_path / "a.csv"
     p.write_text("body,label\nhello,x\n")
@@ -99,6 +102,7 @@ def test_read_texts_clear_errors(tmp_path):
     assert dtext.read_texts(str(t)) == (["one", "two"], None)
 
 
+@pytest.mark.unit
 def test_kept_layers_and_recipe():
     assert kept_layers(6) == [0, 1, 2, 3, 4, 5]
     assert kept_layers(2) == [0, 5] and kept_layers(1) == [0] and kept_layers(3) == [0, 2, 5]
@@ -127,6 +131,7 @@ def test_minilm_backbone_matches_sentence_transformers():
     assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
 
 
+@pytest.mark.data
 @needs_debs
 def test_glosses_and_fortunes_load():
     texts, y, labels = tdata.load_glosses()
@@ -294,11 +299,13 @@ def test_int8_text_features_do_not_depend_on_the_batch(text_bundle):
     np.testing.assert_array_equal(both, alone)
 
 
+@pytest.mark.unit
 def test_device_text_module_imports_no_torch_edgetl_or_tokenizers():
     assert device_imports("import edgerun.text, edgerun.data",
                           {"torch", "edgetl", "tokenizers", "transformers"}) == []
 
 
+@pytest.mark.data
 @needs_debs
 def test_edgetl_run_text_recipe_on_a_tiny_slice(tmp_path):
     """The whole text scenario on a slice: 1-layer encoders, 400 glosses, ONNX fp32 bundles."""

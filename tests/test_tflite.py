@@ -32,6 +32,7 @@ def test_every_op_is_a_builtin(which, tiny_tflite_bundle, tiny_tflite_int8_bundl
     assert "CONV_2D" in bb_ops
 
 
+@pytest.mark.unit
 def test_a_custom_op_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(tflite, "operator_codes",
                         lambda p: [("ADD", None), ("CUSTOM", "FlexRestoreV2")])

@@ -27,6 +27,7 @@ def versions(tiny_bundle, tmp_path_factory):
     return tiny_bundle, v2, params
 
 
+@pytest.mark.unit
 def test_an_export_is_version_1_and_schema_1_manifests_are_refused(tiny_bundle):
     from edgetl.errors import BundleError
 
@@ -58,6 +59,7 @@ def test_publish_head_writes_version_2_with_its_parent(versions):
         publish_head(v1, v2.parent / "bad", {"weight": np.zeros((2, 2))})
 
 
+@pytest.mark.unit
 def test_publish_head_refuses_a_signed_parent_without_a_key(tiny_bundle, tmp_path):
     from edgetl.signing import keygen, verify_bundle
 
