@@ -149,6 +149,7 @@ format: install
 # The recipe reference is generated from edgetl/config.py (tests/test_recipe_doc.py checks it).
 docs: install
 	$(BIN)/python -m edgetl.config --markdown > docs/recipe.md
+	$(BIN)/python -m edgerun.manifest > docs/bundle-format.md
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -1,7 +1,8 @@
 """Run the standalone device runner (``device_runners/run.py``) as a subprocess.
 
-The server package never imports the runner: it is exercised exactly as a device would run
-it, in a separate process that only has numpy and the runtime loaded.
+Here the runner is exercised exactly as a device would run it, in a separate process that only
+has numpy and the runtime loaded (edgetl imports ``edgerun`` only for shared code: the
+manifest schema, data readers, text packing and the backends of its parity checks).
 """
 
 from __future__ import annotations
@@ -22,22 +23,6 @@ def runner_path() -> Path:
     if not p.is_file():
         raise EdgetlError(f"device runner not found at {p}; set EDGETL_RUNNER to run.py")
     return p
-
-
-def runner_module(name: str):
-    """Import a numpy-only module of the runner's ``edgerun`` package, e.g. ``"edgerun.data"``.
-
-    For code the server must share *exactly* with the device (data loading, tokenisation);
-    the runner itself still only runs in its own process.
-    """
-    import importlib
-
-    root = str(runner_path().parent)
-    sys.path.insert(0, root)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(root)
 
 
 def run_runner(command: str, bundle: Path, *args: str, python: str | None = None,

@@ -92,8 +92,10 @@ def prepare_data(bundle: Path, adapt_data: Path, eval_data: Path, out: Path, *,
     The head starts from the bundle's when the device's labels are the bundle's; otherwise
     (new labels) from a fresh linear layer over the device's labels, as a tutorial would.
     """
-    dataio = device.runner_module("edgerun.data")  # baselines get exactly the runner's inputs
-    rb = device.runner_module("edgerun.bundle").Bundle(str(bundle))  # text: its tokenizer
+    from edgerun import data as dataio  # baselines get exactly the runner's inputs
+    from edgerun.bundle import Bundle
+
+    rb = Bundle(str(bundle))  # text: its tokenizer
     m = rb.manifest
     ds = dataio.load(str(adapt_data), m, need_labels=True, bundle=rb)
     ev = dataio.load(str(eval_data), m, need_labels=True, bundle=rb)

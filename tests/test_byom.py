@@ -41,6 +41,7 @@ def token_data(n: int, seed: int, classes=("a", "b", "c")):
 
 # -- head detection ---------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_head_is_detected_split_and_ambiguity_lists_candidates():
     from edgetl.errors import ConfigError
     from edgetl.export.model import as_edge_model, find_head
@@ -71,6 +72,7 @@ def test_head_is_detected_split_and_ambiguity_lists_candidates():
         assert torch.allclose(edge(z), mlp(z), atol=1e-6)
 
 
+@pytest.mark.unit
 def test_unsupported_head_and_missing_head_call_are_clear():
     from edgetl.errors import ConfigError
     from edgetl.export.model import as_edge_model

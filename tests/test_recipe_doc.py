@@ -10,6 +10,8 @@ import pytest
 from edgetl import config
 from edgetl.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

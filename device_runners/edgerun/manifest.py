@@ -322,9 +322,11 @@ def safe_path(root: str, rel: str) -> str:
 
     No ``..``, no absolute path, no NUL byte, no symlink leading elsewhere.
     """
+    if "\x00" in rel or "\x00" in root or os.path.isabs(rel):
+        raise RunnerError(f"manifest file {rel!r} points outside the bundle; refusing it")
     full = os.path.normpath(os.path.join(root, rel))
     real = os.path.realpath(full)
-    if (os.path.isabs(rel) or "\x00" in rel or os.path.dirname(full) != os.path.normpath(root)
+    if (os.path.dirname(full) != os.path.normpath(root)
             or os.path.dirname(real) != os.path.realpath(root)):
         raise RunnerError(f"manifest file {rel!r} points outside the bundle; refusing it")
     return full
@@ -377,3 +379,7 @@ def _type_text(tp) -> str:
         return f"object[str, {_type_text(args[1])}]"
     return {str: "str", int: "int", float: "number", bool: "bool",
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+if __name__ == "__main__":  # python -m edgerun.manifest > docs/bundle-format.md (make docs)
+    print(markdown())

@@ -27,9 +27,9 @@ LOG_COLUMNS = ("label", "user", "session")
 
 def device_module(name: str):
     """A numpy-only module of the device runner (``edgerun.data``, ``.images``, ``.text``)."""
-    from edgetl.adapt import runner_module
+    import importlib
 
-    return runner_module(name)
+    return importlib.import_module(name)  # edgerun is a dependency (device_runners/)
 
 
 def _device_call(fn, *args):

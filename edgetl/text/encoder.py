@@ -143,12 +143,11 @@ class Tokens:
 
     def encode(self, texts) -> tuple[np.ndarray, int]:
         """``(tokens (N, 2, max_length) int64, n_truncated)``, packed as the runner packs."""
-        from edgetl.adapt import runner_module
+        from edgerun.text import pack  # the device's own packing: one implementation
 
         pieces = [e.ids for e in self._tok.encode_batch([str(t) for t in texts],
                                                         add_special_tokens=False)]
-        return runner_module("edgerun.text").pack(pieces, self.max_length, self.cls_id,
-                                                  self.sep_id, self.pad_id)
+        return pack(pieces, self.max_length, self.cls_id, self.sep_id, self.pad_id)
 
     def spec(self) -> dict:
         """The manifest's ``input["text"]`` (file roles are filled in by the exporter)."""
