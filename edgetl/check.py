@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,22 @@ from edgetl import adapt as device
 from edgetl.errors import EdgetlError
 from edgetl.manifest import Manifest
 from edgetl.tolerances import TRAIN_STEPS_CHECKED, parity_atol, scaled_atol
+
+
+@dataclass(frozen=True)
+class CheckData:
+    """Raw data the export and check stages draw from a recipe's data.
+
+    reference: server-validation windows (parity checks, shipped test vectors);
+    calibration: server-training windows (int8 activation ranges);
+    heldout: the device users' windows and labels (accuracy gates).
+    """
+
+    reference: np.ndarray
+    calibration: np.ndarray
+    heldout_x: np.ndarray
+    heldout_y: np.ndarray
+    labels: tuple[str, ...] = ()
 
 
 @dataclass
@@ -198,39 +215,27 @@ def accuracy(bundle: Path, m: Manifest, x: np.ndarray, y_names: np.ndarray, work
     return _runner_check("accuracy", run)
 
 
-def adaptation(bundle: Path, recipe, windows, users: tuple[int, ...], work: Path, *,
-               split=None) -> Check:
-    """Personalise ``users`` through the runner; mean gain may not fall below the limit."""
-    from edgetl.pipeline import personalise_devices
-
-    limit = recipe.check.max_adaptation_loss
-
-    def run():
-        rows = personalise_devices(recipe, bundle, work, windows, split=split, users=users,
-                                   show=False)
-        gain = 100 * float(np.mean([r["gain"] for r in rows]))
-        per = ", ".join(f"{r['user']}: {100 * r['gain']:+.1f}" for r in rows)
-        return Check("adaptation", gain >= -limit, gain, 0.0 - limit,
-                     f"mean gain in points over users {[r['user'] for r in rows]} ({per})")
-
-    return _runner_check("adaptation", run)
-
-
-def check_bundle(bundle: Path, *, checkpoint: Path | None = None, recipe=None, data=None,
-                 reference_bundle: Path | None = None,
+def check_bundle(bundle: Path, *, checkpoint: Path | None = None,
+                 reference_x: np.ndarray | None = None,
                  heldout: tuple[np.ndarray, np.ndarray] | None = None,
-                 max_drop: float | None = None) -> list[Check]:
+                 max_drop: float | None = None, reference_bundle: Path | None = None,
+                 adaptation: Callable[[Path, Path], Check] | None = None) -> list[Check]:
     """Run every applicable check on ``bundle``; see the module docstring.
+
+    The check takes its data, never a recipe: a recipe's data comes from
+    :func:`edgetl.pipeline.check_inputs`, a user's from ``--heldout``.
 
     Args:
         checkpoint: the PyTorch student, for parity and as the accuracy reference.
-        recipe: enables the accuracy and adaptation checks (its data and thresholds).
-        data: a :class:`edgetl.stages.ServerData` to reuse (else loaded from the recipe).
+        reference_x: raw inputs for the parity check (default: the bundle's test vectors).
+        heldout: ``(x, labels)`` (names or ids) for the accuracy check; ``max_drop`` points
+            (default :data:`~edgetl.tolerances.MAX_ACCURACY_DROP_POINTS`) vs the reference.
         reference_bundle: an fp32 bundle as the accuracy reference, without a checkpoint.
-        heldout: ``(x, label names)`` for the accuracy check without a recipe (a bundle of
-            a user's own model); ``max_drop`` points (default: the recipe default's) vs the
-            reference.
+        adaptation: ``(bundle, work_dir) -> Check``: personalises simulated devices through
+            the runner (made by :func:`edgetl.pipeline.check_inputs` from a recipe).
     """
+    from edgetl.tolerances import MAX_ACCURACY_DROP_POINTS
+
     bundle = Path(bundle)
     first, m = integrity(bundle)
     checks = [first]
@@ -239,40 +244,38 @@ def check_bundle(bundle: Path, *, checkpoint: Path | None = None, recipe=None, d
     work = Path(tempfile.mkdtemp(prefix="edgetl-check-"))
     try:
         checks += [selftest(bundle, m), smoke(bundle, m, work)]
-        cd = sd = None
-        if recipe is not None:
-            from edgetl import stages
-
-            image = recipe.data.is_image or recipe.data.is_text  # no HAR users to adapt
-            sd = None if image else (data or stages.server_data(recipe))
-            cd = stages.check_data(recipe, sd)
         if checkpoint is not None:
-            checks.append(parity(bundle, m, Path(checkpoint),
-                                 cd.reference if cd is not None else None))
-        if recipe is not None:
-            names = np.array([cd.labels[i] for i in cd.heldout_y], dtype=str)
-            checks.append(accuracy(bundle, m, cd.heldout_x, names, work,
-                                   max_drop=recipe.export.max_accuracy_drop,
-                                   checkpoint=checkpoint, reference_bundle=reference_bundle))
-            if not image:  # cameras'/text devices' adaptation: `edgetl run` (new classes)
-                users = sd.split.val if recipe.data.is_files else (
-                    recipe.check.users or recipe.data.server_val_users)
-                checks.append(adaptation(bundle, recipe, sd.windows, tuple(users), work,
-                                         split=sd.split))
-        elif heldout is not None:
-            from edgetl.tolerances import MAX_ACCURACY_DROP_POINTS
-
+            checks.append(parity(bundle, m, Path(checkpoint), reference_x))
+        if heldout is not None:
             hx, hy = heldout
             names = np.asarray(hy)
             if names.dtype.kind in "iu":  # ids -> the bundle's label names
                 names = np.asarray(m.labels)[names]
             checks.append(accuracy(bundle, m, hx, names.astype(str), work,
                                    max_drop=MAX_ACCURACY_DROP_POINTS if max_drop is None
-                                   else max_drop, checkpoint=None,
+                                   else max_drop, checkpoint=checkpoint,
                                    reference_bundle=reference_bundle))
+        if adaptation is not None:
+            checks.append(_runner_check("adaptation", lambda: adaptation(bundle, work)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return checks
+
+
+def release_gate(bundle: Path, **check: object) -> list[dict]:
+    """:func:`check_bundle` on a freshly exported bundle; raise if any check fails."""
+    from edgetl.errors import EdgetlError
+    from edgetl.progress import console
+
+    res = check_bundle(bundle, **check)
+    bad = failures(res)
+    if bad:
+        raise EdgetlError(f"bundle {bundle} failed `edgetl check`: " + "; ".join(
+            f"{c.name}: {c.detail}" + (f" ({c.value:.3g} vs limit {c.limit:.3g})"
+                                       if c.value is not None and c.limit is not None else "")
+            for c in bad))
+    console.log(f"edgetl check {bundle}: all {len(res)} checks hold")
+    return [c.to_dict() for c in res]
 
 
 def failures(checks: list[Check]) -> list[Check]:

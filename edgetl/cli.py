@@ -330,9 +330,14 @@ def check(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
 
     if checkpoint is not None:
         _setup()
-    res = check_bundle(bundle, checkpoint=checkpoint,
-                       recipe=_recipe(recipe) if recipe else None, reference_bundle=reference,
-                       heldout=_npz(heldout, "--heldout", True))
+    kw = {}
+    if recipe is not None:  # the recipe's data: held-out users, adaptation users
+        from edgetl.pipeline import check_inputs
+
+        kw = check_inputs(_recipe(recipe))
+    if heldout is not None:
+        kw["heldout"] = _npz(heldout, "--heldout", True)
+    res = check_bundle(bundle, checkpoint=checkpoint, reference_bundle=reference, **kw)
     bad = failures(res)
     if as_json:
         typer.echo(json.dumps({"bundle": str(bundle), "ok": not bad,

@@ -17,9 +17,10 @@ import numpy as np
 
 from edgetl import adapt as device
 from edgetl import stages
+from edgetl.check import release_gate
 from edgetl.config import Recipe
 from edgetl.data import hapt
-from edgetl.errors import ConfigError, EdgetlError
+from edgetl.errors import ConfigError
 from edgetl.progress import console, progress_bar
 
 
@@ -165,7 +166,8 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
         from edgetl.report import bundle_line
 
         console.log(bundle_line(path, man))
-        gate = release_gate(path, students["student"].path, recipe, sd)
+        gate = release_gate(path, checkpoint=students["student"].path,
+                            **check_inputs(recipe, sd))
         summ.bundles.append({"name": name, "path": str(path), "target": target,
                              "precision": precision,
                              "bytes": sum(f.bytes for f in man.files.values()),
@@ -176,23 +178,42 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     return _finish(summ, out, t0)
 
 
-def release_gate(bundle: Path, checkpoint: Path, recipe: Recipe | None = None,
-                 sd=None) -> list[dict]:
-    """``edgetl check`` on a freshly exported bundle; stop the run if any check fails.
+def check_inputs(recipe: Recipe, sd=None) -> dict:
+    """:func:`edgetl.check.check_bundle` keyword arguments from a recipe's data.
 
-    Without a recipe only the checks that need none run (integrity, self-test, smoke, parity).
+    Held-out data and its threshold for every kind; for time series also the adaptation check
+    (the users of ``[check] users``, default the server-validation users: never trained on,
+    never the held-out device users) whose mean gain may not fall below
+    ``-check.max_adaptation_loss`` points.
     """
-    from edgetl.check import check_bundle, failures
+    d = recipe.data
+    timeseries = not (d.is_image or d.is_text)
+    sd = sd if sd is not None or not timeseries else stages.server_data(recipe)
+    cd = stages.check_data(recipe, sd)
+    kw = {"reference_x": cd.reference,
+          "heldout": (cd.heldout_x, np.array([cd.labels[i] for i in cd.heldout_y], dtype=str)),
+          "max_drop": recipe.export.max_accuracy_drop}
+    if timeseries:  # cameras'/text devices' adaptation runs in `edgetl run` (new classes)
+        users = sd.split.val if d.is_files else (recipe.check.users or d.server_val_users)
+        kw["adaptation"] = adaptation_check(recipe, sd.windows, tuple(users), sd.split)
+    return kw
 
-    res = check_bundle(bundle, checkpoint=checkpoint, recipe=recipe, data=sd)
-    bad = failures(res)
-    if bad:
-        raise EdgetlError(f"bundle {bundle} failed `edgetl check`: " + "; ".join(
-            f"{c.name}: {c.detail}" + (f" ({c.value:.3g} vs limit {c.limit:.3g})"
-                                       if c.value is not None and c.limit is not None else "")
-            for c in bad))
-    console.log(f"edgetl check {bundle}: all {len(res)} checks hold")
-    return [c.to_dict() for c in res]
+
+def adaptation_check(recipe: Recipe, windows, users: tuple, split=None):
+    """``(bundle, work) -> Check``: personalise ``users`` through the runner."""
+    from edgetl.check import Check
+
+    limit = recipe.check.max_adaptation_loss
+
+    def run(bundle: Path, work: Path) -> Check:
+        rows = personalise_devices(recipe, bundle, work, windows, split=split, users=users,
+                                   show=False)
+        gain = 100 * float(np.mean([r["gain"] for r in rows]))
+        per = ", ".join(f"{r['user']}: {100 * r['gain']:+.1f}" for r in rows)
+        return Check("adaptation", gain >= -limit, gain, 0.0 - limit,
+                     f"mean gain in points over users {[r['user'] for r in rows]} ({per})")
+
+    return run
 
 
 def _finish(summ: RunSummary, out: Path, t0: float) -> RunSummary:

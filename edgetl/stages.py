@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgetl.check import CheckData
 from edgetl.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgetl.config import Recipe
 from edgetl.data import hapt
@@ -188,22 +189,6 @@ def distill_student(recipe: Recipe, teacher_path: Path, out: Path, *,
         results[name] = StageResult(path, count_params(model), res.val_accuracy or 0.0, ho,
                                     res.seconds, res.history)
     return results
-
-
-@dataclass(frozen=True)
-class CheckData:
-    """Raw windows the export and check stages draw from the recipe's data.
-
-    reference: server-validation windows (parity checks, shipped test vectors);
-    calibration: server-training windows (int8 activation ranges);
-    heldout: the device users' windows and labels (accuracy gates).
-    """
-
-    reference: np.ndarray
-    calibration: np.ndarray
-    heldout_x: np.ndarray
-    heldout_y: np.ndarray
-    labels: tuple[str, ...] = ()
 
 
 def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:

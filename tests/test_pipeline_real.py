@@ -53,6 +53,7 @@ def test_quantize_and_check_a_real_fp32_bundle(tmp_path):
     """`edgetl quantize` then `edgetl check --reference` on a bundle of the real student."""
     from edgetl import stages
     from edgetl.check import check_bundle, failures
+    from edgetl.pipeline import check_inputs
 
     r = _short_recipe()
     sd = stages.server_data(r)
@@ -63,7 +64,7 @@ def test_quantize_and_check_a_real_fp32_bundle(tmp_path):
     stages.export(student.path, fp32, r, data=sd)
     m = stages.quantize(fp32, tmp_path / "onnx-q8", r, data=sd)
     assert m.precision == "int8" and m.checks["accuracy"]["drop_points"] <= 1.0
-    res = check_bundle(tmp_path / "onnx-q8", recipe=r, data=sd, reference_bundle=fp32)
+    res = check_bundle(tmp_path / "onnx-q8", reference_bundle=fp32, **check_inputs(r, sd))
     assert not failures(res), [c for c in res if not c.ok]
     assert [c.name for c in res][-2:] == ["accuracy", "adaptation"]
 

@@ -107,7 +107,7 @@ def text_splits(recipe: Recipe) -> TextSplits:
 
 def check_picks(recipe: Recipe, sp: TextSplits):
     """Reference (32 seeded validation glosses), calibration and held-out texts for exports."""
-    from edgetl.stages import CheckData
+    from edgetl.check import CheckData
 
     rng = np.random.default_rng(0)
     ref = sp.texts["val"][np.sort(rng.permutation(len(sp.y["val"]))[:32])]

@@ -196,8 +196,8 @@ def export_roles(recipe: Recipe, out: Path, roles: dict[str, str], ref: np.ndarr
     """
     import dataclasses
 
+    from edgetl.check import release_gate
     from edgetl.export import export_bundle
-    from edgetl.pipeline import release_gate
     from edgetl.report import bundle_line
 
     rows = []
@@ -213,7 +213,7 @@ def export_roles(recipe: Recipe, out: Path, roles: dict[str, str], ref: np.ndarr
                                 provenance={"checkpoint": str(ck_path), "recipe": recipe.name},
                                 adapt=recipe.adapt)
             console.log(bundle_line(path, man))
-            gate = release_gate(path, ck_path)  # the export itself gated held-out accuracy
+            gate = release_gate(path, checkpoint=ck_path)  # export gated held-out accuracy
             rows.append({"name": name, "backbone": role, "path": str(path), "target": target,
                          "precision": precision,
                          "bytes": sum(f.bytes for f in man.files.values()),
