@@ -60,15 +60,30 @@ class Check:
         return asdict(self)
 
 
-def integrity(bundle: Path) -> tuple[Check, Manifest | None]:
-    """Schema, presence and sha256 of every file, and no path leaving the bundle."""
+def integrity(bundle: Path, trust_key: Path | None = None) -> tuple[Check, Manifest | None]:
+    """Schema, presence and sha256 of every file, no path leaving the bundle, the signature.
+
+    With ``trust_key`` the bundle must carry a valid ``manifest.sig`` over the very bytes
+    that are parsed (as on a ``--trust-key`` device); without it a signed bundle is reported
+    as signed and not verified.
+    """
+    from edgerun import RunnerError
+    from edgerun import manifest as schema
+    from edgerun.bundle import verify_signature
+
+    signed = (Path(bundle) / schema.SIGNATURE).exists()
     try:
-        m = Manifest.read(bundle)
+        body = schema.read_bytes(str(bundle))
+        if trust_key is not None:
+            verify_signature(str(bundle), body, str(trust_key))
+        m = Manifest.from_json(body)
         m.verify(bundle)  # the device's own guard: no file outside the bundle, sha256s
-    except (EdgetlError, OSError, ValueError, KeyError, TypeError) as e:
+    except (EdgetlError, RunnerError, OSError, ValueError, KeyError, TypeError) as e:
         return Check("integrity", False, detail=str(e)), None
+    sig = ("signature verified" if trust_key is not None else
+           "signed (manifest.sig) but NOT verified: pass --trust-key" if signed else "unsigned")
     return Check("integrity", True, detail=f"schema {m.schema_version}, {len(m.files)} files, "
-                                           "sha256 ok"), m
+                                           f"sha256 ok, {sig}"), m
 
 
 def _runner_check(name: str, fn) -> Check:
@@ -219,7 +234,8 @@ def check_bundle(bundle: Path, *, checkpoint: Path | None = None,
                  reference_x: np.ndarray | None = None,
                  heldout: tuple[np.ndarray, np.ndarray] | None = None,
                  max_drop: float | None = None, reference_bundle: Path | None = None,
-                 adaptation: Callable[[Path, Path], Check] | None = None) -> list[Check]:
+                 adaptation: Callable[[Path, Path], Check] | None = None,
+                 trust_key: Path | None = None) -> list[Check]:
     """Run every applicable check on ``bundle``; see the module docstring.
 
     The check takes its data, never a recipe: a recipe's data comes from
@@ -233,11 +249,12 @@ def check_bundle(bundle: Path, *, checkpoint: Path | None = None,
         reference_bundle: an fp32 bundle as the accuracy reference, without a checkpoint.
         adaptation: ``(bundle, work_dir) -> Check``: personalises simulated devices through
             the runner (made by :func:`edgetl.pipeline.check_inputs` from a recipe).
+        trust_key: Ed25519 public key (PEM): the signature must verify, as on a device.
     """
     from edgetl.tolerances import MAX_ACCURACY_DROP_POINTS
 
     bundle = Path(bundle)
-    first, m = integrity(bundle)
+    first, m = integrity(bundle, trust_key)
     checks = [first]
     if m is None:
         return checks

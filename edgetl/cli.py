@@ -289,6 +289,18 @@ def keygen(out: Annotated[Path, typer.Option("--out", "-o", help="folder for the
 
 @app.command()
 @user_errors
+def sign(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+         key: Annotated[Path, typer.Option(help="Ed25519 private key (edgetl keygen)")]):
+    """Sign an existing bundle: verify it, then write manifest.sig over manifest.json."""
+    from edgetl.manifest import Manifest
+    from edgetl.signing import sign_bundle
+
+    Manifest.read(bundle).verify(bundle)  # never sign a damaged or tampered bundle
+    typer.echo(f"signed {bundle}: {sign_bundle(bundle, key)}")
+
+
+@app.command()
+@user_errors
 def quantize(bundle: Annotated[Path, typer.Argument(help="fp32 ONNX bundle")] = Path(
                  "runs/har/bundles/onnx-fp32"),
              recipe: Annotated[Path, typer.Option(help="recipe (calibration and held-out "
@@ -317,6 +329,9 @@ def check(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
           heldout: Annotated[Path | None, typer.Option(
               help=".npz with x and y: held-out accuracy through the runner (without a "
                    "recipe)")] = None,
+          trust_key: Annotated[Path | None, typer.Option(
+              help="Ed25519 public key: manifest.sig must verify (as on a --trust-key "
+                   "device)")] = None,
           as_json: Annotated[bool, typer.Option("--json", help="machine-readable result on "
                                                 "stdout")] = False):
     """Release gate: integrity, self-test, smoke train step, parity, accuracy, adaptation.
@@ -337,7 +352,8 @@ def check(bundle: Annotated[Path, typer.Argument(help="bundle directory")],
         kw = check_inputs(_recipe(recipe))
     if heldout is not None:
         kw["heldout"] = _npz(heldout, "--heldout", True)
-    res = check_bundle(bundle, checkpoint=checkpoint, reference_bundle=reference, **kw)
+    res = check_bundle(bundle, checkpoint=checkpoint, reference_bundle=reference,
+                       trust_key=trust_key, **kw)
     bad = failures(res)
     if as_json:
         typer.echo(json.dumps({"bundle": str(bundle), "ok": not bad,

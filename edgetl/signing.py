@@ -54,7 +54,10 @@ def sign_bundle(bundle: Path, key_path: Path) -> Path:
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{key_path} is not an Ed25519 key; make one with `edgetl keygen`")
     sig = Path(bundle) / SIGNATURE
-    sig.write_bytes(key.sign((Path(bundle) / MANIFEST).read_bytes()))
+    data = key.sign((Path(bundle) / MANIFEST).read_bytes())
+    tmp = sig.with_name(f".{SIGNATURE}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, sig)  # an old signature is replaced whole, never half-written
     return sig
 
 

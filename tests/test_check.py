@@ -117,3 +117,39 @@ def test_quantize_refuses_tflite_bundles(tiny_tflite_bundle, tmp_path):
     with pytest.raises(ConfigError, match="takes an fp32 ONNX bundle"):
         quantize_bundle(tiny_tflite_bundle, tmp_path / "q", calib_x=x,
                         eval_set=make_windows(20, window=WINDOW, seed=6))
+
+
+def test_check_verifies_the_signature_with_trust_key(tiny_bundle, tmp_path):
+    """A garbage signature or one added space: exit 1 with --trust-key, as a device refuses."""
+    import shutil
+    import subprocess
+    import sys
+
+    def check(b, *extra):
+        p = subprocess.run([sys.executable, "-m", "edgetl.cli", "check", str(b), "--json",
+                            *map(str, extra)], capture_output=True, text=True)
+        return p.returncode, json.loads(p.stdout)["checks"][0] if p.stdout else p.stderr
+
+    keys = tmp_path / "keys"
+    p = subprocess.run([sys.executable, "-m", "edgetl.cli", "keygen", "--out", str(keys)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    rc, first = check(b)
+    assert rc == 0 and "unsigned" in first["detail"]
+    p = subprocess.run([sys.executable, "-m", "edgetl.cli", "sign", str(b), "--key",
+                        str(keys / "edgetl.key")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rc, first = check(b)
+    assert rc == 0 and "NOT verified: pass --trust-key" in first["detail"]
+    rc, first = check(b, "--trust-key", keys / "edgetl.pub")
+    assert rc == 0 and "signature verified" in first["detail"]
+    body = (b / "manifest.json").read_bytes()
+    (b / "manifest.json").write_bytes(body.replace(b"{", b"{ ", 1))  # one added space
+    rc, first = check(b, "--trust-key", keys / "edgetl.pub")
+    assert rc == 1 and "does not verify" in first["detail"]
+    (b / "manifest.json").write_bytes(body)
+    (b / "manifest.sig").write_bytes(b"garbage")
+    rc, first = check(b, "--trust-key", keys / "edgetl.pub")
+    assert rc == 1 and "does not verify" in first["detail"]
