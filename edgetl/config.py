@@ -52,8 +52,22 @@ def _section(factory, doc: str):
     return field(default_factory=factory, metadata={"doc": doc, "unit": ""})
 
 
+class _InputKind:
+    """``is_image`` / ``is_text`` from a data section's ``kind``."""
+
+    @property
+    def is_image(self) -> bool:
+        """Whether the recipe's data are images."""
+        return self.kind == "image"
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the recipe's data are texts."""
+        return self.kind == "text"
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_InputKind):
     """A built-in dataset (``dataset = ...``) and who plays server and devices.
 
     ``hapt`` (phone IMU windows): ``window``/``stride`` and the user splits apply.
@@ -136,15 +150,6 @@ class DataConfig:
         """Whether the data are the user's own files (never, for a built-in dataset)."""
         return False
 
-    @property
-    def is_image(self) -> bool:
-        """Whether the recipe's data are images."""
-        return self.kind == "image"
-
-    @property
-    def is_text(self) -> bool:
-        """Whether the recipe's data are texts."""
-        return self.kind == "text"
 
 
 def _check_image(size: int, mode: str) -> None:
@@ -153,7 +158,7 @@ def _check_image(size: int, mode: str) -> None:
 
 
 @dataclass(frozen=True)
-class FilesData:
+class FilesData(_InputKind):
     """Your own files (``kind`` + ``path``): the keys every input kind shares.
 
     Who plays server and devices: with a ``user`` column (or user folders) the users are
@@ -211,15 +216,6 @@ class FilesData:
         """Whether the data are the user's own files."""
         return True
 
-    @property
-    def is_image(self) -> bool:
-        """Whether the recipe's data are images."""
-        return self.kind == "image"
-
-    @property
-    def is_text(self) -> bool:
-        """Whether the recipe's data are texts."""
-        return self.kind == "text"
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,19 @@ def _load_tensors(path: str, manifest: dict, need_labels: bool, bundle=None) -> 
     return Dataset(x, y, path)
 
 
+def label_names(path: str, y: np.ndarray, n: int, noun: str = "samples") -> list[str]:
+    """``y`` of an ``.npz`` as label names, checked: 1-D strings, one non-empty per sample."""
+    if y.dtype.kind not in "US" or y.ndim != 1:
+        raise RunnerError(f"{path}: 'y' must be a 1-D array of label names (e.g. "
+                          f"np.array(['cat', ...])), found {y.dtype} {y.shape}")
+    names = [str(v) for v in y.tolist()]
+    if len(names) != n:
+        raise RunnerError(f"{path}: {n} {noun} but {len(names)} labels")
+    if any(not v for v in names):
+        raise RunnerError(f"{path}: empty label names; every one of the {noun} needs a label")
+    return names
+
+
 def open_npz(path: str, what: str):
     """``np.load`` of an ``.npz`` without pickle, with errors that say how to write one."""
     if not os.path.isfile(path):

@@ -211,14 +211,9 @@ def load_image_npz(path: str, manifest: dict):
     if len(x) == 0 or x.shape[1] == 0 or x.shape[2] == 0:
         raise RunnerError(f"{path}: 'x' holds no images (shape {x.shape})")
     if y is not None:
-        if y.dtype.kind not in "US" or y.ndim != 1:
-            raise RunnerError(f"{path}: 'y' must be a 1-D array of label names (e.g. "
-                              f"np.array(['cat', ...])), found {y.dtype} {y.shape}")
-        y = [str(v) for v in y.tolist()]
-        if len(y) != len(x):
-            raise RunnerError(f"{path}: {len(x)} images but {len(y)} labels")
-        if any(not lab for lab in y):
-            raise RunnerError(f"{path}: empty label names; every image needs a label")
+        from edgerun.data import label_names
+
+        y = label_names(path, y, len(x), "images")
     return _array_input(x, spec), y, []
 
 

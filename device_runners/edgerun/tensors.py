@@ -90,14 +90,9 @@ def load_npz(path: str, manifest: dict):
             raise RunnerError(f"{path}: {n_bad} sample(s) contain NaN or inf; clean or drop "
                               "them before adapting")
     if y is not None:
-        if y.dtype.kind not in "US" or y.ndim != 1:
-            raise RunnerError(f"{path}: 'y' must be a 1-D array of label names (e.g. "
-                              f"np.array(['cat', ...])), found {y.dtype} {y.shape}")
-        y = [str(v) for v in y.tolist()]
-        if len(y) != len(x):
-            raise RunnerError(f"{path}: {len(x)} samples but {len(y)} labels")
-        if any(not v for v in y):
-            raise RunnerError(f"{path}: empty label names; every sample needs a label")
+        from edgerun.data import label_names
+
+        y = label_names(path, y, len(x))
     return x, y
 
 
