@@ -403,30 +403,13 @@ def run(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
     _setup()
 
     from edgetl.pipeline import run_recipe
-    from edgetl.report import bundles_table, device_table, server_table
+    from edgetl.report import run_tables
 
     s = run_recipe(_recipe(recipe), out, show=not quiet)
     con = _console()
-    if type(s).__name__ == "TextSummary":
-        from edgetl.report import text_tables
-
-        for t in text_tables(s):
-            con.print(t)
-        con.print(f"summary: {out / 'summary.json'}  plot: {out / 'text.png'}  "
-                  f"({s.totals['wall_seconds']:.0f} s)")
-        return
-    if not hasattr(s, "bundle_names"):  # the vision scenario
-        from edgetl.report import vision_tables
-
-        for t in vision_tables(s):
-            con.print(t)
-        con.print(f"summary: {out / 'summary.json'}  plot: {out / 'vision.png'}  "
-                  f"({s.totals['wall_seconds']:.0f} s)")
-        return
-    con.print(server_table(s))
-    con.print(device_table(s))
-    con.print(bundles_table(s))
-    con.print(f"summary: {out / 'summary.json'}  plot: {out / 'personalisation.png'}  "
+    for t in run_tables(s):
+        con.print(t)
+    con.print(f"summary: {out / 'summary.json'}  plot: {out / s.plot}  "
               f"({s.totals['wall_seconds']:.0f} s)")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,26 +21,7 @@ from edgetl.config import Recipe
 from edgetl.data import hapt
 from edgetl.errors import ConfigError
 from edgetl.progress import console, progress_bar
-
-
-@dataclass
-class RunSummary:
-    """What ``edgetl run`` measured; written as ``summary.json``."""
-
-    recipe: str
-    server: dict = field(default_factory=dict)
-    bundles: list = field(default_factory=list)   # one dict per exported bundle
-    devices: list = field(default_factory=list)   # one row per (bundle, user)
-    totals: dict = field(default_factory=dict)    # {"by_bundle": {name: ...}, "wall_seconds"}
-
-    def to_dict(self) -> dict:
-        """Plain dict for JSON."""
-        return {"recipe": self.recipe, "server": self.server, "bundles": self.bundles,
-                "devices": self.devices, "totals": self.totals}
-
-    def bundle_names(self) -> list[str]:
-        """Bundles that have device rows, in the order they ran."""
-        return list(dict.fromkeys(r["bundle"] for r in self.devices))
+from edgetl.summary import RunSummary
 
 
 def write_device_files(w: hapt.Windows, user: int, folder: Path, *,

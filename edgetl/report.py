@@ -102,6 +102,15 @@ def text_tables(summary) -> list[Table]:
     return [t, b]
 
 
+def run_tables(summary) -> list[Table]:
+    """The tables ``edgetl run`` prints for a summary of any input kind."""
+    if summary.kind == "image":
+        return vision_tables(summary)
+    if summary.kind == "text":
+        return text_tables(summary)
+    return [server_table(summary), device_table(summary), bundles_table(summary)]
+
+
 def server_table(summary) -> Table:
     """Teacher / student-from-scratch / distilled student on held-out users."""
     t = Table(title=f"{summary.recipe}: server models (accuracy on held-out users)")

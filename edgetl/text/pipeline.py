@@ -33,11 +33,11 @@ from edgetl.config import Recipe
 from edgetl.export.bundle import torch_features
 from edgetl.nets import build_model, count_params
 from edgetl.progress import console, progress_bar
+from edgetl.summary import RunSummary
 from edgetl.text import data as tdata
 from edgetl.text.encoder import Tokens, trim
 from edgetl.train import kd_loss
 from edgetl.vision.pipeline import (
-    VisionSummary,
     by_bundle,
     export_roles,
     learn_new_classes,
@@ -332,11 +332,7 @@ def bench_bundles(bundles: list[dict], *, repeats: int = 50) -> None:
         b["latency_ms_p50"], b["throughput_per_s"] = r["backbone_ms_p50"], r["throughput_per_s"]
 
 
-class TextSummary(VisionSummary):
-    """What the text run measured (the vision run's fields); written as ``summary.json``."""
-
-
-def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
+def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     """Every stage of the text recipe; writes ``summary.json`` and ``text.png``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -349,7 +345,7 @@ def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
     console.log(f"data: {len(sp.y['train'])} train / {len(sp.y['val'])} val / "
                 f"{len(sp.y['test'])} test {what}, {len(sp.labels)} categories; "
                 f"truncated at {recipe.data.max_length} word pieces: {sp.truncated}")
-    summ = TextSummary(recipe.name)
+    summ = RunSummary(recipe.name, kind="text", plot="text.png")
     summ.server = train_server(recipe, out, sp, show=show)
     if own:
         summ.server["own_data"] = recipe.data.path
@@ -372,7 +368,7 @@ def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> TextSummary:
     return summ
 
 
-def plot_text(summ: TextSummary, path: Path) -> Path:
+def plot_text(summ: RunSummary, path: Path) -> Path:
     """Device topic accuracy per bundle (imprinting vs + training) and latency vs size."""
     import matplotlib
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from edgetl.config import Recipe
 from edgetl.data import images as imdata
 from edgetl.nets import build_model, count_params
 from edgetl.progress import console, progress_bar
+from edgetl.summary import RunSummary
 from edgetl.train import Split, accuracy, distill, train_classifier
 
 
@@ -124,22 +125,6 @@ def _checkpoint(model, recipe: Recipe, net, vd: VisionData, meta: dict) -> Check
     return Checkpoint(model, net, recipe.head, vd.labels, chans, 0, 0, 0.0,
                       np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32),
                       {"recipe": recipe.name, **meta}, image=dict(spec))
-
-
-@dataclass
-class VisionSummary:
-    """What the vision run measured; written as ``summary.json``."""
-
-    recipe: str
-    server: dict = field(default_factory=dict)
-    bundles: list = field(default_factory=list)
-    devices: list = field(default_factory=list)
-    totals: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """Plain dict for JSON."""
-        return {"recipe": self.recipe, "server": self.server, "bundles": self.bundles,
-                "devices": self.devices, "totals": self.totals}
 
 
 def train_server(recipe: Recipe, out: Path, vd: VisionData, *, show: bool = True) -> dict:
@@ -338,7 +323,7 @@ def learn_new_classes(recipe: Recipe, bundles: list, devices: list[dict], root: 
     return rows
 
 
-def run_vision(recipe: Recipe, out: Path, *, show: bool = True) -> VisionSummary:
+def run_vision(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     """Every stage of the vision recipe; writes ``summary.json`` and ``vision.png``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -352,7 +337,7 @@ def run_vision(recipe: Recipe, out: Path, *, show: bool = True) -> VisionSummary
     console.log(f"data: {len(vd.train.y)} train / {len(vd.val.y)} val / {len(vd.test.y)} test "
                 f"{'images of ' + recipe.data.path if own else 'Fashion-MNIST images'} at "
                 f"{vd.image['height']} px {vd.image['mode']}")
-    summ = VisionSummary(recipe.name)
+    summ = RunSummary(recipe.name, kind="image", plot="vision.png")
     summ.server = train_server(recipe, out, vd, show=show)
     if own:
         summ.server["own_data"] = recipe.data.path
@@ -380,7 +365,7 @@ def by_bundle(rows: list[dict]) -> dict[str, dict]:
     return by
 
 
-def plot_vision(summ: VisionSummary, path: Path) -> Path:
+def plot_vision(summ: RunSummary, path: Path) -> Path:
     """Digit accuracy on the cameras (imprinting vs + head training) per bundle, with size."""
     import matplotlib
 
