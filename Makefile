@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort venv-fleet data-vision data-text demo demo-vision demo-text bench methods fleet ddp test test-slow test-pi style lint format clean help
+.PHONY: install venv-ort venv-fleet data-vision data-text demo demo-vision demo-text bench methods fleet ddp coverage test test-slow test-pi style lint format clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -19,6 +19,8 @@ help:
 	@echo "make fleet      Flower fleet: 100 simulated devices improve the shipped head (FedAvg)"
 	@echo "                -> runs/fleet/{fleet.md,fleet.png,bundle-v2}"
 	@echo "make ddp        teacher pretraining on 2 processes (torchrun) vs 1 -> weight difference"
+	@echo "make coverage   architectures from outside edgetl (transformers, user modules) x"
+	@echo "                {onnx,tflite} x {fp32,int8}: export, parity, runner -> docs/coverage.md"
 	@echo "make test       fast test tier (no GPU, no network)"
 	@echo "make test-slow  long tests on the real dataset (the whole demo recipe)"
 	@echo "make test-pi    device runners on emulated Linux aarch64 (Raspberry Pi) vs x86_64 (root)"
@@ -114,6 +116,13 @@ ddp: install
 	# control: the same single process with 1 thread instead of 2 (only float sums reorder)
 	$(BIN)/edgetl pretrain $(RECIPE) --out runs/ddp/p1-1thread -q --threads 1
 	$(BIN)/python -m edgetl.distributed runs/ddp/p1/teacher.pt runs/ddp/p1-1thread/teacher.pt
+
+# Model coverage: transformers architectures (small random configs) and user-written modules,
+# each through every exporter x precision and the device runner, one process per cell ->
+# docs/coverage.{md,json} (committed). COVERAGE_ARGS="--only vit --jobs 2" narrows or widens it.
+COVERAGE_ARGS ?=
+coverage: install
+	nice -n 5 $(BIN)/python -m tools.coverage --out docs/coverage.md $(COVERAGE_ARGS)
 
 test: install venv-ort venv-fleet
 	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python \
