@@ -179,11 +179,11 @@ def mobilenet_v2() -> Case:
 
 
 def mobilevit() -> Case:
-    """MobileViT (3 transformer stages), hidden 32-64, 64 px (5 stride-2 stages)."""
-    cfg = _hf_config("MobileViTConfig", image_size=64, patch_size=2, hidden_sizes=[32, 48, 64],
+    """MobileViT (3 transformer stages), hidden 32-64, 32 px, 1 px patches."""
+    cfg = _hf_config("MobileViTConfig", image_size=32, patch_size=1, hidden_sizes=[32, 48, 64],
                      neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 96], num_attention_heads=2,
                      expand_ratio=2.0)
-    return _hf("MobileViTForImageClassification", cfg, "image", size=64)
+    return _hf("MobileViTForImageClassification", cfg, "image")
 
 
 def resnet() -> Case:
@@ -431,26 +431,28 @@ def fit_head(case: Case, x: np.ndarray, y: np.ndarray, steps: int = 300) -> floa
     """Train the head on frozen features of "server" data (a linear probe); return accuracy.
 
     A random head has near-tied logits, so int8's held-out gate would measure noise; a fitted
-    head gives the accuracy gate a real decision to keep.
+    head gives the accuracy gate a real decision to keep. Adam on the raw features, as a
+    user would train it (weights stay of the size training makes them).
     """
     f = torch.from_numpy(features(case, x))
     index = {v: i for i, v in enumerate(case.labels)}
     t = torch.tensor([index[str(v)] for v in y])
     lin = head_linear(case)
-    mu, sd = f.mean(0), f.std(0).clamp_min(1e-6)  # train on standardised features, fold back
-    probe = nn.Linear(f.shape[1], len(case.labels))
-    opt = torch.optim.Adam(probe.parameters(), 0.05)
-    z = (f - mu) / sd
+    if lin.bias is None:
+        raise ValueError("the head has no bias")
+    params = [lin.weight, lin.bias]
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, 0.02)
     for _ in range(steps):
         opt.zero_grad()
-        nn.functional.cross_entropy(probe(z), t).backward()
+        nn.functional.cross_entropy(lin(f), t).backward()
         opt.step()
+    for p, w in zip(params, was, strict=True):
+        p.requires_grad_(w)
+        p.grad = None
     with torch.no_grad():
-        w = probe.weight / sd
-        lin.weight.copy_(w)
-        if lin.bias is None:
-            raise ValueError("the head has no bias")
-        lin.bias.copy_(probe.bias - w @ mu)
         acc = float((lin(f).argmax(1) == t).float().mean())
     case.notes.append(f"head fitted on frozen features of {len(x)} server samples "
                       f"(train accuracy {acc:.2f})")

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,9 @@ def reason(text: str) -> str:
 
 
 def exc_reason(e: BaseException) -> str:
-    """:func:`reason` of an exception, with its type."""
+    """:func:`reason` of an exception, with its type; the traceback goes to the cell's log."""
+    traceback.print_exception(e, file=sys.stderr)
+    sys.stderr.flush()
     return reason(f"{type(e).__name__}: {e}")
 
 
