@@ -109,17 +109,21 @@ def main(argv: list[str] | None = None) -> int:
                            "notes": r.get("notes", []), "params": r["metrics"].get("params")}
     info = {n: info[n] for n in sorted(info, key=lambda n: order.index(n) if n in order else 99)}
     cmd = "python -m tools.coverage " + " ".join(argv if argv is not None else sys.argv[1:])
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     data = {
-        "command": cmd.strip(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "command": old["command"] if old else cmd.strip(), "date": old["date"] if old else now,
+        "commit": old["commit"] if old else _git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) or bool(
+            old and old.get("dirty")),
         "machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU(s), Python "
                    f"{platform.python_version()}",
         "versions": _versions(), "jobs": a.jobs, "timeout_s": a.timeout,
         "bench_repeats": BENCH_REPEATS, "total_s": total if old is None else
         (old.get("total_s", 0.0) + total), "targets": targets, "precisions": precisions,
         "partial_updates": [*(old or {}).get("partial_updates", []),
-                            *([{"cases": names, "seconds": total}] if old else [])],
+                            *([{"command": cmd.strip(), "date": now, "cases": names,
+                                "seconds": total, "commit": _git("rev-parse", "--short",
+                                                                 "HEAD")}] if old else [])],
         "cases": info, "rows": all_rows,
         "summary": {"pass": sum(r["pass"] for r in all_rows), "cells": len(all_rows)},
     }

@@ -193,7 +193,7 @@ def _steps(row: Row, d: Path, case_name: str, target: str, precision: str) -> No
             row.data["notes"] += notes
             row.set("load", "failed" if bad else "ok", "; ".join(bad))
         except Exception as e:  # noqa: BLE001
-            row.set("load", "failed", exc_reason(e))
+            row.set("load", "failed", exc_reason(e).replace(str(d), "<cell>"))
         shutil.rmtree(d / "hf", ignore_errors=True)
     else:
         row.set("load", "n/a")

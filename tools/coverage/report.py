@@ -49,6 +49,9 @@ def render(data: dict) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".",
         "",
+        *[f"Rows of {', '.join(u['cases'])} re-run by `{u['command']}` on {u['date']} at commit "
+          f"`{u.get('commit', '?')}` ({u['seconds'] / 60:.1f} min).\n"
+          for u in data.get("partial_updates", [])],
         f"**{n_pass} of {len(rows)} cells pass end to end** (every step ok: built, loaded "
         "from a saved Hugging Face folder where it applies, exported with parity checks, "
         "self-tested, adapted and benchmarked by the device runner).",
