@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = multiprocessing.get_context(a.start)
     if a.start == "forkserver":
         ctx.set_forkserver_preload(["tools.coverage.preload"])
+    commit = _git("rev-parse", "--short", "HEAD")  # the code the cells run: before they do
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "tools", "edgetl",
+                      "device_runners"))
     t0 = time.perf_counter()
     rows: dict[tuple, dict] = {}
     print(f"coverage: {len(cells)} cells ({len(names)} cases x {targets} x {precisions}), "
@@ -112,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     data = {
         "command": old["command"] if old else cmd.strip(), "date": old["date"] if old else now,
-        "commit": old["commit"] if old else _git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) or bool(
-            old and old.get("dirty")),
+        "commit": old["commit"] if old else commit,
+        "dirty": dirty or bool(old and old.get("dirty")),
         "machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU(s), Python "
                    f"{platform.python_version()}",
         "versions": _versions(), "jobs": a.jobs, "timeout_s": a.timeout,
@@ -122,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         (old.get("total_s", 0.0) + total), "targets": targets, "precisions": precisions,
         "partial_updates": [*(old or {}).get("partial_updates", []),
                             *([{"command": cmd.strip(), "date": now, "cases": names,
-                                "seconds": total, "commit": _git("rev-parse", "--short",
-                                                                 "HEAD")}] if old else [])],
+                                "seconds": total, "commit": commit + (" (uncommitted changes)"
+                                                                      if dirty else "")}]
+                              if old else [])],
         "cases": info, "rows": all_rows,
         "summary": {"pass": sum(r["pass"] for r in all_rows), "cells": len(all_rows)},
     }
