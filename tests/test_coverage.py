@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.integration  # (c) runs a real export and the runner
+
 COVERAGE_JSON = ROOT / "docs" / "coverage.json"
 #: Input kinds the coverage run does not export (``export_model`` bundles take the model's
 #: own ``tensor``), and the scenario tests (file::function) that export and adapt them
