@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort venv-fleet data-vision data-text demo demo-vision demo-text bench methods fleet ddp test test-quick test-slow test-pi style lint format docs clean help
+.PHONY: install venv-ort venv-fleet data-vision data-text demo demo-vision demo-text bench methods fleet ddp coverage test test-quick test-slow test-pi style lint format docs clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -19,6 +19,8 @@ help:
 	@echo "make fleet      Flower fleet: 100 simulated devices improve the shipped head (FedAvg)"
 	@echo "                -> runs/fleet/{fleet.md,fleet.png,bundle-v2}"
 	@echo "make ddp        teacher pretraining on 2 processes (torchrun) vs 1 -> weight difference"
+	@echo "make coverage   architectures from outside edgetl (transformers, user modules) x"
+	@echo "                {onnx,tflite} x {fp32,int8}: export, parity, runner -> docs/coverage.md"
 	@echo "make test       default tier: unit + integration, everything but slow (no GPU, no"
 	@echo "                network; 16-20 min on 2 cores); lists skipped tests and why at the end"
 	@echo "make test-quick unit tier only (pytest -m unit, ~1 min): no dataset, no runner"
@@ -120,6 +122,13 @@ ddp: install
 	# control: the same single process with 1 thread instead of 2 (only float sums reorder)
 	$(BIN)/edgetl pretrain $(RECIPE) --out runs/ddp/p1-1thread -q --threads 1
 	$(BIN)/python -m edgetl.distributed runs/ddp/p1/teacher.pt runs/ddp/p1-1thread/teacher.pt
+
+# Model coverage: transformers architectures (small random configs) and user-written modules,
+# each through every exporter x precision and the device runner, one process per cell ->
+# docs/coverage.{md,json} (committed). COVERAGE_ARGS="--only vit --jobs 2" narrows or widens it.
+COVERAGE_ARGS ?=
+coverage: install
+	nice -n 5 $(BIN)/python -m tools.coverage --out docs/coverage.md $(COVERAGE_ARGS)
 
 # Tiers (pyproject.toml markers, tests/conftest.py): `unit` or `integration` for every test;
 # `data`, `env_ort`, `env_fleet`, `slow` for what it needs. -rs: skipped tests and why, at the end.

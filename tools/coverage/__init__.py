@@ -1,0 +1,1 @@
+"""Coverage of architectures written outside edgetl: ``python -m tools.coverage``."""
