@@ -255,3 +255,32 @@ def test_cli_errors_are_one_line(tmp_path):
                "--input-dtype", "int64", "--labels", "a,b", "--out", tmp_path / "b")
     assert p.returncode == 1 and "3 outputs but 2 labels" in p.stderr
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.unit
+def test_audio_models_named_for_sequence_classification_load_as_audio(tmp_path):
+    """Wav2Vec2ForSequenceClassification is an audio model (found by `make coverage`)."""
+    transformers = pytest.importorskip("transformers")
+    from edgetl.export.load import load_model
+
+    cfg = transformers.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 4),
+                                      conv_kernel=(10, 8), num_feat_extract_layers=2,
+                                      num_labels=2, classifier_proj_size=8)
+    transformers.Wav2Vec2ForSequenceClassification(cfg).save_pretrained(tmp_path / "w2v")
+    um = load_model(str(tmp_path / "w2v"))
+    assert (um.dtype, um.layout, um.call.name) == ("float32", "NS", "input_values")
+
+
+def test_a_head_with_large_weights_passes_parity(tmp_path):
+    """Train-step parity is relative past 1: logits in the thousands are no rounding failure."""
+    import edgetl
+
+    m = nets.token_classifier()
+    with torch.no_grad():
+        m.head.weight.mul_(3000)
+    man = edgetl.export_model(m, example=torch.zeros(1, nets.LENGTH, dtype=torch.int64),
+                              labels=["a", "b", "c"], out=tmp_path / "b")
+    assert man.test_vectors["train_atol"] > man.checks["atol"]  # scaled with the values
+    r = run_runner("selftest", tmp_path / "b")
+    assert r.returncode == 0, r.stderr

@@ -147,6 +147,8 @@ def load_hf(folder: Path) -> UserModel:
     archs = cfg.get("architectures") or []
     task = next(((auto, kind) for a in archs for suf, (auto, kind) in HF_TASKS.items()
                  if a.endswith(suf)), None)
+    if task is not None and task[1] == "text" and _is_audio(cfg.get("model_type")):
+        task = HF_TASKS["ForAudioClassification"]  # Wav2Vec2ForSequenceClassification etc.
     if task is None:
         raise ConfigError(f"{folder}: config.json architectures {archs} name no image, sequence "
                           "or audio classification model (…ForImageClassification, "
@@ -182,6 +184,19 @@ def load_hf(folder: Path) -> UserModel:
         um.shape, um.dtype, um.layout = (HF_AUDIO_SAMPLES,), "float32", "NS"
         um.call = _hf_call("input_values")
     return um
+
+
+def _is_audio(model_type: str | None) -> bool:
+    """Whether transformers' audio-classification auto class knows ``model_type``.
+
+    Audio models name their classifier ``…ForSequenceClassification`` (Wav2Vec2, HuBERT,
+    WavLM...), so the architecture name alone cannot tell them from text models.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    return model_type in MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES
 
 
 class _hf_call:
