@@ -188,6 +188,31 @@ def device_halves(y: np.ndarray, session: np.ndarray, *, in_order: bool, gap: in
     return np.sort(np.asarray(ad, np.int64)), np.sort(np.asarray(ev, np.int64))
 
 
+def write_device_halves(out: Path, g, y: np.ndarray, seed: int, write_part) -> list[dict]:
+    """Each device user's samples, split by :func:`device_halves`, written under ``out/devices``.
+
+    ``write_part(folder, part, indices)`` writes one part (``adapt`` or ``eval``) in the
+    kind's device format and returns the path the device reads. No new labels: the device
+    personalises the ones it knows.
+    """
+    import shutil
+
+    root = Path(out) / "devices"
+    if root.exists():
+        shutil.rmtree(root)
+    devs = []
+    for k, dev in enumerate(g.device):
+        idx = np.flatnonzero(g.group == dev)
+        ad, ev = device_halves(y[idx], np.zeros(len(idx)), in_order=False, seed=seed)
+        folder = root / f"device_{k + 1}"
+        paths = {part: write_part(folder, part, idx[sel])
+                 for part, sel in (("adapt", ad), ("eval", ev))}
+        devs.append({"device": k + 1, "user": g.name(dev), "adapt": paths["adapt"],
+                     "eval": paths["eval"], "n_adapt": len(ad), "n_eval": len(ev),
+                     "n_labels": 0})
+    return devs
+
+
 def _label_ids(names: list[str], where: str) -> tuple[np.ndarray, tuple[str, ...]]:
     labels = tuple(_sorted_names(names))
     if len(labels) < 2:

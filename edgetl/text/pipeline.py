@@ -295,25 +295,16 @@ def write_devices(recipe: Recipe, out: Path) -> list[dict]:
 
 def write_own_devices(recipe: Recipe, out: Path) -> list[dict]:
     """Each device user's texts as ``adapt.csv`` (first half of every label) + ``eval.csv``."""
-    from edgetl.data.files import device_halves
+    from edgetl.data.files import write_device_halves
 
     td, g = own_texts(recipe)
-    root = Path(out) / "devices"
-    if root.exists():
-        shutil.rmtree(root)
-    devs = []
-    for k, dev in enumerate(g.device):
-        idx = np.flatnonzero(g.group == dev)
-        ad, ev = device_halves(td.y[idx], np.zeros(len(idx)), in_order=False,
-                               seed=recipe.data.seed)
-        folder = root / f"device_{k + 1}"
-        for part, sel in (("adapt", idx[ad]), ("eval", idx[ev])):
-            _write_csv(folder / f"{part}.csv",
-                       [(str(td.texts[i]), td.labels[td.y[i]]) for i in sel])
-        devs.append({"device": k + 1, "user": g.name(dev), "adapt": folder / "adapt.csv",
-                     "eval": folder / "eval.csv", "n_adapt": len(ad), "n_eval": len(ev),
-                     "n_labels": 0})  # no new labels: the device personalises known ones
-    return devs
+
+    def write_texts(folder: Path, part: str, sel: np.ndarray) -> Path:
+        path = folder / f"{part}.csv"
+        _write_csv(path, [(str(td.texts[i]), td.labels[td.y[i]]) for i in sel])
+        return path
+
+    return write_device_halves(out, g, td.y, recipe.data.seed, write_texts)
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:

@@ -247,27 +247,18 @@ def write_own_devices(recipe: Recipe, out: Path, own) -> list[dict]:
     The first half of every label (seeded) adapts, the rest evaluates; the device reads the
     original files, as a camera would.
     """
-    from edgetl.data.files import device_halves
+    from edgetl.data.files import write_device_halves
 
     im, g = own
-    root = Path(out) / "devices"
-    if root.exists():
-        shutil.rmtree(root)
-    devs = []
-    for k, dev in enumerate(g.device):
-        idx = np.flatnonzero(g.group == dev)
-        ad, ev = device_halves(im.y[idx], np.zeros(len(idx)), in_order=False,
-                               seed=recipe.data.seed)
-        folder = root / f"device_{k + 1}"
-        for part, sel in (("adapt", idx[ad]), ("eval", idx[ev])):
-            for i in sel:
-                dst = folder / part / im.labels[im.y[i]]
-                dst.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(im.paths[i], dst / f"{i:05d}_{Path(im.paths[i]).name}")
-        devs.append({"device": k + 1, "user": g.name(dev), "adapt": folder / "adapt",
-                     "eval": folder / "eval", "n_adapt": len(ad), "n_eval": len(ev),
-                     "n_labels": 0})  # no new labels: the device personalises known ones
-    return devs
+
+    def copy_images(folder: Path, part: str, sel: np.ndarray) -> Path:
+        for i in sel:
+            dst = folder / part / im.labels[im.y[i]]
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(im.paths[i], dst / f"{i:05d}_{Path(im.paths[i]).name}")
+        return folder / part
+
+    return write_device_halves(out, g, im.y, recipe.data.seed, copy_images)
 
 
 def personalise_cameras(recipe: Recipe, bundles: list, out: Path, *,
