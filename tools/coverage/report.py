@@ -41,7 +41,8 @@ def render(data: dict) -> str:
     lines = [
         "# Model coverage",
         "",
-        f"Generated (do not edit by hand; `make coverage`) by `{data['command']}` on {data['date']} at commit `{data['commit']}`"
+        f"Generated (do not edit by hand; `make coverage`) by `{data['command']}` on "
+        f"{data['date']} at commit `{data['commit']}`"
         f"{' (uncommitted changes)' if data.get('dirty') else ''}; "
         f"{data['machine']}; total {data['total_s'] / 60:.1f} min "
         f"({data['jobs']} job(s), {data['timeout_s']:g} s per cell).",
