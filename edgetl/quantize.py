@@ -24,7 +24,7 @@ from edgetl.export.bundle import (
     runtime_predictions,
     staged_bundle,
 )
-from edgetl.export.onnx import quantize_int8
+from edgetl.export.onnx import STATIC_SCHEME, quantize_int8
 from edgetl.export.registry import get_exporter
 from edgetl.head import HeadSpec
 from edgetl.manifest import MANIFEST, Manifest, file_entry
@@ -136,8 +136,7 @@ def _build(src: Path, m: Manifest, tmp: Path, calib: np.ndarray,
                       "atol": SELFTEST_INT8_REL * max(
                           scale, float(np.abs(logits[:, : len(m.labels)]).max()))},
         quantization={"backbone": "int8", "head": "fp32 (trainable)", "per_channel": True,
-                      "scheme": "QDQ static, per-channel symmetric int8 weights, uint8 "
-                                "activations (MinMax)",
+                      "scheme": STATIC_SCHEME,
                       "calibration_windows": int(len(calib)),
                       "calibration_source": "source windows given to edgetl quantize",
                       "checked_with": checked_with(exporter)},
