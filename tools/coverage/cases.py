@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+# how edgetl's own Hugging Face loader calls these models: one implementation
+from edgetl.export.load import _hf_call, _hf_text_call
+
 #: The server-side labels of every case; the device adapts to new ones (:data:`DEVICE_LABELS`).
 LABELS = ("cat", "dog", "bird")
 DEVICE_LABELS = ("red", "green", "blue")
@@ -136,23 +139,6 @@ def _hf_config(cls_name: str, **kw):
     return cfg
 
 
-class _kw:
-    """Call a transformers model with its input under its keyword name."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self, model, x):
-        return model(**{self.name: x})
-
-
-class _text:
-    """Token ids in; the attention mask is ``ids != 0`` (padding id 0)."""
-
-    def __call__(self, model, ids):
-        return model(input_ids=ids, attention_mask=(ids != 0).long())
-
-
 def _hf(model_cls: str, cfg, kind: str, *, size: int = 32, length: int = 16, vocab: int = 100,
         samples: int = 2000) -> Case:
     import transformers
@@ -163,13 +149,13 @@ def _hf(model_cls: str, cfg, kind: str, *, size: int = 32, length: int = 16, voc
     src = f"transformers {model_cls}"
     if kind == "image":
         return Case(model, images(size), f"float32 (3, {size}, {size}) NCHW pixels 0..255, "
-                    "mean/std 127.5 (HF processor)", src, call=_kw("pixel_values"),
+                    "mean/std 127.5 (HF processor)", src, call=_hf_call("pixel_values"),
                     mean=(127.5,) * 3, std=(127.5,) * 3, layout="NCHW", hf=True)
     if kind == "text":
         return Case(model, tokens(length, vocab), f"int64 ({length},) token ids, vocab {vocab},"
-                    " mask = ids != 0", src, call=_text(), layout="NL", hf=True)
+                    " mask = ids != 0", src, call=_hf_text_call(0), layout="NL", hf=True)
     return Case(model, audio(samples), f"float32 ({samples},) raw audio at 16 kHz", src,
-                call=_kw("input_values"), layout="NS", hf=True)
+                call=_hf_call("input_values"), layout="NS", hf=True)
 
 
 def mobilenet_v2() -> Case:
