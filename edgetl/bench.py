@@ -61,23 +61,21 @@ def find_bundles(paths: list[Path]) -> list[Path]:
 def find_device_data(paths: list[Path]) -> tuple[Path, Path]:
     """The fixed local data set of a run folder: ``(adapt data, evaluation data)``.
 
-    HAR runs: the first device user's first session (``adapt.npz``) and later sessions
-    (``eval.npz``); vision runs: camera 1's image folders and the shared ``eval.npz``; text
-    runs: device 1's ``adapt.csv`` and the shared ``eval.csv``.
+    The first device of the run's ``devices/index.json`` (written by ``edgetl run``): HAR's
+    first held-out user (first session / later sessions), camera 1's image folders and the
+    shared digits, device 1's texts and the shared evaluation CSV.
     """
+    from edgetl.pipeline import DEVICE_INDEX
+
     for p in map(Path, paths):
-        users = sorted(p.glob("devices/*/user_*/adapt.npz"))
-        if users:
-            first = min(users, key=lambda q: (q.parent.name, q.parent.parent.name))
-            return first, first.with_name("eval.npz")
-        text = p / "devices" / "device_1" / "adapt.csv"
-        if text.is_file() and (p / "devices" / "eval.csv").is_file():
-            return text, p / "devices" / "eval.csv"
-        cam = p / "cameras" / "camera_1" / "adapt"
-        if cam.is_dir() and (p / "cameras" / "eval.npz").is_file():
-            return cam, p / "cameras" / "eval.npz"
+        index = p / DEVICE_INDEX
+        if index.is_file():
+            devices = json.loads(index.read_text())
+            if devices:
+                first = devices[0]
+                return p / first["adapt"], p / first["eval"]
     raise ConfigError(f"no device data in {[str(p) for p in paths]}: pass a run folder of "
-                      "`edgetl run` (it has devices/ or cameras/), or --data and --eval")
+                      f"`edgetl run` (it has {DEVICE_INDEX}), or --data and --eval")
 
 
 def _manifest(bundle: Path) -> dict:

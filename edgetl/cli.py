@@ -93,7 +93,7 @@ def pretrain(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
              quiet: QuietOpt = False,
              threads: Annotated[int, typer.Option(min=1, help="torch threads (under torchrun: "
                                                   "shared by a machine's processes)")] = 2):
-    """Train the teacher on the server users; writes OUT/teacher.pt."""
+    """Train the teacher on the recipe's server-training data; writes OUT/teacher.pt."""
     _setup(threads)
     from edgetl import stages
     from edgetl.distributed import session
@@ -422,15 +422,15 @@ def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
                     help="comma-separated user ids (default: the recipe's device users; the "
                          "server-validation users tune adaptation without touching them)")] = None,
                 out: OutOpt = Path("runs/har-devices"), quiet: QuietOpt = False):
-    """Only the device stage: every user adapts on session 1, is scored on later sessions."""
-    from edgetl.pipeline import personalise as run_devices
+    """Only the device stage: every held-out device personalises BUNDLE through the runner."""
+    from edgetl.pipeline import personalise_bundle
     from edgetl.report import device_table
 
     ids = _int_list(users, "--users", "17,18") if users else None
-    s = run_devices(_recipe(recipe), bundle, out, users=ids, show=not quiet)
+    s = personalise_bundle(_recipe(recipe), bundle, out, users=ids, show=not quiet)
     con = _console()
     con.print(device_table(s))
-    con.print(f"summary: {out / 'summary.json'}  plot: {out / 'personalisation.png'}")
+    con.print(f"summary: {out / 'summary.json'}  plot: {out / s.plot}")
 
 
 @app.command()

@@ -1,12 +1,21 @@
-"""``edgetl run RECIPE``: every stage, then every held-out user personalises on-device.
+"""``edgetl run RECIPE``: one pipeline for every input kind.
 
-Device simulation: each held-out user's first recording session is the local data the phone
-adapts on; their later sessions are the evaluation data. Windows never cross sessions, so
-nothing leaks between the two.
+data -> pretrain -> distill -> export every (role, target, precision) -> release gate ->
+latency -> every simulated device personalises every bundle through the torch-free runner.
+What differs between sensor windows, images and texts (loading, splits, augmentation, the
+checkpoint's input contract, the teacher's training, the devices' files) is the recipe's
+input kind (:mod:`edgetl.kinds`); everything here is shared.
+
+The device loop (:func:`personalise`): a device whose labels the bundle knows starts from the
+shipped head; one with new labels starts from the head with them imprinted (weight
+imprinting, 0 epochs). Either way it then trains ``adapt.epochs`` on its adaptation data,
+the runner's gate keeps or rolls back the new head, and both heads are scored on the device's
+evaluation data, which it never trained on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -15,221 +24,265 @@ from pathlib import Path
 import numpy as np
 
 from edgetl import adapt as device
-from edgetl import stages
+from edgetl import kinds, stages
 from edgetl.check import release_gate
 from edgetl.config import Recipe
-from edgetl.data import hapt
-from edgetl.errors import ConfigError
+from edgetl.kinds import Device, ServerData
 from edgetl.progress import console, progress_bar
 from edgetl.summary import RunSummary
 
-
-def write_device_files(w: hapt.Windows, user: int, folder: Path, *,
-                       gap: int = 0) -> tuple[Path, Path]:
-    """Write a user's first session as ``adapt.npz`` and later sessions as ``eval.npz``.
-
-    A user with one session (your own files): the first half of each label's windows adapts,
-    the second half (after ``gap`` windows that overlap the first half) evaluates.
-    """
-    from edgetl.data.files import device_halves
-
-    folder.mkdir(parents=True, exist_ok=True)
-    u = w.users([user])
-    first = u.session.min()
-    if len(np.unique(u.session)) > 1:
-        parts = (u.session == first, u.session != first)
-    else:
-        ad, ev = device_halves(u.y, u.session, in_order=True, gap=gap)
-        parts = tuple(np.isin(np.arange(len(u)), i) for i in (ad, ev))
-    paths = []
-    for name, mask in zip(("adapt", "eval"), parts, strict=True):
-        s = u.select(mask)
-        p = folder / f"{name}.npz"
-        np.savez(p, x=s.x, y=np.array([w.labels[i] for i in s.y], dtype=str),
-                 channels=np.array(w.channels, dtype=str))
-        paths.append(p)
-    return paths[0], paths[1]
-
-
-def personalise_devices(recipe: Recipe, bundle: Path, out: Path, w: hapt.Windows, *,
-                        split: stages.UserSplit | None = None,
-                        users: tuple[int, ...] | None = None, name: str | None = None,
-                        show: bool = True) -> list[dict]:
-    """Adapt on each device user's first session, evaluate on the rest, via the runner.
-
-    Args:
-        split: the recipe's user split (default: HAPT's, from the recipe; your own files:
-            made again from the data).
-        name: the bundle's name in the rows and under ``out/devices/`` (default: its folder).
-        users: which users play the phones; default the split's device users. Users the
-            server trained on are refused (their numbers would be meaningless); the
-            server-validation users are allowed, to tune adaptation without touching the
-            held-out users.
-    """
-    if split is None:
-        split = stages.load_windows(recipe)[1] if recipe.data.is_files else \
-            stages.hapt_split(recipe)
-    users = tuple(users or split.device)
-    seen = set(split.train)
-    if set(users) & seen:
-        raise ConfigError(f"users {sorted(split.name(u) for u in set(users) & seen)} trained "
-                          f"the server model; pick device users "
-                          f"{[split.name(u) for u in split.device]} or server-validation "
-                          f"users {[split.name(u) for u in split.val]}")
-    gap = -(-recipe.data.window // recipe.data.stride) - 1 if recipe.data.is_files else 0
-    rows = []
-    a = recipe.adapt
-    name = name or Path(bundle).name
-    with progress_bar(show) as prog:
-        task = prog.add_task(f"personalise devices ({name})", total=len(users), info="")
-        for user in users:
-            folder = Path(out) / "devices" / name / split.folder(user)
-            if folder.exists():
-                shutil.rmtree(folder)  # a fresh phone each run
-            adapt_npz, eval_npz = write_device_files(w, user, folder, gap=gap)
-            general = device.infer(bundle, eval_npz)
-            rep = device.adapt(bundle, adapt_npz, folder / "state", epochs=a.epochs,
-                               batch_size=a.batch_size, val_fraction=a.val_fraction, seed=a.seed)
-            personal = device.infer(bundle, eval_npz, head=Path(rep["checkpoint"]))
-            row = {"bundle": name, "user": split.name(user), "n_adapt": rep["n_windows"],
-                   "n_eval": general["n_windows"],
-                   "general_accuracy": general["accuracy"],
-                   "personal_accuracy": personal["accuracy"],
-                   "gain": personal["accuracy"] - general["accuracy"],
-                   "val_before": rep["accuracy_before"], "val_after": rep["accuracy_after"],
-                   "rolled_back": rep["rolled_back"], "feature_seconds": rep["feature_seconds"],
-                   "train_seconds": rep["train_seconds"],
-                   "adapt_seconds": rep["feature_seconds"] + rep["train_seconds"],
-                   "peak_rss_mb": rep["peak_rss_mb"], "backend": rep["backend"],
-                   "precision": rep["precision"]}
-            rows.append(row)
-            prog.update(task, advance=1, info=f"user {row['user']}: "
-                                              f"{row['general_accuracy']:.3f} -> "
-                                              f"{row['personal_accuracy']:.3f}")
-    return rows
+#: Where ``edgetl run`` lists its devices (``edgetl bench RUN`` reads the first one's data).
+DEVICE_INDEX = "devices/index.json"
 
 
 def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
-    """Pretrain, distill (with a from-scratch baseline), export, personalise every device."""
-    if recipe.data.kind == "text":
-        from edgetl.text.pipeline import run_text
-
-        return run_text(recipe, out, show=show)
-    if recipe.data.kind == "image":
-        from edgetl.vision.pipeline import run_vision
-
-        return run_vision(recipe, out, show=show)
+    """Every stage of ``recipe``; writes ``summary.json`` and ``personalisation.png``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sd = stages.server_data(recipe)
-    if sd.split.note:
-        console.log(f"split of {recipe.data.path}: {sd.split.note}")
-    console.log(f"data: {len(sd.train.y)} train / {len(sd.val.y)} val windows from server "
-                f"users, {len(sd.heldout.y)} from held-out users "
-                f"{[sd.split.name(u) for u in sd.split.device]}")
-    summ = RunSummary(recipe.name)
-    teacher = stages.pretrain(recipe, out, data=sd, show=show)
-    students = stages.distill_student(recipe, teacher.path, out, data=sd, show=show)
-    for name, r in (("teacher", teacher), *students.items()):
-        summ.server[name] = {"params": r.params, "val_accuracy": r.val_accuracy,
-                             "heldout_accuracy": r.heldout_accuracy, "seconds": r.seconds,
-                             "checkpoint": str(r.path)}
-    summ.server["distill"] = {"temperature": recipe.distill.temperature,
-                              "alpha": recipe.distill.alpha,
-                              "param_ratio": students["student"].params / teacher.params}
-    for target, precision in recipe.export.bundles():
-        name = f"{target}-{precision}"
-        path = out / "bundles" / name
-        man = stages.export(students["student"].path, path, recipe, target=target,
-                            precision=precision, data=sd)
-        from edgetl.report import bundle_line
-
-        console.log(bundle_line(path, man))
-        gate = release_gate(path, checkpoint=students["student"].path,
-                            **check_inputs(recipe, sd))
-        summ.bundles.append({"name": name, "path": str(path), "target": target,
-                             "precision": precision,
-                             "bytes": sum(f.bytes for f in man.files.values()),
-                             "files": {k: v.bytes for k, v in man.files.items()},
-                             "checks": man.checks, "gate": gate})
-        summ.devices += personalise_devices(recipe, path, out, sd.windows, split=sd.split,
-                                            name=name, show=show)
-    return _finish(summ, out, t0)
+    kind = kinds.of(recipe)
+    sd = kind.load(recipe)
+    if sd.note:
+        console.log(f"split of {recipe.data.path}: {sd.note}")
+    console.log(f"data: {sd.describe}")
+    summ = RunSummary(recipe.name, kind=kind.name)
+    teacher = kind.pretrain(recipe, out, sd, show=show)
+    students = kind.distill(recipe, teacher.path, out, sd, show=show)
+    results = {"teacher": teacher, **students}
+    for role, r in results.items():
+        summ.server[role] = {"model": kind.model_name(role, recipe), **r.to_dict()}
+    if "student" in students:
+        summ.server["distill"] = {"temperature": recipe.distill.temperature,
+                                  "alpha": recipe.distill.alpha,
+                                  "param_ratio": students["student"].params / teacher.params}
+    summ.server["heldout"] = sd.heldout_name
+    summ.server["data"] = {"train": len(sd.train.y), "val": len(sd.val.y),
+                           "heldout": len(sd.heldout.y), **sd.info}
+    if recipe.data.is_files:
+        summ.server["own_data"] = recipe.data.path
+    roles = kind.roles(recipe)
+    summ.bundles = export_all(recipe, out, {role: results[role].path for role in roles},
+                              roles, sd)
+    measure_latency(summ.bundles)
+    devices = kind.devices(recipe, out, sd)
+    write_device_index(out, devices)
+    summ.devices = personalise(recipe, summ.bundles, devices, out / "devices", show=show)
+    return finish(summ, out, t0)
 
 
-def check_inputs(recipe: Recipe, sd=None) -> dict:
+def export_all(recipe: Recipe, out: Path, checkpoints: dict[str, Path],
+               prefixes: dict[str, str], sd: ServerData) -> list[dict]:
+    """Export every checkpoint for every recipe (target, precision), each gated.
+
+    Bundles are ``out/bundles/<prefix>-<target>-<precision>`` (no prefix: ``<target>-
+    <precision>``); every bundle must pass ``edgetl check`` on :func:`check_inputs` or the
+    run stops with the failing check named.
+    """
+    from edgetl.report import bundle_line
+
+    check = check_inputs(recipe, sd)
+    rows = []
+    for role, ck in checkpoints.items():
+        for target, precision in recipe.export.bundles():
+            name = "-".join(p for p in (prefixes.get(role, ""), target, precision) if p)
+            path = Path(out) / "bundles" / name
+            man = stages.export(ck, path, recipe, target=target, precision=precision,
+                                data=sd)
+            console.log(bundle_line(path, man))
+            gate = release_gate(path, checkpoint=ck, **check)
+            rows.append({**bundle_row(path, man), "role": role, "gate": gate})
+    return rows
+
+
+def bundle_row(path: Path, man) -> dict:
+    """A bundle as ``summary.json`` lists it: size, labels, class rows, its checks."""
+    return {"name": Path(path).name, "path": str(path), "target": man.target,
+            "precision": man.precision, "bytes": sum(f.bytes for f in man.files.values()),
+            "backbone_bytes": man.files["backbone"].bytes,
+            "files": {k: v.bytes for k, v in man.files.items()},
+            "labels": list(man.labels), "n_labels": len(man.labels),
+            "dynamic_classes": bool(man.train_step["dynamic_classes"]),
+            "class_rows": int(man.head.get("capacity") or len(man.labels)),
+            "checks": man.checks}
+
+
+def measure_latency(bundles: list[dict], *, repeats: int = 50) -> None:
+    """Batch-1 backbone latency (runner ``bench``, 1 thread) of every bundle, in place."""
+    for b in bundles:
+        r = device.run_runner("bench", Path(b["path"]), "--repeats", str(repeats),
+                              "--threads", "1", "--batch", "8")
+        b["latency_ms_p50"], b["throughput_per_s"] = r["backbone_ms_p50"], r["throughput_per_s"]
+
+
+def write_device_index(out: Path, devices: list[Device]) -> Path:
+    """``out/devices/index.json``: every device's adapt / eval data, for ``edgetl bench``.
+
+    Paths are relative to ``out``, so a copied or moved run folder still finds its data.
+    """
+    out = Path(out)
+    path = out / DEVICE_INDEX
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rel = lambda p: str(Path(p).resolve().relative_to(out.resolve()))  # noqa: E731
+    path.write_text(json.dumps([{**dataclasses.asdict(d), "adapt": rel(d.adapt),
+                                 "eval": rel(d.eval)} for d in devices], indent=2,
+                               default=str))
+    return path
+
+
+def can_learn(bundle: dict, device: Device) -> tuple[bool, list[str]]:
+    """Whether ``bundle``'s head can hold ``device``'s labels, and which of them are new.
+
+    ONNX heads grow their class axis; TFLite heads fill spare class rows (``class_rows``).
+    """
+    new = [lab for lab in device.labels if lab not in set(bundle["labels"])]
+    room = bundle["dynamic_classes"] or bundle["class_rows"] >= bundle["n_labels"] + len(new)
+    return room, new
+
+
+def personalise(recipe: Recipe, bundles: list[dict], devices: list[Device], root: Path, *,
+                show: bool = True, desc: str = "devices personalise") -> list[dict]:
+    """Every device adapts every bundle that can hold its labels, through the runner.
+
+    Per (bundle, device): the starting head (the shipped one, or with the device's new labels
+    imprinted) and the trained head are both scored on the device's evaluation data; state
+    goes to ``root/<device>/<bundle>/``. A bundle that cannot hold a device's new labels
+    (TFLite without spare class rows) is skipped with a log line.
+    """
+    a = recipe.adapt
+    work = [(b, dev) for b in bundles for dev in devices]
+    usable = [(b, dev) for b, dev in work if can_learn(b, dev)[0]]
+    for name in dict.fromkeys(b["name"] for b, dev in work if (b, dev) not in usable):
+        console.log(f"{name}: no spare class rows for the devices' new labels "
+                    "(export.class_capacity); skipped on the devices")
+    rows = []
+    with progress_bar(show) as prog:
+        task = prog.add_task(desc, total=len(usable), info="")
+        for b, dev in usable:
+            bundle, state = Path(b["path"]), Path(root) / dev.folder / b["name"]
+            if state.exists():
+                shutil.rmtree(state)
+            new = can_learn(b, dev)[1]
+            if new:
+                start = device.adapt(bundle, dev.adapt, state / "imprint", epochs=0,
+                                     val_fraction=a.val_fraction, seed=a.seed)
+                before = device.infer(bundle, dev.eval, head=Path(start["checkpoint"]))
+            else:
+                before = device.infer(bundle, dev.eval)
+            rep = device.adapt(bundle, dev.adapt, state / "trained", epochs=a.epochs,
+                               batch_size=a.batch_size, val_fraction=a.val_fraction,
+                               seed=a.seed)
+            after = device.infer(bundle, dev.eval, head=Path(rep["checkpoint"]))
+            rows.append(device_row(b, dev, new, before, rep, after))
+            r = rows[-1]
+            prog.update(task, advance=1, info=f"{b['name']} {dev.name}: "
+                                              f"{r['before_accuracy']:.3f} -> "
+                                              f"{r['after_accuracy']:.3f}")
+    return rows
+
+
+def device_row(b: dict, dev: Device, new: list[str], before: dict, rep: dict,
+               after: dict) -> dict:
+    """One (bundle, device) row of ``summary.json``."""
+    return {"bundle": b["name"], "device": dev.name,
+            **({"user": dev.user} if dev.user is not None else {}),
+            "start": "imprinted" if new else "shipped", "new_labels": len(new),
+            "n_adapt": rep["n_windows"], "n_eval": before["n_windows"],
+            "before_accuracy": before["accuracy"], "after_accuracy": after["accuracy"],
+            "gain": after["accuracy"] - before["accuracy"],
+            "val_before": rep["accuracy_before"], "val_after": rep["accuracy_after"],
+            "rolled_back": rep["rolled_back"], "feature_seconds": rep["feature_seconds"],
+            "train_seconds": rep["train_seconds"],
+            "adapt_seconds": rep["feature_seconds"] + rep["train_seconds"],
+            "peak_rss_mb": rep["peak_rss_mb"], "backend": rep["backend"],
+            "precision": rep["precision"],
+            **{k: rep[k] for k in ("truncated_texts", "n_texts", "tokenizer") if k in rep},
+            **({"eval_truncated_texts": after["truncated_texts"]}
+               if "truncated_texts" in after else {})}
+
+
+def check_inputs(recipe: Recipe, sd: ServerData | None = None) -> dict:
     """:func:`edgetl.check.check_bundle` keyword arguments from a recipe's data.
 
-    Held-out data and its threshold for every kind; for time series also the adaptation check
-    (the users of ``[check] users``, default the server-validation users: never trained on,
-    never the held-out device users) whose mean gain may not fall below
-    ``-check.max_adaptation_loss`` points.
+    Held-out data and its threshold for every kind; where the data has server-validation
+    users (sensor windows), also the adaptation check: those users (``[check] users``; never
+    trained on, never the held-out device users) personalise through the runner and their
+    mean gain may not fall below ``-check.max_adaptation_loss`` points.
     """
-    d = recipe.data
-    timeseries = not (d.is_image or d.is_text)
-    sd = sd if sd is not None or not timeseries else stages.server_data(recipe)
-    cd = stages.check_data(recipe, sd)
+    kind = kinds.of(recipe)
+    sd = sd or kind.load(recipe)
+    cd = sd.check
     kw = {"reference_x": cd.reference,
           "heldout": (cd.heldout_x, np.array([cd.labels[i] for i in cd.heldout_y], dtype=str)),
           "max_drop": recipe.export.max_accuracy_drop}
-    if timeseries:  # cameras'/text devices' adaptation runs in `edgetl run` (new classes)
-        users = sd.split.val if d.is_files else (recipe.check.users or d.server_val_users)
-        kw["adaptation"] = adaptation_check(recipe, sd.windows, tuple(users), sd.split)
+    users = kind.check_users(recipe, sd)
+    if users:
+        kw["adaptation"] = adaptation_check(recipe, kind, sd, users)
     return kw
 
 
-def adaptation_check(recipe: Recipe, windows, users: tuple, split=None):
-    """``(bundle, work) -> Check``: personalise ``users`` through the runner."""
+def adaptation_check(recipe: Recipe, kind, sd: ServerData, users: tuple):
+    """``(bundle, work) -> Check``: ``users`` personalise the bundle through the runner."""
     from edgetl.check import Check
+    from edgetl.manifest import Manifest
 
     limit = recipe.check.max_adaptation_loss
 
     def run(bundle: Path, work: Path) -> Check:
-        rows = personalise_devices(recipe, bundle, work, windows, split=split, users=users,
-                                   show=False)
+        devices = kind.devices(recipe, work, sd, users=users)
+        b = bundle_row(bundle, Manifest.read(bundle))
+        rows = personalise(recipe, [b], devices, Path(work) / "devices", show=False)
         gain = 100 * float(np.mean([r["gain"] for r in rows]))
-        per = ", ".join(f"{r['user']}: {100 * r['gain']:+.1f}" for r in rows)
+        per = ", ".join(f"{r.get('user', r['device'])}: {100 * r['gain']:+.1f}" for r in rows)
         return Check("adaptation", gain >= -limit, gain, 0.0 - limit,
-                     f"mean gain in points over users {[r['user'] for r in rows]} ({per})")
+                     f"mean gain in points over users "
+                     f"{[r.get('user', r['device']) for r in rows]} ({per})")
 
     return run
 
 
-def _finish(summ: RunSummary, out: Path, t0: float) -> RunSummary:
+def finish(summ: RunSummary, out: Path, t0: float) -> RunSummary:
     """Add device totals and wall time; write ``summary.json`` and ``personalisation.png``."""
     summ.totals = {"by_bundle": {n: device_totals([r for r in summ.devices if r["bundle"] == n])
                                  for n in summ.bundle_names()},
                    "wall_seconds": time.perf_counter() - t0}
-    (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2))
+    (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2, default=str))
     from edgetl.report import plot_personalisation
 
-    plot_personalisation(summ, out / "personalisation.png")
+    plot_personalisation(summ, out / summ.plot)
     return summ
 
 
 def device_totals(d: list[dict]) -> dict:
     """Means over devices: accuracies, gain, how many improved/worsened/rolled back, costs."""
+    mean = lambda k: float(np.mean([r[k] for r in d]))  # noqa: E731
     return {
-        "mean_general_accuracy": float(np.mean([r["general_accuracy"] for r in d])),
-        "mean_personal_accuracy": float(np.mean([r["personal_accuracy"] for r in d])),
-        "mean_gain": float(np.mean([r["gain"] for r in d])),
+        "start": d[0]["start"] if len({r["start"] for r in d}) == 1 else "mixed",
+        "mean_before_accuracy": mean("before_accuracy"),
+        "mean_after_accuracy": mean("after_accuracy"),
+        "mean_gain": mean("gain"),
         "users_improved": int(sum(r["gain"] > 0 for r in d)),
         "users_worse": int(sum(r["gain"] < 0 for r in d)),
         "rolled_back": int(sum(r["rolled_back"] for r in d)),
-        "mean_adapt_seconds": float(np.mean([r["adapt_seconds"] for r in d])),
+        "mean_feature_seconds": mean("feature_seconds"),
+        "mean_train_seconds": mean("train_seconds"),
+        "mean_adapt_seconds": mean("adapt_seconds"),
         "max_peak_rss_mb": float(np.max([r["peak_rss_mb"] for r in d])),
     }
 
 
-def personalise(recipe: Recipe, bundle: Path, out: Path, *, users: tuple[int, ...] | None = None,
-                show: bool = True) -> RunSummary:
+def personalise_bundle(recipe: Recipe, bundle: Path, out: Path, *,
+                       users: tuple | None = None, show: bool = True) -> RunSummary:
     """Only the device stage of :func:`run_recipe`, on an existing bundle."""
+    from edgetl.manifest import Manifest
+
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    w, split = stages.load_windows(recipe)
-    summ = RunSummary(recipe.name)
-    summ.devices = personalise_devices(recipe, Path(bundle), out, w, split=split, users=users,
-                                       show=show)
-    return _finish(summ, out, t0)
+    kind = kinds.of(recipe)
+    sd = kind.load(recipe)
+    summ = RunSummary(recipe.name, kind=kind.name)
+    devices = kind.devices(recipe, out, sd, users=users)
+    write_device_index(out, devices)
+    summ.bundles = [bundle_row(Path(bundle), Manifest.read(Path(bundle)))]
+    summ.devices = personalise(recipe, summ.bundles, devices, out / "devices", show=show)
+    return finish(summ, out, t0)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 class RunSummary:
     """What ``edgetl run`` measured; written as ``summary.json``.
 
-    ``kind`` is the recipe's input kind (``timeseries``, ``image``, ``text``): it picks the
-    tables :func:`edgetl.report.run_tables` prints; ``plot`` is the picture beside it.
+    ``kind`` is the recipe's input kind (``timeseries``, ``image``, ``text``); the tables
+    (:func:`edgetl.report.run_tables`) and the picture (``plot``) are the same for every kind.
     """
 
     recipe: str

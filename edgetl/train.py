@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,10 @@ from torch import nn
 from edgetl.config import DistillConfig, TrainConfig
 from edgetl.errors import DataError
 from edgetl.progress import progress_bar
+
+#: ``augment(x_batch, generator) -> x_batch``: the input kind's training augmentation
+#: (:mod:`edgetl.kinds`), drawn from the seeded generator so runs repeat exactly.
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -64,18 +69,8 @@ def accuracy(model: nn.Module, split: Split) -> float:
     return float((predict_logits(model, split.x).argmax(1) == split.y).mean())
 
 
-def _augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    if xb.ndim == 4:  # images (N, C, H, W): random horizontal flips
-        flip = torch.rand(xb.shape[0], generator=gen) < 0.5
-        return torch.where(flip[:, None, None, None], xb.flip(3), xb)
-    # Per-window amplitude jitter: users hold phones differently; keeps the model from
-    # keying on absolute magnitudes of one person.
-    scale = 1.0 + 0.1 * torch.randn(xb.shape[0], 1, xb.shape[2], generator=gen)
-    return xb * scale + 0.01 * torch.randn(xb.shape, generator=gen)
-
-
 def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, desc: str,
-         loss_fn, show: bool) -> TrainResult:
+         loss_fn, show: bool, augment: Augment | None) -> TrainResult:
     from edgetl import distributed
 
     # Under torchrun: every rank draws the same permutation and augmentation for the global
@@ -101,7 +96,7 @@ def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, de
             total, n = 0.0, 0
             for i in range(0, len(y), cfg.batch_size):
                 b = perm[i : i + cfg.batch_size]
-                xb = _augment(x[b], gen)
+                xb = augment(x[b], gen) if augment is not None else x[b]
                 if info.enabled:
                     rows = batch.rows(len(b))
                     b, xb = b[rows], xb[rows].to(info.device)
@@ -130,16 +125,18 @@ def _fit(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, de
 
 
 def train_classifier(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig, *,
-                     desc: str = "train", show: bool = True) -> TrainResult:
+                     desc: str = "train", show: bool = True,
+                     augment: Augment | None = None) -> TrainResult:
     """Supervised training with cross-entropy, AdamW and a one-cycle schedule.
 
     Args:
         model: maps (N, T, C) windows to (N, K) logits.
         train: training windows; val: optional held-out windows scored after each epoch.
         cfg: epochs, batch size, learning rate, weight decay and seed.
+        augment: the input kind's batch augmentation (``ServerData.augment``); None: none.
     """
     return _fit(model, train, val, cfg, desc, lambda logits, _b, yb: F.cross_entropy(logits, yb),
-                show)
+                show, augment)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
@@ -159,7 +156,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch
 
 
 def distill(teacher: nn.Module, student: nn.Module, train: Split, val: Split | None,
-            cfg: TrainConfig, kd: DistillConfig, *, show: bool = True) -> TrainResult:
+            cfg: TrainConfig, kd: DistillConfig, *, show: bool = True,
+            augment: Augment | None = None) -> TrainResult:
     """Train ``student`` to match ``teacher``'s temperature-softened outputs.
 
     The teacher is frozen, so its logits on the (un-augmented) training windows are computed
@@ -171,4 +169,4 @@ def distill(teacher: nn.Module, student: nn.Module, train: Split, val: Split | N
         t_logits = torch.from_numpy(predict_logits(teacher, train.x))
     return _fit(student, train, val, cfg, "distill",
                 lambda logits, b, yb: kd_loss(logits, t_logits[b].to(logits.device), yb, kd),
-                show)
+                show, augment)

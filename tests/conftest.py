@@ -20,6 +20,7 @@ import torch
 from edgetl.checkpoint import Checkpoint
 from edgetl.config import ExportConfig, HeadConfig, NetConfig, TrainConfig
 from edgetl.data.synthetic import make_windows
+from edgetl.kinds.timeseries import augment
 from edgetl.nets import build_model
 from edgetl.train import Split, train_classifier
 
@@ -79,7 +80,7 @@ def tiny_checkpoint(head: HeadConfig | None = None, epochs: int = 4) -> Checkpoi
     mean, std = x.reshape(-1, 3).mean(0), x.reshape(-1, 3).std(0)
     split = Split(((x - mean) / std).astype(np.float32), y)
     train_classifier(model, split, None, TrainConfig(epochs=epochs, batch_size=32, lr=0.02),
-                     show=False)
+                     show=False, augment=augment)
     return Checkpoint(model, net, head, LABELS, CHANNELS, WINDOW, WINDOW // 2, 50.0,
                       mean, std, {"recipe": "tiny"})
 

@@ -13,6 +13,8 @@ from edgetl import bench
 from edgetl.adapt import run_json
 from edgetl.checkpoint import save_checkpoint
 from edgetl.errors import EdgetlError
+from edgetl.kinds import Device
+from edgetl.pipeline import write_device_index
 
 from .conftest import SHIFT, export_tiny, run_runner, write_device_npz
 
@@ -25,10 +27,12 @@ def run_dir(tiny_ck, tmp_path_factory) -> Path:
     for target, precision in (("onnx", "fp32"), ("tflite", "int8")):
         export_tiny(tiny_ck, run / "bundles" / f"{target}-{precision}", target, precision,
                     provenance={"checkpoint": str(ck)})
-    dev = run / "devices" / "onnx-fp32" / "user_21"
+    dev = run / "devices" / "user_21"
     dev.mkdir(parents=True)
     write_device_npz(dev / "adapt.npz", 160, seed=11, **SHIFT)
     write_device_npz(dev / "eval.npz", 120, seed=12, **SHIFT)
+    write_device_index(run, [Device("user_21", dev / "adapt.npz", dev / "eval.npz", 160, 120,
+                                    ("a", "b", "c"), 21)])
     return run
 
 
@@ -48,7 +52,7 @@ def test_runner_bench_reports_latency_throughput_and_how_the_batch_ran(run_dir):
 
 def test_prepared_baseline_data_is_the_runners_training_split(run_dir, tmp_path):
     b = run_dir / "bundles" / "onnx-fp32"
-    data = run_dir / "devices" / "onnx-fp32" / "user_21" / "adapt.npz"
+    data = run_dir / "devices" / "user_21" / "adapt.npz"
     info = bench.prepare_data(b, data, data.with_name("eval.npz"), tmp_path / "p.npz",
                               val_fraction=0.25, seed=0)
     p = run_runner("adapt", b, "--data", data, "--out", tmp_path / "s", "--epochs", "1",
@@ -67,7 +71,7 @@ def test_baselines_with_a_zero_learning_rate_reproduce_the_shipped_head(run_dir,
     from edgetl.baselines import torch_eager
 
     b = run_dir / "bundles" / "onnx-fp32"
-    dev = run_dir / "devices" / "onnx-fp32" / "user_21"
+    dev = run_dir / "devices" / "user_21"
     bench.prepare_data(b, dev / "adapt.npz", dev / "eval.npz", tmp_path / "p.npz",
                        val_fraction=0.25, seed=0)
     shipped = json.loads(run_runner("infer", b, "--data", dev / "eval.npz", "--json",
@@ -155,7 +159,7 @@ def test_each_run_folder_benches_on_its_own_device_data(run_dir, tmp_path):
     shutil.copytree(run_dir, other)
     groups = bench.bench_groups([run_dir, other])
     assert [g["run"] for g in groups] == [run_dir.name, "vision"]
-    assert groups[1]["data"] == other / "devices" / "onnx-fp32" / "user_21" / "adapt.npz"
+    assert groups[1]["data"] == other / "devices" / "user_21" / "adapt.npz"
     loose = [run_dir / "bundles" / "onnx-fp32"]
     with pytest.raises(EdgetlError, match="need --data and --eval"):
         bench.bench_groups(loose)
@@ -183,7 +187,7 @@ def test_without_the_ort_training_environment_that_baseline_is_skipped_and_said(
         raise MissingBackendError("no .venv-ort here")
 
     monkeypatch.setattr(ort_training, "ort_python", missing)
-    dev = run_dir / "devices" / "onnx-fp32" / "user_21"
+    dev = run_dir / "devices" / "user_21"
     b = bench.bench_baselines(run_dir / "student.pt", [run_dir / "bundles" / "onnx-fp32"],
                               dev / "adapt.npz", dev / "eval.npz", tmp_path, threads=(1,),
                               epochs=1, val_fraction=0.25, seed=0)

@@ -22,6 +22,7 @@ from edgetl.config import (
 )
 from edgetl.data.synthetic import make_windows
 from edgetl.head import HeadSpec, TrainStep, head_forward, init_state
+from edgetl.kinds.timeseries import augment
 from edgetl.methods import get_method, methods
 from edgetl.methods.common import TransferData
 from edgetl.methods.compare import kd_gap_recovered, markdown, transfer, write_report
@@ -65,7 +66,8 @@ def shift():
     torch.manual_seed(0)
     model = build_model(3, 3, NetConfig((8,), (5,), (1,), 0.0), HeadConfig())
     train_classifier(model, Split(norm(xs), ys), None,
-                     TrainConfig(epochs=20, batch_size=32, lr=0.01), show=False)
+                     TrainConfig(epochs=20, batch_size=32, lr=0.01), show=False,
+                     augment=augment)
     src = Split(norm(xs), ys)
     return {"model": model, "source": src, "labelled": Split(norm(xl), yl),
             "unlabelled": norm(xu), "eval": Split(norm(xe), ye), "source_val": Split(norm(xv), yv)}

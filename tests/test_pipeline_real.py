@@ -87,8 +87,8 @@ def test_full_demo_recipe(tmp_path):
 @pytest.mark.unit
 def test_personalise_refuses_users_the_server_trained_on(tmp_path):
     from edgetl.errors import ConfigError
-    from edgetl.pipeline import personalise
+    from edgetl.pipeline import personalise_bundle
 
     with pytest.raises(ConfigError, match=r"users \[3\] trained the server model"):
-        personalise(load_recipe("models/har/recipe.toml"), tmp_path / "b", tmp_path,
+        personalise_bundle(load_recipe("models/har/recipe.toml"), tmp_path / "b", tmp_path,
                     users=(3, 21), show=False)

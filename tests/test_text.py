@@ -326,22 +326,20 @@ def test_edgetl_run_text_recipe_on_a_tiny_slice(tmp_path):
                        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert set(s["server"]) >= {"teacher", "student", "truncated"}
+    assert set(s["server"]) >= {"teacher", "student", "data"} and s["server"]["data"]["truncated"]
     assert [b["name"] for b in s["bundles"]] == ["student-onnx-fp32", "minilm-onnx-fp32"]
     assert all(b["gate"] and "latency_ms_p50" in b for b in s["bundles"])
     rows = s["devices"]
-    assert len(rows) == 2 and all(0 <= r["trained_accuracy"] <= 1 and "truncated_texts" in r
-                                  for r in rows)
-    assert (tmp_path / "run" / "text.png").stat().st_size > 10_000
-    assert "fortune topics" in p.stdout
+    assert len(rows) == 2 and all(0 <= r["after_accuracy"] <= 1 and "truncated_texts" in r
+                                  and r["start"] == "imprinted" for r in rows)
+    assert (tmp_path / "run" / "personalisation.png").stat().st_size > 10_000
+    assert "new labels imprinted" in p.stdout
 
 
-def test_stage_commands_refuse_text_with_a_reason(text_bundle, tmp_path):
-    from edgetl import stages
+def test_quantize_refuses_text_with_a_reason(text_bundle, tmp_path):
     from edgetl.quantize import quantize_bundle
 
     with pytest.raises(ConfigError, match="text bundle: its int8 backbone is optimum"):
         quantize_bundle(text_bundle["onnx-fp32"], tmp_path / "q", calib_x=np.array(["a"]),
                         eval_set=(np.array(["a"]), np.array([0])))
-    with pytest.raises(ConfigError, match="is a text recipe"):
-        stages.server_data(load_recipe(ROOT / "models/text/recipe.toml"))
+

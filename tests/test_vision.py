@@ -10,6 +10,7 @@ from edgetl.checkpoint import Checkpoint
 from edgetl.config import ExportConfig, HeadConfig, NetConfig, TrainConfig
 from edgetl.data.images import input_spec, to_model_input
 from edgetl.export import export_bundle
+from edgetl.kinds.image import augment
 from edgetl.manifest import Manifest
 from edgetl.nets import build_model
 from edgetl.train import Split, train_classifier
@@ -41,7 +42,7 @@ def image_ck() -> Checkpoint:
     x, y = make_images(240, seed=0)
     split = Split(to_model_input(x, SIZE, "RGB", spec["mean"], spec["std"]), y)
     train_classifier(model, split, None, TrainConfig(epochs=6, batch_size=32, lr=0.02),
-                     show=False)
+                     show=False, augment=augment)
     return Checkpoint(model, net, head, LABELS, ("R", "G", "B"), 0, 0, 0.0,
                       np.asarray(spec["mean"]), np.asarray(spec["std"]), {"recipe": "tiny-img"},
                       image=spec)

@@ -188,14 +188,16 @@ def device_halves(y: np.ndarray, session: np.ndarray, *, in_order: bool, gap: in
     return np.sort(np.asarray(ad, np.int64)), np.sort(np.asarray(ev, np.int64))
 
 
-def write_device_halves(out: Path, g, y: np.ndarray, seed: int, write_part) -> list[dict]:
+def write_device_halves(out: Path, g, y: np.ndarray, labels, seed: int, write_part) -> list:
     """Each device user's samples, split by :func:`device_halves`, written under ``out/devices``.
 
     ``write_part(folder, part, indices)`` writes one part (``adapt`` or ``eval``) in the
     kind's device format and returns the path the device reads. No new labels: the device
-    personalises the ones it knows.
+    personalises the ones it knows. Returns :class:`edgetl.kinds.Device` records.
     """
     import shutil
+
+    from edgetl.kinds import Device
 
     root = Path(out) / "devices"
     if root.exists():
@@ -207,9 +209,8 @@ def write_device_halves(out: Path, g, y: np.ndarray, seed: int, write_part) -> l
         folder = root / f"device_{k + 1}"
         paths = {part: write_part(folder, part, idx[sel])
                  for part, sel in (("adapt", ad), ("eval", ev))}
-        devs.append({"device": k + 1, "user": g.name(dev), "adapt": paths["adapt"],
-                     "eval": paths["eval"], "n_adapt": len(ad), "n_eval": len(ev),
-                     "n_labels": 0})
+        devs.append(Device(f"device_{k + 1}", paths["adapt"], paths["eval"], len(ad), len(ev),
+                           tuple(sorted({labels[i] for i in y[idx[ad]]})), g.name(dev)))
     return devs
 
 

@@ -4,7 +4,7 @@ Two scenarios, picked by the recipe's data:
 
 * **HAR cross-user** (``hapt``): the source model (the recipe's student net) trains on the
   server's training users; each device user is a target. As on the phones
-  (:func:`edgetl.pipeline.personalise_devices`), a user's first recording session is the
+  (:func:`edgetl.pipeline.personalise`), a user's first recording session is the
   adaptation data — labelled for fine-tuning, L2-SP and EWC, *unlabelled* for AdaBN, DANN,
   MMD and CORAL — and the later sessions are scored. Source accuracy is measured on the
   server-validation users (never trained on), so forgetting shows. Mean ± std over users.
@@ -114,7 +114,8 @@ def har_scenario(recipe: Recipe, cfg: TransferConfig, *, kd: bool = False,
     from edgetl import stages
 
     sd = stages.server_data(recipe)
-    w = sd.windows
+    w = sd.source
+    mean, std = sd.cache["mean_std"]
     users = tuple(cfg.users or recipe.data.device_users)
     seen = set(recipe.data.server_users)
     if set(users) & seen:
@@ -122,13 +123,13 @@ def har_scenario(recipe: Recipe, cfg: TransferConfig, *, kd: bool = False,
     n_cls, c = len(w.labels), sd.train.x.shape[2]
 
     def norm(s) -> Split:
-        return Split(((s.x - sd.mean) / sd.std).astype(np.float32), s.y)
+        return Split(((s.x - mean) / std).astype(np.float32), s.y)
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     source = build_model(c, n_cls, recipe.student, recipe.head)
     train_classifier(source, sd.train, None, _train_cfg(recipe, cfg), desc="source model",
-                     show=show)
+                     show=show, augment=sd.augment)
     source_seconds = time.perf_counter() - t0
     console.log(f"source model: {len(sd.train.y)} windows of users "
                 f"{sorted(set(recipe.data.server_users) - set(recipe.data.server_val_users))}, "
@@ -177,15 +178,17 @@ def _span(users) -> str:
 
 def _har_kd(recipe: Recipe, cfg: TransferConfig, sd, scratch: nn.Module, show: bool) -> dict:
     """Teacher and distilled student with the same epochs as the source model."""
-    c, n_cls = sd.train.x.shape[2], len(sd.windows.labels)
+    c, n_cls = sd.in_channels, len(sd.labels)
     tc = _train_cfg(recipe, cfg)
     t = time.perf_counter()
     torch.manual_seed(cfg.seed)
     teacher = build_model(c, n_cls, recipe.teacher, recipe.head)
-    train_classifier(teacher, sd.train, None, tc, desc="KD: teacher", show=show)
+    train_classifier(teacher, sd.train, None, tc, desc="KD: teacher", show=show,
+                     augment=sd.augment)
     torch.manual_seed(cfg.seed)
     student = build_model(c, n_cls, recipe.student, recipe.head)
-    distill(teacher, student, sd.train, None, tc, recipe.distill, show=show)
+    distill(teacher, student, sd.train, None, tc, recipe.distill, show=show,
+            augment=sd.augment)
     accs = {k: accuracy(m, sd.heldout) for k, m in
             (("teacher", teacher), ("scratch", scratch), ("kd", student))}
     return {**accs, "gap_recovered": kd_gap_recovered(accs["teacher"], accs["scratch"],
@@ -201,21 +204,21 @@ def vision_scenario(recipe: Recipe, cfg: TransferConfig, *, kd_summary: Path | N
                     show: bool = True) -> dict:
     """Fashion-MNIST -> digits: new classes from ``cfg.shots`` labelled digits per class."""
     from edgetl.data import images as imdata
-    from edgetl.vision.pipeline import vision_data
+    from edgetl.kinds.image import Images
 
     size = cfg.image_size or recipe.data.image_size
     r = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, image_size=size))
-    vd = vision_data(r)
-    spec = vd.image
-    c = 3 if spec["mode"] == "RGB" else 1
+    vd = Images().load(r)
+    spec = vd.cache["image"]
+    c = vd.in_channels
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     source = build_model(c, len(vd.labels), recipe.student, recipe.head)
     train_classifier(source, vd.train, None, _train_cfg(recipe, cfg), desc="source model",
-                     show=show)
+                     show=show, augment=vd.augment)
     source_seconds = time.perf_counter() - t0
     console.log(f"source model: {len(vd.train.y)} Fashion-MNIST images at {size} px, "
-                f"{source_seconds:.1f} s; test acc {accuracy(source, vd.test):.3f}")
+                f"{source_seconds:.1f} s; test acc {accuracy(source, vd.heldout):.3f}")
     xd, yd, dlabels = imdata.load_digits_images()
     xd = imdata.to_model_input(xd, (spec["height"], spec["width"]), spec["mode"], spec["mean"],
                                spec["std"])
@@ -251,7 +254,7 @@ def vision_scenario(recipe: Recipe, cfg: TransferConfig, *, kd_summary: Path | N
                                       probe_head(src_model.backbone, shots, n_cls, seed))
                 sec = time.perf_counter() - t
                 per[name].append({"seed": seed, "target": accuracy(model, ev),
-                                  "source": accuracy(src_model, vd.test), "seconds": sec,
+                                  "source": accuracy(src_model, vd.heldout), "seconds": sec,
                                   "n_shots": len(shots.y), "n_unlabeled": len(pool),
                                   "n_eval": len(ev.y)})
                 prog.update(task, advance=1, info=f"{name} seed {seed}")
@@ -260,7 +263,7 @@ def vision_scenario(recipe: Recipe, cfg: TransferConfig, *, kd_summary: Path | N
            "description": (f"Fashion-MNIST ({len(vd.train.y)} images, {size} px {spec['mode']}) "
                            f"-> handwritten digits (10 new classes, {cfg.shots} labelled per "
                            f"class; unlabelled pool and scored digits disjoint); source "
-                           f"accuracy on {len(vd.test.y)} Fashion-MNIST test images"),
+                           f"accuracy on {len(vd.heldout.y)} Fashion-MNIST test images"),
            "over": "seeds", "source_seconds": source_seconds, "rows": rows}
     res["kd"] = _summary_kd(kd_summary)
     return res

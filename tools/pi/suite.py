@@ -63,7 +63,7 @@ def make_bundles(out: Path, *, user: int = 21, epochs: int = 2) -> tuple[Path, P
     """
     from edgetl import stages
     from edgetl.config import TrainConfig, load_recipe
-    from edgetl.pipeline import write_device_files
+    from edgetl.kinds.timeseries import write_device_files
 
     r = load_recipe(ROOT / "models/har/recipe.toml")
     quick = TrainConfig(epochs=epochs, batch_size=128, lr=0.005)
@@ -78,7 +78,7 @@ def make_bundles(out: Path, *, user: int = 21, epochs: int = 2) -> tuple[Path, P
         target, precision = name.split("-")
         stages.export(student.path, bundles / name, r, target=target, precision=precision,
                       data=sd)
-    adapt, ev = write_device_files(sd.windows, user, out / "data")
+    adapt, ev = write_device_files(sd.source, user, out / "data")
     return bundles, adapt, ev
 
 
@@ -193,7 +193,7 @@ def run_pi_check(cfg: PiConfig) -> dict:
         bundles = _find_bundles(cfg.bundles)
         data_dir = out / "data"
         from edgetl.data import hapt
-        from edgetl.pipeline import write_device_files
+        from edgetl.kinds.timeseries import write_device_files
         adapt, ev = write_device_files(hapt.load_hapt(), 21, data_dir)
         source = f"existing bundles in {cfg.bundles}"
     else:

@@ -1,47 +1,52 @@
-"""The text scenario: WordNet glosses on the server, fortune topics learned on the devices.
+"""Texts: WordNet glosses on the server and fortune topics on devices, or your text CSV.
 
-Server: all-MiniLM-L6-v2 (frozen, its packaged weights) with a linear head learns the
-lexicographer category of WordNet noun glosses (``noun.animal``, ``noun.food``, ...): the
-teacher. A student keeps fewer of MiniLM's transformer layers (same tokenizer, same width)
-and is distilled on the glosses: cosine loss to the teacher's sentence embeddings plus
-Hinton KD on the teacher head's logits. Both become device bundles (ONNX through optimum,
-int8 through optimum's ORTQuantizer, TFLite through litert-torch, its int8 with
-litert-torch's dynamic-range recipe), so MiniLM against its
-student is measured, not assumed.
+Built-in scenario. Server: all-MiniLM-L6-v2 (frozen, its packaged weights) with a linear head
+learns the lexicographer category of WordNet noun glosses (``noun.animal``, ``noun.food``,
+...): the teacher. A student keeps fewer of MiniLM's transformer layers (same tokenizer, same
+width) and is distilled on the glosses: cosine loss to the teacher's sentence embeddings plus
+Hinton KD on the teacher head's logits. Both become device bundles (ONNX through optimum, int8
+through optimum's ORTQuantizer, TFLite through litert-torch, its int8 with litert-torch's
+dynamic-range recipe), so MiniLM against its student is measured, not assumed.
 
-Devices: each simulated device learns topics the server never saw — the ``fortunes``
-package's topic files — from a few texts per topic written as a ``.csv``: weight imprinting
-adds the topics, head training refines them; scored on fortunes no device trained on.
+Devices learn topics the server never saw — the ``fortunes`` package's topic files — from a
+few texts per topic written as a ``.csv``: imprinting adds the topics, head training refines
+them; scored on fortunes no device trained on. Your text CSV (``kind = "text"``): the server
+users' texts train and validate, each device user personalises on half of each label's texts.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgetl.checkpoint import Checkpoint, save_checkpoint
-from edgetl.config import Recipe
+from edgetl.check import CheckData
+from edgetl.checkpoint import Checkpoint, load_checkpoint
 from edgetl.export.bundle import torch_features
-from edgetl.nets import build_model, count_params
-from edgetl.progress import console, progress_bar
-from edgetl.summary import RunSummary
+from edgetl.kinds.base import Device, RecipeKind, ServerData
+from edgetl.nets import build_model
+from edgetl.progress import progress_bar
 from edgetl.text import data as tdata
 from edgetl.text.encoder import Tokens, trim
-from edgetl.train import kd_loss
-from edgetl.vision.pipeline import (
-    by_bundle,
-    export_roles,
-    learn_new_classes,
-)
+from edgetl.train import Split, kd_loss
+
+
+def _proportional(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """About ``n`` indices with every class in proportion (at least 1 each)."""
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        k = max(1, int(round(n * len(idx) / len(y))))
+        keep.append(rng.permutation(idx)[:k])
+    return np.sort(np.concatenate(keep))
 
 
 @dataclass
@@ -53,19 +58,10 @@ class TextSplits:
     y: dict[str, np.ndarray]           # -> (N,) int64
     labels: tuple[str, ...]
     truncated: dict[str, int] = field(default_factory=dict)
+    groups: Any = None  # your text CSV: its user split (edgetl.data.files.Groups)
 
 
-def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """About ``n`` indices with every class in proportion (at least 1 each)."""
-    keep = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        k = max(1, int(round(n * len(idx) / len(y))))
-        keep.append(rng.permutation(idx)[:k])
-    return np.sort(np.concatenate(keep))
-
-
-def own_texts(recipe: Recipe):
+def own_texts(recipe):
     """Your text CSV (``kind = "text"``) and its split: ``(TextData, Groups)``."""
     from edgetl.data import files
 
@@ -74,7 +70,7 @@ def own_texts(recipe: Recipe):
                                in_order=False)
 
 
-def text_splits(recipe: Recipe) -> TextSplits:
+def text_splits(recipe) -> TextSplits:
     """Seeded, class-stratified splits of the glosses: subset -> train / val; test disjoint.
 
     Your text CSV: the server users' texts train and validate, the device users' are the test
@@ -90,37 +86,19 @@ def text_splits(recipe: Recipe) -> TextSplits:
         texts, y, labels = tdata.load_glosses()
         texts = np.asarray(texts, dtype=str)
         rng = np.random.default_rng(recipe.pretrain.seed)
-        test = _stratified(y, d.test_subset, rng)
+        test = _proportional(y, d.test_subset, rng)
         rest = np.setdiff1d(np.arange(len(y)), test)
         if d.source_subset:
-            rest = rest[_stratified(y[rest], d.source_subset, rng)]
+            rest = rest[_proportional(y[rest], d.source_subset, rng)]
         rest = rng.permutation(rest)
         n_val = int(round(d.val_fraction * len(rest)))
         parts = {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": test}
     tok = Tokens(d.max_length)
-    out = TextSplits({}, {}, {}, labels)
+    out = TextSplits({}, {}, {}, labels, groups=g if d.is_files else None)
     for name, idx in parts.items():
         out.texts[name], out.y[name] = texts[idx], y[idx].astype(np.int64)
         out.tokens[name], out.truncated[name] = tok.encode(out.texts[name])
     return out
-
-
-def check_picks(recipe: Recipe, sp: TextSplits):
-    """Reference (32 seeded validation glosses), calibration and held-out texts for exports."""
-    from edgetl.check import CheckData
-
-    rng = np.random.default_rng(0)
-    ref = sp.texts["val"][np.sort(rng.permutation(len(sp.y["val"]))[:32])]
-    return CheckData(ref, sp.texts["train"][: recipe.export.calibration_windows],
-                     sp.texts["test"], sp.y["test"], sp.labels)
-
-
-def _checkpoint(model, recipe: Recipe, net, labels, meta: dict) -> Checkpoint:
-    tok = Tokens(recipe.data.max_length)
-    return Checkpoint(model, net, recipe.head, tuple(labels), ("input_ids", "attention_mask"),
-                      recipe.data.max_length, 0, 0.0, np.zeros(2, np.float32),
-                      np.ones(2, np.float32), {"recipe": recipe.name, **meta},
-                      text=tok.spec())
 
 
 def _batches(tokens: np.ndarray, batch: int, gen: np.random.Generator | None):
@@ -182,7 +160,7 @@ def _accuracy(model, tokens: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(1).numpy() == y).mean())
 
 
-def distill_student(teacher, student, sp: TextSplits, t_emb: np.ndarray, recipe: Recipe, *,
+def distill_student(teacher, student, sp: TextSplits, t_emb: np.ndarray, recipe, *,
                     show: bool = True) -> dict:
     """Train the student encoder + head on the glosses against the frozen teacher.
 
@@ -228,37 +206,7 @@ def distill_student(teacher, student, sp: TextSplits, t_emb: np.ndarray, recipe:
             "seconds": time.perf_counter() - t0}
 
 
-def train_server(recipe: Recipe, out: Path, sp: TextSplits, *, show: bool = True) -> dict:
-    """Teacher (frozen MiniLM + trained head) and distilled student; both saved."""
-    k = len(sp.labels)
-    torch.manual_seed(recipe.pretrain.seed)
-    teacher = build_model(2, k, recipe.teacher, recipe.head).eval()
-    emb = {s: _embed(teacher.backbone, sp.tokens[s], f"MiniLM embeddings ({s})", show)
-           for s in ("train", "val")}
-    r = _fit_head(teacher.head, emb["train"], sp.y["train"], (emb["val"], sp.y["val"]),
-                  recipe.pretrain, show)
-    res = {"teacher": _record(teacher, r, sp, recipe, recipe.teacher, Path(out) / "teacher.pt",
-                              {"role": "teacher", "pretrained": True, "frozen_backbone": True})}
-    torch.manual_seed(recipe.student_train.seed)
-    student = build_model(2, k, recipe.student, recipe.head)
-    r = distill_student(teacher, student, sp, emb["train"], recipe, show=show)
-    res["student"] = _record(student, r, sp, recipe, recipe.student, Path(out) / "student.pt",
-                             {"role": "student", "distilled": True,
-                              "layers_from_teacher": student.backbone.kept})
-    return res
-
-
-def _record(model, r: dict, sp: TextSplits, recipe: Recipe, net, path: Path, meta: dict) -> dict:
-    model.eval()
-    test_acc = _accuracy(model, sp.tokens["test"], sp.y["test"])
-    save_checkpoint(_checkpoint(model, recipe, net, sp.labels,
-                                {**meta, "heldout_accuracy": test_acc}), path)
-    return {"params": count_params(model), "backbone_params": count_params(model.backbone),
-            "layers": model.backbone.layers, "val_accuracy": r["val_accuracy"],
-            "heldout_accuracy": test_acc, "seconds": r["seconds"], "checkpoint": str(path)}
-
-
-def write_devices(recipe: Recipe, out: Path) -> list[dict]:
+def write_devices(recipe, out: Path) -> list[Device]:
     """Fortunes split into ``device_count`` devices' ``adapt.csv`` plus one shared eval set.
 
     Each device gets ``device_shots`` texts per topic (disjoint across devices); the eval set
@@ -284,16 +232,15 @@ def write_devices(recipe: Recipe, out: Path) -> list[dict]:
         rows = [(pools[t].pop(), t) for t in d.device_topics for _ in range(d.device_shots)]
         path = root / f"device_{k + 1}" / "adapt.csv"
         _write_csv(path, rows)
-        devs.append({"device": k + 1, "adapt": path, "n_adapt": len(rows)})
+        devs.append((path, len(rows)))
     ev = [(s, t) for t in d.device_topics for s in pools[t][:60]]
     ev_path = root / "eval.csv"
     _write_csv(ev_path, ev)
-    for dev in devs:
-        dev.update(eval=ev_path, n_eval=len(ev), n_labels=len(d.device_topics))
-    return devs
+    return [Device(f"device_{k + 1}", path, ev_path, n, len(ev), tuple(d.device_topics))
+            for k, (path, n) in enumerate(devs)]
 
 
-def write_own_devices(recipe: Recipe, out: Path) -> list[dict]:
+def write_own_devices(recipe, out: Path) -> list[Device]:
     """Each device user's texts as ``adapt.csv`` (first half of every label) + ``eval.csv``."""
     from edgetl.data.files import write_device_halves
 
@@ -304,7 +251,7 @@ def write_own_devices(recipe: Recipe, out: Path) -> list[dict]:
         _write_csv(path, [(str(td.texts[i]), td.labels[td.y[i]]) for i in sel])
         return path
 
-    return write_device_halves(out, g, td.y, recipe.data.seed, write_texts)
+    return write_device_halves(out, g, td.y, td.labels, recipe.data.seed, write_texts)
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
@@ -313,84 +260,100 @@ def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
         csv.writer(f).writerows([("text", "label"), *rows])
 
 
-def bench_bundles(bundles: list[dict], *, repeats: int = 50) -> None:
-    """Batch-1 backbone latency (runner ``bench``, 1 thread) of every built bundle, in place."""
-    from edgetl import adapt as device
+class Texts(RecipeKind):
+    """Strings, tokenised with the bundle's tokenizer into (N, 2, L) ids + attention mask.
 
-    for b in bundles:
-        r = device.run_runner("bench", Path(b["path"]), "--repeats", str(repeats),
-                              "--threads", "1", "--batch", "8")
-        b["latency_ms_p50"], b["throughput_per_s"] = r["backbone_ms_p50"], r["throughput_per_s"]
+    The teacher's encoder is frozen (MiniLM): pretraining fits its head on sentence
+    embeddings; distillation trains the student encoder against them (no from-scratch twin:
+    a transformer student from random weights is not a baseline worth its hours).
+    """
 
+    name = "text"
 
-def run_text(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
-    """Every stage of the text recipe; writes ``summary.json`` and ``text.png``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    own = recipe.data.is_files
-    if not own:
-        tdata.ensure_packages()
-    sp = text_splits(recipe)
-    what = f"texts of {recipe.data.path}" if own else "WordNet noun glosses"
-    console.log(f"data: {len(sp.y['train'])} train / {len(sp.y['val'])} val / "
-                f"{len(sp.y['test'])} test {what}, {len(sp.labels)} categories; "
-                f"truncated at {recipe.data.max_length} word pieces: {sp.truncated}")
-    summ = RunSummary(recipe.name, kind="text", plot="text.png")
-    summ.server = train_server(recipe, out, sp, show=show)
-    if own:
-        summ.server["own_data"] = recipe.data.path
-    summ.server["data"] = {k: int(len(v)) for k, v in sp.y.items()}
-    summ.server["truncated"] = sp.truncated
-    summ.server["mean_word_pieces"] = {k: float(v[:, 1].sum(1).mean())
-                                       for k, v in sp.tokens.items()}
-    cd = check_picks(recipe, sp)  # the same picks as `edgetl export/check --recipe`
-    summ.bundles = export_roles(recipe, out, {"student": "student", "teacher": "minilm"},
-                                cd.reference, cd.calibration, (cd.heldout_x, cd.heldout_y))
-    bench_bundles(summ.bundles)
-    devices = write_own_devices(recipe, out) if own else write_devices(recipe, out)
-    summ.devices = learn_new_classes(recipe, summ.bundles, devices, out / "devices", "device",
-                                     "devices personalise" if own else
-                                     "devices learn fortune topics", show=show)
-    summ.totals = {"by_bundle": by_bundle(summ.devices),
-                   "wall_seconds": time.perf_counter() - t0}
-    (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2, default=str))
-    plot_text(summ, out / "text.png")
-    return summ
+    def load(self, recipe) -> ServerData:
+        if not recipe.data.is_files:
+            tdata.ensure_packages()
+        sp = text_splits(recipe)
+        rng = np.random.default_rng(0)
+        ref = sp.texts["val"][np.sort(rng.permutation(len(sp.y["val"]))[:32])]
+        check = CheckData(ref, sp.texts["train"][: recipe.export.calibration_windows],
+                          sp.texts["test"], sp.y["test"], sp.labels)
+        d = recipe.data
+        what = f"texts of {d.path}" if d.is_files else "WordNet noun glosses"
+        describe = (f"{len(sp.y['train'])} train / {len(sp.y['val'])} val / "
+                    f"{len(sp.y['test'])} test {what}, {len(sp.labels)} categories; "
+                    f"truncated at {d.max_length} word pieces: {sp.truncated}")
+        split = {k: Split(sp.tokens[k], sp.y[k]) for k in ("train", "val", "test")}
+        info = {"truncated": sp.truncated,
+                "mean_word_pieces": {k: float(v[:, 1].sum(1).mean())
+                                     for k, v in sp.tokens.items()}}
+        return ServerData(self.name, split["train"], split["val"], split["test"], sp.labels, 2,
+                          check, describe, source=sp, split=sp.groups,
+                          heldout_name=f"device users of {d.path}" if d.is_files else
+                          "test glosses", info=info)
 
+    def checkpoint(self, model, recipe, net, sd: ServerData, meta: dict) -> Checkpoint:
+        tok = Tokens(recipe.data.max_length)
+        return Checkpoint(model, net, recipe.head, sd.labels, ("input_ids", "attention_mask"),
+                          recipe.data.max_length, 0, 0.0, np.zeros(2, np.float32),
+                          np.ones(2, np.float32), {"recipe": recipe.name, **meta},
+                          text=tok.spec())
 
-def plot_text(summ: RunSummary, path: Path) -> Path:
-    """Device topic accuracy per bundle (imprinting vs + training) and latency vs size."""
-    import matplotlib
+    def roles(self, recipe) -> dict[str, str]:
+        return {"student": "student", "teacher": "minilm"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def model_name(self, role: str, recipe) -> str:
+        return {"teacher": "all-MiniLM-L6-v2 (frozen) + head",
+                "student": "student (distilled)"}.get(role, role)
 
-    by = summ.totals.get("by_bundle", {})
-    names = list(by)
-    info = {b["name"]: b for b in summ.bundles}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2),
-                                  gridspec_kw={"width_ratios": [3, 2]})
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, [by[n]["imprint_accuracy"] for n in names], 0.4, label="imprinting only")
-    ax.bar(x + 0.2, [by[n]["trained_accuracy"] for n in names], 0.4,
-           label="imprinting + head training")
-    ax.set_xticks(x, names, fontsize=7, rotation=20)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("topic accuracy (unseen fortunes)")
-    ax.set_title("devices learn fortune topics the server never saw", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    for n in names:
-        b = info[n]
-        ax2.scatter(b["bytes"] / 2**20, b["latency_ms_p50"], s=40)
-        ax2.annotate(n, (b["bytes"] / 2**20, b["latency_ms_p50"]), fontsize=7,
-                     xytext=(4, 3), textcoords="offset points")
-    ax2.set_xlabel("bundle size (MiB)")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("backbone latency, batch 1, 1 thread (ms)")
-    ax2.set_title("size vs latency (reference glosses)", fontsize=10)
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    def _embeddings(self, teacher, sd: ServerData, show: bool) -> dict:
+        if "teacher_embeddings" not in sd.cache:
+            sd.cache["teacher_embeddings"] = {
+                s: _embed(teacher.backbone, sd.source.tokens[s], f"MiniLM embeddings ({s})",
+                          show) for s in ("train", "val")}
+        return sd.cache["teacher_embeddings"]
+
+    def pretrain(self, recipe, out: Path, sd: ServerData, *, show: bool = True):
+        """The frozen encoder's head, trained on its sentence embeddings."""
+        from edgetl.kinds.base import record
+
+        sp = sd.source
+        torch.manual_seed(recipe.pretrain.seed)
+        teacher = build_model(2, len(sp.labels), recipe.teacher, recipe.head).eval()
+        emb = self._embeddings(teacher, sd, show)
+        r = _fit_head(teacher.head, emb["train"], sp.y["train"], (emb["val"], sp.y["val"]),
+                      recipe.pretrain, show)
+        return record(self, teacher, recipe, recipe.teacher, sd, Path(out) / "teacher.pt",
+                      {"role": "teacher", "pretrained": True, "frozen_backbone": True},
+                      r["val_accuracy"], r["seconds"], [],
+                      heldout=_accuracy(teacher, sp.tokens["test"], sp.y["test"]),
+                      extra={"layers": teacher.backbone.layers})
+
+    def distill(self, recipe, teacher_path: Path, out: Path, sd: ServerData, *,
+                baseline: bool = True, show: bool = True):
+        from edgetl.kinds.base import record
+
+        sp = sd.source
+        teacher = load_checkpoint(teacher_path).model.eval()
+        emb = self._embeddings(teacher, sd, show)
+        torch.manual_seed(recipe.student_train.seed)
+        student = build_model(2, len(sp.labels), recipe.student, recipe.head)
+        r = distill_student(teacher, student, sp, emb["train"], recipe, show=show)
+        student.eval()
+        return {"student": record(
+            self, student, recipe, recipe.student, sd, Path(out) / "student.pt",
+            {"role": "student", "distilled": True,
+             "layers_from_teacher": student.backbone.kept},
+            r["val_accuracy"], r["seconds"], r["history"],
+            heldout=_accuracy(student, sp.tokens["test"], sp.y["test"]),
+            extra={"layers": student.backbone.layers})}
+
+    def devices(self, recipe, out: Path, sd: ServerData, *,
+                users: tuple | None = None) -> list[Device]:
+        if users:
+            from edgetl.errors import ConfigError
+
+            raise ConfigError("text recipes personalise every device user; --users is for "
+                              "time-series recipes")
+        return write_own_devices(recipe, out) if recipe.data.is_files else \
+            write_devices(recipe, out)

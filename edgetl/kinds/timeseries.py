@@ -1,0 +1,187 @@
+"""Sensor windows: HAPT or your own CSV / ``.npz`` logs, split by user.
+
+Device simulation: each held-out user's first recording session is the local data the phone
+adapts on; their later sessions are the evaluation data. Windows never cross sessions, so
+nothing leaks between the two. A user with one session (your own files): the first half of
+each label's windows adapts, the second half, after the windows that overlap it, evaluates.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetl.check import CheckData
+from edgetl.checkpoint import Checkpoint
+from edgetl.data import hapt
+from edgetl.errors import ConfigError, DataError
+from edgetl.kinds.base import Device, RecipeKind, ServerData
+from edgetl.train import Split
+
+
+@dataclass(frozen=True)
+class UserSplit:
+    """Which users (``Windows.user`` ids) train the server, validate it and play the phones.
+
+    ``names``: each id's name for user files (``()`` for HAPT, whose ids are its names);
+    ``note``: how the split was made, for the run's log.
+    """
+
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+    device: tuple[int, ...]
+    names: tuple[str, ...] = ()
+    note: str = ""
+
+    def name(self, user: int) -> int | str:
+        """The user as tables and summaries show it (the HAPT id, or the file's name)."""
+        return self.names[user] if self.names else int(user)
+
+    def folder(self, user: int) -> str:
+        """A folder name for the user's device files."""
+        if not self.names:
+            return f"user_{user:02d}"
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.names[user])
+        return f"user_{safe}"
+
+
+def load_windows(recipe) -> tuple[hapt.Windows, UserSplit]:
+    """The recipe's windows (HAPT or your sensor files) and its user split."""
+    d = recipe.data
+    if not d.is_files:
+        return hapt.load_hapt(d.window, d.stride), hapt_split(recipe)
+    from edgetl.data import files
+
+    sd = files.load_timeseries(d)
+    g = files.groups_of(d, sd.owners, sd.what, sd.y, sd.labels, in_order=True, gap=sd.gap)
+    keep = g.group >= 0
+    n = int(keep.sum())
+    w = hapt.Windows(sd.x[keep], sd.y[keep], g.group[keep], sd.session[keep],
+                     np.arange(n, dtype=np.int64), sd.labels, sd.channels)
+    return w, UserSplit(g.train, g.val, g.device, g.names, g.note)
+
+
+def hapt_split(recipe) -> UserSplit:
+    """The HAPT recipe's user split, as its ``[data]`` names it."""
+    d = recipe.data
+    return UserSplit(tuple(sorted(set(d.server_users) - set(d.server_val_users))),
+                     tuple(d.server_val_users), tuple(d.device_users))
+
+
+def augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-window, per-channel amplitude jitter plus a little noise.
+
+    Users hold phones differently; this keeps the model from keying on one person's absolute
+    magnitudes.
+    """
+    scale = 1.0 + 0.1 * torch.randn(xb.shape[0], 1, xb.shape[2], generator=gen)
+    return xb * scale + 0.01 * torch.randn(xb.shape, generator=gen)
+
+
+def write_device_files(w: hapt.Windows, user: int, folder: Path, *,
+                       gap: int = 0) -> tuple[Path, Path]:
+    """Write a user's first session as ``adapt.npz`` and later sessions as ``eval.npz``.
+
+    A user with one session (your own files): the first half of each label's windows adapts,
+    the second half (after ``gap`` windows that overlap the first half) evaluates.
+    """
+    from edgetl.data.files import device_halves
+
+    folder.mkdir(parents=True, exist_ok=True)
+    u = w.users([user])
+    first = u.session.min()
+    if len(np.unique(u.session)) > 1:
+        parts = (u.session == first, u.session != first)
+    else:
+        ad, ev = device_halves(u.y, u.session, in_order=True, gap=gap)
+        parts = tuple(np.isin(np.arange(len(u)), i) for i in (ad, ev))
+    paths = []
+    for name, mask in zip(("adapt", "eval"), parts, strict=True):
+        s = u.select(mask)
+        p = folder / f"{name}.npz"
+        np.savez(p, x=s.x, y=np.array([w.labels[i] for i in s.y], dtype=str),
+                 channels=np.array(w.channels, dtype=str))
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+class Timeseries(RecipeKind):
+    """(N, T, C) windows normalised with the server-training users' per-channel statistics."""
+
+    name = "timeseries"
+
+    def load(self, recipe, *, windows: hapt.Windows | None = None) -> ServerData:
+        """Split the windows by user: server-train / server-val / held-out (device users)."""
+        d = recipe.data
+        w, split = (windows, hapt_split(recipe)) if windows is not None else \
+            load_windows(recipe)
+        tr, va, ho = w.users(split.train), w.users(split.val), w.users(split.device)
+        for part, s in (("server-training", tr), ("server-validation", va), ("device", ho)):
+            if len(s) == 0:
+                raise DataError(f"the {part} users hold no windows; check data.server_users / "
+                                "server_val_users / device_users against the data")
+        flat = tr.x.reshape(-1, tr.x.shape[2])
+        mean, std = flat.mean(0), flat.std(0) + 1e-6
+
+        def norm(s: hapt.Windows) -> Split:
+            return Split(((s.x - mean) / std).astype(np.float32), s.y)
+
+        rng = np.random.default_rng(0)  # seeded, reproducible picks for export and its gate
+        pick = np.sort(rng.permutation(len(va))[:256])
+        calib = tr.x[np.sort(rng.permutation(len(tr.x))[:recipe.export.calibration_windows])]
+        check = CheckData(va.x[pick], calib, ho.x, ho.y, tuple(w.labels))
+        what = f"{d.path}" if d.is_files else "HAPT"
+        describe = (f"{len(tr)} train / {len(va)} val windows from server users of {what}, "
+                    f"{len(ho)} from held-out users {[split.name(u) for u in split.device]}")
+        sd = ServerData(self.name, norm(tr), norm(va), norm(ho), tuple(w.labels),
+                        int(tr.x.shape[2]), check, describe, source=w, split=split,
+                        note=split.note, heldout_name="held-out users", augment=augment)
+        sd.cache["mean_std"] = (mean.astype(np.float32), std.astype(np.float32))
+        return sd
+
+    def checkpoint(self, model, recipe, net, sd: ServerData, meta: dict) -> Checkpoint:
+        w, d = sd.source, recipe.data
+        mean, std = sd.cache["mean_std"]
+        rate = d.sample_rate_hz if d.is_files else hapt.SAMPLE_RATE_HZ
+        return Checkpoint(model, net, recipe.head, tuple(w.labels), tuple(w.channels),
+                          d.window, d.stride, float(rate), mean, std,
+                          {"recipe": recipe.name, **meta})
+
+    def devices(self, recipe, out: Path, sd: ServerData, *,
+                users: tuple | None = None) -> list[Device]:
+        """One device per held-out user (or ``users``): first session adapts, later evaluate.
+
+        Users the server trained on are refused (their numbers would be meaningless); the
+        server-validation users are allowed, to tune adaptation without touching the
+        held-out users.
+        """
+        split, w = sd.split, sd.source
+        users = tuple(users or split.device)
+        seen = set(split.train) & set(users)
+        if seen:
+            raise ConfigError(f"users {sorted(split.name(u) for u in seen)} trained the server "
+                              f"model; pick device users {[split.name(u) for u in split.device]}"
+                              f" or server-validation users {[split.name(u) for u in split.val]}")
+        d = recipe.data
+        gap = -(-d.window // d.stride) - 1 if d.is_files else 0
+        root = Path(out) / "devices"
+        devs = []
+        for user in users:
+            folder = root / split.folder(user)
+            if folder.exists():
+                shutil.rmtree(folder)  # a fresh phone each run
+            adapt, ev = write_device_files(w, user, folder, gap=gap)
+            with np.load(adapt) as a, np.load(ev) as e:
+                devs.append(Device(split.folder(user), adapt, ev, len(a["y"]), len(e["y"]),
+                                   tuple(sorted(set(a["y"].tolist()))), split.name(user)))
+        return devs
+
+    def check_users(self, recipe, sd: ServerData) -> tuple:
+        """The users of ``[check] users`` (default the server-validation users)."""
+        if recipe.data.is_files:
+            return tuple(sd.split.val)
+        return tuple(recipe.check.users or recipe.data.server_val_users)
