@@ -24,7 +24,7 @@ from edgetl.export.bundle import (
     runtime_predictions,
     staged_bundle,
 )
-from edgetl.export.onnx import STATIC_SCHEME, quantize_int8
+from edgetl.export.onnx import quantize_int8
 from edgetl.export.registry import get_exporter
 from edgetl.head import HeadSpec
 from edgetl.manifest import MANIFEST, Manifest, file_entry
@@ -107,7 +107,7 @@ def _build(src: Path, m: Manifest, tmp: Path, calib: np.ndarray,
         if role not in ("backbone", "test_vectors"):
             shutil.copy2(src / entry.path, tmp / entry.path)
     bb = m.files["backbone"].path
-    quantize_int8(src / bb, tmp / bb, calib, m.input["name"])
+    facts = quantize_int8(src / bb, tmp / bb, calib, m.input["name"])
     with np.load(src / m.files["test_vectors"].path) as z:
         tv = {k: z[k] for k in z.files}  # train_* reference steps stay valid: same head
     tv_x = tv["x"]
@@ -136,7 +136,7 @@ def _build(src: Path, m: Manifest, tmp: Path, calib: np.ndarray,
                       "atol": SELFTEST_INT8_REL * max(
                           scale, float(np.abs(logits[:, : len(m.labels)]).max()))},
         quantization={"backbone": "int8", "head": "fp32 (trainable)", "per_channel": True,
-                      "scheme": STATIC_SCHEME,
+                      **facts,
                       "calibration_windows": int(len(calib)),
                       "calibration_source": "source windows given to edgetl quantize",
                       "checked_with": checked_with(exporter)},

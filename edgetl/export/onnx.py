@@ -39,16 +39,51 @@ def _export(module: nn.Module, args: tuple, path: Path, names_in: list[str],
 #: name ``reduce_range`` as the remedy). Measured here on an AVX2-only EPYC: the vision
 #: student's int8 bundle lost 5.25 pt with 8-bit weights (the export gate refused it).
 REDUCE_RANGE = True
-STATIC_SCHEME = ("QDQ static, per-channel symmetric int8 weights (7-bit range: reduce_range), "
-                 "uint8 activations (MinMax)")
+#: Layer precision rules (measured on EfficientNet-Lite0, docs/bundle.md "ONNX int8"): the
+#: 7-bit weights, not the uint8 activations, cost its accuracy (16-bit activations: no better;
+#: 16-bit weights: lossless). Depthwise convolutions run onnxruntime's depthwise kernel, which
+#: accumulates in int32 without VPMADDUBSW, so they keep full 8-bit weights (fused = emulated
+#: output, no saturation). In networks with at least ``EDGE_LAYERS_MIN_CONVS`` convolutions the
+#: first and the last convolution get 16-bit weights (they run in float, between the same
+#: uint8 activations): excluding them instead changed the fused graph and saturated later layers.
+EDGE_LAYERS_MIN_CONVS = 8
+STATIC_SCHEME = ("QDQ static, per-channel symmetric int8 weights (7-bit range: reduce_range; "
+                 "depthwise convolutions 8-bit; first and last convolution of deep networks "
+                 "16-bit: quantization.weights_int16), uint8 activations (MinMax)")
 
 
-def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, input_name: str) -> None:
+def _precision_overrides(model_path: Path) -> tuple[dict, list[str], list[str]]:
+    """``TensorQuantOverrides`` for the layer rules above, and the node names they touch."""
+    import onnx
+
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    inits = {i.name: tuple(i.dims) for i in g.initializer}
+    convs = [n for n in g.node if n.op_type == "Conv" and len(n.input) > 1
+             and n.input[1] in inits]
+
+    def group(n):
+        return next((a.i for a in n.attribute if a.name == "group"), 1)
+
+    depthwise = [n for n in convs if group(n) > 1 and inits[n.input[1]][1] == 1]
+    edges = [convs[0], convs[-1]] if len(convs) >= EDGE_LAYERS_MIN_CONVS else []
+    from onnxruntime.quantization import QuantType
+
+    over = {n.input[1]: [{"axis": 0, "reduce_range": False}] for n in depthwise}
+    over.update({n.input[1]: [{"axis": 0, "quant_type": QuantType.QInt16}] for n in edges})
+    return over, [n.name for n in depthwise if n not in edges], [n.name for n in edges]
+
+
+def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, input_name: str) -> dict[str, Any]:
     """Static int8 QDQ model: per-channel symmetric int8 weights, uint8 activations (MinMax).
 
     uint8 activations × int8 weights (U8S8) is onnxruntime's fast integer path on x86-64
     (VPMADDUBSW / VNNI) and is supported on ARM64; with int8 activations (S8S8) onnxruntime
-    ran EfficientNet-Lite0 slower than fp32 here (README, "Benchmarks").
+    ran EfficientNet-Lite0 slower than fp32 here (README, "Benchmarks"). Layer rules: see
+    :data:`EDGE_LAYERS_MIN_CONVS`.
+
+    Returns:
+        The manifest's quantization facts: ``scheme``, ``weights_int16`` and
+        ``weights_8bit_depthwise`` (node names), ``backbone_opset`` (the quantized graph's).
     """
     require("onnxruntime", "onnx")
     from onnxruntime.quantization import (
@@ -62,6 +97,7 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, input_name: str) -> 
     pre = out.with_suffix(".pre.onnx")
     try:
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        over, dw8, w16 = _precision_overrides(pre)
         dtype = np.float32 if calib.dtype.kind == "f" else np.int64  # token ids stay ids
         batches = iter([{input_name: np.ascontiguousarray(calib[i : i + 64], dtype)}
                         for i in range(0, len(calib), 64)])
@@ -72,9 +108,17 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, input_name: str) -> 
 
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, reduce_range=REDUCE_RANGE)
+                        weight_type=QuantType.QInt8, reduce_range=REDUCE_RANGE,
+                        extra_options={"TensorQuantOverrides": over} if over else {})
     finally:
         pre.unlink(missing_ok=True)
+    import onnx
+
+    opset = next(o.version for o in onnx.load(str(out), load_external_data=False).opset_import
+                 if o.domain in ("", "ai.onnx"))
+    # 16-bit weights need opset 21 (onnxruntime >= 1.18 on the device): the quantizer upgrades
+    return {"scheme": STATIC_SCHEME, "weights_int16": w16, "weights_8bit_depthwise": dw8,
+            "backbone_opset": int(opset)}
 
 
 @register_exporter("onnx")
@@ -106,10 +150,10 @@ class OnnxExporter(Exporter):
                     from edgetl.text.export import quantize_dynamic_int8
 
                     return {**sig, "quantization": quantize_dynamic_int8(fp32, path)}
-                quantize_int8(fp32, path, calib, "x")
+                facts = quantize_int8(fp32, path, calib, "x")
         finally:
             fp32.unlink(missing_ok=True)
-        return {**sig, "quantization": {"scheme": STATIC_SCHEME}}
+        return {**sig, "quantization": facts}
 
     def export_head(self, spec: HeadSpec, optimizer, folder, *, opset, batch):
         step, infer = TrainStep(spec, optimizer), InferStep(spec)
