@@ -149,3 +149,18 @@ def device_imports(statement: str, watched: set[str]) -> list[str]:
             ) % (str(ROOT / "device_runners"), statement, set(watched))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(p.stdout)
+
+
+def run_snippet(snippet: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a docs snippet in ``cwd`` with ``python`` and ``edgetl`` resolved to this venv."""
+    bin_dir = cwd / ".bin"
+    bin_dir.mkdir()
+    for name, cmd in (("python", f'exec "{sys.executable}" "$@"'),
+                      ("edgetl", f'exec "{sys.executable}" -m edgetl.cli "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{cmd}\n")
+        (bin_dir / name).chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    env = {**os.environ, "PATH": path, "EDGETL_REPO": str(ROOT),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(["bash", "-e", "-c", snippet], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)

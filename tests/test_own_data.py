@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,8 @@ import pytest
 from edgetl.config import ImageFiles, TextFiles, TimeseriesFiles, load_recipe
 from edgetl.data import files
 from edgetl.errors import ConfigError, DataError
+
+from .conftest import run_snippet
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("rest", "walk", "run")
@@ -236,15 +235,7 @@ def test_quick_start_csv_recipe_runs_end_to_end(tmp_path):
     (tmp_path / "models" / "own-csv").mkdir(parents=True)
     (tmp_path / "models/own-csv/recipe.toml").write_text(
         (ROOT / "models/own-csv/recipe.toml").read_text())
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, cmd in (("python", f'exec {sys.executable} "$@"'),
-                      ("edgetl", f'exec {sys.executable} -m edgetl.cli "$@"')):
-        (bin_dir / name).write_text(f"#!/bin/sh\n{cmd}\n")
-        (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-    p = subprocess.run(["bash", "-ec", _quick_start().replace(" --out", " -q --out")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    p = run_snippet(_quick_start().replace(" --out", " -q --out"), tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((tmp_path / "runs/own-csv/summary.json").read_text())
     assert s["server"]["teacher"]["heldout_accuracy"] > 0.6  # chance: 1/3

@@ -9,16 +9,12 @@ like the repository root where the snippet needs it (``device_runners/``,
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_snippet
 
 README = ROOT / "README.md"
 MAX_README_LINES = 250
@@ -52,20 +48,6 @@ def anchors(path: Path) -> set[str]:
     return {slug(m.group(1)) for m in re.finditer(r"^#+ (.*)$", text, re.M)}
 
 
-def run_snippet(snippet: str, cwd: Path) -> subprocess.CompletedProcess:
-    bin_dir = cwd / ".bin"
-    bin_dir.mkdir()
-    for name, cmd in (("python", f'exec "{sys.executable}" "$@"'),
-                      ("edgetl", f'exec "{sys.executable}" -m edgetl.cli "$@"')):
-        (bin_dir / name).write_text(f"#!/bin/sh\n{cmd}\n")
-        (bin_dir / name).chmod(0o755)
-    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
-    env = {**os.environ, "PATH": path, "EDGETL_REPO": str(ROOT),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(["bash", "-e", "-c", snippet], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
 # ------------------------------------------------------------------------------ static
 
 @pytest.mark.unit
@@ -81,6 +63,7 @@ def test_readme_is_short_and_its_quick_starts_fit():
 def test_byod_quick_start_is_the_own_data_page_s():
     page = (ROOT / "docs" / "own-data.md").read_text()
     block = re.search(r"## Quick start.*?```bash\n(.*?)```", page, re.S).group(1)
+    # the same block, so tests/test_own_data.py's run of it covers the README's too
     assert quickstart("byod") == block, "README's byod quick start differs from docs/own-data.md"
 
 
@@ -137,14 +120,3 @@ def test_byom_quick_start_runs(tmp_path):
     assert (m["target"], m["precision"], m["labels"]) == ("onnx", "fp32", ["cat", "dog", "bird"])
     report = json.loads((tmp_path / "my-model/state/report.json").read_text())
     assert (tmp_path / "my-model/state/head.npz").exists(), report
-
-
-def test_byod_quick_start_runs(tmp_path):
-    """docs/own-data.md's CSV quick start, from a folder laid out like the repository root."""
-    (tmp_path / "models" / "own-csv").mkdir(parents=True)
-    shutil.copy(ROOT / "models/own-csv/recipe.toml", tmp_path / "models/own-csv/recipe.toml")
-    p = run_snippet(quickstart("byod").replace(" --out", " -q --out"), tmp_path)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    s = json.loads((tmp_path / "runs/own-csv/summary.json").read_text())
-    assert s["bundles"] and s["devices"]
-    assert (tmp_path / "runs/own-csv/bundles/onnx-fp32/manifest.json").exists()
