@@ -19,7 +19,7 @@ from edgerun import RunnerError, __version__, atomic_write
 from edgerun import data as dataio
 from edgerun.backends import make_backend
 from edgerun.bundle import Bundle, sha256_file
-from edgerun.head import Head
+from edgerun.head import Head, check_finite
 
 
 def _proc_status_mb(field: str) -> float | None:
@@ -461,6 +461,7 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int | None =
             start.save(ckpt, bundle, {"rolled_back": True, "imprinted": new})
             written = True
     else:
+        check_finite(head.params, f"refusing to write {ckpt}")  # before head.prev.npz moves
         if os.path.exists(ckpt):  # keep the previous head: copy, never move, head.npz
             prev = os.path.join(out_dir, "head.prev.npz")
             shutil.copy2(ckpt, prev + ".tmp")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -10,6 +11,23 @@ import numpy as np
 from edgerun import RunnerError, atomic_write
 
 FORMAT = "edgerun.head/1"
+
+
+def check_finite(params: dict, where: str,
+                 fix: str = "start from the bundle's head (drop --head) or re-adapt") -> None:
+    """Refuse head parameters holding NaN or inf: such a head predicts nothing useful.
+
+    Raises :class:`RunnerError` naming the first bad parameter and its count of bad values.
+    """
+    for name, v in params.items():
+        a = np.asarray(v)
+        if a.dtype.kind not in "fiu":
+            raise RunnerError(f"{where}: head parameter {name!r} is not numeric ({a.dtype}); "
+                              "the head is damaged")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise RunnerError(f"{where}: head parameter {name!r} holds {bad} non-finite "
+                              f"value(s) (NaN/inf) of {a.size}; the head is damaged: {fix}")
 
 
 class Head:
@@ -28,8 +46,11 @@ class Head:
     def from_bundle(cls, bundle) -> Head:
         """The server-trained head shipped in the bundle."""
         m = bundle.manifest
-        with np.load(bundle.path(m["head"]["init_file"]), allow_pickle=False) as z:
+        path = bundle.path(m["head"]["init_file"])
+        with np.load(path, allow_pickle=False) as z:
             params = {p["name"]: z[p["name"]] for p in m["head"]["params"]}
+        check_finite(params, f"bundle file {os.path.basename(path)}",
+                     "re-export or re-download the bundle")
         return cls(params, m["labels"], {"source": "bundle"})
 
     @classmethod
@@ -54,10 +75,15 @@ class Head:
         if sorted(params) != sorted(names):
             raise RunnerError(f"{path}: parameters {sorted(params)} do not match the bundle's "
                               f"{sorted(names)}")
+        check_finite(params, path)
         return cls(params, labels, meta)
 
     def save(self, path: str, bundle, extra: dict | None = None) -> None:
-        """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+        """Write atomically: a temporary file in the same folder, then ``os.replace``.
+
+        A head with non-finite parameters is refused before anything is written.
+        """
+        check_finite(self.params, f"refusing to write {path}")
         meta = {**self.meta, **(extra or {}), "format": FORMAT,
                 "backbone_sha256": bundle.manifest["files"]["backbone"]["sha256"],
                 "saved_unix": time.time()}
