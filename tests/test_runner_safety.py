@@ -116,3 +116,26 @@ def test_a_non_finite_head_is_never_written(tmp_path):
     with pytest.raises(RunnerError, match="refusing to write .*'weight' holds 24 non-finite"):
         head.save(str(tmp_path / "head.npz"), _Bundle())
     assert list(tmp_path.iterdir()) == []  # not even a temp file
+
+
+# -- item 8: numeric flags ----------------------------------------------------------------
+
+BAD_NUMBERS = [("--max-seconds", "nan"), ("--max-seconds", "-1"), ("--max-memory-mb", "nan"),
+               ("--max-memory-mb", "inf"), ("--checkpoint-every", "nan"),
+               ("--checkpoint-every", "-1"), ("--max-data-mb", "nan"), ("--max-data-mb", "0"),
+               ("--lr", "nan"), ("--lr", "inf"), ("--l2sp", "inf"), ("--val-fraction", "nan"),
+               ("--seed", "-1"), ("--batch-size", "-1"), ("--batch-size", "0"),
+               ("--epochs", "-1"), ("--threads", "-1")]
+
+
+def test_numeric_flags_must_be_finite_and_in_range(bundle, tmp_path):
+    state, before = _good_state(bundle, tmp_path)
+    data = tmp_path / "ok.npz"
+    for flag, value in BAD_NUMBERS:
+        p = run_runner("adapt", bundle, "--data", data, "--out", state, "--quiet", flag, value)
+        _refused(p, rf"^error: {flag} must be a finite number [<>]=? -?\d.*, got ")
+        assert _snapshot(state) == before, flag
+    _refused(run_runner("update", bundle, "--state", state, "--epochs", "-1"), r"--epochs")
+    _refused(run_runner("bench", bundle, "--repeats", "0"), r"--repeats must be")
+    _refused(run_runner("infer", bundle, "--data", data, "--threads", "-1"), r"--threads")
+    assert _snapshot(state) == before
