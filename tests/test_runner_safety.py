@@ -139,3 +139,117 @@ def test_numeric_flags_must_be_finite_and_in_range(bundle, tmp_path):
     _refused(run_runner("bench", bundle, "--repeats", "0"), r"--repeats must be")
     _refused(run_runner("infer", bundle, "--data", data, "--threads", "-1"), r"--threads")
     assert _snapshot(state) == before
+
+
+# -- item 8: zip bombs, object arrays, corrupt archives -----------------------------------
+
+
+def _zip_bomb(path: Path, mib: int = 400) -> Path:
+    """A deflated ``x.npy`` of zeros: ~``mib`` KiB on disk, ``mib`` MiB once unpacked."""
+    import zipfile
+
+    per = 16 * 3 * 4  # (N, 16, 3) float32 windows
+    n = (mib << 20) // per
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("x.npy", "w", force_zip64=True) as m:
+            np.lib.format.write_array_header_1_0(
+                m, {"descr": "<f4", "fortran_order": False, "shape": (n, 16, 3)})
+            left, chunk = n * per, bytes(1 << 20)
+            while left:
+                m.write(chunk[: min(left, len(chunk))])
+                left -= min(left, len(chunk))
+    return path
+
+
+def test_max_data_mb_applies_to_the_declared_uncompressed_size(bundle, tmp_path):
+    state, before = _good_state(bundle, tmp_path)
+    bomb = _zip_bomb(tmp_path / "bomb.npz")
+    assert bomb.stat().st_size < 1 << 20  # under a MiB on disk
+    _refused(_adapt(bundle, bomb, state, "--max-data-mb", "100"),
+             r"bomb.npz declares 400.0 MiB uncompressed, above the 100 MiB limit; raise "
+             r"--max-data-mb")
+    assert _snapshot(state) == before
+
+
+@pytest.mark.parametrize("case,match", [
+    ("object_y", r"array 'y' holds Python objects \(dtype object\), which cannot be read "
+                 r"without pickle"),
+    ("object_x", r"array 'x' holds Python objects"),
+    ("truncated", r"is not a readable .npz file \(corrupt or truncated"),
+    ("bitflip", r"is not a readable .npz file \(corrupt or truncated"),
+    ("not_npy", r"member 'notes.txt' is not a numpy array"),
+])
+def test_object_and_corrupt_npz_are_clean_errors(bundle, tmp_path, case, match):
+    import zipfile
+
+    state, before = _good_state(bundle, tmp_path)
+    good = write_device_npz(tmp_path / "g.npz", 60, seed=3)
+    data = tmp_path / "bad.npz"
+    with np.load(good) as z:
+        x, y = z["x"], z["y"]
+    if case == "object_y":
+        np.savez(data, x=x, y=np.array(list(y), dtype=object))
+    elif case == "object_x":
+        np.savez(data, x=np.array([None] * len(x), dtype=object), y=y)
+    elif case == "truncated":
+        data.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif case == "bitflip":
+        np.savez_compressed(data, x=np.random.default_rng(0).normal(size=x.shape), y=y)
+        body = bytearray(data.read_bytes())
+        body[len(body) // 3] ^= 0xFF  # inside x's compressed stream
+        data.write_bytes(bytes(body))
+    elif case == "not_npy":
+        shutil.copy(good, data)
+        with zipfile.ZipFile(data, "a") as zf:
+            zf.writestr("notes.txt", "hello")
+    _refused(_adapt(bundle, data, state), match)
+    assert _snapshot(state) == before
+    # a damaged head checkpoint is the same clean error
+    head = tmp_path / "head_bad.npz"
+    head.write_bytes((state / "head.npz").read_bytes()[:100])
+    _refused(run_runner("infer", bundle, "--data", good, "--head", head),
+             r"head checkpoint .*head_bad.npz is not a readable .npz file")
+
+
+# -- item 13: FIFOs and devices -----------------------------------------------------------
+
+
+def _run_with_timeout(*args, timeout=30):
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import RUNNER
+
+    env = {**os.environ, "PYTHONPATH": ""}
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=timeout, check=False)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs POSIX FIFOs")
+@pytest.mark.parametrize("target", ["fifo", "dev_zero"])
+def test_fifos_and_devices_are_refused_without_reading(bundle, tmp_path, target):
+    import os
+
+    state, before = _good_state(bundle, tmp_path)
+    data = tmp_path / "ok.npz"
+
+    def special(name):
+        p = tmp_path / name
+        if target == "fifo":
+            os.mkfifo(p)
+        else:
+            os.symlink("/dev/zero", p)
+        return p
+
+    match = r"is not a regular file \(a FIFO, socket or device\); refusing to read it"
+    for flag in ("--head", "--trust-key"):
+        p = _run_with_timeout("adapt", bundle, "--data", data, "--out", state, "--quiet",
+                              flag, special(f"x{flag}.npz"))
+        _refused(p, rf"{flag} .* {match}" if flag == "--trust-key" else match)
+    for name in ("d.npz", "d.csv"):
+        p = _run_with_timeout("adapt", bundle, "--data", special(name), "--out", state)
+        _refused(p, rf"data file .*{name} {match}")
+    _refused(_run_with_timeout("infer", bundle, "--data", data, "--head", special("h.npz")),
+             match)
+    assert _snapshot(state) == before

@@ -150,11 +150,12 @@ def _save_train_state(path: str, key: dict, epoch: int, rng, head: Head, state: 
 
 def _load_train_state(path: str, key: dict):
     """The saved training state if it belongs to this run (same key), else ``None``."""
+    from edgerun.files import read_npz
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["__meta__"]))
-            arrays = {k: z[k] for k in z.files if k != "__meta__"}
-    except (OSError, ValueError, KeyError):
+        arrays = read_npz(path, "training state")
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except (RunnerError, ValueError, KeyError):
         return None  # a damaged state file: start over (the head checkpoint is untouched)
     if meta.get("format") != TRAIN_FORMAT or meta.get("key") != key:
         raise RunnerError(f"{path} belongs to another adaptation (other data, bundle or "

@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from edgerun import RunnerError, atomic_write
+from edgerun.files import MAX_HEAD_BYTES, read_npz
 
 FORMAT = "edgerun.head/1"
 
@@ -56,13 +57,15 @@ class Head:
     @classmethod
     def load(cls, path: str, bundle) -> Head:
         """A checkpoint written by :meth:`save`, checked against the bundle."""
+        z = read_npz(path, "head checkpoint", MAX_HEAD_BYTES)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["__meta__"]))
-                labels = [str(v) for v in z["__labels__"]]
-                params = {k: z[k] for k in z.files if not k.startswith("__")}
-        except (OSError, ValueError, KeyError) as e:
+            meta = json.loads(str(z["__meta__"]))
+            labels = [str(v) for v in z["__labels__"]]
+            params = {k: v for k, v in z.items() if not k.startswith("__")}
+        except (ValueError, KeyError) as e:
             raise RunnerError(f"{path} is not a readable head checkpoint ({e})") from None
+        if not isinstance(meta, dict):
+            raise RunnerError(f"{path} is not a readable head checkpoint (bad __meta__)")
         if meta.get("format") != FORMAT:
             raise RunnerError(f"{path}: expected format {FORMAT!r}, found {meta.get('format')!r}")
         want = bundle.manifest["files"]["backbone"]["sha256"]

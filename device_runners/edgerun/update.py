@@ -16,6 +16,7 @@ import shutil
 
 from edgerun import RunnerError
 from edgerun.bundle import Bundle
+from edgerun.files import MAX_HEAD_BYTES, read_npz
 from edgerun.head import Head
 
 STATE_FILE = "bundle.json"
@@ -30,13 +31,14 @@ def bundle_record(bundle: Bundle) -> dict:
 
 
 def _head_meta(path: str) -> dict:
-    import numpy as np
-
+    z = read_npz(path, "head checkpoint", MAX_HEAD_BYTES)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(str(z["__meta__"]))
-    except (OSError, ValueError, KeyError) as e:
+        meta = json.loads(str(z["__meta__"]))
+    except (ValueError, KeyError) as e:
         raise RunnerError(f"{path} is not a readable head checkpoint ({e})") from None
+    if not isinstance(meta, dict):
+        raise RunnerError(f"{path} is not a readable head checkpoint (bad __meta__)")
+    return meta
 
 
 def update(bundle_dir: str, state_dir: str, *, data_path: str | None = None,
