@@ -253,3 +253,39 @@ def test_fifos_and_devices_are_refused_without_reading(bundle, tmp_path, target)
     _refused(_run_with_timeout("infer", bundle, "--data", data, "--head", special("h.npz")),
              match)
     assert _snapshot(state) == before
+
+
+# -- item 9: one run per state folder -----------------------------------------------------
+
+
+@pytest.mark.skipif(__import__("sys").platform == "win32", reason="no flock on Windows")
+def test_a_second_run_on_one_state_folder_is_refused_naming_the_first(bundle, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import RUNNER
+
+    state, _ = _good_state(bundle, tmp_path)
+    data = tmp_path / "ok.npz"
+    lock = state / ".lock"
+    assert lock.read_text() == ""  # held only while a run is in progress
+    first = subprocess.Popen([sys.executable, str(RUNNER), "adapt", bundle, "--data", data,
+                              "--out", state, "--quiet", "--epochs", "100000",
+                              "--max-seconds", "120"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while lock.read_text().strip() != str(first.pid):
+            assert first.poll() is None and time.monotonic() < deadline, "never took the lock"
+            time.sleep(0.05)
+        _refused(_adapt(bundle, data, state), rf"state is in use by another run \(pid "
+                 rf"{first.pid}\); wait for it to finish")
+        _refused(run_runner("update", bundle, "--state", state, "--data", data),
+                 rf"in use by another run \(pid {first.pid}\)")
+    finally:
+        first.kill()  # SIGKILL: the kernel drops the lock with the process
+        first.wait()
+    p = _adapt(bundle, data, state)
+    assert p.returncode == 0, p.stderr
+    assert lock.read_text() == ""

@@ -270,15 +270,28 @@ def _say(quiet: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int | None = None,
-          batch_size: int | None = None, val_fraction: float | None = None,
-          lr: float | None = None,
-          seed: int = 0, head_path: str | None = None, threads: int = 0,
-          trainer: str | None = None, max_seconds: float | None = None,
-          max_memory_mb: float | None = None, trust_key: str | None = None,
-          resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
-          checkpoint_every: float = 1.0, class_balanced: bool = False,
-          l2sp: float | None = None, quiet: bool = False) -> dict:
+def adapt(bundle_dir: str, data_path: str, out_dir: str, **kw) -> dict:
+    """Fine-tune the head on ``data_path`` into ``out_dir``, holding the folder's lock.
+
+    Only one ``adapt`` or ``update`` runs on a state folder at a time: a second one fails
+    at once naming the first's pid (:class:`edgerun.files.state_lock`). Options and result:
+    :func:`adapt_unlocked`.
+    """
+    from edgerun.files import state_lock
+
+    with state_lock(out_dir):
+        return adapt_unlocked(bundle_dir, data_path, out_dir, **kw)
+
+
+def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
+                   epochs: int | None = None, batch_size: int | None = None,
+                   val_fraction: float | None = None, lr: float | None = None,
+                   seed: int = 0, head_path: str | None = None, threads: int = 0,
+                   trainer: str | None = None, max_seconds: float | None = None,
+                   max_memory_mb: float | None = None, trust_key: str | None = None,
+                   resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
+                   checkpoint_every: float = 1.0, class_balanced: bool = False,
+                   l2sp: float | None = None, quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Budgets: training stops after the step that crosses ``max_seconds`` (counted from the

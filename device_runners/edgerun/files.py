@@ -166,3 +166,60 @@ def read_npz(path, what: str = "file", max_bytes: int | None = None, *,
                 NotImplementedError, RuntimeError) as e:
             raise RunnerError(f"{what} {path} is not a readable .npz file (corrupt or "
                               f"truncated: {type(e).__name__}: {str(e)[:160]}){fix}") from None
+
+
+#: The lock file in a state folder (``adapt --out``, ``update --state``).
+LOCK_FILE = ".lock"
+_held: set = set()  # state folders this process holds (a nested adapt inside update)
+
+
+class state_lock:  # noqa: N801 (used as a context manager, like open)
+    """Exclusive, non-blocking lock on a state folder for one ``adapt`` or ``update`` run.
+
+    POSIX: ``fcntl.flock`` on ``FOLDER/.lock``, which holds the owner's pid while locked (empty
+    otherwise). A second run on the same folder fails at once with a :class:`RunnerError`
+    naming that pid, instead of both writing and one result being lost. The kernel drops the
+    lock when its process exits, killed or not, so a crash never leaves the folder locked.
+    The same process may re-enter (``update`` re-adapting in its own state folder).
+
+    Platforms without ``fcntl`` (Windows): no lock is taken and runs proceed unguarded; do
+    not start two runs on one folder there.
+    """
+
+    def __init__(self, folder):
+        self.folder = os.path.realpath(os.fspath(folder))
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # no flock here: proceed without a lock (see the docstring)
+            return self
+        if self.folder in _held:
+            return self
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise RunnerError(f"{self.folder} is in use by another run (pid {owner}); wait "
+                              "for it to finish, or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        _held.add(self.folder)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            _held.discard(self.folder)
+            try:
+                os.ftruncate(self.fd, 0)
+            finally:
+                os.close(self.fd)  # releases the lock
+            self.fd = None

@@ -41,8 +41,16 @@ def _head_meta(path: str) -> dict:
     return meta
 
 
-def update(bundle_dir: str, state_dir: str, *, data_path: str | None = None,
-           trust_key: str | None = None, quiet: bool = False, **adapt_kw) -> dict:
+def update(bundle_dir: str, state_dir: str, **kw) -> dict:
+    """:func:`update_unlocked` holding the state folder's lock (one run at a time)."""
+    from edgerun.files import state_lock
+
+    with state_lock(state_dir):
+        return update_unlocked(bundle_dir, state_dir, **kw)
+
+
+def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = None,
+                    trust_key: str | None = None, quiet: bool = False, **adapt_kw) -> dict:
     """Move a device's state to the bundle ``bundle_dir``; returns (and writes) the decision.
 
     Args:
