@@ -289,3 +289,67 @@ def test_a_second_run_on_one_state_folder_is_refused_naming_the_first(bundle, tm
     p = _adapt(bundle, data, state)
     assert p.returncode == 0, p.stderr
     assert lock.read_text() == ""
+
+
+# -- item 12 / 14: what the data and the manifest may say ---------------------------------
+
+
+def _csv_log(path: Path, n_windows: int = 12, label=lambda i: "slow", bom: bool = False):
+    from edgetl.data.synthetic import make_windows
+
+    from .conftest import WINDOW
+
+    x, _ = make_windows(n_windows, window=WINDOW, seed=8)
+    rows = ["ax,ay,az,label"]
+    for i, w in enumerate(x):
+        rows += [f"{r[0]},{r[1]},{r[2]},{label(i)}" for r in w]
+    path.write_bytes(("\ufeff" if bom else "").encode() + ("\n".join(rows) + "\n").encode())
+    return path
+
+
+@pytest.mark.parametrize("case,match", [
+    ("complex_x", r"'x' is complex \(complex\d+\); the model takes real values"),
+    ("y_2d", r"'y' must be a 1-D array with one label name per window, found shape \(60, 1\)"),
+    ("nul_csv", r"label \d+ \('sl\\x00ow'\) contains the control character '\\x00'"),
+    ("nul_npz", r"contains the control character '\\x00'"),
+    ("dup_head_labels", r"head_dup.npz: duplicate labels \['slow'\]"),
+    ("manifest_more_labels", r"4 labels but the head has 3 class rows"),
+    ("manifest_dup_labels", r"labels must be distinct names"),
+])
+def test_data_and_manifest_contents_are_checked(bundle, tmp_path, case, match):
+    state, before = _good_state(bundle, tmp_path)
+    good = write_device_npz(tmp_path / "g.npz", 60, seed=3)
+    with np.load(good) as z:
+        x, y = z["x"], z["y"]
+    data, extra = tmp_path / "bad.npz", []
+    if case == "complex_x":
+        np.savez(data, x=x + 1j * x, y=y)
+    elif case == "y_2d":
+        np.savez(data, x=x, y=y[:, None])
+    elif case == "nul_csv":
+        data = _csv_log(tmp_path / "bad.csv", label=lambda i: "sl\x00ow" if i == 5 else
+                        ("slow", "fast")[i % 2])
+    elif case == "nul_npz":
+        y = y.copy()
+        y[7] = "me\x00d"
+        np.savez(data, x=x, y=y)
+    elif case == "dup_head_labels":
+        data = good
+        extra = ["--head", _rewrite_head(state / "head.npz", tmp_path / "head_dup.npz",
+                                         __labels__=np.array(["slow", "slow", "fast"]))]
+    else:
+        data = good
+        man = json.loads((bundle / "manifest.json").read_text())
+        man["labels"] = (man["labels"] + ["extra"] if case == "manifest_more_labels"
+                         else [man["labels"][0]] * 3)
+        (bundle / "manifest.json").write_text(json.dumps(man))
+    _refused(_adapt(bundle, data, state, *extra), match)
+    assert _snapshot(state) == before
+
+
+def test_a_csv_with_a_utf8_bom_is_read(bundle, tmp_path):
+    log = _csv_log(tmp_path / "bom.csv", label=lambda i: ("slow", "fast")[i % 2], bom=True)
+    assert log.read_bytes().startswith(b"\xef\xbb\xbf")
+    p = run_runner("infer", bundle, "--data", log, "--json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["n_windows"] == 12

@@ -160,6 +160,18 @@ def _load_tensors(path: str, manifest: dict, need_labels: bool, bundle=None,
     return Dataset(x, y, path)
 
 
+def check_label_text(where: str, names) -> None:
+    """Refuse label names holding a NUL byte or another control character.
+
+    Labels end up in reports, JSON and the head's label list: they must be printable text.
+    """
+    for i, v in enumerate(names):
+        bad = next((c for c in v if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise RunnerError(f"{where}: label {i + 1} ({v[:40]!r}) contains the control "
+                              f"character {bad!r}; labels must be printable text")
+
+
 def label_names(path: str, y: np.ndarray, n: int, noun: str = "samples") -> list[str]:
     """``y`` of an ``.npz`` as label names, checked: 1-D strings, one non-empty per sample."""
     if y.dtype.kind not in "US" or y.ndim != 1:
@@ -170,6 +182,7 @@ def label_names(path: str, y: np.ndarray, n: int, noun: str = "samples") -> list
         raise RunnerError(f"{path}: {n} {noun} but {len(names)} labels")
     if any(not v for v in names):
         raise RunnerError(f"{path}: empty label names; every one of the {noun} needs a label")
+    check_label_text(path, names)
     return names
 
 
@@ -211,6 +224,9 @@ def _load_npz(path: str, inp: dict, max_mb: float | None = None) -> Dataset:
         x = np.asarray(z["x"])
         y = z["y"] if "y" in z.files else None
         ch = [str(c) for c in z["channels"]] if "channels" in z.files else None
+    if x.dtype.kind == "c":  # astype(float32) would silently drop the imaginary part
+        raise RunnerError(f"{path}: 'x' is complex ({x.dtype}); the model takes real values: "
+                          "save x.real, np.abs(x) or both as channels")
     if not np.issubdtype(x.dtype, np.number):
         raise RunnerError(f"{path}: 'x' must be numeric, found dtype {x.dtype}")
     if ch is not None:
@@ -225,6 +241,9 @@ def _load_npz(path: str, inp: dict, max_mb: float | None = None) -> Dataset:
         if y.dtype.kind not in "US":
             raise RunnerError(f"{path}: 'y' must hold label names (a string array, e.g. "
                               f"np.array(['walking', ...])), found dtype {y.dtype}")
+        if y.ndim != 1:
+            raise RunnerError(f"{path}: 'y' must be a 1-D array with one label name per "
+                              f"window, found shape {y.shape}")
         y = [str(v) for v in y.tolist()]
     with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
         x = x.astype(np.float32, copy=False)
@@ -244,37 +263,42 @@ def read_csv_log(path: str, channels, columns=("label", "session"), max_mb: floa
         signals: (S, C) float32, finite.
     """
     raw = fileio.open_regular(path, "data file", _max_bytes(max_mb), limit_flag="--max-data-mb")
-    with io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        want = list(channels) if channels is not None else None
-        if header is None:
-            raise RunnerError(f"{path} is empty; expected a header row "
-                              f"{(want or ['<channels>']) + ['label']}")
-        header = [h.strip() for h in header]
-        if want is None:
-            want = [h for h in header if h not in columns]
-            if not want:
-                raise RunnerError(f"{path}: header has no channel columns besides "
-                                  f"{list(columns)}; found {header}")
-        miss = [c for c in want if c not in header]
-        if miss:
-            raise RunnerError(f"{path}: header lacks channel column(s) {miss}; expected "
-                              f"{want} (+ optional 'label', 'session'), found {header}")
-        cols = [header.index(c) for c in want]
-        extra = {c: header.index(c) for c in columns if c in header}
-        rows = []
-        values = {c: [] for c in extra}
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                rows.append([float(row[i]) for i in cols])
-            except (ValueError, IndexError):
-                raise RunnerError(f"{path}:{lineno}: expected {len(want)} numeric channel values, "
-                                  f"found {row}") from None
-            for c, i in extra.items():
-                values[c].append(row[i].strip() if i < len(row) else "")
+    try:
+        with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:  # a BOM is dropped
+            reader = csv.reader(f)
+            header = next(reader, None)
+            want = list(channels) if channels is not None else None
+            if header is None:
+                raise RunnerError(f"{path} is empty; expected a header row "
+                                  f"{(want or ['<channels>']) + ['label']}")
+            header = [h.strip() for h in header]
+            if want is None:
+                want = [h for h in header if h not in columns]
+                if not want:
+                    raise RunnerError(f"{path}: header has no channel columns besides "
+                                      f"{list(columns)}; found {header}")
+            miss = [c for c in want if c not in header]
+            if miss:
+                raise RunnerError(f"{path}: header lacks channel column(s) {miss}; expected "
+                                  f"{want} (+ optional 'label', 'session'), found {header}")
+            cols = [header.index(c) for c in want]
+            extra = {c: header.index(c) for c in columns if c in header}
+            rows = []
+            values = {c: [] for c in extra}
+            for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                try:
+                    rows.append([float(row[i]) for i in cols])
+                except (ValueError, IndexError):
+                    raise RunnerError(f"{path}:{lineno}: expected {len(want)} numeric channel "
+                                      f"values, found {row}") from None
+                for c, i in extra.items():
+                    values[c].append(row[i].strip() if i < len(row) else "")
+    except UnicodeDecodeError as e:
+        raise RunnerError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
+    except csv.Error as e:
+        raise RunnerError(f"{path}: not a readable CSV file ({e})") from None
     if not rows:
         raise RunnerError(f"{path} has a header but no samples")
     sig = np.asarray(rows, np.float32)
@@ -339,6 +363,8 @@ def _validate(ds: Dataset, inp: dict, manifest: dict) -> None:
         raise RunnerError(f"{ds.source}: {len(x)} windows but {len(ds.y)} labels")
     if ds.y is not None and any(not lab for lab in ds.y):
         raise RunnerError(f"{ds.source}: empty label names; every window needs a label")
+    if ds.y is not None:
+        check_label_text(ds.source, ds.y)
 
 
 def preprocess(x: np.ndarray, manifest: dict) -> np.ndarray:

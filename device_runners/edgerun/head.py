@@ -31,6 +31,46 @@ def check_finite(params: dict, where: str,
                               f"value(s) (NaN/inf) of {a.size}; the head is damaged: {fix}")
 
 
+def check_labels(labels: list, params: dict, class_params: list, where: str,
+                 capacity: int | None = None) -> None:
+    """The labels fit the head: distinct, printable, no more than its class rows.
+
+    ``capacity`` (the shipped head): the class rows must be exactly the manifest's
+    ``head.capacity`` (when it gives one). Raises :class:`RunnerError` naming what does not fit.
+    """
+    from edgerun.data import check_label_text
+
+    if len(set(labels)) != len(labels):
+        dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+        raise RunnerError(f"{where}: duplicate labels {dup[:10]}; every class row needs its "
+                          "own name")
+    check_label_text(where, labels)
+    w_name, b_name = class_params
+    if w_name not in params or b_name not in params:
+        raise RunnerError(f"{where}: the class parameters {class_params} are missing")
+    w, b = np.asarray(params[w_name]), np.asarray(params[b_name])
+    rows = int(w.shape[0]) if w.ndim else 0
+    if w.ndim != 2 or b.shape != (rows,):
+        raise RunnerError(f"{where}: class parameters {w_name} {w.shape} and {b_name} "
+                          f"{b.shape} are not (rows, E) and (rows,)")
+    if len(labels) > rows:
+        raise RunnerError(f"{where}: {len(labels)} labels but the head has {rows} class rows; "
+                          "the bundle or head is damaged, re-export it")
+    if capacity and rows != capacity:  # 0: a manifest that does not say
+        raise RunnerError(f"{where}: the head has {rows} class rows but the manifest's "
+                          f"head.capacity is {capacity}; re-export the bundle")
+
+
+def backbone_of(path: str) -> str | None:
+    """The backbone sha256 a head checkpoint records; ``None`` if it is unreadable."""
+    try:
+        z = read_npz(path, "head checkpoint", MAX_HEAD_BYTES)
+        meta = json.loads(str(z["__meta__"]))
+        return str(meta["backbone_sha256"]) if isinstance(meta, dict) else None
+    except (RunnerError, ValueError, KeyError):
+        return None
+
+
 class Head:
     """Named head parameters plus the label of every logit."""
 
@@ -50,8 +90,10 @@ class Head:
         path = bundle.path(m["head"]["init_file"])
         with np.load(path, allow_pickle=False) as z:
             params = {p["name"]: z[p["name"]] for p in m["head"]["params"]}
-        check_finite(params, f"bundle file {os.path.basename(path)}",
-                     "re-export or re-download the bundle")
+        where = f"bundle file {os.path.basename(path)}"
+        check_finite(params, where, "re-export or re-download the bundle")
+        check_labels(list(m["labels"]), params, m["head"]["class_params"],
+                     f"{where} with manifest labels", capacity=int(m["head"]["capacity"]))
         return cls(params, m["labels"], {"source": "bundle"})
 
     @classmethod
@@ -79,6 +121,7 @@ class Head:
             raise RunnerError(f"{path}: parameters {sorted(params)} do not match the bundle's "
                               f"{sorted(names)}")
         check_finite(params, path)
+        check_labels(labels, params, bundle.manifest["head"]["class_params"], path)
         return cls(params, labels, meta)
 
     def save(self, path: str, bundle, extra: dict | None = None) -> None:

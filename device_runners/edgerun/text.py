@@ -235,7 +235,7 @@ def read_text_table(path: str, columns=(), max_mb: float | None = None):
     raw = open_regular(path, "data file", None if max_mb is None else int(max_mb * 2**20),
                        limit_flag="--max-data-mb")
     try:
-        with io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
+        with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:  # BOM dropped
             if ext == ".txt":
                 return [s for s in (line.strip() for line in f) if s], None, extra
             if ext != ".csv":
@@ -258,6 +258,10 @@ def read_text_table(path: str, columns=(), max_mb: float | None = None):
     except UnicodeDecodeError as e:
         raise RunnerError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
     has = "label" in cols
+    if has:
+        from edgerun.data import check_label_text
+
+        check_label_text(path, labels)
     if has and any(not lab for lab in labels):
         bad = [i + 2 for i, lab in enumerate(labels) if not lab][:5]
         raise RunnerError(f"{path}: empty labels on line(s) {bad}; every row needs a label")
