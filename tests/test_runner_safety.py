@@ -353,3 +353,45 @@ def test_a_csv_with_a_utf8_bom_is_read(bundle, tmp_path):
     p = run_runner("infer", bundle, "--data", log, "--json", "--quiet")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["n_windows"] == 12
+
+
+# -- item 3: a SIGKILL during `update` ----------------------------------------------------
+
+
+def test_sigkill_during_update_readaptation_keeps_the_old_head(bundle, tmp_path):
+    """A new backbone with --data: the old head stays as head.npz until the new one is
+    written; a kill mid-re-adaptation leaves it, and the next update finishes the job."""
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import RUNNER, export_tiny, tiny_checkpoint
+
+    other = export_tiny(tiny_checkpoint(epochs=6), tmp_path / "other")  # new backbone
+    state, before = _good_state(bundle, tmp_path)
+    data = tmp_path / "ok.npz"
+    cached = set((state / "features").iterdir())
+    p = subprocess.Popen([sys.executable, str(RUNNER), "update", other, "--state", state,
+                          "--data", data, "--epochs", "100000", "--quiet"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while set((state / "features").iterdir()) == cached:  # the new backbone's features
+            assert p.poll() is None and time.monotonic() < deadline, "update never re-adapted"
+            time.sleep(0.02)
+        time.sleep(0.3)  # now training
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.wait()
+    assert (state / "head.npz").read_bytes() == before["head.npz"]
+    res = json.loads(run_runner("update", other, "--state", state, "--data", data,
+                                "--epochs", "5", "--json", "--quiet", check=True).stdout)
+    assert res["action"] == "readapted"
+    with np.load(state / "head.npz") as z:
+        meta = json.loads(str(z["__meta__"]))
+    new_bb = json.loads((other / "manifest.json").read_text())["files"]["backbone"]["sha256"]
+    assert meta["backbone_sha256"] == new_bb
+    stale = Path(res["stale_head"])
+    assert stale.read_bytes() == before["head.npz"]
+    assert not (state / "head.prev.npz").exists()  # a head of another backbone is not kept

@@ -9,17 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 
-from edgerun import RunnerError, __version__, atomic_write
+from edgerun import RunnerError, __version__, atomic_write, copy_durable
 from edgerun import data as dataio
 from edgerun.backends import make_backend
 from edgerun.bundle import Bundle, sha256_file
-from edgerun.head import Head, check_finite
+from edgerun.head import Head, backbone_of, check_finite
 
 
 def _proc_status_mb(field: str) -> float | None:
@@ -467,19 +466,21 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
 
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "head.npz")
+    # A head.npz of another backbone (``update`` leaves it in place until the new one is
+    # written, so a crash never leaves the folder without a head) is never kept or copied.
+    usable = (os.path.exists(ckpt)
+              and backbone_of(ckpt) == m["files"]["backbone"]["sha256"])
     written = False
     if rolled_back:
         _say(quiet, f"validation accuracy dropped ({acc_before:.3f} -> {acc_after:.3f}): "
              "rolling back to the previous head")
-        if not os.path.exists(ckpt):
+        if not usable:
             start.save(ckpt, bundle, {"rolled_back": True, "imprinted": new})
             written = True
     else:
         check_finite(head.params, f"refusing to write {ckpt}")  # before head.prev.npz moves
-        if os.path.exists(ckpt):  # keep the previous head: copy, never move, head.npz
-            prev = os.path.join(out_dir, "head.prev.npz")
-            shutil.copy2(ckpt, prev + ".tmp")
-            os.replace(prev + ".tmp", prev)
+        if usable:  # keep the previous head: copy, never move, head.npz
+            copy_durable(ckpt, os.path.join(out_dir, "head.prev.npz"))
         head.save(ckpt, bundle, {"accuracy_before": acc_before, "accuracy_after": acc_after,
                                  "data": os.path.basename(data_path)})
         written = True

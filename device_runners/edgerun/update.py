@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
-from edgerun import RunnerError
+from edgerun import RunnerError, copy_durable
 from edgerun.bundle import Bundle
 from edgerun.files import MAX_HEAD_BYTES, read_npz
 from edgerun.head import Head
@@ -94,9 +93,10 @@ def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = 
                               f"(bundle version {new['version']})")
         else:
             stale = os.path.join(state_dir, f"head.{str(old_bb)[:12]}.npz")
-            shutil.copy2(ckpt, stale + ".tmp")
-            os.replace(stale + ".tmp", stale)
-            os.unlink(ckpt)  # adapt keeps an existing head on rollback: it must not be this one
+            copy_durable(ckpt, stale)
+            # head.npz stays until the new head replaces it atomically: a crash (SIGKILL,
+            # power cut) mid-re-adaptation leaves the old head, never none. adapt never keeps
+            # a head of another backbone, even when it rolls back.
             res["stale_head"] = stale
             if data_path is not None:
                 rep = ad.adapt(bundle_dir, data_path, state_dir, trust_key=trust_key,
