@@ -23,6 +23,38 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from edgerun import RunnerError  # noqa: E402
 
+#: Numeric flags: name -> (low, high) bounds, each ``(value, inclusive)`` or ``None``.
+#: Every value given must also be finite; a flag not given (``None``) is fine.
+LIMITS = {
+    "epochs": ((0, True), None), "batch_size": ((1, True), None),
+    "seed": ((0, True), (2**63 - 1, True)), "val_fraction": ((0, False), (1, False)),
+    "lr": ((0, True), None), "l2sp": ((0, True), None), "max_data_mb": ((0, False), None),
+    "checkpoint_every": ((0, True), None), "max_seconds": ((0, False), None),
+    "max_memory_mb": ((0, False), None), "threads": ((0, True), (4096, True)),
+    "repeats": ((1, True), None), "batch": ((1, True), None),
+}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse a numeric flag that is NaN, infinite or out of its range (:data:`LIMITS`)."""
+    import math
+
+    for name, (low, high) in LIMITS.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = math.isfinite(v)
+        want = []
+        if low is not None:
+            ok = ok and (v >= low[0] if low[1] else v > low[0])
+            want.append(f"{'>=' if low[1] else '>'} {low[0]}")
+        if high is not None:
+            ok = ok and (v <= high[0] if high[1] else v < high[0])
+            want.append(f"{'<=' if high[1] else '<'} {high[0]}")
+        if not ok:
+            raise RunnerError(f"--{name.replace('_', '-')} must be a finite number "
+                              f"{' and '.join(want)}, got {v!r}")
+
 
 def main(argv=None) -> int:
     """Parse arguments and run one command."""
@@ -84,6 +116,7 @@ def main(argv=None) -> int:
         sp.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     args = p.parse_args(argv)
     try:
+        check_numbers(args)
         from edgerun import adapt as ad
         from edgerun.bundle import Bundle
 

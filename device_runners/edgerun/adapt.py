@@ -9,17 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 
-from edgerun import RunnerError, __version__, atomic_write
+from edgerun import RunnerError, __version__, atomic_write, copy_durable
 from edgerun import data as dataio
 from edgerun.backends import make_backend
 from edgerun.bundle import Bundle, sha256_file
-from edgerun.head import Head
+from edgerun.head import Head, backbone_of, check_finite
 
 
 def _proc_status_mb(field: str) -> float | None:
@@ -150,11 +149,12 @@ def _save_train_state(path: str, key: dict, epoch: int, rng, head: Head, state: 
 
 def _load_train_state(path: str, key: dict):
     """The saved training state if it belongs to this run (same key), else ``None``."""
+    from edgerun.files import read_npz
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["__meta__"]))
-            arrays = {k: z[k] for k in z.files if k != "__meta__"}
-    except (OSError, ValueError, KeyError):
+        arrays = read_npz(path, "training state")
+        meta = json.loads(str(arrays.pop("__meta__")))
+    except (RunnerError, ValueError, KeyError):
         return None  # a damaged state file: start over (the head checkpoint is untouched)
     if meta.get("format") != TRAIN_FORMAT or meta.get("key") != key:
         raise RunnerError(f"{path} belongs to another adaptation (other data, bundle or "
@@ -269,15 +269,28 @@ def _say(quiet: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int | None = None,
-          batch_size: int | None = None, val_fraction: float | None = None,
-          lr: float | None = None,
-          seed: int = 0, head_path: str | None = None, threads: int = 0,
-          trainer: str | None = None, max_seconds: float | None = None,
-          max_memory_mb: float | None = None, trust_key: str | None = None,
-          resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
-          checkpoint_every: float = 1.0, class_balanced: bool = False,
-          l2sp: float | None = None, quiet: bool = False) -> dict:
+def adapt(bundle_dir: str, data_path: str, out_dir: str, **kw) -> dict:
+    """Fine-tune the head on ``data_path`` into ``out_dir``, holding the folder's lock.
+
+    Only one ``adapt`` or ``update`` runs on a state folder at a time: a second one fails
+    at once naming the first's pid (:class:`edgerun.files.state_lock`). Options and result:
+    :func:`adapt_unlocked`.
+    """
+    from edgerun.files import state_lock
+
+    with state_lock(out_dir):
+        return adapt_unlocked(bundle_dir, data_path, out_dir, **kw)
+
+
+def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
+                   epochs: int | None = None, batch_size: int | None = None,
+                   val_fraction: float | None = None, lr: float | None = None,
+                   seed: int = 0, head_path: str | None = None, threads: int = 0,
+                   trainer: str | None = None, max_seconds: float | None = None,
+                   max_memory_mb: float | None = None, trust_key: str | None = None,
+                   resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
+                   checkpoint_every: float = 1.0, class_balanced: bool = False,
+                   l2sp: float | None = None, quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Budgets: training stops after the step that crosses ``max_seconds`` (counted from the
@@ -453,18 +466,21 @@ def adapt(bundle_dir: str, data_path: str, out_dir: str, *, epochs: int | None =
 
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "head.npz")
+    # A head.npz of another backbone (``update`` leaves it in place until the new one is
+    # written, so a crash never leaves the folder without a head) is never kept or copied.
+    usable = (os.path.exists(ckpt)
+              and backbone_of(ckpt) == m["files"]["backbone"]["sha256"])
     written = False
     if rolled_back:
         _say(quiet, f"validation accuracy dropped ({acc_before:.3f} -> {acc_after:.3f}): "
              "rolling back to the previous head")
-        if not os.path.exists(ckpt):
+        if not usable:
             start.save(ckpt, bundle, {"rolled_back": True, "imprinted": new})
             written = True
     else:
-        if os.path.exists(ckpt):  # keep the previous head: copy, never move, head.npz
-            prev = os.path.join(out_dir, "head.prev.npz")
-            shutil.copy2(ckpt, prev + ".tmp")
-            os.replace(prev + ".tmp", prev)
+        check_finite(head.params, f"refusing to write {ckpt}")  # before head.prev.npz moves
+        if usable:  # keep the previous head: copy, never move, head.npz
+            copy_durable(ckpt, os.path.join(out_dir, "head.prev.npz"))
         head.save(ckpt, bundle, {"accuracy_before": acc_before, "accuracy_after": acc_after,
                                  "data": os.path.basename(data_path)})
         written = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from edgerun import RunnerError
+from edgerun.files import MAX_KEY_BYTES, read_small
 from edgerun.manifest import (
     SIGNATURE,
     parse,
@@ -34,18 +35,17 @@ def verify_signature(root: str, body: bytes, pub_path: str) -> None:
     except ImportError:
         raise RunnerError("--trust-key needs the cryptography package: pip install "
                           "cryptography") from None
+    pem = read_small(pub_path, "--trust-key", MAX_KEY_BYTES)
     try:
-        with open(pub_path, "rb") as f:
-            pub = serialization.load_pem_public_key(f.read())
-    except (OSError, ValueError) as e:
+        pub = serialization.load_pem_public_key(pem)
+    except (TypeError, ValueError) as e:
         raise RunnerError(f"--trust-key {pub_path} is not a readable PEM public key "
                           f"({e})") from None
     sig_path = os.path.join(root, SIGNATURE)
     if not os.path.isfile(sig_path):
         raise RunnerError(f"bundle {root} is not signed (no {SIGNATURE}) but --trust-key was "
                           "given; refusing it. Sign it with `edgetl export --sign-key`")
-    with open(sig_path, "rb") as f:
-        sig = f.read(4096)
+    sig = read_small(sig_path, f"bundle file {SIGNATURE}", 4096)
     try:
         pub.verify(sig, body)
     except (InvalidSignature, TypeError, ValueError):

@@ -21,6 +21,7 @@ Each input kind is one entry of :data:`KINDS` (its loader, preprocessing and spl
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgerun import RunnerError
+from edgerun import files as fileio
 
 
 @dataclass
@@ -69,12 +71,13 @@ def split_mode(manifest: dict) -> str:
     return KINDS[modality(manifest)].split
 
 
-def _load_texts(path: str, manifest: dict, need_labels: bool, bundle=None) -> Dataset:
+def _load_texts(path: str, manifest: dict, need_labels: bool, bundle=None,
+                max_mb: float | None = None) -> Dataset:
     from edgerun import text
 
     if bundle is None:
         raise RunnerError("text data needs the bundle (its tokenizer) to load")
-    texts, y = text.read_texts(path)
+    texts, y = text.read_texts(path, max_mb=max_mb)
     if not texts:
         raise RunnerError(f"{path} holds no texts")
     if need_labels and y is None:
@@ -87,13 +90,14 @@ def _load_texts(path: str, manifest: dict, need_labels: bool, bundle=None) -> Da
                                      "max_length": enc.max_length})
 
 
-def _load_images(path: str, manifest: dict, need_labels: bool, bundle=None) -> Dataset:
+def _load_images(path: str, manifest: dict, need_labels: bool, bundle=None,
+                 max_mb: float | None = None) -> Dataset:
     from edgerun import images
 
     if os.path.isdir(path):
-        x, y, skipped = images.load_image_folder(path, manifest)
+        x, y, skipped = images.load_image_folder(path, manifest, max_mb=max_mb)
     elif os.path.splitext(path)[1].lower() == ".npz":
-        x, y, skipped = images.load_image_npz(path, manifest)
+        x, y, skipped = images.load_image_npz(path, manifest, max_mb=max_mb)
     else:
         raise RunnerError(f"{path}: this bundle takes images: a folder with one sub-folder of "
                           "PNG/JPEG files per label, or an .npz with uint8 'x' and label 'y'")
@@ -108,9 +112,11 @@ MAX_DATA_MB = 2048.0
 
 
 def _check_size(path: str, max_mb: float) -> None:
-    if not os.path.isfile(path):
-        return
-    size = os.path.getsize(path) / 2**20
+    """A data file must be a regular file (never a FIFO or device) of at most ``max_mb``."""
+    if os.path.isdir(path):
+        return  # an image folder: each image is checked as it is read
+    with fileio.open_regular(path, "data file") as f:
+        size = os.fstat(f.fileno()).st_size / 2**20
     if size > max_mb:
         raise RunnerError(f"{path} is {size:,.1f} MiB, above the {max_mb:g} MiB limit for one "
                           "data file; split it into smaller files or raise --max-data-mb")
@@ -120,22 +126,21 @@ def load(path: str, manifest: dict, need_labels: bool,
          max_mb: float = MAX_DATA_MB, bundle=None) -> Dataset:
     """Load ``path`` and check it against the manifest's input (text needs ``bundle``)."""
     _check_size(path, max_mb)
-    ds = KINDS[modality(manifest)].load(path, manifest, need_labels, bundle)
+    ds = KINDS[modality(manifest)].load(path, manifest, need_labels, bundle, max_mb)
     if need_labels and ds.y is None:
         raise RunnerError(f"{path} has no labels (npz key 'y', csv column 'label' or label "
                           "sub-folders); adaptation needs labelled data")
     return ds
 
 
-def _load_windows(path: str, manifest: dict, need_labels: bool, bundle=None) -> Dataset:
-    if not os.path.isfile(path):
-        raise RunnerError(f"data file {path} does not exist")
+def _load_windows(path: str, manifest: dict, need_labels: bool, bundle=None,
+                  max_mb: float | None = None) -> Dataset:
     ext = os.path.splitext(path)[1].lower()
     inp = manifest["input"]
     if ext == ".npz":
-        ds = _load_npz(path, inp)
+        ds = _load_npz(path, inp, max_mb)
     elif ext == ".csv":
-        ds = _load_csv(path, inp)
+        ds = _load_csv(path, inp, max_mb)
     else:
         raise RunnerError(f"{path}: unknown data format {ext or '(no extension)'!r}; expected "
                           ".npz (x, y arrays) or .csv (one sensor sample per row)")
@@ -143,15 +148,28 @@ def _load_windows(path: str, manifest: dict, need_labels: bool, bundle=None) -> 
     return ds
 
 
-def _load_tensors(path: str, manifest: dict, need_labels: bool, bundle=None) -> Dataset:
+def _load_tensors(path: str, manifest: dict, need_labels: bool, bundle=None,
+                  max_mb: float | None = None) -> Dataset:
     from edgerun import tensors
 
     if os.path.splitext(path)[1].lower() != ".npz":
         raise RunnerError(f"{path}: this bundle takes model inputs as an .npz with 'x' "
                           f"(N, {', '.join(map(str, manifest['input']['shape'][1:]))}) and "
                           "label names 'y'")
-    x, y = tensors.load_npz(path, manifest)
+    x, y = tensors.load_npz(path, manifest, max_mb=max_mb)
     return Dataset(x, y, path)
+
+
+def check_label_text(where: str, names) -> None:
+    """Refuse label names holding a NUL byte or another control character.
+
+    Labels end up in reports, JSON and the head's label list: they must be printable text.
+    """
+    for i, v in enumerate(names):
+        bad = next((c for c in v if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise RunnerError(f"{where}: label {i + 1} ({v[:40]!r}) contains the control "
+                              f"character {bad!r}; labels must be printable text")
 
 
 def label_names(path: str, y: np.ndarray, n: int, noun: str = "samples") -> list[str]:
@@ -164,33 +182,51 @@ def label_names(path: str, y: np.ndarray, n: int, noun: str = "samples") -> list
         raise RunnerError(f"{path}: {n} {noun} but {len(names)} labels")
     if any(not v for v in names):
         raise RunnerError(f"{path}: empty label names; every one of the {noun} needs a label")
+    check_label_text(path, names)
     return names
 
 
-def open_npz(path: str, what: str):
-    """``np.load`` of an ``.npz`` without pickle, with errors that say how to write one."""
-    if not os.path.isfile(path):
-        raise RunnerError(f"data file {path} does not exist")
-    with open(path, "rb") as f:
-        if f.read(2) != b"PK":  # np.load would call any non-zip file "pickled data"
-            raise RunnerError(f"{path} is not a readable .npz file (no zip header); save it "
-                              f"with np.savez(path, x={what}, y=labels)")
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise RunnerError(f"{path}: cannot read arrays without pickle ({e}); save labels as a "
-                          "string array, e.g. np.array(names, dtype=str)") from None
-    except OSError as e:
-        raise RunnerError(f"{path} is not a readable .npz file ({e})") from None
+class NpzArrays(dict):
+    """The arrays of an ``.npz``, all loaded: ``z.files``, ``z[name]``, usable in ``with``."""
+
+    @property
+    def files(self) -> list[str]:
+        """Array names, in file order."""
+        return list(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
-def _load_npz(path: str, inp: dict) -> Dataset:
-    with open_npz(path, "windows") as z:
+def _max_bytes(max_mb: float | None) -> int | None:
+    return None if max_mb is None else int(max_mb * 2**20)
+
+
+def open_npz(path: str, what: str, max_mb: float | None = None) -> NpzArrays:
+    """Every array of an ``.npz``, without pickle, with errors that say how to write one.
+
+    Only a regular file is read (never a FIFO or device). With ``max_mb``, the uncompressed
+    size its zip and ``.npy`` headers declare is checked before anything is decompressed.
+    Object arrays, corrupt and truncated archives are one :class:`RunnerError` each.
+    """
+    return NpzArrays(fileio.read_npz(
+        path, "data file", _max_bytes(max_mb), limit_flag="--max-data-mb",
+        hint=f"save it with np.savez(path, x={what}, y=labels)"))
+
+
+def _load_npz(path: str, inp: dict, max_mb: float | None = None) -> Dataset:
+    with open_npz(path, "windows", max_mb) as z:
         if "x" not in z.files:
             raise RunnerError(f"{path}: expected an array 'x' of windows, found keys {z.files}")
         x = np.asarray(z["x"])
         y = z["y"] if "y" in z.files else None
         ch = [str(c) for c in z["channels"]] if "channels" in z.files else None
+    if x.dtype.kind == "c":  # astype(float32) would silently drop the imaginary part
+        raise RunnerError(f"{path}: 'x' is complex ({x.dtype}); the model takes real values: "
+                          "save x.real, np.abs(x) or both as channels")
     if not np.issubdtype(x.dtype, np.number):
         raise RunnerError(f"{path}: 'x' must be numeric, found dtype {x.dtype}")
     if ch is not None:
@@ -205,54 +241,64 @@ def _load_npz(path: str, inp: dict) -> Dataset:
         if y.dtype.kind not in "US":
             raise RunnerError(f"{path}: 'y' must hold label names (a string array, e.g. "
                               f"np.array(['walking', ...])), found dtype {y.dtype}")
+        if y.ndim != 1:
+            raise RunnerError(f"{path}: 'y' must be a 1-D array with one label name per "
+                              f"window, found shape {y.shape}")
         y = [str(v) for v in y.tolist()]
     with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
         x = x.astype(np.float32, copy=False)
     return Dataset(x, y, path)
 
 
-def read_csv_log(path: str, channels, columns=("label", "session")):
+def read_csv_log(path: str, channels, columns=("label", "session"), max_mb: float | None = None):
     """One sensor sample per row: ``(signals, channel names, {column: values or None})``.
 
     ``channels``: the channel columns in model order (any order in the file, extra columns
     ignored); ``None`` takes every column not in ``columns``. ``columns``: optional text
     columns (label, session, user) returned as stripped strings, ``None`` when absent.
-    The server reads users' logs with this same function.
+    The server reads users' logs with this same function. Only a regular file is read, of at
+    most ``max_mb`` MiB when given.
 
     Shape:
         signals: (S, C) float32, finite.
     """
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        want = list(channels) if channels is not None else None
-        if header is None:
-            raise RunnerError(f"{path} is empty; expected a header row "
-                              f"{(want or ['<channels>']) + ['label']}")
-        header = [h.strip() for h in header]
-        if want is None:
-            want = [h for h in header if h not in columns]
-            if not want:
-                raise RunnerError(f"{path}: header has no channel columns besides "
-                                  f"{list(columns)}; found {header}")
-        miss = [c for c in want if c not in header]
-        if miss:
-            raise RunnerError(f"{path}: header lacks channel column(s) {miss}; expected "
-                              f"{want} (+ optional 'label', 'session'), found {header}")
-        cols = [header.index(c) for c in want]
-        extra = {c: header.index(c) for c in columns if c in header}
-        rows = []
-        values = {c: [] for c in extra}
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            try:
-                rows.append([float(row[i]) for i in cols])
-            except (ValueError, IndexError):
-                raise RunnerError(f"{path}:{lineno}: expected {len(want)} numeric channel values, "
-                                  f"found {row}") from None
-            for c, i in extra.items():
-                values[c].append(row[i].strip() if i < len(row) else "")
+    raw = fileio.open_regular(path, "data file", _max_bytes(max_mb), limit_flag="--max-data-mb")
+    try:
+        with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:  # a BOM is dropped
+            reader = csv.reader(f)
+            header = next(reader, None)
+            want = list(channels) if channels is not None else None
+            if header is None:
+                raise RunnerError(f"{path} is empty; expected a header row "
+                                  f"{(want or ['<channels>']) + ['label']}")
+            header = [h.strip() for h in header]
+            if want is None:
+                want = [h for h in header if h not in columns]
+                if not want:
+                    raise RunnerError(f"{path}: header has no channel columns besides "
+                                      f"{list(columns)}; found {header}")
+            miss = [c for c in want if c not in header]
+            if miss:
+                raise RunnerError(f"{path}: header lacks channel column(s) {miss}; expected "
+                                  f"{want} (+ optional 'label', 'session'), found {header}")
+            cols = [header.index(c) for c in want]
+            extra = {c: header.index(c) for c in columns if c in header}
+            rows = []
+            values = {c: [] for c in extra}
+            for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                try:
+                    rows.append([float(row[i]) for i in cols])
+                except (ValueError, IndexError):
+                    raise RunnerError(f"{path}:{lineno}: expected {len(want)} numeric channel "
+                                      f"values, found {row}") from None
+                for c, i in extra.items():
+                    values[c].append(row[i].strip() if i < len(row) else "")
+    except UnicodeDecodeError as e:
+        raise RunnerError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
+    except csv.Error as e:
+        raise RunnerError(f"{path}: not a readable CSV file ({e})") from None
     if not rows:
         raise RunnerError(f"{path} has a header but no samples")
     sig = np.asarray(rows, np.float32)
@@ -279,9 +325,9 @@ def window_starts(keys: list, win: int, stride: int) -> list:
     return out
 
 
-def _load_csv(path: str, inp: dict) -> Dataset:
+def _load_csv(path: str, inp: dict, max_mb: float | None = None) -> Dataset:
     want = list(inp["channels"])
-    sig, _, cols = read_csv_log(path, want)
+    sig, _, cols = read_csv_log(path, want, max_mb=max_mb)
     n = len(sig)
     labels = cols["label"] or [""] * n
     sessions = cols["session"] or [""] * n
@@ -317,6 +363,8 @@ def _validate(ds: Dataset, inp: dict, manifest: dict) -> None:
         raise RunnerError(f"{ds.source}: {len(x)} windows but {len(ds.y)} labels")
     if ds.y is not None and any(not lab for lab in ds.y):
         raise RunnerError(f"{ds.source}: empty label names; every window needs a label")
+    if ds.y is not None:
+        check_label_text(ds.source, ds.y)
 
 
 def preprocess(x: np.ndarray, manifest: dict) -> np.ndarray:
@@ -359,7 +407,7 @@ def _preprocess_windows(x: np.ndarray, manifest: dict) -> np.ndarray:
 class Kind:
     """One input kind: how its data files load, how they become model input, how to split."""
 
-    load: object  # (path, manifest, need_labels, bundle) -> Dataset
+    load: object  # (path, manifest, need_labels, bundle, max_mb) -> Dataset
     preprocess: object  # (raw x, manifest) -> backbone input
     split: str  # "block" (time order matters) or "random"
 

@@ -3,13 +3,72 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
 
 from edgerun import RunnerError, atomic_write
+from edgerun.files import MAX_HEAD_BYTES, read_npz
 
 FORMAT = "edgerun.head/1"
+
+
+def check_finite(params: dict, where: str,
+                 fix: str = "start from the bundle's head (drop --head) or re-adapt") -> None:
+    """Refuse head parameters holding NaN or inf: such a head predicts nothing useful.
+
+    Raises :class:`RunnerError` naming the first bad parameter and its count of bad values.
+    """
+    for name, v in params.items():
+        a = np.asarray(v)
+        if a.dtype.kind not in "fiu":
+            raise RunnerError(f"{where}: head parameter {name!r} is not numeric ({a.dtype}); "
+                              "the head is damaged")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise RunnerError(f"{where}: head parameter {name!r} holds {bad} non-finite "
+                              f"value(s) (NaN/inf) of {a.size}; the head is damaged: {fix}")
+
+
+def check_labels(labels: list, params: dict, class_params: list, where: str,
+                 capacity: int | None = None) -> None:
+    """The labels fit the head: distinct, printable, no more than its class rows.
+
+    ``capacity`` (the shipped head): the class rows must be exactly the manifest's
+    ``head.capacity`` (when it gives one). Raises :class:`RunnerError` naming what does not fit.
+    """
+    from edgerun.data import check_label_text
+
+    if len(set(labels)) != len(labels):
+        dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+        raise RunnerError(f"{where}: duplicate labels {dup[:10]}; every class row needs its "
+                          "own name")
+    check_label_text(where, labels)
+    w_name, b_name = class_params
+    if w_name not in params or b_name not in params:
+        raise RunnerError(f"{where}: the class parameters {class_params} are missing")
+    w, b = np.asarray(params[w_name]), np.asarray(params[b_name])
+    rows = int(w.shape[0]) if w.ndim else 0
+    if w.ndim != 2 or b.shape != (rows,):
+        raise RunnerError(f"{where}: class parameters {w_name} {w.shape} and {b_name} "
+                          f"{b.shape} are not (rows, E) and (rows,)")
+    if len(labels) > rows:
+        raise RunnerError(f"{where}: {len(labels)} labels but the head has {rows} class rows; "
+                          "the bundle or head is damaged, re-export it")
+    if capacity and rows != capacity:  # 0: a manifest that does not say
+        raise RunnerError(f"{where}: the head has {rows} class rows but the manifest's "
+                          f"head.capacity is {capacity}; re-export the bundle")
+
+
+def backbone_of(path: str) -> str | None:
+    """The backbone sha256 a head checkpoint records; ``None`` if it is unreadable."""
+    try:
+        z = read_npz(path, "head checkpoint", MAX_HEAD_BYTES)
+        meta = json.loads(str(z["__meta__"]))
+        return str(meta["backbone_sha256"]) if isinstance(meta, dict) else None
+    except (RunnerError, ValueError, KeyError):
+        return None
 
 
 class Head:
@@ -28,20 +87,27 @@ class Head:
     def from_bundle(cls, bundle) -> Head:
         """The server-trained head shipped in the bundle."""
         m = bundle.manifest
-        with np.load(bundle.path(m["head"]["init_file"]), allow_pickle=False) as z:
+        path = bundle.path(m["head"]["init_file"])
+        with np.load(path, allow_pickle=False) as z:
             params = {p["name"]: z[p["name"]] for p in m["head"]["params"]}
+        where = f"bundle file {os.path.basename(path)}"
+        check_finite(params, where, "re-export or re-download the bundle")
+        check_labels(list(m["labels"]), params, m["head"]["class_params"],
+                     f"{where} with manifest labels", capacity=int(m["head"]["capacity"]))
         return cls(params, m["labels"], {"source": "bundle"})
 
     @classmethod
     def load(cls, path: str, bundle) -> Head:
         """A checkpoint written by :meth:`save`, checked against the bundle."""
+        z = read_npz(path, "head checkpoint", MAX_HEAD_BYTES)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["__meta__"]))
-                labels = [str(v) for v in z["__labels__"]]
-                params = {k: z[k] for k in z.files if not k.startswith("__")}
-        except (OSError, ValueError, KeyError) as e:
+            meta = json.loads(str(z["__meta__"]))
+            labels = [str(v) for v in z["__labels__"]]
+            params = {k: v for k, v in z.items() if not k.startswith("__")}
+        except (ValueError, KeyError) as e:
             raise RunnerError(f"{path} is not a readable head checkpoint ({e})") from None
+        if not isinstance(meta, dict):
+            raise RunnerError(f"{path} is not a readable head checkpoint (bad __meta__)")
         if meta.get("format") != FORMAT:
             raise RunnerError(f"{path}: expected format {FORMAT!r}, found {meta.get('format')!r}")
         want = bundle.manifest["files"]["backbone"]["sha256"]
@@ -54,10 +120,16 @@ class Head:
         if sorted(params) != sorted(names):
             raise RunnerError(f"{path}: parameters {sorted(params)} do not match the bundle's "
                               f"{sorted(names)}")
+        check_finite(params, path)
+        check_labels(labels, params, bundle.manifest["head"]["class_params"], path)
         return cls(params, labels, meta)
 
     def save(self, path: str, bundle, extra: dict | None = None) -> None:
-        """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+        """Write atomically: a temporary file in the same folder, then ``os.replace``.
+
+        A head with non-finite parameters is refused before anything is written.
+        """
+        check_finite(self.params, f"refusing to write {path}")
         meta = {**self.meta, **(extra or {}), "format": FORMAT,
                 "backbone_sha256": bundle.manifest["files"]["backbone"]["sha256"],
                 "saved_unix": time.time()}

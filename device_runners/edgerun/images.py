@@ -111,24 +111,33 @@ def preprocess_image(img, spec: dict) -> np.ndarray:
     return normalize(image_bytes(img, spec)[None], spec)[0]
 
 
-def read_image(path: str, spec: dict):
+def read_image(path: str, spec: dict, max_mb: float | None = None):
     """uint8 (H, W, C), or a reason string when the file cannot be used.
 
-    ``spec`` needs height, width, mode and resample (see :func:`image_spec`).
+    ``spec`` needs height, width, mode and resample (see :func:`image_spec`). Only a regular
+    file is read (a FIFO or device is skipped), of at most ``max_mb`` MiB when given.
     """
+    from edgerun.files import open_regular
+
     Image = _pil()
     try:
-        if os.path.getsize(path) == 0:
+        f = open_regular(path, "image", None if max_mb is None else int(max_mb * 2**20))
+    except RunnerError as e:
+        return str(e)
+    try:
+        if os.fstat(f.fileno()).st_size == 0:
             return "empty file (0 bytes)"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, palette transparency
-            with Image.open(path) as img:
+            with Image.open(f) as img:
                 img.load()
                 return image_bytes(img, spec)
     except Image.DecompressionBombError as e:
         return f"image too large to decode safely ({e})"
     except Exception as e:  # any decoder failure (corrupt, truncated, odd mode) skips the file
         return f"unreadable image ({type(e).__name__}: {e})"
+    finally:
+        f.close()
 
 
 def collect_images(root: str):
@@ -156,7 +165,7 @@ def collect_images(root: str):
     return files, skipped
 
 
-def load_image_folder(root: str, manifest: dict):
+def load_image_folder(root: str, manifest: dict, max_mb: float | None = None):
     """Load ``root/<label>/**/*.png|jpg|jpeg`` (case-insensitive), one folder per label.
 
     Hidden files and folders are ignored; files directly in ``root``, other extensions and
@@ -173,7 +182,7 @@ def load_image_folder(root: str, manifest: dict):
     files, skipped = collect_images(root)
     arrays, labels = [], []
     for path, label in files:
-        r = read_image(path, spec)
+        r = read_image(path, spec, max_mb)
         if isinstance(r, str):
             skipped.append({"path": path, "reason": r})
         else:
@@ -187,7 +196,7 @@ def load_image_folder(root: str, manifest: dict):
     return normalize(np.stack(arrays), spec), labels, skipped
 
 
-def load_image_npz(path: str, manifest: dict):
+def load_image_npz(path: str, manifest: dict, max_mb: float | None = None):
     """Load an ``.npz`` with ``x`` uint8 (N, H, W) or (N, H, W, 3|4) and optional ``y`` names.
 
     Images of any size go through the same conversion and resizing as folder images; when
@@ -199,7 +208,7 @@ def load_image_npz(path: str, manifest: dict):
     from edgerun.data import open_npz
 
     spec = _manifest_spec(manifest)
-    with open_npz(path, "images") as z:
+    with open_npz(path, "images", max_mb) as z:
         if "x" not in z.files:
             raise RunnerError(f"{path}: expected an array 'x' of images, found keys {z.files}")
         x = np.asarray(z["x"])

@@ -17,6 +17,7 @@ import os
 from typing import Any, Dict, List, Optional, TypedDict, Union
 
 from edgerun import RunnerError
+from edgerun.files import open_regular
 
 #: Version of this schema; bumped whenever a block changes. A runner refuses others.
 SCHEMA_VERSION = 2
@@ -300,7 +301,7 @@ def read_bytes(root: str) -> bytes:
                           "`edgetl export` wrote")
     if not os.path.isfile(path):
         raise RunnerError(f"{root} has no {MANIFEST}; is it an edgetl bundle?")
-    with open(path, "rb") as f:
+    with open_regular(path, "bundle file") as f:
         body = f.read(MAX_MANIFEST_BYTES + 1)
     if len(body) > MAX_MANIFEST_BYTES:
         raise RunnerError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a "
@@ -309,9 +310,9 @@ def read_bytes(root: str) -> bytes:
 
 
 def sha256_file(path: str) -> str:
-    """Hex sha256 of a file, streamed."""
+    """Hex sha256 of a regular file (never a FIFO or device), streamed."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

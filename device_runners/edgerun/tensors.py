@@ -52,12 +52,12 @@ def spec(manifest: dict) -> dict:
     return {"dims": dims, "dtype": dtype, "data_dtype": data_dtype, "normalize": norm}
 
 
-def load_npz(path: str, manifest: dict):
+def load_npz(path: str, manifest: dict, max_mb: float | None = None):
     """``x`` and optional label names ``y`` from ``path``, checked against the manifest."""
     from edgerun.data import open_npz
 
     s = spec(manifest)
-    with open_npz(path, f"inputs of shape (N, {', '.join(map(str, s['dims']))})") as z:
+    with open_npz(path, f"inputs of shape (N, {', '.join(map(str, s['dims']))})", max_mb) as z:
         if "x" not in z.files:
             raise RunnerError(f"{path}: expected an array 'x' of model inputs, found keys "
                               f"{z.files}")

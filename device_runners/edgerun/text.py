@@ -213,24 +213,29 @@ def pack(pieces: list[list[int]], max_length: int, cls_id: int, sep_id: int,
     return out, truncated
 
 
-def read_texts(path: str) -> tuple[list[str], list[str] | None]:
+def read_texts(path: str, max_mb: float | None = None) -> tuple[list[str], list[str] | None]:
     """Texts and optional labels from a ``.csv`` (``text`` [, ``label``]) or ``.txt`` file."""
-    texts, labels, _ = read_text_table(path)
+    texts, labels, _ = read_text_table(path, max_mb=max_mb)
     return texts, labels
 
 
-def read_text_table(path: str, columns=()):
+def read_text_table(path: str, columns=(), max_mb: float | None = None):
     """``(texts, labels or None, {column: values or None})`` from a ``.csv`` or ``.txt``.
 
     ``columns``: other optional columns to return (e.g. ``("user",)``), stripped strings.
-    The server reads users' text files with this same function.
+    The server reads users' text files with this same function. Only a regular file is read
+    (never a FIFO or device), of at most ``max_mb`` MiB when given.
     """
-    if not os.path.isfile(path):
-        raise RunnerError(f"data file {path} does not exist")
+    import io
+
+    from edgerun.files import open_regular
+
     ext = os.path.splitext(path)[1].lower()
     extra = {c: None for c in columns}
+    raw = open_regular(path, "data file", None if max_mb is None else int(max_mb * 2**20),
+                       limit_flag="--max-data-mb")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:  # BOM dropped
             if ext == ".txt":
                 return [s for s in (line.strip() for line in f) if s], None, extra
             if ext != ".csv":
@@ -253,6 +258,10 @@ def read_text_table(path: str, columns=()):
     except UnicodeDecodeError as e:
         raise RunnerError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
     has = "label" in cols
+    if has:
+        from edgerun.data import check_label_text
+
+        check_label_text(path, labels)
     if has and any(not lab for lab in labels):
         bad = [i + 2 for i, lab in enumerate(labels) if not lab][:5]
         raise RunnerError(f"{path}: empty labels on line(s) {bad}; every row needs a label")

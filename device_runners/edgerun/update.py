@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
-from edgerun import RunnerError
+from edgerun import RunnerError, copy_durable
 from edgerun.bundle import Bundle
+from edgerun.files import MAX_HEAD_BYTES, read_npz
 from edgerun.head import Head
 
 STATE_FILE = "bundle.json"
@@ -30,17 +30,26 @@ def bundle_record(bundle: Bundle) -> dict:
 
 
 def _head_meta(path: str) -> dict:
-    import numpy as np
-
+    z = read_npz(path, "head checkpoint", MAX_HEAD_BYTES)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(str(z["__meta__"]))
-    except (OSError, ValueError, KeyError) as e:
+        meta = json.loads(str(z["__meta__"]))
+    except (ValueError, KeyError) as e:
         raise RunnerError(f"{path} is not a readable head checkpoint ({e})") from None
+    if not isinstance(meta, dict):
+        raise RunnerError(f"{path} is not a readable head checkpoint (bad __meta__)")
+    return meta
 
 
-def update(bundle_dir: str, state_dir: str, *, data_path: str | None = None,
-           trust_key: str | None = None, quiet: bool = False, **adapt_kw) -> dict:
+def update(bundle_dir: str, state_dir: str, **kw) -> dict:
+    """:func:`update_unlocked` holding the state folder's lock (one run at a time)."""
+    from edgerun.files import state_lock
+
+    with state_lock(state_dir):
+        return update_unlocked(bundle_dir, state_dir, **kw)
+
+
+def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = None,
+                    trust_key: str | None = None, quiet: bool = False, **adapt_kw) -> dict:
     """Move a device's state to the bundle ``bundle_dir``; returns (and writes) the decision.
 
     Args:
@@ -84,9 +93,10 @@ def update(bundle_dir: str, state_dir: str, *, data_path: str | None = None,
                               f"(bundle version {new['version']})")
         else:
             stale = os.path.join(state_dir, f"head.{str(old_bb)[:12]}.npz")
-            shutil.copy2(ckpt, stale + ".tmp")
-            os.replace(stale + ".tmp", stale)
-            os.unlink(ckpt)  # adapt keeps an existing head on rollback: it must not be this one
+            copy_durable(ckpt, stale)
+            # head.npz stays until the new head replaces it atomically: a crash (SIGKILL,
+            # power cut) mid-re-adaptation leaves the old head, never none. adapt never keeps
+            # a head of another backbone, even when it rolls back.
             res["stale_head"] = stale
             if data_path is not None:
                 rep = ad.adapt(bundle_dir, data_path, state_dir, trust_key=trust_key,
