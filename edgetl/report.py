@@ -159,8 +159,18 @@ def plot_personalisation(summary, path: Path) -> Path:
             cx.scatter(b["bytes"] / 2**20, b["latency_ms_p50"], s=36)
             cx.annotate(b["name"], (b["bytes"] / 2**20, b["latency_ms_p50"]), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
+    from matplotlib.ticker import FormatStrFormatter
+
     cx.set_xscale("log")
     cx.set_yscale("log")
+    pts = [(b["bytes"] / 2**20, b["latency_ms_p50"]) for b in summary.bundles
+           if "latency_ms_p50" in b]
+    cols = list(zip(*pts, strict=True)) if pts else [(1,), (1,)]
+    for axis, vals in zip((cx.xaxis, cx.yaxis), cols,
+                          strict=True):
+        narrow = max(vals) < 10 * min(vals)  # less than a decade: label the minor ticks too
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(FormatStrFormatter("%.2g" if narrow else ""))
     cx.set_xlabel("bundle size (MiB)")
     cx.set_ylabel("backbone ms, batch 1, 1 thread")
     cx.set_title("size vs latency", fontsize=10)
