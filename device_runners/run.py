@@ -108,6 +108,10 @@ def main(argv=None) -> int:
     b.add_argument("bundle")
     b.add_argument("--repeats", type=int, default=300)
     b.add_argument("--batch", type=int, default=32, help="batch size of the throughput run")
+    for sp in (a, u):
+        sp.add_argument("--allow-downgrade", action="store_true",
+                        help="accept a bundle older than one this state folder accepted "
+                             "(a deliberate rollback; refused otherwise: replay protection)")
     for sp in (a, i, s, b, u):
         sp.add_argument("--threads", type=int, default=0, help="runtime threads (0: default)")
         sp.add_argument("--trust-key", default=None,
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
                            max_data_mb=args.max_data_mb,
                            checkpoint_every=args.checkpoint_every,
                            class_balanced=args.class_balanced, l2sp=args.l2sp,
-                           quiet=args.quiet)
+                           allow_downgrade=args.allow_downgrade, quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet)
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
 
             res = update(args.bundle, args.state, data_path=args.data,
                          trust_key=args.trust_key, quiet=args.quiet, epochs=args.epochs,
-                         threads=args.threads)
+                         threads=args.threads, allow_downgrade=args.allow_downgrade)
         elif args.cmd == "bench":
             from edgerun.bench import bench
 

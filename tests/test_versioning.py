@@ -113,3 +113,32 @@ def test_device_readapts_or_resets_when_the_backbone_changed(tiny_bundle, tmp_pa
                    check=True)
         bad = run_runner("infer", other, "--data", data, "--head", res["stale_head"])
         assert bad.returncode == 1 and "another backbone" in bad.stderr
+
+
+def test_an_older_bundle_version_is_refused_after_a_newer_one_unless_allowed(versions,
+                                                                             tmp_path):
+    """Replay / downgrade (TUF's rule): v2 accepted, then v1 is refused by update and adapt."""
+    v1, v2, _ = versions
+    state = tmp_path / "state"
+    data = write_device_npz(tmp_path / "d.npz", 120, seed=2, **SHIFT)
+    run_runner("adapt", v2, "--data", data, "--out", state, "--epochs", "2", "--quiet",
+               check=True)
+    assert json.loads((state / "versions.json").read_text()) == {
+        Manifest.read(v2).name: 2}
+    head, report = (state / "head.npz").read_bytes(), (state / "report.json").read_bytes()
+    for cmd in (["update", v1, "--state", state], ["adapt", v1, "--data", data, "--out", state]):
+        p = run_runner(*cmd, "--quiet")
+        assert p.returncode == 1 and "is version 1, but this device already accepted " \
+            "version 2" in p.stderr and "--allow-downgrade" in p.stderr, p.stderr
+        assert p.stderr.count("error:") == 1 and "Traceback" not in p.stderr
+        assert (state / "head.npz").read_bytes() == head  # nothing was written
+        assert (state / "report.json").read_bytes() == report
+    # a deliberate rollback is accepted, and becomes the version later runs are held to
+    run_runner("adapt", v1, "--data", data, "--out", state, "--epochs", "1", "--quiet",
+               "--allow-downgrade", check=True)
+    assert json.loads((state / "versions.json").read_text()) == {Manifest.read(v1).name: 1}
+    run_runner("adapt", v1, "--data", data, "--out", state, "--epochs", "1", "--quiet",
+               check=True)
+    (state / "versions.json").write_text("{not json")
+    p = run_runner("adapt", v1, "--data", data, "--out", state, "--quiet")
+    assert p.returncode == 1 and "version record" in p.stderr and "delete it" in p.stderr

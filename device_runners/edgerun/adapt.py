@@ -290,7 +290,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                    max_memory_mb: float | None = None, trust_key: str | None = None,
                    resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
                    checkpoint_every: float = 1.0, class_balanced: bool = False,
-                   l2sp: float | None = None, quiet: bool = False) -> dict:
+                   l2sp: float | None = None, allow_downgrade: bool = False,
+                   quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Budgets: training stops after the step that crosses ``max_seconds`` (counted from the
@@ -310,11 +311,17 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     ``epochs``, ``batch_size`` and ``val_fraction`` default to the bundle's ``adapt`` block
     (the recipe's ``[adapt]`` section, written at export).
 
+    Rollback protection: a bundle older than one this folder already accepted (same name,
+    lower ``version``) is refused unless ``allow_downgrade`` (:mod:`edgerun.versions`).
+
     Returns the report (also written as ``report.json``).
     """
+    from edgerun import versions
+
     t_start = time.perf_counter()
     bundle = Bundle(bundle_dir, trust_key=trust_key)
     m = bundle.manifest
+    versions.check(m, out_dir, allow_downgrade=allow_downgrade)
     epochs, batch_size, val_fraction = adapt_settings(m, epochs, batch_size, val_fraction)
     backend = make_backend(bundle, threads, trainer)
     selftest_err = selftest(bundle, backend)
@@ -511,6 +518,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         warnings.append(f"{ds.info['truncated_texts']} of {ds.info['n_texts']} texts were longer "
                         f"than {ds.info['max_length']} word pieces and were truncated")
     write_json(os.path.join(out_dir, "report.json"), report)
+    versions.record(m, out_dir, allow_downgrade=allow_downgrade)
     for w in warnings:
         _say(quiet, f"warning: {w}")
     _say(quiet, f"{'rolled back' if rolled_back else 'kept new head'}: val accuracy "

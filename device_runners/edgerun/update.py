@@ -49,7 +49,8 @@ def update(bundle_dir: str, state_dir: str, **kw) -> dict:
 
 
 def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = None,
-                    trust_key: str | None = None, quiet: bool = False, **adapt_kw) -> dict:
+                    trust_key: str | None = None, allow_downgrade: bool = False,
+                    quiet: bool = False, **adapt_kw) -> dict:
     """Move a device's state to the bundle ``bundle_dir``; returns (and writes) the decision.
 
     Args:
@@ -60,10 +61,15 @@ def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = 
     Returns:
         ``{"action": "kept" | "readapted" | "reset" | "fresh", ...}``; ``reset`` means the
         backbone changed and no data was given: the shipped head replaces the personal one.
+
+    A bundle older than one this state folder accepted is refused unless ``allow_downgrade``
+    (:mod:`edgerun.versions`: replay / downgrade protection).
     """
     from edgerun import adapt as ad
+    from edgerun import versions
 
     bundle = Bundle(bundle_dir, trust_key=trust_key)
+    versions.check(bundle.manifest, state_dir, allow_downgrade=allow_downgrade)
     new = bundle_record(bundle)
     os.makedirs(state_dir, exist_ok=True)
     ckpt = os.path.join(state_dir, "head.npz")
@@ -100,7 +106,7 @@ def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = 
             res["stale_head"] = stale
             if data_path is not None:
                 rep = ad.adapt(bundle_dir, data_path, state_dir, trust_key=trust_key,
-                               quiet=True, **adapt_kw)
+                               allow_downgrade=allow_downgrade, quiet=True, **adapt_kw)
                 res["action"] = "readapted"
                 res["message"] = (f"{why}: re-adapted the new head on {data_path} (validation "
                                   f"{rep['accuracy_before']:.3f} -> {rep['accuracy_after']:.3f}"
@@ -114,6 +120,7 @@ def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = 
                                   "was replaced by the bundle's shipped head; re-adapt with "
                                   "`run.py adapt` to personalise again")
     ad.write_json(prev_path, new)
+    versions.record(bundle.manifest, state_dir, allow_downgrade=allow_downgrade)
     if not quiet:
         import sys
 
