@@ -600,19 +600,32 @@ def _build(cls, raw: dict[str, Any], where: str, base=None):
     return cls(**values)
 
 
+#: A recipe is a page of TOML; anything larger is not one.
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def load_recipe(path: Path | str) -> Recipe:
     """Read and validate a recipe TOML file.
 
     Raises:
-        ConfigError: the file is missing, is not TOML, or has unknown or invalid keys.
+        ConfigError: the file is missing, not a regular file (a FIFO, a device), larger than
+            :data:`MAX_RECIPE_BYTES`, not TOML, or has unknown or invalid keys.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "recipe.toml"
     if not path.exists():
         raise ConfigError(f"recipe {path} does not exist; try models/har/recipe.toml")
-    try:
-        raw = tomllib.loads(path.read_text())
+    from edgerun import RunnerError
+    from edgerun.files import open_regular
+
+    try:  # a regular file of sane size: a FIFO or /dev/zero must not hang the command
+        with open_regular(path, "recipe", MAX_RECIPE_BYTES) as f:
+            raw = tomllib.loads(f.read().decode("utf-8-sig"))
+    except RunnerError as e:
+        raise ConfigError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {path} is not UTF-8 text ({e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
     return _build(Recipe, raw, path.name)

@@ -52,3 +52,27 @@ def test_dead_keys_are_gone(tmp_path):
         p.write_text(text)
         with pytest.raises(ConfigError, match="unknown key"):
             config.load_recipe(p)
+
+
+def test_a_recipe_that_is_not_a_regular_text_file_is_a_clear_error(tmp_path):
+    """`--recipe /dev/zero` and a FIFO used to hang (issue 21, item 13); big or binary files."""
+    import os
+
+    from edgetl.config import MAX_RECIPE_BYTES, load_recipe
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ConfigError, match="not a regular file"):
+            load_recipe(path)
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (MAX_RECIPE_BYTES + 1))
+    with pytest.raises(ConfigError, match="above the 1 MiB limit"):
+        load_recipe(big)
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"name = '\xff'\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_recipe(binary)
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b'\xef\xbb\xbfname = "with-bom"\n')
+    assert load_recipe(bom).name == "with-bom"
