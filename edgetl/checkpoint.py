@@ -122,11 +122,22 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(p, dict) or p.get("format") != FORMAT:
         raise EdgetlError(f"{path}: expected format {FORMAT!r}, found "
                           f"{p.get('format') if isinstance(p, dict) else type(p).__name__!r}")
-    net = NetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in p["net"].items()})
-    head = HeadConfig(**p["head"])
-    net_build = dataclasses.replace(net, pretrained=False)  # weights come from the state dict
-    model = build_model(len(p["channels"]), len(p["labels"]), net_build, head)
-    model.load_state_dict(p["state_dict"])
+    try:
+        net = NetConfig(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in p["net"].items()})
+        head = HeadConfig(**p["head"])
+        net_build = dataclasses.replace(net, pretrained=False)  # weights from the state dict
+        model = build_model(len(p["channels"]), len(p["labels"]), net_build, head)
+        model.load_state_dict(p["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise EdgetlError(f"{path}: not a complete {FORMAT} checkpoint ({type(e).__name__}: "
+                          f"{e}); re-save it with `edgetl pretrain` / `edgetl distill` or "
+                          "`edgetl.checkpoint.save_checkpoint`") from None
+    bad = [k for k, t in [*p["state_dict"].items(), ("mean", p["mean"]), ("std", p["std"])]
+           if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise EdgetlError(f"{path}: tensors {bad[:5]} hold NaN or infinite values (a damaged "
+                          "or diverged checkpoint); nothing was exported from it")
     model.eval()
     return Checkpoint(model, net, head, tuple(p["labels"]), tuple(p["channels"]), p["window"],
                       p["stride"], p["sample_rate_hz"], p["mean"].numpy(), p["std"].numpy(),
