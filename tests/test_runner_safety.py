@@ -395,3 +395,23 @@ def test_sigkill_during_update_readaptation_keeps_the_old_head(bundle, tmp_path)
     stale = Path(res["stale_head"])
     assert stale.read_bytes() == before["head.npz"]
     assert not (state / "head.prev.npz").exists()  # a head of another backbone is not kept
+
+
+def test_out_naming_a_file_and_a_damaged_bundle_record_are_handled(bundle, tmp_path):
+    """`--out` at a file was a FileExistsError traceback; a damaged STATE/bundle.json a
+    JSONDecodeError one (issue 21, item 7)."""
+    data = write_device_npz(tmp_path / "d.npz", 120, seed=2, **SHIFT)
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep me")
+    _refused(_adapt(bundle, data, a_file), "is a file; expected a folder")
+    assert a_file.read_text() == "keep me"
+    state, _ = _good_state(bundle, tmp_path)
+    run_runner("update", bundle, "--state", state, "--quiet", check=True)
+    (state / "bundle.json").write_text("{")
+    before = _snapshot(state)
+    p = run_runner("update", bundle, "--state", state, "--json")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    res = json.loads(p.stdout)
+    assert res["action"] == "kept" and "bundle.json is damaged" in res["warnings"][0]
+    assert json.loads((state / "bundle.json").read_text())["version"] == 1
+    assert (state / "head.npz").read_bytes() == before["head.npz"]

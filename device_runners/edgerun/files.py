@@ -191,6 +191,14 @@ class state_lock:  # noqa: N801 (used as a context manager, like open)
         self.fd = None
 
     def __enter__(self):
+        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise RunnerError(f"state folder {self.folder} is a file; expected a folder for "
+                              "head.npz and report.json: pass another --out / --state")
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise RunnerError(f"state folder {self.folder} cannot be created "
+                              f"({e.strerror or e}); pass a writable --out / --state") from None
         try:
             import fcntl
         except ImportError:  # no flock here: proceed without a lock (see the docstring)

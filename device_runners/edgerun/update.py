@@ -74,11 +74,21 @@ def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = 
     os.makedirs(state_dir, exist_ok=True)
     ckpt = os.path.join(state_dir, "head.npz")
     prev_path = os.path.join(state_dir, STATE_FILE)
-    previous = None
-    if os.path.isfile(prev_path):
-        with open(prev_path, encoding="utf-8") as f:
-            previous = json.load(f)
-    res = {"bundle": os.path.abspath(bundle_dir), "to": new, "from": previous}
+    previous, warning = None, None
+    if os.path.lexists(prev_path):
+        from edgerun.files import open_regular
+
+        try:  # only a record of the previous bundle: a damaged one is reported, not fatal
+            with open_regular(prev_path, "bundle record", MAX_HEAD_BYTES) as f:
+                previous = json.loads(f.read().decode("utf-8"))
+            if not isinstance(previous, dict):
+                raise ValueError("not a JSON object")
+        except (RunnerError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            previous = None
+            warning = (f"{prev_path} is damaged ({e}); the previous bundle is unknown and the "
+                       "record is rewritten")
+    res = {"bundle": os.path.abspath(bundle_dir), "to": new, "from": previous,
+           **({"warnings": [warning]} if warning else {})}
     if not os.path.isfile(ckpt):
         res["action"] = "fresh"
         res["message"] = "no personal head yet: the device runs the bundle's head"
@@ -124,5 +134,7 @@ def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = 
     if not quiet:
         import sys
 
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{res['action']}: {res['message']}", file=sys.stderr)
     return res
