@@ -9,6 +9,7 @@ test needs besides; a ``unit`` test needs none of them.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,20 @@ def export_tiny(ck: Checkpoint, out: Path, target: str = "onnx", precision: str 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_ck, tmp_path_factory) -> Path:
     return export_tiny(tiny_ck, tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+@pytest.fixture()
+def bundle(tiny_bundle, tmp_path) -> Path:
+    """A writable copy of :func:`tiny_bundle`, for tests that damage or sign it."""
+    b = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, b)
+    return b
+
+
+def adapt_json(bundle, data, out, *extra) -> subprocess.CompletedProcess:
+    """``run.py adapt BUNDLE --data DATA --out OUT --json --quiet EXTRA`` (not checked)."""
+    return run_runner("adapt", bundle, "--data", data, "--out", out, "--json", "--quiet",
+                      *extra)
 
 
 @pytest.fixture(scope="session")

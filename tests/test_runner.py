@@ -4,24 +4,15 @@ import ast
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .conftest import LABELS, RUNNER, SHIFT, WINDOW, run_runner, write_device_npz
-
-
-@pytest.fixture()
-def bundle(tiny_bundle, tmp_path) -> Path:
-    b = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, b)
-    return b
+from .conftest import LABELS, RUNNER, SHIFT, WINDOW, adapt_json, run_runner, write_device_npz
 
 
 def _adapt(bundle, data, out, *extra):
-    return run_runner("adapt", bundle, "--data", data, "--out", out, "--json", "--quiet",
-                      "--epochs", "40", *extra)
+    return adapt_json(bundle, data, out, "--epochs", "40", *extra)
 
 
 def test_end_to_end_adaptation_on_an_easy_shift(bundle, tmp_path):

@@ -13,19 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import SHIFT, run_runner, write_device_npz
-
-
-@pytest.fixture()
-def bundle(tiny_bundle, tmp_path) -> Path:
-    b = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, b)
-    return b
+from .conftest import SHIFT, adapt_json, run_runner, write_device_npz
 
 
 def _adapt(bundle, data, out, *extra):
-    return run_runner("adapt", bundle, "--data", data, "--out", out, "--json", "--quiet",
-                      "--epochs", "5", *extra)
+    return adapt_json(bundle, data, out, "--epochs", "5", *extra)
 
 
 def _good_state(bundle, tmp_path):
