@@ -149,19 +149,24 @@ def personalise(recipe: Recipe, bundles: list[dict], devices: list[Device], root
     (TFLite without spare class rows) is skipped with a log line.
     """
     a = recipe.adapt
-    work = [(b, dev) for b in bundles for dev in devices]
-    usable = [(b, dev) for b, dev in work if can_learn(b, dev)[0]]
-    for name in dict.fromkeys(b["name"] for b, dev in work if (b, dev) not in usable):
+    usable, skipped = [], {}
+    for b in bundles:
+        for dev in devices:
+            room, new = can_learn(b, dev)
+            if room:
+                usable.append((b, dev, new))
+            else:
+                skipped[b["name"]] = None
+    for name in skipped:
         console.log(f"{name}: no spare class rows for the devices' new labels "
                     "(export.class_capacity); skipped on the devices")
     rows = []
     with progress_bar(show) as prog:
         task = prog.add_task(desc, total=len(usable), info="")
-        for b, dev in usable:
+        for b, dev, new in usable:
             bundle, state = Path(b["path"]), Path(root) / dev.folder / b["name"]
             if state.exists():
                 shutil.rmtree(state)
-            new = can_learn(b, dev)[1]
             if new:
                 start = device.adapt(bundle, dev.adapt, state / "imprint", epochs=0,
                                      val_fraction=a.val_fraction, seed=a.seed)

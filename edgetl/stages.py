@@ -20,9 +20,9 @@ from edgetl.kinds.base import ServerData, StageResult
 from edgetl.manifest import Manifest
 
 
-def server_data(recipe: Recipe, **kw) -> ServerData:
+def server_data(recipe: Recipe) -> ServerData:
     """The recipe's data, loaded and split by its input kind (:meth:`RecipeKind.load`)."""
-    return kinds.of(recipe).load(recipe, **kw)
+    return kinds.of(recipe).load(recipe)
 
 
 def pretrain(recipe: Recipe, out: Path, *, data: ServerData | None = None,

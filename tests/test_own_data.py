@@ -145,7 +145,7 @@ def test_text_csv_loads_and_splits_by_user(tmp_path):
     assert {k: len(v) for k, v in sp.y.items()} == {"train": 36, "val": 12, "test": 12}
     assert sp.labels == ("food", "sport") and sp.tokens["train"].shape == (36, 2, 16)
     assert all(t.endswith(tuple(f"number {i}" for i in range(6))) for t in sp.texts["test"])
-    devs = write_own_devices(r, tmp_path / "out")
+    devs = write_own_devices(tmp_path / "out", sp.own, r.data.seed)
     assert [d.user for d in devs] == ["user4"] and devs[0].labels == ("food", "sport")
     with open(devs[0].adapt) as f:
         adapt = list(csv.DictReader(f))

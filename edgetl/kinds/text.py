@@ -58,7 +58,7 @@ class TextSplits:
     y: dict[str, np.ndarray]           # -> (N,) int64
     labels: tuple[str, ...]
     truncated: dict[str, int] = field(default_factory=dict)
-    groups: Any = None  # your text CSV: its user split (edgetl.data.files.Groups)
+    own: Any = None  # your text CSV: (TextData, Groups), the loaded file and its user split
 
 
 def own_texts(recipe):
@@ -94,7 +94,7 @@ def text_splits(recipe) -> TextSplits:
         n_val = int(round(d.val_fraction * len(rest)))
         parts = {"train": np.sort(rest[n_val:]), "val": np.sort(rest[:n_val]), "test": test}
     tok = Tokens(d.max_length)
-    out = TextSplits({}, {}, {}, labels, groups=g if d.is_files else None)
+    out = TextSplits({}, {}, {}, labels, own=(td, g) if d.is_files else None)
     for name, idx in parts.items():
         out.texts[name], out.y[name] = texts[idx], y[idx].astype(np.int64)
         out.tokens[name], out.truncated[name] = tok.encode(out.texts[name])
@@ -240,18 +240,21 @@ def write_devices(recipe, out: Path) -> list[Device]:
             for k, (path, n) in enumerate(devs)]
 
 
-def write_own_devices(recipe, out: Path) -> list[Device]:
-    """Each device user's texts as ``adapt.csv`` (first half of every label) + ``eval.csv``."""
+def write_own_devices(out: Path, own, seed: int) -> list[Device]:
+    """Each device user's texts as ``adapt.csv`` (first half of every label) + ``eval.csv``.
+
+    ``own``: :attr:`TextSplits.own`, the loaded CSV and its user split.
+    """
     from edgetl.data.files import write_device_halves
 
-    td, g = own_texts(recipe)
+    td, g = own
 
     def write_texts(folder: Path, part: str, sel: np.ndarray) -> Path:
         path = folder / f"{part}.csv"
         _write_csv(path, [(str(td.texts[i]), td.labels[td.y[i]]) for i in sel])
         return path
 
-    return write_device_halves(out, g, td.y, td.labels, recipe.data.seed, write_texts)
+    return write_device_halves(out, g, td.y, td.labels, seed, write_texts)
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
@@ -288,7 +291,7 @@ class Texts(RecipeKind):
                 "mean_word_pieces": {k: float(v[:, 1].sum(1).mean())
                                      for k, v in sp.tokens.items()}}
         return ServerData(self.name, split["train"], split["val"], split["test"], sp.labels, 2,
-                          check, describe, source=sp, split=sp.groups,
+                          check, describe, source=sp, split=sp.own[1] if sp.own else None,
                           heldout_name=f"device users of {d.path}" if d.is_files else
                           "test glosses", info=info)
 
@@ -355,5 +358,6 @@ class Texts(RecipeKind):
 
             raise ConfigError("text recipes personalise every device user; --users is for "
                               "time-series recipes")
-        return write_own_devices(recipe, out) if recipe.data.is_files else \
+        own = sd.source.own
+        return write_own_devices(out, own, recipe.data.seed) if own else \
             write_devices(recipe, out)

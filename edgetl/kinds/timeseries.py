@@ -114,11 +114,10 @@ class Timeseries(RecipeKind):
 
     name = "timeseries"
 
-    def load(self, recipe, *, windows: hapt.Windows | None = None) -> ServerData:
+    def load(self, recipe) -> ServerData:
         """Split the windows by user: server-train / server-val / held-out (device users)."""
         d = recipe.data
-        w, split = (windows, hapt_split(recipe)) if windows is not None else \
-            load_windows(recipe)
+        w, split = load_windows(recipe)
         tr, va, ho = w.users(split.train), w.users(split.val), w.users(split.device)
         for part, s in (("server-training", tr), ("server-validation", va), ("device", ho)):
             if len(s) == 0:
