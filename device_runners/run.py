@@ -32,6 +32,7 @@ LIMITS = {
     "checkpoint_every": ((0, True), None), "max_seconds": ((0, False), None),
     "max_memory_mb": ((0, False), None), "threads": ((0, True), (4096, True)),
     "repeats": ((1, True), None), "batch": ((1, True), None),
+    "gate_alpha": ((0, True), (1, True)), "patience": ((0, True), None),
 }
 
 
@@ -54,6 +55,16 @@ def check_numbers(args: argparse.Namespace) -> None:
         if not ok:
             raise RunnerError(f"--{name.replace('_', '-')} must be a finite number "
                               f"{' and '.join(want)}, got {v!r}")
+
+
+def parse_mix(text):
+    """``--mix 0.5,1`` -> ``(0.5, 1.0)``; ``None`` stays ``None`` (the bundle's default)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise RunnerError(f"--mix takes comma-separated weights in (0, 1], got {text!r}") from None
 
 
 def main(argv=None) -> int:
@@ -80,6 +91,16 @@ def main(argv=None) -> int:
                    help="weight windows n / (K * n_label): rare labels count as much as common")
     a.add_argument("--l2sp", type=float, default=None,
                    help="override the L2-SP pull toward the starting head (head.l2sp bundles)")
+    a.add_argument("--gate-alpha", type=float, default=None,
+                   help="level of the gate's one-sided McNemar test: the adapted head replaces "
+                        "the current one only if better with p <= this (default: the bundle's "
+                        "adapt.gate.alpha)")
+    a.add_argument("--no-gate", action="store_true",
+                   help="keep the adapted head whatever it scored (experiments only)")
+    a.add_argument("--mix", default=None,
+                   help="comma-separated weights of the adapted head mixed with the starting "
+                        "one, the lowest validation loss wins (default: the bundle's adapt.mix; "
+                        "1: no mixing)")
     a.add_argument("--max-data-mb", type=float, default=2048.0,
                    help="refuse data files larger than this (MiB)")
     a.add_argument("--resume", action="store_true",
@@ -109,6 +130,9 @@ def main(argv=None) -> int:
     b.add_argument("--repeats", type=int, default=300)
     b.add_argument("--batch", type=int, default=32, help="batch size of the throughput run")
     for sp in (a, u):
+        sp.add_argument("--patience", type=int, default=None,
+                        help="stop after this many epochs without a lower validation loss (0: "
+                             "never; default: the bundle's adapt.patience)")
         sp.add_argument("--allow-downgrade", action="store_true",
                         help="accept a bundle older than one this state folder accepted "
                              "(a deliberate rollback; refused otherwise: replay protection)")
@@ -134,7 +158,9 @@ def main(argv=None) -> int:
                            max_data_mb=args.max_data_mb,
                            checkpoint_every=args.checkpoint_every,
                            class_balanced=args.class_balanced, l2sp=args.l2sp,
-                           allow_downgrade=args.allow_downgrade, quiet=args.quiet)
+                           allow_downgrade=args.allow_downgrade,
+                           gate_alpha=args.gate_alpha, gate_rule="none" if args.no_gate else None,
+                           patience=args.patience, mix=parse_mix(args.mix), quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet)
@@ -143,6 +169,7 @@ def main(argv=None) -> int:
 
             res = update(args.bundle, args.state, data_path=args.data,
                          trust_key=args.trust_key, quiet=args.quiet, epochs=args.epochs,
+                         patience=args.patience,
                          threads=args.threads, allow_downgrade=args.allow_downgrade)
         elif args.cmd == "bench":
             from edgerun.bench import bench

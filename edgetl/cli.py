@@ -416,20 +416,35 @@ def run(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
 @app.command()
 @user_errors
 def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
-                bundle: Annotated[Path, typer.Option(help="bundle directory")] = Path(
-                    "runs/har/bundles/onnx-fp32"),
+                bundle: Annotated[list[Path] | None, typer.Option(
+                    help="bundle directory (repeat for several; default "
+                         "runs/har/bundles/onnx-fp32)")] = None,
                 users: Annotated[str | None, typer.Option(
                     help="comma-separated user ids (default: the recipe's device users; the "
                          "server-validation users tune adaptation without touching them)")] = None,
                 out: OutOpt = Path("runs/har-devices"), quiet: QuietOpt = False):
-    """Only the device stage: every held-out device personalises BUNDLE through the runner."""
+    """Only the device stage: every held-out device personalises BUNDLE through the runner.
+
+    Prints the per-device table, each protocol's totals, and the gate-level sweep (what each
+    level of the device gate would have kept, and what it would have bought or cost): run it
+    on the server-validation users to choose ``adapt.gate_alpha``.
+    """
+    from edgetl import gatelevel
     from edgetl.pipeline import personalise_bundle
-    from edgetl.report import device_table
+    from edgetl.report import device_table, protocol_table
 
     ids = _int_list(users, "--users", "17,18") if users else None
-    s = personalise_bundle(_recipe(recipe), bundle, out, users=ids, show=not quiet)
+    bundles = bundle or [Path("runs/har/bundles/onnx-fp32")]
+    s = personalise_bundle(_recipe(recipe), bundles, out, users=ids, show=not quiet)
     con = _console()
     con.print(device_table(s))
+    if s.protocols:
+        con.print(protocol_table(s))
+    rows = s.devices + [r for rs in s.protocols.values() for r in rs]
+    table = gatelevel.sweep(rows)
+    con.print("gate levels on these devices (sessions and within protocols):")
+    con.print(gatelevel.markdown(table))
+    con.print(f"level of largest mean gain that hurts no device: {gatelevel.choose(table):g}")
     con.print(f"summary: {out / 'summary.json'}  plot: {out / s.plot}")
 
 

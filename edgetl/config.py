@@ -456,11 +456,25 @@ class AdaptConfig:
     val_fraction: float = _f(0.25, "share of the device data that gates the new head",
                              "fraction")
     seed: int = _f(0, "seed of the device's split and shuffling")
+    gate_alpha: float = _f(0.05, "the device keeps an adapted head only if it beats the current "
+                           "one on its validation windows with one-sided exact McNemar p <= "
+                           "this (chosen on the server-validation users: docs/personalisation.md)",
+                           "level")
+    patience: int = _f(8, "stop after this many epochs without a lower validation loss (0: "
+                       "never); the epoch of lowest validation loss is kept", "epochs")
+    mix: tuple[float, ...] = _f((0.25, 0.5, 0.75, 1.0), "weights of the adapted head mixed "
+                                "with the shipped one (WiSE-FT); the lowest validation loss "
+                                "wins", "weights")
 
     def __post_init__(self):
         _check(self.epochs >= 1 and self.batch_size >= 1, "adapt: epochs and batch_size >= 1")
         _check(0.0 < self.val_fraction < 1.0,
                f"adapt.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(0.0 <= self.gate_alpha <= 1.0,
+               f"adapt.gate_alpha must be in [0, 1], got {self.gate_alpha}")
+        _check(self.patience >= 0, f"adapt.patience must be >= 0, got {self.patience}")
+        _check(len(self.mix) > 0 and all(0.0 < w <= 1.0 for w in self.mix),
+               f"adapt.mix: weights in (0, 1], got {list(self.mix)}")
 
 
 @dataclass(frozen=True)

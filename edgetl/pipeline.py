@@ -33,6 +33,8 @@ from edgetl.summary import RunSummary
 
 #: Where ``edgetl run`` lists its devices (``edgetl bench RUN`` reads the first one's data).
 DEVICE_INDEX = "devices/index.json"
+#: Devices the general model gets less right than this are where personalisation must pay.
+LOW_ACCURACY = 0.95
 
 
 def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
@@ -67,7 +69,107 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     devices = kind.devices(recipe, out, sd)
     write_device_index(out, devices)
     summ.devices = personalise(recipe, summ.bundles, devices, out / "devices", show=show)
+    summ.protocols = other_protocols(recipe, kind, sd, summ.bundles, out, show=show)
     return finish(summ, out, t0)
+
+
+def other_protocols(recipe: Recipe, kind, sd: ServerData, bundles: list[dict], out: Path, *,
+                    users: tuple | None = None, show: bool = True) -> dict:
+    """Device rows of the kind's protocols after its main one (``kind.protocols``).
+
+    Returns ``{protocol: rows}``; every bundle that knows the devices' labels takes part.
+    """
+    res = {}
+    for protocol in kind.protocols[1:]:
+        devs = kind.devices(recipe, out, sd, users=users, protocol=protocol)
+        root = Path(out) / f"devices-{protocol}"
+        desc = f"devices personalise ({protocol})"
+        if protocol == "stream":
+            res[protocol] = personalise_stream(recipe, bundles, devs, root, show=show, desc=desc)
+        else:
+            res[protocol] = personalise(recipe, bundles, devs, root, show=show, desc=desc)
+        for r in res[protocol]:
+            r["protocol"] = protocol
+    return res
+
+
+def personalise_stream(recipe: Recipe, bundles: list[dict], devices: list[Device], root: Path,
+                       *, show: bool = True, desc: str = "devices personalise (stream)"
+                       ) -> list[dict]:
+    """Prequential personalisation: adapt after each chunk, score on the next.
+
+    After chunk ``i`` arrives the device adapts (from its current head, on chunks ``0..i``;
+    the gate compares against that current head) and is scored on chunk ``i + 1``. One row
+    per (bundle, device), accuracies pooled over the scored chunks; a step the runner refuses
+    (e.g. a single label so far) keeps the current head.
+    """
+    from edgetl.errors import EdgetlError
+
+    a = recipe.adapt
+    pairs = [(b, d) for b in bundles for d in devices if not can_learn(b, d)[1]]
+    rows = []
+    with progress_bar(show) as prog:
+        task = prog.add_task(desc, total=len(pairs), info="")
+        for b, dev in pairs:
+            bundle, state = Path(b["path"]), Path(root) / dev.folder / b["name"]
+            if state.exists():
+                shutil.rmtree(state)
+            state.mkdir(parents=True)
+            head, steps = None, []
+            for i in range(1, len(dev.chunks)):
+                data = _concat_npz(dev.chunks[:i], state / f"seen{i}.npz")
+                general = device.infer(bundle, dev.chunks[i])
+                try:
+                    rep = device.adapt(bundle, data, state / "head", epochs=a.epochs,
+                                       batch_size=a.batch_size, val_fraction=a.val_fraction,
+                                       seed=a.seed, head=head)
+                except EdgetlError as e:
+                    now = device.infer(bundle, dev.chunks[i], head=head) if head else general
+                    steps.append((general, now, now, {"refused": str(e)}))
+                    continue
+                head = Path(rep["checkpoint"])
+                now = device.infer(bundle, dev.chunks[i], head=head)
+                rejected = head.with_name("head.rejected.npz")
+                adapted = (device.infer(bundle, dev.chunks[i], head=rejected)
+                           if rep["rolled_back"] and rejected.exists() else now)
+                steps.append((general, now, adapted, rep))
+            rows.append(stream_row(b, dev, steps))
+            r = rows[-1]
+            prog.update(task, advance=1, info=f"{b['name']} {dev.name}: "
+                                              f"{r['before_accuracy']:.3f} -> "
+                                              f"{r['after_accuracy']:.3f}")
+    return rows
+
+
+def _concat_npz(paths, out: Path) -> Path:
+    """The windows of ``paths`` in one ``.npz`` (what a device has collected so far)."""
+    parts = [dict(np.load(p)) for p in paths]
+    np.savez(out, x=np.concatenate([q["x"] for q in parts]),
+             y=np.concatenate([q["y"] for q in parts]), channels=parts[0]["channels"])
+    return out
+
+
+def stream_row(b: dict, dev: Device, steps: list) -> dict:
+    """One (bundle, device) row of the stream protocol: accuracies pooled over its steps."""
+    n = [g["n_windows"] for g, *_ in steps]
+    pooled = lambda i: float(np.dot([s[i]["accuracy"] for s in steps], n) / sum(n))  # noqa: E731
+    reps = [s[3] for s in steps]
+    done = [r for r in reps if "refused" not in r]
+    before, after, adapted = pooled(0), pooled(1), pooled(2)
+    return {"bundle": b["name"], "device": dev.name,
+            **({"user": dev.user} if dev.user is not None else {}),
+            "start": "shipped", "new_labels": 0, "n_eval": int(sum(n)), "steps": len(steps),
+            "before_accuracy": before, "after_accuracy": after, "gain": after - before,
+            "adapted_accuracy": adapted, "adapted_gain": adapted - before,
+            "rolled_back": int(sum(r["rolled_back"] for r in done)),
+            "kept": int(sum(not r["rolled_back"] for r in done)),
+            "refused": [r["refused"] for r in reps if "refused" in r],
+            "gate": [{k: r["gate"][k] for k in ("fixed", "broke", "p_value", "keep")}
+                     for r in done],
+            "feature_seconds": float(sum(r["feature_seconds"] for r in done)),
+            "train_seconds": float(sum(r["train_seconds"] for r in done)),
+            "adapt_seconds": float(sum(r["feature_seconds"] + r["train_seconds"] for r in done)),
+            "peak_rss_mb": float(max([r["peak_rss_mb"] for r in done] or [0.0]))}
 
 
 def export_all(recipe: Recipe, out: Path, checkpoints: dict[str, Path],
@@ -177,7 +279,10 @@ def personalise(recipe: Recipe, bundles: list[dict], devices: list[Device], root
                                batch_size=a.batch_size, val_fraction=a.val_fraction,
                                seed=a.seed)
             after = device.infer(bundle, dev.eval, head=Path(rep["checkpoint"]))
-            rows.append(device_row(b, dev, new, before, rep, after))
+            rejected = Path(rep["checkpoint"]).with_name("head.rejected.npz")
+            adapted = (device.infer(bundle, dev.eval, head=rejected)
+                       if rep["rolled_back"] and rejected.exists() else after)
+            rows.append(device_row(b, dev, new, before, rep, after, adapted))
             r = rows[-1]
             prog.update(task, advance=1, info=f"{b['name']} {dev.name}: "
                                               f"{r['before_accuracy']:.3f} -> "
@@ -186,8 +291,15 @@ def personalise(recipe: Recipe, bundles: list[dict], devices: list[Device], root
 
 
 def device_row(b: dict, dev: Device, new: list[str], before: dict, rep: dict,
-               after: dict) -> dict:
-    """One (bundle, device) row of ``summary.json``."""
+               after: dict, adapted: dict | None = None) -> dict:
+    """One (bundle, device) row of ``summary.json``.
+
+    ``before``/``after``: the starting head and the head the device kept (the gate's choice),
+    scored on the device's evaluation data; ``adapted``: the head adaptation proposed, kept or
+    not (what a device without the gate would have), so the gate can be judged.
+    """
+    g = rep.get("gate") or {}
+    adapted = adapted or after
     return {"bundle": b["name"], "device": dev.name,
             **({"user": dev.user} if dev.user is not None else {}),
             "start": "imprinted" if new else "shipped", "new_labels": len(new),
@@ -195,7 +307,12 @@ def device_row(b: dict, dev: Device, new: list[str], before: dict, rep: dict,
             "before_accuracy": before["accuracy"], "after_accuracy": after["accuracy"],
             "gain": after["accuracy"] - before["accuracy"],
             "val_before": rep["accuracy_before"], "val_after": rep["accuracy_after"],
-            "rolled_back": rep["rolled_back"], "feature_seconds": rep["feature_seconds"],
+            "rolled_back": rep["rolled_back"],
+            "adapted_accuracy": adapted["accuracy"],
+            "adapted_gain": adapted["accuracy"] - before["accuracy"],
+            "gate": {k: g[k] for k in ("rule", "alpha", "n", "fixed", "broke", "p_value", "keep",
+                                       "reason", "mix_weight", "best_epoch") if k in g},
+            "feature_seconds": rep["feature_seconds"],
             "train_seconds": rep["train_seconds"],
             "adapt_seconds": rep["feature_seconds"] + rep["train_seconds"],
             "peak_rss_mb": rep["peak_rss_mb"], "backend": rep["backend"],
@@ -247,8 +364,12 @@ def adaptation_check(recipe: Recipe, kind, sd: ServerData, users: tuple):
 
 def finish(summ: RunSummary, out: Path, t0: float) -> RunSummary:
     """Add device totals and wall time; write ``summary.json`` and ``personalisation.png``."""
-    summ.totals = {"by_bundle": {n: device_totals([r for r in summ.devices if r["bundle"] == n])
-                                 for n in summ.bundle_names()},
+    def by_bundle(rows):
+        return {n: device_totals([r for r in rows if r["bundle"] == n])
+                for n in dict.fromkeys(r["bundle"] for r in rows)}
+
+    summ.totals = {"by_bundle": by_bundle(summ.devices),
+                   "by_protocol": {p: by_bundle(rows) for p, rows in summ.protocols.items()},
                    "wall_seconds": time.perf_counter() - t0}
     (out / "summary.json").write_text(json.dumps(summ.to_dict(), indent=2, default=str))
     from edgetl.report import plot_personalisation
@@ -260,6 +381,9 @@ def finish(summ: RunSummary, out: Path, t0: float) -> RunSummary:
 def device_totals(d: list[dict]) -> dict:
     """Means over devices: accuracies, gain, how many improved/worsened/rolled back, costs."""
     mean = lambda k: float(np.mean([r[k] for r in d]))  # noqa: E731
+    low = [r for r in d if r["before_accuracy"] < LOW_ACCURACY]
+    cut = lambda k: float(np.mean([1 - (1 - r[k]) / (1 - r["before_accuracy"])  # noqa: E731
+                                   for r in low])) if low else None
     return {
         "start": d[0]["start"] if len({r["start"] for r in d}) == 1 else "mixed",
         "mean_before_accuracy": mean("before_accuracy"),
@@ -267,7 +391,15 @@ def device_totals(d: list[dict]) -> dict:
         "mean_gain": mean("gain"),
         "users_improved": int(sum(r["gain"] > 0 for r in d)),
         "users_worse": int(sum(r["gain"] < 0 for r in d)),
-        "rolled_back": int(sum(r["rolled_back"] for r in d)),
+        "users_worse_1pt": int(sum(r["gain"] < -0.01 for r in d)),
+        "worst_gain": float(min(r["gain"] for r in d)),
+        "users_below_95": len(low), "error_cut_below_95": cut("after_accuracy"),
+        # without the gate: the adapted head on every device
+        "ungated_mean_gain": mean("adapted_gain"),
+        "ungated_users_worse_1pt": int(sum(r["adapted_gain"] < -0.01 for r in d)),
+        "ungated_error_cut_below_95": cut("adapted_accuracy"),
+        "n": len(d), "rolled_back": int(sum(r["rolled_back"] for r in d)),
+        **({"kept": int(sum(r["kept"] for r in d))} if "kept" in d[0] else {}),
         "mean_feature_seconds": mean("feature_seconds"),
         "mean_train_seconds": mean("train_seconds"),
         "mean_adapt_seconds": mean("adapt_seconds"),
@@ -275,9 +407,9 @@ def device_totals(d: list[dict]) -> dict:
     }
 
 
-def personalise_bundle(recipe: Recipe, bundle: Path, out: Path, *,
+def personalise_bundle(recipe: Recipe, bundles: Path | list[Path], out: Path, *,
                        users: tuple | None = None, show: bool = True) -> RunSummary:
-    """Only the device stage of :func:`run_recipe`, on an existing bundle."""
+    """Only the device stage of :func:`run_recipe` (every protocol), on existing bundles."""
     from edgetl.manifest import Manifest
 
     t0 = time.perf_counter()
@@ -288,6 +420,9 @@ def personalise_bundle(recipe: Recipe, bundle: Path, out: Path, *,
     summ = RunSummary(recipe.name, kind=kind.name)
     devices = kind.devices(recipe, out, sd, users=users)
     write_device_index(out, devices)
-    summ.bundles = [bundle_row(Path(bundle), Manifest.read(Path(bundle)))]
+    bundles = [bundles] if isinstance(bundles, str | Path) else bundles
+    summ.bundles = [bundle_row(Path(b), Manifest.read(Path(b))) for b in bundles]
     summ.devices = personalise(recipe, summ.bundles, devices, out / "devices", show=show)
+    summ.protocols = other_protocols(recipe, kind, sd, summ.bundles, out, users=users,
+                                     show=show)
     return finish(summ, out, t0)

@@ -43,7 +43,37 @@ def run_tables(summary) -> list[Table]:
     tables = [server_table(summary), bundles_table(summary)]
     if summary.devices:
         tables.insert(1, device_table(summary))
+        tables.insert(2, protocol_table(summary))
     return tables
+
+
+def protocol_table(summary) -> Table:
+    """Per protocol and bundle: general model, adapted without the gate, the gate's choice.
+
+    Gains in points; "hurt" counts devices more than 1 pt below the general model; "error cut"
+    is the mean share of the general model's errors removed on devices it gets < 95 % right.
+    """
+    t = Table(title="personalisation by protocol (means over devices; gains in points; "
+                    "hurt: devices > 1 pt worse; error cut: devices the general model gets "
+                    "< 95 % right)")
+    for c in ("protocol", "bundle", "general", "no gate: gain", "hurt", "error cut",
+              "gate: gain", "hurt", "error cut", "kept"):
+        t.add_column(c, justify="left" if c in ("protocol", "bundle") else "right",
+                     no_wrap=True)
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    by = {"sessions": summary.totals.get("by_bundle", {}),
+          **summary.totals.get("by_protocol", {})}
+    for protocol, bundles in by.items():
+        for name, d in bundles.items():
+            color = "green" if d["mean_gain"] >= 0 and not d["users_worse_1pt"] else "red"
+            kept = (f"{d['kept']}/{d['kept'] + d['rolled_back']}" if "kept" in d else
+                    f"{d['n'] - d['rolled_back']}/{d['n']}")
+            t.add_row(protocol, name, f"{d['mean_before_accuracy']:.3f}",
+                      f"{100 * d['ungated_mean_gain']:+.2f}", str(d["ungated_users_worse_1pt"]),
+                      pct(d["ungated_error_cut_below_95"]),
+                      f"[{color}]{100 * d['mean_gain']:+.2f}[/]", str(d["users_worse_1pt"]),
+                      pct(d["error_cut_below_95"]), kept)
+    return t
 
 
 def server_table(summary) -> Table:
@@ -132,12 +162,18 @@ def plot_personalisation(summary, path: Path) -> Path:
     devs = [str(r.get("user", r["device"])) for r in d]
     x = np.arange(len(devs))
     wide = max(5.0, 0.6 * len(devs) + 2)
-    mid = 1.5 + 0.8 * len(names)
+    mid = 1.5 + 0.8 * (len(summary.protocols) + 1 if summary.protocols else len(names))
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(wide + mid + 4.5, 4.2),
                                      width_ratios=[wide, mid, 4.5])
-    ax.bar(x - 0.2, [r["before_accuracy"] for r in d], 0.4, label=start)
-    ax.bar(x + 0.2, [r["after_accuracy"] for r in d], 0.4, label="personalised on device")
-    vals = [v for r in summary.devices for v in (r["before_accuracy"], r["after_accuracy"])]
+    gated = bool(d) and "adapted_accuracy" in d[0]
+    ax.bar(x - 0.27, [r["before_accuracy"] for r in d], 0.27, label=start)
+    if gated:
+        ax.bar(x, [r["adapted_accuracy"] for r in d], 0.27, color="0.7",
+               label="adapted (no gate)")
+    ax.bar(x + 0.27, [r["after_accuracy"] for r in d], 0.27,
+           label="kept by the device's gate" if gated else "personalised on device")
+    vals = [v for r in summary.devices
+            for v in (r["before_accuracy"], r["after_accuracy"], r.get("adapted_accuracy", 1))]
     lo = max(0.0, min(vals) - 0.05) if vals else 0.0
     ax.set_ylim(lo, 1.0)
     ax.set_xticks(x, devs, rotation=30 if len(devs) > 8 else 0, fontsize=8)
@@ -146,14 +182,26 @@ def plot_personalisation(summary, path: Path) -> Path:
     by = summary.totals.get("by_bundle", {})
     gain = by.get(first, {}).get("mean_gain", 0.0)
     ax.set_title(f"{summary.recipe} / {first}: mean gain {100 * gain:+.1f} pt", fontsize=10)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8,
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8,
               frameon=False)
-    xb = np.arange(len(names))
-    bx.bar(xb - 0.2, [by[n]["mean_before_accuracy"] for n in names], 0.4)
-    bx.bar(xb + 0.2, [by[n]["mean_after_accuracy"] for n in names], 0.4)
+    if summary.protocols:  # the first bundle under every protocol
+        prot = {"sessions": by, **summary.totals.get("by_protocol", {})}
+        groups = [p for p in prot if first in prot[p]]
+        t = [prot[p][first] for p in groups]
+        xb = np.arange(len(groups))
+        bx.bar(xb - 0.27, [v["mean_before_accuracy"] for v in t], 0.27)
+        bx.bar(xb, [v["mean_before_accuracy"] + v["ungated_mean_gain"] for v in t], 0.27,
+               color="0.7")
+        bx.bar(xb + 0.27, [v["mean_after_accuracy"] for v in t], 0.27)
+        bx.set_xticks(xb, groups, fontsize=8)
+        bx.set_title(f"{first}, mean by protocol", fontsize=10)
+    else:
+        xb = np.arange(len(names))
+        bx.bar(xb - 0.2, [by[n]["mean_before_accuracy"] for n in names], 0.4)
+        bx.bar(xb + 0.2, [by[n]["mean_after_accuracy"] for n in names], 0.4)
+        bx.set_xticks(xb, names, rotation=30, ha="right", fontsize=7)
+        bx.set_title("mean over devices", fontsize=10)
     bx.set_ylim(lo, 1.0)
-    bx.set_xticks(xb, names, rotation=30, ha="right", fontsize=7)
-    bx.set_title("mean over devices", fontsize=10)
     for b in summary.bundles:
         if "latency_ms_p50" in b:
             cx.scatter(b["bytes"] / 2**20, b["latency_ms_p50"], s=36)

@@ -20,11 +20,13 @@ class RunSummary:
     bundles: list = field(default_factory=list)   # one dict per exported bundle
     devices: list = field(default_factory=list)   # one row per (bundle, user or device)
     totals: dict = field(default_factory=dict)    # {"by_bundle": {name: ...}, "wall_seconds"}
+    protocols: dict = field(default_factory=dict)  # {protocol: rows} beyond the main one
 
     def to_dict(self) -> dict:
         """Plain dict for JSON."""
         return {"recipe": self.recipe, "kind": self.kind, "server": self.server,
-                "bundles": self.bundles, "devices": self.devices, "totals": self.totals}
+                "bundles": self.bundles, "devices": self.devices, "protocols": self.protocols,
+                "totals": self.totals}
 
     def bundle_names(self) -> list[str]:
         """Bundles that have device rows, in the order they ran."""

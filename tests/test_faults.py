@@ -22,7 +22,7 @@ def _valid_head(path):
 def test_sigkill_at_random_moments_then_resume(tiny_bundle, tmp_path):
     data = write_device_npz(tmp_path / "d.npz", 200, seed=2, **SHIFT)
     args = ["adapt", str(tiny_bundle), "--data", str(data), "--epochs", "600", "--threads", "1",
-            "--checkpoint-every", "0", "--json", "--quiet"]
+            "--patience", "0", "--checkpoint-every", "0", "--json", "--quiet"]
     ref = json.loads(run_runner(*args, "--out", tmp_path / "ref", check=True).stdout)
     out = tmp_path / "killed"
     run_runner(*args[:4], "--epochs", "3", "--out", out, check=True)

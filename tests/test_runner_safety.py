@@ -263,7 +263,7 @@ def test_a_second_run_on_one_state_folder_is_refused_naming_the_first(bundle, tm
     lock = state / ".lock"
     assert lock.read_text() == ""  # held only while a run is in progress
     first = subprocess.Popen([sys.executable, str(RUNNER), "adapt", bundle, "--data", data,
-                              "--out", state, "--quiet", "--epochs", "100000",
+                              "--out", state, "--quiet", "--epochs", "100000", "--patience", "0",
                               "--max-seconds", "120"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -364,7 +364,7 @@ def test_sigkill_during_update_readaptation_keeps_the_old_head(bundle, tmp_path)
     data = tmp_path / "ok.npz"
     cached = set((state / "features").iterdir())
     p = subprocess.Popen([sys.executable, str(RUNNER), "update", other, "--state", state,
-                          "--data", data, "--epochs", "100000", "--quiet"],
+                          "--data", data, "--epochs", "100000", "--patience", "0", "--quiet"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60

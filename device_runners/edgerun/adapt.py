@@ -1,7 +1,9 @@
 """Adapt the head on local data, run inference, and self-test a bundle against its vectors.
 
-Adaptation: backbone features once -> head epochs over the cached features -> keep the new head
-only if validation accuracy did not drop; the local data never leaves the device.
+Adaptation: backbone features once -> head epochs over the cached features (the epoch of lowest
+validation loss kept, early stopping) -> the mix of shipped and adapted head of lowest validation
+loss (WiSE-FT) -> the gate (:mod:`edgerun.gate`) keeps it only on evidence that it is better than
+the current head; the local data never leaves the device.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from edgerun import RunnerError, __version__, atomic_write, copy_durable
 from edgerun import data as dataio
+from edgerun import gate as gating
 from edgerun.backends import make_backend
 from edgerun.bundle import Bundle, sha256_file
 from edgerun.head import Head, backbone_of, check_finite
@@ -252,6 +255,65 @@ def _predict(backend, bundle, head: Head, feats: np.ndarray) -> list:
     return [head.labels[i] for i in idx]
 
 
+def _val_scores(backend, bundle, head: Head, feats: np.ndarray, y: np.ndarray) -> tuple:
+    """Validation ``(loss, accuracy, right)`` of ``head``.
+
+    Cross-entropy over the label rows in use (spare rows of a fixed head never count),
+    accuracy, and the per-window correctness.
+    """
+    logits = _infer(backend, bundle, head, feats)["logits"][:, : len(head.labels)]
+    right = logits.argmax(axis=1) == y
+    return gating.softmax_xent(logits, y), float(right.mean()), right
+
+
+#: Defaults of the manifest's ``adapt`` block keys added after schema 2 shipped.
+GATE_DEFAULTS = {"rule": "mcnemar", "alpha": 0.05}
+PATIENCE_DEFAULT = 8
+MIX_DEFAULT = (0.25, 0.5, 0.75, 1.0)
+
+
+def gate_settings(m: dict, alpha, rule, patience, mix) -> tuple[dict, int, tuple]:
+    """Gate, patience and mixing weights: flags given, else the bundle's, else defaults."""
+    d = m["adapt"]
+    g = {**GATE_DEFAULTS, **(d.get("gate") or {})}
+    if alpha is not None:
+        g["alpha"] = alpha
+    if rule is not None:
+        g["rule"] = rule
+    if g["rule"] not in gating.RULES:
+        raise RunnerError(f"unknown gate rule {g['rule']!r}; known: {', '.join(gating.RULES)}")
+    if not 0 <= float(g["alpha"]) <= 1:
+        raise RunnerError(f"the gate's alpha must be in [0, 1], got {g['alpha']!r}")
+    patience = d.get("patience", PATIENCE_DEFAULT) if patience is None else patience
+    mix = tuple(d.get("mix", MIX_DEFAULT)) if mix is None else tuple(mix)
+    if not mix or any(not 0 < float(w) <= 1 for w in mix):
+        raise RunnerError(f"mixing weights must be in (0, 1], got {list(mix)}")
+    return g, int(patience), tuple(float(w) for w in mix)
+
+
+def choose_head(backend, bundle, start: Head, adapted: Head, feats_va, y_va, *,
+                mix: tuple, gate: dict) -> tuple[Head, dict]:
+    """The head this run proposes, and the gate's verdict on it against ``start``.
+
+    The proposal is the interpolation ``start + w * (adapted - start)`` of lowest validation
+    loss over the weights ``mix`` (ties: the smaller weight, closer to the shipped head; WiSE-FT,
+    Wortsman et al. 2022). The gate (:func:`edgerun.gate.decide`) then compares its validation
+    predictions with ``start``'s.
+    """
+    loss0, acc0, right0 = _val_scores(backend, bundle, start, feats_va, y_va)
+    best = None
+    for w in sorted(mix):
+        cand = Head(gating.mix(start.params, adapted.params, w), list(start.labels))
+        loss, acc, right = _val_scores(backend, bundle, cand, feats_va, y_va)
+        if best is None or loss < best[1] - 1e-7:
+            best = (w, loss, acc, right, cand)
+    w, loss, acc, right, cand = best
+    verdict = gating.decide(right0, right, alpha=gate["alpha"], rule=gate["rule"])
+    verdict.update({"mix_weight": w, "val_loss_before": loss0, "val_loss_after": loss,
+                    "accuracy_before": acc0, "accuracy_after": acc})
+    return cand, verdict
+
+
 def adapt_settings(m: dict, epochs, batch_size, val_fraction) -> tuple[int, int, float]:
     """Flags given, else the manifest's ``adapt`` defaults; validated."""
     d = m["adapt"]
@@ -291,12 +353,23 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                    resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
                    checkpoint_every: float = 1.0, class_balanced: bool = False,
                    l2sp: float | None = None, allow_downgrade: bool = False,
+                   gate_alpha: float | None = None, gate_rule: str | None = None,
+                   patience: int | None = None, mix: tuple | None = None,
                    quiet: bool = False) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
+    Which head: each epoch ends with the validation loss of the head so far; the epoch of
+    lowest loss is kept, and training stops after ``patience`` epochs without a new lowest
+    (0: never early). The kept head is then mixed with the starting head (weights ``mix``,
+    the lowest validation loss wins: :func:`choose_head`), and the gate (``gate_rule``,
+    ``gate_alpha``; default: the bundle's ``adapt.gate``) replaces the current head with it
+    only when it is better on the validation windows by more than noise
+    (:func:`edgerun.gate.decide`). A head the gate refused is kept beside as
+    ``head.rejected.npz`` for inspection; ``report.json["gate"]`` says what was kept and why.
+
     Budgets: training stops after the step that crosses ``max_seconds`` (counted from the
     start, feature pass included) or ``max_memory_mb`` (resident memory), and keeps the best
-    head so far by validation accuracy; the gate then judges that head as usual.
+    head so far by validation loss; the gate then judges that head as usual.
 
     Crash safety: after an epoch, once ``checkpoint_every`` seconds have passed since the last
     save (0: every epoch), the training state (head, optimizer state, RNG, history) is written
@@ -323,6 +396,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     m = bundle.manifest
     versions.check(m, out_dir, allow_downgrade=allow_downgrade)
     epochs, batch_size, val_fraction = adapt_settings(m, epochs, batch_size, val_fraction)
+    gate, patience, mix = gate_settings(m, gate_alpha, gate_rule, patience, mix)
     backend = make_backend(bundle, threads, trainer)
     selftest_err = selftest(bundle, backend)
     ds = dataio.load(data_path, m, need_labels=True, max_mb=max_data_mb, bundle=bundle)
@@ -370,11 +444,9 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     few = [head.labels[c] for c in np.unique(y) if (y == c).sum() < 3]
     if few:
         warnings.append(f"labels {few} have fewer than 3 windows; their accuracy is noisy")
-    yv_names = [ds.y[i] for i in va]
     # The gate's baseline is the head training starts from: the shipped (or given) head, with
     # any new labels imprinted; a rollback returns to it.
     start = head.copy()
-    acc_before = _accuracy(_predict(backend, bundle, start, feats[va]), yv_names)
 
     hp = dict(m["optimizer"]["hparams"])
     if lr is not None:
@@ -411,7 +483,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     key = {"data": data_digest(data_path), "backbone": m["files"]["backbone"]["sha256"],
            "head": head_path and sha256_file(head_path), "epochs": epochs, "batch": bs,
            "seed": seed, "val_fraction": val_fraction, "hparams": hp,
-           "class_balanced": class_balanced,
+           "class_balanced": class_balanced, "patience": patience,
            "trainer": backend.trainer, "labels": head.labels}
     first = 0
     if resume and os.path.isfile(state_path):
@@ -426,6 +498,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                 best = (meta["best"][0], {k: arrays[f"b.{k}"] for k in head.params},
                         meta["best"][1])
             warnings.append(f"resumed after epoch {first} from {TRAIN_STATE}")
+    early = None
     t1 = last_save = time.perf_counter()
     for epoch in range(first, epochs):
         order = rng.permutation(tr)
@@ -452,24 +525,37 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                 stopped = f"memory budget of {max_memory_mb:g} MiB reached in epoch {epoch + 1}"
             if stopped:
                 break
-        val_acc = _accuracy(_predict(backend, bundle, head, feats[va]), yv_names)
-        history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_accuracy": val_acc,
-                        "complete": stopped is None})
-        if best is None or val_acc > best[0]:
-            best = (val_acc, {k: v.copy() for k, v in head.params.items()}, epoch + 1)
+        val_loss, val_acc, _ = _val_scores(backend, bundle, head, feats[va], y[va])
+        history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_loss": val_loss,
+                        "val_accuracy": val_acc, "complete": stopped is None})
+        if best is None or val_loss < best[0]:
+            best = (val_loss, {k: v.copy() for k, v in head.params.items()}, epoch + 1)
+        if not stopped and patience and epoch + 1 - best[2] >= patience and epoch + 1 < epochs:
+            early = (f"validation loss has not improved for {patience} epochs (best: epoch "
+                     f"{best[2]}, {best[0]:.4f})")
+            break
         if stopped:
             break
         if time.perf_counter() - last_save >= checkpoint_every and epoch + 1 < epochs:
             _save_train_state(state_path, key, epoch + 1, rng, head, state, best, history, steps)
             last_save = time.perf_counter()
     train_seconds = time.perf_counter() - t1
-    acc_after = (history[-1]["val_accuracy"] if history else  # --epochs 0: imprinting only
-                 _accuracy(_predict(backend, bundle, head, feats[va]), yv_names))
+    if best is not None:  # the epoch of lowest validation loss
+        head.params = best[1]
     if stopped:
-        acc_after, head.params = best[0], best[1]
         warnings.append(f"stopped early: {stopped}; kept the best head so far (epoch {best[2]}, "
-                        f"validation accuracy {best[0]:.3f})")
-    rolled_back = not acc_after >= acc_before
+                        f"validation loss {best[0]:.4f})")
+    if epochs == 0:  # imprinting only: nothing was trained, the start head is the result
+        cand, verdict = choose_head(backend, bundle, start, start, feats[va], y[va], mix=(1.0,),
+                                    gate={"rule": "none", "alpha": gate["alpha"]})
+        verdict["reason"] = "no training (--epochs 0): the starting head is written"
+    else:
+        cand, verdict = choose_head(backend, bundle, start, head, feats[va], y[va], mix=mix,
+                                    gate=gate)
+    verdict.update({"best_epoch": best[2] if best else 0, "early_stop": early})
+    head.params = cand.params
+    acc_before, acc_after = verdict["accuracy_before"], verdict["accuracy_after"]
+    rolled_back = not verdict["keep"]
 
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "head.npz")
@@ -479,8 +565,10 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
               and backbone_of(ckpt) == m["files"]["backbone"]["sha256"])
     written = False
     if rolled_back:
-        _say(quiet, f"validation accuracy dropped ({acc_before:.3f} -> {acc_after:.3f}): "
-             "rolling back to the previous head")
+        _say(quiet, f"gate: {verdict['reason']}")
+        if np.all([np.isfinite(v).all() for v in head.params.values()]):
+            head.save(os.path.join(out_dir, "head.rejected.npz"), bundle,
+                      {"rejected": verdict["reason"], "data": os.path.basename(data_path)})
         if not usable:
             start.save(ckpt, bundle, {"rolled_back": True, "imprinted": new})
             written = True
@@ -498,7 +586,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         "backend": backend.name, "backend_version": backend.version, "target": m["target"],
         "trainer": backend.trainer, "trainer_version": backend.trainer_version,
         "precision": m["precision"], "accuracy_before": acc_before, "accuracy_after": acc_after,
-        "rolled_back": rolled_back, "checkpoint": os.path.abspath(ckpt),
+        "rolled_back": rolled_back, "gate": verdict, "checkpoint": os.path.abspath(ckpt),
         "checkpoint_written": written, "n_windows": len(y), "n_train": int(len(tr)),
         "n_val": int(len(va)), "epochs": epochs, "batch_size": bs, "steps": steps,
         "optimizer": m["optimizer"]["name"], "hparams": hp, "labels": head.labels,
@@ -510,7 +598,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         "step_ms": 1000 * train_seconds / max(steps, 1) if steps else None,
         "total_seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
         "selftest_max_abs_err": selftest_err, "history": history,
-        "stopped_early": stopped, "epochs_run": len(history),
+        "stopped_early": stopped, "early_stop": early, "epochs_run": len(history),
         "budget": {"max_seconds": max_seconds, "max_memory_mb": max_memory_mb},
         **ds.info,
     }
@@ -521,7 +609,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     versions.record(m, out_dir, allow_downgrade=allow_downgrade)
     for w in warnings:
         _say(quiet, f"warning: {w}")
-    _say(quiet, f"{'rolled back' if rolled_back else 'kept new head'}: val accuracy "
+    _say(quiet, f"{'kept the current head' if rolled_back else 'kept new head'}: val accuracy "
          f"{acc_before:.3f} -> {acc_after:.3f} ({len(tr)} train / {len(va)} val windows, "
          f"{epochs} epochs, features {feature_seconds * 1000:.0f} ms, "
          f"train {train_seconds * 1000:.0f} ms, peak RSS {report['peak_rss_mb']:.0f} MiB)")

@@ -163,12 +163,37 @@ class TestVectorsBlock(TypedDict):
     train_atol: float
 
 
-class AdaptBlock(TypedDict):
-    """Adaptation defaults of this bundle (the recipe's ``[adapt]``); flags override them."""
+class GateBlock(TypedDict):
+    """The adaptation gate (``edgerun.gate``).
 
+    ``rule`` ``mcnemar`` (keep an adapted head only if it beats the current one on the
+    validation windows with one-sided exact McNemar ``p <= alpha``) or ``none``;
+    ``chosen_on`` says where ``alpha`` was chosen.
+    """
+
+    rule: str
+    alpha: float
+    chosen_on: str
+
+
+class _Adapt(TypedDict):
     epochs: int
     batch_size: int
     val_fraction: float
+
+
+class AdaptBlock(_Adapt, total=False):
+    """Adaptation defaults of this bundle (the recipe's ``[adapt]``); flags override them.
+
+    Optional (absent in older bundles: the runner's defaults apply): ``gate``,
+    ``patience`` (epochs without a lower validation loss before stopping; 0: never) and
+    ``mix`` (weights of the adapted head mixed with the starting one; the lowest validation
+    loss wins).
+    """
+
+    gate: GateBlock
+    patience: int
+    mix: List[float]
 
 
 class Parent(TypedDict):
@@ -351,7 +376,7 @@ def markdown() -> str:
     """The bundle format as Markdown, from the TypedDicts above (``docs/bundle-format.md``)."""
     blocks = [Manifest, FileEntry, InputBlock, FeaturesBlock, HeadBlock, ParamSpec,
               OptimizerBlock, StateSpec, GraphBlock, TrainStepBlock, TestVectorsBlock,
-              AdaptBlock, Parent, Quant]
+              AdaptBlock, GateBlock, Parent, Quant]
     out = ["# Bundle format (`manifest.json`, schema version %d)" % SCHEMA_VERSION, "",
            "Generated from `device_runners/edgerun/manifest.py` by `make docs`; do not edit.",
            "A runner refuses a manifest of another schema version, a missing required key or a "

@@ -67,6 +67,8 @@ class Device:
     n_eval: int
     labels: tuple[str, ...]
     user: str | int | None = None
+    protocol: str = "sessions"
+    chunks: tuple[Path, ...] = ()  # the ``stream`` protocol's chunks, in time order
 
     @property
     def folder(self) -> str:
@@ -93,8 +95,12 @@ class RecipeKind:
         """A :class:`edgetl.checkpoint.Checkpoint` carrying this kind's input contract."""
         raise NotImplementedError
 
-    def devices(self, recipe, out: Path, sd: ServerData, *,
-                users: tuple | None = None) -> list[Device]:
+    #: Personalisation protocols :meth:`devices` can write (``edgetl run`` reports each);
+    #: the first is the main one.
+    protocols: tuple[str, ...] = ("sessions",)
+
+    def devices(self, recipe, out: Path, sd: ServerData, *, users: tuple | None = None,
+                protocol: str = "sessions") -> list[Device]:
         """Write every simulated device's ``adapt`` / ``eval`` data under ``out/devices``."""
         raise NotImplementedError
 

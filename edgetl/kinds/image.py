@@ -184,8 +184,8 @@ class Images(RecipeKind):
             return "EfficientNet-Lite0 (ImageNet, fine-tuned)"
         return super().model_name(role, recipe)
 
-    def devices(self, recipe, out: Path, sd: ServerData, *,
-                users: tuple | None = None) -> list[Device]:
+    def devices(self, recipe, out: Path, sd: ServerData, *, users: tuple | None = None,
+                protocol: str = "sessions") -> list[Device]:
         if users:
             from edgetl.errors import ConfigError
 

@@ -351,8 +351,8 @@ class Texts(RecipeKind):
             heldout=_accuracy(student, sp.tokens["test"], sp.y["test"]),
             extra={"layers": student.backbone.layers})}
 
-    def devices(self, recipe, out: Path, sd: ServerData, *,
-                users: tuple | None = None) -> list[Device]:
+    def devices(self, recipe, out: Path, sd: ServerData, *, users: tuple | None = None,
+                protocol: str = "sessions") -> list[Device]:
         if users:
             from edgetl.errors import ConfigError
 

@@ -82,37 +82,59 @@ def augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return xb * scale + 0.01 * torch.randn(xb.shape, generator=gen)
 
 
-def write_device_files(w: hapt.Windows, user: int, folder: Path, *,
-                       gap: int = 0) -> tuple[Path, Path]:
-    """Write a user's first session as ``adapt.npz`` and later sessions as ``eval.npz``.
+#: How a device's labelled data arrives and what scores it (``edgetl run`` reports each).
+PROTOCOLS = {
+    "sessions": "adapt on the first recording session, score the later ones",
+    "within": "adapt on the first half of each activity in the first session, score the rest "
+              "of that session",
+    "stream": "labelled data arrives in time-ordered chunks; after each chunk the device adapts "
+              "(from its current head, on everything so far) and is scored on the next chunk",
+}
+#: Chunks of the ``stream`` protocol (the device adapts after each but the last).
+STREAM_CHUNKS = 4
 
-    A user with one session (your own files): the first half of each label's windows adapts,
-    the second half (after ``gap`` windows that overlap the first half) evaluates.
+
+def _save(w: hapt.Windows, s: hapt.Windows, path: Path) -> Path:
+    np.savez(path, x=s.x, y=np.array([w.labels[i] for i in s.y], dtype=str),
+             channels=np.array(w.channels, dtype=str))
+    return path
+
+
+def write_device_files(w: hapt.Windows, user: int, folder: Path, *, gap: int = 0,
+                       protocol: str = "sessions") -> tuple[Path, ...]:
+    """A user's device files under ``folder`` for ``protocol`` (:data:`PROTOCOLS`).
+
+    ``sessions``: the first session as ``adapt.npz``, the later ones as ``eval.npz``; a user
+    with one session (your own files) falls back to ``within``. ``within``: the first half of
+    each label's windows of the first session adapts, the rest (after ``gap`` windows that
+    overlap the first half) evaluates. ``stream``: every window in recording order, cut into
+    :data:`STREAM_CHUNKS` files ``chunk{i}.npz`` (each scoring chunk drops its first ``gap``
+    windows, which overlap the previous chunk). Returns the paths, adapt/eval or chunks.
     """
     from edgetl.data.files import device_halves
 
     folder.mkdir(parents=True, exist_ok=True)
     u = w.users([user])
-    first = u.session.min()
-    if len(np.unique(u.session)) > 1:
-        parts = (u.session == first, u.session != first)
+    first = u.session == u.session.min()
+    if protocol == "stream":
+        chunks = np.array_split(np.arange(len(u)), STREAM_CHUNKS)
+        return tuple(_save(w, u.select(c if i == 0 else c[gap:]), folder / f"chunk{i}.npz")
+                     for i, c in enumerate(chunks))
+    if protocol == "sessions" and not first.all():
+        parts = (first, ~first)
     else:
-        ad, ev = device_halves(u.y, u.session, in_order=True, gap=gap)
-        parts = tuple(np.isin(np.arange(len(u)), i) for i in (ad, ev))
-    paths = []
-    for name, mask in zip(("adapt", "eval"), parts, strict=True):
-        s = u.select(mask)
-        p = folder / f"{name}.npz"
-        np.savez(p, x=s.x, y=np.array([w.labels[i] for i in s.y], dtype=str),
-                 channels=np.array(w.channels, dtype=str))
-        paths.append(p)
-    return paths[0], paths[1]
+        ad, ev = device_halves(u.y[first], np.zeros(int(first.sum())), in_order=True, gap=gap)
+        idx = np.flatnonzero(first)
+        parts = tuple(np.isin(np.arange(len(u)), idx[i]) for i in (ad, ev))
+    return tuple(_save(w, u.select(m), folder / f"{name}.npz")
+                 for name, m in zip(("adapt", "eval"), parts, strict=True))
 
 
 class Timeseries(RecipeKind):
     """(N, T, C) windows normalised with the server-training users' per-channel statistics."""
 
     name = "timeseries"
+    protocols = tuple(PROTOCOLS)
 
     def load(self, recipe) -> ServerData:
         """Split the windows by user: server-train / server-val / held-out (device users)."""
@@ -150,9 +172,12 @@ class Timeseries(RecipeKind):
                           d.window, d.stride, float(rate), mean, std,
                           {"recipe": recipe.name, **meta})
 
-    def devices(self, recipe, out: Path, sd: ServerData, *,
-                users: tuple | None = None) -> list[Device]:
-        """One device per held-out user (or ``users``): first session adapts, later evaluate.
+    def devices(self, recipe, out: Path, sd: ServerData, *, users: tuple | None = None,
+                protocol: str = "sessions") -> list[Device]:
+        """One device per held-out user (or ``users``), its files cut by ``protocol``.
+
+        :data:`PROTOCOLS`; ``stream`` devices carry their chunks, ``adapt``/``eval`` being
+        the first two.
 
         Users the server trained on are refused (their numbers would be meaningless); the
         server-validation users are allowed, to tune adaptation without touching the
@@ -165,18 +190,24 @@ class Timeseries(RecipeKind):
             raise ConfigError(f"users {sorted(split.name(u) for u in seen)} trained the server "
                               f"model; pick device users {[split.name(u) for u in split.device]}"
                               f" or server-validation users {[split.name(u) for u in split.val]}")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
         d = recipe.data
-        gap = -(-d.window // d.stride) - 1 if d.is_files else 0
-        root = Path(out) / "devices"
+        # windows that overlap across a cut: none between sessions of HAPT, else a few
+        overlap = -(-d.window // d.stride) - 1
+        gap = overlap if d.is_files or protocol != "sessions" else 0
+        root = Path(out) / ("devices" if protocol == "sessions" else f"devices-{protocol}")
         devs = []
         for user in users:
             folder = root / split.folder(user)
             if folder.exists():
                 shutil.rmtree(folder)  # a fresh phone each run
-            adapt, ev = write_device_files(w, user, folder, gap=gap)
-            with np.load(adapt) as a, np.load(ev) as e:
-                devs.append(Device(split.folder(user), adapt, ev, len(a["y"]), len(e["y"]),
-                                   tuple(sorted(set(a["y"].tolist()))), split.name(user)))
+            paths = write_device_files(w, user, folder, gap=gap, protocol=protocol)
+            with np.load(paths[0]) as a, np.load(paths[1]) as e:
+                devs.append(Device(split.folder(user), paths[0], paths[1], len(a["y"]),
+                                   len(e["y"]), tuple(sorted(set(a["y"].tolist()))),
+                                   split.name(user), protocol,
+                                   paths if protocol == "stream" else ()))
         return devs
 
     def check_users(self, recipe, sd: ServerData) -> tuple:

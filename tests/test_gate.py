@@ -1,0 +1,152 @@
+"""The adaptation gate: an adapted head replaces the current one only on evidence.
+
+Unit: the exact one-sided McNemar test and its decisions (ties and insignificant gains keep the
+current head; a clear gain is kept). Integration: the runner refuses an adapted head that is
+only as good as the shipped one and keeps one that is clearly better, saying why in
+``report.json["gate"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, SHIFT, adapt_json, write_device_npz
+
+sys.path.insert(0, str(ROOT / "device_runners"))
+from edgerun import gate  # noqa: E402
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("n", [0, 1, 5, 17, 60])
+def test_binomial_tail_is_the_exact_sum(n):
+    for k in range(-1, n + 2):
+        exact = sum(math.comb(n, i) for i in range(max(k, 0), n + 1)) / 2**n
+        assert gate.binomial_tail(k, n) == pytest.approx(exact, rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.unit
+def test_ties_and_equal_heads_keep_the_current_head():
+    ok = np.array([True] * 40 + [False] * 2)
+    v = gate.decide(ok, ok, alpha=0.5)
+    assert not v["keep"] and v["fixed"] == v["broke"] == 0 and "tie" in v["reason"]
+    # as many fixed as broken: no better, whatever the level
+    new = ok.copy()
+    new[[0, 1, 40, 41]] = [False, False, True, True]
+    v = gate.decide(ok, new, alpha=1.0)
+    assert not v["keep"] and (v["fixed"], v["broke"]) == (2, 2) and "no better" in v["reason"]
+
+
+@pytest.mark.unit
+def test_a_small_gain_is_noise_and_a_clear_gain_is_kept():
+    cur = np.array([True] * 30 + [False] * 10)
+    small = cur.copy()
+    small[30:32] = True  # 2 fixed, 0 broke: p = 0.25
+    v = gate.decide(cur, small, alpha=0.05)
+    assert not v["keep"] and v["p_value"] == pytest.approx(0.25) and "not significant" in v[
+        "reason"]
+    clear = cur.copy()
+    clear[30:40] = True
+    clear[0] = False  # 10 fixed, 1 broke: p = 12 / 2048
+    v = gate.decide(cur, clear, alpha=0.05)
+    assert v["keep"] and v["p_value"] == pytest.approx(12 / 2048) and "better" in v["reason"]
+    assert gate.decide(cur, clear, alpha=0.001)["keep"] is False
+    assert gate.decide(cur, cur, alpha=0.05, rule="none")["keep"] is True
+
+
+@pytest.mark.unit
+def test_mixing_interpolates_between_the_heads():
+    a = {"w": np.zeros((2, 3), np.float32)}
+    b = {"w": np.full((2, 3), 4.0, np.float32)}
+    assert np.all(gate.mix(a, b, 0.25)["w"] == 1.0) and np.all(gate.mix(a, b, 1.0)["w"] == 4.0)
+    with pytest.raises(ValueError, match="unknown gate rule"):
+        gate.decide([True], [True], alpha=0.1, rule="better")
+
+
+def test_the_runner_keeps_the_shipped_head_when_adaptation_buys_nothing(bundle, tmp_path):
+    """An adapted head exactly as good as the shipped one (lr 0: a tie) is refused; so is a
+    small gain at a strict level."""
+    data = write_device_npz(tmp_path / "d.npz", 120, seed=3)
+    p = adapt_json(bundle, data, tmp_path / "s", "--lr", "0")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    g = rep["gate"]
+    assert rep["rolled_back"] and not g["keep"] and "tie" in g["reason"]
+    assert g["alpha"] == 0.05 and g["rule"] == "mcnemar"  # the bundle's adapt.gate
+    assert json.loads((tmp_path / "s" / "report.json").read_text())["gate"] == g
+    # the shipped head was written (nothing on the device before), the refused one kept aside
+    with np.load(tmp_path / "s" / "head.npz") as z, np.load(bundle / "head_init.npz") as h:
+        assert np.array_equal(z["weight"], h["weight"])
+    assert (tmp_path / "s" / "head.rejected.npz").exists()
+    # the same gain (9 fixed, 0 broken: p = 0.002) is refused at a level below its p-value
+    p = adapt_json(bundle, data, tmp_path / "t", "--gate-alpha", "0.001")
+    g = json.loads(p.stdout)["gate"]
+    assert g["fixed"] > g["broke"] and g["p_value"] > 0.001 and not g["keep"], g
+
+
+def test_the_runner_keeps_a_clearly_better_head(bundle, tmp_path):
+    """A strong device shift (gain and offset per channel): the adapted head wins by far."""
+    data = write_device_npz(tmp_path / "d.npz", 160, seed=4, **SHIFT)
+    p = adapt_json(bundle, data, tmp_path / "s")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    g = rep["gate"]
+    assert g["keep"] and not rep["rolled_back"], g
+    assert g["fixed"] > g["broke"] and g["p_value"] <= 0.05
+    assert rep["accuracy_after"] > rep["accuracy_before"]
+    assert 0 < g["mix_weight"] <= 1 and 1 <= g["best_epoch"] <= rep["epochs"]
+    # --no-gate keeps the adapted head even on data where it buys nothing
+    p = adapt_json(bundle, write_device_npz(tmp_path / "e.npz", 120, seed=3), tmp_path / "t",
+                   "--no-gate")
+    assert json.loads(p.stdout)["gate"]["keep"] is True
+
+
+def _row(before, adapted, fixed, broke, p):
+    return {"before_accuracy": before, "adapted_accuracy": adapted,
+            "adapted_gain": adapted - before,
+            "gate": {"fixed": fixed, "broke": broke, "p_value": p}}
+
+
+@pytest.mark.unit
+def test_the_level_is_the_largest_gain_that_hurts_no_device():
+    from edgetl import gatelevel
+
+    rows = [_row(0.90, 0.98, 8, 0, 0.004),     # a real gain, strong evidence
+            _row(0.90, 0.95, 3, 0, 0.125),     # a gain, weak evidence
+            _row(1.00, 0.85, 2, 0, 0.25),      # looks better on validation, hurts later
+            _row(0.95, 0.97, 0, 0, 1.0),       # tie: never kept
+            {"gate": [{"fixed": 1}]}]          # a stream row: not part of the sweep
+    table = gatelevel.sweep(rows, levels=(0.01, 0.2, 0.5))
+    by = {t["alpha"]: t for t in table}
+    assert by[0.01]["kept"] == 1 and by[0.01]["users_hurt"] == 0
+    assert by[0.2]["kept"] == 2 and by[0.2]["mean_gain"] == pytest.approx((0.08 + 0.05) / 4)
+    assert by[0.5]["kept"] == 3 and by[0.5]["users_hurt"] == 1
+    assert by[None]["kept"] == 4 and by[None]["n"] == 4
+    assert gatelevel.choose(table) == 0.2
+    assert "| no gate | 4/4 |" in gatelevel.markdown(table)
+
+
+@pytest.mark.unit
+def test_protocol_files_cut_a_user_as_documented(tmp_path):
+    from edgetl.data import hapt
+    from edgetl.kinds.timeseries import STREAM_CHUNKS, write_device_files
+
+    n = 40
+    session = np.repeat([1, 2], n // 2)
+    y = np.tile(np.repeat([0, 1], n // 4), 2)
+    w = hapt.Windows(np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 4, 2)),
+                     y, np.full(n, 7), session, np.arange(n), ("a", "b"), ("c0", "c1"))
+    load = lambda p: np.load(p)["x"][:, 0, 0].astype(int).tolist()  # noqa: E731
+    ad, ev = write_device_files(w, 7, tmp_path / "s")
+    assert load(ad) == list(range(20)) and load(ev) == list(range(20, 40))
+    ad, ev = write_device_files(w, 7, tmp_path / "w", protocol="within", gap=1)
+    # first session only: per label the first half adapts, one overlapping window dropped
+    assert load(ad) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+    assert load(ev) == [6, 7, 8, 9, 16, 17, 18, 19]
+    chunks = write_device_files(w, 7, tmp_path / "c", protocol="stream", gap=1)
+    assert len(chunks) == STREAM_CHUNKS
+    assert load(chunks[0]) == list(range(10)) and load(chunks[1]) == list(range(11, 20))
