@@ -548,14 +548,17 @@ def fleet(bundle: Annotated[Path, typer.Argument(help="ONNX bundle whose head th
     fleet.png (accuracy per round: global vs shipped head vs per-device personalisation)
     and OUT/bundle-v<N+1>.
     """
-    from edgetl.fleet import hapt_clients, markdown, run_fleet
+    from edgetl.fleet import hapt_clients, markdown, run_fleet, server_val_windows
 
-    rep = run_fleet(bundle, hapt_clients(_recipe(recipe), clients), out, rounds=rounds,
+    r = _recipe(recipe)
+    rep = run_fleet(bundle, hapt_clients(r, clients), out, rounds=rounds,
                     local_epochs=local_epochs, personal_epochs=personal_epochs,
-                    strategy=strategy, proximal_mu=proximal_mu, seed=seed, sign_key=sign_key)
+                    strategy=strategy, proximal_mu=proximal_mu, seed=seed, sign_key=sign_key,
+                    gate_data=server_val_windows(r, out / "gate" / "server_val.npz"))
     typer.echo(markdown(rep))
-    typer.echo(f"wrote {out / 'fleet.json'}, {out / 'fleet.md'}, {out / 'fleet.png'} and "
-               f"{rep['new_bundle']}")
+    typer.echo(f"wrote {out / 'fleet.json'}, {out / 'fleet.md'}, {out / 'fleet.png'}"
+               + (f" and {rep['new_bundle']}" if rep["published"] else
+                  " (no new bundle: the aggregated head did not pass the gate)"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -87,6 +87,58 @@ def hapt_clients(recipe, n_clients: int) -> list[ClientData]:
     return out[:n_clients]
 
 
+def server_val_windows(recipe, out: Path) -> Path:
+    """The recipe's server-validation users' windows as one device ``.npz`` (``x``, ``y``).
+
+    These users never trained the server model and are not the fleet's devices: they judge
+    whether the aggregated head may be published (:func:`publish_gate`).
+    """
+    from edgetl.data import hapt
+
+    users = list(recipe.data.server_val_users)
+    if recipe.data.is_files or not users:
+        raise ConfigError("the fleet's publication gate needs the recipe's server-validation "
+                          "users (data.server_val_users)")
+    s = hapt.load_hapt(recipe.data.window, recipe.data.stride).users(users)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, x=s.x.astype(np.float32), y=np.asarray(s.labels)[s.y],
+             channels=np.asarray(s.channels))
+    return out
+
+
+def publish_gate(bundle: Path, params: dict, data: Path, work: Path, *,
+                 alpha: float | None = None) -> dict:
+    """Whether the aggregated head ``params`` may replace ``bundle``'s shipped head.
+
+    Both heads predict ``data`` (labelled windows no device trained on) through the device
+    runner; the device's own gate rule (:func:`edgerun.gate.decide`, level ``alpha``,
+    default the bundle's ``adapt.gate.alpha``) compares the paired predictions.
+    """
+    from edgerun import gate
+    from edgerun.adapt import GATE_DEFAULTS
+    from edgerun.bundle import Bundle
+    from edgerun.head import Head
+
+    from edgetl.adapt import run_runner
+
+    b = Bundle(str(bundle))
+    shipped = Head.from_bundle(b)
+    if alpha is None:
+        alpha = {**GATE_DEFAULTS, **(b.manifest["adapt"].get("gate") or {})}["alpha"]
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "aggregated_head.npz"
+    Head({k: np.asarray(v, np.float32) for k, v in params.items()},
+         list(shipped.labels)).save(str(path), b)
+    with np.load(data) as z:
+        y = z["y"].astype(str)
+    old = np.asarray(run_runner("infer", bundle, "--data", str(data))["predictions"]) == y
+    new = np.asarray(run_runner("infer", bundle, "--data", str(data), "--head",
+                                str(path))["predictions"]) == y
+    verdict = gate.decide(old, new, alpha=alpha)
+    return {**verdict, "data": str(data), "shipped_accuracy": float(old.mean()),
+            "aggregated_accuracy": float(new.mean())}
+
+
 def _write_clients(clients: list[ClientData], folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)  # device states of an earlier run would be reused otherwise
@@ -99,11 +151,15 @@ def _write_clients(clients: list[ClientData], folder: Path) -> None:
 def run_fleet(bundle: Path, clients: list[ClientData], out: Path, *, rounds: int = 10,
               local_epochs: int = 5, personal_epochs: int = 30, strategy: str = "fedavg",
               proximal_mu: float = 0.0, seed: int = 0, python: str | None = None,
-              sign_key: Path | None = None) -> dict:
+              sign_key: Path | None = None, gate_data: Path | None = None,
+              gate_alpha: float | None = None) -> dict:
     """Run the federated rounds in the fleet environment; write the report and bundle v+1.
 
     Returns the report (also ``out/fleet.json``); ``out/fleet.md`` and ``out/fleet.png`` next
-    to it, the new bundle version in ``out/bundle-v<N>``.
+    to it, the new bundle version in ``out/bundle-v<N>`` — only if the aggregated head passes
+    the device's gate rule against the shipped head on ``gate_data`` (the server-validation
+    users: :func:`server_val_windows`; ``None``: published unchecked). Otherwise the report
+    says aggregation bought nothing and the shipped head stays (``published``: false).
 
     Raises:
         ConfigError: bad options; MissingBackendError: no fleet environment.
@@ -143,12 +199,21 @@ def run_fleet(bundle: Path, clients: list[ClientData], out: Path, *, rounds: int
         final = {n: z[f"round{rounds}.{n}"] for n in rep["param_names"]}
     new = out / f"bundle-v{m.version + 1}"
     last = rep["rounds"][-1]
-    man = publish_head(bundle, new, final, sign_key=sign_key, note={
-        "how": f"Flower {rep['strategy']} over {len(clients)} devices, {rounds} rounds",
-        "global_accuracy": last["accuracy_accuracy"],
-        "original_accuracy": last["original_accuracy"]})
-    rep.update(bundle=str(bundle), parent_version=m.version, new_bundle=str(new),
-               new_version=man.version, backbone_unchanged=True, wall_seconds=wall,
+    verdict = (publish_gate(bundle, final, gate_data, out / "gate", alpha=gate_alpha)
+               if gate_data is not None else None)
+    if verdict is None or verdict["keep"]:
+        man = publish_head(bundle, new, final, sign_key=sign_key, note={
+            "how": f"Flower {rep['strategy']} over {len(clients)} devices, {rounds} rounds",
+            "global_accuracy": last["accuracy_accuracy"],
+            "original_accuracy": last["original_accuracy"],
+            **({"gate": verdict["reason"]} if verdict else {})})
+        rep.update(published=True, new_bundle=str(new), new_version=man.version)
+    else:
+        if new.exists():
+            shutil.rmtree(new)  # a version of an earlier run must not look like this run's
+        rep.update(published=False, new_bundle=None, new_version=None)
+    rep.update(bundle=str(bundle), parent_version=m.version, gate=verdict,
+               backbone_unchanged=True, wall_seconds=wall,
                local_epochs=local_epochs, personal_epochs=personal_epochs,
                users=sorted({c.user for c in clients}), n_clients=len(clients))
     (out / "fleet.json").write_text(json.dumps(rep, indent=2))
@@ -171,9 +236,18 @@ def markdown(rep: dict) -> str:
     rows = [f"| {r['round']} | {r['accuracy_accuracy']:.4f} | {r['original_accuracy']:.4f} | "
             f"{r['personal_accuracy']:.4f} | {r['bytes_up_per_client']:,.0f} | "
             f"{r['bytes_down_per_client']:,} | {r['seconds']:.1f} |" for r in rep["rounds"]]
-    tail = (f"\n\nNew bundle: {rep['new_bundle']} (version {rep['new_version']}, parent "
-            f"version {rep['parent_version']}, same backbone: devices keep their personal "
-            "heads).\n")
+    g = rep.get("gate")
+    judged = ("" if not g else
+              f"\n\nPublication gate on the server-validation users ({g['n']} windows): shipped "
+              f"{g['shipped_accuracy']:.4f}, aggregated {g['aggregated_accuracy']:.4f}; "
+              f"{g['reason']}.")
+    if rep.get("published", True):
+        tail = (f"{judged}\n\nNew bundle: {rep['new_bundle']} (version {rep['new_version']}, "
+                f"parent version {rep['parent_version']}, same backbone: devices keep their "
+                "personal heads).\n")
+    else:
+        tail = (f"{judged}\n\nNot published: aggregation bought nothing the gate can see; the "
+                f"shipped head (version {rep['parent_version']}) stays.\n")
     return head + "\n".join(rows) + tail
 
 

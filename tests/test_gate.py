@@ -150,3 +150,22 @@ def test_protocol_files_cut_a_user_as_documented(tmp_path):
     chunks = write_device_files(w, 7, tmp_path / "c", protocol="stream", gap=1)
     assert len(chunks) == STREAM_CHUNKS
     assert load(chunks[0]) == list(range(10)) and load(chunks[1]) == list(range(11, 20))
+
+
+def test_the_fleet_publishes_an_aggregated_head_only_on_evidence(bundle, tmp_path):
+    """The fleet's publication gate is the device's rule on data no device trained on: the
+    shipped head itself (a tie) is not published; a clearly better head is."""
+    from edgetl.fleet import publish_gate
+
+    judge = write_device_npz(tmp_path / "judge.npz", 150, seed=11, **SHIFT)
+    with np.load(bundle / "head_init.npz") as z:
+        shipped = {k: z[k] for k in ("weight", "bias")}
+    v = publish_gate(bundle, shipped, judge, tmp_path / "g1")
+    assert not v["keep"] and "tie" in v["reason"] and v["alpha"] == 0.05
+    p = adapt_json(bundle, write_device_npz(tmp_path / "d.npz", 160, seed=4, **SHIFT),
+                   tmp_path / "s", "--no-gate")
+    with np.load(tmp_path / "s" / "head.npz") as z:
+        better = {k: z[k] for k in ("weight", "bias")}
+    v = publish_gate(bundle, better, judge, tmp_path / "g2")
+    assert v["keep"] and v["aggregated_accuracy"] > v["shipped_accuracy"], v
+    assert p.returncode == 0
