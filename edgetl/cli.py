@@ -113,7 +113,12 @@ def distill(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
             baseline: Annotated[bool, typer.Option(help="also train the student from scratch "
                                                    "to measure what distillation buys")] = True,
             quiet: QuietOpt = False):
-    """Distill the teacher into the small student; writes OUT/student.pt."""
+    """Distill the teacher into the small student; writes OUT/student.pt.
+
+    With --baseline (the default) the same student is also trained from scratch, and the
+    better of the two on the server-validation data ships as OUT/student.pt (ties: the
+    distilled one); the output says which and why.
+    """
     _setup()
     from edgetl import stages
     from edgetl.distributed import session
@@ -124,6 +129,9 @@ def distill(recipe: RecipeArg = DEFAULT_RECIPE, out: OutOpt = Path("runs/har"),
     for name, r in res.items() if dist.is_main else ():
         typer.echo(f"{name}: {r.params:,} params, held-out accuracy {r.heldout_accuracy:.3f} "
                    f"-> {r.path}")
+    why = res["student"].extra.get("why") if dist.is_main else None
+    if why:
+        typer.echo(f"shipped student ({res['student'].extra['shipped']}): {why}")
 
 
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:

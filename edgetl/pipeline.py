@@ -52,7 +52,10 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     students = kind.distill(recipe, teacher.path, out, sd, show=show)
     results = {"teacher": teacher, **students}
     for role, r in results.items():
-        summ.server[role] = {"model": kind.model_name(role, recipe), **r.to_dict()}
+        name = kind.model_name(role, recipe)
+        if r.extra.get("shipped") == "from scratch":  # distillation would have hurt
+            name = kind.model_name("student_scratch", recipe) + ", shipped"
+        summ.server[role] = {"model": name, **r.to_dict()}
     if "student" in students:
         summ.server["distill"] = {"temperature": recipe.distill.temperature,
                                   "alpha": recipe.distill.alpha,

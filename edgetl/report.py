@@ -83,7 +83,7 @@ def server_table(summary) -> Table:
     for c in ("model", "params", "backbone params", "server-val acc", "held-out acc",
               "train s"):
         t.add_column(c, justify="right" if c != "model" else "left")
-    for key in ("teacher", "student_scratch", "student"):
+    for key in ("teacher", "student_scratch", "student_distilled", "student"):
         r = summary.server.get(key)
         if r:
             t.add_row(r.get("model", key), f"{r['params']:,}", f"{r['backbone_params']:,}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,8 @@ class RecipeKind:
         """How the server table names ``role``."""
         net = recipe.teacher if role == "teacher" else recipe.student
         how = {"teacher": "pretrained, fine-tuned" if getattr(net, "pretrained", False)
-               else "trained", "student": "distilled", "student_scratch": "from scratch"}
+               else "trained", "student": "distilled", "student_scratch": "from scratch",
+               "student_distilled": "distilled, not shipped"}
         return f"{role.split('_')[0]} {net.arch} ({how.get(role, role)})"
 
     def pretrain(self, recipe, out: Path, sd: ServerData, *,
@@ -182,9 +184,16 @@ def train_teacher(kind, recipe, out: Path, sd: ServerData, *,
 
 def train_students(kind, recipe, teacher_path: Path, out: Path, sd: ServerData, *,
                    baseline: bool = True, show: bool = True) -> dict[str, StageResult]:
-    """Distill the teacher into ``recipe.student``; with ``baseline`` also from scratch."""
+    """Distill the teacher into ``recipe.student``; with ``baseline`` also from scratch.
+
+    Distillation must never hurt: with ``baseline``, the student that ships (``student``,
+    ``out/student.pt``, what ``edgetl export`` and ``edgetl run`` take) is the better of the
+    two on the server-validation data (ties: the distilled one). When the from-scratch twin
+    wins, the distilled student stays as ``student_distilled`` and ``student`` records why
+    (``extra["shipped"]``, ``extra["why"]``); both are in the server table.
+    """
     teacher = load_checkpoint(teacher_path).model
-    results = {}
+    results, models = {}, {}
     runs = [("student", True)] + ([("student_scratch", False)] if baseline else [])
     for name, kd in runs:
         torch.manual_seed(recipe.student_train.seed)
@@ -201,4 +210,27 @@ def train_students(kind, recipe, teacher_path: Path, out: Path, sd: ServerData, 
         results[name] = record(kind, model, recipe, recipe.student, sd,
                                Path(out) / f"{name}.pt", meta, res.val_accuracy, res.seconds,
                                res.history)
+        models[name] = (model, meta, res)
+    if not baseline:
+        return results
+    kd, scratch = results["student"], results["student_scratch"]
+    if scratch.val_accuracy <= kd.val_accuracy:
+        why = (f"distilled {kd.val_accuracy:.4f} >= from scratch {scratch.val_accuracy:.4f} "
+               "on the server-validation data")
+        results["student"] = dataclasses.replace(kd, extra={**kd.extra, "shipped": "distilled",
+                                                             "why": why})
+        return results
+    why = (f"from scratch {scratch.val_accuracy:.4f} > distilled {kd.val_accuracy:.4f} on the "
+           "server-validation data: distillation would have hurt, the from-scratch twin ships")
+    if is_main():  # only rank 0 wrote checkpoints (torchrun)
+        (Path(out) / "student.pt").replace(Path(out) / "student_distilled.pt")
+    results["student_distilled"] = dataclasses.replace(kd, path=Path(out) /
+                                                       "student_distilled.pt")
+    model, meta, res = models["student_scratch"]
+    results["student"] = record(kind, model, recipe, recipe.student, sd,
+                                Path(out) / "student.pt",
+                                {**meta, "role": "student", "shipped_over": "distilled"},
+                                res.val_accuracy, res.seconds, res.history,
+                                heldout=scratch.heldout_accuracy,
+                                extra={"shipped": "from scratch", "why": why})
     return results
