@@ -606,8 +606,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     try:
         if rolled_back:
             if not usable:
-                c.stage("head.npz", lambda f: start.write(f, bundle, {"rolled_back": True,
-                                                                       "imprinted": new}))
+                c.stage("head.npz", lambda f: start.write(f, bundle, {
+                    "rolled_back": True, "imprinted": new, "run_key": run_key}))
         else:
             if usable:  # keep the previous head: copy, never move, head.npz
                 c.stage_copy(ckpt, "head.prev.npz")
