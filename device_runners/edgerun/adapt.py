@@ -131,6 +131,8 @@ def selftest_train(bundle: Bundle, backend) -> float:
 
 
 TRAIN_STATE = "train_state.npz"
+#: Seconds past ``--max-seconds`` after which a backbone call is cancelled.
+BACKBONE_GRACE_S = 1.0
 TRAIN_FORMAT = "edgerun.train/1"
 
 
@@ -390,7 +392,9 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     epochs, batch_size, val_fraction = adapt_settings(m, epochs, batch_size, val_fraction)
     backend = make_backend(bundle, threads, trainer)
     if max_seconds is not None:  # backbone calls are cancelled (ONNX) or stop between chunks
-        backend.deadline = t_start + max_seconds
+        # 1 s of grace: a budget crossed in a pass that does finish still trains one step and
+        # keeps the best head (the documented budget rule); a pass that does not is stopped
+        backend.deadline = t_start + max_seconds + BACKBONE_GRACE_S
     try:
         selftest_err = selftest(bundle, backend)
         ds = dataio.load(data_path, m, need_labels=True, max_mb=max_data_mb, bundle=bundle)
