@@ -197,6 +197,15 @@ def main(argv=None) -> int:
     except RunnerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full or read-only disk met outside a commit: still one line
+        from edgerun.commit import disk_error
+
+        err = disk_error(e, os.path.basename(e.filename or "") or "a file",
+                         os.path.dirname(os.path.abspath(e.filename or ".")))
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(res))
     return 0

@@ -16,11 +16,12 @@ import time
 
 import numpy as np
 
-from edgerun import RunnerError, __version__, atomic_write, copy_durable
+from edgerun import RunnerError, __version__, atomic_write
 from edgerun import data as dataio
 from edgerun import gate as gating
 from edgerun.backends import make_backend
 from edgerun.bundle import Bundle, sha256_file
+from edgerun.commit import Commit
 from edgerun.head import Head, backbone_of, check_finite
 
 
@@ -133,6 +134,8 @@ def selftest_train(bundle: Bundle, backend) -> float:
 
 
 TRAIN_STATE = "train_state.npz"
+#: Seconds past ``--max-seconds`` after which a backbone call is cancelled.
+BACKBONE_GRACE_S = 1.0
 TRAIN_FORMAT = "edgerun.train/1"
 
 
@@ -163,6 +166,21 @@ def _load_train_state(path: str, key: dict):
         raise RunnerError(f"{path} belongs to another adaptation (other data, bundle or "
                           "settings); delete it or drop --resume")
     return meta, arrays
+
+
+def _finished_report(out_dir: str, run_key: str) -> dict | None:
+    """The folder's report if it is of the run ``run_key`` and its head is in place."""
+    from edgerun.files import open_regular
+
+    path = os.path.join(out_dir, "report.json")
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(out_dir, "head.npz"))):
+        return None
+    try:
+        with open_regular(path, "report", 64 << 20) as f:
+            rep = json.loads(f.read().decode("utf-8"))
+    except (RunnerError, ValueError, RecursionError):
+        return None
+    return rep if isinstance(rep, dict) and rep.get("run_key") == run_key else None
 
 
 def selftest(bundle: Bundle, backend) -> float:
@@ -211,28 +229,68 @@ def data_digest(path: str) -> str:
     return h.hexdigest()
 
 
+FEATURES_FORMAT = "edgerun.features/1"
+
+
+def _read_cached(path: str, key: str, shape: tuple):
+    """``(features, None)`` from a cache entry that matches ``key``, else ``(None, why)``."""
+    from edgerun.files import read_npz
+
+    try:
+        z = read_npz(path, "feature cache", int(np.prod(shape)) * 4 + (1 << 20))
+        meta = json.loads(str(z["__meta__"]))
+        feats = z["features"]
+    except (RunnerError, ValueError, KeyError) as e:
+        return None, f"unreadable ({str(e)[:120]})"
+    if not isinstance(meta, dict) or meta.get("format") != FEATURES_FORMAT:
+        return None, "not a feature cache entry"
+    if meta.get("key") != key:
+        return None, "made for other data, backbone or preprocessing"
+    if (feats.shape != shape or feats.dtype != np.float32
+            or hashlib.sha256(feats.tobytes()).hexdigest() != meta.get("sha256")):
+        return None, "damaged (its features do not match their recorded sha256 or shape)"
+    return feats, None
+
+
 def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
     """Backbone features of ``ds``, cached in ``out_dir/features/`` on the device.
 
     The backbone is frozen, so features depend only on the data file, the backbone and the
-    preprocessing; the key hashes all three. Returns ``(features, was_cached)``.
+    preprocessing; the key hashes all three. An entry stores its key and the sha256 of its
+    features, both checked on read: a stale or damaged entry is recomputed, with a warning.
+
+    Returns ``(features, was_cached, warning or None, save)``. ``save()`` writes the entry:
+    call it only once nothing can refuse the run any more (messages that say nothing was
+    written stay true); it returns a warning when the cache cannot be written (a full disk
+    only loses the cache).
     """
     m = bundle.manifest
     key = json.dumps([data_digest(data_path), m["files"]["backbone"]["sha256"],
                       m["input"].get("preprocess") or m["input"].get("image")
                       or m["input"].get("text")], sort_keys=True)
-    name = hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy"
-    path = os.path.join(out_dir, "features", name)
-    if os.path.isfile(path):
-        try:
-            feats = np.load(path, allow_pickle=False)
-            if feats.shape == (len(ds.x), int(m["features"]["dim"])):
-                return feats, True
-        except (OSError, ValueError):
-            pass  # a damaged cache entry is recomputed
-    feats = backend.features(dataio.preprocess(ds.x, m))
-    atomic_write(path, lambda f: np.save(f, feats), suffix=".npy", durable=False)  # a cache
-    return feats, False
+    path = os.path.join(out_dir, "features", hashlib.sha256(key.encode()).hexdigest()[:24]
+                        + ".npz")
+    shape = (len(ds.x), int(m["features"]["dim"]))
+    note = None
+    if os.path.lexists(path):
+        feats, why = _read_cached(path, key, shape)
+        if feats is not None:
+            return feats, True, None, lambda: None
+        note = f"the feature cache {path} was {why}; the features were recomputed"
+    feats = np.ascontiguousarray(backend.features(dataio.preprocess(ds.x, m)), np.float32)
+    meta = {"format": FEATURES_FORMAT, "key": key,
+            "sha256": hashlib.sha256(feats.tobytes()).hexdigest()}
+
+    def save():
+        try:  # a cache: no fsync (lost at worst, never half-written)
+            atomic_write(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)),
+                                                  features=feats),
+                         suffix=".npz", durable=False)
+        except OSError as e:
+            return f"the feature cache was not written ({e.strerror or e}); it is only a cache"
+        return None
+
+    return feats, False, note, save
 
 
 def _infer(backend, bundle: Bundle, head: Head, feats: np.ndarray) -> dict:
@@ -355,7 +413,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                    l2sp: float | None = None, allow_downgrade: bool = False,
                    gate_alpha: float | None = None, gate_rule: str | None = None,
                    patience: int | None = None, mix: tuple | None = None,
-                   quiet: bool = False) -> dict:
+                   quiet: bool = False, commit_extra: dict | None = None) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Which head: each epoch ends with the validation loss of the head so far; the epoch of
@@ -387,30 +445,54 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     Rollback protection: a bundle older than one this folder already accepted (same name,
     lower ``version``) is refused unless ``allow_downgrade`` (:mod:`edgerun.versions`).
 
+    Commit: ``head.npz``, ``head.prev.npz``, ``report.json``, ``versions.json`` and the JSON
+    files of ``commit_extra`` (``{name: object}``, e.g. ``update``'s ``bundle.json``) are
+    replaced as one step (:mod:`edgerun.commit`); ``train_state.npz`` goes with it. With
+    ``resume`` and no training state, a finished run of the same key (``report.json``'s
+    ``run_key``) is returned as it is instead of being redone.
+
     Returns the report (also written as ``report.json``).
     """
     from edgerun import versions
+    from edgerun.backends import BudgetExceeded
+    from edgerun.commit import recover
 
     t_start = time.perf_counter()
+    warnings: list[str] = recover(out_dir)  # a killed run's commit finished, orphans removed
     bundle = Bundle(bundle_dir, trust_key=trust_key)
     m = bundle.manifest
     versions.check(m, out_dir, allow_downgrade=allow_downgrade)
     epochs, batch_size, val_fraction = adapt_settings(m, epochs, batch_size, val_fraction)
     gate, patience, mix = gate_settings(m, gate_alpha, gate_rule, patience, mix)
     backend = make_backend(bundle, threads, trainer)
-    selftest_err = selftest(bundle, backend)
-    ds = dataio.load(data_path, m, need_labels=True, max_mb=max_data_mb, bundle=bundle)
-    if len(set(ds.y)) < 2:
-        raise RunnerError(f"{data_path}: every window is labelled {ds.y[0]!r}; adapting a "
-                          "classifier needs windows of at least 2 labels (nothing was written)")
-    warnings: list[str] = []
-    if ds.skipped:
-        warnings.append(f"skipped {len(ds.skipped)} unreadable file(s), e.g. "
-                        f"{ds.skipped[0]['path']}: {ds.skipped[0]['reason']}")
+    if max_seconds is not None:  # backbone calls are cancelled (ONNX) or stop between chunks
+        # 1 s of grace: a budget crossed in a pass that does finish still trains one step and
+        # keeps the best head (the documented budget rule); a pass that does not is stopped
+        backend.deadline = t_start + max_seconds + BACKBONE_GRACE_S
+    try:
+        selftest_err = selftest(bundle, backend)
+        ds = dataio.load(data_path, m, need_labels=True, max_mb=max_data_mb, bundle=bundle)
+        if len(set(ds.y)) < 2:
+            raise RunnerError(f"{data_path}: every window is labelled {ds.y[0]!r}; adapting a "
+                              "classifier needs windows of at least 2 labels (nothing was "
+                              "written)")
+        if ds.skipped:
+            warnings.append(f"skipped {len(ds.skipped)} unreadable file(s), e.g. "
+                            f"{ds.skipped[0]['path']}: {ds.skipped[0]['reason']}")
 
-    t0 = time.perf_counter()
-    feats, cached = cached_features(backend, bundle, ds, data_path, out_dir)
-    feature_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        feats, cached, note, save_cache = cached_features(backend, bundle, ds, data_path,
+                                                          out_dir)
+        feature_seconds = time.perf_counter() - t0
+    except BudgetExceeded as e:
+        raise RunnerError(f"{e} before training started: the --max-seconds {max_seconds:g} "
+                          "budget is too small for this bundle and data (or the backbone does "
+                          "not finish); nothing was written: raise --max-seconds or adapt on "
+                          "fewer windows") from None
+    finally:
+        backend.deadline = None  # training checks the budget after every step itself
+    if note:
+        warnings.append(note)
 
     head0 = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)
     head = head0.copy()
@@ -479,13 +561,22 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                           "written. Raise the budget or adapt on fewer windows")
     stopped, best = None, None
     os.makedirs(out_dir, exist_ok=True)
+    cache_note = save_cache()  # after every check that refuses with "nothing was written"
+    if cache_note:
+        warnings.append(cache_note)
     state_path = os.path.join(out_dir, TRAIN_STATE)
     key = {"data": data_digest(data_path), "backbone": m["files"]["backbone"]["sha256"],
            "head": head_path and sha256_file(head_path), "epochs": epochs, "batch": bs,
            "seed": seed, "val_fraction": val_fraction, "hparams": hp,
-           "class_balanced": class_balanced, "patience": patience,
-           "trainer": backend.trainer, "labels": head.labels}
+           "class_balanced": class_balanced, "patience": patience, "gate": gate,
+           "mix": list(mix), "trainer": backend.trainer, "labels": head.labels}
+    run_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     first = 0
+    if resume and not os.path.isfile(state_path):
+        done = _finished_report(out_dir, run_key)
+        if done is not None:  # killed after its commit: the run is complete, keep it as is
+            _say(quiet, "this adaptation already finished (report.json); nothing to resume")
+            return done
     if resume and os.path.isfile(state_path):
         saved = _load_train_state(state_path, key)
         if saved is not None:
@@ -537,7 +628,13 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         if stopped:
             break
         if time.perf_counter() - last_save >= checkpoint_every and epoch + 1 < epochs:
-            _save_train_state(state_path, key, epoch + 1, rng, head, state, best, history, steps)
+            try:
+                _save_train_state(state_path, key, epoch + 1, rng, head, state, best, history,
+                                  steps)
+            except OSError as e:
+                from edgerun.commit import disk_error
+
+                raise disk_error(e, TRAIN_STATE, out_dir) or e from None
             last_save = time.perf_counter()
     train_seconds = time.perf_counter() - t1
     if best is not None:  # the epoch of lowest validation loss
@@ -557,30 +654,19 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     acc_before, acc_after = verdict["accuracy_before"], verdict["accuracy_after"]
     rolled_back = not verdict["keep"]
 
-    os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "head.npz")
     # A head.npz of another backbone (``update`` leaves it in place until the new one is
     # written, so a crash never leaves the folder without a head) is never kept or copied.
     usable = (os.path.exists(ckpt)
               and backbone_of(ckpt) == m["files"]["backbone"]["sha256"])
-    written = False
     if rolled_back:
         _say(quiet, f"gate: {verdict['reason']}")
-        if np.all([np.isfinite(v).all() for v in head.params.values()]):
-            head.save(os.path.join(out_dir, "head.rejected.npz"), bundle,
-                      {"rejected": verdict["reason"], "data": os.path.basename(data_path)})
-        if not usable:
-            start.save(ckpt, bundle, {"rolled_back": True, "imprinted": new})
-            written = True
     else:
-        check_finite(head.params, f"refusing to write {ckpt}")  # before head.prev.npz moves
-        if usable:  # keep the previous head: copy, never move, head.npz
-            copy_durable(ckpt, os.path.join(out_dir, "head.prev.npz"))
-        head.save(ckpt, bundle, {"accuracy_before": acc_before, "accuracy_after": acc_after,
-                                 "data": os.path.basename(data_path)})
-        written = True
-    if os.path.exists(state_path):
-        os.unlink(state_path)  # finished: a later --resume starts a new adaptation
+        check_finite(head.params, f"refusing to write {ckpt}")  # before anything is staged
+    written = not rolled_back or not usable
+    if ds.info.get("truncated_texts"):
+        warnings.append(f"{ds.info['truncated_texts']} of {ds.info['n_texts']} texts were longer "
+                        f"than {ds.info['max_length']} word pieces and were truncated")
     report = {
         "runner_version": __version__, "bundle": m.get("name"), "data": os.path.abspath(data_path),
         "backend": backend.name, "backend_version": backend.version, "target": m["target"],
@@ -600,13 +686,38 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         "selftest_max_abs_err": selftest_err, "history": history,
         "stopped_early": stopped, "early_stop": early, "epochs_run": len(history),
         "budget": {"max_seconds": max_seconds, "max_memory_mb": max_memory_mb},
+        "run_key": run_key,
         **ds.info,
     }
-    if ds.info.get("truncated_texts"):
-        warnings.append(f"{ds.info['truncated_texts']} of {ds.info['n_texts']} texts were longer "
-                        f"than {ds.info['max_length']} word pieces and were truncated")
-    write_json(os.path.join(out_dir, "report.json"), report)
-    versions.record(m, out_dir, allow_downgrade=allow_downgrade)
+    # One commit (edgerun.commit): every new file staged and fsynced before any is replaced;
+    # a kill from here on is finished by the next run, a full disk replaces nothing.
+    c = Commit(out_dir)
+    try:
+        if rolled_back:
+            if not usable:
+                c.stage("head.npz", lambda f: start.write(f, bundle, {
+                    "rolled_back": True, "imprinted": new, "run_key": run_key}))
+            if all(np.isfinite(v).all() for v in head.params.values()):  # for inspection
+                c.stage("head.rejected.npz", lambda f: head.write(f, bundle, {
+                    "rejected": verdict["reason"], "data": os.path.basename(data_path),
+                    "run_key": run_key}))
+        else:
+            if usable:  # keep the previous head: copy, never move, head.npz
+                c.stage_copy(ckpt, "head.prev.npz")
+            c.stage("head.npz", lambda f: head.write(
+                f, bundle, {"accuracy_before": acc_before, "accuracy_after": acc_after,
+                            "data": os.path.basename(data_path), "run_key": run_key}))
+        c.stage_json("report.json", report)
+        record = versions.updated(m, out_dir, allow_downgrade=allow_downgrade)
+        if record is not None:
+            c.stage_json(versions.VERSIONS_FILE, record)
+        for name, obj in (commit_extra or {}).items():
+            c.stage_json(name, obj)
+    except BaseException:
+        c.abort()
+        raise
+    c.delete(TRAIN_STATE)  # finished: a later --resume starts a new adaptation
+    c.apply()
     for w in warnings:
         _say(quiet, f"warning: {w}")
     _say(quiet, f"{'kept the current head' if rolled_back else 'kept new head'}: val accuracy "

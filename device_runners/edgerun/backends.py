@@ -8,11 +8,27 @@ imported only when its backend is built.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from edgerun import RunnerError
 
 BACKENDS = {}
+
+
+class BudgetExceeded(RunnerError):
+    """The time budget (``backend.deadline``) ran out in or between backbone calls."""
+
+
+def check_deadline(backend) -> None:
+    """Raise :class:`BudgetExceeded` once ``backend.deadline`` has passed.
+
+    ``deadline``: a ``time.perf_counter`` time, or ``None`` (no budget). Called between
+    backbone chunks.
+    """
+    if backend.deadline is not None and time.perf_counter() >= backend.deadline:
+        raise BudgetExceeded("the time budget ran out during the backbone pass")
 
 
 def register(target: str):
@@ -60,6 +76,9 @@ class OrtBackend:
     """onnxruntime sessions for the backbone, the head train step and the head infer graph."""
 
     name = "onnxruntime"
+    #: ``perf_counter`` time after which backbone calls stop: checked between chunks, and a
+    #: running call is cancelled (``RunOptions.terminate`` set from a timer thread).
+    deadline = None
 
     def __init__(self, bundle, threads: int = 0):
         try:
@@ -104,9 +123,37 @@ class OrtBackend:
             return self._text_features(x)
         if self._dynamic_int8:  # one activation scale per call: one input per call
             batch = 1
-        out = [self._bb.run(None, {self._in: x[i : i + batch]})[0]
-               for i in range(0, len(x), batch)]
+        out = [self._bb_run({self._in: x[i : i + batch]}) for i in range(0, len(x), batch)]
         return np.concatenate(out, axis=0)
+
+    def _bb_run(self, feeds: dict) -> np.ndarray:
+        """The backbone's first output; the call is cancelled at :attr:`deadline`.
+
+        One graph with a huge loop would otherwise run past any budget: Python cannot
+        interrupt a running call, but onnxruntime polls ``RunOptions.terminate``.
+        """
+        if self.deadline is None:
+            return self._bb.run(None, feeds)[0]
+        import threading
+
+        import onnxruntime as ort
+
+        check_deadline(self)
+        opts = ort.RunOptions()
+        opts.log_severity_level = 4  # the cancellation is reported as one error: line
+        timer = threading.Timer(max(self.deadline - time.perf_counter(), 0.0),
+                                setattr, (opts, "terminate", True))
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._bb.run(None, feeds, opts)[0]
+        except Exception:  # noqa: BLE001 - onnxruntime's Fail has no public class
+            if opts.terminate:
+                raise BudgetExceeded("the time budget ran out during a backbone call "
+                                     "(onnxruntime cancelled it)") from None
+            raise
+        finally:
+            timer.cancel()
 
     def _text_features(self, x: np.ndarray) -> np.ndarray:
         """(N, 2, L) ids + mask: texts sorted by length, each chunk cut to its longest text.
@@ -121,8 +168,8 @@ class OrtBackend:
         for i in range(0, len(x), batch):
             idx = order[i : i + batch]
             c = x[idx, :, : max(int(n_tok[idx].max()), 1)]
-            out[idx] = self._bb.run(None, {n: np.ascontiguousarray(c[:, j])
-                                           for j, n in enumerate(self._text_in)})[0]
+            out[idx] = self._bb_run({n: np.ascontiguousarray(c[:, j])
+                                     for j, n in enumerate(self._text_in)})
         return out
 
     def train_step(self, feeds: dict) -> dict:
@@ -164,6 +211,9 @@ class LiteRTBackend:
     """
 
     name = "ai-edge-litert"
+    #: ``perf_counter`` time after which backbone calls stop. Checked between calls only:
+    #: LiteRT's Python API cannot cancel a running call, so one long call runs to its end.
+    deadline = None
 
     def __init__(self, bundle, threads: int = 0):
         try:
@@ -215,6 +265,7 @@ class LiteRTBackend:
             return self._text_features(x)
         b, out = self._bb_batch, []
         for i in range(0, len(x), b):
+            check_deadline(self)
             chunk = (_quantize(x[i : i + b], self._qin) if self._qin
                      else np.ascontiguousarray(x[i : i + b], self._in_dtype))
             y = self._bb(**{self._in: _pad(chunk, b)})[self._out]
@@ -225,6 +276,7 @@ class LiteRTBackend:
         """(N, 2, L) ids + mask, one text per call through its shortest length signature."""
         out = []
         for i in range(len(x)):
+            check_deadline(self)
             n = int(x[i, 1].sum())
             length, run = next((L, r) for L, r in self._by_len if L >= n)
             out.append(run(**{self._in: np.ascontiguousarray(x[i : i + 1, :, :length],

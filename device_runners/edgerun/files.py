@@ -207,7 +207,12 @@ class state_lock:  # noqa: N801 (used as a context manager, like open)
             return self
         os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:  # a read-only or foreign folder: say so before any work is done
+            raise RunnerError(f"state folder {self.folder} is not writable ({e.strerror or e}): "
+                              "nothing was written; make it writable or pass another --out / "
+                              "--state") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -130,13 +130,17 @@ class Head:
         A head with non-finite parameters is refused before anything is written.
         """
         check_finite(self.params, f"refusing to write {path}")
+        atomic_write(path, lambda f: self.write(f, bundle, extra), prefix=".head.",
+                     suffix=".npz")
+
+    def write(self, f, bundle, extra: dict | None = None) -> None:
+        """The checkpoint into the binary file ``f`` (non-finite parameters refused first)."""
+        check_finite(self.params, "refusing to write a head checkpoint")
         meta = {**self.meta, **(extra or {}), "format": FORMAT,
                 "backbone_sha256": bundle.manifest["files"]["backbone"]["sha256"],
                 "saved_unix": time.time()}
-        atomic_write(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)),
-                                              __labels__=np.array(self.labels, dtype=str),
-                                              **self.params),
-                     prefix=".head.", suffix=".npz")
+        np.savez(f, __meta__=np.array(json.dumps(meta)),
+                 __labels__=np.array(self.labels, dtype=str), **self.params)
 
     def rows(self, class_params: list) -> int:
         """Class rows of the last layer (labels plus spare rows of a fixed-capacity head)."""

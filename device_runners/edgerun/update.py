@@ -67,7 +67,9 @@ def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = 
     """
     from edgerun import adapt as ad
     from edgerun import versions
+    from edgerun.commit import Commit, recover
 
+    notes = recover(state_dir)  # a killed run's commit finished, orphan temps removed
     bundle = Bundle(bundle_dir, trust_key=trust_key)
     versions.check(bundle.manifest, state_dir, allow_downgrade=allow_downgrade)
     new = bundle_record(bundle)
@@ -87,8 +89,10 @@ def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = 
             previous = None
             warning = (f"{prev_path} is damaged ({e}); the previous bundle is unknown and the "
                        "record is rewritten")
+    warnings = notes + ([warning] if warning else [])
     res = {"bundle": os.path.abspath(bundle_dir), "to": new, "from": previous,
-           **({"warnings": [warning]} if warning else {})}
+           **({"warnings": warnings} if warnings else {})}
+    c = Commit(state_dir)  # bundle.json, versions.json (and a reset head) as one step
     if not os.path.isfile(ckpt):
         res["action"] = "fresh"
         res["message"] = "no personal head yet: the device runs the bundle's head"
@@ -115,8 +119,11 @@ def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = 
             # a head of another backbone, even when it rolls back.
             res["stale_head"] = stale
             if data_path is not None:
+                # one commit: the re-adapted head, its report and the bundle record
                 rep = ad.adapt(bundle_dir, data_path, state_dir, trust_key=trust_key,
-                               allow_downgrade=allow_downgrade, quiet=True, **adapt_kw)
+                               allow_downgrade=allow_downgrade, quiet=True,
+                               commit_extra={STATE_FILE: new}, **adapt_kw)
+                c = None
                 res["action"] = "readapted"
                 res["message"] = (f"{why}: re-adapted the new head on {data_path} (validation "
                                   f"{rep['accuracy_before']:.3f} -> {rep['accuracy_after']:.3f}"
@@ -124,17 +131,27 @@ def update_unlocked(bundle_dir: str, state_dir: str, *, data_path: str | None = 
                 res["adapt"] = {k: rep[k] for k in ("accuracy_before", "accuracy_after",
                                                     "rolled_back", "n_train", "n_val")}
             else:
-                Head.from_bundle(bundle).save(ckpt, bundle, {"reset_from": stale})
+                shipped = Head.from_bundle(bundle)
+                c.stage("head.npz", lambda f: shipped.write(f, bundle, {"reset_from": stale}))
                 res["action"] = "reset"
                 res["message"] = (f"{why}: no local data given (--data), so the personal head "
                                   "was replaced by the bundle's shipped head; re-adapt with "
                                   "`run.py adapt` to personalise again")
-    ad.write_json(prev_path, new)
-    versions.record(bundle.manifest, state_dir, allow_downgrade=allow_downgrade)
+    if c is not None:
+        try:
+            c.stage_json(STATE_FILE, new)
+            record = versions.updated(bundle.manifest, state_dir,
+                                      allow_downgrade=allow_downgrade)
+            if record is not None:
+                c.stage_json(versions.VERSIONS_FILE, record)
+        except BaseException:
+            c.abort()
+            raise
+        c.apply()
     if not quiet:
         import sys
 
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
         print(f"{res['action']}: {res['message']}", file=sys.stderr)
     return res

@@ -55,8 +55,8 @@ def check(manifest: dict, state_dir: str, *, allow_downgrade: bool = False) -> N
                           "on purpose (nothing was written)")
 
 
-def record(manifest: dict, state_dir: str, *, allow_downgrade: bool = False) -> None:
-    """Raise the state folder's record of ``manifest``'s name to its version.
+def updated(manifest: dict, state_dir: str, *, allow_downgrade: bool = False) -> dict | None:
+    """The record raised to ``manifest``'s version, or ``None`` when it does not change.
 
     Never lowered, except by an allowed downgrade: a deliberate rollback then becomes the
     version later runs are held to.
@@ -64,7 +64,14 @@ def record(manifest: dict, state_dir: str, *, allow_downgrade: bool = False) -> 
     seen = accepted(state_dir)
     name, version = str(manifest["name"]), int(manifest["version"])
     if seen.get(name) == version or (seen.get(name, -1) > version and not allow_downgrade):
-        return
+        return None
     seen[name] = version
-    atomic_write(_path(state_dir), lambda f: json.dump(seen, f, indent=2, sort_keys=True),
-                 binary=False, suffix=".json")
+    return seen
+
+
+def record(manifest: dict, state_dir: str, *, allow_downgrade: bool = False) -> None:
+    """Write :func:`updated` (if it changed) to the state folder, atomically."""
+    seen = updated(manifest, state_dir, allow_downgrade=allow_downgrade)
+    if seen is not None:
+        atomic_write(_path(state_dir), lambda f: json.dump(seen, f, indent=2, sort_keys=True),
+                     binary=False, suffix=".json")
