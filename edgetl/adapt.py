@@ -58,10 +58,11 @@ def run_json(cmd: list[str], what: str, *, echo_stderr: bool = False) -> dict:
 def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: int = 32,
           val_fraction: float = 0.25, lr: float | None = None, seed: int = 0,
           head: Path | None = None, class_balanced: bool = False, l2sp: float | None = None,
-          gate_alpha: float | None = None, quiet: bool = True) -> dict:
+          gate_alpha: float | None = None, patience: int | None = None,
+          mix: tuple[float, ...] | None = None, quiet: bool = True) -> dict:
     """Personalise ``bundle``'s head on ``data`` in a runner subprocess; return its report.
 
-    ``gate_alpha``: override the bundle's gate level (``adapt.gate.alpha``).
+    ``gate_alpha``, ``patience``, ``mix``: override the bundle's ``adapt`` block.
     """
     args = ["--data", str(data), "--out", str(out), "--epochs", str(epochs),
             "--batch-size", str(batch_size), "--val-fraction", str(val_fraction),
@@ -76,6 +77,10 @@ def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: 
         args += ["--l2sp", str(l2sp)]
     if gate_alpha is not None:
         args += ["--gate-alpha", str(gate_alpha)]
+    if patience is not None:
+        args += ["--patience", str(patience)]
+    if mix is not None:
+        args += ["--mix", ",".join(f"{w:g}" for w in mix)]
     return run_runner("adapt", bundle, *args, quiet=quiet)
 
 

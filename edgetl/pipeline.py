@@ -123,9 +123,8 @@ def personalise_stream(recipe: Recipe, bundles: list[dict], devices: list[Device
                 data = _concat_npz(dev.chunks[:i], state / f"seen{i}.npz")
                 general = device.infer(bundle, dev.chunks[i])
                 try:
-                    rep = device.adapt(bundle, data, state / "head", epochs=a.epochs,
-                                       batch_size=a.batch_size, val_fraction=a.val_fraction,
-                                       seed=a.seed, head=head)
+                    rep = device.adapt(bundle, data, state / "head", head=head,
+                                       **adapt_options(a))
                 except EdgetlError as e:
                     now = device.infer(bundle, dev.chunks[i], head=head) if head else general
                     steps.append((general, now, now, {"refused": str(e)}))
@@ -234,6 +233,17 @@ def write_device_index(out: Path, devices: list[Device]) -> Path:
     return path
 
 
+def adapt_options(a) -> dict:
+    """The recipe's ``[adapt]`` as :func:`edgetl.adapt.adapt` options.
+
+    The simulated devices run the recipe's settings, not whatever an (older) bundle says, so
+    a recipe change is measured without re-exporting.
+    """
+    return {"epochs": a.epochs, "batch_size": a.batch_size, "val_fraction": a.val_fraction,
+            "seed": a.seed, "gate_alpha": a.gate_alpha, "patience": a.patience,
+            "mix": tuple(a.mix)}
+
+
 def can_learn(bundle: dict, device: Device) -> tuple[bool, list[str]]:
     """Whether ``bundle``'s head can hold ``device``'s labels, and which of them are new.
 
@@ -278,9 +288,7 @@ def personalise(recipe: Recipe, bundles: list[dict], devices: list[Device], root
                 before = device.infer(bundle, dev.eval, head=Path(start["checkpoint"]))
             else:
                 before = device.infer(bundle, dev.eval)
-            rep = device.adapt(bundle, dev.adapt, state / "trained", epochs=a.epochs,
-                               batch_size=a.batch_size, val_fraction=a.val_fraction,
-                               seed=a.seed)
+            rep = device.adapt(bundle, dev.adapt, state / "trained", **adapt_options(a))
             after = device.infer(bundle, dev.eval, head=Path(rep["checkpoint"]))
             rejected = Path(rep["checkpoint"]).with_name("head.rejected.npz")
             adapted = (device.infer(bundle, dev.eval, head=rejected)
