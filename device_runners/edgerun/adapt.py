@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from edgerun import RunnerError, __version__, atomic_write, copy_durable
+from edgerun import RunnerError, __version__, adabn, atomic_write, copy_durable
 from edgerun import data as dataio
 from edgerun import gate as gating
 from edgerun.backends import make_backend
@@ -218,9 +218,11 @@ def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
     preprocessing; the key hashes all three. Returns ``(features, was_cached)``.
     """
     m = bundle.manifest
-    key = json.dumps([data_digest(data_path), m["files"]["backbone"]["sha256"],
-                      m["input"].get("preprocess") or m["input"].get("image")
-                      or m["input"].get("text")], sort_keys=True)
+    key = [data_digest(data_path), m["files"]["backbone"]["sha256"],
+           m["input"].get("preprocess") or m["input"].get("image") or m["input"].get("text")]
+    if getattr(backend, "features_key", None):  # recalibrated BN statistics (edgerun.adabn)
+        key.append(backend.features_key)
+    key = json.dumps(key, sort_keys=True)
     name = hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy"
     path = os.path.join(out_dir, "features", name)
     if os.path.isfile(path):
@@ -399,11 +401,13 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     gate, patience, mix = gate_settings(m, gate_alpha, gate_rule, patience, mix)
     backend = make_backend(bundle, threads, trainer)
     selftest_err = selftest(bundle, backend)
+    # recalibrated BN statistics in the state folder (run.py recalibrate): features use them
+    backend, bn_warning = adabn.for_state(backend, bundle, out_dir, threads)
     ds = dataio.load(data_path, m, need_labels=True, max_mb=max_data_mb, bundle=bundle)
     if len(set(ds.y)) < 2:
         raise RunnerError(f"{data_path}: every window is labelled {ds.y[0]!r}; adapting a "
                           "classifier needs windows of at least 2 labels (nothing was written)")
-    warnings: list[str] = []
+    warnings: list[str] = [bn_warning] if bn_warning else []
     if ds.skipped:
         warnings.append(f"skipped {len(ds.skipped)} unreadable file(s), e.g. "
                         f"{ds.skipped[0]['path']}: {ds.skipped[0]['reason']}")
@@ -598,6 +602,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         "step_ms": 1000 * train_seconds / max(steps, 1) if steps else None,
         "total_seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
         "selftest_max_abs_err": selftest_err, "history": history,
+        "bn_stats": getattr(backend, "bn_stats", None),
         "stopped_early": stopped, "early_stop": early, "epochs_run": len(history),
         "budget": {"max_seconds": max_seconds, "max_memory_mb": max_memory_mb},
         **ds.info,
@@ -618,10 +623,15 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
 
 def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
           out_dir: str | None = None, threads: int = 0, trust_key: str | None = None,
-          quiet: bool = False) -> dict:
-    """Predict labels for ``data_path``; with labels present, also accuracy."""
+          quiet: bool = False, bn_stats: str | None = None) -> dict:
+    """Predict labels for ``data_path``; with labels present, also accuracy.
+
+    ``bn_stats``: a ``bn_stats.npz`` of ``run.py recalibrate``; features use its statistics.
+    """
     bundle = Bundle(bundle_dir, trust_key=trust_key)
     backend = make_backend(bundle, threads)
+    if bn_stats:
+        backend = adabn.with_stats(backend, bundle, bn_stats, threads)
     ds = dataio.load(data_path, bundle.manifest, need_labels=False, bundle=bundle)
     head = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)
     t0 = time.perf_counter()
@@ -629,6 +639,7 @@ def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
     pred = _predict(backend, bundle, head, feats)
     seconds = time.perf_counter() - t0
     res = {"n_windows": len(pred), "head": head_path or "bundle", "labels": head.labels,
+           "bn_stats": bn_stats,
            "skipped_files": len(ds.skipped), **ds.info,
            "predictions": pred, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     if ds.y is not None:
