@@ -5,6 +5,7 @@ Needs only numpy, the standard library and onnxruntime::
 
     python run.py adapt BUNDLE --data local.npz --out state/
     python run.py infer BUNDLE --data new.csv --head state/head.npz
+    python run.py recalibrate BUNDLE --data unlabelled.npz --out state/
     python run.py selftest BUNDLE
     python run.py bench BUNDLE --threads 1
     python run.py update NEW_BUNDLE --state state/ [--data local.npz]
@@ -111,11 +112,25 @@ def main(argv=None) -> int:
                    help="time budget: stop and keep the best head so far")
     a.add_argument("--max-memory-mb", type=float, default=None,
                    help="resident-memory budget: stop and keep the best head so far")
+    a.add_argument("--unlabelled", default=None,
+                   help="first recalibrate the backbone's BatchNorm statistics on these "
+                        "unlabelled windows (as `recalibrate`, into --out)")
+    r = sub.add_parser("recalibrate", help="re-estimate the backbone's BatchNorm statistics "
+                       "from unlabelled local windows (AdaBN) into OUT/bn_stats.npz")
+    r.add_argument("bundle")
+    r.add_argument("--data", required=True,
+                   help=".npz windows (x; labels ignored) or .csv sensor log")
+    r.add_argument("--out", required=True, help="state folder for bn_stats.npz; adapt --out "
+                   "with the same folder then uses the statistics")
+    r.add_argument("--max-data-mb", type=float, default=2048.0,
+                   help="refuse data files larger than this (MiB)")
     i = sub.add_parser("infer", help="predict labels (and accuracy if labelled)")
     i.add_argument("bundle")
     i.add_argument("--data", required=True)
     i.add_argument("--head", default=None, help="head checkpoint (default: the bundle's)")
     i.add_argument("--out", default=None, help="folder for predictions.json")
+    i.add_argument("--bn-stats", default=None,
+                   help="bn_stats.npz of `recalibrate`: features with these BN statistics")
     s = sub.add_parser("selftest", help="check this runtime against the bundle's test vectors")
     s.add_argument("bundle")
     s.add_argument("--trainer", choices=("stateless", "ort-training"), default=None)
@@ -136,7 +151,7 @@ def main(argv=None) -> int:
         sp.add_argument("--allow-downgrade", action="store_true",
                         help="accept a bundle older than one this state folder accepted "
                              "(a deliberate rollback; refused otherwise: replay protection)")
-    for sp in (a, i, s, b, u):
+    for sp in (a, r, i, s, b, u):
         sp.add_argument("--threads", type=int, default=0, help="runtime threads (0: default)")
         sp.add_argument("--trust-key", default=None,
                         help="Ed25519 public key (PEM): refuse bundles it did not sign")
@@ -148,6 +163,13 @@ def main(argv=None) -> int:
         from edgerun import adapt as ad
         from edgerun.bundle import Bundle
 
+        if args.cmd == "recalibrate" or getattr(args, "unlabelled", None):
+            from edgerun.adabn import recalibrate
+
+            res = recalibrate(args.bundle, args.data if args.cmd == "recalibrate"
+                              else args.unlabelled, args.out, threads=args.threads,
+                              trust_key=args.trust_key, max_data_mb=args.max_data_mb,
+                              quiet=args.quiet)
         if args.cmd == "adapt":
             res = ad.adapt(args.bundle, args.data, args.out, epochs=args.epochs,
                            batch_size=args.batch_size, val_fraction=args.val_fraction,
@@ -163,7 +185,8 @@ def main(argv=None) -> int:
                            patience=args.patience, mix=parse_mix(args.mix), quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
-                           threads=args.threads, trust_key=args.trust_key, quiet=args.quiet)
+                           threads=args.threads, trust_key=args.trust_key, quiet=args.quiet,
+                           bn_stats=args.bn_stats)
         elif args.cmd == "update":
             from edgerun.update import update
 
@@ -181,15 +204,18 @@ def main(argv=None) -> int:
                       f"{res['backbone_ms_p50']:.3f} ms (p95 {res['backbone_ms_p95']:.3f}), "
                       f"{res['throughput_per_s']:.0f}/s at batch {res['batch']}, "
                       f"bundle {res['bundle_bytes'] / 1024:.0f} KiB", file=sys.stderr)
-        else:
+        elif args.cmd == "selftest":
+            from edgerun import adabn
             from edgerun.backends import make_backend
 
             b = Bundle(args.bundle, trust_key=args.trust_key)
             be = make_backend(b, args.threads, args.trainer)
             fwd, train = ad.selftest_forward(b, be), ad.selftest_train(b, be)
+            bn = adabn.selftest(b, args.threads)
             res = {"ok": True, "max_abs_err": max(fwd, train),
                    "train_max_abs_err": train, "backend": be.name,
-                   "trainer": be.trainer, "trainer_version": be.trainer_version}
+                   "trainer": be.trainer, "trainer_version": be.trainer_version,
+                   "adabn_max_abs_err": bn}
             if not args.quiet:
                 print(f"self-test passed (max abs err {res['max_abs_err']:.2g}, "
                       f"{be.trainer} train steps {res['train_max_abs_err']:.2g})",

@@ -84,7 +84,25 @@ def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: 
     return run_runner("adapt", bundle, *args, quiet=quiet)
 
 
-def infer(bundle: Path, data: Path, *, head: Path | None = None) -> dict:
-    """Predictions (and accuracy for labelled data) from a runner subprocess."""
+def infer(bundle: Path, data: Path, *, head: Path | None = None,
+          bn_stats: Path | None = None) -> dict:
+    """Predictions (and accuracy for labelled data) from a runner subprocess.
+
+    ``bn_stats``: features with these recalibrated BN statistics (:func:`recalibrate`).
+    """
     args = ["--data", str(data)] + (["--head", str(head)] if head else [])
+    args += ["--bn-stats", str(bn_stats)] if bn_stats else []
     return run_runner("infer", bundle, *args)
+
+
+def can_recalibrate(bundle: Path) -> bool:
+    """Whether ``bundle`` ships AdaBN graphs (fp32 backbones with BatchNorm layers)."""
+    import json
+
+    block = json.loads((Path(bundle) / "manifest.json").read_text()).get("adabn") or {}
+    return "stats" in block
+
+
+def recalibrate(bundle: Path, data: Path, out: Path) -> dict:
+    """AdaBN on the device: ``run.py recalibrate`` (labels in ``data`` unused); its report."""
+    return run_runner("recalibrate", bundle, "--data", str(data), "--out", str(out))

@@ -60,10 +60,14 @@ class Manifest:
     #: Bundle versioning (edgetl.versioning): 1 and null for an export.
     version: int = 1
     parent: dict[str, Any] | None = None
+    #: AdaBN graphs and BN layers (``edgetl.export.adabn``); None: absent (older bundles).
+    adabn: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Stable, human-readable JSON, checked against the device schema first."""
         raw = dataclasses.asdict(self)
+        if raw["adabn"] is None:  # optional block: absent, never null
+            del raw["adabn"]
         _checked(raw)
         return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 

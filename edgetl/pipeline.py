@@ -288,17 +288,35 @@ def personalise(recipe: Recipe, bundles: list[dict], devices: list[Device], root
                 before = device.infer(bundle, dev.eval, head=Path(start["checkpoint"]))
             else:
                 before = device.infer(bundle, dev.eval)
+            bn = adabn_scores(bundle, dev, state / "adabn",
+                              Path(start["checkpoint"]) if new else None, before)
             rep = device.adapt(bundle, dev.adapt, state / "trained", **adapt_options(a))
             after = device.infer(bundle, dev.eval, head=Path(rep["checkpoint"]))
             rejected = Path(rep["checkpoint"]).with_name("head.rejected.npz")
             adapted = (device.infer(bundle, dev.eval, head=rejected)
                        if rep["rolled_back"] and rejected.exists() else after)
-            rows.append(device_row(b, dev, new, before, rep, after, adapted))
+            rows.append({**device_row(b, dev, new, before, rep, after, adapted), **bn})
             r = rows[-1]
             prog.update(task, advance=1, info=f"{b['name']} {dev.name}: "
                                               f"{r['before_accuracy']:.3f} -> "
                                               f"{r['after_accuracy']:.3f}")
     return rows
+
+
+def adabn_scores(bundle: Path, dev: Device, state: Path, head: Path | None,
+                 before: dict) -> dict:
+    """AdaBN beside head training, scored on the device's evaluation data.
+
+    BN statistics re-estimated on the device's adaptation windows (labels unused), the
+    starting head unchanged. ``{}`` for bundles without AdaBN graphs (int8, no BatchNorm);
+    else ``adabn_accuracy``, ``adabn_gain`` (vs ``before``) and ``adabn_seconds``.
+    """
+    if not device.can_recalibrate(bundle):
+        return {}
+    rec = device.recalibrate(bundle, dev.adapt, state)
+    acc = device.infer(bundle, dev.eval, head=head, bn_stats=Path(rec["stats"]))["accuracy"]
+    return {"adabn_accuracy": acc, "adabn_gain": acc - before["accuracy"],
+            "adabn_seconds": rec["seconds"]}
 
 
 def device_row(b: dict, dev: Device, new: list[str], before: dict, rep: dict,
@@ -393,6 +411,7 @@ def device_totals(d: list[dict]) -> dict:
     """Means over devices: accuracies, gain, how many improved/worsened/rolled back, costs."""
     mean = lambda k: float(np.mean([r[k] for r in d]))  # noqa: E731
     low = [r for r in d if r["before_accuracy"] < LOW_ACCURACY]
+    bn = [r for r in d if "adabn_gain" in r]
     cut = lambda k: float(np.mean([1 - (1 - r[k]) / (1 - r["before_accuracy"])  # noqa: E731
                                    for r in low])) if low else None
     return {
@@ -411,6 +430,10 @@ def device_totals(d: list[dict]) -> dict:
         "ungated_error_cut_below_95": cut("adapted_accuracy"),
         "n": len(d), "rolled_back": int(sum(r["rolled_back"] for r in d)),
         **({"kept": int(sum(r["kept"] for r in d))} if "kept" in d[0] else {}),
+        # AdaBN (no labels, head unchanged) on the bundles that ship its graphs
+        **({"adabn_n": len(bn), "adabn_mean_gain": float(np.mean([r["adabn_gain"] for r in bn])),
+            "adabn_users_worse_1pt": int(sum(r["adabn_gain"] < -0.01 for r in bn)),
+            "adabn_worst_gain": float(min(r["adabn_gain"] for r in bn))} if bn else {}),
         "mean_feature_seconds": mean("feature_seconds"),
         "mean_train_seconds": mean("train_seconds"),
         "mean_adapt_seconds": mean("adapt_seconds"),

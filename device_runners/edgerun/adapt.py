@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from edgerun import RunnerError, __version__, atomic_write
+from edgerun import RunnerError, __version__, adabn, atomic_write
 from edgerun import data as dataio
 from edgerun import gate as gating
 from edgerun.backends import make_backend
@@ -265,9 +265,11 @@ def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
     only loses the cache).
     """
     m = bundle.manifest
-    key = json.dumps([data_digest(data_path), m["files"]["backbone"]["sha256"],
-                      m["input"].get("preprocess") or m["input"].get("image")
-                      or m["input"].get("text")], sort_keys=True)
+    key = [data_digest(data_path), m["files"]["backbone"]["sha256"],
+           m["input"].get("preprocess") or m["input"].get("image") or m["input"].get("text")]
+    if getattr(backend, "features_key", None):  # recalibrated BN statistics (edgerun.adabn)
+        key.append(backend.features_key)
+    key = json.dumps(key, sort_keys=True)
     path = os.path.join(out_dir, "features", hashlib.sha256(key.encode()).hexdigest()[:24]
                         + ".npz")
     shape = (len(ds.x), int(m["features"]["dim"]))
@@ -469,8 +471,14 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         # 1 s of grace: a budget crossed in a pass that does finish still trains one step and
         # keeps the best head (the documented budget rule); a pass that does not is stopped
         backend.deadline = t_start + max_seconds + BACKBONE_GRACE_S
+    raw = backend
     try:
         selftest_err = selftest(bundle, backend)
+        # recalibrated BN statistics in the state folder (run.py recalibrate): features use
+        # them (the budget then stops between chunks, not inside a call)
+        backend, bn_warning = adabn.for_state(backend, bundle, out_dir, threads)
+        if bn_warning:
+            warnings.append(bn_warning)
         ds = dataio.load(data_path, m, need_labels=True, max_mb=max_data_mb, bundle=bundle)
         if len(set(ds.y)) < 2:
             raise RunnerError(f"{data_path}: every window is labelled {ds.y[0]!r}; adapting a "
@@ -490,7 +498,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                           "not finish); nothing was written: raise --max-seconds or adapt on "
                           "fewer windows") from None
     finally:
-        backend.deadline = None  # training checks the budget after every step itself
+        raw.deadline = None  # training checks the budget after every step itself
     if note:
         warnings.append(note)
 
@@ -684,6 +692,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         "step_ms": 1000 * train_seconds / max(steps, 1) if steps else None,
         "total_seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
         "selftest_max_abs_err": selftest_err, "history": history,
+        "bn_stats": getattr(backend, "bn_stats", None),
         "stopped_early": stopped, "early_stop": early, "epochs_run": len(history),
         "budget": {"max_seconds": max_seconds, "max_memory_mb": max_memory_mb},
         "run_key": run_key,
@@ -729,10 +738,15 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
 
 def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
           out_dir: str | None = None, threads: int = 0, trust_key: str | None = None,
-          quiet: bool = False) -> dict:
-    """Predict labels for ``data_path``; with labels present, also accuracy."""
+          quiet: bool = False, bn_stats: str | None = None) -> dict:
+    """Predict labels for ``data_path``; with labels present, also accuracy.
+
+    ``bn_stats``: a ``bn_stats.npz`` of ``run.py recalibrate``; features use its statistics.
+    """
     bundle = Bundle(bundle_dir, trust_key=trust_key)
     backend = make_backend(bundle, threads)
+    if bn_stats:
+        backend = adabn.with_stats(backend, bundle, bn_stats, threads)
     ds = dataio.load(data_path, bundle.manifest, need_labels=False, bundle=bundle)
     head = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)
     t0 = time.perf_counter()
@@ -740,6 +754,7 @@ def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
     pred = _predict(backend, bundle, head, feats)
     seconds = time.perf_counter() - t0
     res = {"n_windows": len(pred), "head": head_path or "bundle", "labels": head.labels,
+           "bn_stats": bn_stats,
            "skipped_files": len(ds.skipped), **ds.info,
            "predictions": pred, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     if ds.y is not None:

@@ -204,8 +204,46 @@ class Parent(TypedDict):
     backbone_sha256: str
 
 
-class Manifest(TypedDict):
-    """``manifest.json``."""
+class _BNLayer(TypedDict):
+    name: str
+    channels: int
+
+
+class BNLayer(_BNLayer, total=False):
+    """One BatchNorm layer of the backbone: module name and channels.
+
+    ``per_window``: values per channel per window at its input (the spatial size; 1 after
+    pooling).
+    """
+
+    per_window: int
+
+
+class _AdaBN(TypedDict):
+    batch_size: int
+    reference: str
+    layers: List[BNLayer]
+
+
+class AdaBNBlock(_AdaBN, total=False):
+    """Unsupervised on-device adaptation: re-estimated BatchNorm statistics (``edgerun.adabn``).
+
+    ``stats`` (inputs ``x``, ``mask`` -> per layer ``mean_i``, ``var_i``: batch mean and biased
+    variance over the rows with mask 1, every BN in training mode) and ``features`` (``x`` and
+    the running ``mean_i``, ``var_i`` -> features, eval mode). The device's statistics must
+    match ``reference`` (torch) within ``atol`` and the features with them within
+    ``features_atol`` (the self-test checks both). ``unsupported`` (instead of the graphs) says
+    why this bundle cannot recalibrate: no BatchNorm layers, or int8.
+    """
+
+    stats: GraphBlock
+    features: GraphBlock
+    atol: float
+    features_atol: float
+    unsupported: str
+
+
+class _Manifest(TypedDict):
 
     schema_version: int
     edgetl_version: str
@@ -227,6 +265,12 @@ class Manifest(TypedDict):
     quantization: Dict[str, Any]
     checks: Dict[str, Any]
     provenance: Dict[str, Any]
+
+
+class Manifest(_Manifest, total=False):
+    """``manifest.json``. ``adabn`` is absent in bundles exported before AdaBN support."""
+
+    adabn: AdaBNBlock
 
 
 def _hints(td) -> dict:
@@ -376,7 +420,7 @@ def markdown() -> str:
     """The bundle format as Markdown, from the TypedDicts above (``docs/bundle-format.md``)."""
     blocks = [Manifest, FileEntry, InputBlock, FeaturesBlock, HeadBlock, ParamSpec,
               OptimizerBlock, StateSpec, GraphBlock, TrainStepBlock, TestVectorsBlock,
-              AdaptBlock, GateBlock, Parent, Quant]
+              AdaptBlock, GateBlock, AdaBNBlock, BNLayer, Parent, Quant]
     out = ["# Bundle format (`manifest.json`, schema version %d)" % SCHEMA_VERSION, "",
            "Generated from `device_runners/edgerun/manifest.py` by `make docs`; do not edit.",
            "A runner refuses a manifest of another schema version, a missing required key or a "

@@ -22,6 +22,7 @@ from edgetl import __version__
 from edgetl.checkpoint import Checkpoint
 from edgetl.config import AdaptConfig, ExportConfig
 from edgetl.errors import BundleError, ConfigError, DataError, ShapeMismatchError, ToleranceError
+from edgetl.export import adabn
 from edgetl.export.registry import Exporter, as_feeds, get_exporter
 from edgetl.head import HeadSpec, InferStep, TrainStep, init_state
 from edgetl.manifest import MANIFEST, Manifest, file_entry
@@ -366,6 +367,10 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     bb_sig = exporter.export_backbone(model.backbone, torch.from_numpy(xn[:2]),
                                       tmp / files["backbone"], opset=cfg.opset,
                                       precision=cfg.precision, calib=calib)
+    bn_block, bn_files = adabn.block(model.backbone, torch.from_numpy(xn[:2]), exporter.target,
+                                     tmp, precision=cfg.precision, modality=ck.kind.modality,
+                                     opset=cfg.opset)
+    files.update(bn_files)
     batch = cfg.train_batch
     sig = exporter.export_head(spec, ck.head.optimizer, tmp, opset=cfg.opset, batch=batch)
     files.update(sig["files"])
@@ -432,6 +437,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                "gate": {"rule": "mcnemar", "alpha": adapt.gate_alpha,
                         "chosen_on": "server-validation users (docs/personalisation.md)"}},
         quantization=quant,
+        adabn=bn_block,
         provenance={"created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                     "torch": torch.__version__, "opset": cfg.opset,
                     **({"backbone_exporter": bb_sig["exporter"]} if "exporter" in bb_sig
@@ -477,6 +483,13 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     # the device replays these steps: same relative slack as the check above
     train_atol = atol * max([1.0] + [float(np.abs(v).max()) for k, v in tvec.items()
                                      if k == "train_loss" or k.startswith("train_final.")])
+    if "stats" in bn_block:  # the device's AdaBN statistics vs torch's (edgetl.export.adabn)
+        bn_checks, bn_tol, bn_tv = adabn.check(
+            _Staged(tmp, {**blocks, "files": {r: {"path": p} for r, p in files.items()}}),
+            model.backbone, xn, xn[: max(n_tv, 8)], exporter.target)
+        checks.update(bn_checks)
+        bn_block.update(bn_tol)
+        tvec.update(bn_tv)
     np.savez(tmp / files["test_vectors"], **ck.kind.vector_x(reference_x[:n_tv], xn[:n_tv]),
              features=tv_feats[:n_tv], logits=tv_logits[:n_tv], **tvec)
 
