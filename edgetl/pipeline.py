@@ -289,7 +289,7 @@ def personalise(recipe: Recipe, bundles: list[dict], devices: list[Device], root
             else:
                 before = device.infer(bundle, dev.eval)
             bn = adabn_scores(bundle, dev, state / "adabn",
-                              Path(start["checkpoint"]) if new else None, before)
+                              Path(start["checkpoint"]) if new else None, before, a)
             rep = device.adapt(bundle, dev.adapt, state / "trained", **adapt_options(a))
             after = device.infer(bundle, dev.eval, head=Path(rep["checkpoint"]))
             rejected = Path(rep["checkpoint"]).with_name("head.rejected.npz")
@@ -304,19 +304,25 @@ def personalise(recipe: Recipe, bundles: list[dict], devices: list[Device], root
 
 
 def adabn_scores(bundle: Path, dev: Device, state: Path, head: Path | None,
-                 before: dict) -> dict:
+                 before: dict, a) -> dict:
     """AdaBN beside head training, scored on the device's evaluation data.
 
     BN statistics re-estimated on the device's adaptation windows (labels unused), the
     starting head unchanged. ``{}`` for bundles without AdaBN graphs (int8, no BatchNorm);
-    else ``adabn_accuracy``, ``adabn_gain`` (vs ``before``) and ``adabn_seconds``.
+    else ``adabn_accuracy``, ``adabn_gain`` (vs ``before``), ``adabn_seconds`` and what the
+    device's gate makes of the statistics with the adaptation labels (``adabn_gate``; the
+    gated accuracy is the AdaBN one if kept, else the starting head's).
     """
     if not device.can_recalibrate(bundle):
         return {}
     rec = device.recalibrate(bundle, dev.adapt, state)
     acc = device.infer(bundle, dev.eval, head=head, bn_stats=Path(rec["stats"]))["accuracy"]
+    judged = device.adapt(bundle, dev.adapt, state, head=head,
+                          **{**adapt_options(a), "epochs": 0})["bn_stats_gate"]
+    gated = acc if judged["keep"] else before["accuracy"]
     return {"adabn_accuracy": acc, "adabn_gain": acc - before["accuracy"],
-            "adabn_seconds": rec["seconds"]}
+            "adabn_seconds": rec["seconds"], "adabn_gate": judged,
+            "adabn_gated_accuracy": gated, "adabn_gated_gain": gated - before["accuracy"]}
 
 
 def device_row(b: dict, dev: Device, new: list[str], before: dict, rep: dict,
@@ -433,7 +439,10 @@ def device_totals(d: list[dict]) -> dict:
         # AdaBN (no labels, head unchanged) on the bundles that ship its graphs
         **({"adabn_n": len(bn), "adabn_mean_gain": float(np.mean([r["adabn_gain"] for r in bn])),
             "adabn_users_worse_1pt": int(sum(r["adabn_gain"] < -0.01 for r in bn)),
-            "adabn_worst_gain": float(min(r["adabn_gain"] for r in bn))} if bn else {}),
+            "adabn_worst_gain": float(min(r["adabn_gain"] for r in bn)),
+            "adabn_gated_mean_gain": float(np.mean([r["adabn_gated_gain"] for r in bn])),
+            "adabn_gated_users_worse_1pt": int(sum(r["adabn_gated_gain"] < -0.01 for r in bn)),
+            "adabn_kept": int(sum(r["adabn_gate"]["keep"] for r in bn))} if bn else {}),
         "mean_feature_seconds": mean("feature_seconds"),
         "mean_train_seconds": mean("train_seconds"),
         "mean_adapt_seconds": mean("adapt_seconds"),

@@ -148,6 +148,7 @@ def test_adapt_unlabelled_and_csv_without_labels(tiny_bundle, unlabelled, tmp_pa
     p = run_runner("adapt", tiny_bundle, "--data", lab, "--unlabelled", unl, "--out",
                    tmp_path / "s", "--json", "--quiet", "--epochs", "1")
     assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["bn_stats_gate"]["keep"]  # shifted: the statistics help
     assert (tmp_path / "s" / "bn_stats.npz").is_file()
     assert json.loads(p.stdout)["bn_stats"].endswith("bn_stats.npz")
     csv = tmp_path / "log.csv"
@@ -245,3 +246,25 @@ def test_other_backbone_stats_ignored_by_adapt(tiny_bundle, unlabelled, tmp_path
     rep = json.loads(p.stdout)
     assert rep["bn_stats"] is None
     assert any("another backbone" in w for w in rep["warnings"])
+
+
+def test_the_gate_judges_recalibrated_statistics_when_labels_exist(tiny_bundle, tmp_path):
+    """With labels, adapt keeps recalibrated BN statistics only on evidence: a strong sensor
+    shift (they fix 24 validation windows, break none) keeps them; data like the server's
+    (2 fixed: noise) sets them aside as bn_stats.rejected.npz and trains on the bundle's."""
+    for name, kw, keep in (("shift", SHIFT, True), ("plain", {}, False)):
+        lab = write_device_npz(tmp_path / f"{name}.npz", 300, seed=11, **kw)
+        np.savez(tmp_path / f"{name}-x.npz", x=np.load(lab)["x"])
+        state = tmp_path / f"s-{name}"
+        p = run_runner("adapt", tiny_bundle, "--data", lab, "--unlabelled",
+                       tmp_path / f"{name}-x.npz", "--out", state, "--json", "--quiet",
+                       "--epochs", "1")
+        assert p.returncode == 0, p.stderr
+        rep = json.loads(p.stdout)
+        g = rep["bn_stats_gate"]
+        assert g["keep"] is keep and g["n"] > 0, g
+        assert (state / "bn_stats.npz").is_file() is keep
+        assert (state / "bn_stats.rejected.npz").is_file() is not keep
+        assert (rep["bn_stats"] is not None) is keep
+        if not keep:
+            assert any("refused by the gate" in w for w in rep["warnings"])

@@ -351,6 +351,29 @@ def gate_settings(m: dict, alpha, rule, patience, mix) -> tuple[dict, int, tuple
     return g, int(patience), tuple(float(w) for w in mix)
 
 
+def statistics_gate(raw, backend, bundle, head: Head, labels: list, feats_raw, feats, *,
+                    seed: int, val_fraction: float, gate: dict) -> dict:
+    """The device's gate on recalibrated BN statistics (AdaBN), when labels exist.
+
+    ``head`` predicts the validation windows of the labels it knows twice: on the bundle's
+    statistics (``raw``, ``feats_raw``) and on the recalibrated ones (``backend``, ``feats``);
+    :func:`edgerun.gate.decide` compares the two. Fewer than 2 known labels: not judged, so
+    refused (``keep`` false).
+    """
+    known = np.flatnonzero([lab in head.labels for lab in labels])
+    y = np.asarray([head.labels.index(labels[i]) for i in known], np.int64)
+    if len(np.unique(y)) < 2:
+        return {"rule": gate["rule"], "alpha": gate["alpha"], "keep": False,
+                "reason": "fewer than 2 labels the head knows: the recalibrated statistics "
+                          "cannot be judged; the bundle's are used"}
+    _, va = dataio.stratified_split(y, val_fraction, seed, dataio.split_mode(bundle.manifest))
+    idx = known[va]
+    _, acc0, right0 = _val_scores(raw, bundle, head, feats_raw[idx], y[va])
+    _, acc1, right1 = _val_scores(backend, bundle, head, feats[idx], y[va])
+    verdict = gating.decide(right0, right1, alpha=gate["alpha"], rule=gate["rule"])
+    return {**verdict, "accuracy_before": acc0, "accuracy_after": acc1}
+
+
 def choose_head(backend, bundle, start: Head, adapted: Head, feats_va, y_va, *,
                 mix: tuple, gate: dict) -> tuple[Head, dict]:
     """The head this run proposes, and the gate's verdict on it against ``start``.
@@ -491,6 +514,19 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         t0 = time.perf_counter()
         feats, cached, note, save_cache = cached_features(backend, bundle, ds, data_path,
                                                           out_dir)
+        bn_gate = None
+        if backend is not raw:  # recalibrated statistics: judged against the bundle's first
+            feats_raw, _, note_raw, save_raw = cached_features(raw, bundle, ds, data_path,
+                                                               out_dir)
+            bn_gate = statistics_gate(
+                raw, backend, bundle,
+                Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle),
+                ds.y, feats_raw, feats, seed=seed, val_fraction=val_fraction, gate=gate)
+            if not bn_gate["keep"]:
+                backend, feats, note, save_cache = raw, feats_raw, note_raw, save_raw
+                warnings.append(f"the recalibrated BN statistics were refused by the gate "
+                                f"({bn_gate['reason']}); training used the bundle's, and "
+                                f"{adabn.STATS_FILE} is set aside as bn_stats.rejected.npz")
         feature_seconds = time.perf_counter() - t0
     except BudgetExceeded as e:
         raise RunnerError(f"{e} before training started: the --max-seconds {max_seconds:g} "
@@ -577,7 +613,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
            "head": head_path and sha256_file(head_path), "epochs": epochs, "batch": bs,
            "seed": seed, "val_fraction": val_fraction, "hparams": hp,
            "class_balanced": class_balanced, "patience": patience, "gate": gate,
-           "mix": list(mix), "trainer": backend.trainer, "labels": head.labels}
+           "mix": list(mix), "trainer": backend.trainer, "labels": head.labels,
+           "bn_stats": getattr(backend, "features_key", None)}
     run_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     first = 0
     if resume and not os.path.isfile(state_path):
@@ -695,7 +732,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         "bn_stats": getattr(backend, "bn_stats", None),
         "stopped_early": stopped, "early_stop": early, "epochs_run": len(history),
         "budget": {"max_seconds": max_seconds, "max_memory_mb": max_memory_mb},
-        "run_key": run_key,
+        "run_key": run_key, "bn_stats_gate": bn_gate,
         **ds.info,
     }
     # One commit (edgerun.commit): every new file staged and fsynced before any is replaced;
@@ -722,6 +759,9 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
             c.stage_json(versions.VERSIONS_FILE, record)
         for name, obj in (commit_extra or {}).items():
             c.stage_json(name, obj)
+        if bn_gate is not None and not bn_gate["keep"]:  # set aside, not used again
+            c.stage_copy(os.path.join(out_dir, adabn.STATS_FILE), "bn_stats.rejected.npz")
+            c.delete(adabn.STATS_FILE)
     except BaseException:
         c.abort()
         raise
