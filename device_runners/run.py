@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     a.add_argument("--head", default=None, help="continue from this head checkpoint")
     a.add_argument("--trainer", choices=("stateless", "ort-training"), default=None,
                    help="default: the bundle's (manifest train_step.trainer)")
-    a.add_argument("--class-balanced", action="store_true",
+    a.add_argument("--class-balanced", action=argparse.BooleanOptionalAction, default=None,
                    help="weight windows n / (K * n_label): rare labels count as much as common")
     a.add_argument("--l2sp", type=float, default=None,
                    help="override the L2-SP pull toward the starting head (head.l2sp bundles)")
@@ -96,6 +96,9 @@ def main(argv=None) -> int:
                    help="level of the gate's one-sided McNemar test: the adapted head replaces "
                         "the current one only if better with p <= this (default: the bundle's "
                         "adapt.gate.alpha)")
+    a.add_argument("--freeze-absent", action=argparse.BooleanOptionalAction, default=None,
+                   help="labels the head knows but the local data lacks keep their shipped "
+                        "class rows (default: the bundle's adapt.freeze_absent)")
     a.add_argument("--no-gate", action="store_true",
                    help="keep the adapted head whatever it scored (experiments only)")
     a.add_argument("--mix", default=None,
@@ -182,7 +185,8 @@ def main(argv=None) -> int:
                            class_balanced=args.class_balanced, l2sp=args.l2sp,
                            allow_downgrade=args.allow_downgrade,
                            gate_alpha=args.gate_alpha, gate_rule="none" if args.no_gate else None,
-                           patience=args.patience, mix=parse_mix(args.mix), quiet=args.quiet)
+                           patience=args.patience, mix=parse_mix(args.mix),
+                           freeze_absent=args.freeze_absent, quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet,

@@ -57,7 +57,8 @@ def run_json(cmd: list[str], what: str, *, echo_stderr: bool = False) -> dict:
 
 def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: int = 32,
           val_fraction: float = 0.25, lr: float | None = None, seed: int = 0,
-          head: Path | None = None, class_balanced: bool = False, l2sp: float | None = None,
+          head: Path | None = None, class_balanced: bool | None = None,
+          freeze_absent: bool | None = None, l2sp: float | None = None,
           gate_alpha: float | None = None, patience: int | None = None,
           mix: tuple[float, ...] | None = None, quiet: bool = True) -> dict:
     """Personalise ``bundle``'s head on ``data`` in a runner subprocess; return its report.
@@ -71,8 +72,10 @@ def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: 
         args += ["--lr", str(lr)]
     if head is not None:
         args += ["--head", str(head)]
-    if class_balanced:
-        args.append("--class-balanced")
+    if class_balanced is not None:
+        args.append("--class-balanced" if class_balanced else "--no-class-balanced")
+    if freeze_absent is not None:
+        args.append("--freeze-absent" if freeze_absent else "--no-freeze-absent")
     if l2sp is not None:
         args += ["--l2sp", str(l2sp)]
     if gate_alpha is not None:

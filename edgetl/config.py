@@ -466,6 +466,11 @@ class AdaptConfig:
                                 "with the shipped one (WiSE-FT); the lowest validation loss "
                                 "wins", "weights")
 
+    class_balanced: bool = _f(False, "weight the device's windows so every local label counts "
+                              "the same")
+    freeze_absent: bool = _f(False, "labels the device's data lacks keep their shipped class "
+                             "rows while the rest trains")
+
     def __post_init__(self):
         _check(self.epochs >= 1 and self.batch_size >= 1, "adapt: epochs and batch_size >= 1")
         _check(0.0 < self.val_fraction < 1.0,

@@ -241,7 +241,8 @@ def adapt_options(a) -> dict:
     """
     return {"epochs": a.epochs, "batch_size": a.batch_size, "val_fraction": a.val_fraction,
             "seed": a.seed, "gate_alpha": a.gate_alpha, "patience": a.patience,
-            "mix": tuple(a.mix)}
+            "mix": tuple(a.mix), "class_balanced": a.class_balanced,
+            "freeze_absent": a.freeze_absent}
 
 
 def can_learn(bundle: dict, device: Device) -> tuple[bool, list[str]]:

@@ -169,3 +169,24 @@ def test_the_fleet_publishes_an_aggregated_head_only_on_evidence(bundle, tmp_pat
     v = publish_gate(bundle, better, judge, tmp_path / "g2")
     assert v["keep"] and v["aggregated_accuracy"] > v["shipped_accuracy"], v
     assert p.returncode == 0
+
+
+def test_absent_labels_keep_their_rows_when_asked(bundle, tmp_path):
+    """--freeze-absent: the class row of a label the local data lacks stays the shipped one,
+    the others train; without it, that row moves too."""
+    full = write_device_npz(tmp_path / "full.npz", 240, seed=4, **SHIFT)
+    with np.load(full) as z:
+        keep = z["y"] != "fast"
+        np.savez(tmp_path / "d.npz", x=z["x"][keep], y=z["y"][keep])
+    data = tmp_path / "d.npz"
+    with np.load(bundle / "head_init.npz") as z:
+        w0, b0 = z["weight"], z["bias"]
+    for flag, frozen in (("--freeze-absent", True), ("--no-freeze-absent", False)):
+        p = adapt_json(bundle, data, tmp_path / flag, flag, "--no-gate")
+        rep = json.loads(p.stdout)
+        assert rep["freeze_absent"] is frozen and rep["missing_labels"] == ["fast"]
+        with np.load(tmp_path / flag / "head.npz") as z:
+            fast = rep["labels"].index("fast")
+            same = bool(np.array_equal(z["weight"][fast], w0[fast]) and z["bias"][fast] == b0[fast])
+            assert same is frozen
+            assert not np.array_equal(z["weight"][0], w0[0])  # present labels trained

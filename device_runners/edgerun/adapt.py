@@ -434,10 +434,11 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                    trainer: str | None = None, max_seconds: float | None = None,
                    max_memory_mb: float | None = None, trust_key: str | None = None,
                    resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
-                   checkpoint_every: float = 1.0, class_balanced: bool = False,
+                   checkpoint_every: float = 1.0, class_balanced: bool | None = None,
                    l2sp: float | None = None, allow_downgrade: bool = False,
                    gate_alpha: float | None = None, gate_rule: str | None = None,
                    patience: int | None = None, mix: tuple | None = None,
+                   freeze_absent: bool | None = None,
                    quiet: bool = False, commit_extra: dict | None = None) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
@@ -460,7 +461,12 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     continues from it and ends exactly where an uninterrupted run would. ``head.npz`` is only
     ever replaced atomically, so a valid checkpoint (old or new) exists at every moment.
 
-    ``class_balanced``: each training window weighs ``n / (K * n_c)`` (sample_weight), so a
+    ``freeze_absent``: class rows of labels the head knows but the local data lacks are
+    restored after every step, so training cannot push down classes it never sees (default:
+    the bundle's ``adapt.freeze_absent``).
+
+    ``class_balanced`` (default: the bundle's ``adapt.class_balanced``): each training
+    window weighs ``n / (K * n_c)`` (sample_weight), so a
     label with few windows counts as much as a frequent one. ``l2sp``: coefficient of the
     head's pull toward the head training starts from (bundles exported with head.l2sp).
 
@@ -489,6 +495,10 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     versions.check(m, out_dir, allow_downgrade=allow_downgrade)
     epochs, batch_size, val_fraction = adapt_settings(m, epochs, batch_size, val_fraction)
     gate, patience, mix = gate_settings(m, gate_alpha, gate_rule, patience, mix)
+    if class_balanced is None:
+        class_balanced = bool(m["adapt"].get("class_balanced", False))
+    if freeze_absent is None:
+        freeze_absent = bool(m["adapt"].get("freeze_absent", False))
     backend = make_backend(bundle, threads, trainer)
     if max_seconds is not None:  # backbone calls are cancelled (ONNX) or stop between chunks
         # 1 s of grace: a budget crossed in a pass that does finish still trains one step and
@@ -586,6 +596,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
             raise RunnerError(f"--l2sp must be >= 0, got {l2sp}")
         hp["l2sp"] = l2sp
     anchors = anchors_of(m, start.params)  # L2-SP pulls toward the head training starts from
+    absent = np.asarray([head.labels.index(lab) for lab in missing], np.int64)
+    frozen_rows = list(cls) if freeze_absent and len(absent) else []
     sw = np.ones(len(y), np.float32)  # per-window sample weights (training windows only)
     if class_balanced:
         sw[tr] = class_balanced_weights(y[tr])
@@ -613,6 +625,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
            "head": head_path and sha256_file(head_path), "epochs": epochs, "batch": bs,
            "seed": seed, "val_fraction": val_fraction, "hparams": hp,
            "class_balanced": class_balanced, "patience": patience, "gate": gate,
+           "freeze_absent": freeze_absent,
            "mix": list(mix), "trainer": backend.trainer, "labels": head.labels,
            "bn_stats": getattr(backend, "features_key", None)}
     run_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -649,6 +662,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                 t = np.concatenate([t, np.zeros((pad, n_cls), np.float32)])
                 w = np.concatenate([w, np.zeros(pad, np.float32)])
             loss = _step(backend, ts, hp, f, t, w, head.params, state, anchors)
+            for name in frozen_rows:  # absent labels keep their starting rows
+                head.params[name][absent] = start.params[name][absent]
             if not np.isfinite(loss):
                 raise RunnerError(f"training diverged (loss {loss}) at epoch {epoch + 1}; lower "
                                   f"the learning rate (now {hp['lr']}) with --lr")
@@ -721,7 +736,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         "checkpoint_written": written, "n_windows": len(y), "n_train": int(len(tr)),
         "n_val": int(len(va)), "epochs": epochs, "batch_size": bs, "steps": steps,
         "optimizer": m["optimizer"]["name"], "hparams": hp, "labels": head.labels,
-        "class_balanced": class_balanced, "head_kind": m["head"]["kind"],
+        "class_balanced": class_balanced, "freeze_absent": freeze_absent,
+        "head_kind": m["head"]["kind"],
         "new_labels": new, "missing_labels": missing, "warnings": warnings,
         "skipped_files": len(ds.skipped), "skipped": ds.skipped[:50],
         "feature_seconds": feature_seconds, "features_cached": cached,

@@ -188,12 +188,15 @@ class AdaptBlock(_Adapt, total=False):
     Optional (absent in older bundles: the runner's defaults apply): ``gate``,
     ``patience`` (epochs without a lower validation loss before stopping; 0: never) and
     ``mix`` (weights of the adapted head mixed with the starting one; the lowest validation
-    loss wins).
+    loss wins), ``class_balanced`` (weight windows so every local label counts the same) and
+    ``freeze_absent`` (labels the local data lacks keep their class rows).
     """
 
     gate: GateBlock
     patience: int
     mix: List[float]
+    class_balanced: bool
+    freeze_absent: bool
 
 
 class Parent(TypedDict):
