@@ -56,9 +56,21 @@ def check_numbers(args: argparse.Namespace) -> None:
                               f"{' and '.join(want)}, got {v!r}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``error:`` line and exit 1 (not a usage dump, 2).
+
+    The runner's contract is exit 1 with one ``error:`` line for every bad input; argparse's
+    default (usage dump, exit 2) broke it for ``--epochs x``, unknown flags and missing
+    arguments. ``--help`` still prints the usage. Sub-parsers inherit this class.
+    """
+
+    def error(self, message: str):
+        self.exit(1, f"error: {message} (`{self.prog} --help` lists the arguments)\n")
+
+
 def main(argv=None) -> int:
     """Parse arguments and run one command."""
-    p = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="run.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("adapt", help="fine-tune the head on labelled local data")
     a.add_argument("bundle")

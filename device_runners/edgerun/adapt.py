@@ -102,15 +102,12 @@ def selftest_train(bundle: Bundle, backend) -> float:
     """Replay the shipped reference train steps with this backend's trainer; max error."""
     m = bundle.manifest
     tv = m["test_vectors"]
-    with np.load(bundle.path(tv["file"]), allow_pickle=False) as z:
-        if "train_loss" not in z.files:
-            raise RunnerError("the bundle's test vectors have no reference train steps; "
-                              "re-export the bundle")
-        f = z["train_features"].astype(np.float32)
-        w = z["train_weights"].astype(np.float32)
-        losses = z["train_loss"]
-        labels = z["train_labels"]
-        final = {k.split(".", 1)[1]: z[k] for k in z.files if k.startswith("train_final.")}
+    z = test_vectors(bundle, train=True)
+    f = z["train_features"].astype(np.float32)
+    w = z["train_weights"].astype(np.float32)
+    losses = z["train_loss"]
+    labels = z["train_labels"]
+    final = {k.split(".", 1)[1]: z[k] for k in z if k.startswith("train_final.")}
     head = Head.from_bundle(bundle)
     t = np.eye(head.rows(m["head"]["class_params"]), dtype=np.float32)[labels]
     params = dict(head.params)
@@ -162,6 +159,42 @@ def _load_train_state(path: str, key: dict):
     return meta, arrays
 
 
+def test_vectors(bundle: Bundle, train: bool = False) -> dict:
+    """The bundle's reference vectors, read safely and checked against the manifest.
+
+    ``x``, ``features`` and ``logits`` (and with ``train`` the reference train steps) must
+    be present, numeric and of consistent shapes; a file that matches its sha256 but was
+    written wrong is one :class:`RunnerError` naming what does not fit.
+    """
+    m = bundle.manifest
+    role = m["test_vectors"]["file"]
+    fwd = ["x", "features", "logits"]
+    steps = ["train_features", "train_weights", "train_loss", "train_labels"]
+    z = bundle.arrays(role, fwd + (steps if train else []))
+    n, dim = len(z["x"]) if z["x"].ndim else -1, int(m["features"]["dim"])
+    inp, n_cls = m["input"], len(m["labels"])
+    want = {"features": (n, dim)}
+    if inp.get("modality", "timeseries") == "timeseries":
+        want["x"] = (n, int(inp["window"]), len(inp["channels"]))
+    bad = [f"{k} {z[k].shape} (expected {v})" for k, v in want.items() if z[k].shape != v]
+    if z["logits"].ndim != 2 or len(z["logits"]) != n or z["logits"].shape[1] < n_cls:
+        bad.append(f"logits {z['logits'].shape} (expected ({n}, >= {n_cls}))")
+    if train:
+        f, w, loss, lab = (z[k] for k in steps)
+        k = len(loss)
+        if (loss.shape != (k,) or f.ndim != 3 or f.shape[:1] != (k,) or f.shape[2:] != (dim,)
+                or w.shape != f.shape[:2] or lab.shape != f.shape[:2]
+                or lab.dtype.kind not in "iu" or (lab.size and not 0 <= lab.min() <= lab.max()
+                                                  < int(m["head"]["capacity"]))):
+            bad.append(f"train steps (features {f.shape}, weights {w.shape}, labels "
+                       f"{lab.shape} {lab.dtype}, loss {loss.shape})")
+    if bad:
+        name = m["files"][role]["path"]
+        raise RunnerError(f"bundle file {name} ({role}) does not fit the manifest: "
+                          f"{'; '.join(bad)}; re-export or re-download the bundle")
+    return z
+
+
 def selftest(bundle: Bundle, backend) -> float:
     """Run the bundle's reference vectors (forward and train steps); return the max error."""
     return max(selftest_forward(bundle, backend), selftest_train(bundle, backend))
@@ -170,9 +203,9 @@ def selftest(bundle: Bundle, backend) -> float:
 def selftest_forward(bundle: Bundle, backend) -> float:
     """Reference features and logits through this runtime; the max error, or raise."""
     tv = bundle.manifest["test_vectors"]
-    with np.load(bundle.path(tv["file"]), allow_pickle=False) as z:
-        x, feats, logits = z["x"], z["features"], z["logits"]
-        texts = [str(t) for t in z["texts"]] if "texts" in z.files else None
+    z = test_vectors(bundle)
+    x, feats, logits = z["x"], z["features"], z["logits"]
+    texts = [str(t) for t in z["texts"]] if "texts" in z else None
     if texts is not None:  # text bundles: this device's tokenizer must give the server's ids
         from edgerun.text import TextEncoder
 

@@ -28,6 +28,18 @@ def register(target: str):
 TRAINERS = ("stateless", "ort-training")
 
 
+def check_io(file: str, where: str, declared, graph, what: str = "inputs") -> None:
+    """The names the manifest feeds (``declared``) are exactly the graph's ``what``.
+
+    Checked when a graph is loaded, so a manifest that names other inputs than its graph
+    fails here naming both lists, not in the runtime's first call (a "missing input" error).
+    """
+    if sorted(declared) != sorted(graph):
+        raise RunnerError(f"manifest.json: {where} {sorted(declared)} do not match the "
+                          f"{what} of {file} {sorted(graph)}; the bundle is damaged or was "
+                          "written by another edgetl version: re-export it")
+
+
 def make_backend(bundle, threads: int = 0, trainer: str | None = None):
     """The backend for ``bundle.manifest['target']``, training with ``trainer``.
 
@@ -97,6 +109,9 @@ class OrtBackend:
         self._dim = int(m["features"]["dim"])
         self._train_out = [o.name for o in self._train.get_outputs()]
         self._infer_out = [o.name for o in self._infer.get_outputs()]
+        for blk, sess_ in (("train_step", self._train), ("infer", self._infer)):
+            check_io(m["files"][m[blk]["file"]]["path"], f"{blk}.inputs", m[blk]["inputs"],
+                     [i.name for i in sess_.get_inputs()])
 
     def features(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         """Backbone features of preprocessed windows, computed in chunks."""
@@ -200,12 +215,33 @@ class LiteRTBackend:
         # the small head graphs run on one thread (see OrtBackend)
         self._train = runner(m["train_step"]["file"], m["train_step"]["signature"], 1)
         self._infer = runner(m["infer"]["file"], m["infer"]["signature"], 1)
+        for blk, run_ in (("train_step", self._train), ("infer", self._infer)):
+            check_io(f"{m['files'][m[blk]['file']]['path']} (signature "
+                     f"{m[blk]['signature']!r})", f"{blk}.inputs", m[blk]["inputs"],
+                     list(run_.get_input_details()))
         self._in = m["input"]["name"]
         self._out = m["features"]["name"]
+        bb = f"{m['files']['backbone']['path']} (signature {m['input'].get('signature')!r})"
+        check_io(bb, "input.name", [self._in], list(self._bb.get_input_details()))
+        check_io(bb, "features.name", [self._out], list(self._bb.get_output_details()),
+                 "outputs")
         q = m.get("quantization") or {}
         self._qin, self._qout = q.get("input"), q.get("output")
         self._bb_batch = int(m["input"].get("batch_size") or 1)
         self._in_dtype = np.dtype(m["input"].get("dtype") or "float32")
+        # an int8 graph needs the manifest's quantisation of its input and output: without
+        # it the runner would feed floats (or read int8 as features) and fail in the runtime
+        for where, want, det in (
+                ("quantization.input (else input.dtype)",
+                 (self._qin or {}).get("dtype", self._in_dtype.name),
+                 self._bb.get_input_details()[self._in]),
+                ("quantization.output (else float32)",
+                 (self._qout or {}).get("dtype", "float32"),
+                 self._bb.get_output_details()[self._out])):
+            if np.dtype(det["dtype"]).name != want:
+                raise RunnerError(f"manifest.json: {where} says {want}, but {bb} has "
+                                  f"{np.dtype(det['dtype']).name}; the bundle is damaged: "
+                                  "re-export it")
         self._infer_batch = m["infer"].get("batch_size")
         self._infer_x = m["infer"]["inputs"][0]
 
