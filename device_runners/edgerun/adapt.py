@@ -144,19 +144,45 @@ def _save_train_state(path: str, key: dict, epoch: int, rng, head: Head, state: 
                  prefix=".train.", suffix=".npz")
 
 
-def _load_train_state(path: str, key: dict):
-    """The saved training state if it belongs to this run (same key), else ``None``."""
+def _load_train_state(path: str, key: dict, head: Head, state: dict, epochs: int, rng):
+    """The saved training state ``(meta, arrays)`` if it belongs to this run, else refused.
+
+    A damaged file (unreadable, missing or misshapen arrays, a bad record) returns
+    ``(None, reason)``: it is only a resume point, so the run starts over (the head
+    checkpoint is untouched) and says why. A *readable* state of another run (other data,
+    bundle or settings) is an error: resuming it would be wrong, starting over may not be
+    what was meant. ``rng`` gets the saved generator state on success.
+    """
     from edgerun.files import read_npz
 
     try:
         arrays = read_npz(path, "training state")
         meta = json.loads(str(arrays.pop("__meta__")))
-    except (RunnerError, ValueError, KeyError):
-        return None  # a damaged state file: start over (the head checkpoint is untouched)
-    if meta.get("format") != TRAIN_FORMAT or meta.get("key") != key:
+    except (RunnerError, ValueError, KeyError) as e:
+        return None, str(e)[:160]
+    if not isinstance(meta, dict) or meta.get("format") != TRAIN_FORMAT:
+        return None, f"not an {TRAIN_FORMAT} record"
+    if meta.get("key") != key:
         raise RunnerError(f"{path} belongs to another adaptation (other data, bundle or "
                           "settings); delete it or drop --resume")
-    return meta, arrays
+    want = {**{f"p.{k}": v.shape for k, v in head.params.items()},
+            **{f"s.{k}": np.shape(v) for k, v in state.items()}}
+    best = meta.get("best")
+    if best is not None:
+        want.update({f"b.{k}": v.shape for k, v in head.params.items()})
+    bad = [k for k, shp in want.items() if k not in arrays or arrays[k].shape != shp
+           or arrays[k].dtype.kind != "f" or not np.isfinite(arrays[k]).all()]
+    epoch, steps = meta.get("epoch"), meta.get("steps")
+    if bad or not (isinstance(epoch, int) and 0 <= epoch <= epochs and isinstance(steps, int)
+                   and isinstance(meta.get("history"), list)
+                   and (best is None or (isinstance(best, list) and len(best) == 2))):
+        return None, f"arrays {bad[:4]} missing, misshapen or non-finite" if bad else \
+            "a bad epoch/steps/history/best record"
+    try:
+        rng.bit_generator.state = meta["rng"]
+    except (KeyError, TypeError, ValueError) as e:
+        return None, f"bad random-generator state ({e})"
+    return (meta, arrays), None
 
 
 def test_vectors(bundle: Bundle, train: bool = False) -> dict:
@@ -448,11 +474,12 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
            "trainer": backend.trainer, "labels": head.labels}
     first = 0
     if resume and os.path.isfile(state_path):
-        saved = _load_train_state(state_path, key)
+        saved, damage = _load_train_state(state_path, key, head, state, epochs, rng)
+        if damage:
+            warnings.append(f"damaged training state {TRAIN_STATE} ({damage}); starting over")
         if saved is not None:
             meta, arrays = saved
             first, steps, history = int(meta["epoch"]), int(meta["steps"]), meta["history"]
-            rng.bit_generator.state = meta["rng"]
             head.params = {k: arrays[f"p.{k}"] for k in head.params}
             state = {k: arrays[f"s.{k}"] for k in state}
             if meta["best"] is not None:
