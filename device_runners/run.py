@@ -68,6 +68,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(1, f"error: {message} (`{self.prog} --help` lists the arguments)\n")
 
 
+#: Flags that name files or folders.
+PATHS = ("bundle", "data", "out", "state", "head", "trust_key")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse a path holding a NUL byte (no file can have one; the OS calls would raise).
+
+    A shell cannot pass one, but a program calling :func:`main` (or a manifest) can.
+    """
+    for name in PATHS:
+        v = getattr(args, name, None)
+        if v is not None and "\x00" in v:
+            flag = name if name == "bundle" else "--" + name.replace("_", "-")
+            raise RunnerError(f"{flag} {v!r} contains a NUL byte; no file name can hold one: "
+                              "pass the path without it")
+
+
 def main(argv=None) -> int:
     """Parse arguments and run one command."""
     p = Parser(prog="run.py", description=__doc__.split("\n\n")[0])
@@ -133,6 +150,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         check_numbers(args)
+        check_paths(args)
         from edgerun import adapt as ad
         from edgerun.bundle import Bundle
 

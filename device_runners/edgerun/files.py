@@ -55,6 +55,9 @@ def open_regular(path, what: str = "file", max_bytes: int | None = None, *,
         raise RunnerError(f"{what} {path} is a folder, expected a file") from None
     except OSError as e:
         raise RunnerError(f"{what} {path} cannot be opened ({e.strerror or e})") from None
+    except ValueError:  # an embedded NUL byte: no file can have that name
+        raise RunnerError(f"{what} {path!r} contains a NUL byte; no file name can hold "
+                          "one") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
