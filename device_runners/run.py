@@ -31,7 +31,7 @@ LIMITS = {
     "lr": ((0, True), None), "l2sp": ((0, True), None), "max_data_mb": ((0, False), None),
     "checkpoint_every": ((0, True), None), "max_seconds": ((0, False), None),
     "max_memory_mb": ((0, False), None), "threads": ((0, True), (4096, True)),
-    "repeats": ((1, True), None), "batch": ((1, True), None),
+    "repeats": ((1, True), (10**6, True)), "batch": ((1, True), (1 << 16, True)),
 }
 
 
@@ -73,14 +73,16 @@ PATHS = ("bundle", "data", "out", "state", "head", "trust_key")
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """Refuse a path holding a NUL byte (no file can have one; the OS calls would raise).
+    """Refuse an empty path, or one holding a NUL byte (no file can; the OS calls raise).
 
     A shell cannot pass one, but a program calling :func:`main` (or a manifest) can.
     """
     for name in PATHS:
         v = getattr(args, name, None)
+        flag = name if name == "bundle" else "--" + name.replace("_", "-")
+        if v == "":  # would mean the current folder to some calls and nothing to others
+            raise RunnerError(f"{flag} is empty; pass a path")
         if v is not None and "\x00" in v:
-            flag = name if name == "bundle" else "--" + name.replace("_", "-")
             raise RunnerError(f"{flag} {v!r} contains a NUL byte; no file name can hold one: "
                               "pass the path without it")
 

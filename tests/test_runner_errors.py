@@ -262,3 +262,16 @@ def test_bad_flags_are_one_error_line_and_exit_1(argv, match):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
     assert match in lines[0] and "usage:" not in p.stderr
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["infer", "B", "--data", "D", "--out", "/dev/null"], "output folder /dev/null is a file"),
+    (["update", "B", "--state", ""], "--state is empty"),
+    (["adapt", "B", "--data", "D", "--out", ""], "--out is empty"),
+    (["bench", "B", "--batch", "1000000000"], "--batch must be a finite number >= 1 and <= "),
+])
+def test_cases_the_fuzz_test_found(bundle, data, capsys, argv, match):
+    """Found by tests/test_fuzz.py: FileExistsError, FileNotFoundError (or the current folder
+    taken as the state folder), MemoryError (a 358 GiB throughput batch)."""
+    argv = [{"B": bundle, "D": data}.get(a, a) for a in argv]
+    refused(main(capsys, *argv), match)

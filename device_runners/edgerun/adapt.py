@@ -609,6 +609,9 @@ def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
             lab: _accuracy([p for p, t in zip(pred, ds.y) if t == lab], [lab] * ds.y.count(lab))
             for lab in dict.fromkeys(ds.y)}
     if out_dir:
+        from edgerun.files import make_folder
+
+        make_folder(out_dir, "output folder", "predictions.json", "--out")
         write_json(os.path.join(out_dir, "predictions.json"), res)
     acc = f", accuracy {res['accuracy']:.3f}" if "accuracy" in res else ""
     _say(quiet, f"{len(pred)} windows in {seconds * 1000:.0f} ms{acc}")
