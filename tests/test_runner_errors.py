@@ -275,3 +275,19 @@ def test_cases_the_fuzz_test_found(bundle, data, capsys, argv, match):
     taken as the state folder), MemoryError (a 358 GiB throughput batch)."""
     argv = [{"B": bundle, "D": data}.get(a, a) for a in argv]
     refused(main(capsys, *argv), match)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("line,match", [
+    ('server_users = ["a", 2]', "server_users: expected a list of int, found ['a']"),
+    ("device_users = [1.5]", "device_users: expected a list of int, found [1.5]"),
+    ("server_val_users = [true]", "expected a list of int, found [True]"),
+])
+def test_recipe_lists_of_user_ids_hold_integers(tmp_path, line, match):
+    """Server side (issue 21 item 14): was a misleading "must be a subset" or no data."""
+    from edgetl.config import load_recipe
+    from edgetl.errors import EdgetlError
+
+    (tmp_path / "r.toml").write_text(f"[data]\n{line}\n")
+    with pytest.raises(EdgetlError, match=match.replace("[", r"\[").replace("]", r"\]")):
+        load_recipe(tmp_path / "r.toml")
