@@ -353,7 +353,7 @@ def _consistent(m: dict) -> None:
     _expect(len(head["class_params"]) == 2, "head.class_params",
             "[weight name, bias name] of the class layer", head["class_params"])
     _subset(head["class_params"], params, "head.class_params", "head.params")
-    _at_least(head["capacity"], 1, "head.capacity", MAX_DIM)
+    _at_least(head["capacity"], 0, "head.capacity", MAX_DIM)  # 0: not stated
     _at_least(head["embedding_dim"], 1, "head.embedding_dim", MAX_DIM)
     _at_least(head["hidden"], 0, "head.hidden", MAX_DIM)
     _at_least(m["features"]["dim"], 1, "features.dim", MAX_DIM)
