@@ -94,7 +94,8 @@ class OrtBackend:
                                             providers=["CPUExecutionProvider"])
             except Exception as e:  # noqa: BLE001 - runtime errors vary by build
                 raise RunnerError(f"onnxruntime {ort.__version__} cannot load "
-                                  f"{bundle.manifest['files'][role]['path']}: {e}") from None
+                                  f"{bundle.manifest['files'][role]['path']}: "
+                                  f"{_one_line(e)}") from None
 
         m = bundle.manifest
         self._bb = sess("backbone")
@@ -195,13 +196,13 @@ class LiteRTBackend:
         m = bundle.manifest
 
         def runner(role, signature, n=threads, it=None):
+            what = (f"ai-edge-litert {self.version}: {m['files'][role]['path']} (signature "
+                    f"{signature!r})")
             try:
                 it = it or Interpreter(model_path=bundle.path(role), num_threads=n or None)
-                return it.get_signature_runner(signature)
+                return _Guarded(it.get_signature_runner(signature), what)
             except Exception as e:  # noqa: BLE001 - runtime errors vary by build
-                raise RunnerError(f"ai-edge-litert {self.version} cannot load "
-                                  f"{m['files'][role]['path']} (signature {signature!r}): "
-                                  f"{e}") from None
+                raise RunnerError(f"{what} cannot be loaded: {_one_line(e)}") from None
 
         self._bb = runner("backbone", m["input"].get("signature"))
         # text: one backbone signature per sequence length; each text goes to the shortest
@@ -287,6 +288,35 @@ class LiteRTBackend:
             res = self._infer(**{**feeds, self._infer_x: _pad(x[i : i + b], b)})
             outs.append({k: v[: min(b, len(x) - i)] for k, v in res.items()})
         return {k: np.concatenate([o[k] for o in outs], axis=0) for k in outs[0]}
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """A runtime's (often multi-line) message as one line: the error stays one line."""
+    return " ".join(str(e).split())[:limit]
+
+
+class _Guarded:
+    """A LiteRT signature runner whose runtime failures are one :class:`RunnerError`.
+
+    A model that loads can still fail when the interpreter prepares or invokes it (a
+    damaged quantisation scale that matches its sha256: "unsupported scale value (-nan) …
+    failed to prepare"). The names fed are checked against the graph at load
+    (:func:`check_io`), so an error here is the model's or the runtime's, and is named so.
+    """
+
+    def __init__(self, run, what: str):
+        self._run, self._what = run, what
+
+    def __getattr__(self, name):
+        return getattr(self._run, name)
+
+    def __call__(self, **feeds):
+        try:
+            return self._run(**feeds)
+        except (RuntimeError, ValueError) as e:
+            raise RunnerError(f"{self._what} failed to run ({_one_line(e)}); the model file "
+                              "is damaged or this runtime build cannot run it: re-download "
+                              "the bundle") from None
 
 
 def _ort_training_api():
