@@ -79,7 +79,10 @@ SMALL = {"--epochs": ["nan", "-1", "0", "1", "2", "x", "\x00"],
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_fuzz_cli_arguments(world, tmp_path_factory, capsys, budget):
+def test_fuzz_cli_arguments(world, tmp_path_factory, capsys, monkeypatch, budget):
+    # fuzzed values become relative paths (--out nan): keep them out of the checkout
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
     @settings(max_examples=budget, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(st.data())
@@ -118,8 +121,9 @@ def _paths(o, p=()):
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_fuzz_nested_manifest_fields(world, tmp_path_factory, capsys, budget):
+def test_fuzz_nested_manifest_fields(world, tmp_path_factory, capsys, monkeypatch, budget):
     """Replace, delete or retype one random nested field (or a few); run every command."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     base = json.loads(world["manifest"])
     fields = [p for p in _paths(base) if p and p[0] not in ("provenance", "checks")]
 
