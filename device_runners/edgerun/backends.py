@@ -108,6 +108,7 @@ class OrtBackend:
             "modality") == "text" else None
         self._dynamic_int8 = "dynamic" in str((m.get("quantization") or {}).get("scheme", ""))
         self._dim = int(m["features"]["dim"])
+        self._bb_file = f"onnxruntime {ort.__version__}: {m['files']['backbone']['path']}"
         self._train_out = [o.name for o in self._train.get_outputs()]
         self._infer_out = [o.name for o in self._infer.get_outputs()]
         for blk, sess_ in (("train_step", self._train), ("infer", self._infer)):
@@ -122,7 +123,7 @@ class OrtBackend:
             batch = 1
         out = [self._bb.run(None, {self._in: x[i : i + batch]})[0]
                for i in range(0, len(x), batch)]
-        return np.concatenate(out, axis=0)
+        return _features_shape(np.concatenate(out, axis=0), len(x), self._dim, self._bb_file)
 
     def _text_features(self, x: np.ndarray) -> np.ndarray:
         """(N, 2, L) ids + mask: texts sorted by length, each chunk cut to its longest text.
@@ -223,6 +224,7 @@ class LiteRTBackend:
         self._in = m["input"]["name"]
         self._out = m["features"]["name"]
         bb = f"{m['files']['backbone']['path']} (signature {m['input'].get('signature')!r})"
+        self._dim, self._bb_file = int(m["features"]["dim"]), f"ai-edge-litert {self.version}: {bb}"
         check_io(bb, "input.name", [self._in], list(self._bb.get_input_details()))
         check_io(bb, "features.name", [self._out], list(self._bb.get_output_details()),
                  "outputs")
@@ -256,7 +258,7 @@ class LiteRTBackend:
                      else np.ascontiguousarray(x[i : i + b], self._in_dtype))
             y = self._bb(**{self._in: _pad(chunk, b)})[self._out]
             out.append(_dequantize(y, self._qout)[: min(b, len(x) - i)])
-        return np.concatenate(out, axis=0)
+        return _features_shape(np.concatenate(out, axis=0), len(x), self._dim, self._bb_file)
 
     def _text_features(self, x: np.ndarray) -> np.ndarray:
         """(N, 2, L) ids + mask, one text per call through its shortest length signature."""
@@ -290,6 +292,19 @@ class LiteRTBackend:
         return {k: np.concatenate([o[k] for o in outs], axis=0) for k in outs[0]}
 
 
+def _features_shape(f: np.ndarray, n: int, dim: int, what: str) -> np.ndarray:
+    """``f`` if it is ``(n, dim)`` features, else refused.
+
+    A damaged backbone can load, run and return another shape, which numpy would broadcast
+    into nonsense or fail on later.
+    """
+    if f.shape != (n, dim):
+        raise RunnerError(f"{what} returned features of shape {f.shape}, expected ({n}, "
+                          f"{dim}) (manifest features.dim); the model file is damaged: "
+                          "re-download the bundle")
+    return f
+
+
 def _one_line(e: BaseException, limit: int = 300) -> str:
     """A runtime's (often multi-line) message as one line: the error stays one line."""
     return " ".join(str(e).split())[:limit]
@@ -300,20 +315,30 @@ class _Guarded:
 
     A model that loads can still fail when the interpreter prepares or invokes it (a
     damaged quantisation scale that matches its sha256: "unsupported scale value (-nan) …
-    failed to prepare"). The names fed are checked against the graph at load
+    failed to prepare"), or when its tensor details are read (a damaged tensor name or index:
+    UnicodeDecodeError, TypeError). The names fed are checked against the graph at load
     (:func:`check_io`), so an error here is the model's or the runtime's, and is named so.
     """
 
     def __init__(self, run, what: str):
         self._run, self._what = run, what
 
-    def __getattr__(self, name):
-        return getattr(self._run, name)
+    def get_input_details(self) -> dict:
+        return self._guard(self._run.get_input_details)
+
+    def get_output_details(self) -> dict:
+        return self._guard(self._run.get_output_details)
 
     def __call__(self, **feeds):
+        return self._guard(self._run, **feeds)
+
+    def _guard(self, fn, **kw):
         try:
-            return self._run(**feeds)
-        except (RuntimeError, ValueError) as e:
+            return fn(**kw)
+        # the runtime's own failures on a damaged model: RuntimeError (prepare, invoke),
+        # ValueError/UnicodeDecodeError (a damaged tensor name), TypeError/OverflowError (a
+        # tensor index beyond int32 handed to the C++ wrapper)
+        except (RuntimeError, ValueError, TypeError, OverflowError) as e:
             raise RunnerError(f"{self._what} failed to run ({_one_line(e)}); the model file "
                               "is damaged or this runtime build cannot run it: re-download "
                               "the bundle") from None
