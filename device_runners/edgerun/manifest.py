@@ -49,8 +49,8 @@ class QuantBlock(TypedDict, total=False):
     Other keys (scheme, calibration, ...) are a record for people and not read by a runner.
     """
 
-    input: Quant
-    output: Quant
+    input: Optional[Quant]
+    output: Optional[Quant]
     scheme: str
 
 
