@@ -89,9 +89,11 @@ class OrtBackend:
             return opts
 
         def sess(role, n=threads):
+            what = f"onnxruntime {ort.__version__}: {bundle.manifest['files'][role]['path']}"
             try:
-                return ort.InferenceSession(bundle.path(role), options(n),
-                                            providers=["CPUExecutionProvider"])
+                return _OrtGuarded(ort.InferenceSession(bundle.path(role), options(n),
+                                                        providers=["CPUExecutionProvider"]),
+                                   what)
             except Exception as e:  # noqa: BLE001 - runtime errors vary by build
                 raise RunnerError(f"onnxruntime {ort.__version__} cannot load "
                                   f"{bundle.manifest['files'][role]['path']}: "
@@ -339,6 +341,37 @@ class _Guarded:
         # ValueError/UnicodeDecodeError (a damaged tensor name), TypeError/OverflowError (a
         # tensor index beyond int32 handed to the C++ wrapper)
         except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+            raise RunnerError(f"{self._what} failed to run ({_one_line(e)}); the model file "
+                              "is damaged or this runtime build cannot run it: re-download "
+                              "the bundle") from None
+
+
+class _OrtGuarded:
+    """An onnxruntime session whose run-time failures are one :class:`RunnerError`.
+
+    A damaged graph (matching its sha256) can load and still fail in ``run`` (a "Fail" or
+    "InvalidArgument" from a kernel). onnxruntime's own exception types derive from
+    ``Exception`` directly, so they are collected from its pybind module by kind.
+    """
+
+    def __init__(self, sess, what: str):
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+        self._sess, self._what = sess, what
+        self._errors = (RuntimeError, ValueError, *(
+            v for v in vars(state).values()
+            if isinstance(v, type) and issubclass(v, Exception)))
+
+    def get_inputs(self):
+        return self._sess.get_inputs()
+
+    def get_outputs(self):
+        return self._sess.get_outputs()
+
+    def run(self, names, feeds: dict):
+        try:
+            return self._sess.run(names, feeds)
+        except self._errors as e:
             raise RunnerError(f"{self._what} failed to run ({_one_line(e)}); the model file "
                               "is damaged or this runtime build cannot run it: re-download "
                               "the bundle") from None
