@@ -32,7 +32,7 @@ LIMITS = {
     "lr": ((0, True), None), "l2sp": ((0, True), None), "max_data_mb": ((0, False), None),
     "checkpoint_every": ((0, True), None), "max_seconds": ((0, False), None),
     "max_memory_mb": ((0, False), None), "threads": ((0, True), (4096, True)),
-    "repeats": ((1, True), None), "batch": ((1, True), None),
+    "repeats": ((1, True), (10**6, True)), "batch": ((1, True), (1 << 16, True)),
     "gate_alpha": ((0, True), (1, True)), "patience": ((0, True), None),
 }
 
@@ -68,9 +68,40 @@ def parse_mix(text):
         raise RunnerError(f"--mix takes comma-separated weights in (0, 1], got {text!r}") from None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``error:`` line and exit 1 (not a usage dump, 2).
+
+    The runner's contract is exit 1 with one ``error:`` line for every bad input; argparse's
+    default (usage dump, exit 2) broke it for ``--epochs x``, unknown flags and missing
+    arguments. ``--help`` still prints the usage. Sub-parsers inherit this class.
+    """
+
+    def error(self, message: str):
+        self.exit(1, f"error: {message} (`{self.prog} --help` lists the arguments)\n")
+
+
+#: Flags that name files or folders.
+PATHS = ("bundle", "data", "out", "state", "head", "trust_key", "unlabelled", "bn_stats")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse an empty path, or one holding a NUL byte (no file can; the OS calls raise).
+
+    A shell cannot pass one, but a program calling :func:`main` (or a manifest) can.
+    """
+    for name in PATHS:
+        v = getattr(args, name, None)
+        flag = name if name == "bundle" else "--" + name.replace("_", "-")
+        if v == "":  # would mean the current folder to some calls and nothing to others
+            raise RunnerError(f"{flag} is empty; pass a path")
+        if v is not None and "\x00" in v:
+            raise RunnerError(f"{flag} {v!r} contains a NUL byte; no file name can hold one: "
+                              "pass the path without it")
+
+
 def main(argv=None) -> int:
     """Parse arguments and run one command."""
-    p = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="run.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("adapt", help="fine-tune the head on labelled local data")
     a.add_argument("bundle")
@@ -163,6 +194,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         check_numbers(args)
+        check_paths(args)
         from edgerun import adapt as ad
         from edgerun.bundle import Bundle
 

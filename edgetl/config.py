@@ -609,6 +609,7 @@ def _build(cls, raw: dict[str, Any], where: str, base=None):
             values[k] = _build(type(default), v, f"{where}.{k}", default)
         elif isinstance(default, tuple):
             _check(isinstance(v, list), f"{where}.{k}: expected a list, got {v!r}")
+            _check_items(v, default, f"{where}.{k}")
             values[k] = tuple(v)
         elif isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
             values[k] = float(v)
@@ -617,6 +618,26 @@ def _build(cls, raw: dict[str, Any], where: str, base=None):
                    f"{where}.{k}: expected {type(default).__name__}, got {v!r}")
             values[k] = v
     return cls(**values)
+
+
+def _check_items(v: list, default: tuple, where: str) -> None:
+    """A list whose default holds one scalar type (user ids, sizes, names) holds only that.
+
+    ``server_users = ["a", 2]`` otherwise failed later with a misleading message ("must be a
+    subset") or selected no data at all.
+    """
+    kinds = {type(e) for e in default}
+    if len(kinds) != 1 or next(iter(kinds)) not in (int, float, str, bool):
+        return
+    t = kinds.pop()
+
+    def ok(e) -> bool:
+        if isinstance(e, bool):
+            return t is bool
+        return isinstance(e, t) or (t is float and isinstance(e, int))
+
+    bad = [e for e in v if not ok(e)]
+    _check(not bad, f"{where}: expected a list of {t.__name__}, found {bad[:3]!r}")
 
 
 #: A recipe is a page of TOML; anything larger is not one.

@@ -35,6 +35,51 @@ SELFTEST_FP32_FACTOR = 10.0
 #: fraction of the largest feature / logit magnitude (~ a few quantisation steps).
 SELFTEST_INT8_REL = 0.02
 
+#: Device self-test of int8 bundles whose backbone output is int8 (TFLite static int8): the
+#: features may differ from the shipped vectors (the exporting runtime's own outputs, so 0 on
+#: the same build) by this many steps of the output quantisation scale. Another CPU's kernels
+#: may round a requantisation the other way (one step at the output, and an inner layer's
+#: one-step difference can carry through to a second); a damaged backbone moves features by
+#: many steps. Logits are checked separately, from the shipped features through the fp32 head,
+#: with the fp32 tolerance (``logits_atol``).
+SELFTEST_INT8_STEPS = 2.0
+
+
+def selftest_tolerances(target: str, precision: str, quantization: dict, features, logits,
+                        n_real: int) -> dict:
+    """``test_vectors`` tolerances: ``atol`` (features) and ``logits_atol`` when separate.
+
+    fp32: ``SELFTEST_FP32_FACTOR`` times the scaled parity tolerance, one ``atol`` for both.
+    int8 with an int8 backbone output (``quantization.output.scale``): features within
+    :data:`SELFTEST_INT8_STEPS` output steps, logits (computed on the device from the
+    shipped features, so no quantisation error reaches them) within the fp32 tolerance.
+    int8 without an output scale (ONNX dynamic quantisation: float outputs, a scale chosen
+    per call): the older relative rule, :data:`SELFTEST_INT8_REL` of the largest feature or
+    logit. The basis is returned too (``basis``), for the manifest's ``checks``.
+    """
+    import numpy as np
+
+    logits = np.asarray(logits)[:, :n_real]
+    fp32 = SELFTEST_FP32_FACTOR * max(scaled_atol(target, np.asarray(features)[:8]),
+                                      scaled_atol(target, logits[:8]))
+    if precision != "int8":
+        return {"atol": fp32, "basis": f"{SELFTEST_FP32_FACTOR:g} x the {target} parity "
+                "tolerance, scaled by the largest value"}
+    out = (quantization or {}).get("output") or {}
+    if out.get("scale"):
+        step = float(out["scale"])
+        # + half a step: dequantised values are float32, so k whole steps may come out a hair
+        # above k * scale; the bound means "at most SELFTEST_INT8_STEPS whole steps"
+        return {"atol": (SELFTEST_INT8_STEPS + 0.5) * step,
+                "logits_atol": SELFTEST_FP32_FACTOR * scaled_atol(target, logits),
+                "basis": f"features: at most {SELFTEST_INT8_STEPS:g} steps of the backbone's "
+                         f"output quantisation scale {step:.4g}; logits (fp32 head on the shipped "
+                         f"features): {SELFTEST_FP32_FACTOR:g} x the fp32 parity tolerance"}
+    rel = SELFTEST_INT8_REL * max(float(np.abs(features).max()), float(np.abs(logits).max()))
+    return {"atol": rel, "basis": f"{SELFTEST_INT8_REL:g} x the largest feature or logit "
+            "(no output quantisation scale: dynamic int8)"}
+
+
 #: Train steps compared against PyTorch at export and in ``edgetl check``.
 TRAIN_STEPS_CHECKED = 20
 

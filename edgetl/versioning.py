@@ -23,7 +23,7 @@ import numpy as np
 
 from edgetl.errors import BundleError, ConfigError
 from edgetl.manifest import MANIFEST, Manifest, file_entry, sha256_file
-from edgetl.tolerances import SELFTEST_FP32_FACTOR, SELFTEST_INT8_REL, scaled_atol
+from edgetl.tolerances import scaled_atol, selftest_tolerances
 
 
 def parent_record(bundle: Path, m: Manifest) -> dict:
@@ -106,17 +106,16 @@ def _build(parent: Path, m: Manifest, tmp: Path, params: dict, note: dict) -> Ma
     tv["logits"] = logits
     np.savez(tv_path, **tv)
     n_real = len(m.labels)
-    if m.precision == "int8":
-        atol = SELFTEST_INT8_REL * max(float(np.abs(tv["features"]).max()),
-                                       float(np.abs(logits[:, :n_real]).max()))
-    else:
-        atol = SELFTEST_FP32_FACTOR * max(scaled_atol(m.target, tv["features"][:8]),
-                                          scaled_atol(m.target, logits[:8, :n_real]))
+    tol = selftest_tolerances(m.target, m.precision, m.quantization, tv["features"], logits,
+                              len(m.labels))
+    basis = tol.pop("basis")
     files = {role: file_entry(tmp, e.path) for role, e in m.files.items()}
     man = dataclasses.replace(
         m, files=files, version=m.version + 1, parent=parent_record(parent, m),
-        test_vectors={**m.test_vectors, "atol": atol},
+        test_vectors={**{k: v for k, v in m.test_vectors.items() if k != "logits_atol"},
+                      **tol},
         checks={**{k: v for k, v in m.checks.items() if k != "accuracy"},
+                "selftest_tolerance": basis,
                 "head_replaced": "held-out accuracy of the parent's head no longer applies; "
                                  "see provenance.version_note"},
         provenance={**m.provenance,

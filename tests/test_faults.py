@@ -21,7 +21,7 @@ def _valid_head(path):
 
 def test_sigkill_at_random_moments_then_resume(tiny_bundle, tmp_path):
     data = write_device_npz(tmp_path / "d.npz", 200, seed=2, **SHIFT)
-    args = ["adapt", str(tiny_bundle), "--data", str(data), "--epochs", "1200", "--threads", "1",
+    args = ["adapt", str(tiny_bundle), "--data", str(data), "--epochs", "3000", "--threads", "1",
             "--patience", "0", "--checkpoint-every", "0", "--json", "--quiet"]
     ref = json.loads(run_runner(*args, "--out", tmp_path / "ref", check=True).stdout)
     out = tmp_path / "killed"
@@ -47,7 +47,7 @@ def test_sigkill_at_random_moments_then_resume(tiny_bundle, tmp_path):
     assert resumed > 0  # some kills landed mid-training and left a resumable state
 
     final = json.loads(run_runner(*args, "--out", out, "--resume", check=True).stdout)
-    assert final["epochs_run"] == ref["epochs_run"] == 1200
+    assert final["epochs_run"] == ref["epochs_run"] == 3000
     assert abs(final["accuracy_after"] - ref["accuracy_after"]) < 1e-9
     with np.load(out / "head.npz") as a, np.load(tmp_path / "ref" / "head.npz") as b:
         for k in ("weight", "bias"):

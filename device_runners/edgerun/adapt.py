@@ -106,15 +106,12 @@ def selftest_train(bundle: Bundle, backend) -> float:
     """Replay the shipped reference train steps with this backend's trainer; max error."""
     m = bundle.manifest
     tv = m["test_vectors"]
-    with np.load(bundle.path(tv["file"]), allow_pickle=False) as z:
-        if "train_loss" not in z.files:
-            raise RunnerError("the bundle's test vectors have no reference train steps; "
-                              "re-export the bundle")
-        f = z["train_features"].astype(np.float32)
-        w = z["train_weights"].astype(np.float32)
-        losses = z["train_loss"]
-        labels = z["train_labels"]
-        final = {k.split(".", 1)[1]: z[k] for k in z.files if k.startswith("train_final.")}
+    z = test_vectors(bundle, train=True)
+    f = z["train_features"].astype(np.float32)
+    w = z["train_weights"].astype(np.float32)
+    losses = z["train_loss"]
+    labels = z["train_labels"]
+    final = {k.split(".", 1)[1]: z[k] for k in z if k.startswith("train_final.")}
     head = Head.from_bundle(bundle)
     t = np.eye(head.rows(m["head"]["class_params"]), dtype=np.float32)[labels]
     params = dict(head.params)
@@ -153,19 +150,82 @@ def _save_train_state(path: str, key: dict, epoch: int, rng, head: Head, state: 
                  prefix=".train.", suffix=".npz")
 
 
-def _load_train_state(path: str, key: dict):
-    """The saved training state if it belongs to this run (same key), else ``None``."""
+def _load_train_state(path: str, key: dict, head: Head, state: dict, epochs: int, rng):
+    """The saved training state ``(meta, arrays)`` if it belongs to this run, else refused.
+
+    A damaged file (unreadable, missing or misshapen arrays, a bad record) returns
+    ``(None, reason)``: it is only a resume point, so the run starts over (the head
+    checkpoint is untouched) and says why. A *readable* state of another run (other data,
+    bundle or settings) is an error: resuming it would be wrong, starting over may not be
+    what was meant. ``rng`` gets the saved generator state on success.
+    """
     from edgerun.files import read_npz
 
     try:
         arrays = read_npz(path, "training state")
         meta = json.loads(str(arrays.pop("__meta__")))
-    except (RunnerError, ValueError, KeyError):
-        return None  # a damaged state file: start over (the head checkpoint is untouched)
-    if meta.get("format") != TRAIN_FORMAT or meta.get("key") != key:
+    except (RunnerError, ValueError, KeyError) as e:
+        return None, str(e)[:160]
+    if not isinstance(meta, dict) or meta.get("format") != TRAIN_FORMAT:
+        return None, f"not an {TRAIN_FORMAT} record"
+    if meta.get("key") != key:
         raise RunnerError(f"{path} belongs to another adaptation (other data, bundle or "
                           "settings); delete it or drop --resume")
-    return meta, arrays
+    want = {**{f"p.{k}": v.shape for k, v in head.params.items()},
+            **{f"s.{k}": np.shape(v) for k, v in state.items()}}
+    best = meta.get("best")
+    if best is not None:
+        want.update({f"b.{k}": v.shape for k, v in head.params.items()})
+    bad = [k for k, shp in want.items() if k not in arrays or arrays[k].shape != shp
+           or arrays[k].dtype.kind != "f" or not np.isfinite(arrays[k]).all()]
+    epoch, steps = meta.get("epoch"), meta.get("steps")
+    if bad or not (isinstance(epoch, int) and 0 <= epoch <= epochs and isinstance(steps, int)
+                   and isinstance(meta.get("history"), list)
+                   and (best is None or (isinstance(best, list) and len(best) == 2))):
+        return None, f"arrays {bad[:4]} missing, misshapen or non-finite" if bad else \
+            "a bad epoch/steps/history/best record"
+    try:
+        rng.bit_generator.state = meta["rng"]
+    except (KeyError, TypeError, ValueError) as e:
+        return None, f"bad random-generator state ({e})"
+    return (meta, arrays), None
+
+
+def test_vectors(bundle: Bundle, train: bool = False) -> dict:
+    """The bundle's reference vectors, read safely and checked against the manifest.
+
+    ``x``, ``features`` and ``logits`` (and with ``train`` the reference train steps) must
+    be present, numeric and of consistent shapes; a file that matches its sha256 but was
+    written wrong is one :class:`RunnerError` naming what does not fit.
+    """
+    m = bundle.manifest
+    role = m["test_vectors"]["file"]
+    fwd = ["x", "features", "logits"]
+    steps = ["train_features", "train_weights", "train_loss", "train_labels"]
+    z = bundle.arrays(role, fwd + (steps if train else []))
+    n, dim = len(z["x"]) if z["x"].ndim else -1, int(m["features"]["dim"])
+    inp = m["input"]
+    want = {"features": (n, dim)}
+    if inp.get("modality", "timeseries") == "timeseries":
+        want["x"] = (n, int(inp["window"]), len(inp["channels"]))
+    bad = [f"{k} {z[k].shape} (expected {v})" for k, v in want.items() if z[k].shape != v]
+    rows = int(m["head"]["capacity"]) or (z["logits"].shape or (0,))[-1]  # 0: not stated
+    if z["logits"].shape != (n, rows):
+        bad.append(f"logits {z['logits'].shape} (expected ({n}, {rows}))")
+    if train:
+        f, w, loss, lab = (z[k] for k in steps)
+        k = len(loss) if loss.ndim == 1 else -1
+        if (loss.shape != (k,) or f.ndim != 3 or f.shape[:1] != (k,) or f.shape[2:] != (dim,)
+                or w.shape != f.shape[:2] or lab.shape != f.shape[:2]
+                or lab.dtype.kind not in "iu"
+                or (lab.size and not 0 <= lab.min() <= lab.max() < rows)):
+            bad.append(f"train steps (features {f.shape}, weights {w.shape}, labels "
+                       f"{lab.shape} {lab.dtype}, loss {loss.shape})")
+    if bad:
+        name = m["files"][role]["path"]
+        raise RunnerError(f"bundle file {name} ({role}) does not fit the manifest: "
+                          f"{'; '.join(bad)}; re-export or re-download the bundle")
+    return z
 
 
 def _finished_report(out_dir: str, run_key: str) -> dict | None:
@@ -191,9 +251,9 @@ def selftest(bundle: Bundle, backend) -> float:
 def selftest_forward(bundle: Bundle, backend) -> float:
     """Reference features and logits through this runtime; the max error, or raise."""
     tv = bundle.manifest["test_vectors"]
-    with np.load(bundle.path(tv["file"]), allow_pickle=False) as z:
-        x, feats, logits = z["x"], z["features"], z["logits"]
-        texts = [str(t) for t in z["texts"]] if "texts" in z.files else None
+    z = test_vectors(bundle)
+    x, feats, logits = z["x"], z["features"], z["logits"]
+    texts = [str(t) for t in z["texts"]] if "texts" in z else None
     if texts is not None:  # text bundles: this device's tokenizer must give the server's ids
         from edgerun.text import TextEncoder
 
@@ -206,13 +266,18 @@ def selftest_forward(bundle: Bundle, backend) -> float:
                               "tokenizer files or the tokenizers package are inconsistent")
     f = backend.features(dataio.preprocess(x, bundle.manifest))
     head = Head.from_bundle(bundle)
-    lg = _infer(backend, bundle, head, f)["logits"]
-    err = max(float(np.abs(f - feats).max()), float(np.abs(lg - logits).max()))
-    if not err <= float(tv["atol"]):
-        raise RunnerError(f"self-test failed: this runtime's outputs differ from the server's "
-                          f"reference vectors by {err:.3g} (> {tv['atol']}); the runtime build "
-                          "or the bundle is broken")
-    return err
+    # the head runs on the shipped features: its check does not inherit the backbone's error
+    # (an int8 backbone's features may differ by quantisation steps; logits must not)
+    lg = _infer(backend, bundle, head, feats.astype(np.float32))["logits"]
+    err_f, err_l = float(np.abs(f - feats).max()), float(np.abs(lg - logits).max())
+    atol_l = float(tv.get("logits_atol", tv["atol"]))
+    for what, err, atol in (("backbone features", err_f, float(tv["atol"])),
+                            ("head logits", err_l, atol_l)):
+        if not err <= atol:
+            raise RunnerError(f"self-test failed: this runtime's {what} differ from the "
+                              f"server's reference vectors by {err:.3g} (> {atol:.3g}); the "
+                              "runtime build or the bundle is broken")
+    return max(err_f, err_l)
 
 
 def data_digest(path: str) -> str:
@@ -636,11 +701,12 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
             _say(quiet, "this adaptation already finished (report.json); nothing to resume")
             return done
     if resume and os.path.isfile(state_path):
-        saved = _load_train_state(state_path, key)
+        saved, damage = _load_train_state(state_path, key, head, state, epochs, rng)
+        if damage:
+            warnings.append(f"damaged training state {TRAIN_STATE} ({damage}); starting over")
         if saved is not None:
             meta, arrays = saved
             first, steps, history = int(meta["epoch"]), int(meta["steps"]), meta["history"]
-            rng.bit_generator.state = meta["rng"]
             head.params = {k: arrays[f"p.{k}"] for k in head.params}
             state = {k: arrays[f"s.{k}"] for k in state}
             if meta["best"] is not None:
@@ -819,6 +885,9 @@ def infer(bundle_dir: str, data_path: str, *, head_path: str | None = None,
             lab: _accuracy([p for p, t in zip(pred, ds.y) if t == lab], [lab] * ds.y.count(lab))
             for lab in dict.fromkeys(ds.y)}
     if out_dir:
+        from edgerun.files import make_folder
+
+        make_folder(out_dir, "output folder", "predictions.json", "--out")
         write_json(os.path.join(out_dir, "predictions.json"), res)
     acc = f", accuracy {res['accuracy']:.3f}" if "accuracy" in res else ""
     _say(quiet, f"{len(pred)} windows in {seconds * 1000:.0f} ms{acc}")

@@ -44,6 +44,18 @@ def register(target: str):
 TRAINERS = ("stateless", "ort-training")
 
 
+def check_io(file: str, where: str, declared, graph, what: str = "inputs") -> None:
+    """The names the manifest feeds (``declared``) are exactly the graph's ``what``.
+
+    Checked when a graph is loaded, so a manifest that names other inputs than its graph
+    fails here naming both lists, not in the runtime's first call (a "missing input" error).
+    """
+    if sorted(declared) != sorted(graph):
+        raise RunnerError(f"manifest.json: {where} {sorted(declared)} do not match the "
+                          f"{what} of {file} {sorted(graph)}; the bundle is damaged or was "
+                          "written by another edgetl version: re-export it")
+
+
 def make_backend(bundle, threads: int = 0, trainer: str | None = None):
     """The backend for ``bundle.manifest['target']``, training with ``trainer``.
 
@@ -96,12 +108,15 @@ class OrtBackend:
             return opts
 
         def sess(role, n=threads):
+            what = f"onnxruntime {ort.__version__}: {bundle.manifest['files'][role]['path']}"
             try:
-                return ort.InferenceSession(bundle.path(role), options(n),
-                                            providers=["CPUExecutionProvider"])
+                return _OrtGuarded(ort.InferenceSession(bundle.path(role), options(n),
+                                                        providers=["CPUExecutionProvider"]),
+                                   what)
             except Exception as e:  # noqa: BLE001 - runtime errors vary by build
                 raise RunnerError(f"onnxruntime {ort.__version__} cannot load "
-                                  f"{bundle.manifest['files'][role]['path']}: {e}") from None
+                                  f"{bundle.manifest['files'][role]['path']}: "
+                                  f"{_one_line(e)}") from None
 
         m = bundle.manifest
         self._bb = sess("backbone")
@@ -114,8 +129,12 @@ class OrtBackend:
             "modality") == "text" else None
         self._dynamic_int8 = "dynamic" in str((m.get("quantization") or {}).get("scheme", ""))
         self._dim = int(m["features"]["dim"])
+        self._bb_file = f"onnxruntime {ort.__version__}: {m['files']['backbone']['path']}"
         self._train_out = [o.name for o in self._train.get_outputs()]
         self._infer_out = [o.name for o in self._infer.get_outputs()]
+        for blk, sess_ in (("train_step", self._train), ("infer", self._infer)):
+            check_io(m["files"][m[blk]["file"]]["path"], f"{blk}.inputs", m[blk]["inputs"],
+                     [i.name for i in sess_.get_inputs()])
 
     def features(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         """Backbone features of preprocessed windows, computed in chunks."""
@@ -124,7 +143,7 @@ class OrtBackend:
         if self._dynamic_int8:  # one activation scale per call: one input per call
             batch = 1
         out = [self._bb_run({self._in: x[i : i + batch]}) for i in range(0, len(x), batch)]
-        return np.concatenate(out, axis=0)
+        return _features_shape(np.concatenate(out, axis=0), len(x), self._dim, self._bb_file)
 
     def _bb_run(self, feeds: dict) -> np.ndarray:
         """The backbone's first output; the call is cancelled at :attr:`deadline`.
@@ -230,13 +249,13 @@ class LiteRTBackend:
         m = bundle.manifest
 
         def runner(role, signature, n=threads, it=None):
+            what = (f"ai-edge-litert {self.version}: {m['files'][role]['path']} (signature "
+                    f"{signature!r})")
             try:
                 it = it or Interpreter(model_path=bundle.path(role), num_threads=n or None)
-                return it.get_signature_runner(signature)
+                return _Guarded(it.get_signature_runner(signature), what)
             except Exception as e:  # noqa: BLE001 - runtime errors vary by build
-                raise RunnerError(f"ai-edge-litert {self.version} cannot load "
-                                  f"{m['files'][role]['path']} (signature {signature!r}): "
-                                  f"{e}") from None
+                raise RunnerError(f"{what} cannot be loaded: {_one_line(e)}") from None
 
         self._bb = runner("backbone", m["input"].get("signature"))
         # text: one backbone signature per sequence length; each text goes to the shortest
@@ -250,12 +269,34 @@ class LiteRTBackend:
         # the small head graphs run on one thread (see OrtBackend)
         self._train = runner(m["train_step"]["file"], m["train_step"]["signature"], 1)
         self._infer = runner(m["infer"]["file"], m["infer"]["signature"], 1)
+        for blk, run_ in (("train_step", self._train), ("infer", self._infer)):
+            check_io(f"{m['files'][m[blk]['file']]['path']} (signature "
+                     f"{m[blk]['signature']!r})", f"{blk}.inputs", m[blk]["inputs"],
+                     list(run_.get_input_details()))
         self._in = m["input"]["name"]
         self._out = m["features"]["name"]
+        bb = f"{m['files']['backbone']['path']} (signature {m['input'].get('signature')!r})"
+        self._dim, self._bb_file = int(m["features"]["dim"]), f"ai-edge-litert {self.version}: {bb}"
+        check_io(bb, "input.name", [self._in], list(self._bb.get_input_details()))
+        check_io(bb, "features.name", [self._out], list(self._bb.get_output_details()),
+                 "outputs")
         q = m.get("quantization") or {}
         self._qin, self._qout = q.get("input"), q.get("output")
         self._bb_batch = int(m["input"].get("batch_size") or 1)
         self._in_dtype = np.dtype(m["input"].get("dtype") or "float32")
+        # an int8 graph needs the manifest's quantisation of its input and output: without
+        # it the runner would feed floats (or read int8 as features) and fail in the runtime
+        for where, want, det in (
+                ("quantization.input (else input.dtype)",
+                 (self._qin or {}).get("dtype", self._in_dtype.name),
+                 self._bb.get_input_details()[self._in]),
+                ("quantization.output (else float32)",
+                 (self._qout or {}).get("dtype", "float32"),
+                 self._bb.get_output_details()[self._out])):
+            if np.dtype(det["dtype"]).name != want:
+                raise RunnerError(f"manifest.json: {where} says {want}, but {bb} has "
+                                  f"{np.dtype(det['dtype']).name}; the bundle is damaged: "
+                                  "re-export it")
         self._infer_batch = m["infer"].get("batch_size")
         self._infer_x = m["infer"]["inputs"][0]
 
@@ -270,7 +311,7 @@ class LiteRTBackend:
                      else np.ascontiguousarray(x[i : i + b], self._in_dtype))
             y = self._bb(**{self._in: _pad(chunk, b)})[self._out]
             out.append(_dequantize(y, self._qout)[: min(b, len(x) - i)])
-        return np.concatenate(out, axis=0)
+        return _features_shape(np.concatenate(out, axis=0), len(x), self._dim, self._bb_file)
 
     def _text_features(self, x: np.ndarray) -> np.ndarray:
         """(N, 2, L) ids + mask, one text per call through its shortest length signature."""
@@ -303,6 +344,91 @@ class LiteRTBackend:
             res = self._infer(**{**feeds, self._infer_x: _pad(x[i : i + b], b)})
             outs.append({k: v[: min(b, len(x) - i)] for k, v in res.items()})
         return {k: np.concatenate([o[k] for o in outs], axis=0) for k in outs[0]}
+
+
+def _features_shape(f: np.ndarray, n: int, dim: int, what: str) -> np.ndarray:
+    """``f`` if it is ``(n, dim)`` features, else refused.
+
+    A damaged backbone can load, run and return another shape, which numpy would broadcast
+    into nonsense or fail on later.
+    """
+    if f.shape != (n, dim):
+        raise RunnerError(f"{what} returned features of shape {f.shape}, expected ({n}, "
+                          f"{dim}) (manifest features.dim); the model file is damaged: "
+                          "re-download the bundle")
+    return f
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """A runtime's (often multi-line) message as one line: the error stays one line."""
+    return " ".join(str(e).split())[:limit]
+
+
+class _Guarded:
+    """A LiteRT signature runner whose runtime failures are one :class:`RunnerError`.
+
+    A model that loads can still fail when the interpreter prepares or invokes it (a
+    damaged quantisation scale that matches its sha256: "unsupported scale value (-nan) …
+    failed to prepare"), or when its tensor details are read (a damaged tensor name or index:
+    UnicodeDecodeError, TypeError). The names fed are checked against the graph at load
+    (:func:`check_io`), so an error here is the model's or the runtime's, and is named so.
+    """
+
+    def __init__(self, run, what: str):
+        self._run, self._what = run, what
+
+    def get_input_details(self) -> dict:
+        return self._guard(self._run.get_input_details)
+
+    def get_output_details(self) -> dict:
+        return self._guard(self._run.get_output_details)
+
+    def __call__(self, **feeds):
+        return self._guard(self._run, **feeds)
+
+    def _guard(self, fn, **kw):
+        try:
+            return fn(**kw)
+        # the runtime's own failures on a damaged model: RuntimeError (prepare, invoke),
+        # ValueError/UnicodeDecodeError (a damaged tensor name), TypeError/OverflowError (a
+        # tensor index beyond int32 handed to the C++ wrapper)
+        except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+            raise RunnerError(f"{self._what} failed to run ({_one_line(e)}); the model file "
+                              "is damaged or this runtime build cannot run it: re-download "
+                              "the bundle") from None
+
+
+class _OrtGuarded:
+    """An onnxruntime session whose run-time failures are one :class:`RunnerError`.
+
+    A damaged graph (matching its sha256) can load and still fail in ``run`` (a "Fail" or
+    "InvalidArgument" from a kernel). onnxruntime's own exception types derive from
+    ``Exception`` directly, so they are collected from its pybind module by kind.
+    """
+
+    def __init__(self, sess, what: str):
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+        self._sess, self._what = sess, what
+        self._errors = (RuntimeError, ValueError, *(
+            v for v in vars(state).values()
+            if isinstance(v, type) and issubclass(v, Exception)))
+
+    def get_inputs(self):
+        return self._sess.get_inputs()
+
+    def get_outputs(self):
+        return self._sess.get_outputs()
+
+    def run(self, names, feeds: dict, run_options=None):
+        try:
+            return self._sess.run(names, feeds, run_options)
+        except self._errors as e:
+            if run_options is not None and run_options.terminate:
+                raise  # cancelled by the time budget: the caller reports that
+            raise RunnerError(f"{self._what} failed to run ({_one_line(e)}); the model file "
+                              "is damaged or this runtime build cannot run it: re-download "
+                              "the bundle") from None
 
 
 def _ort_training_api():

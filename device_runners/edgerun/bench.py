@@ -16,7 +16,7 @@ import numpy as np
 
 from edgerun import RunnerError
 from edgerun import data as dataio
-from edgerun.adapt import peak_rss_mb
+from edgerun.adapt import peak_rss_mb, test_vectors
 from edgerun.backends import make_backend
 from edgerun.bundle import Bundle
 
@@ -49,8 +49,7 @@ def bench(bundle_dir: str, *, repeats: int = 300, warmup: int = 30, threads: int
     t0 = time.perf_counter()
     backend = make_backend(bundle, threads)
     load_seconds = time.perf_counter() - t0
-    with np.load(bundle.path(m["test_vectors"]["file"]), allow_pickle=False) as z:
-        x = dataio.preprocess(z["x"], m)
+    x = dataio.preprocess(test_vectors(bundle)["x"], m)
     x1 = np.ascontiguousarray(x[:1])
     xb = np.ascontiguousarray(np.resize(x, (batch,) + x.shape[1:]))
 

@@ -76,6 +76,29 @@ class Bundle:
                               f"{sorted(self.manifest['files'])}") from None
         return safe_path(self.root, rel)
 
+    def arrays(self, role: str, names) -> dict:
+        """The arrays of the bundle's ``.npz`` file ``role``, holding at least ``names``.
+
+        Read with :func:`edgerun.files.read_npz` (no pickle; a corrupt, truncated or
+        object-array file is one :class:`RunnerError`) and checked to be numeric, so a file
+        that passed its sha256 but was written wrong fails here by name, not in numpy.
+        """
+        from edgerun.files import read_npz
+
+        path = self.path(role)
+        name = self.manifest["files"][role]["path"]
+        fix = "re-export or re-download the bundle"
+        z = read_npz(path, f"bundle file ({role})", hint=fix)
+        missing = [n for n in names if n not in z]
+        if missing:
+            raise RunnerError(f"bundle file {name} ({role}) lacks the arrays {missing} (it "
+                              f"holds {sorted(z)[:12]}); {fix}")
+        for k, v in z.items():
+            if v.dtype.kind not in "biuf" and not (k == "texts" and v.dtype.kind in "US"):
+                raise RunnerError(f"bundle file {name} ({role}): array {k!r} is not numeric "
+                                  f"({v.dtype}); {fix}")
+        return z
+
     def verify(self) -> None:
         """Every listed file exists and matches its sha256, else :class:`RunnerError`."""
         verify_files(self.root, self.manifest)

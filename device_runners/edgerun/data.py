@@ -250,6 +250,24 @@ def _load_npz(path: str, inp: dict, max_mb: float | None = None) -> Dataset:
     return Dataset(x, y, path)
 
 
+def _csv_encoding(path: str, raw) -> str:
+    """The text encoding of a CSV: UTF-8 (BOM or not), or UTF-16 when it starts with a BOM.
+
+    Excel's "Unicode text" and Windows tools write UTF-16 with a byte-order mark, which is
+    unambiguous; UTF-16 without one (NUL bytes in the first line) and other encodings are
+    refused with what to do, rather than read as a header that matches nothing.
+    """
+    head = raw.peek(256)[:256]
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    if b"\x00" in head:
+        raw.close()
+        raise RunnerError(f"{path} holds NUL bytes: UTF-16 text without a byte-order mark, or "
+                          "not a text file; CSV files must be UTF-8 (or UTF-16 with a "
+                          "byte-order mark): re-save it as UTF-8")
+    return "utf-8-sig"
+
+
 def read_csv_log(path: str, channels, columns=("label", "session"), max_mb: float | None = None):
     """One sensor sample per row: ``(signals, channel names, {column: values or None})``.
 
@@ -263,8 +281,9 @@ def read_csv_log(path: str, channels, columns=("label", "session"), max_mb: floa
         signals: (S, C) float32, finite.
     """
     raw = fileio.open_regular(path, "data file", _max_bytes(max_mb), limit_flag="--max-data-mb")
+    encoding = _csv_encoding(path, raw)
     try:
-        with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:  # a BOM is dropped
+        with io.TextIOWrapper(raw, encoding=encoding, newline="") as f:  # a BOM is dropped
             reader = csv.reader(f)
             header = next(reader, None)
             want = list(channels) if channels is not None else None
@@ -296,9 +315,13 @@ def read_csv_log(path: str, channels, columns=("label", "session"), max_mb: floa
                 for c, i in extra.items():
                     values[c].append(row[i].strip() if i < len(row) else "")
     except UnicodeDecodeError as e:
-        raise RunnerError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
+        raise RunnerError(f"{path} is not {'UTF-16' if encoding == 'utf-16' else 'UTF-8'} text "
+                          f"({e}); CSV files must be "
+                          "UTF-8 (or UTF-16 with a byte-order mark): re-save it as UTF-8"
+                          ) from None
     except csv.Error as e:
-        raise RunnerError(f"{path}: not a readable CSV file ({e})") from None
+        raise RunnerError(f"{path}: not a readable CSV file ({e}); expected one sample per row "
+                          "of numbers and short labels") from None
     if not rows:
         raise RunnerError(f"{path} has a header but no samples")
     sig = np.asarray(rows, np.float32)

@@ -55,6 +55,9 @@ def open_regular(path, what: str = "file", max_bytes: int | None = None, *,
         raise RunnerError(f"{what} {path} is a folder, expected a file") from None
     except OSError as e:
         raise RunnerError(f"{what} {path} cannot be opened ({e.strerror or e})") from None
+    except ValueError:  # an embedded NUL byte: no file can have that name
+        raise RunnerError(f"{what} {path!r} contains a NUL byte; no file name can hold "
+                          "one") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -168,6 +171,23 @@ def read_npz(path, what: str = "file", max_bytes: int | None = None, *,
                               f"truncated: {type(e).__name__}: {str(e)[:160]}){fix}") from None
 
 
+def make_folder(path, what: str, holds: str, flag: str) -> None:
+    """Create the output folder ``path`` (and parents) unless it is one; refuse a file there.
+
+    ``what``/``holds``/``flag`` word the message: "state folder X is a file; expected a
+    folder for head.npz and report.json: pass another --out / --state".
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunnerError(f"{what} {path} is a file; expected a folder for {holds}: pass "
+                          f"another {flag}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise RunnerError(f"{what} {path} cannot be created ({e.strerror or e}); pass a "
+                          f"writable {flag}") from None
+
+
 #: The lock file in a state folder (``adapt --out``, ``update --state``).
 LOCK_FILE = ".lock"
 _held: set = set()  # state folders this process holds (a nested adapt inside update)
@@ -191,14 +211,8 @@ class state_lock:  # noqa: N801 (used as a context manager, like open)
         self.fd = None
 
     def __enter__(self):
-        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
-            raise RunnerError(f"state folder {self.folder} is a file; expected a folder for "
-                              "head.npz and report.json: pass another --out / --state")
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-        except OSError as e:
-            raise RunnerError(f"state folder {self.folder} cannot be created "
-                              f"({e.strerror or e}); pass a writable --out / --state") from None
+        make_folder(self.folder, "state folder", "head.npz and report.json",
+                    "--out / --state")
         try:
             import fcntl
         except ImportError:  # no flock here: proceed without a lock (see the docstring)

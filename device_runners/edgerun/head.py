@@ -31,6 +31,25 @@ def check_finite(params: dict, where: str,
                               f"value(s) (NaN/inf) of {a.size}; the head is damaged: {fix}")
 
 
+def check_shapes(params: dict, manifest: dict, where: str, exact: bool = False,
+                 fix: str = "is it a head of another bundle? Drop --head or re-adapt") -> None:
+    """Every parameter has the shape ``head.params`` declares.
+
+    Class parameters may have more rows than declared (labels imprinted on the device)
+    unless ``exact`` (the shipped head). A head of another shape would fail in the runtime.
+    """
+    cls = manifest["head"]["class_params"]
+    for spec in manifest["head"]["params"]:
+        have, want = tuple(np.shape(params[spec["name"]])), tuple(spec["shape"])
+        ok = have == want or (not exact and spec["name"] in cls and len(have) == len(want)
+                              and have[1:] == want[1:] and have[:1] >= want[:1])
+        if not ok:
+            raise RunnerError(f"{where}: head parameter {spec['name']!r} has shape {have}, "
+                              f"the bundle's head needs {want}"
+                              + (" (more class rows allowed)" if spec["name"] in cls else "")
+                              + f"; {fix}")
+
+
 def check_labels(labels: list, params: dict, class_params: list, where: str,
                  capacity: int | None = None) -> None:
     """The labels fit the head: distinct, printable, no more than its class rows.
@@ -88,10 +107,11 @@ class Head:
         """The server-trained head shipped in the bundle."""
         m = bundle.manifest
         path = bundle.path(m["head"]["init_file"])
-        with np.load(path, allow_pickle=False) as z:
-            params = {p["name"]: z[p["name"]] for p in m["head"]["params"]}
+        z = bundle.arrays(m["head"]["init_file"], [p["name"] for p in m["head"]["params"]])
+        params = {p["name"]: z[p["name"]] for p in m["head"]["params"]}
         where = f"bundle file {os.path.basename(path)}"
         check_finite(params, where, "re-export or re-download the bundle")
+        check_shapes(params, m, where, exact=True, fix="re-export or re-download the bundle")
         check_labels(list(m["labels"]), params, m["head"]["class_params"],
                      f"{where} with manifest labels", capacity=int(m["head"]["capacity"]))
         return cls(params, m["labels"], {"source": "bundle"})
@@ -121,6 +141,7 @@ class Head:
             raise RunnerError(f"{path}: parameters {sorted(params)} do not match the bundle's "
                               f"{sorted(names)}")
         check_finite(params, path)
+        check_shapes(params, bundle.manifest, path)
         check_labels(labels, params, bundle.manifest["head"]["class_params"], path)
         return cls(params, labels, meta)
 

@@ -43,6 +43,17 @@ class Quant(TypedDict):
     zero_point: int
 
 
+class QuantBlock(TypedDict, total=False):
+    """How the backbone was quantised; ``input``/``output``: the int8 graph's affine maps.
+
+    Other keys (scheme, calibration, ...) are a record for people and not read by a runner.
+    """
+
+    input: Optional[Quant]
+    output: Optional[Quant]
+    scheme: str
+
+
 class _Input(TypedDict):
     name: str
     shape: List[Optional[int]]
@@ -153,14 +164,25 @@ class TrainStepBlock(_TrainStep, total=False):
     ort_training: Dict[str, Any]
 
 
-class TestVectorsBlock(TypedDict):
-    """Reference inputs/outputs for the device self-test, with their tolerances."""
-
+class _TestVectors(TypedDict):
     file: str
     count: int
     atol: float
     train_steps: int
     train_atol: float
+
+
+class TestVectorsBlock(_TestVectors, total=False):
+    """Reference inputs/outputs for the device self-test, with their tolerances.
+
+    ``atol`` bounds the backbone's features; ``logits_atol`` (when given) the head's logits,
+    which the device computes from the *shipped* features, so the backbone's error does not
+    reach them. Without it ``atol`` bounds both. int8 bundles with an int8 output set
+    ``atol`` to a few steps of ``quantization.output.scale`` (``checks.selftest_tolerance``
+    says how each bundle's tolerances were chosen).
+    """
+
+    logits_atol: float
 
 
 class GateBlock(TypedDict):
@@ -265,7 +287,7 @@ class _Manifest(TypedDict):
     infer: GraphBlock
     test_vectors: TestVectorsBlock
     adapt: AdaptBlock
-    quantization: Dict[str, Any]
+    quantization: QuantBlock
     checks: Dict[str, Any]
     provenance: Dict[str, Any]
 
@@ -347,12 +369,153 @@ def check(m) -> dict:
                           f"reads {SCHEMA_VERSION}); re-export the bundle with the matching "
                           "edgetl, or update the runner")
     _conform(m, Manifest, "manifest")
+    _consistent(m)
     if not m["files"]:
         raise RunnerError("manifest.json: 'files' is empty; re-export the bundle")
     if not m["labels"] or len(set(m["labels"])) != len(m["labels"]):
         raise RunnerError(f"manifest.json: labels must be distinct names, found "
                           f"{m['labels'][:10]}; re-export the bundle")
     return m
+
+
+#: Element types a graph input (``input.dtype``) or tensor data may declare.
+DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+#: Largest dimension and element count a manifest may declare (a head is kilobytes; a
+#: declared shape is allocated with ``np.zeros``, so a huge one would exhaust memory).
+MAX_DIM, MAX_ELEMENTS = 1 << 24, 1 << 26
+
+
+def _at_least(value, low, where: str, high=None) -> None:
+    """``value`` is finite and in ``[low, high]`` (``None``: unbounded), else refused."""
+    import math
+
+    ok = math.isfinite(value) and (low is None or value >= low) and (high is None
+                                                                     or value <= high)
+    what = " and ".join(["a finite number", *([f">= {low}"] if low is not None else []),
+                         *([f"<= {high}"] if high is not None else [])])
+    _expect(ok, where, what, value)
+
+
+def _shape(shape: list, where: str, nullable: bool = False) -> None:
+    n = 1
+    for i, d in enumerate(shape):
+        if d is None and nullable:
+            continue
+        _expect(d is not None, f"{where}[{i}]", "an integer", d)
+        _at_least(d, 1, f"{where}[{i}]", MAX_DIM)
+        n *= d
+    _expect(n <= MAX_ELEMENTS, where, f"a shape of at most {MAX_ELEMENTS} elements", shape)
+
+
+def _subset(names, known, where: str, what: str) -> None:
+    bad = [n for n in names if n not in known]
+    _expect(not bad, where, f"names of {what} {sorted(known)}", bad)
+
+
+def _consistent(m: dict) -> None:
+    """Rules between fields that the types alone cannot state (each names the field).
+
+    Every file role a block points at is listed in ``files``; every name the runner feeds to
+    or reads from a graph is declared where the runner looks for it (head parameters,
+    optimizer state, hyper-parameters, graph inputs and outputs); shapes and counts are
+    positive and bounded; the timeseries keys the loaders need are present and sane. A
+    manifest that breaks one of these would otherwise fail deep in the runner (a KeyError,
+    a runtime's "missing input", a huge allocation).
+    """
+    files, head, opt, ts, inf = (m["files"], m["head"], m["optimizer"], m["train_step"],
+                                 m["infer"])
+    for where, role in (("files", "backbone"), ("head.init_file", head["init_file"]),
+                        ("train_step.file", ts["file"]), ("infer.file", inf["file"]),
+                        ("test_vectors.file", m["test_vectors"]["file"])):
+        _expect(role in files, where, f"a file role listed in files {sorted(files)}", role)
+    params = [p["name"] for p in head["params"]]
+    _expect(params and len(set(params)) == len(params), "head.params",
+            "distinct parameter names", params)
+    for i, p in enumerate(head["params"]):
+        _shape(p["shape"], f"head.params[{i}].shape")
+    _expect(len(head["class_params"]) == 2, "head.class_params",
+            "[weight name, bias name] of the class layer", head["class_params"])
+    _subset(head["class_params"], params, "head.class_params", "head.params")
+    _at_least(head["capacity"], 0, "head.capacity", MAX_DIM)  # 0: not stated
+    _at_least(head["embedding_dim"], 1, "head.embedding_dim", MAX_DIM)
+    _at_least(head["hidden"], 0, "head.hidden", MAX_DIM)
+    _at_least(m["features"]["dim"], 1, "features.dim", MAX_DIM)
+    state = [s["name"] for s in opt["state"]]
+    for i, st in enumerate(opt["state"]):
+        _shape(st["shape"], f"optimizer.state[{i}].shape")
+        _expect(st["like"] is None or st["like"] in params, f"optimizer.state[{i}].like",
+                f"null or one of head.params {params}", st["like"])
+    for k, v in opt["hparams"].items():
+        _at_least(v, None, f"optimizer.hparams[{k!r}]")
+    _subset(ts["hparam_inputs"], opt["hparams"], "train_step.hparam_inputs",
+            "optimizer.hparams")
+    anchors = ts.get("anchor_inputs") or {}
+    _subset(anchors.values(), params, "train_step.anchor_inputs", "head.params")
+    _expect(bool(ts["inputs"]), "train_step.inputs", "a non-empty list (features first)",
+            ts["inputs"])
+    fed = [ts["inputs"][0], ts["targets_input"], ts["sample_weight_input"],
+           *ts["hparam_inputs"], *params, *state, *anchors]
+    _expect(sorted(fed) == sorted(ts["inputs"]), "train_step.inputs", "exactly the inputs the "
+            f"runner feeds (features, targets, weights, hparams, params, state, anchors) "
+            f"{sorted(fed)}", ts["inputs"])
+    _subset([ts["loss_output"], *(f"new.{n}" for n in params + state)], ts["outputs"],
+            "train_step (loss and new.* outputs)", "train_step.outputs")
+    _expect(bool(inf["inputs"]), "infer.inputs", "a non-empty list (features first)",
+            inf["inputs"])
+    _subset(inf["inputs"][1:], params, "infer.inputs[1:]", "head.params")
+    _subset(["logits"], inf["outputs"], "infer.outputs", "outputs")
+    inp = m["input"]
+    _shape(inp["shape"], "input.shape", nullable=True)
+    for k in ("dtype", "data_dtype"):
+        _expect(inp.get(k, "float32") in DTYPES, f"input.{k}", f"one of {DTYPES}", inp.get(k))
+    for where, b in (("input.batch_size", inp["batch_size"]),
+                     ("train_step.batch_size", ts["batch_size"]),
+                     ("infer.batch_size", inf["batch_size"])):
+        if b is not None:
+            _at_least(b, 1, where, MAX_DIM)
+    tv = m["test_vectors"]
+    for k in ("count", "train_steps"):
+        _at_least(tv[k], 0, f"test_vectors.{k}", MAX_DIM)
+    for k in ("atol", "train_atol", "logits_atol"):
+        if k in tv:
+            _at_least(tv[k], 0, f"test_vectors.{k}")
+    ad = m["adapt"]
+    _at_least(ad["epochs"], 0, "adapt.epochs", MAX_DIM)
+    _at_least(ad["batch_size"], 1, "adapt.batch_size", MAX_DIM)
+    _expect(0 < ad["val_fraction"] < 1, "adapt.val_fraction", "a number in (0, 1)",
+            ad["val_fraction"])
+    for k in ("input", "output"):
+        q = m["quantization"].get(k)
+        if q is not None:
+            _expect(q["dtype"] in ("int8", "uint8"), f"quantization.{k}.dtype",
+                    "'int8' or 'uint8'", q["dtype"])
+            _at_least(q["scale"], 1e-30, f"quantization.{k}.scale")
+            _at_least(q["zero_point"], -128, f"quantization.{k}.zero_point", 255)
+    if inp.get("modality", "timeseries") == "timeseries":
+        _timeseries(inp)
+
+
+def _timeseries(inp: dict) -> None:
+    """The keys the timeseries loaders and preprocessing read."""
+    missing = [k for k in ("channels", "window", "stride", "sample_rate_hz") if k not in inp]
+    _expect(not missing, "input", "a timeseries block with channels, window, stride and "
+            "sample_rate_hz", f"{missing} missing")
+    _expect(bool(inp["channels"]), "input.channels", "a non-empty list", inp["channels"])
+    _at_least(inp["window"], 1, "input.window", MAX_DIM)
+    _at_least(inp["stride"], 1, "input.stride", MAX_DIM)
+    _at_least(inp["sample_rate_hz"], 1e-9, "input.sample_rate_hz")
+    norm = inp.get("preprocess", {}).get("normalize")
+    if not norm:
+        return
+    _expect(isinstance(norm, dict), "input.preprocess.normalize", "an object", norm)
+    for k in ("mean", "std"):
+        v = norm.get(k)
+        where = f"input.preprocess.normalize.{k}"
+        ok = (isinstance(v, list) and len(v) == len(inp["channels"])
+              and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v))
+        _expect(ok, where, f"a list of {len(inp['channels'])} numbers (one per channel)", v)
+        for i, e in enumerate(v):
+            _at_least(e, 1e-30 if k == "std" else None, f"{where}[{i}]")
 
 
 def parse(body: bytes) -> dict:
@@ -423,7 +586,7 @@ def markdown() -> str:
     """The bundle format as Markdown, from the TypedDicts above (``docs/bundle-format.md``)."""
     blocks = [Manifest, FileEntry, InputBlock, FeaturesBlock, HeadBlock, ParamSpec,
               OptimizerBlock, StateSpec, GraphBlock, TrainStepBlock, TestVectorsBlock,
-              AdaptBlock, GateBlock, AdaBNBlock, BNLayer, Parent, Quant]
+              AdaptBlock, GateBlock, AdaBNBlock, BNLayer, Parent, QuantBlock, Quant]
     out = ["# Bundle format (`manifest.json`, schema version %d)" % SCHEMA_VERSION, "",
            "Generated from `device_runners/edgerun/manifest.py` by `make docs`; do not edit.",
            "A runner refuses a manifest of another schema version, a missing required key or a "

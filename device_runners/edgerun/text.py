@@ -234,8 +234,11 @@ def read_text_table(path: str, columns=(), max_mb: float | None = None):
     extra = {c: None for c in columns}
     raw = open_regular(path, "data file", None if max_mb is None else int(max_mb * 2**20),
                        limit_flag="--max-data-mb")
+    from edgerun.data import _csv_encoding
+
+    encoding = _csv_encoding(path, raw)  # UTF-8, or UTF-16 with a BOM; a BOM is dropped
     try:
-        with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:  # BOM dropped
+        with io.TextIOWrapper(raw, encoding=encoding, newline="") as f:
             if ext == ".txt":
                 return [s for s in (line.strip() for line in f) if s], None, extra
             if ext != ".csv":
@@ -256,7 +259,12 @@ def read_text_table(path: str, columns=(), max_mb: float | None = None):
                     if v is not None:
                         v.append((row.get(c) or "").strip())
     except UnicodeDecodeError as e:
-        raise RunnerError(f"{path} is not UTF-8 text ({e}); re-save it as UTF-8") from None
+        raise RunnerError(f"{path} is not {'UTF-16' if encoding == 'utf-16' else 'UTF-8'} text "
+                          f"({e}); text files must be UTF-8 (or UTF-16 with a byte-order "
+                          "mark): re-save it as UTF-8") from None
+    except csv.Error as e:  # e.g. a field over csv.field_size_limit() (128 KiB)
+        raise RunnerError(f"{path}: not a readable CSV file ({e}); split texts longer than "
+                          "128 KiB") from None
     has = "label" in cols
     if has:
         from edgerun.data import check_label_text

@@ -27,12 +27,11 @@ from edgetl.export.registry import Exporter, as_feeds, get_exporter
 from edgetl.head import HeadSpec, InferStep, TrainStep, init_state
 from edgetl.manifest import MANIFEST, Manifest, file_entry
 from edgetl.tolerances import (
-    SELFTEST_FP32_FACTOR,
-    SELFTEST_INT8_REL,
     TRAIN_STEPS_CHECKED,
     TRAIN_VECTOR_STEPS,
     parity_atol,
     scaled_atol,
+    selftest_tolerances,
 )
 
 log = logging.getLogger(__name__)
@@ -460,13 +459,13 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         tv_feats = got_feats
         tv_logits = InferStep(spec)(torch.from_numpy(got_feats), *map(
             torch.from_numpy, params.values()))[0].detach().numpy()
-        tv_atol = SELFTEST_INT8_REL * max(scale, float(np.abs(tv_logits[:, :n_real]).max()))
     else:
         checks["backbone_max_abs_err"] = compare("backbone.features", got_feats, feats,
                                                  scaled_atol(exporter.target, feats))
         tv_feats, tv_logits = feats, logits
-        tv_atol = SELFTEST_FP32_FACTOR * max(scaled_atol(exporter.target, feats[:8]),
-                                             scaled_atol(exporter.target, logits[:8, :n_real]))
+    tol = selftest_tolerances(exporter.target, "int8" if int8 else "fp32", quant, tv_feats,
+                              tv_logits, n_real)
+    checks["selftest_tolerance"] = tol.pop("basis")
     checks["backbone_rel_err"] = checks["backbone_max_abs_err"] / max(scale, 1e-12)
     infer_out = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
     checks["infer_max_abs_err"] = compare("head_infer.logits", infer_out["logits"], logits,
@@ -497,7 +496,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     manifest = Manifest(
         **blocks,
         files={role: file_entry(tmp, rel) for role, rel in files.items()},
-        test_vectors={"file": "test_vectors", "count": n_tv, "atol": tv_atol,
+        test_vectors={"file": "test_vectors", "count": n_tv, **tol,
                       "train_steps": TRAIN_VECTOR_STEPS, "train_atol": train_atol},
         checks=checks,
     )
