@@ -185,3 +185,20 @@ def test_int8_bundles_record_quantization_and_keep_accuracy(tiny_ck, tmp_path):
         "scheme"]
     assert m.checks["accuracy"]["drop_points"] <= 2.0
     assert m.checks["train_step_max_abs_err"] < 1e-4  # the head stays fp32
+
+
+@pytest.mark.unit
+def test_a_drop_exactly_at_the_limit_passes_the_accuracy_gate():
+    """20 of 2,000 windows lost is 1.00 pt: allowed by a 1.0 pt limit (float: 1.0000000000000009
+    refused the vision demo's int8 student), 21 is not."""
+    from edgetl.export.bundle import accuracy_gate
+
+    y = np.zeros(2000, int)
+    want = y.copy()
+    want[:410] = 1  # reference 0.7950
+    got = want.copy()
+    got[1000:1020] = 1  # 20 more wrong: 0.7850
+    assert accuracy_gate(want, got, y, 1.0)["drop_points"] == pytest.approx(1.0)
+    got[1020] = 1
+    with pytest.raises(ToleranceError, match="1.05 points below"):
+        accuracy_gate(want, got, y, 1.0)

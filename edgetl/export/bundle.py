@@ -244,6 +244,10 @@ def runtime_predictions(sess, spec: HeadSpec, params: dict, xn: np.ndarray) -> n
     return out["logits"].argmax(1)
 
 
+#: Float slack of accuracy-drop comparisons: 20 of 2,000 windows is 1.00 pt, not 1.0000000001.
+DROP_EPS = 1e-9
+
+
 def accuracy_gate(want: np.ndarray, got: np.ndarray, y: np.ndarray, max_drop: float, *,
                   reference: str = "torch_fp32") -> dict:
     """Compare a bundle's predictions ``got`` with the reference's ``want`` on labels ``y``.
@@ -258,7 +262,7 @@ def accuracy_gate(want: np.ndarray, got: np.ndarray, y: np.ndarray, max_drop: fl
     res["max_drop_points"] = max_drop
     log.info("accuracy: %s %.4f, bundle %.4f (drop %.2f pt)", reference, ref, res["bundle"],
              res["drop_points"])
-    if res["drop_points"] > max_drop:
+    if res["drop_points"] > max_drop + DROP_EPS:  # exactly at the limit passes
         raise ToleranceError(
             f"the bundle's held-out accuracy {res['bundle']:.4f} is {res['drop_points']:.2f} "
             f"points below the {reference.replace('_', ' ')} reference's {ref:.4f} "
