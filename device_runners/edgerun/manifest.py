@@ -243,6 +243,28 @@ class AdaBNBlock(_AdaBN, total=False):
     unsupported: str
 
 
+class CutBlock(TypedDict):
+    """Where the frozen prefix ends: the cached tensor (``features``, flattened to ``dim``)."""
+
+    node: str
+    shape: List[int]
+
+
+class TrainableBlock(TypedDict):
+    """What the train step updates beyond the head (``edgetl export --trainable SPEC``).
+
+    ``spec`` as given; ``params`` the trainable backbone tensors (``backbone.<name>``, also
+    listed in ``head.params`` and held by the head checkpoint); ``cut``: the backbone graph
+    is the frozen prefix up to ``cut.node``, whose output (per-sample ``cut.shape``) the
+    runner caches as features; the train and infer graphs run the rest, then the head.
+    """
+
+    spec: str
+    cut: CutBlock
+    params: List[ParamSpec]
+    gradients: str
+
+
 class _Manifest(TypedDict):
 
     schema_version: int
@@ -268,9 +290,11 @@ class _Manifest(TypedDict):
 
 
 class Manifest(_Manifest, total=False):
-    """``manifest.json``. ``adabn`` is absent in bundles exported before AdaBN support."""
+    """``manifest.json``. ``adabn`` is absent in bundles exported before AdaBN support;
+    ``trainable`` only in bundles that train more than the head."""
 
     adabn: AdaBNBlock
+    trainable: TrainableBlock
 
 
 def _hints(td) -> dict:
