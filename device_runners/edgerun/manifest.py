@@ -290,8 +290,11 @@ class _Manifest(TypedDict):
 
 
 class Manifest(_Manifest, total=False):
-    """``manifest.json``. ``adabn`` is absent in bundles exported before AdaBN support;
-    ``trainable`` only in bundles that train more than the head."""
+    """``manifest.json``; its optional blocks.
+
+    ``adabn`` is absent in bundles exported before AdaBN support; ``trainable`` is present
+    only in bundles that train more than the head.
+    """
 
     adabn: AdaBNBlock
     trainable: TrainableBlock

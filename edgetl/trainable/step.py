@@ -17,8 +17,6 @@ A backward op left undecomposed raises :class:`BundleError` naming it.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -128,7 +126,8 @@ class TailTrain(nn.Module):
             ps = [tp.get(n, given[n]) for n in names]
             loss = _weighted_ce(self.model(features, *ps)[0], targets, sample_weight)
             if coef is not None:
-                pen = torch.stack([((p - a) * (p - a)).sum() for p, a in zip(ps, anchors)])
+                pen = torch.stack([((p - a) * (p - a)).sum()
+                                   for p, a in zip(ps, anchors, strict=True)])
                 loss = loss + 0.5 * (coef * pen.sum()).sum()
             return loss
 
@@ -143,7 +142,7 @@ class TailTrain(nn.Module):
 
         from edgetl.trainable.decomp import table
 
-        with sdpa_kernel(SDPBackend.MATH), contextlib.suppress():
+        with sdpa_kernel(SDPBackend.MATH):
             gm = make_fx(self.forward, decomposition_table=table())(*args)
         left = sorted({str(n.target) for n in gm.graph.nodes
                        if n.op == "call_function" and "backward" in str(n.target)})
