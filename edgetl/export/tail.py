@@ -57,7 +57,7 @@ def prepare(backbone: torch.nn.Module, spec: HeadSpec, optimizer: str, trainable
                           "use --trainable head")
     names = select(backbone, trainable)
     cut = split(backbone, names, sample)
-    model = TailModel(cut.tail, spec, names)
+    model = TailModel(cut.tail, spec, names, cut.dim)
     bp = dict(backbone.named_parameters())
     params = {f"backbone.{n}": bp[n].detach().numpy().astype(np.float32).copy() for n in names}
     params.update(head_params)

@@ -25,11 +25,15 @@ from edgetl.head import HeadSpec, head_forward
 
 
 class TailModel(nn.Module):
-    """``forward(features, *params) -> (logits, embedding)``: the cut tail, then the head."""
+    """``forward(features, *params) -> (logits, embedding)``: the cut tail, then the head.
 
-    def __init__(self, tail: nn.Module, spec: HeadSpec, backbone_params: list[str]):
+    ``features``: (B, tail_dim), the flattened cut tensor.
+    """
+
+    def __init__(self, tail: nn.Module, spec: HeadSpec, backbone_params: list[str],
+                 tail_dim: int):
         super().__init__()
-        self.tail, self.spec = tail.eval(), spec
+        self.tail, self.spec, self.tail_dim = tail.eval(), spec, int(tail_dim)
         self.backbone_params = list(backbone_params)
         self.frozen = {k: v.detach() for k, v in tail.named_parameters()
                        if k not in backbone_params}
