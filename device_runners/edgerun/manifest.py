@@ -447,7 +447,8 @@ def markdown() -> str:
     """The bundle format as Markdown, from the TypedDicts above (``docs/bundle-format.md``)."""
     blocks = [Manifest, FileEntry, InputBlock, FeaturesBlock, HeadBlock, ParamSpec,
               OptimizerBlock, StateSpec, GraphBlock, TrainStepBlock, TestVectorsBlock,
-              AdaptBlock, GateBlock, AdaBNBlock, BNLayer, Parent, Quant]
+              AdaptBlock, GateBlock, AdaBNBlock, BNLayer, TrainableBlock, CutBlock, Parent,
+              Quant]
     out = ["# Bundle format (`manifest.json`, schema version %d)" % SCHEMA_VERSION, "",
            "Generated from `device_runners/edgerun/manifest.py` by `make docs`; do not edit.",
            "A runner refuses a manifest of another schema version, a missing required key or a "
