@@ -159,10 +159,21 @@ def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray 
                 reference_x = z["texts"] if "texts" in z.files else z["x"]
         xn = ck.normalize(reference_x)
         model = ck.model.eval()
-        feats = torch_features(model.backbone, xn)
+        backbone, infer_ref, train_ref = model.backbone, InferStep(spec), None
+        if m.trainable:  # a tail bundle: the cut prefix, the tail's torch steps
+            import dataclasses
+
+            from edgetl.export.tail import prepare
+
+            spec = dataclasses.replace(spec, in_features=model.backbone.out_features)
+            tail = prepare(model.backbone, spec, m.optimizer["name"], m.trainable["spec"],
+                           {k: v for k, v in params.items() if not k.startswith("backbone.")},
+                           torch.from_numpy(xn[:2]))
+            backbone, infer_ref, train_ref = tail.cut.prefix, tail.infer, tail.train
+        feats = torch_features(backbone, xn)
         with torch.no_grad():
-            logits = InferStep(spec)(torch.from_numpy(feats),
-                                     *map(torch.from_numpy, params.values()))[0].numpy()
+            logits = infer_ref(torch.from_numpy(feats),
+                               *map(torch.from_numpy, params.values()))[0].numpy()
         parts = []
         worst = 0.0
         if m.precision == "fp32":
@@ -174,7 +185,7 @@ def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray 
                         scaled_atol(m.target, logits[:, : len(m.labels)]))
         batch = m.train_step.get("batch_size") or 16
         e_step = _check_train_step(sess, spec, m.optimizer["name"], m.optimizer["hparams"],
-                                   params, atol, batch, n_labels=len(m.labels))
+                                   params, atol, batch, n_labels=len(m.labels), ref=train_ref)
         worst = max(worst, e_inf, e_step)
         parts += [f"infer {e_inf:.1e}", f"{TRAIN_STEPS_CHECKED} train steps {e_step:.1e}"]
         if m.precision != "fp32":

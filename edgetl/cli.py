@@ -215,6 +215,10 @@ def export(model: Annotated[str, typer.Argument(
            trainer: Annotated[str, typer.Option(
                help="stateless (train step graph, any runtime) or ort-training (also ONNX "
                     "Runtime training artifacts; deprecated upstream, x86_64)")] = "stateless",
+           trainable: Annotated[str | None, typer.Option(
+               help="what the device trains: head (default), bias, last:N, all, or "
+                    "parameter-name globs (edgetl checkpoints, onnx fp32; docs/bundle.md)")]
+           = None,
            recipe: Annotated[Path, typer.Option(help="edgetl checkpoints: recipe (export "
                                                      "options, data)")] = DEFAULT_RECIPE,
            sign_key: Annotated[Path | None, typer.Option(
@@ -232,8 +236,12 @@ def export(model: Annotated[str, typer.Argument(
         from edgetl import stages
 
         man = stages.export(Path(model), out, _recipe(recipe), target=target,
-                            precision=precision, trainer=trainer, sign_key=sign_key)
+                            precision=precision, trainer=trainer, sign_key=sign_key,
+                            trainable=trainable)
     else:
+        if trainable not in (None, "head"):
+            raise ConfigError("--trainable beyond head works for edgetl checkpoints (.pt) so "
+                              "far; your own model exports with --trainable head")
         man = _export_user_model(model, out, target=target, precision=precision, head=head,
                                  input_shape=input_shape, input_dtype=input_dtype,
                                  labels=_labels(labels, labels_file),

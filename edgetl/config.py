@@ -419,6 +419,9 @@ class ExportConfig:
                       "artifacts)")
     class_capacity: int = _f(0, "fixed-class heads (TFLite): rows, spare ones for new labels "
                              "(0 = the labels)", "classes")
+    trainable: str = _f("head", "what the device trains: head, bias (biases + norm affine + "
+                        "head), last:N (last N backbone blocks + head), all, or parameter-name "
+                        "globs (docs/bundle.md, Training more than the head)")
 
     def __post_init__(self):
         for t in (self.target, *self.targets):
@@ -435,6 +438,9 @@ class ExportConfig:
                f"export.trainer {self.trainer!r} is an ONNX flavour; got target {self.target!r}")
         _check(0 <= self.class_capacity <= 1024,
                f"export.class_capacity must be in 0..1024, got {self.class_capacity}")
+        from edgetl.trainable.spec import check_spec
+
+        object.__setattr__(self, "trainable", check_spec(self.trainable))
         _check(1 <= self.train_batch <= 4096,
                f"export.train_batch must be in 1..4096, got {self.train_batch}")
         _check(self.calibration_windows >= 16,

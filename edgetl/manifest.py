@@ -62,12 +62,15 @@ class Manifest:
     parent: dict[str, Any] | None = None
     #: AdaBN graphs and BN layers (``edgetl.export.adabn``); None: absent (older bundles).
     adabn: dict[str, Any] | None = None
+    #: Trainable tensors beyond the head and the cut (``edgetl.trainable``); None: head only.
+    trainable: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Stable, human-readable JSON, checked against the device schema first."""
         raw = dataclasses.asdict(self)
-        if raw["adabn"] is None:  # optional block: absent, never null
-            del raw["adabn"]
+        for k in ("adabn", "trainable"):  # optional blocks: absent, never null
+            if raw[k] is None:
+                del raw[k]
         _checked(raw)
         return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 

@@ -32,6 +32,17 @@ def _conv_blocks(in_channels: int, cfg: NetConfig, conv, bn, pool) -> tuple[nn.S
     return nn.Sequential(*layers), c_in
 
 
+def _block_params(blocks: nn.Sequential) -> list[list[str]]:
+    """Parameter names (relative to the backbone) of each conv block: a conv starts one."""
+    out: list[list[str]] = []
+    for i, layer in enumerate(blocks):
+        names = [f"blocks.{i}.{n}" for n, _ in layer.named_parameters()]
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)) or not out:
+            out.append([])
+        out[-1] += names
+    return out
+
+
 class CNN1DBackbone(nn.Module):
     """Conv blocks over time, then global average pooling.
 
@@ -50,6 +61,10 @@ class CNN1DBackbone(nn.Module):
         h = self.blocks(x.transpose(1, 2))  # (N, C, T)
         return self.dropout(h.mean(dim=2))
 
+    def block_params(self) -> list[list[str]]:
+        """Parameter names of each conv block, first to last (``--trainable last:N``)."""
+        return _block_params(self.blocks)
+
 
 class CNN2DBackbone(nn.Module):
     """Conv blocks over an image, then global average pooling.
@@ -67,6 +82,10 @@ class CNN2DBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.blocks(x).mean(dim=(2, 3)))
+
+    def block_params(self) -> list[list[str]]:
+        """Parameter names of each conv block, first to last (``--trainable last:N``)."""
+        return _block_params(self.blocks)
 
 
 class EfficientNetBackbone(nn.Module):

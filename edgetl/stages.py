@@ -58,8 +58,11 @@ def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:
 
 def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = None,
            precision: str | None = None, trainer: str | None = None,
-           data: ServerData | None = None, sign_key: Path | None = None) -> Manifest:
+           data: ServerData | None = None, sign_key: Path | None = None,
+           trainable: str | None = None) -> Manifest:
     """Export a student checkpoint as a device bundle in ``out``.
+
+    ``trainable``: ``--trainable SPEC`` (default the recipe's ``export.trainable``).
 
     Reference inputs (parity checks, test vectors) come from the server-validation data,
     int8 calibration inputs from the server-training data, and the accuracy gate runs on the
@@ -69,7 +72,8 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
 
     cfg = dataclasses.replace(recipe.export, target=target or recipe.export.target,
                               precision=precision or recipe.export.precision,
-                              trainer=trainer or recipe.export.trainer)
+                              trainer=trainer or recipe.export.trainer,
+                              trainable=trainable or recipe.export.trainable)
     ck = load_checkpoint(checkpoint)
     cd = check_data(recipe, data)
     return export_bundle(ck, Path(out), cfg, reference_x=cd.reference, calib_x=cd.calibration,

@@ -102,7 +102,8 @@ def export_tiny(ck: Checkpoint, out: Path, target: str = "onnx", precision: str 
     cfg = ExportConfig(target=target, precision=precision, n_test_vectors=4, train_batch=16,
                        calibration_windows=128, max_accuracy_drop=kw.pop("max_drop", 5.0),
                        trainer=kw.pop("trainer", "stateless"),
-                       class_capacity=kw.pop("class_capacity", 0))
+                       class_capacity=kw.pop("class_capacity", 0),
+                       trainable=kw.pop("trainable", "head"))
     export_bundle(ck, out, cfg, reference_x=x, calib_x=calib, eval_set=ev, **kw)
     return out
 

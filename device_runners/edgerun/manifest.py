@@ -268,6 +268,28 @@ class AdaBNBlock(_AdaBN, total=False):
     unsupported: str
 
 
+class CutBlock(TypedDict):
+    """Where the frozen prefix ends: the cached tensor (``features``, flattened to ``dim``)."""
+
+    node: str
+    shape: List[int]
+
+
+class TrainableBlock(TypedDict):
+    """What the train step updates beyond the head (``edgetl export --trainable SPEC``).
+
+    ``spec`` as given; ``params`` the trainable backbone tensors (``backbone.<name>``, also
+    listed in ``head.params`` and held by the head checkpoint); ``cut``: the backbone graph
+    is the frozen prefix up to ``cut.node``, whose output (per-sample ``cut.shape``) the
+    runner caches as features; the train and infer graphs run the rest, then the head.
+    """
+
+    spec: str
+    cut: CutBlock
+    params: List[ParamSpec]
+    gradients: str
+
+
 class _Manifest(TypedDict):
 
     schema_version: int
@@ -293,9 +315,14 @@ class _Manifest(TypedDict):
 
 
 class Manifest(_Manifest, total=False):
-    """``manifest.json``. ``adabn`` is absent in bundles exported before AdaBN support."""
+    """``manifest.json``; its optional blocks.
+
+    ``adabn`` is absent in bundles exported before AdaBN support; ``trainable`` is present
+    only in bundles that train more than the head.
+    """
 
     adabn: AdaBNBlock
+    trainable: TrainableBlock
 
 
 def _hints(td) -> dict:
@@ -586,7 +613,8 @@ def markdown() -> str:
     """The bundle format as Markdown, from the TypedDicts above (``docs/bundle-format.md``)."""
     blocks = [Manifest, FileEntry, InputBlock, FeaturesBlock, HeadBlock, ParamSpec,
               OptimizerBlock, StateSpec, GraphBlock, TrainStepBlock, TestVectorsBlock,
-              AdaptBlock, GateBlock, AdaBNBlock, BNLayer, Parent, QuantBlock, Quant]
+              AdaptBlock, GateBlock, AdaBNBlock, BNLayer, TrainableBlock, CutBlock, Parent,
+              QuantBlock, Quant]
     out = ["# Bundle format (`manifest.json`, schema version %d)" % SCHEMA_VERSION, "",
            "Generated from `device_runners/edgerun/manifest.py` by `make docs`; do not edit.",
            "A runner refuses a manifest of another schema version, a missing required key or a "

@@ -38,6 +38,9 @@ INT8_REASON = ("int8 backbone: its BatchNorm layers are folded into the quantise
                "(weights and activation ranges fixed at calibration), so their statistics are "
                "no longer separate values a device could replace; use the fp32 bundle for AdaBN")
 NO_BN_REASON = "this backbone has no BatchNorm layers"
+TAIL_REASON = ("the bundle trains backbone tensors (--trainable beyond head): its infer and "
+               "train graphs start at the cut, not at the backbone's output the AdaBN features "
+               "graph gives; export with --trainable head for AdaBN")
 
 
 def bn_layers(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -248,10 +251,11 @@ def export_tflite(backbone: nn.Module, sample: torch.Tensor, folder: Path,
 
 
 def block(backbone: nn.Module, sample: torch.Tensor, target: str, folder: Path, *,
-          precision: str, modality: str, opset: int) -> tuple[dict, dict]:
+          precision: str, modality: str, opset: int, tail: bool = False) -> tuple[dict, dict]:
     """The manifest's ``adabn`` block and the files it adds (``{role: name}``).
 
-    Graphs are exported for fp32 time-series and tensor backbones with BatchNorm layers;
+    Graphs are exported for fp32 time-series and tensor backbones with BatchNorm layers and a
+    head-only train step (``tail``: the bundle trains backbone tensors, see TAIL_REASON);
     otherwise the block says why the bundle cannot recalibrate (``unsupported``).
     """
     bns = bn_layers(backbone)
@@ -261,6 +265,8 @@ def block(backbone: nn.Module, sample: torch.Tensor, target: str, folder: Path, 
         return {**base, "unsupported": NO_BN_REASON}, {}
     if precision != "fp32":
         return {**base, "unsupported": INT8_REASON}, {}
+    if tail:
+        return {**base, "unsupported": TAIL_REASON}, {}
     if modality not in ("timeseries", "tensor") or not sample.is_floating_point():
         return {**base, "unsupported": f"AdaBN graphs are exported for time-series and tensor "
                                        f"bundles only, not {modality}"}, {}

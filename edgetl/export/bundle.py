@@ -59,7 +59,7 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
 
 def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, params: dict,
                       atol: float, batch: int, steps: int = TRAIN_STEPS_CHECKED,
-                      n_labels: int | None = None) -> float:
+                      n_labels: int | None = None, ref=None) -> float:
     """Run ``steps`` padded train steps in the runtime and in torch; return the max diff.
 
     Each output may differ by ``atol * max(1, max|torch value|)``: float32 rounds relative
@@ -67,17 +67,19 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
 
     Targets are drawn from the first ``n_labels`` classes (default all): spare rows of a
     fixed-capacity head never get targets on a device.
+
+    ``ref``: the torch train step of a tail bundle (:class:`edgetl.trainable.step.TailTrain`;
+    its features are the flattened cut); default the head's :class:`TrainStep`.
     """
-    ref = TrainStep(spec, optimizer)
+    ref, s, dim = _reference(spec, optimizer, params, ref)
     names = ref.input_names()
     p = [torch.as_tensor(v) for v in params.values()]
-    s = list(init_state(spec, optimizer, dict(zip(params, p, strict=True))).values())
     hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
     anchors = p if spec.l2sp else []  # L2-SP toward the starting head, as the runner does
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for i in range(steps):
-        f = torch.randn(batch, spec.in_features, generator=g)
+        f = torch.randn(batch, dim, generator=g)
         t = torch.eye(spec.num_classes)[torch.randint(0, n_labels or spec.num_classes, (batch,),
                                                       generator=g)]
         w = (torch.arange(batch) < batch - i % 3).float()  # some padded rows
@@ -94,23 +96,33 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     return worst
 
 
+def _reference(spec: HeadSpec, optimizer: str, params: dict, ref=None):
+    """The torch train step, its zero state (a list) and its feature width."""
+    p = {k: torch.as_tensor(v) for k, v in params.items()}
+    if ref is None:
+        return (TrainStep(spec, optimizer), list(init_state(spec, optimizer, p).values()),
+                spec.in_features)
+    return ref, list(ref.init_state(p).values()), ref.model.tail_dim
+
+
 def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, batch: int,
                   steps: int = TRAIN_VECTOR_STEPS, seed: int = 1,
-                  n_labels: int | None = None) -> dict[str, np.ndarray]:
+                  n_labels: int | None = None, ref=None) -> dict[str, np.ndarray]:
     """Reference train steps for the device self-test, computed by the torch train step.
 
     Starting from ``params`` (the shipped head) and zero optimizer state, ``steps`` batches
     of random features with some padded rows; stores the inputs compactly (features exactly
     representable in float16, labels as ids, weights as 0/1), every step's loss and the
-    parameters after the last step (``train_final.<name>``).
+    parameters after the last step (``train_final.<name>``). ``ref``: as
+    :func:`_check_train_step`.
     """
-    ref = TrainStep(spec, optimizer)
+    ref, s0, dim = _reference(spec, optimizer, params, ref)
     g = torch.Generator().manual_seed(seed)
     p = {k: torch.as_tensor(v) for k, v in params.items()}
-    s = init_state(spec, optimizer, p)
+    s = dict(enumerate(s0))  # positional: only the order matters
     hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
     anchors = list(p.values()) if spec.l2sp else []
-    f = torch.randn(steps, batch, spec.in_features, generator=g).half().float()
+    f = torch.randn(steps, batch, dim, generator=g).half().float()
     labels = torch.randint(0, n_labels or spec.num_classes, (steps, batch), generator=g)
     t = torch.eye(spec.num_classes)[labels]
     w = (torch.arange(batch)[None] < batch - torch.arange(steps)[:, None] % 3).float()
@@ -237,10 +249,14 @@ def device_session(root: Path, manifest: Manifest | dict, threads: int = 2):
         raise BundleError(str(e)) from None
 
 
-def runtime_predictions(sess, spec: HeadSpec, params: dict, xn: np.ndarray) -> np.ndarray:
-    """Class ids predicted by a bundle session (its runtime) for normalised windows."""
+def runtime_predictions(sess, spec: HeadSpec, params: dict, xn: np.ndarray,
+                        names: list[str] | None = None) -> np.ndarray:
+    """Class ids predicted by a bundle session (its runtime) for normalised windows.
+
+    ``names``: the infer graph's inputs (default the head's :class:`InferStep`).
+    """
     feats = sess.features(xn)
-    out = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
+    out = sess.infer(as_feeds(names or InferStep(spec).input_names(), [feats, *params.values()]))
     return out["logits"].argmax(1)
 
 
@@ -294,14 +310,15 @@ def _input_block(ck: Checkpoint, bb_sig: dict) -> dict:
 
 
 def _accuracy_check(sess, model, ck: Checkpoint, spec: HeadSpec, params: dict,
-                    eval_set: tuple[np.ndarray, np.ndarray], max_drop: float) -> dict:
+                    eval_set: tuple[np.ndarray, np.ndarray], max_drop: float,
+                    names: list[str] | None = None) -> dict:
     """Held-out accuracy of the bundle (its runtime) vs the PyTorch student, in points."""
     x, y = eval_set
     xn = ck.normalize(x)
     with torch.no_grad():
         feats = torch.from_numpy(torch_features(model.backbone, xn))
         want = model.head(feats).argmax(1).numpy()
-    return accuracy_gate(want, runtime_predictions(sess, spec, params, xn), y, max_drop)
+    return accuracy_gate(want, runtime_predictions(sess, spec, params, xn, names), y, max_drop)
 
 
 def _check_ort_training(tmp: Path, manifest: Manifest) -> Manifest:
@@ -351,7 +368,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     spec = head_spec(ck)
     params = {k: v.detach().numpy().astype(np.float32) for k, v in ck.model.head_state().items()}
     capacity = spec.num_classes
-    if not exporter.dynamic_classes and cfg.class_capacity:
+    if (not exporter.dynamic_classes or cfg.trainable != "head") and cfg.class_capacity:
         if cfg.class_capacity < spec.num_classes:
             raise ConfigError(f"export.class_capacity {cfg.class_capacity} is below the "
                               f"{spec.num_classes} classes the model already has")
@@ -367,15 +384,26 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     int8 = cfg.precision == "int8"
     calib = (ck.normalize(calib_x[: cfg.calibration_windows])
              if int8 and calib_x is not None and len(calib_x) else None)
-    bb_sig = exporter.export_backbone(model.backbone, torch.from_numpy(xn[:2]),
+    tail = None
+    if cfg.trainable != "head":  # the frozen prefix is the backbone graph (edgetl.trainable)
+        tail = _tail_for(exporter, ck, cfg, spec, params, xn)
+        params = tail.params
+    backbone = tail.cut.prefix if tail else model.backbone
+    infer_ref = tail.infer if tail else InferStep(spec)
+    bb_sig = exporter.export_backbone(backbone, torch.from_numpy(xn[:2]),
                                       tmp / files["backbone"], opset=cfg.opset,
                                       precision=cfg.precision, calib=calib)
     bn_block, bn_files = adabn.block(model.backbone, torch.from_numpy(xn[:2]), exporter.target,
                                      tmp, precision=cfg.precision, modality=ck.kind.modality,
-                                     opset=cfg.opset)
+                                     opset=cfg.opset, tail=tail is not None)
     files.update(bn_files)
     batch = cfg.train_batch
-    sig = exporter.export_head(spec, ck.head.optimizer, tmp, opset=cfg.opset, batch=batch)
+    if tail:
+        from edgetl.export.tail import export_onnx
+
+        sig = export_onnx(tail, tmp, opset=cfg.opset, batch=batch, rows=spec.num_classes)
+    else:
+        sig = exporter.export_head(spec, ck.head.optimizer, tmp, opset=cfg.opset, batch=batch)
     files.update(sig["files"])
     files.update(head_init="head_init.npz", test_vectors="test_vectors.npz")
     np.savez(tmp / files["head_init"], **params)
@@ -392,10 +420,10 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                         "update": "ORT SGD optimizer when momentum and weight decay are 0, "
                                   "else torch-semantics SGD applied to ORT's gradients"}
 
-    feats = torch_features(model.backbone, xn)
+    feats = torch_features(backbone, xn)
     with torch.no_grad():
-        logits = InferStep(spec)(torch.from_numpy(feats), *map(torch.from_numpy,
-                                                               params.values()))[0].numpy()
+        logits = infer_ref(torch.from_numpy(feats), *map(torch.from_numpy,
+                                                         params.values()))[0].numpy()
     quant = {}
     if int8:
         quant = {"backbone": "int8", "head": "fp32 (trainable)", "per_channel": True,
@@ -403,10 +431,13 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                  "calibration_source": "server training data" if calib is not None else
                  "none: activations are quantised per call (dynamic)",
                  "checked_with": checked_with(exporter), **bb_sig.get("quantization", {})}
-    shapes = spec.param_shapes()
+    shapes = ({n: tuple(v.shape) for n, v in params.items()} if tail
+              else spec.param_shapes())
     state = [{"name": n, "like": None if n == "step" else n.split(".", 1)[1],
               "shape": [1] if n == "step" else list(shapes[n.split(".", 1)[1]])}
-             for n in spec.state_names(ck.head.optimizer)]
+             for n in (tail.train.state_names() if tail
+                       else spec.state_names(ck.head.optimizer))]
+    anchor_names = tail.train.anchor_names() if tail else spec.anchor_names
     fixed = exporter.fixed_head_batch
     blocks = dict(
         edgetl_version=__version__,
@@ -414,7 +445,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         target=exporter.target,
         precision=cfg.precision,
         input=_input_block(ck, bb_sig),
-        features={"name": bb_sig["outputs"][0], "dim": spec.in_features},
+        features={"name": bb_sig["outputs"][0],
+                  "dim": tail.cut.dim if tail else spec.in_features},
         labels=list(ck.labels),
         head={"kind": spec.kind, "hidden": spec.hidden, "embedding_dim": spec.embedding_dim,
               **({"learn_scale": spec.learn_scale} if spec.kind == "cosine" else {}),
@@ -427,10 +459,11 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                     "targets_input": "targets", "targets_encoding": "one_hot_float32",
                     "sample_weight_input": "sample_weight",
                     "hparam_inputs": list(spec.hparam_names(ck.head.optimizer)),
-                    **({"anchor_inputs": {a: a.split(".", 1)[1] for a in spec.anchor_names}}
+                    **({"anchor_inputs": {a: a.split(".", 1)[1] for a in anchor_names}}
                        if spec.l2sp else {}),
-                    "batch_size": batch if fixed else None,
-                    "dynamic_classes": exporter.dynamic_classes and ort_training is None,
+                    "batch_size": batch if fixed or tail else None,
+                    "dynamic_classes": (exporter.dynamic_classes and ort_training is None
+                                        and tail is None),
                     "trainer": cfg.trainer,
                     **({"ort_training": ort_training} if ort_training else {})},
         infer={**sig["infer"], "batch_size": batch if fixed else None},
@@ -449,6 +482,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                     **exporter.runtime_info(), **provenance},
     )
     # the checks run in the device runner's own backend (edgerun.backends), not a copy of it
+    if tail:
+        blocks["trainable"] = tail.block()
     sess = device_session(tmp, {**blocks, "files": {r: {"path": p} for r, p in files.items()}})
     atol = parity_atol(exporter.target)
     got_feats = sess.features(xn)
@@ -461,7 +496,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         err = compare("backbone.features", got_feats, feats, float("inf"))
         checks["backbone_max_abs_err"] = err
         tv_feats = got_feats
-        tv_logits = InferStep(spec)(torch.from_numpy(got_feats), *map(
+        tv_logits = infer_ref(torch.from_numpy(got_feats), *map(
             torch.from_numpy, params.values()))[0].detach().numpy()
     else:
         checks["backbone_max_abs_err"] = compare("backbone.features", got_feats, feats,
@@ -471,19 +506,19 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                               tv_logits, n_real)
     checks["selftest_tolerance"] = tol.pop("basis")
     checks["backbone_rel_err"] = checks["backbone_max_abs_err"] / max(scale, 1e-12)
-    infer_out = sess.infer(as_feeds(InferStep(spec).input_names(), [feats, *params.values()]))
+    infer_out = sess.infer(as_feeds(infer_ref.input_names(), [feats, *params.values()]))
     checks["infer_max_abs_err"] = compare("head_infer.logits", infer_out["logits"], logits,
                                           scaled_atol(exporter.target, logits[:, :n_real]))
     checks["train_step_max_abs_err"] = _check_train_step(
         sess, spec, ck.head.optimizer, ck.head.hparams(), params, atol, batch,
-        n_labels=len(ck.labels))
+        n_labels=len(ck.labels), ref=tail.train if tail else None)
     checks.update(n_reference=len(reference_x), train_steps_checked=TRAIN_STEPS_CHECKED)
     if eval_set is not None:
         checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
-                                             cfg.max_accuracy_drop)
+                                             cfg.max_accuracy_drop, infer_ref.input_names())
     n_tv = min(cfg.n_test_vectors, len(reference_x))
     tvec = train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch,
-                         n_labels=len(ck.labels))
+                         n_labels=len(ck.labels), ref=tail.train if tail else None)
     # the device replays these steps: same relative slack as the check above
     train_atol = atol * max([1.0] + [float(np.abs(v).max()) for k, v in tvec.items()
                                      if k == "train_loss" or k.startswith("train_final.")])
@@ -506,3 +541,20 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     )
     (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+def _tail_for(exporter: Exporter, ck: Checkpoint, cfg: ExportConfig, spec: HeadSpec,
+              params: dict, xn: np.ndarray):
+    """The :class:`edgetl.export.tail.Tail` of ``cfg.trainable``, or a clear refusal."""
+    from edgetl.export.tail import prepare
+
+    if exporter.target != "onnx":
+        raise ConfigError(f"--trainable {cfg.trainable}: only the onnx target exports a tail "
+                          f"train step so far, not {exporter.target}; use --trainable head")
+    if cfg.precision != "fp32":
+        raise ConfigError(f"--trainable {cfg.trainable}: only fp32 bundles train more than "
+                          "the head so far; use --precision fp32 or --trainable head")
+    if cfg.trainer != "stateless":
+        raise ConfigError(f"--trainable {cfg.trainable} needs the stateless trainer")
+    return prepare(ck.model.backbone.eval(), spec, ck.head.optimizer, cfg.trainable, params,
+                   torch.from_numpy(xn[:2]))

@@ -1,0 +1,128 @@
+"""``aten.convolution_backward`` as forward ops, for graphs that runtimes can run.
+
+The core-ATen decomposition table lowers every backward op a train step needs except
+``convolution_backward`` (onnxscript's version raises). This one uses only ordinary
+convolutions, pads, slices and sums (1-D and 2-D, any stride, padding, dilation, groups):
+
+- grad_input: zeros inserted for the stride, padded, then a stride-1 convolution with the
+  regrouped, spatially flipped weight (a depthwise conv stays depthwise). The flip runs on a
+  3-D view: litert-torch re-lays a 4-D flip feeding a conv weight out as NHWC. A transposed
+  conv would also do in onnxruntime, but a strided depthwise one does not legalise in TFLite.
+- grad_weight, groups 1: a convolution of the input (batch and channels swapped) with the
+  output gradient as the filter, stride and dilation swapped, cropped to the kernel;
+- grad_weight, groups > 1: one strided slice of the padded input per kernel tap, times the
+  output gradient, summed (a batched matmul per group).
+
+Matches autograd to float64 rounding (``tests/test_trainable.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+
+def _per_dim(v, nd: int) -> list[int]:
+    v = list(v)
+    return v * nd if len(v) == 1 else v
+
+
+def _zero_insert(t: torch.Tensor, stride: list[int]) -> torch.Tensor:
+    """``stride - 1`` zeros between neighbours along every spatial axis."""
+    for i, s in enumerate(stride):
+        if s == 1:
+            continue
+        d = 2 + i
+        n = t.shape[d]
+        t = t.unsqueeze(d + 1)
+        z = list(t.shape)
+        z[d + 1] = s - 1
+        t = torch.cat([t, t.new_zeros(z)], dim=d + 1)
+        shape = list(t.shape[: d]) + [n * s] + list(t.shape[d + 2 :])
+        t = t.reshape(shape).narrow(d, 0, (n - 1) * s + 1)
+    return t
+
+
+def _grad_input(go, x, w, stride, padding, dilation, groups):
+    nd = x.dim() - 2
+    cin, cout, ks = x.shape[1], w.shape[0], list(w.shape[2:])
+    wt = w.reshape(groups, cout // groups, cin // groups, *ks).transpose(1, 2)
+    wt = wt.reshape(cin, cout // groups, *ks)
+    taps = 1
+    for k in ks:
+        taps *= k
+    if taps > 1:
+        wt = torch.flip(wt.reshape(cin, cout // groups, taps), [2]).reshape(wt.shape)
+    g = _zero_insert(go, stride)
+    for i in range(nd):
+        left = dilation[i] * (ks[i] - 1) - padding[i]
+        right = x.shape[2 + i] + dilation[i] * (ks[i] - 1) - g.shape[2 + i] - left
+        d = 2 + i
+        if left < 0:
+            g = g.narrow(d, -left, g.shape[d] + left)
+            left = 0
+        if right < 0:
+            g = g.narrow(d, 0, g.shape[d] + right)
+            right = 0
+        if left or right:
+            pad = [0, 0] * (nd - 1 - i) + [left, right]
+            g = F.pad(g, pad)
+    return aten.convolution(g, wt, None, [1] * nd, [0] * nd, dilation, False, [0] * nd, groups)
+
+
+def _grad_weight(go, x, w, stride, padding, dilation, groups):
+    nd = x.dim() - 2
+    ks, out = list(w.shape[2:]), list(go.shape[2:])
+    if groups == 1:
+        r = aten.convolution(x.transpose(0, 1), go.transpose(0, 1), None, dilation, padding,
+                             stride, False, [0] * nd, 1)
+        for i in range(nd):
+            r = r.narrow(2 + i, 0, ks[i])
+        return r.transpose(0, 1)
+    pad = [p for i in reversed(range(nd)) for p in (padding[i], padding[i])]
+    xp = F.pad(x, pad) if any(pad) else x
+    slices = []
+    for tap in itertools.product(*[range(k) for k in ks]):
+        s = xp
+        for i in range(nd):
+            s = s.narrow(2 + i, tap[i] * dilation[i], (out[i] - 1) * stride[i] + 1)
+            if stride[i] > 1:
+                s = s[(slice(None),) * (2 + i) + (slice(None, None, stride[i]),)]
+        slices.append(s)
+    p = torch.stack(slices, -1)  # (N, Cin, *out, K)
+    n, cin, cout, k = x.shape[0], x.shape[1], w.shape[0], p.shape[-1]
+    if cin == groups and cout == groups:  # depthwise, multiplier 1
+        return (p * go.unsqueeze(-1)).sum([0, *range(2, 2 + nd)]).reshape(w.shape)
+    lo = 1
+    for v in out:
+        lo *= v
+    pg = p.reshape(n, groups, cin // groups, lo, k).permute(1, 0, 3, 2, 4)
+    pg = pg.reshape(groups, n * lo, (cin // groups) * k)
+    gg = go.reshape(n, groups, cout // groups, lo).permute(1, 2, 0, 3)
+    gg = gg.reshape(groups, cout // groups, n * lo)
+    return torch.bmm(gg, pg).reshape(w.shape)
+
+
+def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
+                         transposed, output_padding, groups, output_mask):
+    """Drop-in for ``aten.convolution_backward.default`` (non-transposed convolutions)."""
+    if transposed:
+        raise NotImplementedError("convolution_backward of a transposed convolution: "
+                                  "train a smaller SPEC that leaves it frozen")
+    nd = input.dim() - 2
+    st, pd, dl = (_per_dim(v, nd) for v in (stride, padding, dilation))
+    gi = _grad_input(grad_output, input, weight, st, pd, dl, groups) if output_mask[0] else None
+    gw = _grad_weight(grad_output, input, weight, st, pd, dl, groups) if output_mask[1] else None
+    gb = grad_output.sum([0, *range(2, 2 + nd)]) if output_mask[2] else None
+    return gi, gw, gb
+
+
+def table() -> dict:
+    """Core-ATen decompositions plus :func:`convolution_backward`."""
+    t = dict(torch._decomp.core_aten_decompositions())
+    t[aten.convolution_backward.default] = convolution_backward
+    return t
