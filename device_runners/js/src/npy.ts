@@ -87,6 +87,19 @@ export function parseNpy(bytes: Uint8Array, name = "array"): NdArray {
       out.push(s);
     }
     data = out;
+  } else if (kind === "S") { // bytes strings (np.array([b'walk'])): decoded as latin-1
+    const out: string[] = [];
+    const b = new Uint8Array(buf);
+    for (let i = 0; i < n; i++) {
+      let s = "";
+      for (let j = 0; j < width; j++) {
+        const c = b[i * width + j];
+        if (c === 0) break;
+        s += String.fromCharCode(c);
+      }
+      out.push(s);
+    }
+    data = out;
   } else {
     const key = kind + width;
     switch (key) {
