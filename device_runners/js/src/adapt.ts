@@ -397,7 +397,7 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     }
     if (!stopped && patience && epoch + 1 - best.epoch >= patience && epoch + 1 < epochs) {
       early = `validation loss has not improved for ${patience} epochs (best: epoch ` +
-        `${best.epoch}, ${best.loss.toFixed(4)})`;
+        `${best.epoch}, ${gating.pyFormat(best.loss, 4, "f")})`;
       break;
     }
     if (stopped) break;
@@ -407,7 +407,7 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
   if (best !== null) head.params = best.params;
   if (stopped && best) {
     warnings.push(`stopped early: ${stopped}; kept the best head so far (epoch ${best.epoch}, ` +
-      `validation loss ${best.loss.toFixed(4)})`);
+      `validation loss ${gating.pyFormat(best.loss, 4, "f")})`);
   }
   let cand: Head;
   let verdict: gating.Verdict;
