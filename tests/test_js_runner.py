@@ -307,6 +307,8 @@ def compare(py: Path, js: Path, split: tuple) -> dict:
                 if not k.startswith("__"):
                     assert a[k].shape == b[k].shape and b[k].dtype == np.float32, k
                     head_err = max(head_err, float(np.abs(a[k] - b[k]).max()))
+    assert (json.loads((py / "versions.json").read_text())
+            == json.loads((js / "versions.json").read_text()))
     assert head_err <= HEAD_ATOL, f"heads differ by {head_err:.3g} (> {HEAD_ATOL})"
     return {"head_max_abs_diff": head_err, "history_max_abs_diff": loss_err}
 

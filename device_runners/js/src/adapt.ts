@@ -221,6 +221,8 @@ export interface AdaptResult {
   head: Head;
   /** The head training started from (the gate's baseline; new labels imprinted). */
   start: Head;
+  /** The head to use from now on: `head` if the gate kept it, else `start`. */
+  kept: Head;
   newLabels: string[];
   train: number[];
   val: number[];
@@ -439,7 +441,7 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     budget: { max_seconds: o.maxSeconds ?? null, max_memory_mb: null }, run_key: null,
     seed, split: { mode: splitMode(m), train: tr, val: va },
   };
-  return { report, head, start, newLabels, train: tr, val: va };
+  return { report, head, start, kept: rolledBack ? start : head, newLabels, train: tr, val: va };
 }
 
 function pyList(xs: string[]): string {

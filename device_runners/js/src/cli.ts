@@ -14,7 +14,8 @@ import { parseArgs } from "node:util";
 import { adapt, infer, selftestForward, selftestTrain } from "./adapt.js";
 import { RunnerError } from "./errors.js";
 import { Head } from "./head.js";
-import { loadBundleDir, loadData, atomicWrite } from "./node.js";
+import { atomicWrite, checkVersion, loadBundleDir, loadData, peakRssMb, updatedVersions,
+  VERSIONS_FILE } from "./node.js";
 import { parseNpz } from "./npy.js";
 import { OrtBackend } from "./ort.js";
 
@@ -22,6 +23,7 @@ const USAGE = `usage: edgerun-js {adapt,infer,selftest} BUNDLE [options]
   adapt BUNDLE --data FILE --out DIR [--epochs N] [--batch-size N] [--val-fraction F]
         [--lr F] [--seed N] [--head FILE] [--class-balanced] [--l2sp F] [--gate-alpha F]
         [--no-gate] [--mix W,W] [--patience N] [--max-seconds F] [--max-data-mb F]
+        [--allow-downgrade]
   infer BUNDLE --data FILE [--head FILE] [--out DIR]
   selftest BUNDLE
   common: [--threads N] [--trust-key PEM] [--quiet] [--json]`;
@@ -57,8 +59,6 @@ const UNSUPPORTED: Record<string, string> = {
   "max-memory-mb": "--max-memory-mb is not in the TypeScript runner; use --max-seconds",
   unlabelled: "--unlabelled (AdaBN) is not in the TypeScript runner yet; use run.py",
   "checkpoint-every": "--checkpoint-every: the TypeScript runner does not checkpoint training",
-  "allow-downgrade": "--allow-downgrade: versions.json (rollback protection) is not in the " +
-    "TypeScript runner yet; use run.py",
   "bn-stats": "--bn-stats (AdaBN) is not in the TypeScript runner yet; use run.py",
 };
 
@@ -101,6 +101,7 @@ async function main(argv: string[]): Promise<number> {
   }
   for (const k of Object.keys(NUMS)) num(v, k);
   const [cmd, bundleDir] = positionals;
+  const t0 = performance.now();
   const say = (s: string) => { if (!v.quiet) console.error(s); };
   const ort = await import("onnxruntime-node");
   const bundle = await loadBundleDir(bundleDir, { trustKeyPath: v["trust-key"] });
@@ -137,6 +138,7 @@ async function main(argv: string[]): Promise<number> {
           "run.py recalibrate); the TypeScript runner cannot use them yet: adapt with run.py, " +
           "or use another state folder");
       }
+      await checkVersion(bundle.manifest, out, v["allow-downgrade"]);
       let mix: number[] | undefined;
       if (v.mix !== undefined) {
         mix = v.mix.split(",").map((s) => (s.trim() === "" ? NaN : Number(s)));
@@ -177,7 +179,11 @@ async function main(argv: string[]): Promise<number> {
         await atomicWrite(ckpt, r.head.toNpz(bundle, { accuracy_before: rep.accuracy_before,
           accuracy_after: rep.accuracy_after, data: base, run_key: null }));
       }
+      rep.peak_rss_mb = await peakRssMb();
+      rep.total_seconds = (performance.now() - t0) / 1000;
       await atomicWrite(path.join(out, "report.json"), JSON.stringify(rep, null, 2));
+      const record = await updatedVersions(bundle.manifest, out, v["allow-downgrade"]);
+      if (record) await atomicWrite(path.join(out, VERSIONS_FILE), JSON.stringify(record, null, 2));
       await fs.rm(path.join(out, "train_state.npz"), { force: true });
       for (const w of rep.warnings as string[]) say(`warning: ${w}`);
       say(`${rolledBack ? "kept the current head" : "kept new head"}: val accuracy ` +

@@ -81,3 +81,55 @@ export async function atomicWrite(p: string, bytes: Uint8Array | string): Promis
   }
   await fs.rename(tmp, p);
 }
+
+export const VERSIONS_FILE = "versions.json";
+
+/** `{bundle name: highest accepted version}` of a state folder (`edgerun/versions.py`). */
+export async function acceptedVersions(stateDir: string): Promise<Record<string, number>> {
+  const p = path.join(stateDir, VERSIONS_FILE);
+  try { await fs.lstat(p); } catch { return {}; }
+  const raw = await readRegular(p, "version record", 1 << 20);
+  let seen: unknown;
+  try { seen = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(raw)); } catch (e) {
+    throw new RunnerError(`version record ${p} is not readable JSON (${String(e).slice(0, 120)}); ` +
+      "it guards against old bundles replayed to this device: restore it, or delete it to " +
+      "accept any version again");
+  }
+  if (typeof seen !== "object" || seen === null || Array.isArray(seen) ||
+    !Object.values(seen).every((v) => Number.isInteger(v))) {
+    throw new RunnerError(`version record ${p} must map bundle names to integer versions; ` +
+      "restore it, or delete it to accept any version again");
+  }
+  return seen as Record<string, number>;
+}
+
+/** Refuse `m` if this state folder already accepted a newer version of it. */
+export async function checkVersion(m: Manifest, stateDir: string, allowDowngrade = false): Promise<void> {
+  const highest = (await acceptedVersions(stateDir))[m.name];
+  if (highest !== undefined && m.version < highest && !allowDowngrade) {
+    throw new RunnerError(`bundle '${m.name}' is version ${m.version}, but this device already ` +
+      `accepted version ${highest} (${path.join(stateDir, VERSIONS_FILE)}): an older bundle is ` +
+      "refused (replay / downgrade); pass --allow-downgrade to roll back on purpose (nothing " +
+      "was written)");
+  }
+}
+
+/** The record raised to `m`'s version, or null when it does not change. */
+export async function updatedVersions(m: Manifest, stateDir: string,
+  allowDowngrade = false): Promise<Record<string, number> | null> {
+  const seen = await acceptedVersions(stateDir);
+  const cur = seen[m.name];
+  if (cur === m.version || ((cur ?? -1) > m.version && !allowDowngrade)) return null;
+  seen[m.name] = m.version;
+  return Object.fromEntries(Object.entries(seen).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
+}
+
+/** Peak resident memory of this process in MiB (VmHWM on Linux; else current RSS). */
+export async function peakRssMb(): Promise<number> {
+  try {
+    const s = await fs.readFile("/proc/self/status", "ascii");
+    const m = /^VmHWM:\s+(\d+)/m.exec(s);
+    if (m) return Number(m[1]) / 1024;
+  } catch { /* not Linux */ }
+  return process.memoryUsage().rss / 2 ** 20;
+}
