@@ -198,9 +198,10 @@ console.log(JSON.stringify(out));""")
         assert j == want, (f, b, a, r)
 
 
+@pytest.mark.parametrize("runtime", ["node", "web"])
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_selftest(node, bundles, precision):
-    p = run_js(node, "selftest", bundles[precision], "--json", "--quiet")
+def test_selftest(node, bundles, precision, runtime):
+    p = run_js(node, "selftest", bundles[precision], "--json", "--quiet", "--runtime", runtime)
     res = json.loads(p.stdout)
     assert res["ok"] and res["max_abs_err"] <= 1e-4
 
@@ -313,12 +314,15 @@ def compare(py: Path, js: Path, split: tuple) -> dict:
     return {"head_max_abs_diff": head_err, "history_max_abs_diff": loss_err}
 
 
-SCENARIOS = [("fp32", s) for s in ("default", "new_label", "early_stop_mix", "rollback", "csv")]
-SCENARIOS += [("int8", "default"), ("int8", "new_label")]
+SCENARIOS = [("fp32", s, "node") for s in ("default", "new_label", "early_stop_mix", "rollback",
+                                            "csv")]
+SCENARIOS += [("int8", "default", "node"), ("int8", "new_label", "node")]
+# onnxruntime-web's WASM build (the browser's runtime), run in Node
+SCENARIOS += [("fp32", "default", "web"), ("int8", "new_label", "web"), ("fp32", "csv", "web")]
 
 
-@pytest.mark.parametrize(("precision", "scenario"), SCENARIOS)
-def test_adapt_parity(node, bundles, tmp_path, precision, scenario):
+@pytest.mark.parametrize(("precision", "scenario", "runtime"), SCENARIOS)
+def test_adapt_parity(node, bundles, tmp_path, precision, scenario, runtime):
     sys.path.insert(0, str(ROOT / "device_runners"))
     from edgerun.bundle import Bundle
     from edgerun.data import load, split_mode, stratified_split
@@ -329,7 +333,7 @@ def test_adapt_parity(node, bundles, tmp_path, precision, scenario):
     py, js = tmp_path / "py", tmp_path / "js"
     p = run_runner("adapt", b, "--data", data, "--out", py, "--quiet", *flags)
     assert p.returncode == 0, p.stderr
-    run_js(node, "adapt", b, "--data", data, "--out", js, "--quiet", *flags)
+    run_js(node, "adapt", b, "--data", data, "--out", js, "--quiet", "--runtime", runtime, *flags)
     m = Bundle(str(b)).manifest
     ds = load(str(data), m, need_labels=True)
     labels = json.loads((py / "report.json").read_text())["labels"]
@@ -343,7 +347,8 @@ def test_adapt_parity(node, bundles, tmp_path, precision, scenario):
         assert rep["early_stop"] and rep["gate"]["mix_weight"] in (0.3, 0.6)
     if scenario == "rollback":
         assert rep["rolled_back"] and (js / "head.rejected.npz").exists()
-    print(f"{precision}/{scenario}: {diffs}")
+    assert rep["backend"] == f"onnxruntime-{runtime}"
+    print(f"{precision}/{scenario}/{runtime}: {diffs}")
 
 
 def test_parity_test_detects_divergence(node, tiny_bundle, tmp_path):

@@ -17,7 +17,7 @@ import { Head } from "./head.js";
 import { atomicWrite, checkVersion, loadBundleDir, loadData, peakRssMb, updatedVersions,
   VERSIONS_FILE } from "./node.js";
 import { parseNpz } from "./npy.js";
-import { OrtBackend } from "./ort.js";
+import { Ort, OrtBackend } from "./ort.js";
 
 const USAGE = `usage: edgerun-js {adapt,infer,selftest} BUNDLE [options]
   adapt BUNDLE --data FILE --out DIR [--epochs N] [--batch-size N] [--val-fraction F]
@@ -26,7 +26,8 @@ const USAGE = `usage: edgerun-js {adapt,infer,selftest} BUNDLE [options]
         [--allow-downgrade]
   infer BUNDLE --data FILE [--head FILE] [--out DIR]
   selftest BUNDLE
-  common: [--threads N] [--trust-key PEM] [--quiet] [--json]`;
+  common: [--runtime node|web] [--threads N] [--trust-key PEM] [--quiet] [--json]
+  (--runtime web: onnxruntime-web's WASM build instead of onnxruntime-node)`;
 
 const NUMS: Record<string, [number | null, boolean, number | null, boolean, boolean]> = {
   // name: [low, low inclusive, high, high inclusive, integer]
@@ -85,7 +86,7 @@ async function main(argv: string[]): Promise<number> {
       "gate-alpha": { type: "string" }, "no-gate": { type: "boolean" }, mix: { type: "string" },
       patience: { type: "string" }, "max-seconds": { type: "string" },
       "max-data-mb": { type: "string" }, threads: { type: "string" },
-      "trust-key": { type: "string" }, quiet: { type: "boolean" }, json: { type: "boolean" },
+      "trust-key": { type: "string" }, runtime: { type: "string" }, quiet: { type: "boolean" }, json: { type: "boolean" },
       help: { type: "boolean", short: "h" },
       resume: { type: "boolean" }, trainer: { type: "string" }, "max-memory-mb": { type: "string" },
       unlabelled: { type: "string" }, "checkpoint-every": { type: "string" },
@@ -103,10 +104,21 @@ async function main(argv: string[]): Promise<number> {
   const [cmd, bundleDir] = positionals;
   const t0 = performance.now();
   const say = (s: string) => { if (!v.quiet) console.error(s); };
-  const ort = await import("onnxruntime-node");
+  const runtime = v.runtime ?? "node";
+  let ort: Ort;
+  if (runtime === "node") {
+    ort = await import("onnxruntime-node");
+  } else if (runtime === "web") { // onnxruntime-web's WASM build, here in Node (1 thread)
+    const w = await import("onnxruntime-web");
+    w.env.wasm.numThreads = 1;
+    ort = w;
+  } else {
+    throw new RunnerError(`--runtime must be 'node' (onnxruntime-node) or 'web' ` +
+      `(onnxruntime-web, WASM), got '${runtime}'`);
+  }
   const bundle = await loadBundleDir(bundleDir, { trustKeyPath: v["trust-key"] });
   const backend = await OrtBackend.create(ort, bundle, { threads: num(v, "threads") ?? 0,
-    name: "onnxruntime-node" });
+    name: `onnxruntime-${runtime}` });
   let res: unknown;
   if (cmd === "selftest") {
     const fwd = await selftestForward(bundle, backend);
