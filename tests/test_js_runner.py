@@ -176,6 +176,48 @@ console.log('1');""")
         np.testing.assert_array_equal(z["w"], np.float32([[1, 2, 3], [4, 5, 6.5]]))
 
 
+def _load_js(node, path: Path, bundle: Path) -> dict:
+    return node_eval(node, f"""
+import {{ readFileSync }} from 'node:fs';
+const m = JSON.parse(readFileSync({json.dumps(str(bundle / "manifest.json"))}, 'utf8'));
+const p = {json.dumps(str(path))};
+const bytes = new Uint8Array(readFileSync(p));
+const ds = p.endsWith('.csv') ? E.loadCsv(new TextDecoder().decode(bytes), m, p)
+                              : await E.loadNpz(bytes, m, p);
+console.log(JSON.stringify({{n: ds.n, inner: ds.inner, y: ds.y, x: Array.from(ds.x)}}));""")
+
+
+def test_data_matches_python(node, tiny_bundle, tmp_path):
+    """The CSV log (BOM, CRLF, quotes, blank lines, extra and reordered columns, unlabelled
+    rows, sessions) and an npz with reordered channels give the Python runner's windows."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load
+
+    m = Bundle(str(tiny_bundle)).manifest
+    rng = np.random.default_rng(4)
+    lines = ["az,extra,ay,label,ax,session"]
+    labels = ["slow"] * 40 + [""] * 20 + ['fast, really'] * 35 + ["slow"] * 50
+    for i, lab in enumerate(labels):
+        v = rng.normal(size=3)
+        cell = f'"{lab}"' if "," in lab else lab
+        lines.append(f"{v[2]:.6f},x{i},{v[1]:.6g} ,{cell},{float(v[0])!r},s{int(i >= 120)}")
+        if i == 70:
+            lines.append("")
+    csv = tmp_path / "log.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    x = rng.normal(size=(7, 32, 4)).astype(np.float64)
+    npz = tmp_path / "w.npz"
+    np.savez_compressed(npz, x=x, y=np.array(["a", "b"] * 3 + ["a"]),
+                        channels=np.array(["az", "q", "ax", "ay"]))
+    for path in (csv, npz):
+        want = load(str(path), m, need_labels=False)
+        got = _load_js(node, path, tiny_bundle)
+        assert got["n"] == len(want.x) and got["inner"] == list(want.x.shape[1:]), path
+        assert got["y"] == want.y, path
+        np.testing.assert_array_equal(np.float32(got["x"]).reshape(want.x.shape), want.x)
+
+
 def test_gate_matches_python(node):
     """decide() on a grid of (fixed, broke), alphas and rules: every field and reason equal
     (p-values through CPython's lgamma and correctly rounded exp/log; Python's .3g)."""
