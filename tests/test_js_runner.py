@@ -393,6 +393,45 @@ def test_adapt_parity(node, bundles, tmp_path, precision, scenario, runtime):
     print(f"{precision}/{scenario}/{runtime}: {diffs}")
 
 
+HEADS = {"mlp": {"kind": "mlp", "hidden": 16}, "cosine": {"kind": "cosine"},
+         "l2sp_adam": {"l2sp": 0.05, "optimizer": "adam", "lr": 0.01}}
+
+
+@pytest.fixture(scope="module", params=sorted(HEADS))
+def head_bundle(request, tmp_path_factory):
+    """The tiny model with another head: MLP, cosine (learned scale), L2-SP + Adam."""
+    from edgetl.config import HeadConfig
+    from tests.conftest import tiny_checkpoint
+
+    ck = tiny_checkpoint(HeadConfig(**HEADS[request.param]), epochs=2)
+    return request.param, export_tiny(ck, tmp_path_factory.mktemp("head") / "bundle")
+
+
+@pytest.mark.parametrize("scenario", ["default", "new_label"])
+def test_adapt_parity_head_kinds(node, head_bundle, tmp_path, scenario):
+    """Other heads and optimizers (more parameters, optimizer state, anchors, cosine
+    imprinting): the same heads as the Python runner."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load, split_mode, stratified_split
+
+    kind, b = head_bundle
+    data, flags = _scenario(scenario, tmp_path)
+    flags = [*flags, "--epochs", "8"] + (["--l2sp", "0.02"] if kind == "l2sp_adam" else [])
+    seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags else 0
+    py, js = tmp_path / "py", tmp_path / "js"
+    p = run_runner("adapt", b, "--data", data, "--out", py, "--quiet", *flags)
+    assert p.returncode == 0, p.stderr
+    run_js(node, "adapt", b, "--data", data, "--out", js, "--quiet", *flags)
+    m = Bundle(str(b)).manifest
+    ds = load(str(data), m, need_labels=True)
+    labels = json.loads((py / "report.json").read_text())["labels"]
+    y = np.asarray([labels.index(v) for v in ds.y])
+    diffs = compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], seed,
+                                             split_mode(m)))
+    print(f"{kind}/{scenario}: {diffs}")
+
+
 def test_parity_test_detects_divergence(node, tiny_bundle, tmp_path):
     """The comparison fails when the runners differ (here: another seed in the JS runner)."""
     data, _ = _scenario("default", tmp_path)
