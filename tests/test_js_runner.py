@@ -254,6 +254,14 @@ def test_refusals_are_clear(node, bundle, tmp_path):
     p = run_js(node, "adapt", bundle, "--data", data, "--out", tmp_path / "s", "--resume",
                check=False)
     assert p.returncode == 1 and "--resume" in p.stderr and "run.py" in p.stderr
+    run_js(node, "selftest", f"{bundle}/")  # a trailing slash is the same folder
+    outside = tmp_path / "outside.npz"
+    (bundle / "head_init.npz").rename(outside)
+    (bundle / "head_init.npz").symlink_to(outside)
+    p = run_js(node, "selftest", bundle, check=False)
+    assert p.returncode == 1 and "points outside the bundle" in p.stderr, p.stderr
+    (bundle / "head_init.npz").unlink()
+    outside.rename(bundle / "head_init.npz")
     m = json.loads((bundle / "manifest.json").read_text())
     m["head"]["capacity"] = "3"
     (bundle / "manifest.json").write_text(json.dumps(m))

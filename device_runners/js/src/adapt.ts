@@ -204,6 +204,8 @@ export interface AdaptOptions {
   patience?: number;
   mix?: number[];
   maxSeconds?: number;
+  /** `performance.now()` when the run started (the budget counts from it; default: now). */
+  startedAt?: number;
   /** Called after every epoch. */
   onEpoch?: (h: EpochRecord, epochs: number) => void;
   /** Skip the self-test (it runs by default, as in the Python runner). */
@@ -261,7 +263,7 @@ function classBalancedWeights(y: number[]): Float32Array {
  */
 export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
   o: AdaptOptions = {}): Promise<AdaptResult> {
-  const tStart = now();
+  const tStart = o.startedAt !== undefined ? o.startedAt / 1000 : now();
   const m = bundle.manifest;
   const warnings: string[] = [];
   const d = m.adapt;

@@ -163,7 +163,7 @@ async function main(argv: string[]): Promise<number> {
         valFraction: num(v, "val-fraction"), lr: num(v, "lr"), seed: num(v, "seed") ?? 0,
         head, classBalanced: v["class-balanced"], l2sp: num(v, "l2sp"),
         gateAlpha: num(v, "gate-alpha"), gateRule: v["no-gate"] ? "none" : undefined,
-        patience: num(v, "patience"), mix, maxSeconds: num(v, "max-seconds"),
+        patience: num(v, "patience"), mix, maxSeconds: num(v, "max-seconds"), startedAt: t0,
       });
       await fs.mkdir(out, { recursive: true });
       const ckpt = path.resolve(out, "head.npz");

@@ -35,13 +35,16 @@ export async function loadBundleDir(root: string, opts: BundleOptions & { trustK
   const m: Manifest = parseManifest(body);
   const files = new Map<string, Uint8Array>([[MANIFEST, body]]);
   for (const [role, e] of Object.entries(m.files)) {
-    const full = path.join(root, e.path);
-    if (path.dirname(path.normalize(full)) !== path.normalize(root) || e.path.includes("\0")) {
-      throw new RunnerError(`manifest file ${JSON.stringify(e.path)} points outside the bundle; refusing it`);
+    const full = path.resolve(root, e.path);
+    const outside = () => new RunnerError(`manifest file ${JSON.stringify(e.path)} points ` +
+      "outside the bundle; refusing it");
+    if (e.path.includes("\0") || path.isAbsolute(e.path) || path.dirname(full) !== path.resolve(root)) {
+      throw outside();
     }
     try { await fs.access(full); } catch {
       throw new RunnerError(`bundle file ${e.path} (${role}) is missing from ${root}`);
     }
+    if (path.dirname(await fs.realpath(full)) !== await fs.realpath(root)) throw outside();
     files.set(e.path, await readRegular(full, "bundle file"));
   }
   let trustKey = opts.trustKey;
