@@ -440,6 +440,61 @@ def test_adapt_parity_head_kinds(node, head_bundle, tmp_path, scenario):
     print(f"{kind}/{scenario}: {diffs}")
 
 
+@pytest.fixture(scope="module")
+def token_bundle(tmp_path_factory) -> Path:
+    """A user's own int64 token-id model (``tests/user_models``) as a tensor-input bundle, and
+    device data with three new labels (as tests/test_byom.py builds them)."""
+    from safetensors.torch import save_file
+
+    from tests.test_byom import FACTORY, edgetl, token_data
+    from tests.user_models import nets
+
+    d = tmp_path_factory.mktemp("tokb")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    model = nets.TokenClassifier()
+    x, y = token_data(300, seed=0)
+    ids, yt = torch.from_numpy(x), torch.from_numpy(np.searchsorted(["a", "b", "c"], y))
+    opt = torch.optim.Adam(model.parameters(), 0.02)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids), yt).backward()
+        opt.step()
+    save_file(model.state_dict(), str(d / "w.safetensors"))
+    np.savez(d / "calib.npz", x=token_data(64, seed=2)[0])
+    xd, yd = token_data(90, seed=3, classes=("red", "green", "blue"))
+    np.savez(d / "device.npz", x=xd, y=yd)
+    p = edgetl("export", f"{FACTORY}:token_classifier", "--weights", d / "w.safetensors",
+               "--input-shape", nets.LENGTH, "--input-dtype", "int64", "--labels", "a,b,c",
+               "--calibration", d / "calib.npz", "--target", "onnx", "--out", d / "bundle")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return d
+
+
+def test_adapt_parity_tensor_bundle(node, token_bundle, tmp_path):
+    """Tensor inputs (int64 ids, random split within each label, three new labels)."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load, split_mode, stratified_split
+
+    data, token_bundle = token_bundle / "device.npz", token_bundle / "bundle"
+    run_js(node, "selftest", token_bundle, "--quiet")
+    flags = ["--epochs", "10", "--seed", "4"]
+    py, js = tmp_path / "py", tmp_path / "js"
+    p = run_runner("adapt", token_bundle, "--data", data, "--out", py, "--quiet", *flags)
+    assert p.returncode == 0, p.stderr
+    run_js(node, "adapt", token_bundle, "--data", data, "--out", js, "--quiet", *flags)
+    m = Bundle(str(token_bundle)).manifest
+    assert m["input"]["modality"] == "tensor" and split_mode(m) == "random"
+    ds = load(str(data), m, need_labels=True)
+    labels = json.loads((py / "report.json").read_text())["labels"]
+    y = np.asarray([labels.index(v) for v in ds.y])
+    diffs = compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], 4, split_mode(m)))
+    assert sorted(json.loads((js / "report.json").read_text())["new_labels"]) == [
+        "blue", "green", "red"]
+    print(f"tensor/int64: {diffs}")
+
+
 def test_parity_test_detects_divergence(node, tiny_bundle, tmp_path):
     """The comparison fails when the runners differ (here: another seed in the JS runner)."""
     data, _ = _scenario("default", tmp_path)

@@ -127,7 +127,9 @@ export async function selftestForward(bundle: Bundle, backend: OrtBackend): Prom
   }
   const xa = z.get("x")!;
   const n = xa.shape[0];
-  const f = await backend.features(preprocess(asFloat32(xa), m), n, xa.shape.slice(1));
+  const raw = xa.dtype[1] === "i" || xa.dtype[1] === "u"
+    ? BigInt64Array.from(xa.data as ArrayLike<number | bigint>, (v) => BigInt(v)) : asFloat32(xa);
+  const f = await backend.features(preprocess(raw, m), n, xa.shape.slice(1));
   const head = await Head.fromBundle(bundle);
   const lg = (await inferHead(backend, m, head, f, n)).logits.data;
   const err = Math.max(maxAbs(f, asFloat32(z.get("features")!)), maxAbs(lg, asFloat32(z.get("logits")!)));

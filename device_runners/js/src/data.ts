@@ -7,36 +7,141 @@
  *   columns ignored), optional `label` and `session` columns; windows of the manifest's length
  *   and stride are cut inside runs of one label and session.
  *
- * Image, text and tensor bundles are not read by this runner yet (the Python runner reads them).
+ * - tensor bundles (`input.modality == "tensor"`, a user's own model): an `.npz` whose `x` is
+ *   the model's input (floats, or integer token ids), optional `y` label names.
+ *
+ * Image and text bundles are not read by this runner yet (the Python runner reads them).
  */
 import { RunnerError } from "./errors.js";
 import { Manifest } from "./manifest.js";
 import { asFloat32, asStrings, NdArray, parseNpz } from "./npy.js";
 import { defaultRng } from "./rng.js";
 
-/** Raw windows `x` (`[n, window, channels]`, flat) and optional label names. */
+/** Backbone input values: float32, or integer ids (int64 / int32 graphs). */
+export type InputArray = Float32Array | BigInt64Array | Int32Array;
+
+/** Raw windows `x` (`[n, window, channels]`, flat; tensor bundles: `[n, ...dims]`, float32 or
+ * int64 ids) and optional label names. */
 export interface Dataset {
-  x: Float32Array;
+  x: Float32Array | BigInt64Array;
   n: number;
   inner: number[];
   y: string[] | null;
   source: string;
 }
 
-export function modality(m: Manifest): string {
+export function modality(m: Manifest): "timeseries" | "tensor" {
   const kind = m.input.modality ?? "timeseries";
-  if (kind !== "timeseries") {
+  if (kind !== "timeseries" && kind !== "tensor") {
     throw new RunnerError(`this bundle's input.modality is '${kind}'; the TypeScript runner ` +
-      "reads time-series bundles only so far (images, text and tensor inputs: use the Python " +
-      "runner, device_runners/run.py)");
+      "reads time-series and tensor bundles so far (images and text: use the Python runner, " +
+      "device_runners/run.py)");
   }
   return kind;
 }
 
-/** How validation windows are held out: `block` for time series. */
+/** How validation windows are held out: `block` for time series, `random` otherwise. */
 export function splitMode(m: Manifest): "block" | "random" {
-  modality(m);
-  return "block";
+  return modality(m) === "timeseries" ? "block" : "random";
+}
+
+const DTYPES = ["float32", "float16", "int64", "int32"];
+
+interface TensorSpec {
+  dims: number[]; dtype: string; dataDtype: string;
+  norm: { mean: Float32Array; std: Float32Array; axis: number } | null;
+}
+
+/** Validated input of a tensor bundle (`edgerun/tensors.py` `spec`). */
+export function tensorSpec(m: Manifest): TensorSpec {
+  const inp = m.input;
+  const dims = inp.shape.slice(1).map((d) => Number(d));
+  const dtype = inp.dtype;
+  const dataDtype = inp.data_dtype ?? inp.dtype;
+  if (!DTYPES.includes(dtype) || !DTYPES.includes(dataDtype) ||
+    dims.some((d) => !Number.isInteger(d) || d < 1)) {
+    throw new RunnerError(`manifest input: dtype '${dtype}'/'${dataDtype}' (known: ` +
+      `${JSON.stringify(DTYPES)}) with dims ${JSON.stringify(dims)} is not usable; re-export ` +
+      "the bundle");
+  }
+  const n = (inp.preprocess ?? {}).normalize as { mean?: number[] | number; std?: number[] | number;
+    axis?: number } | undefined;
+  let norm: TensorSpec["norm"] = null;
+  if (n !== undefined && n !== null) {
+    const mean = Float32Array.from([n.mean ?? []].flat() as number[]);
+    const std = Float32Array.from([n.std ?? []].flat() as number[]);
+    const axis = Math.trunc(n.axis ?? 1);
+    if (!(axis >= 1 && axis <= dims.length) || mean.length !== std.length || !mean.length ||
+      !std.every((v) => v > 0) || !(mean.length === 1 || mean.length === dims[axis - 1])) {
+      throw new RunnerError(`manifest normalisation (mean ${mean.length}, std ${std.length} ` +
+        `values, axis ${axis}) does not fit input dims ${JSON.stringify(dims)}; re-export the bundle`);
+    }
+    norm = { mean, std, axis };
+  }
+  return { dims, dtype, dataDtype, norm };
+}
+
+async function loadTensorNpz(bytes: Uint8Array, m: Manifest, source: string): Promise<Dataset> {
+  const s = tensorSpec(m);
+  const z = await parseNpz(bytes, source);
+  const xa = z.get("x");
+  if (!xa) {
+    throw new RunnerError(`${source}: expected an array 'x' of model inputs, found keys ` +
+      `${JSON.stringify([...z.keys()])}`);
+  }
+  const shape = xa.shape;
+  if (shape.length !== s.dims.length + 1 || shape.slice(1).some((d, i) => d !== s.dims[i])) {
+    throw new RunnerError(`${source}: 'x' has shape (${shape.join(", ")}), the bundle takes ` +
+      `(N, ${s.dims.join(", ")}) (${m.input.layout ?? ""}); reshape or resize the data to the ` +
+      "model's input");
+  }
+  if (shape[0] === 0) throw new RunnerError(`${source} holds no samples`);
+  const integer = s.dataDtype.startsWith("int");
+  const kind = xa.dtype[1];
+  let x: Float32Array | BigInt64Array;
+  if (integer) {
+    if (!"iu".includes(kind) || Array.isArray(xa.data)) {
+      throw new RunnerError(`${source}: the model takes integer ids (${s.dataDtype}), 'x' is ` +
+        `${xa.dtype}; save the token ids as integers`);
+    }
+    x = BigInt64Array.from(xa.data as ArrayLike<number | bigint>, (v) => BigInt(v));
+    const [lo, hi] = s.dtype === "int32" ? [-(2n ** 31n), 2n ** 31n - 1n] : [-(2n ** 63n), 2n ** 63n - 1n];
+    if (x.some((v) => v < lo || v > hi)) {
+      throw new RunnerError(`${source}: ids outside ${s.dtype} range [${lo}, ${hi}]`);
+    }
+  } else {
+    if (!"fiub".includes(kind) || Array.isArray(xa.data)) {
+      throw new RunnerError(`${source}: 'x' must be numeric for this model (${s.dataDtype}), ` +
+        `found dtype ${xa.dtype}`);
+    }
+    x = asFloat32(xa);
+    const per = x.length / shape[0];
+    let bad = 0;
+    for (let i = 0; i < shape[0]; i++) {
+      for (let k = i * per; k < (i + 1) * per; k++) if (!Number.isFinite(x[k])) { bad++; break; }
+    }
+    if (bad) {
+      throw new RunnerError(`${source}: ${bad} sample(s) contain NaN or inf; clean or drop ` +
+        "them before adapting");
+    }
+  }
+  let y: string[] | null = null;
+  const ya = z.get("y");
+  if (ya) {
+    if (!Array.isArray(ya.data) || ya.shape.length !== 1) {
+      throw new RunnerError(`${source}: 'y' must be a 1-D array of label names (e.g. ` +
+        `np.array(['cat', ...])), found ${ya.dtype} (${ya.shape.join(", ")})`);
+    }
+    if (ya.data.length !== shape[0]) {
+      throw new RunnerError(`${source}: ${shape[0]} samples but ${ya.data.length} labels`);
+    }
+    if (ya.data.some((v) => !v)) {
+      throw new RunnerError(`${source}: empty label names; every one of the samples needs a label`);
+    }
+    checkLabelText(source, ya.data);
+    y = ya.data;
+  }
+  return { x, n: shape[0], inner: shape.slice(1), y, source };
 }
 
 export function checkLabelText(where: string, names: readonly string[]): void {
@@ -51,7 +156,7 @@ export function checkLabelText(where: string, names: readonly string[]): void {
 
 /** Windows from the bytes of an `.npz`. */
 export async function loadNpz(bytes: Uint8Array, m: Manifest, source: string): Promise<Dataset> {
-  modality(m);
+  if (modality(m) === "tensor") return loadTensorNpz(bytes, m, source);
   const z = await parseNpz(bytes, source);
   const xa: NdArray | undefined = z.get("x");
   if (!xa) {
@@ -159,7 +264,10 @@ export function windowStarts(keys: readonly string[], win: number, stride: numbe
 
 /** Windows from a CSV sensor log (text). */
 export function loadCsv(text: string, m: Manifest, source: string): Dataset {
-  modality(m);
+  if (modality(m) !== "timeseries") {
+    throw new RunnerError(`${source}: this bundle takes model inputs as an .npz with 'x' (N, ` +
+      `${m.input.shape.slice(1).join(", ")}) and label names 'y'`);
+  }
   if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
   const want = [...(m.input.channels ?? [])];
   const rows = parseCsv(text);
@@ -256,9 +364,38 @@ function validate(ds: Dataset, shape: number[], m: Manifest): void {
   }
 }
 
-/** Per-channel normalisation of the manifest, in float32 as numpy computes it. */
-export function preprocess(x: Float32Array, m: Manifest): Float32Array {
-  modality(m);
+/**
+ * Raw data -> what the backbone takes, as the Python runner computes it (float32 operations
+ * in numpy's order): time series normalised per channel; tensor inputs normalised along the
+ * manifest's axis and cast to the graph's dtype (int64 / int32 ids pass through).
+ */
+export function preprocess(x: Float32Array | BigInt64Array, m: Manifest): InputArray {
+  if (modality(m) === "tensor") {
+    const s = tensorSpec(m);
+    let v: Float32Array | BigInt64Array = x;
+    if (s.norm) {
+      const f = x instanceof BigInt64Array ? Float32Array.from(x, (b) => Number(b)) : x;
+      const { mean, std, axis } = s.norm;
+      const inner = s.dims.slice(axis).reduce((a, b) => a * b, 1);
+      const c = s.dims[axis - 1];
+      const out = new Float32Array(f.length);
+      for (let i = 0; i < f.length; i++) {
+        const j = mean.length === 1 ? 0 : Math.floor(i / inner) % c;
+        out[i] = Math.fround(f[i] - mean[j]) / std[j];
+      }
+      v = out;
+    }
+    if (s.dtype === "float32" || s.dtype === "float16") {
+      if (s.dtype === "float16") {
+        throw new RunnerError("float16 graph inputs are not supported by the TypeScript runner; " +
+          "re-export the bundle with a float32 input");
+      }
+      return v instanceof Float32Array ? v : Float32Array.from(v, (b) => Number(b));
+    }
+    const ids = v instanceof BigInt64Array ? v : BigInt64Array.from(v, (f) => BigInt(Math.trunc(f)));
+    return s.dtype === "int32" ? Int32Array.from(ids, (b) => Number(b)) : ids;
+  }
+  if (!(x instanceof Float32Array)) throw new RunnerError("time-series windows must be float32");
   const norm = (m.input.preprocess ?? {}).normalize as { mean: number[]; std: number[] } | undefined;
   if (!norm) return x;
   const mean = Float32Array.from(norm.mean);

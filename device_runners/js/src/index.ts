@@ -4,8 +4,9 @@ export { Bundle, sha256, verifySignature } from "./bundle.js";
 export type { BundleFiles, BundleOptions } from "./bundle.js";
 export { checkManifest, parseManifest } from "./check.js";
 export * from "./manifest.js";
-export { loadCsv, loadNpz, parseCsv, preprocess, stratifiedSplit, windowStarts } from "./data.js";
-export type { Dataset } from "./data.js";
+export { loadCsv, loadNpz, parseCsv, preprocess, splitMode, stratifiedSplit, tensorSpec,
+  windowStarts } from "./data.js";
+export type { Dataset, InputArray } from "./data.js";
 export { binomialTail, decide, mix, softmaxXent } from "./gate.js";
 export type { Verdict } from "./gate.js";
 export { Head } from "./head.js";

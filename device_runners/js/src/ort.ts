@@ -89,7 +89,8 @@ export class OrtBackend {
   }
 
   /** Backbone features of preprocessed windows `x` (`[n, ...inputShape]`), in chunks of 256. */
-  async features(x: Float32Array, n: number, inner: number[]): Promise<Float32Array> {
+  async features(x: Float32Array | BigInt64Array | Int32Array, n: number,
+    inner: number[]): Promise<Float32Array> {
     const m = this.bundle.manifest;
     const dim = m.features.dim;
     const per = inner.reduce((a, b) => a * b, 1);
@@ -98,10 +99,13 @@ export class OrtBackend {
     const out = new Float32Array(n * dim);
     for (let i = 0; i < n; i += batch) {
       const b = Math.min(batch, n - i);
-      const r = await this.run(this.bb, {
-        [m.input.name]: { data: x.slice(i * per, (i + b) * per), dims: [b, ...inner] },
-      });
-      const first = r[this.bb.outputNames[0]];
+      const chunk = x.slice(i * per, (i + b) * per);
+      const dims = [b, ...inner];
+      const t = chunk instanceof Float32Array ? new this.ort.Tensor("float32", chunk, dims)
+        : chunk instanceof BigInt64Array ? new this.ort.Tensor("int64", chunk, dims)
+          : new this.ort.Tensor("int32", chunk, dims);
+      const r = await this.bb.run({ [m.input.name]: t });
+      const first = OrtBackend.out(r[this.bb.outputNames[0]], this.bb.outputNames[0]);
       if (first.data.length !== b * dim) {
         throw new RunnerError(`the backbone returned ${first.dims} features for ${b} windows; ` +
           `the manifest says features.dim ${dim}`);
