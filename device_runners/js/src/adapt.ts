@@ -11,7 +11,8 @@ import { RunnerError } from "./errors.js";
 import * as gating from "./gate.js";
 import { checkFinite, Head } from "./head.js";
 import { Manifest } from "./manifest.js";
-import { asFloat32, asNumbers, parseNpz } from "./npy.js";
+import { asFloat32, asNumbers, asStrings, parseNpz } from "./npy.js";
+import { TextEncoder_ } from "./text.js";
 import { F32, OrtBackend } from "./ort.js";
 import { defaultRng } from "./rng.js";
 
@@ -121,11 +122,23 @@ export async function selftestForward(bundle: Bundle, backend: OrtBackend): Prom
   const m = bundle.manifest;
   const tv = m.test_vectors;
   const z = await parseNpz(bundle.file(tv.file), m.files[tv.file]?.path ?? tv.file);
-  if (z.has("texts")) {
-    throw new RunnerError("text bundles are not supported by the TypeScript runner yet " +
-      "(tokenisation); use the Python runner");
-  }
   const xa = z.get("x")!;
+  if (z.has("texts")) { // text bundles: this device's tokenizer must give the server's ids
+    const texts = asStrings(z.get("texts")!);
+    const enc = new TextEncoder_(bundle);
+    const ids = enc.encode(texts).x;
+    const want = xa.data as BigInt64Array;
+    const per = ids.length / texts.length;
+    for (let i = 0; i < texts.length; i++) {
+      for (let k = i * per; k < (i + 1) * per; k++) {
+        if (ids[k] !== want[k]) {
+          throw new RunnerError(`self-test failed: the tokenizer (${enc.name}) gives other ids ` +
+            `than the server for '${texts[i].slice(0, 80)}'; the bundle's tokenizer files or ` +
+            "this runner's tokenizer are inconsistent");
+        }
+      }
+    }
+  }
   const n = xa.shape[0];
   const raw = xa.dtype[1] === "i" || xa.dtype[1] === "u"
     ? BigInt64Array.from(xa.data as ArrayLike<number | bigint>, (v) => BigInt(v)) : asFloat32(xa);
@@ -428,6 +441,11 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
   head.params = cand.params;
   const rolledBack = !verdict.keep;
   if (!rolledBack) checkFinite(head.params, "refusing to write head.npz");
+  const info = ds.info ?? {};
+  if (info.truncated_texts) {
+    warnings.push(`${info.truncated_texts} of ${info.n_texts} texts were longer than ` +
+      `${info.max_length} word pieces and were truncated`);
+  }
   const report: Record<string, unknown> = {
     runner_version: RUNNER_VERSION, bundle: m.name, data: ds.source,
     backend: backend.name, backend_version: backend.version, target: m.target,
@@ -443,7 +461,7 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     peak_rss_mb: null, selftest_max_abs_err: selftestErr, history, bn_stats: null,
     stopped_early: stopped, early_stop: early, epochs_run: history.length,
     budget: { max_seconds: o.maxSeconds ?? null, max_memory_mb: null }, run_key: null,
-    seed, split: { mode: splitMode(m), train: tr, val: va },
+    ...info, seed, split: { mode: splitMode(m), train: tr, val: va },
   };
   return { report, head, start, kept: rolledBack ? start : head, newLabels, train: tr, val: va };
 }
@@ -479,7 +497,8 @@ export async function infer(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     pred.push(h.labels[best]);
   }
   const res: InferResult = { n_windows: pred.length, head: head ? "given" : "bundle",
-    labels: h.labels, bn_stats: null, skipped_files: 0, predictions: pred, seconds: now() - t0 };
+    labels: h.labels, bn_stats: null, skipped_files: 0, ...(ds.info ?? {}), predictions: pred,
+    seconds: now() - t0 };
   if (ds.y) {
     const y = ds.y;
     const acc = (idx: number[]) => idx.filter((i) => pred[i] === y[i]).length / idx.length;

@@ -130,7 +130,7 @@ async function main(argv: string[]): Promise<number> {
       `${backend.trainer} train steps ${train.toPrecision(2)})`);
   } else if (cmd === "infer" || cmd === "adapt") {
     if (!v.data) throw new RunnerError(`${cmd} needs --data FILE`);
-    const ds = await loadData(v.data, bundle.manifest, num(v, "max-data-mb") ?? 2048);
+    const ds = await loadData(v.data, bundle, num(v, "max-data-mb") ?? 2048);
     const head = v.head ? await Head.load(new Uint8Array(await fs.readFile(v.head)), bundle, v.head) : undefined;
     if (cmd === "infer") {
       const r = await infer(bundle, backend, ds, head);

@@ -28,13 +28,15 @@ export interface Dataset {
   inner: number[];
   y: string[] | null;
   source: string;
+  /** Text data: tokenizer, n_texts, truncated_texts, max_length (report fields). */
+  info?: Record<string, unknown>;
 }
 
-export function modality(m: Manifest): "timeseries" | "tensor" {
+export function modality(m: Manifest): "timeseries" | "tensor" | "text" {
   const kind = m.input.modality ?? "timeseries";
-  if (kind !== "timeseries" && kind !== "tensor") {
+  if (kind !== "timeseries" && kind !== "tensor" && kind !== "text") {
     throw new RunnerError(`this bundle's input.modality is '${kind}'; the TypeScript runner ` +
-      "reads time-series and tensor bundles so far (images and text: use the Python runner, " +
+      "reads time-series, tensor and text bundles so far (images: use the Python runner, " +
       "device_runners/run.py)");
   }
   return kind;
@@ -157,6 +159,10 @@ export function checkLabelText(where: string, names: readonly string[]): void {
 /** Windows from the bytes of an `.npz`. */
 export async function loadNpz(bytes: Uint8Array, m: Manifest, source: string): Promise<Dataset> {
   if (modality(m) === "tensor") return loadTensorNpz(bytes, m, source);
+  if (modality(m) === "text") {
+    throw new RunnerError(`${source}: this bundle takes text: a .csv with a 'text' column (and ` +
+      "'label' to adapt) or a .txt with one text per line");
+  }
   const z = await parseNpz(bytes, source);
   const xa: NdArray | undefined = z.get("x");
   if (!xa) {
@@ -370,6 +376,7 @@ function validate(ds: Dataset, shape: number[], m: Manifest): void {
  * manifest's axis and cast to the graph's dtype (int64 / int32 ids pass through).
  */
 export function preprocess(x: Float32Array | BigInt64Array, m: Manifest): InputArray {
+  if (modality(m) === "text") return x; // token ids and masks pass through
   if (modality(m) === "tensor") {
     const s = tensorSpec(m);
     let v: Float32Array | BigInt64Array = x;

@@ -17,3 +17,4 @@ export type { Ort, F32, BackendOptions } from "./ort.js";
 export { defaultRng, PCG64 } from "./rng.js";
 export { adapt, chooseHead, infer, selftest, selftestForward, selftestTrain } from "./adapt.js";
 export type { AdaptOptions, AdaptResult, EpochRecord, InferResult } from "./adapt.js";
+export { loadTexts, pack, readTexts, TextEncoder_ as TextTokens, WordPiece } from "./text.js";

@@ -4,6 +4,7 @@ import * as path from "node:path";
 import { Bundle, BundleOptions, MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE } from "./bundle.js";
 import { parseManifest } from "./check.js";
 import { Dataset, loadCsv, loadNpz } from "./data.js";
+import { loadTexts } from "./text.js";
 import { RunnerError } from "./errors.js";
 import { Manifest } from "./manifest.js";
 
@@ -57,9 +58,17 @@ export async function loadBundleDir(root: string, opts: BundleOptions & { trustK
 }
 
 /** A data file: `.npz` windows or a `.csv` sensor log. */
-export async function loadData(p: string, m: Manifest, maxMb = 2048): Promise<Dataset> {
+export async function loadData(p: string, bundle: Bundle, maxMb = 2048): Promise<Dataset> {
+  const m = bundle.manifest;
   const ext = path.extname(p).toLowerCase();
   const bytes = await readRegular(p, "data file", maxMb * 2 ** 20);
+  if (m.input.modality === "text") {
+    let text: string;
+    try { text = new TextDecoder("utf-8", { fatal: true }).decode(bytes); } catch {
+      throw new RunnerError(`${p} is not UTF-8 text; re-save it as UTF-8`);
+    }
+    return loadTexts(text, bundle, p);
+  }
   if (ext === ".npz") return loadNpz(bytes, m, p);
   if (ext === ".csv") {
     let text: string;

@@ -92,6 +92,7 @@ export class OrtBackend {
   async features(x: Float32Array | BigInt64Array | Int32Array, n: number,
     inner: number[]): Promise<Float32Array> {
     const m = this.bundle.manifest;
+    if (m.input.modality === "text") return this.textFeatures(x as BigInt64Array, n, inner[1]);
     const dim = m.features.dim;
     const per = inner.reduce((a, b) => a * b, 1);
     const scheme = String((m.quantization as Record<string, unknown>).scheme ?? "");
@@ -111,6 +112,39 @@ export class OrtBackend {
           `the manifest says features.dim ${dim}`);
       }
       out.set(first.data, i * dim);
+    }
+    return out;
+  }
+
+  /**
+   * (N, 2, L) ids + mask: texts sorted by length (stable), each chunk of 32 (int8: 1) cut to
+   * its longest text, as the Python runner (a text's features must not depend on the batch).
+   */
+  private async textFeatures(x: BigInt64Array, n: number, L: number): Promise<Float32Array> {
+    const m = this.bundle.manifest;
+    const dim = m.features.dim;
+    const names = m.input.names ?? [];
+    const scheme = String((m.quantization as Record<string, unknown>).scheme ?? "");
+    const batch = scheme.includes("dynamic") ? 1 : 32;
+    const nTok = Array.from({ length: n }, (_, i) => {
+      let s = 0;
+      for (let k = 0; k < L; k++) s += Number(x[(i * 2 + 1) * L + k]);
+      return s;
+    });
+    const order = nTok.map((_, i) => i).sort((a, b) => nTok[a] - nTok[b] || a - b);
+    const out = new Float32Array(n * dim);
+    for (let i = 0; i < n; i += batch) {
+      const idx = order.slice(i, i + batch);
+      const len = Math.max(Math.max(...idx.map((j) => nTok[j])), 1);
+      const feeds: Record<string, ortc.Tensor> = {};
+      names.forEach((name, col) => {
+        const a = new BigInt64Array(idx.length * len);
+        idx.forEach((j, r) => a.set(x.subarray((j * 2 + col) * L, (j * 2 + col) * L + len), r * len));
+        feeds[name] = new this.ort.Tensor("int64", a, [idx.length, len]);
+      });
+      const r = await this.bb.run(feeds);
+      const f = OrtBackend.out(r[this.bb.outputNames[0]], this.bb.outputNames[0]);
+      idx.forEach((j, r2) => out.set(f.data.subarray(r2 * dim, (r2 + 1) * dim), j * dim));
     }
     return out;
   }
