@@ -77,7 +77,8 @@ js-install:
 	  if [ "$$(cat $(JS_STAMP) 2>/dev/null)" != "$$want" ]; then \
 	    (cd $(JS_DIR) && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund) && \
 	    echo "$$want" > $(JS_STAMP); \
-	  fi && node $(JS_DIR)/node_modules/typescript/bin/tsc -p $(JS_DIR); \
+	  fi && node $(JS_DIR)/node_modules/typescript/bin/tsc -p $(JS_DIR) && \
+	  node $(JS_DIR)/node_modules/typescript/bin/tsc -p $(JS_DIR)/tsconfig.examples.json; \
 	fi
 
 # Fashion-MNIST ships as a Debian package (idx files under /usr/share/datasets).
