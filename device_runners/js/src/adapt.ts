@@ -52,8 +52,9 @@ async function step(backend: OrtBackend, m: Manifest, hp: Record<string, number>
   for (const [k, v] of state) feeds[k] = v;
   for (const [k, v] of anchors) feeds[k] = v;
   const out = await backend.trainStep(feeds);
-  for (const k of [...params.keys()]) params.set(k, { data: out["new." + k].data.slice(), dims: out["new." + k].dims });
-  for (const k of [...state.keys()]) state.set(k, { data: out["new." + k].data.slice(), dims: out["new." + k].dims });
+  // the outputs are fresh arrays owned by this call: no copies
+  for (const k of [...params.keys()]) params.set(k, out["new." + k]);
+  for (const k of [...state.keys()]) state.set(k, out["new." + k]);
   return out[ts.loss_output].data[0];
 }
 
