@@ -304,6 +304,10 @@ def _scenario(name: str, tmp: Path) -> tuple[Path, list]:
         return write_device_npz(tmp / "d.npz", 45, seed=14), ["--lr", "0", "--epochs", "3"]
     if name == "csv":
         return _csv(tmp / "log.csv", 15), ["--seed", "9", "--epochs", "6"]
+    if name == "freeze_absent":  # "fast" missing: its class row stays, "sprint" is imprinted
+        return write_device_npz(tmp / "d.npz", 90, seed=12, gain=1.2,
+                                labels=("slow", "medium", "sprint")), [
+            "--freeze-absent", "--no-class-balanced", "--no-gate"]
     raise ValueError(name)
 
 
@@ -366,7 +370,7 @@ def compare(py: Path, js: Path, split: tuple) -> dict:
 
 
 SCENARIOS = [("fp32", s, "node") for s in ("default", "new_label", "early_stop_mix", "rollback",
-                                            "csv")]
+                                            "csv", "freeze_absent")]
 SCENARIOS += [("int8", "default", "node"), ("int8", "new_label", "node")]
 # onnxruntime-web's WASM build (the browser's runtime), run in Node
 SCENARIOS += [("fp32", "default", "web"), ("int8", "new_label", "web"), ("fp32", "csv", "web")]
@@ -396,6 +400,8 @@ def test_adapt_parity(node, bundles, tmp_path, precision, scenario, runtime):
         assert rep["new_labels"] == ["sprint"] and rep["missing_labels"] == ["fast"]
     if scenario == "early_stop_mix":
         assert rep["early_stop"] and rep["gate"]["mix_weight"] in (0.3, 0.6)
+    if scenario == "freeze_absent":
+        assert rep["freeze_absent"] is True and rep["missing_labels"] == ["fast"]
     if scenario == "rollback":
         assert rep["rolled_back"] and (js / "head.rejected.npz").exists()
     assert rep["backend"] == f"onnxruntime-{runtime}"

@@ -455,6 +455,18 @@ def _consistent(m: dict) -> None:
                         ("train_step.file", ts["file"]), ("infer.file", inf["file"]),
                         ("test_vectors.file", m["test_vectors"]["file"])):
         _expect(role in files, where, f"a file role listed in files {sorted(files)}", role)
+    if "adabn" in m and "unsupported" not in m["adabn"]:  # the graphs and their tolerances
+        a = m["adabn"]
+        for k in ("stats", "features", "atol", "features_atol"):
+            _expect(k in a, f"adabn.{k}", "present (or adabn.unsupported)", None)
+        for k in ("stats", "features"):
+            _expect(a[k]["file"] in files, f"adabn.{k}.file",
+                    f"a file role listed in files {sorted(files)}", a[k]["file"])
+        _expect(len(a["stats"]["outputs"]) == 2 * len(a["layers"]), "adabn.stats.outputs",
+                f"a mean and a variance per layer ({2 * len(a['layers'])} names)",
+                a["stats"]["outputs"])
+        _expect(len(a["features"]["outputs"]) == 1, "adabn.features.outputs",
+                "one output (the features)", a["features"]["outputs"])
     params = [p["name"] for p in head["params"]]
     _expect(params and len(set(params)) == len(params), "head.params",
             "distinct parameter names", params)

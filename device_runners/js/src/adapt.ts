@@ -213,7 +213,11 @@ export interface AdaptOptions {
   seed?: number;
   /** Continue from this head (default: the bundle's). */
   head?: Head;
+  /** Default: the bundle's `adapt.class_balanced`. */
   classBalanced?: boolean;
+  /** Labels the local data lacks keep their starting class rows (default: the bundle's
+   * `adapt.freeze_absent`). */
+  freezeAbsent?: boolean;
   l2sp?: number;
   gateAlpha?: number;
   gateRule?: string;
@@ -356,8 +360,12 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     hp.l2sp = o.l2sp;
   }
   const anchors = anchorsOf(m, start.params);
+  const classBalanced = o.classBalanced ?? Boolean(m.adapt.class_balanced);
+  const freezeAbsent = o.freezeAbsent ?? Boolean(m.adapt.freeze_absent);
+  const absent = missing.map((l) => head.labels.indexOf(l));
+  const frozenRows = freezeAbsent && absent.length ? [...cls] : [];
   const sw = new Float32Array(y.length).fill(1);
-  if (o.classBalanced) {
+  if (classBalanced) {
     const wts = classBalancedWeights(tr.map((i) => y[i]));
     tr.forEach((i, j) => { sw[i] = wts[j]; });
   }
@@ -394,6 +402,12 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
       w.set(b.map((k) => sw[k]));
       const loss = await step(backend, m, hp, { data: f, dims: [rows, dim] },
         { data: t, dims: [rows, nCls] }, { data: w, dims: [rows] }, head.params, state, anchors);
+      for (const name of frozenRows) { // absent labels keep their starting rows
+        const p = head.params.get(name) as F32;
+        const p0 = start.params.get(name) as F32;
+        const len = p.dims.slice(1).reduce((a, b) => a * b, 1);
+        for (const a of absent) p.data.set(p0.data.subarray(a * len, (a + 1) * len), a * len);
+      }
       if (!Number.isFinite(loss)) {
         throw new RunnerError(`training diverged (loss ${loss}) at epoch ${epoch + 1}; lower ` +
           `the learning rate (now ${hp.lr}) with --lr`);
@@ -455,7 +469,8 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     accuracy_after: verdict.accuracy_after, rolled_back: rolledBack, gate: verdict,
     checkpoint: null, checkpoint_written: null, n_windows: y.length, n_train: tr.length,
     n_val: va.length, epochs, batch_size: bs, steps, optimizer: m.optimizer.name, hparams: hp,
-    labels: head.labels, class_balanced: Boolean(o.classBalanced), head_kind: m.head.kind,
+    labels: head.labels, class_balanced: classBalanced, freeze_absent: freezeAbsent,
+    head_kind: m.head.kind,
     new_labels: newLabels, missing_labels: missing, warnings, skipped_files: 0, skipped: [],
     feature_seconds: featureSeconds, features_cached: false, train_seconds: trainSeconds,
     step_ms: steps ? (1000 * trainSeconds) / steps : null, total_seconds: now() - tStart,

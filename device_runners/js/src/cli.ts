@@ -21,7 +21,8 @@ import { Ort, OrtBackend } from "./ort.js";
 
 const USAGE = `usage: edgerun-js {adapt,infer,selftest} BUNDLE [options]
   adapt BUNDLE --data FILE --out DIR [--epochs N] [--batch-size N] [--val-fraction F]
-        [--lr F] [--seed N] [--head FILE] [--class-balanced] [--l2sp F] [--gate-alpha F]
+        [--lr F] [--seed N] [--head FILE] [--[no-]class-balanced] [--[no-]freeze-absent]
+        [--l2sp F] [--gate-alpha F]
         [--no-gate] [--mix W,W] [--patience N] [--max-seconds F] [--max-data-mb F]
         [--allow-downgrade]
   infer BUNDLE --data FILE [--head FILE] [--out DIR]
@@ -82,7 +83,9 @@ async function main(argv: string[]): Promise<number> {
       data: { type: "string" }, out: { type: "string" }, head: { type: "string" },
       epochs: { type: "string" }, "batch-size": { type: "string" },
       "val-fraction": { type: "string" }, lr: { type: "string" }, seed: { type: "string" },
-      "class-balanced": { type: "boolean" }, l2sp: { type: "string" },
+      "class-balanced": { type: "boolean" }, "no-class-balanced": { type: "boolean" },
+      "freeze-absent": { type: "boolean" }, "no-freeze-absent": { type: "boolean" },
+      l2sp: { type: "string" },
       "gate-alpha": { type: "string" }, "no-gate": { type: "boolean" }, mix: { type: "string" },
       patience: { type: "string" }, "max-seconds": { type: "string" },
       "max-data-mb": { type: "string" }, threads: { type: "string" },
@@ -161,7 +164,8 @@ async function main(argv: string[]): Promise<number> {
       const r = await adapt(bundle, backend, ds, {
         epochs: num(v, "epochs"), batchSize: num(v, "batch-size"),
         valFraction: num(v, "val-fraction"), lr: num(v, "lr"), seed: num(v, "seed") ?? 0,
-        head, classBalanced: v["class-balanced"], l2sp: num(v, "l2sp"),
+        head, classBalanced: v["no-class-balanced"] ? false : v["class-balanced"],
+        freezeAbsent: v["no-freeze-absent"] ? false : v["freeze-absent"], l2sp: num(v, "l2sp"),
         gateAlpha: num(v, "gate-alpha"), gateRule: v["no-gate"] ? "none" : undefined,
         patience: num(v, "patience"), mix, maxSeconds: num(v, "max-seconds"), startedAt: t0,
       });

@@ -22,10 +22,11 @@ export interface Manifest {
   infer: GraphBlock;
   test_vectors: TestVectorsBlock;
   adapt: AdaptBlock;
-  quantization: Record<string, unknown>;
+  quantization: QuantBlock;
   checks: Record<string, unknown>;
   provenance: Record<string, unknown>;
   adabn?: AdaBNBlock;
+  trainable?: TrainableBlock;
 }
 
 export interface Parent {
@@ -126,6 +127,7 @@ export interface TestVectorsBlock {
   atol: number;
   train_steps: number;
   train_atol: number;
+  logits_atol?: number;
 }
 
 export interface AdaptBlock {
@@ -135,12 +137,26 @@ export interface AdaptBlock {
   gate?: GateBlock;
   patience?: number;
   mix?: Array<number>;
+  class_balanced?: boolean;
+  freeze_absent?: boolean;
 }
 
 export interface GateBlock {
   rule: string;
   alpha: number;
   chosen_on: string;
+}
+
+export interface QuantBlock {
+  input?: Quant | null;
+  output?: Quant | null;
+  scheme?: string;
+}
+
+export interface Quant {
+  dtype: string;
+  scale: number;
+  zero_point: number;
 }
 
 export interface AdaBNBlock {
@@ -160,10 +176,16 @@ export interface BNLayer {
   per_window?: number;
 }
 
-export interface Quant {
-  dtype: string;
-  scale: number;
-  zero_point: number;
+export interface TrainableBlock {
+  spec: string;
+  cut: CutBlock;
+  params: Array<ParamSpec>;
+  gradients: string;
+}
+
+export interface CutBlock {
+  node: string;
+  shape: Array<number>;
 }
 
 export type TypeDesc =
@@ -244,7 +266,7 @@ export const SCHEMA: Record<string, BlockDesc> = {
         "ref": "AdaptBlock"
       },
       "quantization": {
-        "dict": "any"
+        "ref": "QuantBlock"
       },
       "checks": {
         "dict": "any"
@@ -254,6 +276,9 @@ export const SCHEMA: Record<string, BlockDesc> = {
       },
       "adabn": {
         "ref": "AdaBNBlock"
+      },
+      "trainable": {
+        "ref": "TrainableBlock"
       }
     }
   },
@@ -500,7 +525,8 @@ export const SCHEMA: Record<string, BlockDesc> = {
       "count": "int",
       "atol": "number",
       "train_steps": "int",
-      "train_atol": "number"
+      "train_atol": "number",
+      "logits_atol": "number"
     }
   },
   "AdaptBlock": {
@@ -519,7 +545,9 @@ export const SCHEMA: Record<string, BlockDesc> = {
       "patience": "int",
       "mix": {
         "list": "number"
-      }
+      },
+      "class_balanced": "bool",
+      "freeze_absent": "bool"
     }
   },
   "GateBlock": {
@@ -532,6 +560,34 @@ export const SCHEMA: Record<string, BlockDesc> = {
       "rule": "str",
       "alpha": "number",
       "chosen_on": "str"
+    }
+  },
+  "QuantBlock": {
+    "required": [],
+    "fields": {
+      "input": {
+        "nullable": {
+          "ref": "Quant"
+        }
+      },
+      "output": {
+        "nullable": {
+          "ref": "Quant"
+        }
+      },
+      "scheme": "str"
+    }
+  },
+  "Quant": {
+    "required": [
+      "dtype",
+      "scale",
+      "zero_point"
+    ],
+    "fields": {
+      "dtype": "str",
+      "scale": "number",
+      "zero_point": "int"
     }
   },
   "AdaBNBlock": {
@@ -570,16 +626,36 @@ export const SCHEMA: Record<string, BlockDesc> = {
       "per_window": "int"
     }
   },
-  "Quant": {
+  "TrainableBlock": {
     "required": [
-      "dtype",
-      "scale",
-      "zero_point"
+      "cut",
+      "gradients",
+      "params",
+      "spec"
     ],
     "fields": {
-      "dtype": "str",
-      "scale": "number",
-      "zero_point": "int"
+      "spec": "str",
+      "cut": {
+        "ref": "CutBlock"
+      },
+      "params": {
+        "list": {
+          "ref": "ParamSpec"
+        }
+      },
+      "gradients": "str"
+    }
+  },
+  "CutBlock": {
+    "required": [
+      "node",
+      "shape"
+    ],
+    "fields": {
+      "node": "str",
+      "shape": {
+        "list": "int"
+      }
     }
   }
 };
