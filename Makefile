@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort venv-fleet data-vision data-text demo demo-vision demo-text bench methods fleet ddp coverage test test-quick test-slow test-pi style lint format docs clean help
+.PHONY: install venv-ort venv-fleet js-install data-vision data-text demo demo-vision demo-text bench methods fleet ddp coverage test test-quick test-slow test-pi style lint format docs clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -21,6 +21,7 @@ help:
 	@echo "make ddp        teacher pretraining on 2 processes (torchrun) vs 1 -> weight difference"
 	@echo "make coverage   architectures from outside edgetl (transformers, user modules) x"
 	@echo "                {onnx,tflite} x {fp32,int8}: export, parity, runner -> docs/coverage.md"
+	@echo "make js-install the TypeScript device runner (device_runners/js): npm ci + tsc"
 	@echo "make test       default tier: unit + integration, everything but slow (no GPU, no"
 	@echo "                network; 16-20 min on 2 cores); lists skipped tests and why at the end"
 	@echo "make test-quick unit tier only (pytest -m unit, ~1 min): no dataset, no runner"
@@ -62,6 +63,23 @@ $(FLEET_VENV)/.installed: device_runners/requirements-fleet.txt
 	touch $@
 
 venv-fleet: $(FLEET_VENV)/.installed
+
+# The TypeScript device runner (device_runners/js): npm ci from the lock file, then tsc --strict.
+# ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's postinstall would download CUDA binaries;
+# its CPU build ships in the package. Without node/npm its tests skip, saying so.
+JS_DIR := device_runners/js
+JS_STAMP := $(JS_DIR)/node_modules/.edgetl-lock-sha256
+js-install:
+	@if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then \
+	  echo "skipping js-install: node/npm not found (tests/test_js_runner.py will skip)"; \
+	else \
+	  want=$$(sha256sum $(JS_DIR)/package-lock.json | cut -d' ' -f1); \
+	  if [ "$$(cat $(JS_STAMP) 2>/dev/null)" != "$$want" ]; then \
+	    (cd $(JS_DIR) && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund) && \
+	    echo "$$want" > $(JS_STAMP); \
+	  fi && node $(JS_DIR)/node_modules/typescript/bin/tsc -p $(JS_DIR) && \
+	  node $(JS_DIR)/node_modules/typescript/bin/tsc -p $(JS_DIR)/tsconfig.examples.json; \
+	fi
 
 # Fashion-MNIST ships as a Debian package (idx files under /usr/share/datasets).
 data-vision:
@@ -132,7 +150,7 @@ coverage: install
 
 # Tiers (pyproject.toml markers, tests/conftest.py): `unit` or `integration` for every test;
 # `data`, `env_ort`, `env_fleet`, `slow` for what it needs. -rs: skipped tests and why, at the end.
-test: install venv-ort venv-fleet
+test: install venv-ort venv-fleet js-install
 	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python \
 		EDGETL_FLEET_PYTHON=$(abspath $(FLEET_VENV))/bin/python $(BIN)/python -m pytest -q -rs
 

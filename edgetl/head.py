@@ -93,7 +93,7 @@ class HeadSpec:
     @property
     def embedding_dim(self) -> int:
         """Width of the last layer's input (what weight imprinting averages)."""
-        return self.in_features if self.kind == "linear" else self.hidden
+        return self.hidden if self.kind == "mlp" else self.in_features  # cosine: the features
 
     def param_shapes(self, num_classes: int | None = None) -> dict[str, tuple[int, ...]]:
         """Shape of every parameter, for ``num_classes`` classes (default the spec's)."""

@@ -121,6 +121,18 @@ def bundle(tiny_bundle, tmp_path) -> Path:
     return b
 
 
+def refused(p: subprocess.CompletedProcess, match: str) -> str:
+    """Assert exit 1 with exactly one ``error:`` line matching ``match``; return it."""
+    import re
+
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), p.stderr
+    assert "Traceback" not in p.stderr
+    assert re.search(match, err[0]), err[0]
+    return err[0]
+
+
 def adapt_json(bundle, data, out, *extra) -> subprocess.CompletedProcess:
     """``run.py adapt BUNDLE --data DATA --out OUT --json --quiet EXTRA`` (not checked)."""
     return run_runner("adapt", bundle, "--data", data, "--out", out, "--json", "--quiet",

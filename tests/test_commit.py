@@ -8,7 +8,6 @@ subprocess. Every failure is one ``error:`` line, exit 1, the previous head, rep
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import ROOT, RUNNER, SHIFT, run_runner, write_device_npz
+from .conftest import ROOT, RUNNER, SHIFT, refused, run_runner, write_device_npz
 
 KILL_AT = "EDGERUN_TEST_KILL_AT_COMMIT_STEP"
 
@@ -39,13 +38,6 @@ def _snapshot(state: Path) -> dict:
             if f.is_file() and f.name != ".lock"}
 
 
-def _refused(p, match: str) -> str:
-    assert p.returncode == 1, (p.returncode, p.stderr)
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), p.stderr
-    assert "Traceback" not in p.stderr
-    assert re.search(match, err[0]), err[0]
-    return err[0]
 
 
 def _meta(path: Path) -> dict:
@@ -96,6 +88,18 @@ def _one_run(state: Path) -> bool:
         return True
     return report.get("run_key") == _meta(state / "head.npz").get("run_key")
 
+
+
+def _run_maybe_killed(args: list, env: dict | None, rng) -> bool:
+    """Run the runner with ``args``; without ``env`` (a commit-step kill hook), SIGKILL it at
+    a random moment. Whether it died by SIGKILL."""
+    p = subprocess.Popen([sys.executable, str(RUNNER), *map(str, args)],
+                         env={**os.environ, "PYTHONPATH": "", **(env or {})},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if env is None:
+        time.sleep(rng.uniform(0.1, 1.0))
+        p.send_signal(signal.SIGKILL)
+    return p.wait() == -signal.SIGKILL
 
 def _consistent(state: Path, before: dict) -> str:
     """Assert the folder holds the old run or the new one, whole; return which."""
@@ -231,7 +235,7 @@ def test_a_full_disk_replaces_nothing(bundle, tmp_path, two_data, small_fs, free
     before = _snapshot(state)
     _fill(small_fs, free)
     p = _adapt(bundle, a, state, "--seed", "7", "--checkpoint-every", "0")
-    _refused(p, r"No space left on device.*nothing was replaced.*free space")
+    refused(p, r"No space left on device.*nothing was replaced.*free space")
     after = _snapshot(state)  # a training-state checkpoint may have been written: fine
     assert {k: after.get(k) for k in KEPT} == {k: before.get(k) for k in KEPT}
     assert _temps(state) == []
@@ -248,8 +252,8 @@ def test_a_read_only_state_folder_is_one_error_line(bundle, tmp_path, two_data, 
                        text=True, check=False)
     if r.returncode != 0:
         pytest.skip(f"remount read-only is not permitted here: {r.stderr.strip()}")
-    _refused(_adapt(bundle, a, state), r"not writable \(Read-only file system\).*nothing was")
-    _refused(run_runner("update", bundle, "--state", state, "--data", a),
+    refused(_adapt(bundle, a, state), r"not writable \(Read-only file system\).*nothing was")
+    refused(run_runner("update", bundle, "--state", state, "--data", a),
              r"not writable \(Read-only file system\)")
     assert _snapshot(state) == before
 
@@ -263,7 +267,7 @@ def test_nothing_was_written_means_no_feature_cache_either(bundle, tmp_path, two
     written' beside a fresh features/*.npy."""
     a, _ = two_data
     state = tmp_path / "state"
-    _refused(_adapt(bundle, a, state, "--max-memory-mb", "1"), "nothing was written")
+    refused(_adapt(bundle, a, state, "--max-memory-mb", "1"), "nothing was written")
     assert not (state / "features").exists() or not any((state / "features").iterdir())
 
 
@@ -317,7 +321,7 @@ def test_max_seconds_cancels_a_backbone_that_does_not_finish(bundle, tmp_path, t
     t0 = time.monotonic()
     p = _adapt(bundle, a, state, "--max-seconds", "2", timeout=20)
     took = time.monotonic() - t0
-    _refused(p, r"time budget ran out.*cancelled.*nothing was written.*--max-seconds")
+    refused(p, r"time budget ran out.*cancelled.*nothing was written.*--max-seconds")
     assert took < 12, took
     assert _snapshot(state) == before
 
@@ -370,14 +374,8 @@ def _campaign_adapt(bundle, tmp_path, a, b, kills: int, rng: random.Random) -> d
         for name, body in before.items():
             (state / name).write_bytes(body)
         env = {KILL_AT: str(rng.randrange(5))} if k % 3 == 0 else None  # a third in the commit
-        p = subprocess.Popen([sys.executable, str(RUNNER), "adapt", bundle, "--data", b,
-                              "--out", state, "--quiet", *args],
-                             env={**os.environ, "PYTHONPATH": "", **(env or {})},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if env is None:
-            time.sleep(rng.uniform(0.1, 1.0))
-            p.send_signal(signal.SIGKILL)
-        killed += p.wait() == -signal.SIGKILL
+        killed += _run_maybe_killed(["adapt", bundle, "--data", b, "--out", state, "--quiet",
+                                     *args], env, rng)
         ok = (state / "head.npz").is_file()
         try:
             _meta(state / "head.npz")  # a whole head at every moment
@@ -412,14 +410,8 @@ def _campaign_update(bundle, tmp_path, a, kills: int, rng: random.Random) -> dic
         for name, body in before.items():
             (state / name).write_bytes(body)
         env = {KILL_AT: str(rng.randrange(6))} if k % 2 == 0 else None
-        p = subprocess.Popen([sys.executable, str(RUNNER), "update", other, "--state", state,
-                              "--data", a, "--epochs", "300", "--patience", "0", "--quiet"],
-                             env={**os.environ, "PYTHONPATH": "", **(env or {})},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if env is None:
-            time.sleep(rng.uniform(0.1, 1.0))
-            p.send_signal(signal.SIGKILL)
-        killed += p.wait() == -signal.SIGKILL
+        killed += _run_maybe_killed(["update", other, "--state", state, "--data", a,
+                                     "--epochs", "300", "--patience", "0", "--quiet"], env, rng)
         try:
             bb = _meta(state / "head.npz")["backbone_sha256"]  # a head is always there
             recover(state)  # what the next start does first: a journaled commit is done

@@ -44,7 +44,8 @@ def test_a_bundle_holds_new_labels_only_where_its_head_has_room():
 
 def _row(before, after, start="shipped", rb=False):
     return {"start": start, "before_accuracy": before, "after_accuracy": after,
-            "gain": after - before, "rolled_back": rb, "feature_seconds": 1.0,
+            "gain": after - before, "adapted_accuracy": after, "adapted_gain": after - before,
+            "rolled_back": rb, "feature_seconds": 1.0,
             "train_seconds": 0.5, "adapt_seconds": 1.5, "peak_rss_mb": 80.0}
 
 

@@ -6,14 +6,13 @@ head, report and bundle intact. The runner runs as a device runs it: a subproces
 
 import hashlib
 import json
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .conftest import SHIFT, adapt_json, run_runner, write_device_npz
+from .conftest import SHIFT, adapt_json, refused, run_runner, write_device_npz
 
 
 def _adapt(bundle, data, out, *extra):
@@ -32,14 +31,6 @@ def _snapshot(state: Path) -> dict:
     return {f.name: f.read_bytes() for f in sorted(state.iterdir()) if f.is_file()}
 
 
-def _refused(p, match: str) -> str:
-    """Assert exit 1 with exactly one ``error:`` line matching ``match``; return it."""
-    assert p.returncode == 1, (p.returncode, p.stderr)
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), p.stderr
-    assert "Traceback" not in p.stderr
-    assert re.search(match, err[0]), err[0]
-    return err[0]
 
 
 def _rewrite_head(src: Path, dst: Path, **changes) -> Path:
@@ -69,26 +60,26 @@ def test_a_non_finite_head_is_refused_and_the_good_head_kept(bundle, tmp_path, b
         w = np.full_like(z["weight"], bad)
     nan_head = _rewrite_head(state / "head.npz", tmp_path / "head_nan.npz", weight=w)
     data = tmp_path / "ok.npz"
-    _refused(_adapt(bundle, data, state, "--head", nan_head, "--epochs", "0"),
+    refused(_adapt(bundle, data, state, "--head", nan_head, "--epochs", "0"),
              r"head_nan.npz: head parameter 'weight' holds \d+ non-finite value")
     assert _snapshot(state) == before  # no head.prev.npz, head.npz untouched
-    _refused(run_runner("infer", bundle, "--data", data, "--head", nan_head),
+    refused(run_runner("infer", bundle, "--data", data, "--head", nan_head),
              r"non-finite value")
     # the state's own head.npz damaged: refused as --head, and `update` does not keep it
     shutil.copy(nan_head, state / "head.npz")
-    _refused(_adapt(bundle, data, state, "--head", state / "head.npz"), r"non-finite")
+    refused(_adapt(bundle, data, state, "--head", state / "head.npz"), r"non-finite")
 
 
-def test_a_non_finite_shipped_head_is_refused(bundle, tmp_path):
+def test_a_non_finite_shipped_head_isrefused(bundle, tmp_path):
     with np.load(bundle / "head_init.npz") as z:
         arrays = {k: z[k] for k in z.files}
     arrays["bias"] = np.full_like(arrays["bias"], np.nan)
     np.savez(bundle / "head_init.npz", **arrays)
     _rehash(bundle, "head_init")
-    _refused(run_runner("selftest", bundle), r"bundle file head_init.npz: head parameter "
+    refused(run_runner("selftest", bundle), r"bundle file head_init.npz: head parameter "
              r"'bias' holds 3 non-finite")
     out = tmp_path / "s"
-    _refused(_adapt(bundle, write_device_npz(tmp_path / "d.npz", 60, seed=1), out),
+    refused(_adapt(bundle, write_device_npz(tmp_path / "d.npz", 60, seed=1), out),
              r"non-finite")
     assert not (out / "head.npz").exists()
 
@@ -125,11 +116,11 @@ def test_numeric_flags_must_be_finite_and_in_range(bundle, tmp_path):
     data = tmp_path / "ok.npz"
     for flag, value in BAD_NUMBERS:
         p = run_runner("adapt", bundle, "--data", data, "--out", state, "--quiet", flag, value)
-        _refused(p, rf"^error: {flag} must be a finite number [<>]=? -?\d.*, got ")
+        refused(p, rf"^error: {flag} must be a finite number [<>]=? -?\d.*, got ")
         assert _snapshot(state) == before, flag
-    _refused(run_runner("update", bundle, "--state", state, "--epochs", "-1"), r"--epochs")
-    _refused(run_runner("bench", bundle, "--repeats", "0"), r"--repeats must be")
-    _refused(run_runner("infer", bundle, "--data", data, "--threads", "-1"), r"--threads")
+    refused(run_runner("update", bundle, "--state", state, "--epochs", "-1"), r"--epochs")
+    refused(run_runner("bench", bundle, "--repeats", "0"), r"--repeats must be")
+    refused(run_runner("infer", bundle, "--data", data, "--threads", "-1"), r"--threads")
     assert _snapshot(state) == before
 
 
@@ -157,7 +148,7 @@ def test_max_data_mb_applies_to_the_declared_uncompressed_size(bundle, tmp_path)
     state, before = _good_state(bundle, tmp_path)
     bomb = _zip_bomb(tmp_path / "bomb.npz")
     assert bomb.stat().st_size < 1 << 20  # under a MiB on disk
-    _refused(_adapt(bundle, bomb, state, "--max-data-mb", "100"),
+    refused(_adapt(bundle, bomb, state, "--max-data-mb", "100"),
              r"bomb.npz declares 400.0 MiB uncompressed, above the 100 MiB limit; raise "
              r"--max-data-mb")
     assert _snapshot(state) == before
@@ -194,12 +185,12 @@ def test_object_and_corrupt_npz_are_clean_errors(bundle, tmp_path, case, match):
         shutil.copy(good, data)
         with zipfile.ZipFile(data, "a") as zf:
             zf.writestr("notes.txt", "hello")
-    _refused(_adapt(bundle, data, state), match)
+    refused(_adapt(bundle, data, state), match)
     assert _snapshot(state) == before
     # a damaged head checkpoint is the same clean error
     head = tmp_path / "head_bad.npz"
     head.write_bytes((state / "head.npz").read_bytes()[:100])
-    _refused(run_runner("infer", bundle, "--data", good, "--head", head),
+    refused(run_runner("infer", bundle, "--data", good, "--head", head),
              r"head checkpoint .*head_bad.npz is not a readable .npz file")
 
 
@@ -238,11 +229,11 @@ def test_fifos_and_devices_are_refused_without_reading(bundle, tmp_path, target)
     for flag in ("--head", "--trust-key"):
         p = _run_with_timeout("adapt", bundle, "--data", data, "--out", state, "--quiet",
                               flag, special(f"x{flag}.npz"))
-        _refused(p, rf"{flag} .* {match}" if flag == "--trust-key" else match)
+        refused(p, rf"{flag} .* {match}" if flag == "--trust-key" else match)
     for name in ("d.npz", "d.csv"):
         p = _run_with_timeout("adapt", bundle, "--data", special(name), "--out", state)
-        _refused(p, rf"data file .*{name} {match}")
-    _refused(_run_with_timeout("infer", bundle, "--data", data, "--head", special("h.npz")),
+        refused(p, rf"data file .*{name} {match}")
+    refused(_run_with_timeout("infer", bundle, "--data", data, "--head", special("h.npz")),
              match)
     assert _snapshot(state) == before
 
@@ -271,9 +262,9 @@ def test_a_second_run_on_one_state_folder_is_refused_naming_the_first(bundle, tm
         while lock.read_text().strip() != str(first.pid):
             assert first.poll() is None and time.monotonic() < deadline, "never took the lock"
             time.sleep(0.05)
-        _refused(_adapt(bundle, data, state), rf"state is in use by another run \(pid "
+        refused(_adapt(bundle, data, state), rf"state is in use by another run \(pid "
                  rf"{first.pid}\); wait for it to finish")
-        _refused(run_runner("update", bundle, "--state", state, "--data", data),
+        refused(run_runner("update", bundle, "--state", state, "--data", data),
                  rf"in use by another run \(pid {first.pid}\)")
     finally:
         first.kill()  # SIGKILL: the kernel drops the lock with the process
@@ -335,7 +326,7 @@ def test_data_and_manifest_contents_are_checked(bundle, tmp_path, case, match):
         man["labels"] = (man["labels"] + ["extra"] if case == "manifest_more_labels"
                          else [man["labels"][0]] * 3)
         (bundle / "manifest.json").write_text(json.dumps(man))
-    _refused(_adapt(bundle, data, state, *extra), match)
+    refused(_adapt(bundle, data, state, *extra), match)
     assert _snapshot(state) == before
 
 
@@ -395,7 +386,7 @@ def test_out_naming_a_file_and_a_damaged_bundle_record_are_handled(bundle, tmp_p
     data = write_device_npz(tmp_path / "d.npz", 120, seed=2, **SHIFT)
     a_file = tmp_path / "afile"
     a_file.write_text("keep me")
-    _refused(_adapt(bundle, data, a_file), "is a file; expected a folder")
+    refused(_adapt(bundle, data, a_file), "is a file; expected a folder")
     assert a_file.read_text() == "keep me"
     state, _ = _good_state(bundle, tmp_path)
     run_runner("update", bundle, "--state", state, "--quiet", check=True)

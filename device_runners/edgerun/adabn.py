@@ -87,6 +87,15 @@ class Graphs:
         return np.concatenate(out, axis=0)
 
 
+def _names_match(m: dict, g: dict, inputs: list, outputs: list) -> None:
+    """The names the manifest declares for an AdaBN graph are the graph's own."""
+    from edgerun.backends import check_io
+
+    path = m["files"][g["file"]]["path"]
+    check_io(path, "adabn graph inputs", g["inputs"], inputs)
+    check_io(path, "adabn graph outputs", g["outputs"], outputs, "outputs")
+
+
 def _open(bundle, g: dict, threads: int):
     """A callable ``feeds -> {output: array}`` for one graph block, in the bundle's runtime."""
     m = bundle.manifest
@@ -107,6 +116,7 @@ def _open(bundle, g: dict, threads: int):
             raise RunnerError(f"onnxruntime cannot load {m['files'][g['file']]['path']}: "
                               f"{e}") from None
         outs = [o.name for o in sess.get_outputs()]
+        _names_match(m, g, [i.name for i in sess.get_inputs()], outs)
         return lambda feeds: dict(zip(outs, sess.run(None, feeds)))
     if m["target"] == "tflite":
         try:
@@ -120,6 +130,7 @@ def _open(bundle, g: dict, threads: int):
         except Exception as e:  # noqa: BLE001
             raise RunnerError(f"ai-edge-litert cannot load {m['files'][g['file']]['path']} "
                               f"(signature {g['signature']!r}): {e}") from None
+        _names_match(m, g, list(run.get_input_details()), list(run.get_output_details()))
         return lambda feeds: run(**feeds)
     raise RunnerError(f"AdaBN: bundle target {m['target']!r} is not supported by this runner")
 

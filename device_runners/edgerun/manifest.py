@@ -455,6 +455,18 @@ def _consistent(m: dict) -> None:
                         ("train_step.file", ts["file"]), ("infer.file", inf["file"]),
                         ("test_vectors.file", m["test_vectors"]["file"])):
         _expect(role in files, where, f"a file role listed in files {sorted(files)}", role)
+    if "adabn" in m and "unsupported" not in m["adabn"]:  # the graphs and their tolerances
+        a = m["adabn"]
+        for k in ("stats", "features", "atol", "features_atol"):
+            _expect(k in a, f"adabn.{k}", "present (or adabn.unsupported)", None)
+        for k in ("stats", "features"):
+            _expect(a[k]["file"] in files, f"adabn.{k}.file",
+                    f"a file role listed in files {sorted(files)}", a[k]["file"])
+        _expect(len(a["stats"]["outputs"]) == 2 * len(a["layers"]), "adabn.stats.outputs",
+                f"a mean and a variance per layer ({2 * len(a['layers'])} names)",
+                a["stats"]["outputs"])
+        _expect(len(a["features"]["outputs"]) == 1, "adabn.features.outputs",
+                "one output (the features)", a["features"]["outputs"])
     params = [p["name"] for p in head["params"]]
     _expect(params and len(set(params)) == len(params), "head.params",
             "distinct parameter names", params)
@@ -645,5 +657,91 @@ def _type_text(tp) -> str:
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _blocks() -> list:
+    """Every TypedDict reachable from :class:`Manifest`, in first-use order."""
+    import typing
+
+    seen: list = []
+
+    def walk(tp) -> None:
+        if isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__required_keys__"):
+            if tp in seen:
+                return
+            seen.append(tp)
+            for sub in _hints(tp).values():
+                walk(sub)
+        for a in typing.get_args(tp):
+            walk(a)
+
+    walk(Manifest)
+    walk(Quant)
+    return seen
+
+
+def _ts_desc(tp):
+    """A JSON type descriptor of ``tp`` for the TypeScript checker (``check.ts``)."""
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return "any"
+    if origin is Union:
+        rest = [a for a in args if a is not type(None)]
+        return {"nullable": _ts_desc(rest[0])} if type(None) in args else _ts_desc(rest[0])
+    if isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__required_keys__"):
+        return {"ref": tp.__name__}
+    if origin in (list, List):
+        return {"list": _ts_desc(args[0])}
+    if origin in (dict, Dict):
+        return {"dict": _ts_desc(args[1])}
+    return {str: "str", int: "int", float: "number", bool: "bool"}[tp]
+
+
+def _ts_type(d) -> str:
+    if isinstance(d, str):
+        return {"any": "unknown", "str": "string", "int": "number", "number": "number",
+                "bool": "boolean"}[d]
+    if "nullable" in d:
+        return f"{_ts_type(d['nullable'])} | null"
+    if "ref" in d:
+        return d["ref"]
+    if "list" in d:
+        inner = _ts_type(d["list"])
+        return f"Array<{inner}>"
+    return f"Record<string, {_ts_type(d['dict'])}>"
+
+
+def typescript() -> str:
+    """The schema as TypeScript (``device_runners/js/src/manifest.ts``).
+
+    Interfaces, plus a runtime descriptor that the TypeScript runner validates a manifest
+    against with the rules of :func:`check`.
+    """
+    schema = {td.__name__: {"required": sorted(td.__required_keys__),
+                            "fields": {k: _ts_desc(tp) for k, tp in _hints(td).items()}}
+              for td in _blocks()}
+    out = ["// Generated from device_runners/edgerun/manifest.py by",
+           "//   python -m edgerun.manifest --typescript > device_runners/js/src/manifest.ts",
+           "// Do not edit: the Python module is the one source of truth (a test fails on drift).",
+           "", f"export const SCHEMA_VERSION = {SCHEMA_VERSION};", ""]
+    for name, block in schema.items():
+        out.append(f"export interface {name} {{")
+        for k, d in block["fields"].items():
+            opt = "" if k in block["required"] else "?"
+            out.append(f"  {json.dumps(k) if not k.isidentifier() else k}{opt}: {_ts_type(d)};")
+        out += ["}", ""]
+    out += ["export type TypeDesc =", '  | "any" | "str" | "int" | "number" | "bool"',
+            "  | { nullable: TypeDesc } | { ref: string } | { list: TypeDesc }"
+            " | { dict: TypeDesc };", "",
+            "export interface BlockDesc {", "  required: string[];",
+            "  fields: Record<string, TypeDesc>;", "}", "",
+            "export const SCHEMA: Record<string, BlockDesc> = "
+            + json.dumps(schema, indent=2) + ";", ""]
+    return "\n".join(out)
+
+
 if __name__ == "__main__":  # python -m edgerun.manifest > docs/bundle-format.md (make docs)
-    print(markdown())
+    import sys
+
+    print(typescript() if sys.argv[1:] == ["--typescript"] else markdown(), end=(
+        "" if sys.argv[1:] == ["--typescript"] else "\n"))

@@ -1,0 +1,528 @@
+/**
+ * Self-test, adaptation and inference, mirroring `edgerun/adapt.py`:
+ * backbone features once (cached in memory) -> the stratified split -> head epochs with the
+ * stateless train graph (optimizer state fed back), the epoch of lowest validation loss kept,
+ * early stopping after `patience` epochs without a new lowest -> the WiSE-FT mix of lowest
+ * validation loss -> the gate (one-sided exact McNemar) against the starting head.
+ */
+import { Bundle } from "./bundle.js";
+import { Dataset, preprocess, splitMode, stratifiedSplit } from "./data.js";
+import { RunnerError } from "./errors.js";
+import * as gating from "./gate.js";
+import { checkFinite, Head } from "./head.js";
+import { Manifest } from "./manifest.js";
+import { asFloat32, asNumbers, asStrings, parseNpz } from "./npy.js";
+import { TextEncoder_ } from "./text.js";
+import { F32, OrtBackend } from "./ort.js";
+import { defaultRng } from "./rng.js";
+
+export const RUNNER_VERSION = "0.1.0-js";
+export const GATE_DEFAULTS = { rule: "mcnemar", alpha: 0.05 };
+export const PATIENCE_DEFAULT = 8;
+export const MIX_DEFAULT = [0.25, 0.5, 0.75, 1.0];
+
+const now = () => performance.now() / 1000;
+
+function zeroState(m: Manifest, params: Map<string, F32>): Map<string, F32> {
+  const s = new Map<string, F32>();
+  for (const st of m.optimizer.state) {
+    const dims = st.like === null ? st.shape : (params.get(st.like) as F32).dims;
+    s.set(st.name, { data: new Float32Array(dims.reduce((a, b) => a * b, 1)), dims: [...dims] });
+  }
+  return s;
+}
+
+function anchorsOf(m: Manifest, params: Map<string, F32>): Map<string, F32> {
+  const out = new Map<string, F32>();
+  for (const [a, p] of Object.entries(m.train_step.anchor_inputs ?? {})) {
+    const v = params.get(p) as F32;
+    out.set(a, { data: v.data.slice(), dims: [...v.dims] });
+  }
+  return out;
+}
+
+/** One train step; updates `params` and `state` in place; returns the loss. */
+async function step(backend: OrtBackend, m: Manifest, hp: Record<string, number>, f: F32, t: F32,
+  w: F32, params: Map<string, F32>, state: Map<string, F32>, anchors: Map<string, F32>): Promise<number> {
+  const ts = m.train_step;
+  const feeds: Record<string, F32> = { [ts.inputs[0]]: f, [ts.targets_input]: t,
+    [ts.sample_weight_input]: w };
+  for (const k of ts.hparam_inputs) feeds[k] = { data: Float32Array.of(hp[k]), dims: [] };
+  for (const [k, v] of params) feeds[k] = v;
+  for (const [k, v] of state) feeds[k] = v;
+  for (const [k, v] of anchors) feeds[k] = v;
+  const out = await backend.trainStep(feeds);
+  // the outputs are fresh arrays owned by this call: no copies
+  for (const k of [...params.keys()]) params.set(k, out["new." + k]);
+  for (const k of [...state.keys()]) state.set(k, out["new." + k]);
+  return out[ts.loss_output].data[0];
+}
+
+function oneHot(labels: ArrayLike<number>, rows: number): Float32Array {
+  const t = new Float32Array(labels.length * rows);
+  for (let i = 0; i < labels.length; i++) t[i * rows + labels[i]] = 1;
+  return t;
+}
+
+function maxAbs(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let e = 0;
+  for (let i = 0; i < a.length; i++) e = Math.max(e, Math.abs(a[i] - b[i]));
+  return e;
+}
+
+async function inferHead(backend: OrtBackend, m: Manifest, head: Head, feats: Float32Array,
+  n: number): Promise<Record<string, F32>> {
+  const names = m.infer.inputs;
+  const feeds: Record<string, F32> = { [names[0]]: { data: feats, dims: [n, m.features.dim] } };
+  for (const k of names.slice(1)) feeds[k] = head.params.get(k) as F32;
+  return backend.infer(feeds);
+}
+
+/** Replay the shipped reference train steps; the max error, or refuse. */
+export async function selftestTrain(bundle: Bundle, backend: OrtBackend): Promise<number> {
+  const m = bundle.manifest;
+  const tv = m.test_vectors;
+  const z = await parseNpz(bundle.file(tv.file), m.files[tv.file]?.path ?? tv.file);
+  if (!z.has("train_loss")) {
+    throw new RunnerError("the bundle's test vectors have no reference train steps; re-export the bundle");
+  }
+  const fa = z.get("train_features")!;
+  const f = asFloat32(fa);
+  const w = asFloat32(z.get("train_weights")!);
+  const losses = asFloat32(z.get("train_loss")!);
+  const labels = asNumbers(z.get("train_labels")!);
+  const [steps, b, d] = fa.shape;
+  const head = await Head.fromBundle(bundle);
+  const rows = head.rows(m.head.class_params);
+  const params = new Map(head.params);
+  const state = zeroState(m, params);
+  const anchors = anchorsOf(m, params);
+  let err = 0;
+  for (let i = 0; i < steps; i++) {
+    const loss = await step(backend, m, m.optimizer.hparams,
+      { data: f.slice(i * b * d, (i + 1) * b * d), dims: [b, d] },
+      { data: oneHot(labels.slice(i * b, (i + 1) * b), rows), dims: [b, rows] },
+      { data: w.slice(i * b, (i + 1) * b), dims: [b] }, params, state, anchors);
+    err = Math.max(err, Math.abs(loss - losses[i]));
+  }
+  for (const [k, a] of z) {
+    if (k.startsWith("train_final.")) {
+      err = Math.max(err, maxAbs((params.get(k.slice(12)) as F32).data, asFloat32(a)));
+    }
+  }
+  if (!(err <= tv.train_atol)) {
+    throw new RunnerError(`self-test failed: ${backend.trainer} training on this runtime ` +
+      `differs from the server's reference train steps by ${err.toPrecision(3)} (> ` +
+      `${tv.train_atol}); the runtime build or the bundle is broken`);
+  }
+  return err;
+}
+
+/** Reference features and logits through this runtime; the max error, or refuse. */
+export async function selftestForward(bundle: Bundle, backend: OrtBackend): Promise<number> {
+  const m = bundle.manifest;
+  const tv = m.test_vectors;
+  const z = await parseNpz(bundle.file(tv.file), m.files[tv.file]?.path ?? tv.file);
+  const xa = z.get("x")!;
+  if (z.has("texts")) { // text bundles: this device's tokenizer must give the server's ids
+    const texts = asStrings(z.get("texts")!);
+    const enc = new TextEncoder_(bundle);
+    const ids = enc.encode(texts).x;
+    const want = xa.data as BigInt64Array;
+    const per = ids.length / texts.length;
+    for (let i = 0; i < texts.length; i++) {
+      for (let k = i * per; k < (i + 1) * per; k++) {
+        if (ids[k] !== want[k]) {
+          throw new RunnerError(`self-test failed: the tokenizer (${enc.name}) gives other ids ` +
+            `than the server for '${texts[i].slice(0, 80)}'; the bundle's tokenizer files or ` +
+            "this runner's tokenizer are inconsistent");
+        }
+      }
+    }
+  }
+  const n = xa.shape[0];
+  const raw = xa.dtype[1] === "i" || xa.dtype[1] === "u"
+    ? BigInt64Array.from(xa.data as ArrayLike<number | bigint>, (v) => BigInt(v)) : asFloat32(xa);
+  const f = await backend.features(preprocess(raw, m), n, xa.shape.slice(1));
+  const head = await Head.fromBundle(bundle);
+  const lg = (await inferHead(backend, m, head, f, n)).logits.data;
+  const err = Math.max(maxAbs(f, asFloat32(z.get("features")!)), maxAbs(lg, asFloat32(z.get("logits")!)));
+  if (!(err <= tv.atol)) {
+    throw new RunnerError(`self-test failed: this runtime's outputs differ from the server's ` +
+      `reference vectors by ${err.toPrecision(3)} (> ${tv.atol}); the runtime build or the ` +
+      "bundle is broken");
+  }
+  return err;
+}
+
+export async function selftest(bundle: Bundle, backend: OrtBackend): Promise<number> {
+  return Math.max(await selftestForward(bundle, backend), await selftestTrain(bundle, backend));
+}
+
+function gather(src: Float32Array, dim: number, idx: readonly number[]): Float32Array {
+  const out = new Float32Array(idx.length * dim);
+  idx.forEach((i, j) => out.set(src.subarray(i * dim, (i + 1) * dim), j * dim));
+  return out;
+}
+
+interface Scores { loss: number; acc: number; right: boolean[] }
+
+async function valScores(backend: OrtBackend, m: Manifest, head: Head, feats: Float32Array,
+  y: number[]): Promise<Scores> {
+  const n = y.length;
+  const lg = (await inferHead(backend, m, head, feats, n)).logits;
+  const stride = lg.dims[1];
+  const k = head.labels.length;
+  const right: boolean[] = [];
+  for (let i = 0; i < n; i++) {
+    let best = 0;
+    for (let c = 1; c < k; c++) if (lg.data[i * stride + c] > lg.data[i * stride + best]) best = c;
+    right.push(best === y[i]);
+  }
+  return { loss: gating.softmaxXent(lg.data, n, stride, k, y),
+    acc: right.filter(Boolean).length / n, right };
+}
+
+/** The proposal (mix of lowest validation loss) and the gate's verdict against `start`. */
+export async function chooseHead(backend: OrtBackend, m: Manifest, start: Head, adapted: Head,
+  featsVa: Float32Array, yVa: number[], mix: number[],
+  gate: { rule: string; alpha: number }): Promise<[Head, gating.Verdict]> {
+  const s0 = await valScores(backend, m, start, featsVa, yVa);
+  let best: { w: number; s: Scores; cand: Head } | null = null;
+  for (const w of [...mix].sort((a, b) => a - b)) {
+    const params = new Map<string, F32>();
+    for (const [k, v] of start.params) {
+      params.set(k, { data: gating.mix(v.data, (adapted.params.get(k) as F32).data, w), dims: [...v.dims] });
+    }
+    const cand = new Head(params, start.labels);
+    const s = await valScores(backend, m, cand, featsVa, yVa);
+    if (best === null || s.loss < best.s.loss - 1e-7) best = { w, s, cand };
+  }
+  const b = best as { w: number; s: Scores; cand: Head };
+  const verdict = gating.decide(s0.right, b.s.right, gate.alpha, gate.rule);
+  Object.assign(verdict, { mix_weight: b.w, val_loss_before: s0.loss, val_loss_after: b.s.loss,
+    accuracy_before: s0.acc, accuracy_after: b.s.acc });
+  return [b.cand, verdict];
+}
+
+export interface AdaptOptions {
+  epochs?: number;
+  batchSize?: number;
+  valFraction?: number;
+  lr?: number;
+  seed?: number;
+  /** Continue from this head (default: the bundle's). */
+  head?: Head;
+  /** Default: the bundle's `adapt.class_balanced`. */
+  classBalanced?: boolean;
+  /** Labels the local data lacks keep their starting class rows (default: the bundle's
+   * `adapt.freeze_absent`). */
+  freezeAbsent?: boolean;
+  l2sp?: number;
+  gateAlpha?: number;
+  gateRule?: string;
+  patience?: number;
+  mix?: number[];
+  maxSeconds?: number;
+  /** `performance.now()` when the run started (the budget counts from it; default: now). */
+  startedAt?: number;
+  /** Called after every epoch. */
+  onEpoch?: (h: EpochRecord, epochs: number) => void;
+  /** Skip the self-test (it runs by default, as in the Python runner). */
+  skipSelftest?: boolean;
+}
+
+export interface EpochRecord {
+  epoch: number; loss: number; val_loss: number; val_accuracy: number; complete: boolean;
+}
+
+export interface AdaptResult {
+  /** `report.json` (the Python runner's fields; file paths filled in by the caller). */
+  report: Record<string, unknown>;
+  /** The head to write as `head.npz` when the gate kept it (`report.rolled_back` false). */
+  head: Head;
+  /** The head training started from (the gate's baseline; new labels imprinted). */
+  start: Head;
+  /** The head to use from now on: `head` if the gate kept it, else `start`. */
+  kept: Head;
+  newLabels: string[];
+  train: number[];
+  val: number[];
+}
+
+export function gateSettings(m: Manifest, o: AdaptOptions): [{ rule: string; alpha: number }, number, number[]] {
+  const d = m.adapt;
+  const g = { ...GATE_DEFAULTS, ...(d.gate ?? {}) } as { rule: string; alpha: number };
+  if (o.gateAlpha !== undefined) g.alpha = o.gateAlpha;
+  if (o.gateRule !== undefined) g.rule = o.gateRule;
+  if (!(gating.RULES as readonly string[]).includes(g.rule)) {
+    throw new RunnerError(`unknown gate rule '${g.rule}'; known: ${gating.RULES.join(", ")}`);
+  }
+  if (!(g.alpha >= 0 && g.alpha <= 1)) {
+    throw new RunnerError(`the gate's alpha must be in [0, 1], got ${g.alpha}`);
+  }
+  const patience = o.patience ?? d.patience ?? PATIENCE_DEFAULT;
+  const mix = o.mix ?? d.mix ?? MIX_DEFAULT;
+  if (!mix.length || mix.some((w) => !(w > 0 && w <= 1))) {
+    throw new RunnerError(`mixing weights must be in (0, 1], got ${JSON.stringify(mix)}`);
+  }
+  return [g, Math.trunc(patience), mix.map(Number)];
+}
+
+function classBalancedWeights(y: number[]): Float32Array {
+  const counts = new Map<number, number>();
+  for (const c of y) counts.set(c, (counts.get(c) ?? 0) + 1);
+  const k = counts.size;
+  return Float32Array.from(y, (c) => y.length / (k * (counts.get(c) as number)));
+}
+
+/**
+ * Fine-tune the head on `ds`. Returns the report, the head to write and the starting head;
+ * writing files is the caller's (the CLI writes `head.npz` / `report.json` as the Python
+ * runner does).
+ */
+export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
+  o: AdaptOptions = {}): Promise<AdaptResult> {
+  const tStart = o.startedAt !== undefined ? o.startedAt / 1000 : now();
+  const m = bundle.manifest;
+  const warnings: string[] = [];
+  const d = m.adapt;
+  const epochs = o.epochs ?? d.epochs;
+  const batchSize = o.batchSize ?? d.batch_size;
+  const valFraction = o.valFraction ?? d.val_fraction;
+  if (!(epochs >= 0 && batchSize >= 1 && valFraction > 0 && valFraction < 1)) {
+    throw new RunnerError(`need epochs >= 0, batch_size >= 1, 0 < val_fraction < 1; got ` +
+      `${epochs}, ${batchSize}, ${valFraction}`);
+  }
+  const [gate, patience, mix] = gateSettings(m, o);
+  const seed = o.seed ?? 0;
+  const selftestErr = o.skipSelftest ? null : await selftest(bundle, backend);
+  if (!ds.y) {
+    throw new RunnerError(`${ds.source} has no labels (npz key 'y' or csv column 'label'); ` +
+      "adaptation needs labelled data");
+  }
+  const ys = ds.y;
+  if (new Set(ys).size < 2) {
+    throw new RunnerError(`${ds.source}: every window is labelled '${ys[0]}'; adapting a ` +
+      "classifier needs windows of at least 2 labels (nothing was written)");
+  }
+  const t0 = now();
+  const dim = m.features.dim;
+  const feats = await backend.features(preprocess(ds.x, m), ds.n, ds.inner);
+  const featureSeconds = now() - t0;
+
+  const head = o.head ? o.head.copy() : await Head.fromBundle(bundle);
+  const seen = [...new Set(ys)];
+  const newLabels = seen.filter((l) => !head.labels.includes(l));
+  const missing = head.labels.filter((l) => !seen.includes(l));
+  const dynamic = m.train_step.dynamic_classes;
+  const cls = m.head.class_params;
+  if (newLabels.length && !dynamic && head.labels.length + newLabels.length > head.rows(cls)) {
+    throw new RunnerError(`labels ${JSON.stringify(newLabels)} are not in this bundle's head ` +
+      `${JSON.stringify(head.labels)}, and its ${m.target} graphs have a fixed number of class ` +
+      `rows (${head.rows(cls)}, ${head.labels.length} in use); drop those windows, export with ` +
+      "a larger export.class_capacity, or use an onnx bundle (dynamic classes)");
+  }
+  if (newLabels.length) {
+    const emb = (await inferHead(backend, m, head, feats, ds.n)).embedding;
+    const e = emb.dims[1];
+    const byLabel = new Map<string, Float32Array[]>();
+    for (const n of newLabels) byLabel.set(n, []);
+    ys.forEach((l, i) => byLabel.get(l)?.push(emb.data.subarray(i * e, (i + 1) * e)));
+    head.addClasses(newLabels, byLabel, cls, dynamic, m.head.kind === "cosine");
+    warnings.push(`labels ${pyList(newLabels)} are new to this head: added ${newLabels.length} ` +
+      "class(es) by weight imprinting from their mean features");
+  }
+  if (missing.length) {
+    warnings.push(`local data has no windows of ${pyList(missing)}; the head keeps them but ` +
+      "cannot check them");
+  }
+  const y = ys.map((l) => head.labels.indexOf(l));
+  const [tr, va] = stratifiedSplit(y, valFraction, seed, splitMode(m));
+  if (!va.length) {
+    throw new RunnerError(`${ds.source}: too few windows (${y.length}) for a validation split; ` +
+      "collect at least 2 windows per label");
+  }
+  const few = [...new Set(y)].sort((a, b) => a - b)
+    .filter((c) => y.filter((v) => v === c).length < 3).map((c) => head.labels[c]);
+  if (few.length) warnings.push(`labels ${pyList(few)} have fewer than 3 windows; their accuracy is noisy`);
+  const start = head.copy();
+
+  const hp: Record<string, number> = { ...m.optimizer.hparams };
+  if (o.lr !== undefined) hp.lr = o.lr;
+  const ts = m.train_step;
+  if (o.l2sp !== undefined) {
+    if (!ts.hparam_inputs.includes("l2sp")) {
+      throw new RunnerError("--l2sp needs a bundle exported with head.l2sp > 0 (its train step " +
+        "takes the anchor inputs); this one has none");
+    }
+    if (!(o.l2sp >= 0)) throw new RunnerError(`--l2sp must be >= 0, got ${o.l2sp}`);
+    hp.l2sp = o.l2sp;
+  }
+  const anchors = anchorsOf(m, start.params);
+  const classBalanced = o.classBalanced ?? Boolean(m.adapt.class_balanced);
+  const freezeAbsent = o.freezeAbsent ?? Boolean(m.adapt.freeze_absent);
+  const absent = missing.map((l) => head.labels.indexOf(l));
+  const frozenRows = freezeAbsent && absent.length ? [...cls] : [];
+  const sw = new Float32Array(y.length).fill(1);
+  if (classBalanced) {
+    const wts = classBalancedWeights(tr.map((i) => y[i]));
+    tr.forEach((i, j) => { sw[i] = wts[j]; });
+  }
+  const nCls = head.rows(cls);
+  let state = zeroState(m, head.params);
+  const fixed = ts.batch_size;
+  const bs = fixed ? fixed : batchSize;
+  if (fixed && batchSize !== bs) {
+    warnings.push(`this ${m.target} bundle trains with a fixed batch of ${bs}; --batch-size ` +
+      `${batchSize} was ignored`);
+  }
+  const rng = defaultRng(seed);
+  const history: EpochRecord[] = [];
+  let steps = 0;
+  let stopped: string | null = null;
+  let best: { loss: number; params: Map<string, F32>; epoch: number } | null = null;
+  let early: string | null = null;
+  const featsVa = gather(feats, dim, va);
+  const yVa = va.map((i) => y[i]);
+  const t1 = now();
+  for (let epoch = 0; epoch < epochs; epoch++) {
+    const order = rng.permutation(tr);
+    let total = 0;
+    let count = 0;
+    for (let i = 0; i < order.length; i += bs) {
+      const b = order.slice(i, i + bs);
+      const n = b.length;
+      const rows = fixed ? bs : n; // pad to a fixed batch; weight 0 masks padding
+      const f = new Float32Array(rows * dim);
+      f.set(gather(feats, dim, b));
+      const t = new Float32Array(rows * nCls);
+      t.set(oneHot(b.map((k) => y[k]), nCls));
+      const w = new Float32Array(rows);
+      w.set(b.map((k) => sw[k]));
+      const loss = await step(backend, m, hp, { data: f, dims: [rows, dim] },
+        { data: t, dims: [rows, nCls] }, { data: w, dims: [rows] }, head.params, state, anchors);
+      for (const name of frozenRows) { // absent labels keep their starting rows
+        const p = head.params.get(name) as F32;
+        const p0 = start.params.get(name) as F32;
+        const len = p.dims.slice(1).reduce((a, b) => a * b, 1);
+        for (const a of absent) p.data.set(p0.data.subarray(a * len, (a + 1) * len), a * len);
+      }
+      if (!Number.isFinite(loss)) {
+        throw new RunnerError(`training diverged (loss ${loss}) at epoch ${epoch + 1}; lower ` +
+          `the learning rate (now ${hp.lr}) with --lr`);
+      }
+      total += loss * n;
+      count += n;
+      steps++;
+      if (o.maxSeconds !== undefined && now() - tStart > o.maxSeconds) {
+        stopped = `time budget of ${o.maxSeconds} s reached in epoch ${epoch + 1}`;
+        break;
+      }
+    }
+    const s = await valScores(backend, m, head, featsVa, yVa);
+    const rec = { epoch: epoch + 1, loss: total / Math.max(count, 1), val_loss: s.loss,
+      val_accuracy: s.acc, complete: stopped === null };
+    history.push(rec);
+    o.onEpoch?.(rec, epochs);
+    if (best === null || s.loss < best.loss) {
+      best = { loss: s.loss, epoch: epoch + 1,
+        params: new Map([...head.params].map(([k, v]) => [k, { data: v.data.slice(), dims: [...v.dims] }])) };
+    }
+    if (!stopped && patience && epoch + 1 - best.epoch >= patience && epoch + 1 < epochs) {
+      early = `validation loss has not improved for ${patience} epochs (best: epoch ` +
+        `${best.epoch}, ${gating.pyFormat(best.loss, 4, "f")})`;
+      break;
+    }
+    if (stopped) break;
+  }
+  state = new Map(); // the optimizer state is not kept after training (as the Python runner)
+  const trainSeconds = now() - t1;
+  if (best !== null) head.params = best.params;
+  if (stopped && best) {
+    warnings.push(`stopped early: ${stopped}; kept the best head so far (epoch ${best.epoch}, ` +
+      `validation loss ${gating.pyFormat(best.loss, 4, "f")})`);
+  }
+  let cand: Head;
+  let verdict: gating.Verdict;
+  if (epochs === 0) {
+    [cand, verdict] = await chooseHead(backend, m, start, start, featsVa, yVa, [1.0],
+      { rule: "none", alpha: gate.alpha });
+    verdict.reason = "no training (--epochs 0): the starting head is written";
+  } else {
+    [cand, verdict] = await chooseHead(backend, m, start, head, featsVa, yVa, mix, gate);
+  }
+  Object.assign(verdict, { best_epoch: best ? best.epoch : 0, early_stop: early });
+  head.params = cand.params;
+  const rolledBack = !verdict.keep;
+  if (!rolledBack) checkFinite(head.params, "refusing to write head.npz");
+  const info = ds.info ?? {};
+  if (info.truncated_texts) {
+    warnings.push(`${info.truncated_texts} of ${info.n_texts} texts were longer than ` +
+      `${info.max_length} word pieces and were truncated`);
+  }
+  const report: Record<string, unknown> = {
+    runner_version: RUNNER_VERSION, bundle: m.name, data: ds.source,
+    backend: backend.name, backend_version: backend.version, target: m.target,
+    trainer: backend.trainer, trainer_version: backend.trainerVersion,
+    precision: m.precision, accuracy_before: verdict.accuracy_before,
+    accuracy_after: verdict.accuracy_after, rolled_back: rolledBack, gate: verdict,
+    checkpoint: null, checkpoint_written: null, n_windows: y.length, n_train: tr.length,
+    n_val: va.length, epochs, batch_size: bs, steps, optimizer: m.optimizer.name, hparams: hp,
+    labels: head.labels, class_balanced: classBalanced, freeze_absent: freezeAbsent,
+    head_kind: m.head.kind,
+    new_labels: newLabels, missing_labels: missing, warnings, skipped_files: 0, skipped: [],
+    feature_seconds: featureSeconds, features_cached: false, train_seconds: trainSeconds,
+    step_ms: steps ? (1000 * trainSeconds) / steps : null, total_seconds: now() - tStart,
+    peak_rss_mb: null, selftest_max_abs_err: selftestErr, history, bn_stats: null,
+    stopped_early: stopped, early_stop: early, epochs_run: history.length,
+    budget: { max_seconds: o.maxSeconds ?? null, max_memory_mb: null }, run_key: null,
+    ...info, seed, split: { mode: splitMode(m), train: tr, val: va },
+  };
+  return { report, head, start, kept: rolledBack ? start : head, newLabels, train: tr, val: va };
+}
+
+function pyList(xs: string[]): string {
+  return "[" + xs.map((x) => `'${x}'`).join(", ") + "]";
+}
+
+export interface InferResult {
+  n_windows: number;
+  labels: string[];
+  predictions: string[];
+  accuracy?: number;
+  per_label_accuracy?: Record<string, number>;
+  seconds: number;
+  [k: string]: unknown;
+}
+
+/** Predict labels for `ds`; with labels present, also accuracy. */
+export async function infer(bundle: Bundle, backend: OrtBackend, ds: Dataset,
+  head?: Head): Promise<InferResult> {
+  const m = bundle.manifest;
+  const h = head ?? await Head.fromBundle(bundle);
+  const t0 = now();
+  const feats = await backend.features(preprocess(ds.x, m), ds.n, ds.inner);
+  const lg = (await inferHead(backend, m, h, feats, ds.n)).logits;
+  const stride = lg.dims[1];
+  const k = h.labels.length;
+  const pred: string[] = [];
+  for (let i = 0; i < ds.n; i++) {
+    let best = 0;
+    for (let c = 1; c < k; c++) if (lg.data[i * stride + c] > lg.data[i * stride + best]) best = c;
+    pred.push(h.labels[best]);
+  }
+  const res: InferResult = { n_windows: pred.length, head: head ? "given" : "bundle",
+    labels: h.labels, bn_stats: null, skipped_files: 0, ...(ds.info ?? {}), predictions: pred,
+    seconds: now() - t0 };
+  if (ds.y) {
+    const y = ds.y;
+    const acc = (idx: number[]) => idx.filter((i) => pred[i] === y[i]).length / idx.length;
+    res.accuracy = acc(pred.map((_, i) => i));
+    res.per_label_accuracy = {};
+    for (const lab of new Set(y)) {
+      res.per_label_accuracy[lab] = acc(y.flatMap((v, i) => (v === lab ? [i] : [])));
+    }
+  }
+  return res;
+}

