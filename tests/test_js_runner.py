@@ -581,7 +581,10 @@ def test_adapt_parity_text_bundle(node, text_bundle, tmp_path):
     y = np.asarray([labels.index(v) for v in ds.y])
     diffs = compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], 2, split_mode(m)))
     rep = json.loads((js / "report.json").read_text())
-    assert rep["truncated_texts"] == 1 and rep["n_texts"] == 37
+    want = json.loads((py / "report.json").read_text())
+    # the added long text at least (how many topic texts are long depends on the fortunes
+    # package's files): the same count in both runners
+    assert rep["truncated_texts"] == want["truncated_texts"] >= 1 and rep["n_texts"] == 37
     print(f"text/{text_bundle.name}: {diffs}")
 
 
