@@ -626,19 +626,21 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
             f"graphs have a fixed number of class rows ({head.rows(cls)}, {len(head.labels)} "
             "in use); drop those windows, export with a larger export.class_capacity, or use "
             "an onnx bundle (dynamic classes)")
-    if new:
-        emb = _infer(backend, bundle, head, feats)["embedding"]
-        ys = np.asarray(ds.y)
+    # class ids in the order the head will have them (new labels appended by imprinting)
+    names = head.labels + new
+    y = np.asarray([names.index(lab) for lab in ds.y], np.int64)
+    # windows of a recording overlap (block split with a purge gap); images do not
+    tr, va = dataio.stratified_split(y, val_fraction, seed, dataio.split_mode(m))
+    if new:  # from the training windows only: the gate's validation windows stay unseen
+        emb = _infer(backend, bundle, head, feats[tr])["embedding"]
+        ys = np.asarray(ds.y)[tr]
         head.add_classes(new, {n: emb[ys == n] for n in new}, cls, grow=dynamic,
                          normalise=m["head"]["kind"] == "cosine")
         warnings.append(f"labels {new} are new to this head: added {len(new)} class(es) by "
-                        "weight imprinting from their mean features")
+                        "weight imprinting from the mean features of their training windows")
     if missing:
         warnings.append(f"local data has no windows of {missing}; the head keeps them but "
                         "cannot check them")
-    y = np.asarray([head.labels.index(lab) for lab in ds.y], np.int64)
-    # windows of a recording overlap (block split with a purge gap); images do not
-    tr, va = dataio.stratified_split(y, val_fraction, seed, dataio.split_mode(m))
     if len(va) == 0:
         raise RunnerError(f"{data_path}: too few windows ({len(y)}) for a validation split; "
                           "collect at least 2 windows per label")

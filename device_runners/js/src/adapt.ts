@@ -323,22 +323,24 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
       `rows (${head.rows(cls)}, ${head.labels.length} in use); drop those windows, export with ` +
       "a larger export.class_capacity, or use an onnx bundle (dynamic classes)");
   }
-  if (newLabels.length) {
-    const emb = (await inferHead(backend, m, head, feats, ds.n)).embedding;
+  // class ids in the order the head will have them (new labels appended by imprinting)
+  const names = [...head.labels, ...newLabels];
+  const y = ys.map((l) => names.indexOf(l));
+  const [tr, va] = stratifiedSplit(y, valFraction, seed, splitMode(m));
+  if (newLabels.length) { // from the training windows only: validation stays unseen
+    const emb = (await inferHead(backend, m, head, gather(feats, dim, tr), tr.length)).embedding;
     const e = emb.dims[1];
     const byLabel = new Map<string, Float32Array[]>();
     for (const n of newLabels) byLabel.set(n, []);
-    ys.forEach((l, i) => byLabel.get(l)?.push(emb.data.subarray(i * e, (i + 1) * e)));
+    tr.forEach((k, i) => byLabel.get(ys[k])?.push(emb.data.subarray(i * e, (i + 1) * e)));
     head.addClasses(newLabels, byLabel, cls, dynamic, m.head.kind === "cosine");
     warnings.push(`labels ${pyList(newLabels)} are new to this head: added ${newLabels.length} ` +
-      "class(es) by weight imprinting from their mean features");
+      "class(es) by weight imprinting from the mean features of their training windows");
   }
   if (missing.length) {
     warnings.push(`local data has no windows of ${pyList(missing)}; the head keeps them but ` +
       "cannot check them");
   }
-  const y = ys.map((l) => head.labels.indexOf(l));
-  const [tr, va] = stratifiedSplit(y, valFraction, seed, splitMode(m));
   if (!va.length) {
     throw new RunnerError(`${ds.source}: too few windows (${y.length}) for a validation split; ` +
       "collect at least 2 windows per label");
