@@ -190,3 +190,24 @@ def test_absent_labels_keep_their_rows_when_asked(bundle, tmp_path):
             same = bool(np.array_equal(z["weight"][fast], w0[fast]) and z["bias"][fast] == b0[fast])
             assert same is frozen
             assert not np.array_equal(z["weight"][0], w0[0])  # present labels trained
+
+
+def test_imprinting_never_sees_the_gates_validation_windows(bundle, tmp_path):
+    """New labels: the gate's baseline head is imprinted from the training windows only (the
+    validation windows must be new to both heads it compares); a head written without
+    training (--epochs 0, or a refused adaptation on an empty folder) is imprinted from every
+    window."""
+    full = write_device_npz(tmp_path / "full.npz", 150, seed=7,
+                            labels=("slow", "medium", "jumping"))
+    zero = json.loads(adapt_json(bundle, full, tmp_path / "zero", "--epochs", "0").stdout)
+    tie = json.loads(adapt_json(bundle, full, tmp_path / "tie", "--lr", "0").stdout)
+    assert zero["new_labels"] == tie["new_labels"] == ["jumping"]
+    assert tie["rolled_back"] and "tie" in tie["gate"]["reason"]
+    row = zero["labels"].index("jumping")
+    tie_dir = tmp_path / "tie"
+    with np.load(tmp_path / "zero" / "head.npz") as a, np.load(tie_dir / "head.npz") as b, \
+            np.load(tie_dir / "head.rejected.npz") as c:
+        assert np.array_equal(a["weight"], b["weight"])  # both: every window
+        # the refused proposal (lr 0: the gate's baseline itself) was imprinted differently
+        assert not np.allclose(c["weight"][row], b["weight"][row])
+        assert np.array_equal(c["weight"][:row], b["weight"][:row])  # known labels untouched

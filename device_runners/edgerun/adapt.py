@@ -631,13 +631,20 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     y = np.asarray([names.index(lab) for lab in ds.y], np.int64)
     # windows of a recording overlap (block split with a purge gap); images do not
     tr, va = dataio.stratified_split(y, val_fraction, seed, dataio.split_mode(m))
+    # What a run writes when it trains nothing or the gate keeps the starting head: the same
+    # imprinting from *every* window (no validation left to protect). ``None``: ``start``.
+    start_full = None
     if new:  # from the training windows only: the gate's validation windows stay unseen
-        emb = _infer(backend, bundle, head, feats[tr])["embedding"]
-        ys = np.asarray(ds.y)[tr]
-        head.add_classes(new, {n: emb[ys == n] for n in new}, cls, grow=dynamic,
+        emb = _infer(backend, bundle, head, feats)["embedding"]
+        ys = np.asarray(ds.y)
+        start_full = head.copy()
+        start_full.add_classes(new, {n: emb[ys == n] for n in new}, cls, grow=dynamic,
+                               normalise=m["head"]["kind"] == "cosine")
+        head.add_classes(new, {n: emb[tr][ys[tr] == n] for n in new}, cls, grow=dynamic,
                          normalise=m["head"]["kind"] == "cosine")
         warnings.append(f"labels {new} are new to this head: added {len(new)} class(es) by "
-                        "weight imprinting from the mean features of their training windows")
+                        "weight imprinting from their mean features (training windows while "
+                        "the gate judges, every window in a head written without training)")
     if missing:
         warnings.append(f"local data has no windows of {missing}; the head keeps them but "
                         "cannot check them")
@@ -774,6 +781,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         cand, verdict = choose_head(backend, bundle, start, start, feats[va], y[va], mix=(1.0,),
                                     gate={"rule": "none", "alpha": gate["alpha"]})
         verdict["reason"] = "no training (--epochs 0): the starting head is written"
+        cand = start_full if start_full is not None else cand
     else:
         cand, verdict = choose_head(backend, bundle, start, head, feats[va], y[va], mix=mix,
                                     gate=gate)
@@ -825,7 +833,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     try:
         if rolled_back:
             if not usable:
-                c.stage("head.npz", lambda f: start.write(f, bundle, {
+                kept = start_full if start_full is not None else start
+                c.stage("head.npz", lambda f: kept.write(f, bundle, {
                     "rolled_back": True, "imprinted": new, "run_key": run_key}))
             if all(np.isfinite(v).all() for v in head.params.values()):  # for inspection
                 c.stage("head.rejected.npz", lambda f: head.write(f, bundle, {

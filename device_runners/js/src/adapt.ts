@@ -241,7 +241,8 @@ export interface AdaptResult {
   report: Record<string, unknown>;
   /** The head to write as `head.npz` when the gate kept it (`report.rolled_back` false). */
   head: Head;
-  /** The head training started from (the gate's baseline; new labels imprinted). */
+  /** The starting head as a rollback writes it (new labels imprinted from every window; the
+   * gate's baseline imprinted them from the training windows only). */
   start: Head;
   /** The head to use from now on: `head` if the gate kept it, else `start`. */
   kept: Head;
@@ -327,15 +328,25 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
   const names = [...head.labels, ...newLabels];
   const y = ys.map((l) => names.indexOf(l));
   const [tr, va] = stratifiedSplit(y, valFraction, seed, splitMode(m));
+  // What a run writes when it trains nothing or the gate keeps the starting head: the same
+  // imprinting from every window (no validation left to protect). null: `start`.
+  let startFull: Head | null = null;
   if (newLabels.length) { // from the training windows only: validation stays unseen
-    const emb = (await inferHead(backend, m, head, gather(feats, dim, tr), tr.length)).embedding;
+    const emb = (await inferHead(backend, m, head, feats, ds.n)).embedding;
     const e = emb.dims[1];
-    const byLabel = new Map<string, Float32Array[]>();
-    for (const n of newLabels) byLabel.set(n, []);
-    tr.forEach((k, i) => byLabel.get(ys[k])?.push(emb.data.subarray(i * e, (i + 1) * e)));
-    head.addClasses(newLabels, byLabel, cls, dynamic, m.head.kind === "cosine");
+    const groups = (idx: readonly number[]) => {
+      const byLabel = new Map<string, Float32Array[]>();
+      for (const n of newLabels) byLabel.set(n, []);
+      idx.forEach((k) => byLabel.get(ys[k])?.push(emb.data.subarray(k * e, (k + 1) * e)));
+      return byLabel;
+    };
+    startFull = head.copy();
+    startFull.addClasses(newLabels, groups(ys.map((_, k) => k)), cls, dynamic,
+      m.head.kind === "cosine");
+    head.addClasses(newLabels, groups(tr), cls, dynamic, m.head.kind === "cosine");
     warnings.push(`labels ${pyList(newLabels)} are new to this head: added ${newLabels.length} ` +
-      "class(es) by weight imprinting from the mean features of their training windows");
+      "class(es) by weight imprinting from their mean features (training windows while the " +
+      "gate judges, every window in a head written without training)");
   }
   if (missing.length) {
     warnings.push(`local data has no windows of ${pyList(missing)}; the head keeps them but ` +
@@ -451,6 +462,7 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     [cand, verdict] = await chooseHead(backend, m, start, start, featsVa, yVa, [1.0],
       { rule: "none", alpha: gate.alpha });
     verdict.reason = "no training (--epochs 0): the starting head is written";
+    if (startFull !== null) cand = startFull;
   } else {
     [cand, verdict] = await chooseHead(backend, m, start, head, featsVa, yVa, mix, gate);
   }
@@ -481,7 +493,9 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     budget: { max_seconds: o.maxSeconds ?? null, max_memory_mb: null }, run_key: null,
     ...info, seed, split: { mode: splitMode(m), train: tr, val: va },
   };
-  return { report, head, start, kept: rolledBack ? start : head, newLabels, train: tr, val: va };
+  const written = startFull ?? start; // what a rollback writes when the folder has no head
+  return { report, head, start: written, kept: rolledBack ? written : head, newLabels,
+    train: tr, val: va };
 }
 
 function pyList(xs: string[]): string {
