@@ -83,9 +83,10 @@ def server_table(summary) -> Table:
     for c in ("model", "params", "backbone params", "server-val acc", "held-out acc",
               "train s"):
         t.add_column(c, justify="right" if c != "model" else "left")
+    shipped_twin = (summary.server.get("student") or {}).get("shipped") == "from scratch"
     for key in ("teacher", "student_scratch", "student_distilled", "student"):
         r = summary.server.get(key)
-        if r:
+        if r and not (key == "student_scratch" and shipped_twin):  # listed once, as shipped
             t.add_row(r.get("model", key), f"{r['params']:,}", f"{r['backbone_params']:,}",
                       f"{r['val_accuracy']:.3f}", f"{r['heldout_accuracy']:.3f}",
                       f"{r['seconds']:.1f}")
