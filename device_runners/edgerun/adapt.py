@@ -586,6 +586,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
             warnings.append(f"skipped {len(ds.skipped)} unreadable file(s), e.g. "
                             f"{ds.skipped[0]['path']}: {ds.skipped[0]['reason']}")
 
+        head0 = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)
         t0 = time.perf_counter()
         feats, cached, note, save_cache = cached_features(backend, bundle, ds, data_path,
                                                           out_dir)
@@ -593,10 +594,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         if backend is not raw:  # recalibrated statistics: judged against the bundle's first
             feats_raw, _, note_raw, save_raw = cached_features(raw, bundle, ds, data_path,
                                                                out_dir)
-            bn_gate = statistics_gate(
-                raw, backend, bundle,
-                Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle),
-                ds.y, feats_raw, feats, seed=seed, val_fraction=val_fraction, gate=gate)
+            bn_gate = statistics_gate(raw, backend, bundle, head0, ds.y, feats_raw, feats,
+                                      seed=seed, val_fraction=val_fraction, gate=gate)
             if not bn_gate["keep"]:
                 backend, feats, note, save_cache = raw, feats_raw, note_raw, save_raw
                 warnings.append(f"the recalibrated BN statistics were refused by the gate "
@@ -613,7 +612,6 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     if note:
         warnings.append(note)
 
-    head0 = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)
     head = head0.copy()
     seen = list(dict.fromkeys(ds.y))
     new = [lab for lab in seen if lab not in head.labels]
