@@ -115,7 +115,7 @@ def publish_gate(bundle: Path, params: dict, data: Path, work: Path, *,
     default the bundle's ``adapt.gate.alpha``) compares the paired predictions.
     """
     from edgerun import gate
-    from edgerun.adapt import GATE_DEFAULTS
+    from edgerun.adapt import gate_settings
     from edgerun.bundle import Bundle
     from edgerun.head import Head
 
@@ -123,8 +123,7 @@ def publish_gate(bundle: Path, params: dict, data: Path, work: Path, *,
 
     b = Bundle(str(bundle))
     shipped = Head.from_bundle(b)
-    if alpha is None:
-        alpha = {**GATE_DEFAULTS, **(b.manifest["adapt"].get("gate") or {})}["alpha"]
+    rule = gate_settings(b.manifest, alpha, None, None, None)[0]  # the device's own rule
     work.mkdir(parents=True, exist_ok=True)
     path = work / "aggregated_head.npz"
     Head({k: np.asarray(v, np.float32) for k, v in params.items()},
@@ -134,7 +133,7 @@ def publish_gate(bundle: Path, params: dict, data: Path, work: Path, *,
     old = np.asarray(run_runner("infer", bundle, "--data", str(data))["predictions"]) == y
     new = np.asarray(run_runner("infer", bundle, "--data", str(data), "--head",
                                 str(path))["predictions"]) == y
-    verdict = gate.decide(old, new, alpha=alpha)
+    verdict = gate.decide(old, new, alpha=rule["alpha"], rule=rule["rule"])
     return {**verdict, "data": str(data), "shipped_accuracy": float(old.mean()),
             "aggregated_accuracy": float(new.mean())}
 
