@@ -130,6 +130,10 @@ def main(argv=None) -> int:
     a.add_argument("--freeze-absent", action=argparse.BooleanOptionalAction, default=None,
                    help="labels the head knows but the local data lacks keep their shipped "
                         "class rows (default: the bundle's adapt.freeze_absent)")
+    a.add_argument("--replay-weight", type=float, default=None,
+                   help="total weight of the bundle's replay set (server features trained "
+                        "beside the local windows) relative to the local training windows; "
+                        "0: off (default: the bundle's adapt.replay.weight)")
     a.add_argument("--no-gate", action="store_true",
                    help="keep the adapted head whatever it scored (experiments only)")
     a.add_argument("--mix", default=None,
@@ -218,7 +222,8 @@ def main(argv=None) -> int:
                            allow_downgrade=args.allow_downgrade,
                            gate_alpha=args.gate_alpha, gate_rule="none" if args.no_gate else None,
                            patience=args.patience, mix=parse_mix(args.mix),
-                           freeze_absent=args.freeze_absent, quiet=args.quiet)
+                           freeze_absent=args.freeze_absent,
+                           replay_weight=args.replay_weight, quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet,

@@ -60,10 +60,12 @@ def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: 
           head: Path | None = None, class_balanced: bool | None = None,
           freeze_absent: bool | None = None, l2sp: float | None = None,
           gate_alpha: float | None = None, patience: int | None = None,
-          mix: tuple[float, ...] | None = None, quiet: bool = True) -> dict:
+          mix: tuple[float, ...] | None = None, replay_weight: float | None = None,
+          quiet: bool = True) -> dict:
     """Personalise ``bundle``'s head on ``data`` in a runner subprocess; return its report.
 
-    ``gate_alpha``, ``patience``, ``mix``: override the bundle's ``adapt`` block.
+    ``gate_alpha``, ``patience``, ``mix``, ``replay_weight``: override the bundle's ``adapt``
+    block.
     """
     args = ["--data", str(data), "--out", str(out), "--epochs", str(epochs),
             "--batch-size", str(batch_size), "--val-fraction", str(val_fraction),
@@ -84,6 +86,8 @@ def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: 
         args += ["--patience", str(patience)]
     if mix is not None:
         args += ["--mix", ",".join(f"{w:g}" for w in mix)]
+    if replay_weight is not None:
+        args += ["--replay-weight", str(replay_weight)]
     return run_runner("adapt", bundle, *args, quiet=quiet)
 
 

@@ -35,7 +35,9 @@ class CheckData:
 
     reference: server-validation windows (parity checks, shipped test vectors);
     calibration: server-training windows (int8 activation ranges);
-    heldout: the device users' windows and labels (accuracy gates).
+    heldout: the device users' windows and labels (accuracy gates);
+    replay: labelled server-training windows, up to ``REPLAY_POOL`` per class in a seeded
+    order (the bundle's latent-replay set takes the first ``adapt.replay_per_class`` of each).
     """
 
     reference: np.ndarray
@@ -43,6 +45,23 @@ class CheckData:
     heldout_x: np.ndarray
     heldout_y: np.ndarray
     labels: tuple[str, ...] = ()
+    replay_x: np.ndarray | None = None
+    replay_y: np.ndarray | None = None
+
+
+#: Server-training windows per class :class:`CheckData` keeps for replay sets.
+REPLAY_POOL = 256
+
+
+def per_class(y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Indices of up to ``k`` items of every class of ``y``, a seeded pick, in class order.
+
+    The first ``j <= k`` of each class are the same pick for every ``j``.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y)
+    return np.concatenate([rng.permutation(np.flatnonzero(y == c))[:k]
+                           for c in np.unique(y)] or [np.zeros(0, np.int64)]).astype(np.int64)
 
 
 @dataclass

@@ -476,6 +476,11 @@ class AdaptConfig:
                               "the same")
     freeze_absent: bool = _f(False, "labels the device's data lacks keep their shipped class "
                              "rows while the rest trains")
+    replay_per_class: int = _f(0, "latent replay: the bundle ships backbone features of this "
+                               "many server-training windows per class, trained beside the "
+                               "device's windows (0: no replay set)", "windows")
+    replay_weight: float = _f(1.0, "total weight of the replay set relative to the device's "
+                              "training windows", "ratio")
 
     def __post_init__(self):
         _check(self.epochs >= 1 and self.batch_size >= 1, "adapt: epochs and batch_size >= 1")
@@ -484,6 +489,9 @@ class AdaptConfig:
         _check(0.0 <= self.gate_alpha <= 1.0,
                f"adapt.gate_alpha must be in [0, 1], got {self.gate_alpha}")
         _check(self.patience >= 0, f"adapt.patience must be >= 0, got {self.patience}")
+        _check(self.replay_per_class >= 0 and self.replay_weight >= 0,
+               f"adapt.replay_per_class and replay_weight must be >= 0, got "
+               f"{self.replay_per_class}, {self.replay_weight}")
         _check(len(self.mix) > 0 and all(0.0 < w <= 1.0 for w in self.mix),
                f"adapt.mix: weights in (0, 1], got {list(self.mix)}")
 

@@ -80,7 +80,8 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
                          eval_set=(cd.heldout_x, cd.heldout_y),
                          provenance={"checkpoint": str(checkpoint), "recipe": recipe.name,
                                      "student_heldout_accuracy": ck.meta.get("heldout_accuracy")},
-                         sign_key=sign_key, adapt=recipe.adapt)
+                         sign_key=sign_key, adapt=recipe.adapt,
+                         replay=None if cd.replay_x is None else (cd.replay_x, cd.replay_y))
 
 
 def quantize(bundle: Path, out: Path, recipe: Recipe, *,

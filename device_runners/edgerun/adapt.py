@@ -19,6 +19,7 @@ import numpy as np
 from edgerun import RunnerError, __version__, adabn, atomic_write
 from edgerun import data as dataio
 from edgerun import gate as gating
+from edgerun import replay as replaying
 from edgerun.backends import make_backend
 from edgerun.bundle import Bundle, sha256_file
 from edgerun.commit import Commit
@@ -503,7 +504,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                    l2sp: float | None = None, allow_downgrade: bool = False,
                    gate_alpha: float | None = None, gate_rule: str | None = None,
                    patience: int | None = None, mix: tuple | None = None,
-                   freeze_absent: bool | None = None,
+                   freeze_absent: bool | None = None, replay_weight: float | None = None,
                    quiet: bool = False, commit_extra: dict | None = None) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
@@ -529,6 +530,10 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     ``freeze_absent``: class rows of labels the head knows but the local data lacks are
     restored after every step, so training cannot push down classes it never sees (default:
     the bundle's ``adapt.freeze_absent``).
+
+    ``replay_weight`` (default: the bundle's ``adapt.replay.weight``; 0: off): the bundle's
+    replay set (server features, :mod:`edgerun.replay`) trains beside the local training
+    windows with this total weight relative to theirs; validation and the gate stay local.
 
     ``class_balanced`` (default: the bundle's ``adapt.class_balanced``): each training
     window weighs ``n / (K * n_c)`` (sample_weight), so a
@@ -564,6 +569,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         class_balanced = bool(m["adapt"].get("class_balanced", False))
     if freeze_absent is None:
         freeze_absent = bool(m["adapt"].get("freeze_absent", False))
+    replay_weight = replaying.settings(m, replay_weight)
     backend = make_backend(bundle, threads, trainer)
     if max_seconds is not None:  # backbone calls are cancelled (ONNX) or stop between chunks
         # 1 s of grace: a budget crossed in a pass that does finish still trains one step and
@@ -673,6 +679,18 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     sw = np.ones(len(y), np.float32)  # per-window sample weights (training windows only)
     if class_balanced:
         sw[tr] = class_balanced_weights(y[tr])
+    # What the epochs draw batches from: the local training windows, and the replay set
+    pool_f, pool_y, pool_w, pool = feats, y, sw, tr
+    replay_set, replay_info = None, None
+    if replaying.block(m) is not None:  # scored for the report even when not trained on
+        replay_set = replaying.load(bundle, names, feats.shape[1])
+        replay_info = {"weight": replay_weight, "windows": int(len(replay_set[1]))}
+    if replay_weight > 0:
+        f_r, y_r = replay_set
+        w_r = replaying.weights(sw[tr], len(y_r), replay_weight)
+        pool_f, pool_y = np.concatenate([feats, f_r]), np.concatenate([y, y_r])
+        pool_w = np.concatenate([sw, w_r])
+        pool = np.concatenate([tr, len(y) + np.arange(len(y_r))])
     n_cls = head.rows(cls)  # targets span every class row (spare rows get none)
     state = _zero_state(m, head.params)
     fixed = ts.get("batch_size")
@@ -697,7 +715,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
            "head": head_path and sha256_file(head_path), "epochs": epochs, "batch": bs,
            "seed": seed, "val_fraction": val_fraction, "hparams": hp,
            "class_balanced": class_balanced, "patience": patience, "gate": gate,
-           "freeze_absent": freeze_absent,
+           "freeze_absent": freeze_absent, "replay_weight": replay_weight,
            "mix": list(mix), "trainer": backend.trainer, "labels": head.labels,
            "bn_stats": getattr(backend, "features_key", None)}
     run_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -723,12 +741,12 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     early = None
     t1 = last_save = time.perf_counter()
     for epoch in range(first, epochs):
-        order = rng.permutation(tr)
+        order = rng.permutation(pool)
         total, count = 0.0, 0
         for i in range(0, len(order), bs):
             b = order[i : i + bs]
             n = len(b)
-            f, t, w = feats[b], eye[y[b]], sw[b]
+            f, t, w = pool_f[b], eye[pool_y[b]], pool_w[b]
             if fixed and n < bs:  # pad to the runtime's fixed batch; weight 0 masks padding
                 pad = bs - n
                 f = np.concatenate([f, np.zeros((pad, f.shape[1]), np.float32)])
@@ -785,6 +803,10 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                                     gate=gate)
     verdict.update({"best_epoch": best[2] if best else 0, "early_stop": early})
     head.params = cand.params
+    if replay_set is not None:  # what the server's data says of both heads (not judged)
+        f_r, y_r = replay_set
+        replay_info["accuracy_start"] = _val_scores(backend, bundle, start, f_r, y_r)[1]
+        replay_info["accuracy_proposed"] = _val_scores(backend, bundle, head, f_r, y_r)[1]
     acc_before, acc_after = verdict["accuracy_before"], verdict["accuracy_after"]
     rolled_back = not verdict["keep"]
 
@@ -811,7 +833,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         "n_val": int(len(va)), "epochs": epochs, "batch_size": bs, "steps": steps,
         "optimizer": m["optimizer"]["name"], "hparams": hp, "labels": head.labels,
         "class_balanced": class_balanced, "freeze_absent": freeze_absent,
-        "head_kind": m["head"]["kind"],
+        "replay": replay_info, "head_kind": m["head"]["kind"],
         "new_labels": new, "missing_labels": missing, "warnings": warnings,
         "skipped_files": len(ds.skipped), "skipped": ds.skipped[:50],
         "feature_seconds": feature_seconds, "features_cached": cached,

@@ -204,6 +204,24 @@ class _Adapt(TypedDict):
     val_fraction: float
 
 
+class _Replay(TypedDict):
+    weight: float
+    count: int
+
+
+class ReplayBlock(_Replay, total=False):
+    """Latent replay (``edgerun.replay``): server features trained beside the device's.
+
+    ``files.replay`` holds ``count`` server-training windows' backbone features and label
+    ids; they train beside the device's windows with total weight ``weight`` relative to them
+    (``per_class``, ``min_per_class``: windows per label; ``source``: where they came from).
+    """
+
+    per_class: int
+    min_per_class: int
+    source: str
+
+
 class AdaptBlock(_Adapt, total=False):
     """Adaptation defaults of this bundle (the recipe's ``[adapt]``); flags override them.
 
@@ -211,7 +229,8 @@ class AdaptBlock(_Adapt, total=False):
     ``patience`` (epochs without a lower validation loss before stopping; 0: never) and
     ``mix`` (weights of the adapted head mixed with the starting one; the lowest validation
     loss wins), ``class_balanced`` (weight windows so every local label counts the same) and
-    ``freeze_absent`` (labels the local data lacks keep their class rows).
+    ``freeze_absent`` (labels the local data lacks keep their class rows), ``replay`` (a
+    latent-replay set ships in ``files.replay``).
     """
 
     gate: GateBlock
@@ -219,6 +238,7 @@ class AdaptBlock(_Adapt, total=False):
     mix: List[float]
     class_balanced: bool
     freeze_absent: bool
+    replay: ReplayBlock
 
 
 class Parent(TypedDict):
@@ -467,6 +487,11 @@ def _consistent(m: dict) -> None:
                 a["stats"]["outputs"])
         _expect(len(a["features"]["outputs"]) == 1, "adabn.features.outputs",
                 "one output (the features)", a["features"]["outputs"])
+    rp = m["adapt"].get("replay")
+    if rp:  # a replay block needs its file; a bundle's weight is finite and >= 0
+        _expect("replay" in files, "adapt.replay", "files.replay listed with it", sorted(files))
+        _at_least(rp["weight"], 0, "adapt.replay.weight")
+        _at_least(rp["count"], 0, "adapt.replay.count", MAX_DIM)
     params = [p["name"] for p in head["params"]]
     _expect(params and len(set(params)) == len(params), "head.params",
             "distinct parameter names", params)

@@ -180,7 +180,8 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
                   calib_x: np.ndarray | None = None,
                   eval_set: tuple[np.ndarray, np.ndarray] | None = None,
                   provenance: dict | None = None, sign_key: Path | None = None,
-                  adapt: AdaptConfig | None = None) -> Manifest:
+                  adapt: AdaptConfig | None = None,
+                  replay: tuple[np.ndarray, np.ndarray] | None = None) -> Manifest:
     """Export ``ck`` as a device bundle in ``out`` and validate it against PyTorch.
 
     Args:
@@ -196,6 +197,10 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
         sign_key: Ed25519 private key (PEM): writes ``manifest.sig`` before the swap-in.
         adapt: the device's adaptation defaults (the recipe's ``[adapt]``), written to the
             manifest; default :class:`AdaptConfig`.
+        replay: raw labelled server-training windows ``(x, label ids)``, class-grouped in a
+            seeded order (:func:`edgetl.check.per_class`): with ``adapt.replay_per_class > 0``
+            the bundle ships the backbone's features of the first that many of each class
+            (``replay.npz``, :mod:`edgerun.replay`).
 
     Raises:
         ShapeMismatchError, ToleranceError: an exported graph disagrees with PyTorch, or
@@ -211,7 +216,7 @@ def export_bundle(ck: Checkpoint, out: Path, cfg: ExportConfig, *, reference_x: 
         raise DataError("an int8 export needs calibration windows from source data (calib_x)")
     with staged_bundle(out) as tmp:
         manifest = _build(exporter, ck, tmp, cfg, reference_x, calib_x, eval_set,
-                          provenance or {}, adapt or AdaptConfig())
+                          provenance or {}, adapt or AdaptConfig(), replay)
         if cfg.trainer == "ort-training":
             manifest = _check_ort_training(tmp, manifest)
         if sign_key is not None:
@@ -364,7 +369,7 @@ def pad_classes(spec: HeadSpec, params: dict, capacity: int) -> tuple[HeadSpec, 
 def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
            reference_x: np.ndarray, calib_x: np.ndarray | None,
            eval_set: tuple[np.ndarray, np.ndarray] | None, provenance: dict,
-           adapt: AdaptConfig) -> Manifest:
+           adapt: AdaptConfig, replay: tuple | None = None) -> Manifest:
     spec = head_spec(ck)
     params = {k: v.detach().numpy().astype(np.float32) for k, v in ck.model.head_state().items()}
     capacity = spec.num_classes
@@ -485,6 +490,9 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     if tail:
         blocks["trainable"] = tail.block()
     sess = device_session(tmp, {**blocks, "files": {r: {"path": p} for r, p in files.items()}})
+    if replay is not None and adapt.replay_per_class > 0:
+        blocks["adapt"]["replay"] = _replay_set(sess, ck, replay, adapt, tmp)
+        files["replay"] = REPLAY_FILE
     atol = parity_atol(exporter.target)
     got_feats = sess.features(xn)
     scale = float(np.abs(feats).max())
@@ -541,6 +549,28 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     )
     (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+REPLAY_FILE = "replay.npz"
+
+
+def _replay_set(sess, ck: Checkpoint, replay: tuple, adapt: AdaptConfig, tmp: Path) -> dict:
+    """Write the latent-replay set: features by the bundle's own backbone (``sess``).
+
+    The first ``adapt.replay_per_class`` windows of each class of ``replay`` (already a seeded
+    per-class order); int8 bundles get their int8 backbone's features, tail bundles the cut's.
+    """
+    x, y = replay
+    y = np.asarray(y, np.int64)
+    k = adapt.replay_per_class
+    pick = np.concatenate([np.flatnonzero(y == c)[:k] for c in np.unique(y)])
+    feats = sess.features(ck.normalize(x[pick])).astype(np.float32)
+    np.savez(tmp / REPLAY_FILE, features=feats, labels=y[pick])
+    counts = np.bincount(y[pick], minlength=len(ck.labels))
+    return {"weight": adapt.replay_weight, "count": int(len(pick)), "per_class": k,
+            "min_per_class": int(counts.min()),
+            "source": "server-training windows (never the server-validation users), features "
+                      "by this bundle's backbone"}
 
 
 def _tail_for(exporter: Exporter, ck: Checkpoint, cfg: ExportConfig, spec: HeadSpec,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgetl.check import CheckData
+from edgetl.check import REPLAY_POOL, CheckData, per_class
 from edgetl.checkpoint import Checkpoint
 from edgetl.data import images as imdata
 from edgetl.kinds.base import Device, RecipeKind, ServerData
@@ -149,7 +149,9 @@ class Images(RecipeKind):
         ref = r["x_val"][np.sort(rng.permutation(len(r["x_val"]))[:64])]
         calib = r["x_train"][np.sort(rng.permutation(len(r["x_train"]))[
             : recipe.export.calibration_windows])]
-        check = CheckData(ref, calib, r["x_test"], r["y_test"], r["labels"])
+        rp = per_class(r["y_train"], REPLAY_POOL)
+        check = CheckData(ref, calib, r["x_test"], r["y_test"], r["labels"], r["x_train"][rp],
+                          r["y_train"][rp])
         own = r.get("own")
         what = f"images of {recipe.data.path}" if own else "Fashion-MNIST images"
         describe = (f"{len(r['y_train'])} train / {len(r['y_val'])} val / "

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgetl.check import CheckData
+from edgetl.check import REPLAY_POOL, CheckData, per_class
 from edgetl.checkpoint import Checkpoint, load_checkpoint
 from edgetl.export.bundle import torch_features
 from edgetl.kinds.base import Device, RecipeKind, ServerData
@@ -279,8 +279,10 @@ class Texts(RecipeKind):
         sp = text_splits(recipe)
         rng = np.random.default_rng(0)
         ref = sp.texts["val"][np.sort(rng.permutation(len(sp.y["val"]))[:32])]
+        rp = per_class(sp.y["train"], REPLAY_POOL)
         check = CheckData(ref, sp.texts["train"][: recipe.export.calibration_windows],
-                          sp.texts["test"], sp.y["test"], sp.labels)
+                          sp.texts["test"], sp.y["test"], sp.labels, sp.texts["train"][rp],
+                          sp.y["train"][rp])
         d = recipe.data
         what = f"texts of {d.path}" if d.is_files else "WordNet noun glosses"
         describe = (f"{len(sp.y['train'])} train / {len(sp.y['val'])} val / "

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgetl.check import CheckData
+from edgetl.check import REPLAY_POOL, CheckData, per_class
 from edgetl.checkpoint import Checkpoint
 from edgetl.data import hapt
 from edgetl.errors import ConfigError, DataError
@@ -154,7 +154,8 @@ class Timeseries(RecipeKind):
         rng = np.random.default_rng(0)  # seeded, reproducible picks for export and its gate
         pick = np.sort(rng.permutation(len(va))[:256])
         calib = tr.x[np.sort(rng.permutation(len(tr.x))[:recipe.export.calibration_windows])]
-        check = CheckData(va.x[pick], calib, ho.x, ho.y, tuple(w.labels))
+        rp = per_class(tr.y, REPLAY_POOL)
+        check = CheckData(va.x[pick], calib, ho.x, ho.y, tuple(w.labels), tr.x[rp], tr.y[rp])
         what = f"{d.path}" if d.is_files else "HAPT"
         describe = (f"{len(tr)} train / {len(va)} val windows from server users of {what}, "
                     f"{len(ho)} from held-out users {[split.name(u) for u in split.device]}")

@@ -139,12 +139,21 @@ export interface AdaptBlock {
   mix?: Array<number>;
   class_balanced?: boolean;
   freeze_absent?: boolean;
+  replay?: ReplayBlock;
 }
 
 export interface GateBlock {
   rule: string;
   alpha: number;
   chosen_on: string;
+}
+
+export interface ReplayBlock {
+  weight: number;
+  count: number;
+  per_class?: number;
+  min_per_class?: number;
+  source?: string;
 }
 
 export interface QuantBlock {
@@ -547,7 +556,10 @@ export const SCHEMA: Record<string, BlockDesc> = {
         "list": "number"
       },
       "class_balanced": "bool",
-      "freeze_absent": "bool"
+      "freeze_absent": "bool",
+      "replay": {
+        "ref": "ReplayBlock"
+      }
     }
   },
   "GateBlock": {
@@ -560,6 +572,19 @@ export const SCHEMA: Record<string, BlockDesc> = {
       "rule": "str",
       "alpha": "number",
       "chosen_on": "str"
+    }
+  },
+  "ReplayBlock": {
+    "required": [
+      "count",
+      "weight"
+    ],
+    "fields": {
+      "weight": "number",
+      "count": "int",
+      "per_class": "int",
+      "min_per_class": "int",
+      "source": "str"
     }
   },
   "QuantBlock": {

@@ -1,0 +1,121 @@
+"""Latent replay (``edgerun.replay``): the server's features train beside the device's windows.
+
+The export ships the backbone's features of a class-stratified sample of server-training
+windows; the runner mixes them into head training at the bundle's weight. Tested: the shipped
+features are the runtime's own features of those windows, weight 0 is exactly the run without
+replay, replay keeps a head right on the server's distribution where plain adaptation forgets
+it, and a damaged replay file or a weight without a set is one clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from edgetl.check import per_class
+from edgetl.config import AdaptConfig
+from edgetl.data.synthetic import make_windows
+from tests.conftest import ROOT, SHIFT, WINDOW, adapt_json, export_tiny, refused, run_runner, \
+    write_device_npz
+from tests.test_runner_errors import rehash
+
+sys.path.insert(0, str(ROOT / "device_runners"))
+from edgerun.backends import make_backend  # noqa: E402
+from edgerun.bundle import Bundle  # noqa: E402
+from edgerun.data import preprocess  # noqa: E402
+
+PER_CLASS = 24
+
+
+@pytest.fixture(scope="module")
+def replay_bundle(tiny_ck, tmp_path_factory):
+    x, y = make_windows(400, window=WINDOW, seed=11)
+    pick = per_class(y, 64)
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("replay") / "bundle",
+                       adapt=AdaptConfig(replay_per_class=PER_CLASS, replay_weight=1.0),
+                       replay=(x[pick], y[pick])), (x[pick], y[pick])
+
+
+@pytest.mark.unit
+def test_per_class_picks_are_nested_and_stratified():
+    y = np.repeat([0, 1, 2], [10, 3, 7])
+    a, b = per_class(y, 2), per_class(y, 5)
+    assert np.bincount(y[b]).tolist() == [5, 3, 5]
+    # the first 2 of each class are the same pick for every k (a bundle takes a prefix)
+    for c in range(3):
+        assert list(a[y[a] == c]) == list(b[y[b] == c])[:2]
+
+
+def test_the_replay_set_is_the_runtime_features_of_server_windows(replay_bundle):
+    path, (x, y) = replay_bundle
+    m = json.loads((path / "manifest.json").read_text())
+    block = m["adapt"]["replay"]
+    assert block["count"] == 3 * PER_CLASS and block["weight"] == 1.0
+    assert block["per_class"] == block["min_per_class"] == PER_CLASS
+    with np.load(path / m["files"]["replay"]["path"]) as z:
+        feats, ids = z["features"], z["labels"]
+    assert np.bincount(ids).tolist() == [PER_CLASS] * 3
+    # the first PER_CLASS windows of each class, through the bundle's own backbone
+    pick = np.concatenate([np.flatnonzero(y == c)[:PER_CLASS] for c in range(3)])
+    assert np.array_equal(ids, y[pick])
+    b = Bundle(str(path))
+    want = make_backend(b).features(preprocess(x[pick].astype(np.float32), m))
+    assert np.abs(feats - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
+def test_weight_zero_is_the_run_without_replay(replay_bundle, tiny_bundle, tmp_path):
+    path, _ = replay_bundle
+    data = write_device_npz(tmp_path / "d.npz", 160, seed=4, **SHIFT)
+    off = json.loads(adapt_json(path, data, tmp_path / "a", "--replay-weight", "0",
+                                "--no-gate").stdout)
+    plain = json.loads(adapt_json(tiny_bundle, data, tmp_path / "b", "--no-gate").stdout)
+    assert off["replay"]["weight"] == 0 and off["history"] == plain["history"]
+    with np.load(tmp_path / "a" / "head.npz") as a, np.load(tmp_path / "b" / "head.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in ("weight", "bias"))
+
+
+def test_replay_keeps_the_head_right_on_the_server_distribution(replay_bundle, tmp_path):
+    """A strongly shifted device, trained without the gate at a high learning rate: the head
+    trained with replay stays better on server-like windows than the one trained without, and
+    both learn the device."""
+    path, _ = replay_bundle
+    data = write_device_npz(tmp_path / "d.npz", 160, seed=4, **SHIFT)
+    server = write_device_npz(tmp_path / "s.npz", 300, seed=21)
+    acc = {}
+    for name, w in (("replay", "1"), ("plain", "0")):
+        rep = json.loads(adapt_json(path, data, tmp_path / name, "--replay-weight", w,
+                                    "--no-gate", "--lr", "0.5", "--mix", "1").stdout)
+        out = run_runner("infer", path, "--data", server, "--head", tmp_path / name / "head.npz",
+                         "--json", "--quiet")
+        assert out.returncode == 0, out.stderr
+        acc[name] = json.loads(out.stdout)["accuracy"]
+        assert rep["accuracy_after"] >= 0.8, rep["accuracy_after"]
+    assert acc["replay"] > acc["plain"] + 0.05, acc
+
+
+def test_bad_replay_files_and_flags_are_refused(replay_bundle, tiny_bundle, tmp_path):
+    import shutil
+
+    path, _ = replay_bundle
+    data = write_device_npz(tmp_path / "d.npz", 120, seed=3)
+    refused(adapt_json(tiny_bundle, data, tmp_path / "a", "--replay-weight", "1"),
+            r"needs a bundle that ships a replay set")
+    refused(adapt_json(path, data, tmp_path / "a", "--replay-weight", "-1"),
+            r"--replay-weight must be a finite number >= 0")
+    for name, arrays, match in (
+            ("shape", {"features": np.zeros((5, 3), np.float32), "labels": np.zeros(5, int)},
+             r"expected features \(R, 8\)"),
+            ("ids", {"features": np.zeros((5, 8), np.float32), "labels": np.full(5, 7)},
+             r"label ids must be integers in \[0, 3\)"),
+            ("nan", {"features": np.full((5, 8), np.nan, np.float32),
+                     "labels": np.zeros(5, int)}, r"NaN or infinity")):
+        b = tmp_path / name
+        shutil.copytree(path, b)
+        np.savez(b / "replay.npz", **arrays)
+        rehash(b, "replay")
+        err = refused(adapt_json(b, data, tmp_path / f"s-{name}"), match)
+        assert "--replay-weight 0" in err
+        assert not (tmp_path / f"s-{name}" / "head.npz").exists()  # nothing was written
