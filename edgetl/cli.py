@@ -438,6 +438,11 @@ def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
                 users: Annotated[str | None, typer.Option(
                     help="comma-separated user ids (default: the recipe's device users; the "
                          "server-validation users tune adaptation without touching them)")] = None,
+                stress: Annotated[bool, typer.Option(
+                    help="also the stress protocols (time series: 'odd', the adaptation "
+                         "session recorded with the phone turned, scored on the later "
+                         "sessions), to choose defaults that survive unrepresentative "
+                         "labelled data")] = False,
                 out: OutOpt = Path("runs/har-devices"), quiet: QuietOpt = False):
     """Only the device stage: every held-out device personalises BUNDLE through the runner.
 
@@ -451,7 +456,8 @@ def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
 
     ids = _int_list(users, "--users", "17,18") if users else None
     bundles = bundle or [Path("runs/har/bundles/onnx-fp32")]
-    s = personalise_bundle(_recipe(recipe), bundles, out, users=ids, show=not quiet)
+    s = personalise_bundle(_recipe(recipe), bundles, out, users=ids, show=not quiet,
+                           stress=stress)
     con = _console()
     con.print(device_table(s))
     if s.protocols:

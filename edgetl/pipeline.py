@@ -77,13 +77,16 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
 
 
 def other_protocols(recipe: Recipe, kind, sd: ServerData, bundles: list[dict], out: Path, *,
-                    users: tuple | None = None, show: bool = True) -> dict:
+                    users: tuple | None = None, show: bool = True, stress: bool = False) -> dict:
     """Device rows of the kind's protocols after its main one (``kind.protocols``).
 
+    ``stress``: also the kind's stress protocols (``kind.stress_protocols``: labelled data
+    unlike what the device sees later), for choosing defaults on the server-validation users.
     Returns ``{protocol: rows}``; every bundle that knows the devices' labels takes part.
     """
     res = {}
-    for protocol in kind.protocols[1:]:
+    extra = getattr(kind, "stress_protocols", ()) if stress else ()
+    for protocol in (*kind.protocols[1:], *extra):
         devs = kind.devices(recipe, out, sd, users=users, protocol=protocol)
         root = Path(out) / f"devices-{protocol}"
         desc = f"devices personalise ({protocol})"
@@ -464,8 +467,12 @@ def device_totals(d: list[dict]) -> dict:
 
 
 def personalise_bundle(recipe: Recipe, bundles: Path | list[Path], out: Path, *,
-                       users: tuple | None = None, show: bool = True) -> RunSummary:
-    """Only the device stage of :func:`run_recipe` (every protocol), on existing bundles."""
+                       users: tuple | None = None, show: bool = True,
+                       stress: bool = False) -> RunSummary:
+    """Only the device stage of :func:`run_recipe` (every protocol), on existing bundles.
+
+    ``stress``: the kind's stress protocols too (:func:`other_protocols`).
+    """
     from edgetl.manifest import Manifest
 
     t0 = time.perf_counter()
@@ -480,5 +487,5 @@ def personalise_bundle(recipe: Recipe, bundles: Path | list[Path], out: Path, *,
     summ.bundles = [bundle_row(Path(b), Manifest.read(Path(b))) for b in bundles]
     summ.devices = personalise(recipe, summ.bundles, devices, out / "devices", show=show)
     summ.protocols = other_protocols(recipe, kind, sd, summ.bundles, out, users=users,
-                                     show=show)
+                                     show=show, stress=stress)
     return finish(summ, out, t0)

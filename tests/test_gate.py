@@ -152,6 +152,35 @@ def test_protocol_files_cut_a_user_as_documented(tmp_path):
     assert load(chunks[0]) == list(range(10)) and load(chunks[1]) == list(range(11, 20))
 
 
+def test_the_odd_protocol_turns_only_the_adaptation_session(tmp_path):
+    """``odd``: the first session's 3-axis sensors rotated alike (lengths kept, a real
+    rotation), the later sessions as recorded; data without 3-axis triplets is refused."""
+    from edgetl.data import hapt
+    from edgetl.errors import ConfigError
+    from edgetl.kinds.timeseries import ODD_ANGLE, write_device_files
+
+    rng = np.random.default_rng(0)
+    n = 12
+    x = rng.normal(size=(n, 5, 6)).astype(np.float32)
+    w = hapt.Windows(x, np.tile([0, 1], n // 2), np.full(n, 7), np.repeat([1, 2], n // 2),
+                     np.arange(n), ("a", "b"), hapt.CHANNELS)
+    ad, ev = write_device_files(w, 7, tmp_path / "o", protocol="odd")
+    with np.load(ad) as a, np.load(ev) as e:
+        xa, xe = a["x"], e["x"]
+    assert np.array_equal(xe, x[6:])  # the later sessions untouched
+    for k in (0, 3):  # acc and gyro: the same rotation, lengths kept
+        before, after = x[:6, :, k : k + 3].reshape(-1, 3), xa[:, :, k : k + 3].reshape(-1, 3)
+        np.testing.assert_allclose(np.linalg.norm(after, axis=1),
+                                   np.linalg.norm(before, axis=1), rtol=1e-5)
+        r, *_ = np.linalg.lstsq(before, after, rcond=None)
+        np.testing.assert_allclose(r.T @ r, np.eye(3), atol=1e-5)
+        angle = np.degrees(np.arccos((np.trace(r) - 1) / 2))
+        assert abs(angle - ODD_ANGLE) < 1e-3
+    w2 = hapt.Windows(x[:, :, :4], w.y, w.user, w.session, w.start, w.labels, w.channels[:4])
+    with pytest.raises(ConfigError, match="rotates 3-axis sensors"):
+        write_device_files(w2, 7, tmp_path / "p", protocol="odd")
+
+
 def test_the_fleet_publishes_an_aggregated_head_only_on_evidence(bundle, tmp_path):
     """The fleet's publication gate is the device's rule on data no device trained on: the
     shipped head itself (a tie) is not published; a clearly better head is."""

@@ -9,7 +9,7 @@ each label's windows adapts, the second half, after the windows that overlap it,
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +92,33 @@ PROTOCOLS = {
 }
 #: Chunks of the ``stream`` protocol (the device adapts after each but the last).
 STREAM_CHUNKS = 4
+#: Stress protocols: not in ``make demo``; ``edgetl personalise --stress`` adds them, to choose
+#: defaults that also survive labelled data unlike what the device sees later.
+#: Rotation of the ``odd`` protocol's adaptation session, degrees.
+ODD_ANGLE = 45.0
+STRESS = {
+    "odd": "the first session recorded with the phone turned (every 3-axis sensor rotated by "
+           f"{ODD_ANGLE:g} degrees about a random axis, seeded per user): adapt on it, score "
+           "the later, unturned sessions",
+}
+
+
+def turned(x: np.ndarray, user: int, angle: float = ODD_ANGLE) -> np.ndarray:
+    """``x`` (N, T, C) with every 3-axis sensor (channels 3k..3k+2) rotated alike.
+
+    The rotation: ``angle`` degrees about a unit axis drawn from ``user``'s seed (Rodrigues).
+    """
+    c = x.shape[2]
+    if c % 3:
+        raise ConfigError(f"the odd protocol rotates 3-axis sensors; these windows have {c} "
+                          "channels (not a multiple of 3)")
+    axis = np.random.default_rng(1000 + user).normal(size=3)
+    k = axis / np.linalg.norm(axis)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    t = np.deg2rad(angle)
+    r = np.eye(3) + np.sin(t) * kx + (1 - np.cos(t)) * kx @ kx
+    out = x.reshape(*x.shape[:2], c // 3, 3) @ r.T
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 def _save(w: hapt.Windows, s: hapt.Windows, path: Path) -> Path:
@@ -120,6 +147,13 @@ def write_device_files(w: hapt.Windows, user: int, folder: Path, *, gap: int = 0
         chunks = np.array_split(np.arange(len(u)), STREAM_CHUNKS)
         return tuple(_save(w, u.select(c if i == 0 else c[gap:]), folder / f"chunk{i}.npz")
                      for i, c in enumerate(chunks))
+    if protocol == "odd":
+        if first.all():
+            raise ConfigError(f"the odd protocol needs users with more than one session; user "
+                              f"{user} has one")
+        a, e = u.select(first), u.select(~first)
+        a = replace(a, x=turned(a.x, user))
+        return _save(w, a, folder / "adapt.npz"), _save(w, e, folder / "eval.npz")
     if protocol == "sessions" and not first.all():
         parts = (first, ~first)
     else:
@@ -135,6 +169,7 @@ class Timeseries(RecipeKind):
 
     name = "timeseries"
     protocols = tuple(PROTOCOLS)
+    stress_protocols = tuple(STRESS)
 
     def load(self, recipe) -> ServerData:
         """Split the windows by user: server-train / server-val / held-out (device users)."""
@@ -191,12 +226,13 @@ class Timeseries(RecipeKind):
             raise ConfigError(f"users {sorted(split.name(u) for u in seen)} trained the server "
                               f"model; pick device users {[split.name(u) for u in split.device]}"
                               f" or server-validation users {[split.name(u) for u in split.val]}")
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+        if protocol not in PROTOCOLS and protocol not in STRESS:
+            raise ConfigError(f"unknown protocol {protocol!r}; known: "
+                              f"{', '.join([*PROTOCOLS, *STRESS])}")
         d = recipe.data
         # windows that overlap across a cut: none between sessions of HAPT, else a few
         overlap = -(-d.window // d.stride) - 1
-        gap = overlap if d.is_files or protocol != "sessions" else 0
+        gap = overlap if d.is_files or protocol not in ("sessions", "odd") else 0
         root = Path(out) / ("devices" if protocol == "sessions" else f"devices-{protocol}")
         devs = []
         for user in users:
