@@ -60,10 +60,12 @@ def build(work: Path, dim: int, kind: str, optimizer: str) -> tuple[Path, Path]:
 
 
 def spread(v: list[float]) -> str:
+    """``median (min–max)``."""
     return f"{statistics.median(v):.3f} ({min(v):.3f}–{max(v):.3f})"
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Build, run the interleaved rounds, print the table; return the raw numbers."""
     from edgetl.adapt import run_runner
     from edgetl.data.synthetic import make_windows
 
@@ -107,8 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{spread(res[f'{k}.train_seconds'])} s, adaptation ÷ inference "
               f"{spread([x / c for x, c in zip(ad, inf, strict=True)])}")
     print(f"  inference pass      {spread(inf)} s")
-    print(f"  train time one-step ÷ fused: "
-          f"{spread([b / f for b, f in zip(res['B.train_seconds'], res['A.train_seconds'], strict=True)])}")
+    for k, what in (("A", "fused"), ("B", "one-step")):
+        tr = res[f"{k}.train_seconds"]
+        print(f"  train ÷ inference, {what}: "
+              f"{spread([t / c for t, c in zip(tr, inf, strict=True)])}")
+    ratio = [b / f for b, f in zip(res["B.train_seconds"], res["A.train_seconds"], strict=True)]
+    print(f"  train time one-step ÷ fused: {spread(ratio)}")
     return res
 
 

@@ -8,11 +8,13 @@ overhead. The fused graph applies K train steps in one call::
             <params>, <opt state>, <anchors>) -> (loss (K,), <new params>, <new opt state>)
 
 Same input and output names as the one-step graph (:mod:`edgetl.head`), the first three
-inputs stacked on a leading step axis, ``loss`` one value per step. The steps are unrolled
-(:class:`KSteps` calls the one-step module K times in sequence, so every exporter sees a plain
-graph): measured in onnxruntime against an ONNX ``Scan`` over the one-step graph, the
-unrolled graph was faster at every K (``tools/kstep_bench.py``), and it is the only form
-LiteRT can run with built-in ops.
+inputs stacked on a leading step axis, ``loss`` one value per step.
+
+ONNX (:func:`scan_graph`): an ONNX ``Scan`` whose body is the one-step graph itself (head or
+``--trainable`` tail), so any number of steps per call and no second trace. Measured in
+onnxruntime against :class:`KSteps` unrolled (docs/bundle.md): faster for an epoch's worth of
+steps, and the unrolled graph grows K-fold. :class:`KSteps` is the fixed-K form a target
+without loops needs (TFLite; not wired in yet).
 """
 
 from __future__ import annotations
@@ -24,12 +26,7 @@ from torch import nn
 
 from edgetl.errors import BundleError
 
-#: Steps per call of the fused graph. 8 full batches of 32 windows: a HAR device's ~480
-#: training windows are 15 batches, so one fused call and 7 one-step calls an epoch at
-#: worst; larger K saves little more (measured, ``tools/kstep_bench.py``) and grows the
-#: graph K-fold.
-DEFAULT_K = 8
-#: The fused graph's file role and output name of the per-step losses.
+#: Suffix of the fused graph's file role and file name (``head_train_k.onnx``).
 ROLE_SUFFIX = "_k"
 
 
