@@ -522,7 +522,7 @@ def _consistent(m: dict) -> None:
         _expect(fz["file"] in files, "train_step.fused.file",
                 f"a file role listed in files {sorted(files)}", fz["file"])
         _expect(sorted(fz["inputs"]) == sorted(ts["inputs"]), "train_step.fused.inputs",
-                f"the train step's inputs {sorted(ts['inputs'])}", fz["inputs"])
+                f"the same names as train_step.inputs {sorted(ts['inputs'])}", fz["inputs"])
         _subset([fz["loss_output"], *(f"new.{n}" for n in params + state)], fz["outputs"],
                 "train_step.fused (loss and new.* outputs)", "train_step.fused.outputs")
         if fz["steps"] is not None:
