@@ -18,8 +18,16 @@ import pytest
 from edgetl.check import per_class
 from edgetl.config import AdaptConfig
 from edgetl.data.synthetic import make_windows
-from tests.conftest import ROOT, SHIFT, WINDOW, adapt_json, export_tiny, refused, run_runner, \
-    write_device_npz
+from tests.conftest import (
+    ROOT,
+    SHIFT,
+    WINDOW,
+    adapt_json,
+    export_tiny,
+    refused,
+    run_runner,
+    write_device_npz,
+)
 from tests.test_runner_errors import rehash
 
 sys.path.insert(0, str(ROOT / "device_runners"))

@@ -119,8 +119,11 @@ def _torch_steps(ck, names, feats_x, targets, weights):
     return losses, final
 
 
-def _runner_steps(bundle, x, targets, weights):
-    """The same steps through the device runner's backend and ``adapt._step``."""
+def _runner_steps(bundle, x, targets, weights, fused=False):
+    """The same steps through the device runner's backend and ``adapt._step``.
+
+    ``fused``: through the bundle's fused graph (``adapt._steps``), in three calls.
+    """
     from edgerun import adapt as ad
     from edgerun.bundle import Bundle
 
@@ -133,10 +136,16 @@ def _runner_steps(bundle, x, targets, weights):
         params = {p["name"]: z[p["name"]].copy() for p in m["head"]["params"]}
     state = ad._zero_state(m, params)
     losses = []
+    f = np.stack([sess.features(x[i]) for i in range(STEPS)])  # the runner caches these
+    hp = m["optimizer"]["hparams"]
+    if fused:
+        for a, z in ((0, 8), (8, 9), (9, STEPS)):
+            losses += ad._steps(sess, m["train_step"], hp, f[a:z], targets[a:z].numpy(),
+                                weights[a:z].numpy(), params, state)
+        return losses, params
     for i in range(STEPS):
-        f = sess.features(x[i])  # the runner caches exactly these
-        losses.append(ad._step(sess, m["train_step"], m["optimizer"]["hparams"], f,
-                               targets[i].numpy(), weights[i].numpy(), params, state))
+        losses.append(ad._step(sess, m["train_step"], hp, f[i], targets[i].numpy(),
+                               weights[i].numpy(), params, state))
     return losses, params
 
 
@@ -154,12 +163,15 @@ def _parity(ck, spec, tmp_path):
     weights = torch.rand(STEPS, 16, generator=g) + 0.5
     weights[:, -3:] = 0.0  # padding rows
     want_l, want_p = _torch_steps(ck, names, x, targets, weights)
-    got_l, got_p = _runner_steps(bundle, x.numpy(), targets, weights)
-    err_l = max(abs(a - b) for a, b in zip(got_l, want_l, strict=True))
-    err_p = max(float(np.abs(got_p[k] - v).max()) for k, v in want_p.items())
-    print(f"parity {spec} {ck.head.optimizer}: loss {err_l:.2e}, params {err_p:.2e}")
-    assert sorted(got_p) == sorted(want_p)
-    assert err_l < PARITY_ATOL and err_p < PARITY_ATOL
+    assert m["train_step"]["fused"]["file"] == "tail_train_k"
+    for fused in (False, True):  # one step per call, then the fused K-step graph
+        got_l, got_p = _runner_steps(bundle, x.numpy(), targets, weights, fused)
+        err_l = max(abs(a - b) for a, b in zip(got_l, want_l, strict=True))
+        err_p = max(float(np.abs(got_p[k] - v).max()) for k, v in want_p.items())
+        print(f"parity {spec} {ck.head.optimizer} fused={fused}: loss {err_l:.2e}, "
+              f"params {err_p:.2e}")
+        assert sorted(got_p) == sorted(want_p)
+        assert err_l < PARITY_ATOL and err_p < PARITY_ATOL
     return bundle, m
 
 
@@ -188,7 +200,7 @@ def test_runner_adapts_tail_bundle(tiny_ck, tmp_path):
     p = adapt_json(bundle, data, tmp_path / "out")
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
-    assert rep["gate"] and rep["steps"] > 0
+    assert rep["gate"] and rep["steps"] > 0 and rep["steps_fused"] > 0
     with np.load(tmp_path / "out" / "head.npz") as z:
         assert {"backbone.blocks.1.weight", "backbone.blocks.1.bias", "weight"} <= set(z.files)
 

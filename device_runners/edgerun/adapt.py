@@ -84,23 +84,64 @@ def _zero_state(m: dict, params: dict) -> dict:
     return state
 
 
+def _feeds(ts: dict, hp: dict, f, t, w, params: dict, state: dict,
+           anchors: dict | None) -> dict:
+    feeds = {ts["inputs"][0]: f, ts["targets_input"]: t, ts["sample_weight_input"]: w}
+    feeds.update({k: np.array(hp[k], np.float32) for k in ts["hparam_inputs"]})
+    feeds.update(params)
+    feeds.update(state)
+    feeds.update(anchors or {})
+    return feeds
+
+
+def _carry(out: dict, params: dict, state: dict) -> None:
+    for k in params:
+        params[k] = out["new." + k]
+    for k in state:
+        state[k] = out["new." + k]
+
+
 def _step(backend, ts: dict, hp: dict, f, t, w, params: dict, state: dict,
           anchors: dict | None = None) -> float:
     """One train step through the backend; updates ``params`` and ``state`` in place.
 
     ``anchors``: the ``anchor.<param>`` inputs of an L2-SP train step (held fixed).
     """
-    feeds = {ts["inputs"][0]: f, ts["targets_input"]: t, ts["sample_weight_input"]: w}
-    feeds.update({k: np.array(hp[k], np.float32) for k in ts["hparam_inputs"]})
-    feeds.update(params)
-    feeds.update(state)
-    feeds.update(anchors or {})
-    out = backend.train_step(feeds)
-    for k in params:
-        params[k] = out["new." + k]
-    for k in state:
-        state[k] = out["new." + k]
+    out = backend.train_step(_feeds(ts, hp, f, t, w, params, state, anchors))
+    _carry(out, params, state)
     return float(out[ts["loss_output"]])
+
+
+def _steps(backend, ts: dict, hp: dict, f, t, w, params: dict, state: dict,
+           anchors: dict | None = None) -> list[float]:
+    """``len(f)`` train steps in one call of the fused graph (``train_step.fused``).
+
+    ``f``, ``t``, ``w``: the batches stacked, (K, N, D), (K, N, C), (K, N). Updates
+    ``params`` and ``state`` in place; returns the K losses.
+    """
+    out = backend.train_steps(_feeds(ts, hp, f, t, w, params, state, anchors))
+    _carry(out, params, state)
+    return [float(v) for v in np.reshape(out[ts["fused"]["loss_output"]], -1)]
+
+
+#: Most steps in one call of a fused graph that takes any number (``steps`` null): bounds the
+#: stacked copy of the features a call holds.
+MAX_FUSED_STEPS = 64
+
+
+def fused_groups(backend, n_windows: int, bs: int) -> list[int]:
+    """Steps per fused call for an epoch of ``n_windows`` in batches of ``bs``.
+
+    Only full batches are fused (the runner's batch order unchanged); the rest of the epoch
+    (a partial batch, fewer than K full ones for a fixed K) runs one step per call. Empty
+    without a fused graph.
+    """
+    if not getattr(backend, "fused", None):
+        return []
+    full, k = n_windows // bs, backend.fused_steps
+    if k:
+        return [int(k)] * (full // int(k))
+    return [min(MAX_FUSED_STEPS, full - i) for i in range(0, full, MAX_FUSED_STEPS)]
 
 
 def selftest_train(bundle: Bundle, backend) -> float:
@@ -124,6 +165,15 @@ def selftest_train(bundle: Bundle, backend) -> float:
         loss = _step(backend, m["train_step"], hp, f[i], t[i], w[i], params, state, anchors)
         err = max(err, abs(loss - float(losses[i])))
     err = max(err, *(float(np.abs(params[k] - v).max()) for k, v in final.items()))
+    groups = fused_groups(backend, len(losses), 1)
+    if groups and sum(groups) == len(losses):  # the same steps through the fused graph
+        params, state, i = dict(head.params), _zero_state(m, head.params), 0
+        for g in groups:
+            got = _steps(backend, m["train_step"], hp, f[i : i + g], t[i : i + g],
+                         w[i : i + g], params, state, anchors)
+            err = max(err, *(abs(a - float(b)) for a, b in zip(got, losses[i : i + g])))
+            i += g
+        err = max(err, *(float(np.abs(params[k] - v).max()) for k, v in final.items()))
     if not err <= float(tv["train_atol"]):
         raise RunnerError(f"self-test failed: {backend.trainer} training on this runtime differs "
                           f"from the server's reference train steps by {err:.3g} (> "
@@ -739,11 +789,27 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                         meta["best"][1])
             warnings.append(f"resumed after epoch {first} from {TRAIN_STATE}")
     early = None
+    # the fused graph keeps the one-step path's results; a budget or frozen rows need a check
+    # after every step, so they keep one step per call
+    fuse = not frozen_rows and max_seconds is None and max_memory_mb is None
+    feats_va, steps_fused = feats[va], 0
     t1 = last_save = time.perf_counter()
     for epoch in range(first, epochs):
         order = rng.permutation(pool)
-        total, count = 0.0, 0
-        for i in range(0, len(order), bs):
+        total, count, done = 0.0, 0, 0
+        for g in fused_groups(backend, len(order), bs) if fuse else ():
+            b = order[done : done + g * bs].reshape(g, bs)
+            for loss in _steps(backend, ts, hp, pool_f[b], eye[pool_y[b]], pool_w[b],
+                               head.params, state, anchors):
+                if not np.isfinite(loss):
+                    raise RunnerError(f"training diverged (loss {loss}) at epoch {epoch + 1}; "
+                                      f"lower the learning rate (now {hp['lr']}) with --lr")
+                total += loss * bs
+                count += bs
+                steps += 1
+            done += g * bs
+            steps_fused += g
+        for i in range(done, len(order), bs):
             b = order[i : i + bs]
             n = len(b)
             f, t, w = pool_f[b], eye[pool_y[b]], pool_w[b]
@@ -767,7 +833,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                 stopped = f"memory budget of {max_memory_mb:g} MiB reached in epoch {epoch + 1}"
             if stopped:
                 break
-        val_loss, val_acc, _ = _val_scores(backend, bundle, head, feats[va], y[va])
+        val_loss, val_acc, _ = _val_scores(backend, bundle, head, feats_va, y[va])
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_loss": val_loss,
                         "val_accuracy": val_acc, "complete": stopped is None})
         if best is None or val_loss < best[0]:
@@ -831,6 +897,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         "rolled_back": rolled_back, "gate": verdict, "checkpoint": os.path.abspath(ckpt),
         "checkpoint_written": written, "n_windows": len(y), "n_train": int(len(tr)),
         "n_val": int(len(va)), "epochs": epochs, "batch_size": bs, "steps": steps,
+        "steps_fused": steps_fused,
         "optimizer": m["optimizer"]["name"], "hparams": hp, "labels": head.labels,
         "class_balanced": class_balanced, "freeze_absent": freeze_absent,
         "replay": replay_info, "head_kind": m["head"]["kind"],

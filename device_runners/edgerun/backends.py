@@ -79,6 +79,7 @@ def make_backend(bundle, threads: int = 0, trainer: str | None = None):
     if trainer == "ort-training":
         step = OrtTrainingStep(bundle)
         backend.train_step = step
+        backend.fused = None  # the K-step graph is the stateless trainer's
         backend.trainer, backend.trainer_version = "ort-training", step.version
     return backend
 
@@ -91,6 +92,9 @@ class OrtBackend:
     #: ``perf_counter`` time after which backbone calls stop: checked between chunks, and a
     #: running call is cancelled (``RunOptions.terminate`` set from a timer thread).
     deadline = None
+    #: The manifest's ``train_step.fused`` block when :meth:`train_steps` runs the bundle's
+    #: K-step graph (``None``: one step per call); ``fused_steps``: its ``steps``.
+    fused = fused_steps = None
 
     def __init__(self, bundle, threads: int = 0):
         try:
@@ -135,6 +139,15 @@ class OrtBackend:
         for blk, sess_ in (("train_step", self._train), ("infer", self._infer)):
             check_io(m["files"][m[blk]["file"]]["path"], f"{blk}.inputs", m[blk]["inputs"],
                      [i.name for i in sess_.get_inputs()])
+        fz = m["train_step"].get("fused")
+        if fz:  # the K-step graph: same feeds, stacked (edgerun.adapt.train_epoch)
+            self._train_k = sess(fz["file"], 1)
+            check_io(m["files"][fz["file"]]["path"], "train_step.fused.inputs", fz["inputs"],
+                     [i.name for i in self._train_k.get_inputs()])
+            check_io(m["files"][fz["file"]]["path"], "train_step.fused.outputs",
+                     fz["outputs"], [o.name for o in self._train_k.get_outputs()], "outputs")
+            self._train_k_out = [o.name for o in self._train_k.get_outputs()]
+            self.fused, self.fused_steps = fz, fz["steps"]
 
     def features(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         """Backbone features of preprocessed windows, computed in chunks."""
@@ -195,6 +208,10 @@ class OrtBackend:
         """One optimizer step; returns outputs by name."""
         return dict(zip(self._train_out, self._train.run(None, feeds)))
 
+    def train_steps(self, feeds: dict) -> dict:
+        """Several optimizer steps (the fused graph; batches stacked); outputs by name."""
+        return dict(zip(self._train_k_out, self._train_k.run(None, feeds)))
+
     def infer(self, feeds: dict) -> dict:
         """Head logits and embedding; returns outputs by name."""
         return dict(zip(self._infer_out, self._infer.run(None, feeds)))
@@ -230,6 +247,7 @@ class LiteRTBackend:
     """
 
     name = "ai-edge-litert"
+    fused = fused_steps = None  # no K-step graph for LiteRT yet: one step per call
     #: ``perf_counter`` time after which backbone calls stop. Checked between calls only:
     #: LiteRT's Python API cannot cancel a running call, so one long call runs to its end.
     deadline = None

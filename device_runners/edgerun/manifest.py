@@ -157,11 +157,29 @@ class _TrainStep(GraphBlock):
     trainer: str
 
 
+class FusedStepBlock(GraphBlock):
+    """Several train steps in one runtime call (``edgetl.export.fused``).
+
+    The one-step graph's inputs and outputs (same names), with the features, targets and
+    sample weights of ``steps`` batches stacked on a leading axis and ``loss_output`` one
+    loss per step; parameters and optimizer state are carried from step to step. ``steps``
+    null: any number of steps per call (an ONNX ``Scan``); a number: exactly that many.
+    """
+
+    steps: Optional[int]
+    loss_output: str
+
+
 class TrainStepBlock(_TrainStep, total=False):
-    """The stateless train step: which inputs carry targets, weights, hyper-parameters."""
+    """The stateless train step: which inputs carry targets, weights, hyper-parameters.
+
+    ``fused`` (optional; absent in older bundles and for targets without one): the K-step
+    train graph a runner may use instead of K calls of this one.
+    """
 
     anchor_inputs: Dict[str, str]
     ort_training: Dict[str, Any]
+    fused: FusedStepBlock
 
 
 class _TestVectors(TypedDict):
@@ -524,6 +542,18 @@ def _consistent(m: dict) -> None:
             f"{sorted(fed)}", ts["inputs"])
     _subset([ts["loss_output"], *(f"new.{n}" for n in params + state)], ts["outputs"],
             "train_step (loss and new.* outputs)", "train_step.outputs")
+    if "fused" in ts:  # the K-step graph: the one-step graph's names, on its own file
+        fz = ts["fused"]
+        _expect(fz["file"] in files, "train_step.fused.file",
+                f"a file role listed in files {sorted(files)}", fz["file"])
+        _expect(sorted(fz["inputs"]) == sorted(ts["inputs"]), "train_step.fused.inputs",
+                f"the same names as train_step.inputs {sorted(ts['inputs'])}", fz["inputs"])
+        _subset([fz["loss_output"], *(f"new.{n}" for n in params + state)], fz["outputs"],
+                "train_step.fused (loss and new.* outputs)", "train_step.fused.outputs")
+        if fz["steps"] is not None:
+            _at_least(fz["steps"], 1, "train_step.fused.steps", MAX_DIM)
+        if fz["batch_size"] is not None:
+            _at_least(fz["batch_size"], 1, "train_step.fused.batch_size", MAX_DIM)
     _expect(bool(inf["inputs"]), "infer.inputs", "a non-empty list (features first)",
             inf["inputs"])
     _subset(inf["inputs"][1:], params, "infer.inputs[1:]", "head.params")

@@ -77,7 +77,7 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
     anchors = p if spec.l2sp else []  # L2-SP toward the starting head, as the runner does
     g = torch.Generator().manual_seed(0)
-    worst = 0.0
+    worst, done = 0.0, []
     for i in range(steps):
         f = torch.randn(batch, dim, generator=g)
         t = torch.eye(spec.num_classes)[torch.randint(0, n_labels or spec.num_classes, (batch,),
@@ -93,6 +93,11 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
             worst = max(worst, compare(f"train_step[{i}].{name}", got[name], w, bound))
         p = list(out[1 : 1 + len(p)])
         s = list(out[1 + len(p) :])
+        done.append(([a.numpy() for a in args], [o.detach().numpy() for o in out]))
+    if getattr(sess, "fused", None):  # the K-step graph replays the same steps
+        from edgetl.export.fused import check_fused
+
+        worst = max(worst, check_fused(sess, names, ref.output_names(), len(hp), done, atol))
     return worst
 
 
@@ -410,6 +415,11 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     else:
         sig = exporter.export_head(spec, ck.head.optimizer, tmp, opset=cfg.opset, batch=batch)
     files.update(sig["files"])
+    fused = exporter.export_fused(tmp, sig["train"], files, shared=[
+        *spec.hparam_names(ck.head.optimizer),
+        *(tail.train.anchor_names() if tail else spec.anchor_names)])
+    if fused:
+        files.update(fused["files"])
     files.update(head_init="head_init.npz", test_vectors="test_vectors.npz")
     np.savez(tmp / files["head_init"], **params)
     ort_training = None
@@ -470,6 +480,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                     "dynamic_classes": (exporter.dynamic_classes and ort_training is None
                                         and tail is None),
                     "trainer": cfg.trainer,
+                    **({"fused": fused["fused"]} if fused else {}),
                     **({"ort_training": ort_training} if ort_training else {})},
         infer={**sig["infer"], "batch_size": batch if fixed else None},
         adapt={"epochs": adapt.epochs, "batch_size": adapt.batch_size,
@@ -520,7 +531,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     checks["train_step_max_abs_err"] = _check_train_step(
         sess, spec, ck.head.optimizer, ck.head.hparams(), params, atol, batch,
         n_labels=len(ck.labels), ref=tail.train if tail else None)
-    checks.update(n_reference=len(reference_x), train_steps_checked=TRAIN_STEPS_CHECKED)
+    checks.update(n_reference=len(reference_x), train_steps_checked=TRAIN_STEPS_CHECKED,
+                  fused_train_checked=bool(getattr(sess, "fused", None)))
     if eval_set is not None:
         checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
                                              cfg.max_accuracy_drop, infer_ref.input_names())

@@ -192,6 +192,18 @@ class OnnxExporter(Exporter):
                           "inputs": infer.input_names(), "outputs": infer.output_names(),
                           "batch_size": None}}
 
+    def export_fused(self, folder, train: dict, files: dict, *, shared: list[str]):
+        """``<train graph>_k.onnx``: a Scan over the one-step graph (any steps per call)."""
+        from edgetl.export.fused import ROLE_SUFFIX, scan_graph
+
+        role = train["file"] + ROLE_SUFFIX
+        name = Path(files[train["file"]]).stem + ROLE_SUFFIX + self.suffix
+        scan_graph(Path(folder) / files[train["file"]], Path(folder) / name, shared=shared)
+        return {"files": {role: name},
+                "fused": {"file": role, "signature": None, "inputs": train["inputs"],
+                          "outputs": train["outputs"], "batch_size": train["batch_size"],
+                          "steps": None, "loss_output": "loss"}}
+
     def runtime_info(self) -> dict[str, Any]:
         import onnx
 

@@ -80,6 +80,17 @@ class Exporter:
         """
         raise NotImplementedError
 
+    def export_fused(self, folder: Path, train: dict[str, Any], files: dict[str, str], *,
+                     shared: list[str]) -> dict[str, Any] | None:
+        """Write the fused K-step train graph beside the one-step ``train`` graph.
+
+        ``train``: the one-step graph's signature; ``files``: file roles written so far;
+        ``shared``: the inputs every step reads unchanged (hyper-parameters, anchors).
+        Returns ``{"files": {role: name}, "fused": <train_step.fused block>}``, or ``None``
+        for a target without one (:mod:`edgetl.export.fused`).
+        """
+        return None
+
     def runtime_info(self) -> dict[str, Any]:
         """Version facts recorded in the manifest's provenance."""
         return {}

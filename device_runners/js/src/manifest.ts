@@ -111,6 +111,17 @@ export interface TrainStepBlock {
   trainer: string;
   anchor_inputs?: Record<string, string>;
   ort_training?: Record<string, unknown>;
+  fused?: FusedStepBlock;
+}
+
+export interface FusedStepBlock {
+  file: string;
+  signature: string | null;
+  inputs: Array<string>;
+  outputs: Array<string>;
+  batch_size: number | null;
+  steps: number | null;
+  loss_output: string;
 }
 
 export interface GraphBlock {
@@ -494,7 +505,40 @@ export const SCHEMA: Record<string, BlockDesc> = {
       },
       "ort_training": {
         "dict": "any"
+      },
+      "fused": {
+        "ref": "FusedStepBlock"
       }
+    }
+  },
+  "FusedStepBlock": {
+    "required": [
+      "batch_size",
+      "file",
+      "inputs",
+      "loss_output",
+      "outputs",
+      "signature",
+      "steps"
+    ],
+    "fields": {
+      "file": "str",
+      "signature": {
+        "nullable": "str"
+      },
+      "inputs": {
+        "list": "str"
+      },
+      "outputs": {
+        "list": "str"
+      },
+      "batch_size": {
+        "nullable": "int"
+      },
+      "steps": {
+        "nullable": "int"
+      },
+      "loss_output": "str"
     }
   },
   "GraphBlock": {

@@ -1,0 +1,199 @@
+"""The fused K-step train graph (``edgetl.export.fused``): parity and the runner's use of it.
+
+The oracle is PyTorch: K steps of ``torch.optim.SGD`` / ``Adam`` on the head's weighted
+cross-entropy (autograd), against K calls of the one-step ONNX graph and the same steps in
+calls of the fused graph, for every head kind and optimizer edgetl ships. The runner must
+give the same head with and without the fused graph (a bundle without it is an older one).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from edgetl.export.fused import KSteps
+from edgetl.head import HEAD_KINDS, HPARAMS, HeadSpec, TrainStep, head_forward, init_state
+from tests.conftest import SHIFT, adapt_json, refused, run_runner, write_device_npz
+
+#: torch.optim vs the runtime after STEPS steps (loss and every parameter), float32.
+TORCH_ATOL = 1e-4
+#: The fused graph vs the one-step graph (the same float32 kernels, so ~0).
+GRAPH_ATOL = 1e-5
+STEPS, N, D, C = 12, 16, 10, 4
+HP = {"sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
+      "adam": {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-3}}
+SPECS = [HeadSpec("linear", D, C), HeadSpec("mlp", D, C, hidden=8), HeadSpec("cosine", D, C),
+         HeadSpec("cosine", D, C, learn_scale=False), HeadSpec("linear", D, C, l2sp=True)]
+assert {s.kind for s in SPECS} == set(HEAD_KINDS)
+
+
+def _batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(STEPS, N, D, generator=g)
+    t = torch.eye(C)[torch.randint(0, C, (STEPS, N), generator=g)]
+    w = torch.rand(STEPS, N, generator=g) + 0.5
+    w[:, -3:] = 0.0  # padding rows
+    return f, t, w
+
+
+def _params(spec, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    p = {n: 0.3 * torch.randn(s, generator=g) for n, s in spec.param_shapes().items()}
+    if spec.kind == "cosine":
+        p["scale"] = torch.tensor([5.0])
+    return p
+
+
+def _torch_optim(spec, opt, p0, f, t, w, l2sp=0.0):
+    """STEPS steps of torch.optim with autograd gradients: losses, final parameters."""
+    leaves = {n: v.clone().requires_grad_(n not in spec.frozen_params) for n, v in p0.items()}
+    train = [v for v in leaves.values() if v.requires_grad]
+    h = HP[opt]
+    o = (torch.optim.SGD(train, lr=h["lr"], momentum=h["momentum"],
+                         weight_decay=h["weight_decay"]) if opt == "sgd" else
+         torch.optim.Adam(train, lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"],
+                          weight_decay=h["weight_decay"]))
+    losses = []
+    for i in range(STEPS):
+        o.zero_grad()
+        logp = torch.log_softmax(head_forward(spec, f[i], list(leaves.values()))[0], 1)
+        loss = -((w[i] / w[i].sum())[:, None] * t[i] * logp).sum()
+        if l2sp:
+            loss = loss + 0.5 * l2sp * sum(((v - p0[n]) ** 2).sum() for n, v in leaves.items())
+        loss.backward()
+        o.step()
+        losses.append(loss.item())
+    return np.asarray(losses), {n: v.detach().numpy() for n, v in leaves.items()}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("opt", sorted(HPARAMS))
+def test_unrolled_ksteps_equal_k_one_steps(opt):
+    spec = HeadSpec("mlp", D, C, hidden=8)
+    step, p = TrainStep(spec, opt), _params(spec)
+    f, t, w = _batches()
+    hp = [torch.tensor(HP[opt][k]) for k in step.hparam_names]
+    carry = [*p.values(), *init_state(spec, opt, p).values()]
+    got = KSteps(step, 5)(f[:5], t[:5], w[:5], *hp, *carry)
+    losses = []
+    for i in range(5):
+        out = step(f[i], t[i], w[i], *hp, *carry)
+        losses.append(out[0])
+        carry = list(out[1:])
+    assert torch.equal(got[0], torch.stack(losses))
+    assert all(torch.equal(a, b) for a, b in zip(got[1:], carry, strict=True))
+    with pytest.raises(ValueError, match="k >= 1"):
+        KSteps(step, 0)
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("opt", sorted(HPARAMS))
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}{'-l2sp' if s.l2sp else ''}"
+                         f"{'-fixed' if not s.learn_scale else ''}")
+def test_fused_graph_matches_one_step_graph_and_torch_optim(spec, opt, tmp_path):
+    from edgetl.export.onnx import OnnxExporter
+
+    ex = OnnxExporter()
+    sig = ex.export_head(spec, opt, tmp_path, opset=17, batch=N)
+    l2sp = 0.05 if spec.l2sp else 0.0
+    shared = [*spec.hparam_names(opt), *spec.anchor_names]
+    fz = ex.export_fused(tmp_path, sig["train"], sig["files"], shared=shared)
+    assert fz["fused"]["steps"] is None and fz["fused"]["inputs"] == sig["train"]["inputs"]
+    one = _session(tmp_path / "head_train.onnx")
+    fused = _session(tmp_path / fz["files"]["head_train_k"])
+    p0 = _params(spec)
+    f, t, w = _batches()
+    want_l, want_p = _torch_optim(spec, opt, p0, f, t, w, l2sp)
+    hp = {k: np.array(HP[opt].get(k, l2sp), np.float32) for k in spec.hparam_names(opt)}
+    anchors = {f"anchor.{n}": v.numpy() for n, v in p0.items()} if spec.l2sp else {}
+    outs = [o.name for o in one.get_outputs()]
+
+    def run(sess, groups):
+        params = {n: v.numpy() for n, v in p0.items()}
+        state = {n: v.numpy() for n, v in init_state(spec, opt, p0).items()}
+        losses, i = [], 0
+        for g in groups:
+            sl = slice(i, i + g) if sess is fused else i
+            feeds = {"features": f[sl].numpy(), "targets": t[sl].numpy(),
+                     "sample_weight": w[sl].numpy(), **hp, **params, **state, **anchors}
+            out = dict(zip(outs, sess.run(outs, feeds), strict=True))
+            losses += np.reshape(out["loss"], -1).tolist()
+            params = {n: out["new." + n] for n in params}
+            state = {n: out["new." + n] for n in state}
+            i += g
+        return np.asarray(losses), params
+
+    one_l, one_p = run(one, [1] * STEPS)
+    fz_l, fz_p = run(fused, [5, 1, 6])  # state carried across calls, as the runner does
+    assert np.abs(fz_l - one_l).max() <= GRAPH_ATOL
+    for n in want_p:
+        assert np.abs(fz_p[n] - one_p[n]).max() <= GRAPH_ATOL, n
+        assert np.abs(fz_p[n] - want_p[n]).max() <= TORCH_ATOL, n
+    assert np.abs(fz_l - want_l).max() <= TORCH_ATOL
+
+
+def _without_fused(src, dst):
+    """A copy of bundle ``src`` as an older export wrote it: no fused graph."""
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    fz = m["train_step"].pop("fused")
+    (dst / m["files"].pop(fz["file"])["path"]).unlink()
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_runner_same_head_with_and_without_fused_graph(tiny_bundle, tmp_path):
+    old = _without_fused(tiny_bundle, tmp_path / "old")
+    data = write_device_npz(tmp_path / "dev.npz", 300, 7, **SHIFT)
+    reps, heads = {}, {}
+    for name, b in (("fused", tiny_bundle), ("one", old)):
+        p = adapt_json(b, data, tmp_path / name, "--epochs", "6", "--patience", "0")
+        assert p.returncode == 0, p.stderr
+        reps[name] = json.loads(p.stdout)
+        with np.load(tmp_path / name / "head.npz") as z:
+            heads[name] = {k: z[k] for k in z.files if not k.startswith("__")}
+    assert reps["fused"]["steps"] == reps["one"]["steps"]
+    assert reps["fused"]["steps_fused"] > reps["fused"]["steps"] // 2
+    assert reps["one"]["steps_fused"] == 0
+    for k, v in heads["one"].items():
+        assert np.abs(heads["fused"][k] - v).max() <= GRAPH_ATOL, k
+    for a, b in zip(reps["fused"]["history"], reps["one"]["history"], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= GRAPH_ATOL
+        assert abs(a["val_loss"] - b["val_loss"]) <= GRAPH_ATOL
+
+
+def test_selftest_checks_the_fused_graph(bundle):
+    import onnx
+    from onnx import helper
+
+    from tests.test_runner_errors import edit, rehash
+
+    assert run_runner("selftest", bundle).returncode == 0
+    m = json.loads((bundle / "manifest.json").read_text())
+    path = bundle / m["files"]["head_train_k"]["path"]
+    model = onnx.load(str(path))  # a graph that runs but trains wrong: loss doubled
+    scan = model.graph.node[0]
+    k = list(scan.output).index("loss")
+    scan.output[k] = "loss_raw"
+    two = helper.make_tensor("two", onnx.TensorProto.FLOAT, [], [2.0])
+    model.graph.initializer.append(two)
+    model.graph.node.append(helper.make_node("Mul", ["loss_raw", "two"], ["loss"]))
+    onnx.save(model, str(path))
+    rehash(bundle, "head_train_k")
+    refused(run_runner("selftest", bundle), "self-test failed.*reference train steps")
+    edit(bundle, "train_step.fused.file", "nope")
+    refused(run_runner("selftest", bundle), r"train_step\.fused\.file")
+    edit(bundle, "train_step.fused.file", "head_train_k")
+    edit(bundle, "train_step.fused.inputs", m["train_step"]["inputs"][:-1])
+    refused(run_runner("selftest", bundle), r"train_step\.fused\.inputs")
