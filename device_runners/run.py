@@ -134,6 +134,10 @@ def main(argv=None) -> int:
                    help="total weight of the bundle's replay set (server features trained "
                         "beside the local windows) relative to the local training windows; "
                         "0: off (default: the bundle's adapt.replay.weight)")
+    a.add_argument("--max-forget", type=float, default=None,
+                   help="points of accuracy on the bundle's replay set (server data) an adapted "
+                        "head may lose and still be kept; negative: no check (default: the "
+                        "bundle's adapt.gate.max_forget)")
     a.add_argument("--no-gate", action="store_true",
                    help="keep the adapted head whatever it scored (experiments only)")
     a.add_argument("--mix", default=None,
@@ -223,7 +227,8 @@ def main(argv=None) -> int:
                            gate_alpha=args.gate_alpha, gate_rule="none" if args.no_gate else None,
                            patience=args.patience, mix=parse_mix(args.mix),
                            freeze_absent=args.freeze_absent,
-                           replay_weight=args.replay_weight, quiet=args.quiet)
+                           replay_weight=args.replay_weight, max_forget=args.max_forget,
+                           quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet,

@@ -448,7 +448,8 @@ def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
 
     Prints the per-device table, each protocol's totals, and the gate-level sweep (what each
     level of the device gate would have kept, and what it would have bought or cost): run it
-    on the server-validation users to choose ``adapt.gate_alpha``.
+    on the server-validation users to choose ``adapt.gate_alpha`` (and, for bundles with a
+    replay set, ``adapt.gate_max_forget``).
     """
     from edgetl import gatelevel
     from edgetl.pipeline import personalise_bundle
@@ -463,10 +464,17 @@ def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
     if s.protocols:
         con.print(protocol_table(s))
     rows = s.devices + [r for rs in s.protocols.values() for r in rs]
-    table = gatelevel.sweep(rows)
-    con.print("gate levels on these devices (sessions and within protocols):")
+    alpha, bound = gatelevel.choose_pair(rows)
+    table = gatelevel.sweep(rows, max_forget=bound)
+    bound_txt = "no replay check" if bound is None else f"replay bound {bound:g} pt"
+    con.print(f"gate levels on these devices (sessions, within and stress protocols; "
+              f"{bound_txt}):")
     con.print(gatelevel.markdown(table))
-    con.print(f"level of largest mean gain that hurts no device: {gatelevel.choose(table):g}")
+    if gatelevel.has_replay(rows):  # the replay check's bound, at the chosen level
+        con.print(f"replay check at level {alpha:g} (points of accuracy on the bundle's replay "
+                  "set an adapted head may lose):")
+        con.print(gatelevel.markdown(gatelevel.sweep_forget(rows, alpha)))
+    con.print(f"largest mean gain that hurts no device: level {alpha:g}, {bound_txt}")
     con.print(f"summary: {out / 'summary.json'}  plot: {out / s.plot}")
 
 

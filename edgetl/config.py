@@ -479,8 +479,11 @@ class AdaptConfig:
     replay_per_class: int = _f(0, "latent replay: the bundle ships backbone features of this "
                                "many server-training windows per class, trained beside the "
                                "device's windows (0: no replay set)", "windows")
-    replay_weight: float = _f(1.0, "total weight of the replay set relative to the device's "
-                              "training windows", "ratio")
+    replay_weight: float = _f(0.0, "total weight of the replay set relative to the device's "
+                              "training windows (0: the set only checks forgetting)", "ratio")
+    gate_max_forget: float = _f(-1.0, "with a replay set: the gate also refuses a head that "
+                                "loses more than this many points of accuracy on it (< 0: no "
+                                "check)", "points")
 
     def __post_init__(self):
         _check(self.epochs >= 1 and self.batch_size >= 1, "adapt: epochs and batch_size >= 1")

@@ -243,7 +243,8 @@ def adapt_options(a) -> dict:
             "mix": tuple(a.mix), "class_balanced": a.class_balanced,
             "freeze_absent": a.freeze_absent,
             # a recipe without a replay set leaves the bundle's own (none: off)
-            "replay_weight": a.replay_weight if a.replay_per_class > 0 else None}
+            "replay_weight": a.replay_weight if a.replay_per_class > 0 else None,
+            "max_forget": a.gate_max_forget if a.replay_per_class > 0 else None}
 
 
 def can_learn(bundle: dict, device: Device) -> tuple[bool, list[str]]:
@@ -361,7 +362,8 @@ def device_row(b: dict, dev: Device, new: list[str], before: dict, rep: dict,
             "adapted_accuracy": adapted["accuracy"],
             "adapted_gain": adapted["accuracy"] - before["accuracy"],
             "gate": {k: g[k] for k in ("rule", "alpha", "n", "fixed", "broke", "p_value", "keep",
-                                       "reason", "mix_weight", "best_epoch") if k in g},
+                                       "reason", "mix_weight", "best_epoch", "replay_before",
+                                       "replay_after", "max_forget") if k in g},
             "feature_seconds": rep["feature_seconds"],
             "train_seconds": rep["train_seconds"],
             "adapt_seconds": rep["feature_seconds"] + rep["train_seconds"],

@@ -15,10 +15,12 @@ import sys
 import numpy as np
 import pytest
 
+from edgetl import gatelevel
 from edgetl.check import per_class
 from edgetl.config import AdaptConfig
 from edgetl.data.synthetic import make_windows
 from tests.conftest import (
+    LABELS,
     ROOT,
     SHIFT,
     WINDOW,
@@ -127,3 +129,39 @@ def test_bad_replay_files_and_flags_are_refused(replay_bundle, tiny_bundle, tmp_
         err = refused(adapt_json(b, data, tmp_path / f"s-{name}"), match)
         assert "--replay-weight 0" in err
         assert not (tmp_path / f"s-{name}" / "head.npz").exists()  # nothing was written
+
+
+def test_the_gate_refuses_a_head_that_forgets_the_server_data(replay_bundle, tmp_path):
+    """A device whose labels mean something else than the server's (two swapped): the
+    proposal wins locally by far but loses accuracy on the replay windows; at a bound below
+    that loss the gate refuses it, saying why; without the check (negative bound) it is kept."""
+    path, _ = replay_bundle
+    data = write_device_npz(tmp_path / "d.npz", 160, seed=4, labels=LABELS[::-1])
+    args = ("--mix", "1")
+    free = json.loads(adapt_json(path, data, tmp_path / "a", *args, "--max-forget",
+                                 "-1").stdout)
+    g = free["gate"]
+    assert g["keep"] and g["max_forget"] is None
+    drop = 100 * (g["replay_before"] - g["replay_after"])
+    assert drop > 1, g  # this adaptation forgets the server's windows
+    assert free["replay"]["scored"] == 3 * PER_CLASS
+    p = adapt_json(path, data, tmp_path / "b", *args, "--max-forget", f"{drop / 2:g}")
+    g = json.loads(p.stdout)["gate"]
+    assert not g["keep"] and "forgets the server's data" in g["reason"], g
+    assert (tmp_path / "b" / "head.rejected.npz").exists()
+
+
+@pytest.mark.unit
+def test_the_level_and_replay_bound_are_chosen_together():
+    def row(gain, p, before, after):
+        return {"adapted_gain": gain, "gate": {"fixed": 5, "broke": 0, "p_value": p,
+                                               "replay_before": before, "replay_after": after}}
+
+    rows = [row(0.08, 0.004, 0.95, 0.93),   # helps, forgets 2 pt
+            row(-0.19, 0.001, 0.95, 0.80),  # hurts, forgets 15 pt
+            row(-0.03, 0.002, 0.95, 0.90)]  # hurts, forgets 5 pt
+    assert gatelevel.choose_pair(rows) == (0.01, 2.0)
+    assert gatelevel.kept(rows[1], 0.01) and not gatelevel.kept(rows[1], 0.01, 10.0)
+    # no replay evidence: the bound is None and the level alone decides
+    plain = [{"adapted_gain": 0.05, "gate": {"fixed": 5, "broke": 0, "p_value": 0.03}}]
+    assert gatelevel.choose_pair(plain) == (0.05, None)

@@ -448,10 +448,22 @@ PATIENCE_DEFAULT = 8
 MIX_DEFAULT = (0.25, 0.5, 0.75, 1.0)
 
 
-def gate_settings(m: dict, alpha, rule, patience, mix) -> tuple[dict, int, tuple]:
-    """Gate, patience and mixing weights: flags given, else the bundle's, else defaults."""
+def gate_settings(m: dict, alpha, rule, patience, mix,
+                  max_forget=None) -> tuple[dict, int, tuple]:
+    """Gate, patience and mixing weights: flags given, else the bundle's, else defaults.
+
+    ``max_forget`` (points; the bundle's ``adapt.gate.max_forget``; negative: no check): the
+    replay check of :func:`edgerun.gate.forgetting`, only where the bundle ships a replay set.
+    """
     d = m["adapt"]
     g = {**GATE_DEFAULTS, **(d.get("gate") or {})}
+    g.setdefault("max_forget", None)
+    if max_forget is not None:
+        if not max_forget < float("inf"):
+            raise RunnerError(f"--max-forget must be a finite number of points, got {max_forget}")
+        g["max_forget"] = None if max_forget < 0 else float(max_forget)
+    if g["max_forget"] is not None and replaying.block(m) is None:
+        g["max_forget"] = None  # nothing to check against
     if alpha is not None:
         g["alpha"] = alpha
     if rule is not None:
@@ -555,7 +567,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                    gate_alpha: float | None = None, gate_rule: str | None = None,
                    patience: int | None = None, mix: tuple | None = None,
                    freeze_absent: bool | None = None, replay_weight: float | None = None,
-                   quiet: bool = False, commit_extra: dict | None = None) -> dict:
+                   max_forget: float | None = None, quiet: bool = False,
+                   commit_extra: dict | None = None) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Which head: each epoch ends with the validation loss of the head so far; the epoch of
@@ -584,6 +597,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     ``replay_weight`` (default: the bundle's ``adapt.replay.weight``; 0: off): the bundle's
     replay set (server features, :mod:`edgerun.replay`) trains beside the local training
     windows with this total weight relative to theirs; validation and the gate stay local.
+    ``max_forget`` (default: the bundle's ``adapt.gate.max_forget``; < 0: off): the gate also
+    refuses a head that loses more than this many points on the replay set.
 
     ``class_balanced`` (default: the bundle's ``adapt.class_balanced``): each training
     window weighs ``n / (K * n_c)`` (sample_weight), so a
@@ -614,7 +629,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     m = bundle.manifest
     versions.check(m, out_dir, allow_downgrade=allow_downgrade)
     epochs, batch_size, val_fraction = adapt_settings(m, epochs, batch_size, val_fraction)
-    gate, patience, mix = gate_settings(m, gate_alpha, gate_rule, patience, mix)
+    gate, patience, mix = gate_settings(m, gate_alpha, gate_rule, patience, mix, max_forget)
     if class_balanced is None:
         class_balanced = bool(m["adapt"].get("class_balanced", False))
     if freeze_absent is None:
@@ -869,10 +884,16 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                                     gate=gate)
     verdict.update({"best_epoch": best[2] if best else 0, "early_stop": early})
     head.params = cand.params
-    if replay_set is not None:  # what the server's data says of both heads (not judged)
-        f_r, y_r = replay_set
+    if replay_set is not None:  # the server's windows of the labels this device trained on
+        local = np.isin(replay_set[1], np.unique(y))
+        f_r, y_r = replay_set[0][local], replay_set[1][local]
+        replay_info["scored"] = int(local.sum())
+    if replay_set is not None and len(y_r):
         replay_info["accuracy_start"] = _val_scores(backend, bundle, start, f_r, y_r)[1]
         replay_info["accuracy_proposed"] = _val_scores(backend, bundle, head, f_r, y_r)[1]
+        if epochs:
+            verdict = gating.forgetting(verdict, replay_info["accuracy_start"],
+                                        replay_info["accuracy_proposed"], gate["max_forget"])
     acc_before, acc_after = verdict["accuracy_before"], verdict["accuracy_after"]
     rolled_back = not verdict["keep"]
 

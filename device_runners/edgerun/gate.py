@@ -76,6 +76,26 @@ def decide(current_ok, adapted_ok, *, alpha: float, rule: str = "mcnemar") -> di
             f"(one-sided exact McNemar p = {p:.3g} <= alpha {alpha:g})"}
 
 
+def forgetting(verdict: dict, before: float, after: float, max_forget: float | None) -> dict:
+    """``verdict`` with the replay check: a head that forgets the server's data is refused.
+
+    ``before``/``after``: accuracy of the current and the adapted head on the bundle's replay
+    windows (server-training data, :mod:`edgerun.replay`). A head the test kept is refused when
+    it loses more than ``max_forget`` points there: it has specialised to labelled data the
+    device may not see again (``None``: no check).
+    """
+    drop = 100.0 * (before - after)
+    out = {**verdict, "replay_before": float(before), "replay_after": float(after),
+           "max_forget": max_forget}
+    if max_forget is None or not verdict["keep"] or verdict["rule"] == "none":
+        return out
+    if drop > max_forget:
+        return {**out, "keep": False, "reason": f"forgets the server's data: {verdict['reason']}"
+                f", but replay accuracy {before:.3f} -> {after:.3f} ({-drop:+.1f} pt, more than "
+                f"the {max_forget:g} pt allowed); the current head stays"}
+    return out
+
+
 def softmax_xent(logits: np.ndarray, y: np.ndarray) -> float:
     """Mean cross-entropy of ``logits`` (N, K) against class ids ``y`` (N,); numpy only."""
     z = logits - logits.max(axis=1, keepdims=True)

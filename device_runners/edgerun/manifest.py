@@ -203,17 +203,22 @@ class TestVectorsBlock(_TestVectors, total=False):
     logits_atol: float
 
 
-class GateBlock(TypedDict):
+class _Gate(TypedDict):
+    rule: str
+    alpha: float
+    chosen_on: str
+
+
+class GateBlock(_Gate, total=False):
     """The adaptation gate (``edgerun.gate``).
 
     ``rule`` ``mcnemar`` (keep an adapted head only if it beats the current one on the
     validation windows with one-sided exact McNemar ``p <= alpha``) or ``none``;
-    ``chosen_on`` says where ``alpha`` was chosen.
+    ``chosen_on`` says where ``alpha`` was chosen. Optional ``max_forget``: with a replay set,
+    a head that loses more than this many points of accuracy on it is refused too.
     """
 
-    rule: str
-    alpha: float
-    chosen_on: str
+    max_forget: float
 
 
 class _Adapt(TypedDict):
@@ -510,6 +515,9 @@ def _consistent(m: dict) -> None:
         _expect("replay" in files, "adapt.replay", "files.replay listed with it", sorted(files))
         _at_least(rp["weight"], 0, "adapt.replay.weight")
         _at_least(rp["count"], 0, "adapt.replay.count", MAX_DIM)
+    mf = (m["adapt"].get("gate") or {}).get("max_forget")
+    if mf is not None:
+        _at_least(mf, 0, "adapt.gate.max_forget", 100)
     params = [p["name"] for p in head["params"]]
     _expect(params and len(set(params)) == len(params), "head.params",
             "distinct parameter names", params)

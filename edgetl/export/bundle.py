@@ -504,6 +504,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     if replay is not None and adapt.replay_per_class > 0:
         blocks["adapt"]["replay"] = _replay_set(sess, ck, replay, adapt, tmp)
         files["replay"] = REPLAY_FILE
+        if adapt.gate_max_forget >= 0:
+            blocks["adapt"]["gate"]["max_forget"] = adapt.gate_max_forget
     atol = parity_atol(exporter.target)
     got_feats = sess.features(xn)
     scale = float(np.abs(feats).max())
