@@ -192,3 +192,11 @@ def run_snippet(snippet: str, cwd: Path) -> subprocess.CompletedProcess:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(["bash", "-e", "-c", snippet], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """``node`` with the TypeScript runner (``device_runners/js``) installed and compiled."""
+    from tests.jsrunner import build_js
+
+    return build_js()
