@@ -113,6 +113,12 @@ def tiny_bundle(tiny_ck, tmp_path_factory) -> Path:
     return export_tiny(tiny_ck, tmp_path_factory.mktemp("bundle") / "bundle")
 
 
+@pytest.fixture(scope="session")
+def int8_bundle(tiny_ck, tmp_path_factory) -> Path:
+    """The tiny model's int8 ONNX bundle."""
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("int8") / "bundle", precision="int8")
+
+
 @pytest.fixture()
 def bundle(tiny_bundle, tmp_path) -> Path:
     """A writable copy of :func:`tiny_bundle`, for tests that damage or sign it."""

@@ -50,11 +50,6 @@ def test_typescript_schema_matches_python():
 
 
 @pytest.fixture(scope="session")
-def int8_bundle(tiny_ck, tmp_path_factory) -> Path:
-    return export_tiny(tiny_ck, tmp_path_factory.mktemp("js8") / "bundle", precision="int8")
-
-
-@pytest.fixture(scope="session")
 def bundles(tiny_bundle, int8_bundle) -> dict:
     return {"fp32": tiny_bundle, "int8": int8_bundle}
 

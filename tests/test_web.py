@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SHIFT, run_runner
+from tests.conftest import ROOT, SHIFT, run_runner, write_device_npz
 from tests.jsrunner import HEAD_ATOL, JS, compare_reports, csv_log, head_diff
 
 WEB = ROOT / "device_runners" / "web"
@@ -141,6 +141,27 @@ def test_web_page_personalises_as_the_python_runner(node, page_url, tiny_bundle,
     assert Path(shot).stat().st_size > 10_000
     assert out["console_errors"] == [], out["console_errors"]
     print(f"browser session: {seconds:.1f} s", file=sys.stderr)
+
+
+def test_web_page_int8_new_label(node, page_url, int8_bundle, tmp_path):
+    """An int8 bundle, .npz windows with a label the server never saw (imprinted) and one
+    missing, 2 WASM threads: the Python runner's head, labels and gate."""
+    data = write_device_npz(tmp_path / "device.npz", 90, seed=12, gain=1.2,
+                            labels=("slow", "medium", "sprint"))
+    out = drive(node, page_url, [{"goto": "?threads=2"}, {"bundle": str(int8_bundle)},
+                                 {"data": str(data)}, {"adapt": {"seed": 5}, "save": "int8"}],
+                tmp_path)
+    s = out["steps"]
+    assert s[1]["ok"] and "Self-test passed" in s[1]["selftest"], s[1]
+    assert "sprint: 35 (new label: it will be imprinted)" in s[2]["info"], s[2]
+    assert s[3]["ok"], s[3]
+    P = python_runner(int8_bundle, data, tmp_path / "py", ["--seed", "5"])
+    J = json.loads((tmp_path / "out" / "int8" / "report.json").read_text())
+    compare_reports(P, J)
+    assert J["new_labels"] == ["sprint"] and J["missing_labels"] == ["fast"]
+    err = head_diff(tmp_path / "py" / "head.npz", tmp_path / "out" / "int8" / "head.npz")
+    assert err <= HEAD_ATOL, f"heads differ by {err:.3g} (> {HEAD_ATOL})"
+    print(f"int8/new label: head max abs diff {err:.3g}")
 
 
 def test_browser_build_has_no_node_modules(page_url):
