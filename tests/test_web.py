@@ -144,16 +144,19 @@ def test_web_page_personalises_as_the_python_runner(node, page_url, tiny_bundle,
 
 
 def test_web_page_int8_new_label(node, page_url, int8_bundle, tmp_path):
-    """An int8 bundle, .npz windows with a label the server never saw (imprinted) and one
-    missing, 2 WASM threads: the Python runner's head, labels and gate."""
+    """An int8 bundle and .npz windows dropped on the page (drag and drop), with a label the
+    server never saw (imprinted) and one missing, 2 WASM threads: the Python runner's head,
+    labels and gate."""
     data = write_device_npz(tmp_path / "device.npz", 90, seed=12, gain=1.2,
                             labels=("slow", "medium", "sprint"))
-    out = drive(node, page_url, [{"goto": "?threads=2"}, {"bundle": str(int8_bundle)},
-                                 {"data": str(data)}, {"adapt": {"seed": 5}, "save": "int8"}],
-                tmp_path)
+    files = sorted(str(f) for f in int8_bundle.iterdir())
+    out = drive(node, page_url, [{"goto": "?threads=2"},  # drag and drop this time
+                                 {"drop": "#bundle-drop", "files": files},
+                                 {"drop": "#data-drop", "files": [str(data)]},
+                                 {"adapt": {"seed": 5}, "save": "int8"}], tmp_path)
     s = out["steps"]
-    assert s[1]["ok"] and "Self-test passed" in s[1]["selftest"], s[1]
-    assert "sprint: 35 (new label: it will be imprinted)" in s[2]["info"], s[2]
+    assert s[1]["ok"] and "Self-test passed" in s[1]["status"], s[1]
+    assert "sprint: 35 (new label: it will be imprinted)" in s[2]["status"], s[2]
     assert s[3]["ok"], s[3]
     P = python_runner(int8_bundle, data, tmp_path / "py", ["--seed", "5"])
     J = json.loads((tmp_path / "out" / "int8" / "report.json").read_text())
@@ -162,6 +165,32 @@ def test_web_page_int8_new_label(node, page_url, int8_bundle, tmp_path):
     err = head_diff(tmp_path / "py" / "head.npz", tmp_path / "out" / "int8" / "head.npz")
     assert err <= HEAD_ATOL, f"heads differ by {err:.3g} (> {HEAD_ATOL})"
     print(f"int8/new label: head max abs diff {err:.3g}")
+
+
+def test_web_page_checks_the_signature(node, page_url, tiny_bundle, tmp_path):
+    """With a trust key the page verifies manifest.sig (Ed25519, the browser's WebCrypto):
+    another key is refused, the signing key accepted."""
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    signed = tmp_path / "signed"
+    shutil.copytree(tiny_bundle, signed)
+    pems = {}
+    for name in ("good", "other"):
+        k = Ed25519PrivateKey.generate()
+        pems[name] = tmp_path / f"{name}.pem"
+        pems[name].write_bytes(k.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        if name == "good":
+            (signed / "manifest.sig").write_bytes(k.sign((signed / "manifest.json").read_bytes()))
+    out = drive(node, page_url, [{"goto": "?threads=1"}, {"bundle": str(signed)},
+                                 {"trust": str(pems["other"])}, {"trust": str(pems["good"])}],
+                tmp_path)
+    s = out["steps"]
+    assert s[1]["ok"] and "signature" not in s[1]["manifest"], s[1]  # no key: not checked
+    assert not s[2]["ok"] and "signature does not verify" in s[2]["error"], s[2]
+    assert s[3]["ok"] and "Ed25519 signature verified" in s[3]["manifest"], s[3]
 
 
 def test_browser_build_has_no_node_modules(page_url):

@@ -4,7 +4,9 @@
 // PLAN: {"url": "http://127.0.0.1:PORT/", "userDataDir": "/tmp/x", "outDir": "/tmp/out",
 //        "steps": [{"goto": "?threads=1"}, {"bundle": DIR}, {"data": FILE},
 //                  {"adapt": {"epochs": 6, "seed": 9}, "save": "t1"}, {"screenshot": PNG}]}
-// Each "bundle"/"data" step reports the page's status text, or its error box when it refused
+// {"trust": PEM} picks a trust key (then the picked bundle is checked again).
+// {"drop": "#bundle-drop" | "#data-drop", "files": [PATH...]} drops files on a drop zone.
+// Each "bundle"/"data"/"drop" step reports the page's status text, or its error box when it refused
 // the input; "adapt" saves the downloaded head.npz and report.json under outDir/save/.
 import { mkdirSync, readFileSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -38,6 +40,14 @@ const T = plan.timeoutMs ?? 60000;
 const text = (sel) => page.locator(sel).innerText();
 const errorShown = () => page.locator("#error").isVisible();
 
+// Clear the markers a step waits for, so that a step cannot read the previous one's outcome
+// (the page sets them again when it handles the new input).
+const unmark = (bundle, data) => page.evaluate(([b, d]) => {
+  document.getElementById("error").hidden = true;
+  if (b) document.getElementById("selftest").dataset.state = "idle";
+  if (d) document.getElementById("data-info").hidden = true;
+}, [bundle, data]);
+
 async function outcome(okSel) {
   // the page shows either okSel or its error box
   await page.waitForFunction((s) => !!document.querySelector(s) ||
@@ -50,6 +60,11 @@ try {
   for (const step of plan.steps) {
     const t0 = Date.now();
     let r = {};
+    if (step.goto === undefined && step.screenshot === undefined) {
+      const bundleStep = step.bundle !== undefined || step.trust !== undefined ||
+        step.drop === "#bundle-drop";
+      await unmark(bundleStep, step.data !== undefined || step.drop === "#data-drop");
+    }
     if (step.goto !== undefined) {
       await page.goto(new URL(step.goto, plan.url).href);
       await page.waitForSelector("body[data-ready='1']", { timeout: T });
@@ -60,6 +75,25 @@ try {
       r = await outcome("#selftest[data-state='passed'], #selftest[data-state='failed']");
       r.selftest = await text("#selftest");
       if (r.ok) r.manifest = await text("#bundle-info");
+    } else if (step.trust !== undefined) {
+      // a trust key (PEM): the page re-checks the picked bundle with it
+      await page.setInputFiles("#trust-input", step.trust);
+      r = await outcome("#selftest[data-state='passed']");
+      r.selftest = await text("#selftest");
+      if (r.ok) r.manifest = await text("#bundle-info");
+    } else if (step.drop !== undefined) {
+      // drag and drop: the files (flat, by name) dropped on a drop zone
+      const files = step.files.map((p) => ({ name: p.split("/").pop(),
+        b64: readFileSync(p).toString("base64") }));
+      const dt = await page.evaluateHandle((fs) => {
+        const d = new DataTransfer();
+        for (const f of fs) d.items.add(new File([Uint8Array.from(atob(f.b64), (c) => c.charCodeAt(0))], f.name));
+        return d;
+      }, files);
+      await page.dispatchEvent(step.drop, "drop", { dataTransfer: dt });
+      r = await outcome(step.drop === "#bundle-drop"
+        ? "#selftest[data-state='passed'], #selftest[data-state='failed']" : "#data-info:not([hidden])");
+      if (r.ok) r.status = await text(step.drop === "#bundle-drop" ? "#selftest" : "#data-info");
     } else if (step.data !== undefined) {
       await page.setInputFiles("#data-input", step.data);
       r = await outcome("#data-info:not([hidden])");

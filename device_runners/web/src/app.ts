@@ -309,6 +309,7 @@ async function droppedFiles(dt: DataTransfer): Promise<File[]> {
     }
   };
   const entries = [...dt.items].map((i) => i.webkitGetAsEntry()).filter((e): e is FileSystemEntry => !!e);
+  if (!entries.length) return [...dt.files]; // no entry API (or files made by a script)
   for (const e of entries) await walk(e, "");
   return out;
 }
