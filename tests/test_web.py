@@ -36,14 +36,15 @@ CHROMIUM = os.environ.get("EDGETL_CHROMIUM", "/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
-def page_url(node, tmp_path_factory):
+def page_url(request):
     """The built page served on 127.0.0.1 (a free port), with COOP/COEP headers."""
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"skipping browser tests: {CHROMIUM} not found (Debian: apt-get install "
                     "chromium; .ci/run installs it as root; EDGETL_CHROMIUM=PATH for another)")
+    node = request.getfixturevalue("node")  # npm ci + tsc, once Chromium is known to exist
     if not (JS / "node_modules" / "playwright-core").is_dir():
         pytest.skip("skipping browser tests: device_runners/js/node_modules/playwright-core "
-                    "is missing (make js-install)")
+                    "is missing after npm ci (is it still in package-lock.json?)")
     p = subprocess.run([node, str(WEB / "build.mjs")], capture_output=True, text=True)
     assert p.returncode == 0, f"building the page failed:\n{p.stdout}{p.stderr}"
     server = subprocess.Popen([node, str(WEB / "serve.mjs"), "--port", "0"],
@@ -86,7 +87,7 @@ def python_runner(bundle: Path, data: Path, out: Path, flags: list) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def test_web_page_personalises_as_the_python_runner(node, page_url, tiny_bundle, tmp_path):
+def test_web_page_personalises_as_the_python_runner(page_url, node, tiny_bundle, tmp_path):
     """Bundle and CSV through the page's file inputs; head and gate as the Python runner's:
     a shifted device (the gate keeps the new head) at 1 and 2 WASM threads, and an unshifted
     one (the gate keeps the shipped head). Refusals are shown on the page."""
@@ -143,7 +144,7 @@ def test_web_page_personalises_as_the_python_runner(node, page_url, tiny_bundle,
     print(f"browser session: {seconds:.1f} s", file=sys.stderr)
 
 
-def test_web_page_int8_new_label(node, page_url, int8_bundle, tmp_path):
+def test_web_page_int8_new_label(page_url, node, int8_bundle, tmp_path):
     """An int8 bundle and .npz windows dropped on the page (drag and drop), with a label the
     server never saw (imprinted) and one missing, 2 WASM threads: the Python runner's head,
     labels and gate."""
@@ -167,7 +168,7 @@ def test_web_page_int8_new_label(node, page_url, int8_bundle, tmp_path):
     print(f"int8/new label: head max abs diff {err:.3g}")
 
 
-def test_web_page_checks_the_signature(node, page_url, tiny_bundle, tmp_path):
+def test_web_page_checks_the_signature(page_url, node, tiny_bundle, tmp_path):
     """With a trust key the page verifies manifest.sig (Ed25519, the browser's WebCrypto):
     another key is refused, the signing key accepted."""
     pytest.importorskip("cryptography")
