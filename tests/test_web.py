@@ -17,8 +17,11 @@ writes ``docs/web.png``).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -202,3 +205,14 @@ def test_browser_build_has_no_node_modules(page_url):
     for f in lib.glob("*.js"):
         for line in f.read_text().splitlines():
             assert not (line.startswith("import ") and "node:" in line), (f.name, line)
+
+
+@pytest.mark.unit
+def test_csp_allows_the_import_map():
+    """index.html's Content-Security-Policy names the sha256 of its inline import map (else
+    the browser blocks it and the page never loads): edit both together."""
+    html = (WEB / "index.html").read_text()
+    body = re.search(r'<script type="importmap">(.*?)</script>', html, re.S).group(1)
+    want = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+    assert f"'sha256-{want}'" in html, (
+        f"the import map changed: put 'sha256-{want}' in index.html's script-src")
