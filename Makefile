@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort venv-fleet js-install data-vision data-text demo demo-vision demo-text bench methods fleet ddp coverage test test-quick test-slow test-pi style lint format docs clean help
+.PHONY: install venv-ort venv-fleet js-install web web-screenshot data-vision data-text demo demo-vision demo-text bench methods fleet ddp coverage test test-quick test-slow test-pi style lint format docs clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -21,7 +21,11 @@ help:
 	@echo "make ddp        teacher pretraining on 2 processes (torchrun) vs 1 -> weight difference"
 	@echo "make coverage   architectures from outside edgetl (transformers, user modules) x"
 	@echo "                {onnx,tflite} x {fp32,int8}: export, parity, runner -> docs/coverage.md"
-	@echo "make js-install the TypeScript device runner (device_runners/js): npm ci + tsc"
+	@echo "make js-install the TypeScript device runner (device_runners/js): npm ci + tsc, and"
+	@echo "                the web page (device_runners/web/dist)"
+	@echo "make web        serve the web page on http://127.0.0.1:$(WEB_PORT)/ (personalise in the"
+	@echo "                browser; COOP/COEP headers for WASM threads)"
+	@echo "make web-screenshot  docs/web.png, from the headless-Chromium test (tests/test_web.py)"
 	@echo "make test       default tier: unit + integration, everything but slow (no GPU, no"
 	@echo "                network; 16-20 min on 2 cores); lists skipped tests and why at the end"
 	@echo "make test-quick unit tier only (pytest -m unit, ~1 min): no dataset, no runner"
@@ -78,8 +82,22 @@ js-install:
 	    (cd $(JS_DIR) && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund) && \
 	    echo "$$want" > $(JS_STAMP); \
 	  fi && node $(JS_DIR)/node_modules/typescript/bin/tsc -p $(JS_DIR) && \
-	  node $(JS_DIR)/node_modules/typescript/bin/tsc -p $(JS_DIR)/tsconfig.examples.json; \
+	  node $(JS_DIR)/node_modules/typescript/bin/tsc -p $(JS_DIR)/tsconfig.examples.json && \
+	  node device_runners/web/build.mjs; \
 	fi
+
+# The web page (device_runners/web): personalise a bundle in the browser, served on 127.0.0.1
+# only, with the cross-origin isolation headers multi-threaded WASM needs.
+WEB_PORT ?= 8000
+web: js-install
+	node device_runners/web/serve.mjs --port $(WEB_PORT)
+
+web-screenshot: install js-install
+	EDGETL_WEB_SCREENSHOT=$(abspath docs/web.png) $(BIN)/python -m pytest -q -rs \
+		tests/test_web.py -k personalises
+	@# 64 colours: ~75 KB instead of ~240 KB
+	$(BIN)/python -c "from PIL import Image; Image.open('docs/web.png').convert('RGB')"\
+".quantize(64).save('docs/web.png', optimize=True)"
 
 # Fashion-MNIST ships as a Debian package (idx files under /usr/share/datasets).
 data-vision:

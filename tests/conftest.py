@@ -113,6 +113,12 @@ def tiny_bundle(tiny_ck, tmp_path_factory) -> Path:
     return export_tiny(tiny_ck, tmp_path_factory.mktemp("bundle") / "bundle")
 
 
+@pytest.fixture(scope="session")
+def int8_bundle(tiny_ck, tmp_path_factory) -> Path:
+    """The tiny model's int8 ONNX bundle."""
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("int8") / "bundle", precision="int8")
+
+
 @pytest.fixture()
 def bundle(tiny_bundle, tmp_path) -> Path:
     """A writable copy of :func:`tiny_bundle`, for tests that damage or sign it."""
@@ -192,3 +198,11 @@ def run_snippet(snippet: str, cwd: Path) -> subprocess.CompletedProcess:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(["bash", "-e", "-c", snippet], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """``node`` with the TypeScript runner (``device_runners/js``) installed and compiled."""
+    from tests.jsrunner import build_js
+
+    return build_js()

@@ -226,8 +226,9 @@ export interface AdaptOptions {
   maxSeconds?: number;
   /** `performance.now()` when the run started (the budget counts from it; default: now). */
   startedAt?: number;
-  /** Called after every epoch. */
-  onEpoch?: (h: EpochRecord, epochs: number) => void;
+  /** Called after every epoch (awaited when it returns a promise: a page yields to the
+   * browser there to draw its progress bar). */
+  onEpoch?: (h: EpochRecord, epochs: number) => void | Promise<void>;
   /** Skip the self-test (it runs by default, as in the Python runner). */
   skipSelftest?: boolean;
 }
@@ -437,7 +438,7 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     const rec = { epoch: epoch + 1, loss: total / Math.max(count, 1), val_loss: s.loss,
       val_accuracy: s.acc, complete: stopped === null };
     history.push(rec);
-    o.onEpoch?.(rec, epochs);
+    await o.onEpoch?.(rec, epochs);
     if (best === null || s.loss < best.loss) {
       best = { loss: s.loss, epoch: epoch + 1,
         params: new Map([...head.params].map(([k, v]) => [k, { data: v.data.slice(), dims: [...v.dims] }])) };
@@ -496,6 +497,30 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
   const written = startFull ?? start; // what a rollback writes when the folder has no head
   return { report, head, start: written, kept: rolledBack ? written : head, newLabels,
     train: tr, val: va };
+}
+
+/**
+ * The head files `adapt` leaves in a state folder, as the Python runner writes them:
+ * `head` for `head.npz` (the adapted head when the gate kept it; after a rollback the
+ * starting head, or null when the folder already holds a usable head for this backbone) and
+ * `rejected` for `head.rejected.npz` (the head the gate refused; null when kept or not
+ * finite). `dataName`: the data file's base name.
+ */
+export function stateFiles(bundle: Bundle, r: AdaptResult, dataName: string,
+  hasUsableHead = false): { head: Uint8Array | null; rejected: Uint8Array | null } {
+  const rep = r.report;
+  if (!rep.rolled_back) {
+    return { head: r.head.toNpz(bundle, { accuracy_before: rep.accuracy_before,
+      accuracy_after: rep.accuracy_after, data: dataName, run_key: null }), rejected: null };
+  }
+  const head = hasUsableHead ? null
+    : r.start.toNpz(bundle, { rolled_back: true, imprinted: r.newLabels, run_key: null });
+  let rejected: Uint8Array | null = null;
+  try {
+    rejected = r.head.toNpz(bundle, { rejected: (rep.gate as { reason: string }).reason,
+      data: dataName, run_key: null });
+  } catch { /* non-finite: nothing to inspect */ }
+  return { head, rejected };
 }
 
 function pyList(xs: string[]): string {

@@ -11,7 +11,7 @@
 import { promises as fs } from "node:fs";
 import * as path from "node:path";
 import { parseArgs } from "node:util";
-import { adapt, infer, selftestForward, selftestTrain } from "./adapt.js";
+import { adapt, infer, selftestForward, selftestTrain, stateFiles } from "./adapt.js";
 import { RunnerError } from "./errors.js";
 import { Head } from "./head.js";
 import { atomicWrite, checkVersion, loadBundleDir, loadData, peakRssMb, updatedVersions,
@@ -180,21 +180,11 @@ async function main(argv: string[]): Promise<number> {
       rep.data = path.resolve(v.data);
       rep.checkpoint = ckpt;
       rep.checkpoint_written = !rolledBack || !usable;
-      if (rolledBack) {
-        say(`gate: ${gate.reason}`);
-        if (!usable) {
-          await atomicWrite(ckpt, r.start.toNpz(bundle, { rolled_back: true, imprinted: r.newLabels,
-            run_key: null }));
-        }
-        try {
-          await atomicWrite(path.join(out, "head.rejected.npz"), r.head.toNpz(bundle, {
-            rejected: gate.reason, data: base, run_key: null }));
-        } catch { /* non-finite: nothing to inspect */ }
-      } else {
-        if (usable) await fs.copyFile(ckpt, path.join(out, "head.prev.npz"));
-        await atomicWrite(ckpt, r.head.toNpz(bundle, { accuracy_before: rep.accuracy_before,
-          accuracy_after: rep.accuracy_after, data: base, run_key: null }));
-      }
+      const files = stateFiles(bundle, r, base, usable);
+      if (rolledBack) say(`gate: ${gate.reason}`);
+      else if (usable) await fs.copyFile(ckpt, path.join(out, "head.prev.npz"));
+      if (files.head) await atomicWrite(ckpt, files.head);
+      if (files.rejected) await atomicWrite(path.join(out, "head.rejected.npz"), files.rejected);
       rep.peak_rss_mb = await peakRssMb();
       rep.total_seconds = (performance.now() - t0) / 1000;
       await atomicWrite(path.join(out, "report.json"), JSON.stringify(rep, null, 2));

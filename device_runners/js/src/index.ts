@@ -15,6 +15,7 @@ export type { NdArray } from "./npy.js";
 export { OrtBackend } from "./ort.js";
 export type { Ort, F32, BackendOptions } from "./ort.js";
 export { defaultRng, PCG64 } from "./rng.js";
-export { adapt, chooseHead, infer, selftest, selftestForward, selftestTrain } from "./adapt.js";
+export { adapt, chooseHead, infer, selftest, selftestForward, selftestTrain, stateFiles } from "./adapt.js";
+export { loadDataBytes } from "./load.js";
 export type { AdaptOptions, AdaptResult, EpochRecord, InferResult } from "./adapt.js";
 export { loadTexts, pack, readTexts, TextEncoder_ as TextTokens, WordPiece } from "./text.js";

@@ -3,8 +3,8 @@ import { promises as fs } from "node:fs";
 import * as path from "node:path";
 import { Bundle, BundleOptions, MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE } from "./bundle.js";
 import { parseManifest } from "./check.js";
-import { Dataset, loadCsv, loadNpz } from "./data.js";
-import { loadTexts } from "./text.js";
+import { Dataset } from "./data.js";
+import { loadDataBytes } from "./load.js";
 import { RunnerError } from "./errors.js";
 import { Manifest } from "./manifest.js";
 
@@ -57,28 +57,9 @@ export async function loadBundleDir(root: string, opts: BundleOptions & { trustK
   return Bundle.fromFiles(files, { ...opts, trustKey, source: root });
 }
 
-/** A data file: `.npz` windows or a `.csv` sensor log. */
+/** A data file: `.npz` windows or a `.csv` sensor log (text bundles: `.csv` / `.txt` texts). */
 export async function loadData(p: string, bundle: Bundle, maxMb = 2048): Promise<Dataset> {
-  const m = bundle.manifest;
-  const ext = path.extname(p).toLowerCase();
-  const bytes = await readRegular(p, "data file", maxMb * 2 ** 20);
-  if (m.input.modality === "text") {
-    let text: string;
-    try { text = new TextDecoder("utf-8", { fatal: true }).decode(bytes); } catch {
-      throw new RunnerError(`${p} is not UTF-8 text; re-save it as UTF-8`);
-    }
-    return loadTexts(text, bundle, p);
-  }
-  if (ext === ".npz") return loadNpz(bytes, m, p);
-  if (ext === ".csv") {
-    let text: string;
-    try { text = new TextDecoder("utf-8", { fatal: true }).decode(bytes); } catch {
-      throw new RunnerError(`${p} is not UTF-8 text; re-save it as UTF-8`);
-    }
-    return loadCsv(text, m, p);
-  }
-  throw new RunnerError(`${p}: unknown data format '${ext || "(no extension)"}'; expected .npz ` +
-    "(x, y arrays) or .csv (one sensor sample per row)");
+  return loadDataBytes(await readRegular(p, "data file", maxMb * 2 ** 20), p, bundle);
 }
 
 /** Write `bytes` to `p` atomically: a temporary file in the same folder, fsync, rename. */
