@@ -119,6 +119,24 @@ def int8_bundle(tiny_ck, tmp_path_factory) -> Path:
     return export_tiny(tiny_ck, tmp_path_factory.mktemp("int8") / "bundle", precision="int8")
 
 
+#: Replay windows per class of :func:`replay_bundle`.
+PER_CLASS = 24
+
+
+@pytest.fixture(scope="session")
+def replay_bundle(tiny_ck, tmp_path_factory) -> tuple[Path, tuple]:
+    """The tiny model's bundle with a replay set (``PER_CLASS`` server windows per class,
+    weight 1), and the server windows ``(x, y)`` it was picked from."""
+    from edgetl.check import per_class
+    from edgetl.config import AdaptConfig
+
+    x, y = make_windows(400, window=WINDOW, seed=11)
+    pick = per_class(y, 64)
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("replay") / "bundle",
+                       adapt=AdaptConfig(replay_per_class=PER_CLASS, replay_weight=1.0),
+                       replay=(x[pick], y[pick])), (x[pick], y[pick])
+
+
 @pytest.fixture()
 def bundle(tiny_bundle, tmp_path) -> Path:
     """A writable copy of :func:`tiny_bundle`, for tests that damage or sign it."""

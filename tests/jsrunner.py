@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,7 @@ def compare_reports(P: dict, J: dict) -> float:
     for k in ("n_windows", "n_train", "n_val", "epochs", "batch_size", "steps", "epochs_run",
               "rolled_back", "checkpoint_written", "labels", "new_labels", "missing_labels",
               "hparams", "class_balanced", "stopped_early", "accuracy_before",
-              "accuracy_after"):
+              "accuracy_after", "replay"):
         assert P[k] == J[k], f"report[{k!r}]: python {P[k]!r}, js {J[k]!r}"
     for k in ("early_stop", "warnings"):  # they print a validation loss to 4 decimals
         assert same_text(P[k], J[k]), f"report[{k!r}]: python {P[k]!r}, js {J[k]!r}"
@@ -146,6 +147,19 @@ def head_diff(a_path: Path, b_path: Path) -> float:
                 assert a[k].shape == b[k].shape and b[k].dtype == np.float32, k
                 err = max(err, float(np.abs(a[k] - b[k]).max()))
     return err
+
+
+def split_of(bundle: Path, data: Path, py: Path, seed: int = 0) -> tuple:
+    """The Python runner's train/validation split of ``data`` (labels as ``py``'s report)."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load, split_mode, stratified_split
+
+    m = Bundle(str(bundle)).manifest
+    ds = load(str(data), m, need_labels=True)
+    labels = json.loads((py / "report.json").read_text())["labels"]
+    y = np.asarray([labels.index(v) for v in ds.y])
+    return stratified_split(y, m["adapt"]["val_fraction"], seed, split_mode(m))
 
 
 def compare(py: Path, js: Path, split: tuple) -> dict:

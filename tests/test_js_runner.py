@@ -20,7 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, export_tiny, run_runner, write_device_npz
+from tests.conftest import (
+    LABELS,
+    PER_CLASS,
+    ROOT,
+    SHIFT,
+    export_tiny,
+    refused,
+    run_runner,
+    write_device_npz,
+)
 from tests.jsrunner import (
     HEAD_ATOL,
     JS,
@@ -29,6 +38,7 @@ from tests.jsrunner import (
     csv_log,
     node_eval,
     run_js,
+    split_of,
 )
 
 
@@ -494,3 +504,70 @@ def test_signed_bundle(node, bundle, tmp_path):
     run_js(node, "selftest", bundle, "--trust-key", good_pub, "--quiet")
     p = run_js(node, "selftest", bundle, "--trust-key", other_pub, check=False)
     assert p.returncode == 1 and "signature does not verify" in p.stderr, p.stderr
+
+
+def _replay_parity(node, bundle: Path, data: Path, tmp: Path, flags: list) -> dict:
+    """``adapt`` in both runners; their state folders agree, and so do the reports' replay
+    fields; the TypeScript report."""
+    py, js = adapt_both(node, bundle, data, tmp, flags)
+    diffs = compare(py, js, split_of(bundle, data, py))
+    rep = json.loads((js / "report.json").read_text())
+    assert rep["replay"] == json.loads((py / "report.json").read_text())["replay"]
+    print(f"replay {flags}: {diffs}")
+    return rep
+
+
+def test_adapt_parity_replay_training(node, replay_bundle, tmp_path):
+    """Weight 1: the replay windows join the shuffled pool (after the training windows) with
+    their share of the sample weight; the same steps, heads and replay scores."""
+    path, _ = replay_bundle
+    data = write_device_npz(tmp_path / "d.npz", 160, seed=4, **SHIFT)
+    rep = _replay_parity(node, path, data, tmp_path / "w1",
+                         ["--replay-weight", "1", "--class-balanced", "--batch-size", "12"])
+    r = rep["replay"]
+    assert r["weight"] == 1 and r["windows"] == r["scored"] == 3 * PER_CLASS
+    assert rep["steps"] > 0 and 0 <= r["accuracy_proposed"] <= 1
+    # more steps than the local windows alone take: the replay set was trained on
+    plain = _replay_parity(node, path, data, tmp_path / "w0",
+                           ["--replay-weight", "0", "--class-balanced", "--batch-size", "12"])
+    assert rep["steps"] > plain["steps"]
+
+
+def test_adapt_parity_replay_check_refuses(node, replay_bundle, tmp_path):
+    """Weight 0 and a device with two labels swapped: both runners see the same forgetting on
+    the replay windows, keep the head without a bound (negative) and refuse it, saying why,
+    at a bound below the loss."""
+    path, _ = replay_bundle
+    data = write_device_npz(tmp_path / "d.npz", 160, seed=4, labels=LABELS[::-1])
+    flags = ["--mix", "1", "--replay-weight", "0"]
+    free = _replay_parity(node, path, data, tmp_path / "free", [*flags, "--max-forget", "-1"])
+    g = free["gate"]
+    assert g["keep"] and g["max_forget"] is None and free["replay"]["weight"] == 0
+    drop = 100 * (g["replay_before"] - g["replay_after"])
+    assert drop > 1, g
+    rep = _replay_parity(node, path, data, tmp_path / "bound",
+                         [*flags, "--max-forget", f"{drop / 2:g}"])
+    g = rep["gate"]
+    assert not g["keep"] and "forgets the server's data" in g["reason"], g
+    assert rep["rolled_back"] and (tmp_path / "bound" / "js" / "head.rejected.npz").exists()
+
+
+def test_replay_refusals_match_python(node, replay_bundle, tiny_bundle, tmp_path):
+    """A damaged replay file or a bad replay flag: the same one-line error in both runners,
+    and nothing written."""
+    from tests.test_replay import BAD_REPLAY, damaged_replay
+
+    path, _ = replay_bundle
+    data = write_device_npz(tmp_path / "d.npz", 120, seed=3)
+    cases = [(tiny_bundle, ["--replay-weight", "1"], "needs a bundle that ships a replay set"),
+             (path, ["--replay-weight", "-1"], "--replay-weight must be a finite number >= 0"),
+             (path, ["--max-forget", "inf"], "--max-forget must be a finite number of points")]
+    cases += [(damaged_replay(path, tmp_path / name, arrays), [], match)
+              for name, arrays, match in BAD_REPLAY]
+    for i, (b, flags, match) in enumerate(cases):
+        out = tmp_path / f"s{i}"
+        args = ("adapt", b, "--data", data, "--out", out, "--quiet", *flags)
+        want = refused(run_runner(*args), match)
+        got = refused(run_js(node, *args, check=False), match)
+        assert got == want, (flags, want, got)
+        assert not (out / "head.npz").exists()

@@ -10,22 +10,21 @@ it, and a damaged replay file or a weight without a set is one clear error.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgetl import gatelevel
 from edgetl.check import per_class
-from edgetl.config import AdaptConfig
-from edgetl.data.synthetic import make_windows
 from tests.conftest import (
     LABELS,
+    PER_CLASS,
     ROOT,
     SHIFT,
-    WINDOW,
     adapt_json,
-    export_tiny,
     refused,
     run_runner,
     write_device_npz,
@@ -36,17 +35,6 @@ sys.path.insert(0, str(ROOT / "device_runners"))
 from edgerun.backends import make_backend  # noqa: E402
 from edgerun.bundle import Bundle  # noqa: E402
 from edgerun.data import preprocess  # noqa: E402
-
-PER_CLASS = 24
-
-
-@pytest.fixture(scope="module")
-def replay_bundle(tiny_ck, tmp_path_factory):
-    x, y = make_windows(400, window=WINDOW, seed=11)
-    pick = per_class(y, 64)
-    return export_tiny(tiny_ck, tmp_path_factory.mktemp("replay") / "bundle",
-                       adapt=AdaptConfig(replay_per_class=PER_CLASS, replay_weight=1.0),
-                       replay=(x[pick], y[pick])), (x[pick], y[pick])
 
 
 @pytest.mark.unit
@@ -106,26 +94,33 @@ def test_replay_keeps_the_head_right_on_the_server_distribution(replay_bundle, t
     assert acc["replay"] > acc["plain"] + 0.05, acc
 
 
-def test_bad_replay_files_and_flags_are_refused(replay_bundle, tiny_bundle, tmp_path):
-    import shutil
+#: Damaged replay files (name, arrays of replay.npz, the error they give).
+BAD_REPLAY = (
+    ("shape", {"features": np.zeros((5, 3), np.float32), "labels": np.zeros(5, int)},
+     r"expected features \(R, 8\) and labels \(R,\), found \(5, 3\) and \(5,\)"),
+    ("ids", {"features": np.zeros((5, 8), np.float32), "labels": np.full(5, 7)},
+     r"label ids must be integers in \[0, 3\), found int64 in \[7, 7\]"),
+    ("nan", {"features": np.full((5, 8), np.nan, np.float32),
+             "labels": np.zeros(5, int)}, r"NaN or infinity"))
 
+
+def damaged_replay(src: Path, dst: Path, arrays: dict) -> Path:
+    """A copy of the bundle ``src`` at ``dst`` whose replay.npz holds ``arrays`` (rehashed)."""
+    shutil.copytree(src, dst)
+    np.savez(dst / "replay.npz", **arrays)
+    rehash(dst, "replay")
+    return dst
+
+
+def test_bad_replay_files_and_flags_are_refused(replay_bundle, tiny_bundle, tmp_path):
     path, _ = replay_bundle
     data = write_device_npz(tmp_path / "d.npz", 120, seed=3)
     refused(adapt_json(tiny_bundle, data, tmp_path / "a", "--replay-weight", "1"),
             r"needs a bundle that ships a replay set")
     refused(adapt_json(path, data, tmp_path / "a", "--replay-weight", "-1"),
             r"--replay-weight must be a finite number >= 0")
-    for name, arrays, match in (
-            ("shape", {"features": np.zeros((5, 3), np.float32), "labels": np.zeros(5, int)},
-             r"expected features \(R, 8\)"),
-            ("ids", {"features": np.zeros((5, 8), np.float32), "labels": np.full(5, 7)},
-             r"label ids must be integers in \[0, 3\)"),
-            ("nan", {"features": np.full((5, 8), np.nan, np.float32),
-                     "labels": np.zeros(5, int)}, r"NaN or infinity")):
-        b = tmp_path / name
-        shutil.copytree(path, b)
-        np.savez(b / "replay.npz", **arrays)
-        rehash(b, "replay")
+    for name, arrays, match in BAD_REPLAY:
+        b = damaged_replay(path, tmp_path / name, arrays)
         err = refused(adapt_json(b, data, tmp_path / f"s-{name}"), match)
         assert "--replay-weight 0" in err
         assert not (tmp_path / f"s-{name}" / "head.npz").exists()  # nothing was written

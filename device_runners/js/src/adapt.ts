@@ -14,6 +14,7 @@ import { Manifest } from "./manifest.js";
 import { asFloat32, asNumbers, asStrings, parseNpz } from "./npy.js";
 import { TextEncoder_ } from "./text.js";
 import { F32, OrtBackend } from "./ort.js";
+import * as replaying from "./replay.js";
 import { defaultRng } from "./rng.js";
 
 export const RUNNER_VERSION = "0.1.0-js";
@@ -229,6 +230,13 @@ export interface AdaptOptions {
   /** Called after every epoch (awaited when it returns a promise: a page yields to the
    * browser there to draw its progress bar). */
   onEpoch?: (h: EpochRecord, epochs: number) => void | Promise<void>;
+  /** Total weight of the bundle's replay set (server features trained beside the local
+   * windows) relative to the local training windows; 0: off (default: the bundle's
+   * `adapt.replay.weight`). */
+  replayWeight?: number;
+  /** Points of accuracy on the bundle's replay set an adapted head may lose and still be
+   * kept; negative: no check (default: the bundle's `adapt.gate.max_forget`). */
+  maxForget?: number;
   /** Skip the self-test (it runs by default, as in the Python runner). */
   skipSelftest?: boolean;
 }
@@ -252,9 +260,23 @@ export interface AdaptResult {
   val: number[];
 }
 
-export function gateSettings(m: Manifest, o: AdaptOptions): [{ rule: string; alpha: number }, number, number[]] {
+export interface GateSettings { rule: string; alpha: number; max_forget: number | null }
+
+/** Gate, patience and mixing weights: options given, else the bundle's, else defaults.
+ * `maxForget` (points; negative: no check): the replay check of `gate.forgetting`, only where
+ * the bundle ships a replay set. */
+export function gateSettings(m: Manifest, o: AdaptOptions): [GateSettings, number, number[]] {
   const d = m.adapt;
-  const g = { ...GATE_DEFAULTS, ...(d.gate ?? {}) } as { rule: string; alpha: number };
+  const g = { ...GATE_DEFAULTS, ...(d.gate ?? {}) } as GateSettings;
+  if (g.max_forget === undefined) g.max_forget = null;
+  if (o.maxForget !== undefined) {
+    if (!(o.maxForget < Infinity)) {
+      throw new RunnerError(`--max-forget must be a finite number of points, got ` +
+        `${replaying.floatRepr(o.maxForget)}`);
+    }
+    g.max_forget = o.maxForget < 0 ? null : o.maxForget;
+  }
+  if (g.max_forget !== null && replaying.block(m) === null) g.max_forget = null;
   if (o.gateAlpha !== undefined) g.alpha = o.gateAlpha;
   if (o.gateRule !== undefined) g.rule = o.gateRule;
   if (!(gating.RULES as readonly string[]).includes(g.rule)) {
@@ -297,6 +319,9 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
       `${epochs}, ${batchSize}, ${valFraction}`);
   }
   const [gate, patience, mix] = gateSettings(m, o);
+  const classBalanced = o.classBalanced ?? Boolean(m.adapt.class_balanced);
+  const freezeAbsent = o.freezeAbsent ?? Boolean(m.adapt.freeze_absent);
+  const replayWeight = replaying.settings(m, o.replayWeight);
   const seed = o.seed ?? 0;
   const selftestErr = o.skipSelftest ? null : await selftest(bundle, backend);
   if (!ds.y) {
@@ -374,14 +399,32 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     hp.l2sp = o.l2sp;
   }
   const anchors = anchorsOf(m, start.params);
-  const classBalanced = o.classBalanced ?? Boolean(m.adapt.class_balanced);
-  const freezeAbsent = o.freezeAbsent ?? Boolean(m.adapt.freeze_absent);
   const absent = missing.map((l) => head.labels.indexOf(l));
   const frozenRows = freezeAbsent && absent.length ? [...cls] : [];
   const sw = new Float32Array(y.length).fill(1);
   if (classBalanced) {
     const wts = classBalancedWeights(tr.map((i) => y[i]));
     tr.forEach((i, j) => { sw[i] = wts[j]; });
+  }
+  // What the epochs draw batches from: the local training windows, and the replay set
+  let [poolF, poolY, poolW, pool] = [feats, y, sw, tr];
+  let replaySet: replaying.ReplaySet | null = null;
+  let replayInfo: Record<string, number> | null = null;
+  if (replaying.block(m) !== null) { // scored for the report even when not trained on
+    replaySet = await replaying.load(bundle, names, dim);
+    replayInfo = { weight: replayWeight, windows: replaySet.y.length };
+  }
+  if (replayWeight > 0 && replaySet !== null) {
+    const r = replaySet.y.length;
+    const wR = replaying.weights(Float32Array.from(tr, (i) => sw[i]), r, replayWeight);
+    poolF = new Float32Array(feats.length + replaySet.features.length);
+    poolF.set(feats);
+    poolF.set(replaySet.features, feats.length);
+    poolY = [...y, ...replaySet.y];
+    poolW = new Float32Array(sw.length + r);
+    poolW.set(sw);
+    poolW.set(wR, sw.length);
+    pool = [...tr, ...replaySet.y.map((_, k) => y.length + k)];
   }
   const nCls = head.rows(cls);
   let state = zeroState(m, head.params);
@@ -401,7 +444,7 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
   const yVa = va.map((i) => y[i]);
   const t1 = now();
   for (let epoch = 0; epoch < epochs; epoch++) {
-    const order = rng.permutation(tr);
+    const order = rng.permutation(pool);
     let total = 0;
     let count = 0;
     for (let i = 0; i < order.length; i += bs) {
@@ -409,11 +452,11 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
       const n = b.length;
       const rows = fixed ? bs : n; // pad to a fixed batch; weight 0 masks padding
       const f = new Float32Array(rows * dim);
-      f.set(gather(feats, dim, b));
+      f.set(gather(poolF, dim, b));
       const t = new Float32Array(rows * nCls);
-      t.set(oneHot(b.map((k) => y[k]), nCls));
+      t.set(oneHot(b.map((k) => poolY[k]), nCls));
       const w = new Float32Array(rows);
-      w.set(b.map((k) => sw[k]));
+      w.set(b.map((k) => poolW[k]));
       const loss = await step(backend, m, hp, { data: f, dims: [rows, dim] },
         { data: t, dims: [rows, nCls] }, { data: w, dims: [rows] }, head.params, state, anchors);
       for (const name of frozenRows) { // absent labels keep their starting rows
@@ -469,6 +512,21 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
   }
   Object.assign(verdict, { best_epoch: best ? best.epoch : 0, early_stop: early });
   head.params = cand.params;
+  if (replaySet !== null && replayInfo !== null) { // the server's windows of the labels trained on
+    const present = new Set(y);
+    const local = replaySet.y.flatMap((c, i) => (present.has(c) ? [i] : []));
+    replayInfo.scored = local.length;
+    if (local.length) {
+      const fR = gather(replaySet.features, dim, local);
+      const yR = local.map((i) => (replaySet as replaying.ReplaySet).y[i]);
+      replayInfo.accuracy_start = (await valScores(backend, m, start, fR, yR)).acc;
+      replayInfo.accuracy_proposed = (await valScores(backend, m, head, fR, yR)).acc;
+      if (epochs) {
+        verdict = gating.forgetting(verdict, replayInfo.accuracy_start,
+          replayInfo.accuracy_proposed, gate.max_forget);
+      }
+    }
+  }
   const rolledBack = !verdict.keep;
   if (!rolledBack) checkFinite(head.params, "refusing to write head.npz");
   const info = ds.info ?? {};
@@ -485,7 +543,7 @@ export async function adapt(bundle: Bundle, backend: OrtBackend, ds: Dataset,
     checkpoint: null, checkpoint_written: null, n_windows: y.length, n_train: tr.length,
     n_val: va.length, epochs, batch_size: bs, steps, optimizer: m.optimizer.name, hparams: hp,
     labels: head.labels, class_balanced: classBalanced, freeze_absent: freezeAbsent,
-    head_kind: m.head.kind,
+    replay: replayInfo, head_kind: m.head.kind,
     new_labels: newLabels, missing_labels: missing, warnings, skipped_files: 0, skipped: [],
     feature_seconds: featureSeconds, features_cached: false, train_seconds: trainSeconds,
     step_ms: steps ? (1000 * trainSeconds) / steps : null, total_seconds: now() - tStart,

@@ -13,6 +13,7 @@ function shown(v: unknown): string {
   if (typeof v === "string") s = `'${v}'`;
   else if (v === null) s = "None";
   else if (v === undefined) s = "undefined";
+  else if (v instanceof PyList) s = `[${v.items.map((x) => `'${x}'`).join(", ")}]`;
   else s = JSON.stringify(v) ?? String(v);
   return s.length > 60 ? s.slice(0, 60) + "…" : s;
 }
@@ -70,6 +71,26 @@ function conform(value: unknown, t: TypeDesc, where: string): void {
   }
 }
 
+/** The largest dimension a manifest may declare (`edgerun.manifest.MAX_DIM`). */
+const MAX_DIM = 1 << 24;
+
+/** A Python list of strings as `repr` prints it. */
+class PyList {
+  constructor(readonly items: string[]) {}
+}
+
+function pyList(items: string[]): PyList {
+  return new PyList(items);
+}
+
+/** `value` is finite and in `[low, high]`, else refused (as `_at_least`). */
+function atLeast(value: number, low: number, where: string, high?: number): void {
+  const ok = Number.isFinite(value) && value >= low && (high === undefined || value <= high);
+  const what = ["a finite number", `>= ${low}`, ...(high !== undefined ? [`<= ${high}`] : [])]
+    .join(" and ");
+  expect(ok, where, what, value);
+}
+
 /** Validate a parsed manifest against the schema; return it typed. */
 export function checkManifest(m: unknown): Manifest {
   if (!isObject(m)) {
@@ -84,6 +105,15 @@ export function checkManifest(m: unknown): Manifest {
   }
   conform(m, { ref: "Manifest" }, "manifest");
   const man = m as unknown as Manifest;
+  const rp = man.adapt.replay;
+  if (rp) { // a replay block needs its file; a bundle's weight is finite and >= 0
+    expect("replay" in man.files, "adapt.replay", "files.replay listed with it",
+      pyList(Object.keys(man.files).sort()));
+    atLeast(rp.weight, 0, "adapt.replay.weight");
+    atLeast(rp.count, 0, "adapt.replay.count", MAX_DIM);
+  }
+  const mf = man.adapt.gate?.max_forget;
+  if (mf !== undefined && mf !== null) atLeast(mf, 0, "adapt.gate.max_forget", 100);
   if (Object.keys(man.files).length === 0) {
     throw new RunnerError("manifest.json: 'files' is empty; re-export the bundle");
   }

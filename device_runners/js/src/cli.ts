@@ -14,6 +14,7 @@ import { parseArgs } from "node:util";
 import { adapt, infer, selftestForward, selftestTrain, stateFiles } from "./adapt.js";
 import { RunnerError } from "./errors.js";
 import { Head } from "./head.js";
+import { pyFloat } from "./data.js";
 import { atomicWrite, checkVersion, loadBundleDir, loadData, peakRssMb, updatedVersions,
   VERSIONS_FILE } from "./node.js";
 import { parseNpz } from "./npy.js";
@@ -22,7 +23,7 @@ import { Ort, OrtBackend } from "./ort.js";
 const USAGE = `usage: edgerun-js {adapt,infer,selftest} BUNDLE [options]
   adapt BUNDLE --data FILE --out DIR [--epochs N] [--batch-size N] [--val-fraction F]
         [--lr F] [--seed N] [--head FILE] [--[no-]class-balanced] [--[no-]freeze-absent]
-        [--l2sp F] [--gate-alpha F]
+        [--l2sp F] [--gate-alpha F] [--replay-weight F] [--max-forget PT]
         [--no-gate] [--mix W,W] [--patience N] [--max-seconds F] [--max-data-mb F]
         [--allow-downgrade]
   infer BUNDLE --data FILE [--head FILE] [--out DIR]
@@ -55,6 +56,53 @@ function num(v: Record<string, unknown>, name: string): number | undefined {
   return x;
 }
 
+const OPTIONS = {
+  data: { type: "string" }, out: { type: "string" }, head: { type: "string" },
+  epochs: { type: "string" }, "batch-size": { type: "string" },
+  "val-fraction": { type: "string" }, lr: { type: "string" }, seed: { type: "string" },
+  "class-balanced": { type: "boolean" }, "no-class-balanced": { type: "boolean" },
+  "freeze-absent": { type: "boolean" }, "no-freeze-absent": { type: "boolean" },
+  l2sp: { type: "string" }, "replay-weight": { type: "string" },
+  "max-forget": { type: "string" },
+  "gate-alpha": { type: "string" }, "no-gate": { type: "boolean" }, mix: { type: "string" },
+  patience: { type: "string" }, "max-seconds": { type: "string" },
+  "max-data-mb": { type: "string" }, threads: { type: "string" },
+  "trust-key": { type: "string" }, runtime: { type: "string" }, quiet: { type: "boolean" }, json: { type: "boolean" },
+  help: { type: "boolean", short: "h" },
+  resume: { type: "boolean" }, trainer: { type: "string" }, "max-memory-mb": { type: "string" },
+  unlabelled: { type: "string" }, "checkpoint-every": { type: "string" },
+  "allow-downgrade": { type: "boolean" }, "bn-stats": { type: "string" },
+} as const;
+
+/** A float flag as argparse's `type=float` reads it (inf, nan, negative numbers). */
+function float(v: Record<string, unknown>, name: string): number | undefined {
+  const s = v[name];
+  if (s === undefined) return undefined;
+  try {
+    return pyFloat(String(s));
+  } catch {
+    throw new RunnerError(`--${name} must be a number, got ${JSON.stringify(s)}`);
+  }
+}
+
+/** `--flag -1` as `--flag=-1`: a negative number is a value, as argparse reads it. */
+function joinNegatives(argv: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const next = argv[i + 1];
+    const opt = (OPTIONS as Record<string, { type: string }>)[a.slice(2)];
+    if (a.startsWith("--") && opt?.type === "string" && next !== undefined &&
+      /^-(\d|\.\d|inf|nan)/i.test(next)) {
+      out.push(`${a}=${next}`);
+      i++;
+    } else {
+      out.push(a);
+    }
+  }
+  return out;
+}
+
 const UNSUPPORTED: Record<string, string> = {
   resume: "--resume (crash-safe training state) is not in the TypeScript runner yet; use run.py",
   trainer: "--trainer: the TypeScript runner trains with the stateless train-step graph only",
@@ -78,23 +126,8 @@ async function backboneOf(p: string): Promise<string | null> {
 
 async function main(argv: string[]): Promise<number> {
   const { values: v, positionals } = parseArgs({
-    args: argv, allowPositionals: true, strict: true,
-    options: {
-      data: { type: "string" }, out: { type: "string" }, head: { type: "string" },
-      epochs: { type: "string" }, "batch-size": { type: "string" },
-      "val-fraction": { type: "string" }, lr: { type: "string" }, seed: { type: "string" },
-      "class-balanced": { type: "boolean" }, "no-class-balanced": { type: "boolean" },
-      "freeze-absent": { type: "boolean" }, "no-freeze-absent": { type: "boolean" },
-      l2sp: { type: "string" },
-      "gate-alpha": { type: "string" }, "no-gate": { type: "boolean" }, mix: { type: "string" },
-      patience: { type: "string" }, "max-seconds": { type: "string" },
-      "max-data-mb": { type: "string" }, threads: { type: "string" },
-      "trust-key": { type: "string" }, runtime: { type: "string" }, quiet: { type: "boolean" }, json: { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-      resume: { type: "boolean" }, trainer: { type: "string" }, "max-memory-mb": { type: "string" },
-      unlabelled: { type: "string" }, "checkpoint-every": { type: "string" },
-      "allow-downgrade": { type: "boolean" }, "bn-stats": { type: "string" },
-    },
+    args: joinNegatives(argv), allowPositionals: true, strict: true,
+    options: OPTIONS,
   });
   if (v.help || positionals.length !== 2) {
     console.error(USAGE);
@@ -104,6 +137,7 @@ async function main(argv: string[]): Promise<number> {
     if ((v as Record<string, unknown>)[k] !== undefined) throw new RunnerError(UNSUPPORTED[k]);
   }
   for (const k of Object.keys(NUMS)) num(v, k);
+  for (const k of ["replay-weight", "max-forget"]) float(v, k);
   const [cmd, bundleDir] = positionals;
   const t0 = performance.now();
   const say = (s: string) => { if (!v.quiet) console.error(s); };
@@ -167,7 +201,8 @@ async function main(argv: string[]): Promise<number> {
         head, classBalanced: v["no-class-balanced"] ? false : v["class-balanced"],
         freezeAbsent: v["no-freeze-absent"] ? false : v["freeze-absent"], l2sp: num(v, "l2sp"),
         gateAlpha: num(v, "gate-alpha"), gateRule: v["no-gate"] ? "none" : undefined,
-        patience: num(v, "patience"), mix, maxSeconds: num(v, "max-seconds"), startedAt: t0,
+        patience: num(v, "patience"), mix, replayWeight: float(v, "replay-weight"),
+        maxForget: float(v, "max-forget"), maxSeconds: num(v, "max-seconds"), startedAt: t0,
       });
       await fs.mkdir(out, { recursive: true });
       const ckpt = path.resolve(out, "head.npz");

@@ -213,7 +213,7 @@ export async function loadNpz(bytes: Uint8Array, m: Manifest, source: string): P
 }
 
 /** Python's `float()` of a CSV cell (surrounding whitespace, `_` separators, inf/nan). */
-function pyFloat(s: string): number {
+export function pyFloat(s: string): number {
   const t = s.trim().toLowerCase();
   if (/^[+-]?(inf|infinity)$/.test(t)) return t.startsWith("-") ? -Infinity : Infinity;
   if (/^[+-]?nan$/.test(t)) return NaN;

@@ -179,3 +179,26 @@ export function mix(start: Float32Array, adapted: Float32Array, w: number): Floa
   }
   return out;
 }
+
+/**
+ * `verdict` with the replay check: a head that forgets the server's data is refused.
+ *
+ * `before`/`after`: accuracy of the current and the adapted head on the bundle's replay
+ * windows (server-training data, `replay.ts`). A head the test kept is refused when it loses
+ * more than `maxForget` points there (null: no check).
+ */
+export function forgetting(verdict: Verdict, before: number, after: number,
+  maxForget: number | null): Verdict {
+  const drop = 100.0 * (before - after);
+  const out: Verdict = { ...verdict, replay_before: before, replay_after: after,
+    max_forget: maxForget };
+  if (maxForget === null || !verdict.keep || verdict.rule === "none") return out;
+  if (drop > maxForget) {
+    const d = pyFormat(-drop, 1, "f");
+    return { ...out, keep: false, reason: `forgets the server's data: ${verdict.reason}, but ` +
+      `replay accuracy ${pyFormat(before, 3, "f")} -> ${pyFormat(after, 3, "f")} ` +
+      `(${d.startsWith("-") ? d : "+" + d} pt, more than the ${pyFormat(maxForget, 6, "g")} pt ` +
+      "allowed); the current head stays" };
+  }
+  return out;
+}

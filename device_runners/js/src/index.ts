@@ -7,7 +7,7 @@ export * from "./manifest.js";
 export { loadCsv, loadNpz, parseCsv, preprocess, splitMode, stratifiedSplit, tensorSpec,
   windowStarts } from "./data.js";
 export type { Dataset, InputArray } from "./data.js";
-export { binomialTail, decide, mix, softmaxXent } from "./gate.js";
+export { binomialTail, decide, forgetting, mix, softmaxXent } from "./gate.js";
 export type { Verdict } from "./gate.js";
 export { Head } from "./head.js";
 export { parseNpy, parseNpz, writeNpy, writeNpz } from "./npy.js";
@@ -17,5 +17,6 @@ export type { Ort, F32, BackendOptions } from "./ort.js";
 export { defaultRng, PCG64 } from "./rng.js";
 export { adapt, chooseHead, infer, selftest, selftestForward, selftestTrain, stateFiles } from "./adapt.js";
 export { loadDataBytes } from "./load.js";
-export type { AdaptOptions, AdaptResult, EpochRecord, InferResult } from "./adapt.js";
+export { block as replayBlock, load as loadReplay } from "./replay.js";
+export type { AdaptOptions, AdaptResult, EpochRecord, GateSettings, InferResult } from "./adapt.js";
 export { loadTexts, pack, readTexts, TextEncoder_ as TextTokens, WordPiece } from "./text.js";

@@ -157,6 +157,7 @@ export interface GateBlock {
   rule: string;
   alpha: number;
   chosen_on: string;
+  max_forget?: number;
 }
 
 export interface ReplayBlock {
@@ -615,7 +616,8 @@ export const SCHEMA: Record<string, BlockDesc> = {
     "fields": {
       "rule": "str",
       "alpha": "number",
-      "chosen_on": "str"
+      "chosen_on": "str",
+      "max_forget": "number"
     }
   },
   "ReplayBlock": {

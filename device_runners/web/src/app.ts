@@ -256,7 +256,10 @@ async function personalise(): Promise<void> {
     d.textContent = (rep.rolled_back ? "The gate kept the current head: " : "The gate kept the new head: ") +
       String(gate.reason);
     const body = $("gate").querySelector("tbody") as HTMLElement;
-    body.replaceChildren(...Object.entries(gate).map(([k, v]) => {
+    // the replay check (bundles with a replay set): what the server's windows say of both heads
+    const replay = Object.entries((rep.replay ?? {}) as Record<string, unknown>)
+      .map(([k, v]): [string, unknown] => [`replay.${k}`, v]);
+    body.replaceChildren(...[...Object.entries(gate), ...replay].map(([k, v]) => {
       const tr = document.createElement("tr");
       const a = document.createElement("td");
       const b = document.createElement("td");
