@@ -14,6 +14,7 @@ run first (``make js-install`` does the same for ``make test``).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -193,6 +194,27 @@ console.log(JSON.stringify(out));""")
         want = decide([False] * f + [True] * b + [True, False],
                       [True] * f + [False] * b + [True, False], alpha=a, rule=r)
         assert j == want, (f, b, a, r)
+
+
+def test_forgetting_matches_python(node):
+    """The gate's replay check on a grid of verdicts, replay accuracies and bounds: every
+    field and reason equal (Python's .3f, +.1f and g formats)."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.gate import decide, forgetting
+
+    verdicts = [decide([False] * 9 + [True], [True] * 10, alpha=0.05, rule=r)
+                for r in ("mcnemar", "none")]
+    verdicts.append(decide([True] * 10, [True] * 9 + [False], alpha=0.05))
+    accs = [(0.9, 0.9), (0.95, 0.8), (0.5, 0.75), (1.0, 0.0), (0.8125, 0.796875),
+            (2 / 3, 0.625)]
+    bounds = [None, 0, 1.5, 5, 12.5, 100, 1e-7]
+    cases = [(v, a, b, mf) for v in verdicts for a, b in accs for mf in bounds]
+    got = node_eval(node, f"""
+const out = [];
+for (const [v, a, b, mf] of {json.dumps(cases)}) out.push(E.forgetting(v, a, b, mf));
+console.log(JSON.stringify(out));""")
+    for (v, a, b, mf), j in zip(cases, got, strict=True):
+        assert j == forgetting(v, a, b, mf), (v, a, b, mf)
 
 
 @pytest.mark.parametrize("runtime", ["node", "web"])
@@ -564,6 +586,17 @@ def test_replay_refusals_match_python(node, replay_bundle, tiny_bundle, tmp_path
              (path, ["--max-forget", "inf"], "--max-forget must be a finite number of points")]
     cases += [(damaged_replay(path, tmp_path / name, arrays), [], match)
               for name, arrays, match in BAD_REPLAY]
+    for name, edit, match in (  # the manifest's rules (edgerun.manifest._consistent)
+            ("bound", lambda m: m["adapt"]["gate"].update(max_forget=200),
+             r"adapt.gate.max_forget must be a finite number and >= 0 and <= 100, found 200"),
+            ("nofile", lambda m: m["files"].pop("replay"),
+             r"adapt.replay must be files.replay listed with it")):
+        b = tmp_path / name
+        shutil.copytree(path, b)
+        m = json.loads((b / "manifest.json").read_text())
+        edit(m)
+        (b / "manifest.json").write_text(json.dumps(m))
+        cases.append((b, [], match))
     for i, (b, flags, match) in enumerate(cases):
         out = tmp_path / f"s{i}"
         args = ("adapt", b, "--data", data, "--out", out, "--quiet", *flags)
