@@ -604,3 +604,71 @@ def test_replay_refusals_match_python(node, replay_bundle, tiny_bundle, tmp_path
         got = refused(run_js(node, *args, check=False), match)
         assert got == want, (flags, want, got)
         assert not (out / "head.npz").exists()
+
+
+def test_react_native_example_flow(node, bundle, tmp_path):
+    """docs/android.md's React Native code (examples/react-native.ts) runs its whole flow in
+    Node, with onnxruntime-node standing in for onnxruntime-react-native: download a signed
+    bundle over http into the app's files, verify, self-test, adapt on a CSV log, write the
+    state folder, infer; refusals (another key, a changed file, an older version). Its state
+    equals the CLI's for the same bundle, data and seed."""
+    pytest.importorskip("cryptography")
+    import os
+    import subprocess
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pems = []
+    for name in ("good", "other"):
+        k = Ed25519PrivateKey.generate()
+        pems.append(tmp_path / f"{name}.pem")
+        pems[-1].write_bytes(k.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        if name == "good":
+            (bundle / "manifest.sig").write_bytes(k.sign((bundle / "manifest.json").read_bytes()))
+    build = tmp_path / "build"
+    p = subprocess.run([node, str(JS / "node_modules" / "typescript" / "bin" / "tsc"), "-p",
+                        str(JS / "tsconfig.examples.json"), "--noEmit", "false", "--outDir",
+                        str(build / "out")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:]
+    (build / "package.json").write_text('{"type": "module"}\n')
+    os.symlink(JS / "node_modules", build / "node_modules")
+    log = csv_log(tmp_path / "log.csv", seed=5, gain=1.3, offset=0.2)
+    phone = tmp_path / "phone"
+    rn = ROOT / "tests" / "rn"
+    p = subprocess.run([node, "--import", str(rn / "register.mjs"), str(rn / "drive.mjs"),
+                        str(build / "out" / "examples" / "react-native.js"), str(bundle),
+                        str(pems[0]), str(pems[1]), str(log), str(phone)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["lines"][0].startswith("self-test passed"), out["lines"]
+    assert any(x.startswith("epoch ") for x in out["lines"])
+    assert out["lines"][-2].startswith(("kept the new head", "kept the current head"))
+    assert out["lines"][-1].startswith("last window: ")
+    ref = out["refused"]
+    assert "signature does not verify" in ref["other key"], ref
+    assert out["served_with_other_key"] == ["/manifest.json", "/manifest.sig"]
+    assert "hash check" in ref["tampered file"], ref
+    assert "older bundle is refused" in ref["older version"], ref
+    assert out["predict"]["n_windows"] >= 1 and not out["leftover_download"]
+    assert set(out["predict"]["predictions"]) <= set(json.loads(
+        (bundle / "manifest.json").read_text())["labels"])
+
+    state = Path(out["paths"]["state"])
+    run_js(node, "adapt", bundle, "--data", log, "--out", tmp_path / "cli", "--quiet")
+    phone_rep = json.loads((state / "report.json").read_text())
+    cli_rep = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert phone_rep["gate"] == cli_rep["gate"] and phone_rep["history"] == cli_rep["history"]
+    names = ["head.npz"] + (["head.rejected.npz"] if cli_rep["rolled_back"] else [])
+    assert sorted(f.name for f in state.iterdir()) == sorted(
+        names + ["report.json", "versions.json"])
+    for name in names:
+        with np.load(state / name) as a, np.load(tmp_path / "cli" / name) as b:
+            assert list(a["__labels__"]) == list(b["__labels__"])
+            for k in b.files:
+                if not k.startswith("__"):
+                    assert float(np.abs(a[k] - b[k]).max()) == 0.0, (name, k)
+    assert json.loads((state / "versions.json").read_text()) == json.loads(
+        (tmp_path / "cli" / "versions.json").read_text())
