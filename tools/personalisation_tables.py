@@ -57,6 +57,7 @@ def user_rows(s: dict, bundle: str) -> list[str]:
 
 
 def main(argv=None) -> None:
+    """Print the tables of RUN/summary.json."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="folder with summary.json")
     ap.add_argument("--bundle", default="onnx-fp32", help="bundle of the per-user table")
