@@ -72,6 +72,15 @@ def has_replay(rows: list[dict]) -> bool:
     return any("replay_before" in r["gate"] for r in _judged(rows))
 
 
+def choose(table: list[dict]) -> float:
+    """The level of largest mean gain that hurts no user; ties: the stricter level."""
+    ok = [t for t in table if t["alpha"] is not None and t["users_hurt"] == 0]
+    if not ok:
+        return min(t["alpha"] for t in table if t["alpha"] is not None)
+    best = max(t["mean_gain"] for t in ok)
+    return min(t["alpha"] for t in ok if t["mean_gain"] >= best - 1e-12)
+
+
 def markdown(table: list[dict]) -> str:
     """The sweep as a Markdown table (points); :func:`sweep` or :func:`sweep_forget` rows."""
     forget = bool(table) and "max_forget" in table[0]
