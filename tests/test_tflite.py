@@ -13,6 +13,7 @@ from edgetl.export.bundle import device_session
 from edgetl.manifest import Manifest
 
 from .conftest import LABELS, WINDOW, run_runner, write_device_npz
+from .test_runner_errors import rehash
 
 #: Ops a stock LiteRT build must run; CUSTOM would mean a Flex or custom kernel.
 FLEX_FREE = {"CUSTOM", "DELEGATE"}
@@ -101,7 +102,22 @@ def test_spare_class_rows_let_a_tflite_head_learn_new_labels(tiny_ck, tmp_path):
     assert m.head["capacity"] == 5 and m.head["params"][0]["shape"] == [5, 8]
     assert m.checks["train_step_max_abs_err"] < 1e-4  # parity holds with spare rows
     assert m.test_vectors["atol"] < 0.01  # spare logits (-1e4) do not loosen the self-test
+    assert m.test_vectors["train_atol"] < 0.01  # nor the spare biases the train steps
     assert run_runner("selftest", b).returncode == 0
+    # a train step off by 0.01 on a label in use fails the self-test; the spare rows (-1e4)
+    # are compared relatively, so a float32 step there (0.001) would not
+    tv = b / m.files["test_vectors"].path
+    with np.load(tv) as z:
+        good = {k: z[k] for k in z.files}
+    for row, delta, ok in ((0, 0.01, False), (4, 0.001, True)):
+        bad = {**good, "train_final.bias": good["train_final.bias"].copy()}
+        bad["train_final.bias"][row] += delta
+        np.savez(tv, **bad)
+        rehash(b, "test_vectors")
+        p = run_runner("selftest", b)
+        assert (p.returncode == 0) is ok, (row, p.stderr)
+    np.savez(tv, **good)
+    rehash(b, "test_vectors")
     data = write_device_npz(tmp_path / "d.npz", 90, seed=3,
                             labels=(LABELS[0], LABELS[1], "cycling"))
     p = run_runner("adapt", b, "--data", data, "--out", tmp_path / "s", "--json", "--quiet",

@@ -72,6 +72,23 @@ def test_conv_backward_decomposition_matches_autograd():
             assert (a - e).abs().max().item() < 1e-10
 
 
+def test_max_pool_backward_decomposition_matches_autograd():
+    """Non-overlapping pools (the compare-and-select form, a remainder cell included) and an
+    overlapping one (scatter_add), 2-D and 1-D (lowered to 2-D with a unit height)."""
+    from edgetl.trainable.decomp import max_pool2d_with_indices_backward
+
+    torch.manual_seed(0)
+    aten = torch.ops.aten
+    for shape, k, s in [((2, 3, 8, 9), [2, 2], [2, 2]), ((2, 3, 1, 21), [1, 2], [1, 2]),
+                        ((2, 4, 7, 7), [3, 3], [2, 2])]:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        y, idx = aten.max_pool2d_with_indices(x, k, s)
+        go = torch.randn_like(y)
+        want, = torch.autograd.grad(y, [x], go)
+        got = max_pool2d_with_indices_backward(go, x.detach(), k, s, [0, 0], [1, 1], False, idx)
+        assert got.shape == x.shape and (got - want).abs().max().item() < 1e-12
+
+
 def _two_block_checkpoint():
     """Two conv blocks (8 then 8 channels, pool 2 between): ``last:1`` cuts mid-network."""
     import tests.conftest as c
@@ -187,6 +204,12 @@ def test_parity_two_blocks_last1(two_block_ck, tmp_path):
     assert m["trainable"]["cut"]["node"] != "x"  # the first block stays cached
     assert [p["name"] for p in m["trainable"]["params"]] == [
         "backbone.blocks.4.weight", "backbone.blocks.5.weight", "backbone.blocks.5.bias"]
+
+
+def test_parity_two_blocks_bias_through_a_pool(two_block_ck, tmp_path):
+    """``bias`` trains the first block's BN too: its gradient crosses the max pool."""
+    _, m = _parity(two_block_ck, "bias", tmp_path)
+    assert "backbone.blocks.1.bias" in [p["name"] for p in m["trainable"]["params"]]
 
 
 def test_parity_adam(tmp_path):

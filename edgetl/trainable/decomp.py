@@ -1,4 +1,4 @@
-"""``aten.convolution_backward`` as forward ops, for graphs that runtimes can run.
+"""``aten.convolution_backward`` (and the max-pool backward) as forward ops runtimes can run.
 
 The core-ATen decomposition table lowers every backward op a train step needs except
 ``convolution_backward`` (onnxscript's version raises). This one uses only ordinary
@@ -121,8 +121,45 @@ def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding
     return gi, gw, gb
 
 
+def _repeat_cells(t: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Each of the last two axes' entries repeated ``ks[i]`` times (nearest upsampling)."""
+    ho, wo = t.shape[-2:]
+    t = t.unsqueeze(-1).unsqueeze(-3)  # (..., Ho, 1, Wo, 1)
+    t = t.expand(*t.shape[:-4], ho, ks[0], wo, ks[1])
+    return t.reshape(*t.shape[:-4], ho * ks[0], wo * ks[1])
+
+
+def max_pool2d_with_indices_backward(grad_output, self, kernel_size, stride, padding, dilation,
+                                     ceil_mode, indices):
+    """Drop-in for ``aten.max_pool2d_with_indices_backward.default`` (1-D pools lower to it).
+
+    Non-overlapping windows (stride = kernel, no padding or dilation: every pooling of the
+    built-in students): each output's gradient goes to the input cell its ``indices`` name,
+    found by comparing the indices, repeated over their window, with each cell's flat position
+    (a compare and a select, no scatter; cells past the last whole window get 0). Other
+    pools: a ``scatter_add`` of the gradient at the indices.
+    """
+    ks = _per_dim(kernel_size, 2)
+    st = _per_dim(stride, 2) if len(stride) else ks
+    pd, dl = _per_dim(padding, 2), _per_dim(dilation, 2)
+    h, w = self.shape[-2:]
+    if st == ks and pd == [0, 0] and dl == [1, 1] and not ceil_mode:
+        ho, wo = grad_output.shape[-2:]
+        rows = torch.arange(ho * ks[0], device=self.device).unsqueeze(1) * w
+        pos = rows + torch.arange(wo * ks[1], device=self.device).unsqueeze(0)
+        g = _repeat_cells(grad_output, ks)
+        gi = torch.where(_repeat_cells(indices, ks) == pos, g, torch.zeros_like(g))
+        if ho * ks[0] < h or wo * ks[1] < w:
+            gi = F.pad(gi, [0, w - wo * ks[1], 0, h - ho * ks[0]])
+        return gi
+    flat = grad_output.new_zeros(*self.shape[:-2], h * w)
+    flat = flat.scatter_add(-1, indices.flatten(-2), grad_output.flatten(-2))
+    return flat.reshape(self.shape)
+
+
 def table() -> dict:
-    """Core-ATen decompositions plus :func:`convolution_backward`."""
+    """Core-ATen decompositions plus :func:`convolution_backward` and the max-pool backward."""
     t = dict(torch._decomp.core_aten_decompositions())
     t[aten.convolution_backward.default] = convolution_backward
+    t[aten.max_pool2d_with_indices_backward.default] = max_pool2d_with_indices_backward
     return t
