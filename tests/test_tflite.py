@@ -250,3 +250,29 @@ def test_int8_io_is_validated():
 
     with pytest.raises(ValueError, match=r"export.int8_io: expected one of \('int8', 'float32'\)"):
         ExportConfig(int8_io="fp16")
+
+
+def test_pass_through_outputs_of_a_fixed_scale_cosine_head_are_distinct(tmp_path):
+    """A frozen cosine ``scale`` is passed through the train step (``new.scale`` is the
+    ``scale`` input, ``new.momentum.scale`` the momentum's): without the pass both outputs were
+    input tensors; now they are copies with the same values."""
+    from edgetl.export.tflite import TFLiteExporter, _runner
+    from edgetl.export.tflite_passes import aliased_outputs
+    from edgetl.head import HeadSpec
+
+    TFLiteExporter().export_head(HeadSpec("cosine", 8, 3, learn_scale=False), "sgd", tmp_path,
+                                 opset=17, batch=4)
+    assert aliased_outputs(tmp_path / "head.tflite") == []
+    for sig, (ins, outs, _) in _signature_io(tmp_path / "head.tflite").items():
+        assert not set(outs.values()) & set(ins.values()), sig
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    feeds = {"features": rng.normal(size=(4, 8)).astype(f32),
+             "targets": np.eye(3, dtype=f32)[[0, 1, 2, 0]], "sample_weight": np.ones(4, f32),
+             "lr": np.full(1, 0.1, f32), "momentum": np.full(1, 0.9, f32),
+             "weight_decay": np.zeros(1, f32), "weight": rng.normal(size=(3, 8)).astype(f32),
+             "bias": np.zeros(3, f32), "scale": np.full(1, 10.0, f32),
+             "momentum.weight": np.zeros((3, 8), f32), "momentum.bias": np.zeros(3, f32),
+             "momentum.scale": np.full(1, 0.5, f32)}
+    out = _runner(tmp_path / "head.tflite", "train")(**feeds)
+    assert out["new.scale"].tolist() == [10.0] and out["new.momentum.scale"].tolist() == [0.5]

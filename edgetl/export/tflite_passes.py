@@ -5,8 +5,9 @@ API (no TensorFlow). They run from :data:`HEAD_PASSES` / :func:`float_io`:
 
 - :func:`restore_names`: signature names ``a__b`` back to the contract's ``a.b``.
 - :func:`unalias_outputs`: a signature output that *is* an input tensor (a linear head's
-  ``embedding`` is its ``features``) gets its own tensor, copied by a RESHAPE to the same
-  shape. Interpreter runtimes read such an output fine, but LiteRT.js binds one buffer per
+  ``embedding`` is its ``features``; a fixed cosine ``scale`` and its optimizer state, passed
+  through the train step) gets its own tensor, copied by a RESHAPE to the same shape.
+  Interpreter runtimes read such an output fine, but LiteRT.js binds one buffer per
   signature tensor, so the op reading the input saw an uninitialised buffer (wrong logits).
 - :func:`float_io`: an int8 graph's int8 inputs / outputs become float32 ones, with QUANTIZE /
   DEQUANTIZE ops inside the graph (scale and zero point from the int8 tensor), as TF's
