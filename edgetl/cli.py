@@ -212,6 +212,10 @@ def export(model: Annotated[str, typer.Argument(
            class_capacity: Annotated[int, typer.Option(
                min=0, max=1024, help="tflite: class rows of the head, spare ones for labels "
                                      "a device adds (0: just the model's)")] = 0,
+           int8_io: Annotated[str | None, typer.Option(
+               help="tflite int8: graph input/output type, float32 (quantised inside the "
+                    "graph; LiteRT.js needs it) or int8. Default: the recipe's export.int8_io "
+                    "(float32)")] = None,
            trainer: Annotated[str, typer.Option(
                help="stateless (train step graph, any runtime) or ort-training (also ONNX "
                     "Runtime training artifacts; deprecated upstream, x86_64)")] = "stateless",
@@ -237,7 +241,7 @@ def export(model: Annotated[str, typer.Argument(
 
         man = stages.export(Path(model), out, _recipe(recipe), target=target,
                             precision=precision, trainer=trainer, sign_key=sign_key,
-                            trainable=trainable)
+                            trainable=trainable, int8_io=int8_io)
     else:
         if trainable not in (None, "head"):
             raise ConfigError("--trainable beyond head works for edgetl checkpoints (.pt) so "
@@ -249,13 +253,13 @@ def export(model: Annotated[str, typer.Argument(
                                  heldout=_npz(heldout, "--heldout", True), weights=weights,
                                  mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                                  layout=layout, trainer=trainer, sign_key=sign_key,
-                                 class_capacity=class_capacity)
+                                 class_capacity=class_capacity, int8_io=int8_io)
     typer.echo(bundle_line(out, man) + ("; signed" if sign_key else ""))
 
 
 def _export_user_model(spec: str, out: Path, *, target, precision, head, input_shape,
                        input_dtype, labels, calibration, heldout, weights, mean, std, layout,
-                       trainer, sign_key, class_capacity):
+                       trainer, sign_key, class_capacity, int8_io):
     import dataclasses
 
     import torch
@@ -280,7 +284,8 @@ def _export_user_model(spec: str, out: Path, *, target, precision, head, input_s
                else torch.ones((1, *shape), dtype=torch.int64))
     if calibration is not None:
         example = torch.from_numpy(calibration[:1].astype(dtype))
-    cfg = dataclasses.replace(ExportConfig(), trainer=trainer, class_capacity=class_capacity)
+    cfg = dataclasses.replace(ExportConfig(), trainer=trainer, class_capacity=class_capacity,
+                              int8_io=int8_io or ExportConfig().int8_io)
     return export_model(um.module, example=example, labels=labels, out=out, head=head,
                         target=target, precision=precision, calibration=calibration,
                         heldout=heldout, mean=mean if mean is not None else um.mean,

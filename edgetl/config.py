@@ -28,6 +28,8 @@ HEAD_KINDS = ("linear", "mlp", "cosine")
 OPTIMIZERS = ("sgd", "adam")
 TARGETS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "int8")
+#: Graph I/O types of an int8 TFLite backbone (``export.int8_io``).
+INT8_IO = ("int8", "float32")
 TRAINERS = ("stateless", "ort-training")
 DATASETS = {"hapt": "timeseries", "fashion_mnist": "image", "wordnet": "text"}
 INPUT_KINDS = ("timeseries", "image", "text")
@@ -422,6 +424,9 @@ class ExportConfig:
     trainable: str = _f("head", "what the device trains: head, bias (biases + norm affine + "
                         "head), last:N (last N backbone blocks + head), all, or parameter-name "
                         "globs (docs/bundle.md, Training more than the head)")
+    int8_io: str = _f("float32", "tflite int8 backbones: graph input/output type, float32 "
+                      "(QUANTIZE/DEQUANTIZE inside the graph; every LiteRT flavour, LiteRT.js "
+                      "too) or int8 (the runner quantises; docs/tflite-notes.md)")
 
     def __post_init__(self):
         for t in (self.target, *self.targets):
@@ -436,6 +441,8 @@ class ExportConfig:
                f"export.trainer: expected one of {TRAINERS}, got {self.trainer!r}")
         _check(self.trainer == "stateless" or self.target == "onnx",
                f"export.trainer {self.trainer!r} is an ONNX flavour; got target {self.target!r}")
+        _check(self.int8_io in INT8_IO,
+               f"export.int8_io: expected one of {INT8_IO}, got {self.int8_io!r}")
         _check(0 <= self.class_capacity <= 1024,
                f"export.class_capacity must be in 0..1024, got {self.class_capacity}")
         from edgetl.trainable.spec import check_spec

@@ -59,10 +59,11 @@ def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:
 def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = None,
            precision: str | None = None, trainer: str | None = None,
            data: ServerData | None = None, sign_key: Path | None = None,
-           trainable: str | None = None) -> Manifest:
+           trainable: str | None = None, int8_io: str | None = None) -> Manifest:
     """Export a student checkpoint as a device bundle in ``out``.
 
-    ``trainable``: ``--trainable SPEC`` (default the recipe's ``export.trainable``).
+    ``trainable``: ``--trainable SPEC`` (default the recipe's ``export.trainable``);
+    ``int8_io``: a TFLite int8 backbone's graph I/O type (default ``export.int8_io``).
 
     Reference inputs (parity checks, test vectors) come from the server-validation data,
     int8 calibration inputs from the server-training data, and the accuracy gate runs on the
@@ -73,7 +74,8 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
     cfg = dataclasses.replace(recipe.export, target=target or recipe.export.target,
                               precision=precision or recipe.export.precision,
                               trainer=trainer or recipe.export.trainer,
-                              trainable=trainable or recipe.export.trainable)
+                              trainable=trainable or recipe.export.trainable,
+                              int8_io=int8_io or recipe.export.int8_io)
     ck = load_checkpoint(checkpoint)
     cd = check_data(recipe, data)
     return export_bundle(ck, Path(out), cfg, reference_x=cd.reference, calib_x=cd.calibration,

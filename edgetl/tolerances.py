@@ -50,7 +50,8 @@ def selftest_tolerances(target: str, precision: str, quantization: dict, feature
     """``test_vectors`` tolerances: ``atol`` (features) and ``logits_atol`` when separate.
 
     fp32: ``SELFTEST_FP32_FACTOR`` times the scaled parity tolerance, one ``atol`` for both.
-    int8 with an int8 backbone output (``quantization.output.scale``): features within
+    int8 with an int8 backbone output (``quantization.output.scale``, or
+    ``quantization.in_graph.output.scale`` when the graph dequantises it): features within
     :data:`SELFTEST_INT8_STEPS` output steps, logits (computed on the device from the
     shipped features, so no quantisation error reaches them) within the fp32 tolerance.
     int8 without an output scale (ONNX dynamic quantisation: float outputs, a scale chosen
@@ -65,7 +66,9 @@ def selftest_tolerances(target: str, precision: str, quantization: dict, feature
     if precision != "int8":
         return {"atol": fp32, "basis": f"{SELFTEST_FP32_FACTOR:g} x the {target} parity "
                 "tolerance, scaled by the largest value"}
-    out = (quantization or {}).get("output") or {}
+    q = quantization or {}
+    # float32 graph I/O (TFLite int8_io="float32"): the same steps, dequantised in the graph
+    out = q.get("output") or (q.get("in_graph") or {}).get("output") or {}
     if out.get("scale"):
         step = float(out["scale"])
         # + half a step: dequantised values are float32, so k whole steps may come out a hair

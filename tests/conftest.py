@@ -103,7 +103,9 @@ def export_tiny(ck: Checkpoint, out: Path, target: str = "onnx", precision: str 
                        calibration_windows=128, max_accuracy_drop=kw.pop("max_drop", 5.0),
                        trainer=kw.pop("trainer", "stateless"),
                        class_capacity=kw.pop("class_capacity", 0),
-                       trainable=kw.pop("trainable", "head"))
+                       trainable=kw.pop("trainable", "head"),
+                       int8_io=kw.pop("int8_io", "int8"))  # the default is float32;
+    # tests that edit quantization.input/output need the int8-I/O graph
     export_bundle(ck, out, cfg, reference_x=x, calib_x=calib, eval_set=ev, **kw)
     return out
 
@@ -171,6 +173,13 @@ def tiny_tflite_bundle(tiny_ck, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tflite_int8_bundle(tiny_ck, tmp_path_factory) -> Path:
     return export_tiny(tiny_ck, tmp_path_factory.mktemp("tfl8") / "bundle", "tflite", "int8")
+
+
+@pytest.fixture(scope="session")
+def tiny_tflite_int8f_bundle(tiny_ck, tmp_path_factory) -> Path:
+    """int8 TFLite backbone with float32 graph I/O (export.int8_io's default)."""
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("tfl8f") / "bundle", "tflite", "int8",
+                       int8_io="float32")
 
 
 def write_device_npz(path: Path, n: int, seed: int, gain=1.0, offset=0.0, labels=LABELS):

@@ -347,8 +347,10 @@ class LiteRTBackend:
 
         0-d inputs (lr, momentum, weight decay) go in as shape (1,): LiteRT's signature runner
         resizes every input on every call, and resizing one to 0-d segfaults ai-edge-litert
-        2.3.0 on Linux aarch64 (found by `make test-pi`). (1,) broadcasts the same: outputs
-        are bit-identical on x86_64.
+        2.3.0 on Linux aarch64 (found by `make test-pi`). Bundles since ``hparam_shape``
+        declare (1,) in the graph (nothing is resized; LiteRT.js, which wants the graph's
+        exact shape, takes them too); older ones declare 0-d, where (1,) broadcasts the same:
+        outputs are bit-identical on x86_64.
         """
         return self._train(**{k: v.reshape(1) if np.ndim(v) == 0 else v
                                for k, v in feeds.items()})

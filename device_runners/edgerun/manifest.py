@@ -43,15 +43,29 @@ class Quant(TypedDict):
     zero_point: int
 
 
+class QuantIO(TypedDict, total=False):
+    """The affine maps a float-I/O int8 graph applies inside (``quantization.in_graph``)."""
+
+    input: Optional[Quant]
+    output: Optional[Quant]
+
+
 class QuantBlock(TypedDict, total=False):
     """How the backbone was quantised; ``input``/``output``: the int8 graph's affine maps.
 
-    Other keys (scheme, calibration, ...) are a record for people and not read by a runner.
+    The runner quantises what it feeds with ``input`` and dequantises what it reads with
+    ``output``; null or absent: the graph takes / returns float32. ``graph_io`` ``float32``
+    (TFLite ``export.int8_io``): an int8 graph that quantises its input and dequantises its
+    output itself, with the maps in ``in_graph`` (a record; the self-test tolerance is
+    chosen from ``in_graph.output.scale``). Other keys (scheme, calibration, ...) are a
+    record for people and not read by a runner.
     """
 
     input: Optional[Quant]
     output: Optional[Quant]
     scheme: str
+    graph_io: str
+    in_graph: QuantIO
 
 
 class _Input(TypedDict):
@@ -173,6 +187,10 @@ class FusedStepBlock(GraphBlock):
 class TrainStepBlock(_TrainStep, total=False):
     """The stateless train step: which inputs carry targets, weights, hyper-parameters.
 
+    ``hparam_shape`` (optional): the shape of every ``hparam_inputs`` tensor in the graph;
+    absent: 0-d (``[]``). TFLite heads take ``[1]``: every LiteRT flavour then runs them
+    without resizing an input (see docs/tflite-notes.md, Scalars).
+
     ``fused`` (optional; absent in older bundles and for targets without one): the K-step
     train graph a runner may use instead of K calls of this one.
     """
@@ -180,6 +198,7 @@ class TrainStepBlock(_TrainStep, total=False):
     anchor_inputs: Dict[str, str]
     ort_training: Dict[str, Any]
     fused: FusedStepBlock
+    hparam_shape: List[int]
 
 
 class _TestVectors(TypedDict):

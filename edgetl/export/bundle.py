@@ -402,7 +402,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     infer_ref = tail.infer if tail else InferStep(spec)
     bb_sig = exporter.export_backbone(backbone, torch.from_numpy(xn[:2]),
                                       tmp / files["backbone"], opset=cfg.opset,
-                                      precision=cfg.precision, calib=calib)
+                                      precision=cfg.precision, calib=calib,
+                                      int8_io=cfg.int8_io)
     bn_block, bn_files = adabn.block(model.backbone, torch.from_numpy(xn[:2]), exporter.target,
                                      tmp, precision=cfg.precision, modality=ck.kind.modality,
                                      opset=cfg.opset, tail=tail is not None)

@@ -127,7 +127,8 @@ class OnnxExporter(Exporter):
 
     suffix = ".onnx"
 
-    def export_backbone(self, backbone, sample, path, *, opset, precision, calib=None):
+    def export_backbone(self, backbone, sample, path, *, opset, precision, calib=None,
+                        int8_io="int8"):  # QDQ graphs take and return float32 anyway
         if getattr(backbone, "is_text", False):  # transformers go through optimum
             from edgetl.text.export import export_onnx
 

@@ -64,8 +64,12 @@ class Exporter:
 
     def export_backbone(self, backbone: nn.Module, sample: torch.Tensor, path: Path, *,
                         opset: int, precision: str,
-                        calib: np.ndarray | None = None) -> dict[str, Any]:
+                        calib: np.ndarray | None = None,
+                        int8_io: str = "int8") -> dict[str, Any]:
         """Write the frozen backbone (int8: calibrated on ``calib``, normalised windows).
+
+        ``int8_io``: an int8 graph's input/output type where the target has a choice
+        (TFLite: ``int8``, or ``float32`` with (de)quantisation inside the graph).
 
         Returns its input/output names, ``batch_size`` and, for int8, ``quantization``.
         """

@@ -7,8 +7,11 @@ sizes at conversion: the backbone takes one window per call and the head a fixed
 the runner pads with ``sample_weight = 0`` rows.
 
 int8 backbones use PyTorch 2 export quantization (PT2E, static, per-channel symmetric
-weights) calibrated on source windows; their input and output tensors are int8, with the
-(scale, zero point) recorded in the manifest.
+weights) calibrated on source windows. With ``int8_io="int8"`` their input and output tensors
+are int8, with the (scale, zero point) recorded in the manifest for the runner; with
+``"float32"`` the graph takes and returns float32 and (de)quantises inside
+(:func:`edgetl.export.tflite_passes.float_io`). After conversion every model goes through the
+flatbuffer passes of :mod:`edgetl.export.tflite_passes`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 
 from edgetl.errors import BundleError, require
 from edgetl.export.registry import Exporter, register_exporter
+from edgetl.export.tflite_passes import HEAD_PASSES, float_io, rewrite
 from edgetl.head import HeadSpec, InferStep, TrainStep
 
 log = logging.getLogger(__name__)
@@ -53,18 +57,6 @@ class _Named(nn.Module):
     def forward(self, **kw):
         outs = self.step(*(kw[_safe(n)] for n in self.step.input_names()))
         return dict(zip(map(_safe, self.step.output_names()), outs, strict=True))
-
-
-def _restore_names(path: Path) -> None:
-    """Rename signature tensors ``a__b`` back to ``a.b`` in the flatbuffer."""
-    from ai_edge_litert.tools import flatbuffer_utils as fbu
-
-    model = fbu.read_model(str(path))
-    for sd in model.signatureDefs:
-        for tm in [*sd.inputs, *sd.outputs]:
-            name = tm.name.decode() if isinstance(tm.name, bytes) else tm.name
-            tm.name = name.replace("__", ".")
-    fbu.write_model(model, str(path))
 
 
 def operator_codes(path: Path | str) -> list[tuple[str, str | None]]:
@@ -223,10 +215,12 @@ class TFLiteExporter(Exporter):
     fixed_head_batch = True
     dynamic_classes = False
 
-    def export_backbone(self, backbone, sample, path, *, opset, precision, calib=None):
+    def export_backbone(self, backbone, sample, path, *, opset, precision, calib=None,
+                        int8_io="int8"):
         x1 = sample[:1].contiguous()
         text = getattr(backbone, "is_text", False)
         lengths: list[int] = []
+        in_graph: dict = {}
         with _quiet():
             litert_torch = require("litert_torch", "tflite")
 
@@ -256,6 +250,8 @@ class TFLiteExporter(Exporter):
                 if calib is None or len(calib) == 0:
                     raise BundleError("int8 export needs calibration windows from source data")
                 _convert_backbone_int8(backbone.eval(), x1, calib, path)
+                if int8_io == "float32":
+                    in_graph, = rewrite(path, float_io)
             run = _runner(path, f"len{lengths[-1]}" if text else None)
         check_builtin_only(path)
         (name_in, d_in), = run.get_input_details().items()
@@ -271,8 +267,11 @@ class TFLiteExporter(Exporter):
         scheme = TEXT_INT8 if text or not x1.is_floating_point() else (
             "PT2E static int8, per-channel symmetric weights, int8 activations (litert-torch "
             "PT2EQuantizer)")
-        return {**sig, "quantization": {"scheme": scheme, "input": _io_quant(d_in),
-                                        "output": _io_quant(d_out)}}
+        quant = {"scheme": scheme, "input": _io_quant(d_in), "output": _io_quant(d_out)}
+        if in_graph:  # float32 graph I/O: nothing for the runner to do, scales for people
+            quant.update(graph_io="float32", in_graph={
+                "input": in_graph.get(name_in), "output": in_graph.get(name_out)})
+        return {**sig, "quantization": quant}
 
     def export_head(self, spec: HeadSpec, optimizer, folder, *, opset, batch):
         step, infer = TrainStep(spec, optimizer), InferStep(spec)
@@ -295,11 +294,12 @@ class TFLiteExporter(Exporter):
             model = (litert_torch.signature("train", _Named(step), (), train_kw)
                      .signature("infer", _Named(infer), (), infer_kw).convert())
             model.export(str(path))
-        _restore_names(path)
+        rewrite(path, *HEAD_PASSES)
         check_builtin_only(path)
         return {"files": {"head": path.name},
                 "train": {"file": "head", "signature": "train", "inputs": step.input_names(),
-                          "outputs": step.output_names(), "batch_size": batch},
+                          "outputs": step.output_names(), "batch_size": batch,
+                          "hparam_shape": list(HPARAM_SHAPE)},
                 "infer": {"file": "head", "signature": "infer", "inputs": infer.input_names(),
                           "outputs": infer.output_names(), "batch_size": batch}}
 
@@ -316,7 +316,14 @@ def _runner(path: Path, signature: str | None, threads: int = 2):
     return Interpreter(model_path=str(path), num_threads=threads).get_signature_runner(signature)
 
 
+#: Shape of the head's hyper-parameter inputs in TFLite graphs (manifest
+#: ``train_step.hparam_shape``): (1,), not 0-d. Every LiteRT flavour then takes what it is
+#: fed without a resize: ai-edge-litert 2.3.0 segfaults on Linux aarch64 when it resizes an
+#: input to 0-d, and LiteRT.js refuses any shape but the graph's own.
+HPARAM_SHAPE = (1,)
+
+
 def _distinct_hparams(n: int) -> list[torch.Tensor]:
     # One tensor object per input: torch.export aliases inputs that are the *same* object,
     # which silently bakes one hyper-parameter into another's place.
-    return [torch.tensor(0.1 + 0.01 * i) for i in range(n)]
+    return [torch.full(HPARAM_SHAPE, 0.1 + 0.01 * i) for i in range(n)]

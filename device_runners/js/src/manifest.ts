@@ -112,6 +112,7 @@ export interface TrainStepBlock {
   anchor_inputs?: Record<string, string>;
   ort_training?: Record<string, unknown>;
   fused?: FusedStepBlock;
+  hparam_shape?: Array<number>;
 }
 
 export interface FusedStepBlock {
@@ -172,12 +173,19 @@ export interface QuantBlock {
   input?: Quant | null;
   output?: Quant | null;
   scheme?: string;
+  graph_io?: string;
+  in_graph?: QuantIO;
 }
 
 export interface Quant {
   dtype: string;
   scale: number;
   zero_point: number;
+}
+
+export interface QuantIO {
+  input?: Quant | null;
+  output?: Quant | null;
 }
 
 export interface AdaBNBlock {
@@ -509,6 +517,9 @@ export const SCHEMA: Record<string, BlockDesc> = {
       },
       "fused": {
         "ref": "FusedStepBlock"
+      },
+      "hparam_shape": {
+        "list": "int"
       }
     }
   },
@@ -646,7 +657,11 @@ export const SCHEMA: Record<string, BlockDesc> = {
           "ref": "Quant"
         }
       },
-      "scheme": "str"
+      "scheme": "str",
+      "graph_io": "str",
+      "in_graph": {
+        "ref": "QuantIO"
+      }
     }
   },
   "Quant": {
@@ -659,6 +674,21 @@ export const SCHEMA: Record<string, BlockDesc> = {
       "dtype": "str",
       "scale": "number",
       "zero_point": "int"
+    }
+  },
+  "QuantIO": {
+    "required": [],
+    "fields": {
+      "input": {
+        "nullable": {
+          "ref": "Quant"
+        }
+      },
+      "output": {
+        "nullable": {
+          "ref": "Quant"
+        }
+      }
     }
   },
   "AdaBNBlock": {
