@@ -124,6 +124,13 @@ def _steps(backend, ts: dict, hp: dict, f, t, w, params: dict, state: dict,
     return [float(v) for v in np.reshape(out[ts["fused"]["loss_output"]], -1)]
 
 
+def _check_loss(loss: float, epoch: int, hp: dict) -> None:
+    """A non-finite training loss stops the run, naming the learning rate to lower."""
+    if not np.isfinite(loss):
+        raise RunnerError(f"training diverged (loss {loss}) at epoch {epoch + 1}; lower the "
+                          f"learning rate (now {hp['lr']}) with --lr")
+
+
 #: Most steps in one call of a fused graph that takes any number (``steps`` null): bounds the
 #: stacked copy of the features a call holds.
 MAX_FUSED_STEPS = 64
@@ -827,9 +834,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
             b = order[done : done + g * bs].reshape(g, bs)
             for loss in _steps(backend, ts, hp, pool_f[b], eye[pool_y[b]], pool_w[b],
                                head.params, state, anchors):
-                if not np.isfinite(loss):
-                    raise RunnerError(f"training diverged (loss {loss}) at epoch {epoch + 1}; "
-                                      f"lower the learning rate (now {hp['lr']}) with --lr")
+                _check_loss(loss, epoch, hp)
                 total += loss * bs
                 count += bs
                 steps += 1
@@ -847,9 +852,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
             loss = _step(backend, ts, hp, f, t, w, head.params, state, anchors)
             for name in frozen_rows:  # absent labels keep their starting rows
                 head.params[name][absent] = start.params[name][absent]
-            if not np.isfinite(loss):
-                raise RunnerError(f"training diverged (loss {loss}) at epoch {epoch + 1}; lower "
-                                  f"the learning rate (now {hp['lr']}) with --lr")
+            _check_loss(loss, epoch, hp)
             total += loss * n
             count += n
             steps += 1
