@@ -267,3 +267,14 @@ def test_tail_refuses_tflite_and_int8(tiny_ck, tmp_path):
     with pytest.raises(ConfigError, match="fp32"):
         export_tiny(tiny_ck, tmp_path / "q", "onnx", "int8", trainable="bias")
     assert NetConfig  # imported for the two-block model
+
+
+@pytest.mark.parametrize("kind,optimizer", [("linear", "sgd"), ("cosine", "adam")])
+def test_hand_written_head_equals_its_autodiff_twin(tmp_path, kind, optimizer):
+    """Issue 18 item 6: the head's hand-written train graph and the autodiff one traced by
+    the --trainable route (an identity tail) take the same steps (tools/head_autodiff.py
+    measures their speed)."""
+    from tools.head_autodiff import measure
+
+    r = measure(kind, optimizer, dim=12, classes=4, batch=8, steps=5, rounds=1, work=tmp_path)
+    assert r["err"] < 1e-5, r
