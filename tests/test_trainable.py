@@ -220,9 +220,10 @@ def test_parity_two_blocks_bias_through_a_pool(two_block_ck, tmp_path):
     assert "backbone.blocks.1.bias" in [p["name"] for p in m["trainable"]["params"]]
 
 
-def test_parity_adam(tmp_path):
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_parity_adam(tmp_path, target):
     ck = tiny_checkpoint(HeadConfig(optimizer="adam", lr=0.01), epochs=2)
-    _parity(ck, "bias", tmp_path)
+    _parity(ck, "bias", tmp_path, target)
 
 
 @pytest.mark.parametrize("ck_name,spec", [("tiny_ck", "bias"), ("tiny_ck", "last:1"),
@@ -280,12 +281,13 @@ def test_int8_needs_a_frozen_prefix(tiny_ck, tmp_path):
         export_tiny(tiny_ck, tmp_path / "q", "onnx", "int8", trainable="all")
 
 
-def test_check_parity_covers_tail(tiny_ck, tmp_path):
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_check_parity_covers_tail(tiny_ck, tmp_path, target):
     from edgetl.check import parity
     from edgetl.checkpoint import save_checkpoint
     from edgetl.manifest import Manifest
 
-    bundle = export_tiny(tiny_ck, tmp_path / "b", trainable="bias")
+    bundle = export_tiny(tiny_ck, tmp_path / "b", target, trainable="blocks.1.*")
     ckp = tmp_path / "ck.pt"
     save_checkpoint(tiny_ck, ckp)
     res = parity(bundle, Manifest.read(bundle), ckp, None)
