@@ -672,3 +672,10 @@ def test_react_native_example_flow(node, bundle, tmp_path):
                     assert float(np.abs(a[k] - b[k]).max()) == 0.0, (name, k)
     assert json.loads((state / "versions.json").read_text()) == json.loads(
         (tmp_path / "cli" / "versions.json").read_text())
+
+
+def test_cli_points_tflite_bundles_to_litert_js(node, tiny_tflite_bundle):
+    """The CLI runs ONNX bundles; a TFLite bundle is refused in one line naming where it runs
+    (LiteRT.js in a browser: tests/test_litert_js.py, the web page; the Python runner)."""
+    refused(run_js(node, "selftest", tiny_tflite_bundle, check=False),
+            r"TFLite bundle; this CLI runs onnx bundles.*LiteRtBackend.*run\.py")

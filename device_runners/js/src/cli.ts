@@ -154,6 +154,12 @@ async function main(argv: string[]): Promise<number> {
       `(onnxruntime-web, WASM), got '${runtime}'`);
   }
   const bundle = await loadBundleDir(bundleDir, { trustKeyPath: v["trust-key"] });
+  if (bundle.manifest.target === "tflite") {
+    throw new RunnerError("this is a TFLite bundle; this CLI runs onnx bundles (onnxruntime). " +
+      "TFLite bundles run in this package on LiteRT.js in a browser (LiteRtBackend; the web " +
+      "page device_runners/web picks it by the bundle's target); on this machine use the " +
+      "Python runner: python device_runners/run.py");
+  }
   const backend = await OrtBackend.create(ort, bundle, { threads: num(v, "threads") ?? 0,
     name: `onnxruntime-${runtime}` });
   let res: unknown;
