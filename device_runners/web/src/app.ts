@@ -103,6 +103,7 @@ function list(el: HTMLElement, title: string, items: string[]): void {
 function resetAfter(step: "bundle" | "data"): void {
   if (step === "bundle") {
     state.bundle = undefined;
+    if (state.backend instanceof LiteRtBackend) state.backend.delete(); // WASM memory, not GC'd
     state.backend = undefined;
     $("bundle-info").hidden = true;
     $("selftest").textContent = "";
