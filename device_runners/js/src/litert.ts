@@ -16,7 +16,8 @@ import { RunnerError } from "./errors.js";
 export interface LiteRtTensor {
   readonly type: { layout: { dimensions: ArrayLike<number> } };
   toTypedArray(): ArrayLike<number>;
-  getBufferType?(): string;
+  /** Where its data lives (`wasm`: CPU memory this package can read). */
+  readonly accelerator?: string;
   moveTo?(destination: "wasm"): Promise<LiteRtTensor>;
   delete(): void;
 }
@@ -152,7 +153,9 @@ export class LiteRtBackend implements Backend {
       }
       for (const [k, t] of Object.entries(res)) {
         let host = t;
-        if (t.getBufferType && t.moveTo && t.getBufferType() !== "wasm") host = await t.moveTo("wasm");
+        if (t.moveTo && t.accelerator !== undefined && t.accelerator !== "wasm") {
+          host = await t.moveTo("wasm");
+        }
         const a = host.toTypedArray();
         if (!(a instanceof Float32Array)) {
           throw new RunnerError(`graph output ${k} is not float32; the bundle is damaged, re-export it`);
