@@ -672,3 +672,60 @@ def test_react_native_example_flow(node, bundle, tmp_path):
                     assert float(np.abs(a[k] - b[k]).max()) == 0.0, (name, k)
     assert json.loads((state / "versions.json").read_text()) == json.loads(
         (tmp_path / "cli" / "versions.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tflite_spare_bundle(tiny_ck, tmp_path_factory) -> Path:
+    """The tiny model's fp32 TFLite bundle with 5 class rows (2 spare, bias -1e4)."""
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("tfls") / "bundle", "tflite",
+                       class_capacity=5)
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8f", "spare"])
+def test_tflite_bundles_on_litert_js_in_node(which, node, tiny_tflite_bundle,
+                                             tiny_tflite_int8f_bundle, tflite_spare_bundle,
+                                             tmp_path):
+    """TFLite bundles through the CLI in Node: LiteRT.js (its compat WASM build, chosen by the
+    bundle's target) gives the Python runner's split, steps, gate and head within 1e-5, and
+    its predictions; ``spare``: a new label imprinted into a spare class row, one missing."""
+    b = {"fp32": tiny_tflite_bundle, "int8f": tiny_tflite_int8f_bundle,
+         "spare": tflite_spare_bundle}[which]
+    if which == "spare":
+        data = write_device_npz(tmp_path / "d.npz", 90, seed=12, gain=1.2,
+                                labels=("slow", "medium", "sprint"))
+        flags = ["--seed", "5"]
+    else:
+        data = csv_log(tmp_path / "log.csv", 15, runs=100, **SHIFT)
+        flags = ["--seed", "9", "--epochs", "15"]
+    sel = json.loads(run_js(node, "selftest", b, "--json").stdout)
+    assert sel["ok"] and sel["backend"] == "litert.js", sel
+    py, js = adapt_both(node, b, data, tmp_path, flags)
+    res = compare(py, js, split_of(b, data, py, seed=int(flags[1])))
+    J = json.loads((js / "report.json").read_text())
+    assert J["backend"] == "litert.js" and not J["rolled_back"], J["gate"]
+    if which == "spare":
+        assert J["new_labels"] == ["sprint"] and J["missing_labels"] == ["fast"]
+    want = run_runner("infer", b, "--data", data, "--head", py / "head.npz", "--json", "--quiet")
+    assert want.returncode == 0, want.stderr
+    got = json.loads(run_js(node, "infer", b, "--data", data, "--head", js / "head.npz",
+                            "--json", "--quiet").stdout)
+    W = json.loads(want.stdout)
+    assert got["predictions"] == W["predictions"] and got["accuracy"] == W["accuracy"]
+    print(f"litert.js node {which}: {res}")
+
+
+def test_litert_backend_refuses_what_litert_js_cannot_run(node, tiny_tflite_int8_bundle,
+                                                          tiny_bundle):
+    """``LiteRtBackend.create`` refuses, before loading anything, an int8-graph-I/O backbone
+    (LiteRT.js 2.5 binds no int8 tensors) and an ONNX bundle, saying what to do."""
+    node_mod = (JS / "dist" / "node.js").as_uri()
+    got = node_eval(node, f"""
+const {{ loadBundleDir }} = await import({json.dumps(node_mod)});
+const out = [];
+for (const dir of {json.dumps([str(tiny_tflite_int8_bundle), str(tiny_bundle)])}) {{
+  try {{ await E.LiteRtBackend.create({{}}, await loadBundleDir(dir)); out.push("loaded"); }}
+  catch (e) {{ out.push(`${{e.name}}: ${{e.message}}`); }}
+}}
+console.log(JSON.stringify(out));""")
+    assert "Element type INT8 is not supported" in got[0] and "int8_io float32" in got[0], got
+    assert "not a TFLite bundle" in got[1] and "OrtBackend" in got[1], got

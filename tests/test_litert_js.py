@@ -9,10 +9,15 @@ new parameters and momentum fed back). Each is compared with the shipped vectors
 bundle's tolerances and with the Python runner (``edgerun.backends``, ai-edge-litert) on the
 same inputs. An int8 backbone with int8 graph I/O is still refused by LiteRT.js 2.5.3
 (``Element type INT8 is not supported``): the reason ``export.int8_io`` defaults to float32.
+
+``tests/web/litert/runner.html`` runs the TypeScript runner (``device_runners/js/dist``) with
+its ``LiteRtBackend``: self-test, ``infer``, ``adapt`` and ``infer`` with the kept head, compared
+with ``run.py adapt`` / ``run.py infer`` on the same bundle, data and seed.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -22,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-from tests.jsrunner import JS
+from tests.conftest import ROOT, SHIFT, run_runner, write_device_npz
+from tests.jsrunner import HEAD_ATOL, JS, compare_reports, csv_log, head_diff
 
 PAGE = ROOT / "tests" / "web" / "litert"
 DRIVER = ROOT / "tests" / "web" / "litert_drive.mjs"
@@ -99,6 +104,7 @@ def served(request, tmp_path_factory):
     shutil.copytree(PAGE, root)
     (root / "core").symlink_to(LITERT / "core")
     (root / "wasm-utils").symlink_to(LITERT / "wasm-utils")
+    (root / "edgerun").symlink_to(JS / "dist")  # the TypeScript runner (runner.html)
     server = subprocess.Popen([node, str(SERVE), "--port", "0", "--root", str(root)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -110,14 +116,21 @@ def served(request, tmp_path_factory):
         server.wait(10)
 
 
-def _run_page(served, bundles: dict, calls: list, tmp: Path) -> dict:
+def _run_page(served, bundles: dict, calls: list | None, tmp: Path,
+              runner: dict | None = None) -> dict:
+    """The signature-call page on ``calls``, or with ``runner`` (runner-plan.json) the
+    TypeScript runner's page (``runner.html``)."""
     node, root, url = served
     for key, b in bundles.items():
         shutil.rmtree(root / key, ignore_errors=True)
         shutil.copytree(b, root / key)
-    models = {f"{k}/{role}": f"./{k}/{role}.tflite" for k in bundles
-              for role in ("backbone", "head")}
-    (root / "plan.json").write_text(json.dumps({"models": models, "calls": calls}))
+    if runner is None:
+        models = {f"{k}/{role}": f"./{k}/{role}.tflite" for k in bundles
+                  for role in ("backbone", "head")}
+        (root / "plan.json").write_text(json.dumps({"models": models, "calls": calls}))
+    else:
+        (root / "runner-plan.json").write_text(json.dumps(runner))
+        url += "runner.html"
     p = subprocess.run([node, str(DRIVER), url, str(tmp / "profile")], capture_output=True,
                        text=True, timeout=240)
     assert p.returncode == 0, f"the browser driver failed:\n{p.stdout[-3000:]}{p.stderr[-3000:]}"
@@ -168,3 +181,74 @@ def test_litert_js_refuses_int8_graph_io(served, tiny_tflite_int8_bundle, tmp_pa
     out = _run_page(served, {"int8": tiny_tflite_int8_bundle}, [], tmp_path)
     assert out["loaded"]["int8/head"] is True
     assert "INT8 is not supported" in str(out["loaded"]["int8/backbone"]), out["loaded"]
+
+
+@pytest.fixture(scope="module")
+def tflite_spare_bundle(tiny_ck, tmp_path_factory) -> Path:
+    """The tiny model's fp32 TFLite bundle with 5 class rows (2 spare, bias -1e4)."""
+    from tests.conftest import export_tiny
+
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("tfls") / "bundle", "tflite",
+                       class_capacity=5)
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8f", "spare", "rollback"])
+def test_ts_runner_on_litert_js_as_the_python_runner(which, served, tiny_tflite_bundle,
+                                                     tiny_tflite_int8f_bundle,
+                                                     tflite_spare_bundle, tmp_path):
+    """The TypeScript runner's ``LiteRtBackend`` in headless Chromium: self-test, ``infer``
+    with the bundle's head, ``adapt`` (fixed train batch padded with weight 0, fixed infer
+    batch, (1,) hyper-parameters) and ``infer`` with the kept head; the same head within 1e-5,
+    gate, report and predictions as ``run.py adapt`` / ``run.py infer`` (ai-edge-litert) on
+    the same bundle, data and seed. ``spare``: a label new to the head imprinted into a spare
+    class row (``Head.add_classes`` grow=False) and one missing; ``rollback``: an unshifted
+    device, where the gate keeps the shipped head."""
+    b = {"fp32": tiny_tflite_bundle, "int8f": tiny_tflite_int8f_bundle,
+         "spare": tflite_spare_bundle, "rollback": tiny_tflite_bundle}[which]
+    if which == "rollback":
+        data = csv_log(tmp_path / "plain.csv", 15)
+        settings = {"seed": 9, "epochs": 6}
+    elif which == "spare":
+        data = write_device_npz(tmp_path / "device.npz", 90, seed=12, gain=1.2,
+                                labels=("slow", "medium", "sprint"))
+        settings = {"seed": 5}
+    else:
+        data = csv_log(tmp_path / "shifted.csv", 15, runs=100, **SHIFT)
+        settings = {"seed": 9, "epochs": 15}
+    _, root, _ = served
+    shutil.copy(data, root / data.name)
+    version = json.loads((LITERT / "core" / "package.json").read_text())["version"]
+    out = _run_page(served, {which: b}, None, tmp_path, runner={
+        "bundle": which, "files": sorted(f.name for f in b.iterdir()),
+        "data": f"./{data.name}", "adapt": settings, "version": version})
+    flags = [f"--{k}={v}" for k, v in settings.items()]
+    py = tmp_path / "py"
+    p = run_runner("adapt", b, "--data", data, "--out", py, "--quiet", *flags)
+    assert p.returncode == 0, p.stderr
+    P = json.loads((py / "report.json").read_text())
+    J = out["report"]
+    assert J["backend"] == "litert.js" and J["backend_version"] == version
+    assert J["selftest_max_abs_err"] <= m_tol(b)
+    compare_reports(P, J)  # counts, labels, gate fields and decision, history
+    (tmp_path / "js").mkdir()
+    (tmp_path / "js" / "head.npz").write_bytes(base64.b64decode(out["head"]))
+    err = head_diff(py / "head.npz", tmp_path / "js" / "head.npz")
+    assert err <= HEAD_ATOL, f"heads differ by {err:.3g} (> {HEAD_ATOL})"
+    for key, head in (("infer_bundle", []), ("infer_kept", ["--head", py / "head.npz"])):
+        q = run_runner("infer", b, "--data", data, "--out", tmp_path / key, *head)
+        assert q.returncode == 0, q.stderr
+        want = json.loads((tmp_path / key / "predictions.json").read_text())
+        got = out[key]
+        assert got["predictions"] == want["predictions"], key
+        assert got["accuracy"] == want["accuracy"], key
+    if which == "spare":
+        assert J["new_labels"] == ["sprint"] and J["missing_labels"] == ["fast"]
+    assert J["rolled_back"] == (which == "rollback"), J["gate"]
+    print(f"\nLiteRT.js runner {which}: rolled back {J['rolled_back']}, head max abs diff "
+          f"{err:.3g}, self-test err {J['selftest_max_abs_err']:.3g}, accuracy "
+          f"{out['infer_bundle']['accuracy']:.3f} -> {out['infer_kept']['accuracy']:.3f}")
+
+
+def m_tol(bundle: Path) -> float:
+    tv = json.loads((bundle / "manifest.json").read_text())["test_vectors"]
+    return max(tv["atol"], tv.get("logits_atol", tv["atol"]))

@@ -1,9 +1,11 @@
 """``--trainable SPEC``: selection, the cut, the autodiff train step, and parity with torch.
 
-The oracle: 20 train steps of a tail bundle in onnxruntime, run by the device runner's own
-code (``edgerun.backends`` + ``edgerun.adapt._step``) on the features its backbone graph
-caches, against the same 20 steps of ``torch.optim.SGD`` / ``Adam`` on the whole PyTorch
-student (eval mode: BatchNorm statistics frozen).
+The oracle: 20 train steps of a tail bundle in onnxruntime and in LiteRT (``tail.tflite``,
+built-in ops only), run by the device runner's own code (``edgerun.backends`` +
+``edgerun.adapt._step``) on the features its backbone graph caches, against the same 20 steps
+of ``torch.optim.SGD`` / ``Adam`` on the whole PyTorch student (eval mode: BatchNorm
+statistics frozen). int8 bundles quantise only the frozen prefix (the backbone graph): the
+export's accuracy gate and train-step check, and the runner's ``selftest`` / ``adapt``.
 """
 
 from __future__ import annotations
@@ -73,15 +75,19 @@ def test_conv_backward_decomposition_matches_autograd():
 
 
 def test_max_pool_backward_decomposition_matches_autograd():
-    """Non-overlapping pools (the compare-and-select form, a remainder cell included) and an
-    overlapping one (scatter_add), 2-D and 1-D (lowered to 2-D with a unit height)."""
+    """Non-overlapping pools (the argmax-compare-select form, a remainder cell included; ties
+    after a ReLU go to the first maximum, as torch's indices say) and an overlapping one
+    (scatter_add), 2-D and 1-D (lowered to 2-D with a unit height)."""
     from edgetl.trainable.decomp import max_pool2d_with_indices_backward
 
     torch.manual_seed(0)
     aten = torch.ops.aten
     for shape, k, s in [((2, 3, 8, 9), [2, 2], [2, 2]), ((2, 3, 1, 21), [1, 2], [1, 2]),
-                        ((2, 4, 7, 7), [3, 3], [2, 2])]:
-        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+                        ((2, 4, 7, 7), [3, 3], [2, 2]), ((3, 5, 1, 16), [1, 2], [1, 2])]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        if shape[0] == 3:  # ties: many windows of zeros
+            x = x.clamp(min=0)
+        x.requires_grad_(True)
         y, idx = aten.max_pool2d_with_indices(x, k, s)
         go = torch.randn_like(y)
         want, = torch.autograd.grad(y, [x], go)
@@ -166,8 +172,8 @@ def _runner_steps(bundle, x, targets, weights, fused=False):
     return losses, params
 
 
-def _parity(ck, spec, tmp_path):
-    bundle = export_tiny(ck, tmp_path / spec.replace(":", "_").replace("*", "x"),
+def _parity(ck, spec, tmp_path, target="onnx"):
+    bundle = export_tiny(ck, tmp_path / spec.replace(":", "_").replace("*", "x"), target,
                          trainable=spec)
     m = json.loads((bundle / "manifest.json").read_text())
     names = [p["name"].removeprefix("backbone.") for p in m["trainable"]["params"]]
@@ -180,12 +186,14 @@ def _parity(ck, spec, tmp_path):
     weights = torch.rand(STEPS, 16, generator=g) + 0.5
     weights[:, -3:] = 0.0  # padding rows
     want_l, want_p = _torch_steps(ck, names, x, targets, weights)
-    assert m["train_step"]["fused"]["file"] == "tail_train_k"
-    for fused in (False, True):  # one step per call, then the fused K-step graph
+    if target == "onnx":
+        assert m["train_step"]["fused"]["file"] == "tail_train_k"
+    for fused in (False, True) if target == "onnx" else (False,):
+        # one step per call, then the fused K-step graph (ONNX only)
         got_l, got_p = _runner_steps(bundle, x.numpy(), targets, weights, fused)
         err_l = max(abs(a - b) for a, b in zip(got_l, want_l, strict=True))
         err_p = max(float(np.abs(got_p[k] - v).max()) for k, v in want_p.items())
-        print(f"parity {spec} {ck.head.optimizer} fused={fused}: loss {err_l:.2e}, "
+        print(f"parity {target} {spec} {ck.head.optimizer} fused={fused}: loss {err_l:.2e}, "
               f"params {err_p:.2e}")
         assert sorted(got_p) == sorted(want_p)
         assert err_l < PARITY_ATOL and err_p < PARITY_ATOL
@@ -212,28 +220,74 @@ def test_parity_two_blocks_bias_through_a_pool(two_block_ck, tmp_path):
     assert "backbone.blocks.1.bias" in [p["name"] for p in m["trainable"]["params"]]
 
 
-def test_parity_adam(tmp_path):
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_parity_adam(tmp_path, target):
     ck = tiny_checkpoint(HeadConfig(optimizer="adam", lr=0.01), epochs=2)
-    _parity(ck, "bias", tmp_path)
+    _parity(ck, "bias", tmp_path, target)
 
 
-def test_runner_adapts_tail_bundle(tiny_ck, tmp_path):
-    bundle = export_tiny(tiny_ck, tmp_path / "b", trainable="bias")
+@pytest.mark.parametrize("ck_name,spec", [("tiny_ck", "bias"), ("tiny_ck", "last:1"),
+                                          ("two_block_ck", "bias"), ("two_block_ck", "last:1")])
+def test_parity_tflite(request, tmp_path, ck_name, spec):
+    """The same 20 steps through ``tail.tflite`` (signatures ``train`` / ``infer``)."""
+    from edgetl.export.tflite import check_builtin_only
+
+    bundle, m = _parity(request.getfixturevalue(ck_name), spec, tmp_path, "tflite")
+    ts = m["train_step"]
+    assert (ts["file"], ts["signature"], ts["hparam_shape"]) == ("tail", "train", [1])
+    assert m["infer"]["signature"] == "infer" and "fused" not in ts
+    assert m["files"]["tail"]["path"] == "tail.tflite"
+    check_builtin_only(bundle / "tail.tflite")
+    assert m["checks"]["train_step_max_abs_err"] < m["checks"]["atol"]
+
+
+def _adapts(bundle, tmp_path, fused=True):
     data = write_device_npz(tmp_path / "dev.npz", 120, 7, **SHIFT)
     p = adapt_json(bundle, data, tmp_path / "out")
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
-    assert rep["gate"] and rep["steps"] > 0 and rep["steps_fused"] > 0
+    assert rep["gate"] and rep["steps"] > 0 and (rep["steps_fused"] > 0) == fused
     with np.load(tmp_path / "out" / "head.npz") as z:
         assert {"backbone.blocks.1.weight", "backbone.blocks.1.bias", "weight"} <= set(z.files)
 
 
-def test_check_parity_covers_tail(tiny_ck, tmp_path):
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_runner_adapts_tail_bundle(tiny_ck, tmp_path, target):
+    _adapts(export_tiny(tiny_ck, tmp_path / "b", target, trainable="bias"), tmp_path,
+            fused=target == "onnx")
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_int8_prefix_fp32_tail(tiny_ck, tmp_path, target):
+    """int8 backbone graph (the frozen prefix) + fp32 tail graphs: the export's accuracy gate
+    and train-step check pass, the runner's selftest and adapt work."""
+    from tests.conftest import run_runner
+
+    bundle = export_tiny(tiny_ck, tmp_path / "b", target, "int8", trainable="bias")
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["precision"] == "int8" and m["quantization"]["backbone"] == "int8"
+    assert m["quantization"]["tail"].startswith("fp32")
+    assert m["trainable"]["cut"]["node"] != "x"
+    assert m["checks"]["accuracy"]["drop_points"] <= 5.0
+    assert m["checks"]["train_step_max_abs_err"] < m["checks"]["atol"]
+    p = run_runner("selftest", bundle)
+    assert p.returncode == 0 and "self-test passed" in p.stdout + p.stderr, p.stderr
+    _adapts(bundle, tmp_path, fused=target == "onnx")
+
+
+def test_int8_needs_a_frozen_prefix(tiny_ck, tmp_path):
+    """``all`` trains the first layer: nothing is left to quantise, so int8 is refused."""
+    with pytest.raises(ConfigError, match="no frozen prefix"):
+        export_tiny(tiny_ck, tmp_path / "q", "onnx", "int8", trainable="all")
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite"])
+def test_check_parity_covers_tail(tiny_ck, tmp_path, target):
     from edgetl.check import parity
     from edgetl.checkpoint import save_checkpoint
     from edgetl.manifest import Manifest
 
-    bundle = export_tiny(tiny_ck, tmp_path / "b", trainable="bias")
+    bundle = export_tiny(tiny_ck, tmp_path / "b", target, trainable="blocks.1.*")
     ckp = tmp_path / "ck.pt"
     save_checkpoint(tiny_ck, ckp)
     res = parity(bundle, Manifest.read(bundle), ckp, None)
@@ -261,12 +315,41 @@ def test_unlowered_backward_op_fails_naming_it(tiny_ck, monkeypatch):
         tail.train.trace(example_args(tail, 4, 3))
 
 
-def test_tail_refuses_tflite_and_int8(tiny_ck, tmp_path):
-    with pytest.raises(ConfigError, match="onnx"):
+def test_tflite_non_builtin_op_fails_naming_it(tiny_ck, tmp_path, monkeypatch):
+    """A tail graph that needs a non-built-in (Flex) op fails the export naming it, suggesting
+    a smaller SPEC; nothing is silently frozen."""
+    import edgetl.export.tflite as tfl
+
+    real = tfl.check_builtin_only
+
+    def flex(path):
+        if not str(path).endswith("tail.tflite"):
+            return real(path)
+        raise BundleError("tail.tflite uses non-built-in ops ['CUSTOM:FlexConv2DBackpropInput']")
+
+    monkeypatch.setattr(tfl, "check_builtin_only", flex)
+    with pytest.raises(BundleError, match="FlexConv2DBackpropInput.*smaller SPEC"):
         export_tiny(tiny_ck, tmp_path / "t", "tflite", trainable="bias")
-    with pytest.raises(ConfigError, match="fp32"):
-        export_tiny(tiny_ck, tmp_path / "q", "onnx", "int8", trainable="bias")
     assert NetConfig  # imported for the two-block model
+
+
+def test_permute_of_expand_rewrite():
+    """litert-torch lowers ``bmm(r, permute(expand(W)))`` as a reshape of W (wrong numbers):
+    the rewrite permutes before the expand, same values in torch and in LiteRT."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from edgetl.trainable.decomp import fix_permute_of_expand
+
+    def f(r, w):
+        return torch.bmm(r, w.expand(4, 6, 5).permute(0, 2, 1))
+
+    r, w = torch.randn(4, 3, 5), torch.randn(6, 5)
+    gm = make_fx(f)(r, w)
+    assert fix_permute_of_expand(gm, (r, w)) == 1
+    assert torch.allclose(gm(r, w), f(r, w))
+    aten = torch.ops.aten
+    assert not any(n.target == aten.permute.default and n.args[0].target == aten.expand.default
+                   for n in gm.graph.nodes if n.op == "call_function")
 
 
 @pytest.mark.parametrize("kind,optimizer", [("linear", "sgd"), ("cosine", "adam")])

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SHIFT, run_runner, write_device_npz
+from tests.conftest import ROOT, SHIFT, export_tiny, run_runner, write_device_npz
 from tests.jsrunner import HEAD_ATOL, JS, compare_reports, csv_log, head_diff
 
 WEB = ROOT / "device_runners" / "web"
@@ -216,3 +216,53 @@ def test_csp_allows_the_import_map():
     want = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
     assert f"'sha256-{want}'" in html, (
         f"the import map changed: put 'sha256-{want}' in index.html's script-src")
+
+
+@pytest.fixture(scope="module")
+def tflite_spare_bundle(tiny_ck, tmp_path_factory) -> Path:
+    """The tiny model's int8 TFLite bundle (float32 graph I/O) with 5 class rows, 2 spare."""
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("tfl8s") / "bundle", "tflite", "int8",
+                       int8_io="float32", class_capacity=5)
+
+
+def test_web_page_personalises_tflite_bundles(page_url, node, tiny_tflite_bundle,
+                                              tflite_spare_bundle, tmp_path):
+    """TFLite bundles on the page run on LiteRT.js (picked by the manifest's ``target``):
+    fp32 with a shifted CSV log (the gate keeps the new head), int8 (float32 graph I/O) with
+    .npz windows holding a label the server never saw (imprinted into a spare class row) and
+    one missing: the Python runner's head (ai-edge-litert), labels and gate decision."""
+    shifted = csv_log(tmp_path / "shifted.csv", 15, runs=100, **SHIFT)
+    npz = write_device_npz(tmp_path / "device.npz", 90, seed=12, gain=1.2,
+                           labels=("slow", "medium", "sprint"))
+    runs = {"fp32": (tiny_tflite_bundle, shifted, {"epochs": 15, "seed": 9}),
+            "int8f": (tflite_spare_bundle, npz, {"seed": 5})}
+    steps = [{"goto": "?threads=1"}]
+    for name, (b, data, settings) in runs.items():
+        steps += [{"bundle": str(b)}, {"data": str(data)}, {"adapt": settings, "save": name}]
+    t0 = time.perf_counter()
+    out = drive(node, page_url, steps, tmp_path)
+    seconds = time.perf_counter() - t0
+    s = out["steps"]
+    for j, (name, (b, data, settings)) in enumerate(runs.items()):
+        sb, sd, sa = s[1 + 3 * j : 4 + 3 * j]
+        assert sb["ok"] and "Self-test passed" in sb["selftest"], sb
+        assert "(tflite, " in sb["manifest"], sb["manifest"]
+        assert sd["ok"], sd
+        assert sa["ok"], sa
+        flags = [f"--{k}={v}" for k, v in settings.items()]
+        P = python_runner(b, data, tmp_path / f"py-{name}", flags)
+        J = json.loads((Path(sa["saved"]) / "report.json").read_text())
+        assert J["backend"] == "litert.js" and J["target"] == "tflite", J["backend"]
+        compare_reports(P, J)  # counts, labels, gate fields and decision, history
+        err = head_diff(tmp_path / f"py-{name}" / "head.npz", Path(sa["saved"]) / "head.npz")
+        assert err <= HEAD_ATOL, f"{name}: heads differ by {err:.3g} (> {HEAD_ATOL})"
+        want = "kept the current head" if P["rolled_back"] else "kept the new head"
+        assert want in sa["decision"], sa["decision"]
+        print(f"\ntflite {name}: rolled back {P['rolled_back']}, new labels {J['new_labels']}, "
+              f"head max abs diff {err:.3g}, adapt in the page {sa['seconds']:.1f} s")
+    # LiteRT.js logs its native INFO/WARNING lines ("INFO: [environment.cc:36] ...") to stderr,
+    # which the browser shows as console errors; anything else is one
+    errors = [e for e in out["console_errors"]
+              if not re.match(r"(INFO|WARNING): ", e)]
+    assert errors == [], errors
+    print(f"browser session (LiteRT.js): {seconds:.1f} s", file=sys.stderr)

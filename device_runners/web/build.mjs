@@ -1,9 +1,10 @@
 // Build the web page into device_runners/web/dist/: the page script (tsc, ES modules), the
 // TypeScript runner's browser modules (device_runners/js/dist, without the Node-only cli.js
-// and node.js) and onnxruntime-web's WASM build. Needs `make js-install` (npm ci + tsc) first.
+// and node.js), onnxruntime-web's WASM build and LiteRT.js (@litertjs/core: its module, the
+// wasm-utils bundle it imports and its WASM CPU builds, relaxed-SIMD and compat). Needs `make js-install` (npm ci + tsc) first.
 // Usage: node device_runners/web/build.mjs
 import { execFileSync } from "node:child_process";
-import { cpSync, existsSync, mkdirSync, readdirSync, rmSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -36,4 +37,15 @@ for (const f of ORT_FILES) {
   need(src, "onnxruntime-web in device_runners/js/node_modules");
   cpSync(src, join(DIST, "ort", f));
 }
+const LRT = join(JS, "node_modules", "@litertjs");
+const LRT_FILES = [["core/dist/index.js", "core/index.js"], ["wasm-utils/dist/bundle.js", "wasm-utils/bundle.js"],
+  ...["litert_wasm_internal", "litert_wasm_compat_internal"].flatMap((b) =>
+    [".js", ".wasm"].map((e) => [`core/wasm/${b}${e}`, `wasm/${b}${e}`]))];
+for (const [src, dst] of LRT_FILES) {
+  need(join(LRT, src), "@litertjs/core in device_runners/js/node_modules");
+  mkdirSync(dirname(join(DIST, "litert", dst)), { recursive: true });
+  cpSync(join(LRT, src), join(DIST, "litert", dst));
+}
+const lrtVersion = JSON.parse(readFileSync(join(LRT, "core", "package.json"), "utf8")).version;
+writeFileSync(join(DIST, "litert", "version.json"), JSON.stringify({ version: lrtVersion }));
 console.log(`built ${DIST}`);

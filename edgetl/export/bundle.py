@@ -409,7 +409,12 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                                      opset=cfg.opset, tail=tail is not None)
     files.update(bn_files)
     batch = cfg.train_batch
-    if tail:
+    if tail and exporter.target == "tflite":
+        from edgetl.export.tail import export_tflite
+
+        sig = export_tflite(tail, tmp, batch=batch, rows=spec.num_classes)
+        sig.pop("permute_expand_rewrites")
+    elif tail:
         from edgetl.export.tail import export_onnx
 
         sig = export_onnx(tail, tmp, opset=cfg.opset, batch=batch, rows=spec.num_classes)
@@ -443,6 +448,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     quant = {}
     if int8:
         quant = {"backbone": "int8", "head": "fp32 (trainable)", "per_channel": True,
+                 **({"tail": "fp32 (trainable; the backbone graph is the frozen prefix)"}
+                    if tail else {}),
                  "calibration_windows": 0 if calib is None else len(calib),
                  "calibration_source": "server training data" if calib is not None else
                  "none: activations are quantised per call (dynamic)",
@@ -606,13 +613,16 @@ def _tail_for(exporter: Exporter, ck: Checkpoint, cfg: ExportConfig, spec: HeadS
     """The :class:`edgetl.export.tail.Tail` of ``cfg.trainable``, or a clear refusal."""
     from edgetl.export.tail import prepare
 
-    if exporter.target != "onnx":
-        raise ConfigError(f"--trainable {cfg.trainable}: only the onnx target exports a tail "
-                          f"train step so far, not {exporter.target}; use --trainable head")
-    if cfg.precision != "fp32":
-        raise ConfigError(f"--trainable {cfg.trainable}: only fp32 bundles train more than "
-                          "the head so far; use --precision fp32 or --trainable head")
+    if exporter.target not in ("onnx", "tflite"):
+        raise ConfigError(f"--trainable {cfg.trainable}: only the onnx and tflite targets "
+                          f"export a tail train step so far, not {exporter.target}; use "
+                          "--trainable head")
     if cfg.trainer != "stateless":
         raise ConfigError(f"--trainable {cfg.trainable} needs the stateless trainer")
-    return prepare(ck.model.backbone.eval(), spec, ck.head.optimizer, cfg.trainable, params,
+    tail = prepare(ck.model.backbone.eval(), spec, ck.head.optimizer, cfg.trainable, params,
                    torch.from_numpy(xn[:2]))
+    if cfg.precision != "fp32" and not any(True for _ in tail.cut.prefix.parameters()):
+        raise ConfigError(f"--trainable {cfg.trainable} trains the backbone's first layer, so "
+                          "no frozen prefix is left to quantise (the tail stays fp32); use "
+                          "--precision fp32 or a SPEC that freezes the first layers")
+    return tail

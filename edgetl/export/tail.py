@@ -4,7 +4,9 @@
 the torch reference train and infer steps, the starting parameters); :func:`export_onnx`
 writes ``tail_train.onnx`` (the autodiff step traced by :meth:`TailTrain.trace`, exported
 by the dynamo exporter at the bundle's train batch and class rows) and ``tail_infer.onnx``
-(the tail's forward, dynamic batch). Graph names and feeds are the head graphs' (see
+(the tail's forward, dynamic batch); :func:`export_tflite` writes ``tail.tflite`` with the
+same step as its ``train`` signature and the forward as ``infer`` (fixed batch, built-in ops
+only, checked). Graph names and feeds are the head graphs' (see
 :mod:`edgetl.head`), so the device runner trains a tail like a head.
 """
 
@@ -64,13 +66,16 @@ def prepare(backbone: torch.nn.Module, spec: HeadSpec, optimizer: str, trainable
     return Tail(trainable, cut, names, TailTrain(model, optimizer), TailInfer(model), params)
 
 
-def example_args(tail: Tail, batch: int, rows: int) -> tuple:
-    """Distinct example inputs of the train step (values matter only for tracing)."""
+def example_args(tail: Tail, batch: int, rows: int, hparam_shape: tuple = ()) -> tuple:
+    """Distinct example inputs of the train step (values matter only for tracing).
+
+    ``hparam_shape``: of every hyper-parameter (``()`` for ONNX, ``(1,)`` for TFLite).
+    """
     g = torch.Generator().manual_seed(0)
     step = tail.train
     f = torch.randn(batch, tail.cut.dim, generator=g)
     t = torch.eye(rows)[torch.arange(batch) % rows]
-    hp = [torch.tensor(0.1 + 0.01 * i) for i in range(len(step.hparam_names))]
+    hp = [torch.full(hparam_shape, 0.1 + 0.01 * i) for i in range(len(step.hparam_names))]
     p = [torch.from_numpy(tail.params[n]) for n in step.param_names]
     s = list(step.init_state(dict(zip(step.param_names, p, strict=True))).values())
     return (f, t, torch.ones(batch), *hp, *p, *s, *[q.clone() for q in p][
@@ -132,3 +137,88 @@ def _export_infer(infer: TailInfer, args: tuple, path: Path, opset: int) -> None
                           output_names=infer.output_names(), external_data=False,
                           opset_version=max(opset, 18), verbose=False)
     onnx.checker.check_model(str(path))
+
+
+class _Graph(torch.nn.Module):
+    """A traced step with the contract's names, for :class:`edgetl.export.tflite._Named`."""
+
+    def __init__(self, gm: torch.fx.GraphModule, inputs: list[str], outputs: list[str]):
+        super().__init__()
+        self.gm, self._in, self._out = gm, list(inputs), list(outputs)
+
+    def input_names(self) -> list[str]:
+        return self._in
+
+    def output_names(self) -> list[str]:
+        return self._out
+
+    def forward(self, *args):
+        return tuple(self.gm(*args))
+
+
+def _smaller(tail: Tail, what: str) -> BundleError:
+    return BundleError(f"--trainable {tail.spec}: {what}; choose a smaller SPEC that leaves "
+                       "the failing layer frozen (e.g. last:1 or bias), or --target onnx")
+
+
+def export_tflite(tail: Tail, folder: Path, *, batch: int, rows: int) -> dict:
+    """Write ``tail.tflite`` (signatures ``train`` and ``infer``, fixed ``batch``).
+
+    The train signature is the step :meth:`TailTrain.trace` writes for ONNX (hyper-parameters
+    of shape :data:`~edgetl.export.tflite.HPARAM_SHAPE`), the infer one the tail's forward
+    traced the same way; both get :func:`~edgetl.trainable.decomp.fix_permute_of_expand`
+    (a silent litert-torch mis-lowering), the head models' flatbuffer passes and the
+    built-in-op check. A graph that does not lower to built-in ops fails naming the op.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from edgetl.export.tflite import (
+        HEAD_PASSES,
+        HPARAM_SHAPE,
+        _Named,
+        _quiet,
+        _safe,
+        check_builtin_only,
+        rewrite,
+    )
+    from edgetl.trainable.decomp import fix_permute_of_expand, pool_indices_used, table
+
+    step, infer = tail.train, tail.infer
+    args = example_args(tail, batch, rows, HPARAM_SHAPE)
+    gm = step.trace(args)
+    if pool_indices_used(gm):
+        raise _smaller(tail, "the backward of an overlapping or padded max pool reads "
+                             "max_pool2d_with_indices' indices, which litert-torch lowers as "
+                             "zeros (aten.max_pool2d_with_indices_backward)")
+    fixes = fix_permute_of_expand(gm, args)
+    nh, npar = len(step.hparam_names), len(step.param_names)
+    iargs = (args[0], *args[3 + nh : 3 + nh + npar])
+    with torch.no_grad():
+        igm = make_fx(infer, decomposition_table=table())(*iargs)
+    fixes += fix_permute_of_expand(igm, iargs)
+    train = _Graph(gm, step.input_names(), step.output_names()).eval()
+    inf = _Graph(igm, infer.input_names(), infer.output_names()).eval()
+    train_kw = {_safe(n): a for n, a in zip(train.input_names(), args, strict=True)}
+    infer_kw = {_safe(n): a for n, a in zip(inf.input_names(), iargs, strict=True)}
+    path = Path(folder) / "tail.tflite"
+    try:
+        with _quiet():
+            litert_torch = require("litert_torch", "tflite")
+            (litert_torch.signature("train", _Named(train).eval(), (), train_kw)
+             .signature("infer", _Named(inf).eval(), (), infer_kw).convert().export(str(path)))
+    except Exception as e:  # noqa: BLE001 - the converter's errors name the op
+        msg = " ".join(str(e).split())
+        raise _smaller(tail, f"the train step does not convert to TFLite built-in ops "
+                             f"({type(e).__name__}: {msg[:300]})") from None
+    rewrite(path, *HEAD_PASSES)
+    try:
+        check_builtin_only(path)
+    except BundleError as e:
+        raise _smaller(tail, str(e)) from None
+    hshape = list(HPARAM_SHAPE)
+    return {"files": {"tail": path.name}, "permute_expand_rewrites": fixes,
+            "train": {"file": "tail", "signature": "train", "inputs": step.input_names(),
+                      "outputs": step.output_names(), "batch_size": batch,
+                      "hparam_shape": hshape},
+            "infer": {"file": "tail", "signature": "infer", "inputs": infer.input_names(),
+                      "outputs": infer.output_names(), "batch_size": batch}}

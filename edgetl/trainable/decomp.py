@@ -121,23 +121,17 @@ def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding
     return gi, gw, gb
 
 
-def _repeat_cells(t: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    """Each of the last two axes' entries repeated ``ks[i]`` times (nearest upsampling)."""
-    ho, wo = t.shape[-2:]
-    t = t.unsqueeze(-1).unsqueeze(-3)  # (..., Ho, 1, Wo, 1)
-    t = t.expand(*t.shape[:-4], ho, ks[0], wo, ks[1])
-    return t.reshape(*t.shape[:-4], ho * ks[0], wo * ks[1])
-
-
 def max_pool2d_with_indices_backward(grad_output, self, kernel_size, stride, padding, dilation,
                                      ceil_mode, indices):
     """Drop-in for ``aten.max_pool2d_with_indices_backward.default`` (1-D pools lower to it).
 
     Non-overlapping windows (stride = kernel, no padding or dilation: every pooling of the
-    built-in students): each output's gradient goes to the input cell its ``indices`` name,
-    found by comparing the indices, repeated over their window, with each cell's flat position
-    (a compare and a select, no scatter; cells past the last whole window get 0). Other
-    pools: a ``scatter_add`` of the gradient at the indices.
+    built-in students): each output's gradient goes to the first maximum of its window,
+    found again from the input (an ``argmax`` over the window's cells, row-major, as torch
+    picks among ties; then a compare with each cell's position and a select, no scatter;
+    cells past the last whole window get 0). ``indices`` are not read: litert-torch lowers
+    ``max_pool2d_with_indices``'s indices as zeros. Other pools: a ``scatter_add`` of the
+    gradient at the indices (ONNX only; :func:`pool_indices_used` finds it for TFLite).
     """
     ks = _per_dim(kernel_size, 2)
     st = _per_dim(stride, 2) if len(stride) else ks
@@ -145,16 +139,77 @@ def max_pool2d_with_indices_backward(grad_output, self, kernel_size, stride, pad
     h, w = self.shape[-2:]
     if st == ks and pd == [0, 0] and dl == [1, 1] and not ceil_mode:
         ho, wo = grad_output.shape[-2:]
-        rows = torch.arange(ho * ks[0], device=self.device).unsqueeze(1) * w
-        pos = rows + torch.arange(wo * ks[1], device=self.device).unsqueeze(0)
-        g = _repeat_cells(grad_output, ks)
-        gi = torch.where(_repeat_cells(indices, ks) == pos, g, torch.zeros_like(g))
-        if ho * ks[0] < h or wo * ks[1] < w:
-            gi = F.pad(gi, [0, w - wo * ks[1], 0, h - ho * ks[0]])
+        kh, kw = ks
+        lead = list(self.shape[:-2])
+        x = self.narrow(-2, 0, ho * kh).narrow(-1, 0, wo * kw)
+        x = x.reshape(*lead, ho, kh, wo, kw).transpose(-3, -2).reshape(*lead, ho, wo, kh * kw)
+        first = torch.argmax(x, dim=-1, keepdim=True)
+        taps = torch.arange(kh * kw, device=self.device)
+        g = torch.where(taps == first, grad_output.unsqueeze(-1), torch.zeros_like(x))
+        gi = g.reshape(*lead, ho, wo, kh, kw).transpose(-3, -2).reshape(
+            *lead, ho * kh, wo * kw)
+        if ho * kh < h or wo * kw < w:
+            gi = F.pad(gi, [0, w - wo * kw, 0, h - ho * kh])
         return gi
     flat = grad_output.new_zeros(*self.shape[:-2], h * w)
     flat = flat.scatter_add(-1, indices.flatten(-2), grad_output.flatten(-2))
     return flat.reshape(self.shape)
+
+
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def fix_permute_of_expand(gm: torch.fx.GraphModule, args: tuple) -> int:
+    """Rewrite ``permute(expand(w))`` as ``expand(permute(view(w)))``; return the count.
+
+    litert-torch lowers ``bmm(r, permute(expand(W, [B, K, N]), [0, 2, 1]))`` (the input
+    gradient through a batched linear, e.g. ``MultiheadAttention``) as a RESHAPE of ``W``
+    instead of a transpose: silently wrong numbers. Permuting before the expand gives the same
+    values and lowers correctly. Same-shape views between the two are looked through.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(*args)
+    g, done = gm.graph, 0
+    for n in list(g.nodes):
+        if not (n.op == "call_function" and n.target == aten.permute.default
+                and isinstance(n.args[0], torch.fx.Node)):
+            continue
+        e = n.args[0]
+        while (e.op == "call_function" and e.target in _VIEWS
+               and list(e.meta["tensor_meta"].shape) == list(e.args[0].meta["tensor_meta"].shape)):
+            e = e.args[0]
+        if not (e.op == "call_function" and e.target == aten.expand.default):
+            continue
+        x, perm = e.args[0], list(n.args[1])
+        xs = list(x.meta["tensor_meta"].shape)
+        size = list(e.args[1])
+        off = len(size) - len(xs)
+        size = [xs[i - off] if s == -1 else s for i, s in enumerate(size)]
+        with g.inserting_before(n):
+            v = g.call_function(aten.view.default, (x, [1] * off + xs)) if off else x
+            p = g.call_function(aten.permute.default, (v, perm))
+            new = g.call_function(aten.expand.default, (p, [size[i] for i in perm]))
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        done += 1
+    g.eliminate_dead_code()
+    gm.recompile()
+    return done
+
+
+def pool_indices_used(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` reads a ``max_pool2d_with_indices`` index output (see above).
+
+    Dead nodes are removed from ``gm`` first (make_fx keeps the unused index views).
+    """
+    import operator
+
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return any(n.op == "call_function" and n.target == aten.max_pool2d_with_indices.default
+               and any(u.target is operator.getitem and u.args[1] == 1 and u.users
+                       for u in n.users) for n in gm.graph.nodes)
 
 
 def table() -> dict:

@@ -15,10 +15,12 @@ import { adapt, infer, selftestForward, selftestTrain, stateFiles } from "./adap
 import { RunnerError } from "./errors.js";
 import { Head } from "./head.js";
 import { pyFloat } from "./data.js";
-import { atomicWrite, checkVersion, loadBundleDir, loadData, peakRssMb, updatedVersions,
+import { atomicWrite, checkVersion, loadBundleDir, loadData, loadLiteRtNode, peakRssMb, updatedVersions,
   VERSIONS_FILE } from "./node.js";
 import { parseNpz } from "./npy.js";
 import { Ort, OrtBackend } from "./ort.js";
+import { Backend } from "./backend.js";
+import { LiteRtBackend } from "./litert.js";
 
 const USAGE = `usage: edgerun-js {adapt,infer,selftest} BUNDLE [options]
   adapt BUNDLE --data FILE --out DIR [--epochs N] [--batch-size N] [--val-fraction F]
@@ -28,8 +30,9 @@ const USAGE = `usage: edgerun-js {adapt,infer,selftest} BUNDLE [options]
         [--allow-downgrade]
   infer BUNDLE --data FILE [--head FILE] [--out DIR]
   selftest BUNDLE
-  common: [--runtime node|web] [--threads N] [--trust-key PEM] [--quiet] [--json]
-  (--runtime web: onnxruntime-web's WASM build instead of onnxruntime-node)`;
+  common: [--runtime node|web|litert] [--threads N] [--trust-key PEM] [--quiet] [--json]
+  (--runtime web: onnxruntime-web's WASM build instead of onnxruntime-node; litert: LiteRT.js,
+  the default for TFLite bundles)`;
 
 const NUMS: Record<string, [number | null, boolean, number | null, boolean, boolean]> = {
   // name: [low, low inclusive, high, high inclusive, integer]
@@ -141,21 +144,28 @@ async function main(argv: string[]): Promise<number> {
   const [cmd, bundleDir] = positionals;
   const t0 = performance.now();
   const say = (s: string) => { if (!v.quiet) console.error(s); };
-  const runtime = v.runtime ?? "node";
-  let ort: Ort;
-  if (runtime === "node") {
-    ort = await import("onnxruntime-node");
-  } else if (runtime === "web") { // onnxruntime-web's WASM build, here in Node (1 thread)
-    const w = await import("onnxruntime-web");
-    w.env.wasm.numThreads = 1;
-    ort = w;
-  } else {
-    throw new RunnerError(`--runtime must be 'node' (onnxruntime-node) or 'web' ` +
-      `(onnxruntime-web, WASM), got '${runtime}'`);
-  }
   const bundle = await loadBundleDir(bundleDir, { trustKeyPath: v["trust-key"] });
-  const backend = await OrtBackend.create(ort, bundle, { threads: num(v, "threads") ?? 0,
-    name: `onnxruntime-${runtime}` });
+  // the runtime follows the bundle's target unless --runtime says otherwise
+  const runtime = v.runtime ?? (bundle.manifest.target === "tflite" ? "litert" : "node");
+  let backend: Backend;
+  if (runtime === "litert") { // LiteRT.js's compat WASM build, here in Node
+    const { lrt, version } = await loadLiteRtNode();
+    backend = await LiteRtBackend.create(lrt, bundle, { name: "litert.js", version });
+  } else {
+    let ort: Ort;
+    if (runtime === "node") {
+      ort = await import("onnxruntime-node");
+    } else if (runtime === "web") { // onnxruntime-web's WASM build, here in Node (1 thread)
+      const w = await import("onnxruntime-web");
+      w.env.wasm.numThreads = 1;
+      ort = w;
+    } else {
+      throw new RunnerError(`--runtime must be 'node' (onnxruntime-node), 'web' ` +
+        `(onnxruntime-web, WASM) or 'litert' (LiteRT.js, WASM; TFLite bundles), got '${runtime}'`);
+    }
+    backend = await OrtBackend.create(ort, bundle, { threads: num(v, "threads") ?? 0,
+      name: `onnxruntime-${runtime}` });
+  }
   let res: unknown;
   if (cmd === "selftest") {
     const fwd = await selftestForward(bundle, backend);

@@ -3,7 +3,7 @@ import { Bundle } from "./bundle.js";
 import { checkLabelText } from "./data.js";
 import { RunnerError } from "./errors.js";
 import { asFloat32, asStrings, NdArray, parseNpz, writeNpz } from "./npy.js";
-import { F32 } from "./ort.js";
+import { F32 } from "./backend.js";
 
 export const FORMAT = "edgerun.head/1";
 

@@ -12,8 +12,12 @@ export type { Verdict } from "./gate.js";
 export { Head } from "./head.js";
 export { parseNpy, parseNpz, writeNpy, writeNpz } from "./npy.js";
 export type { NdArray } from "./npy.js";
+export type { Backend, F32 } from "./backend.js";
 export { OrtBackend } from "./ort.js";
-export type { Ort, F32, BackendOptions } from "./ort.js";
+export type { Ort, BackendOptions } from "./ort.js";
+export { LiteRtBackend } from "./litert.js";
+export type { LiteRt, LiteRtBackendOptions, LiteRtModel, LiteRtSignature, LiteRtTensor,
+  LiteRtTensorDetails } from "./litert.js";
 export { defaultRng, PCG64 } from "./rng.js";
 export { adapt, chooseHead, infer, selftest, selftestForward, selftestTrain, stateFiles } from "./adapt.js";
 export { loadDataBytes } from "./load.js";

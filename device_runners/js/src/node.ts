@@ -1,6 +1,9 @@
-/** Node helpers: a bundle from a directory, data from a file, atomic writes. */
-import { promises as fs } from "node:fs";
+/** Node helpers: a bundle from a directory, data from a file, atomic writes, LiteRT.js. */
+import { promises as fs, readFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import * as path from "node:path";
+import vm from "node:vm";
+import type { LiteRt } from "./litert.js";
 import { Bundle, BundleOptions, MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE } from "./bundle.js";
 import { parseManifest } from "./check.js";
 import { Dataset } from "./data.js";
@@ -125,4 +128,53 @@ export async function peakRssMb(): Promise<number> {
     if (m) return Number(m[1]) / 1024;
   } catch { /* not Linux */ }
   return process.memoryUsage().rss / 2 ** 20;
+}
+
+let liteRtNode: Promise<{ lrt: LiteRt; version: string }> | undefined;
+
+/**
+ * LiteRT.js (`@litertjs/core`, installed beside this package) in Node: its loader is written
+ * for browsers and workers, so `self`, `importScripts` (run in this context), `require` and
+ * `__dirname` are provided for its compat WASM build (the relaxed-SIMD build does not load in
+ * Node 20), whose binary is handed over as `Module.wasmBinary`. Its native INFO/WARNING log
+ * lines and the "no WebGPU device" warning are dropped; other lines go to stderr.
+ */
+export function loadLiteRtNode(): Promise<{ lrt: LiteRt; version: string }> {
+  liteRtNode ??= (async () => {
+    const req = createRequire(import.meta.url);
+    let pkg: string;
+    try {
+      pkg = req.resolve("@litertjs/core/package.json");
+    } catch {
+      throw new RunnerError("LiteRT.js (@litertjs/core) is not installed: npm install " +
+        "@litertjs/core (TFLite bundles), or run this bundle with the Python runner");
+    }
+    const base = "litert_wasm_compat_internal";
+    const dir = path.join(path.dirname(pkg), "wasm");
+    const js = path.join(dir, `${base}.js`);
+    const g = globalThis as Record<string, unknown>;
+    const quiet = (s: unknown) => {
+      const t = String(s);
+      if (!/^(INFO|WARNING): /.test(t)) process.stderr.write(t + "\n");
+    };
+    Object.assign(g, { self: g.self ?? globalThis, require: g.require ?? req, __dirname: dir,
+      __filename: js, importScripts: (p: string) => vm.runInThisContext(readFileSync(p, "utf8"),
+        { filename: p }),
+      Module: { wasmBinary: readFileSync(path.join(dir, `${base}.wasm`)), print: quiet,
+        printErr: quiet } });
+    const spec = "@litertjs/core"; // untyped: its typings need WebGPU's
+    const lrt = await import(spec) as LiteRt & { loadLiteRt(p: string): Promise<unknown> };
+    const warn = console.warn;
+    console.warn = (...a: unknown[]) => {
+      if (!String(a[0]).startsWith("Failed to create default WebGPU device")) warn(...a);
+    };
+    try {
+      await lrt.loadLiteRt(js);
+    } finally {
+      console.warn = warn;
+    }
+    const version = String(JSON.parse(readFileSync(pkg, "utf8")).version);
+    return { lrt, version };
+  })();
+  return liteRtNode;
 }

@@ -4,20 +4,17 @@
  * `"onnxruntime-react-native"`), so this package depends on none of them.
  */
 import type * as ortc from "onnxruntime-common";
+import { Backend, F32 } from "./backend.js";
 import { Bundle } from "./bundle.js";
 import { RunnerError } from "./errors.js";
+
+export type { F32 } from "./backend.js";
 
 /** What this package needs of an onnxruntime JavaScript module. */
 export interface Ort {
   InferenceSession: typeof ortc.InferenceSession;
   Tensor: typeof ortc.Tensor;
   env?: { versions?: Record<string, string | undefined> };
-}
-
-/** A float32 tensor value: flat data and dims. */
-export interface F32 {
-  data: Float32Array;
-  dims: number[];
 }
 
 export interface BackendOptions {
@@ -28,7 +25,7 @@ export interface BackendOptions {
 }
 
 /** Backbone, train-step and infer sessions of an ONNX bundle. */
-export class OrtBackend {
+export class OrtBackend implements Backend {
   readonly trainer = "stateless";
   private constructor(private readonly ort: Ort, private readonly bundle: Bundle,
     private readonly bb: ortc.InferenceSession, private readonly train: ortc.InferenceSession,
@@ -40,9 +37,9 @@ export class OrtBackend {
   static async create(ort: Ort, bundle: Bundle, opts: BackendOptions = {}): Promise<OrtBackend> {
     const m = bundle.manifest;
     if (m.target !== "onnx") {
-      throw new RunnerError(`bundle target '${m.target}' is not supported by the TypeScript ` +
-        "runner (it runs onnx bundles); export with --target onnx, or run this bundle with " +
-        "the Python runner");
+      throw new RunnerError(`bundle target '${m.target}' is not an ONNX bundle: onnxruntime ` +
+        "runs onnx bundles; run TFLite bundles with LiteRtBackend (LiteRT.js), or export with " +
+        "--target onnx");
     }
     const trainer = m.train_step.trainer ?? "stateless";
     if (trainer !== "stateless") {

@@ -1,13 +1,15 @@
 /**
  * The edgetl web page: pick a bundle folder, verify it (sha256, optional Ed25519) and run its
  * self-test, read a CSV sensor log (or .npz windows), personalise the head with the
- * TypeScript runner on onnxruntime-web (WASM) and download head.npz and report.json, as the
- * Python runner writes them. Everything runs in this page; nothing is sent anywhere.
+ * TypeScript runner and download head.npz and report.json, as the Python runner writes them.
+ * The runtime follows the bundle's `target`: onnxruntime-web (WASM) for onnx bundles,
+ * LiteRT.js (`@litertjs/core`, WASM, loaded when the first TFLite bundle is picked) for
+ * tflite bundles. Everything runs in this page; nothing is sent anywhere.
  */
 import * as ort from "onnxruntime-web";
 import {
-  adapt, Bundle, Dataset, loadDataBytes, OrtBackend, RunnerError, selftestForward,
-  selftestTrain, stateFiles,
+  adapt, Backend, Bundle, Dataset, LiteRt, LiteRtBackend, loadDataBytes, OrtBackend,
+  RunnerError, selftestForward, selftestTrain, stateFiles,
 } from "@edgetl/edgerun";
 
 const $ = <T extends HTMLElement = HTMLElement>(id: string): T => {
@@ -18,7 +20,7 @@ const $ = <T extends HTMLElement = HTMLElement>(id: string): T => {
 
 interface State {
   bundle?: Bundle;
-  backend?: OrtBackend;
+  backend?: Backend;
   data?: Dataset;
   dataName?: string;
   trustKey?: string;
@@ -35,6 +37,37 @@ const threads = Number.isInteger(asked) && asked > 0 ? asked
 ort.env.wasm.numThreads = threads;
 ort.env.wasm.wasmPaths = new URL("./ort/", import.meta.url).href;
 ort.env.logLevel = "error";
+
+const ortRuntime = `onnxruntime-web ${ort.env.versions.web ?? ""} (WebAssembly, ` +
+  `${threads} thread${threads > 1 ? "s" : ""}${globalThis.crossOriginIsolated ? ", cross-origin isolated" : ""})`;
+
+// LiteRT.js, loaded on first use: the module (through the import map; a variable specifier
+// keeps its typings, which need WebGPU's, out of this page's build) and its WASM CPU build
+// from dist/litert/wasm/ (build.mjs copies both from node_modules).
+interface LiteRtModule extends LiteRt { loadLiteRt(path: string): Promise<unknown> }
+let liteRt: Promise<{ lrt: LiteRtModule; version: string }> | undefined;
+function loadLiteRtOnce(): Promise<{ lrt: LiteRtModule; version: string }> {
+  liteRt ??= (async () => {
+    const spec = "@litertjs/core";
+    const lrt = await import(spec) as LiteRtModule;
+    await lrt.loadLiteRt(new URL("./litert/wasm/", import.meta.url).href);
+    const info = await (await fetch(new URL("./litert/version.json", import.meta.url))).json() as
+      { version: string };
+    return { lrt, version: info.version };
+  })();
+  liteRt.catch(() => { liteRt = undefined; });
+  return liteRt;
+}
+
+async function backendFor(bundle: Bundle): Promise<Backend> {
+  if (bundle.manifest.target !== "tflite") {
+    $("runtime").textContent = `Runtime: ${ortRuntime}.`;
+    return OrtBackend.create(ort, bundle, { name: "onnxruntime-web", threads });
+  }
+  const { lrt, version } = await loadLiteRtOnce();
+  $("runtime").textContent = `Runtime: LiteRT.js ${version} (WebAssembly, CPU) for this TFLite bundle.`;
+  return LiteRtBackend.create(lrt, bundle, { name: "litert.js", version });
+}
 
 function showError(e: unknown, during: string): void {
   const box = $("error");
@@ -70,6 +103,7 @@ function list(el: HTMLElement, title: string, items: string[]): void {
 function resetAfter(step: "bundle" | "data"): void {
   if (step === "bundle") {
     state.bundle = undefined;
+    if (state.backend instanceof LiteRtBackend) state.backend.delete(); // WASM memory, not GC'd
     state.backend = undefined;
     $("bundle-info").hidden = true;
     $("selftest").textContent = "";
@@ -99,7 +133,7 @@ function bundleFiles(files: File[]): Map<string, File> {
     const names = files.slice(0, 8).map(path).join(", ") || "no files";
     throw new RunnerError(`the folder you picked has no manifest.json (found: ${names}` +
       `${files.length > 8 ? `, … ${files.length} files` : ""}); pick the bundle folder that ` +
-      "`edgetl export` wrote (it holds manifest.json, the .onnx graphs and the .npz files)");
+      "`edgetl export` wrote (it holds manifest.json, the .onnx or .tflite graphs and the .npz files)");
   }
   const dir = path(manifests[0]).slice(0, -"manifest.json".length);
   const out = new Map<string, File>();
@@ -139,7 +173,7 @@ async function loadBundle(files: File[]): Promise<void> {
       `${e.path} (${role}) sha256 ${e.sha256.slice(0, 16)}… ✓`));
     info.hidden = false;
     st.textContent = "Running the self-test…";
-    const backend = await OrtBackend.create(ort, bundle, { name: "onnxruntime-web", threads });
+    const backend = await backendFor(bundle);
     const fwd = await selftestForward(bundle, backend);
     const train = await selftestTrain(bundle, backend);
     st.dataset.state = "passed";
@@ -247,7 +281,8 @@ async function personalise(): Promise<void> {
     rep.total_seconds = (performance.now() - t0) / 1000;
     bar.value = bar.max;
     text.textContent += ` — done in ${(rep.total_seconds as number).toPrecision(2)} s (${rep.steps} steps, ` +
-      `${threads} WASM thread${threads > 1 ? "s" : ""})`;
+      (bundle.manifest.target === "tflite" ? "LiteRT.js)"
+        : `${threads} WASM thread${threads > 1 ? "s" : ""})`);
     const gate = rep.gate as Record<string, unknown>;
     $("acc-before").textContent = fmt(rep.accuracy_before);
     $("acc-after").textContent = fmt(rep.accuracy_after);
@@ -328,8 +363,7 @@ function dropZone(id: string, onFiles: (files: File[]) => void): void {
   });
 }
 
-$("runtime").textContent = `Runtime: onnxruntime-web ${ort.env.versions.web ?? ""} (WebAssembly, ` +
-  `${threads} thread${threads > 1 ? "s" : ""}${globalThis.crossOriginIsolated ? ", cross-origin isolated" : ""}).`;
+$("runtime").textContent = `Runtime: ${ortRuntime}; TFLite bundles run on LiteRT.js.`;
 $("bundle-input").addEventListener("change", (ev) => {
   const files = [...((ev.target as HTMLInputElement).files ?? [])];
   if (files.length) void loadBundle(files);

@@ -38,7 +38,7 @@ async function main() {
       const ms = performance.now() - t0;
       const outputs = {};
       for (const [k, t] of Object.entries(outs)) {
-        const host = t.getBufferType && t.getBufferType() !== "wasm" ? await t.moveTo("wasm") : t;
+        const host = t.accelerator !== "wasm" ? await t.moveTo("wasm") : t; // CPU memory to read
         outputs[k] = { data: Array.from(host.toTypedArray()),
           dims: Array.from(host.type.layout.dimensions) };
         if (host !== t) host.delete();

@@ -1,0 +1,27 @@
+/**
+ * What `adapt`, `selftest` and `infer` need of a runtime: backbone features, one optimizer
+ * step of the head's train graph and the head's infer graph, all by tensor name. Two
+ * implementations: `OrtBackend` (ONNX bundles: onnxruntime-node, -web, -react-native) and
+ * `LiteRtBackend` (TFLite bundles: LiteRT.js signature runners).
+ */
+
+/** A float32 tensor value: flat data and dims. */
+export interface F32 {
+  data: Float32Array;
+  dims: number[];
+}
+
+export interface Backend {
+  /** Name and version in reports (`report.backend`, `backend_version`). */
+  readonly name: string;
+  readonly version: string;
+  /** `report.trainer` (`stateless`: the train-step graph with the optimizer state fed back). */
+  readonly trainer: string;
+  readonly trainerVersion: string;
+  /** Backbone features of `n` preprocessed windows `x` (`[n, ...inner]`), `[n, dim]` flat. */
+  features(x: Float32Array | BigInt64Array | Int32Array, n: number, inner: number[]): Promise<Float32Array>;
+  /** One optimizer step (the caller pads to a fixed train batch with weight 0); outputs by name. */
+  trainStep(feeds: Record<string, F32>): Promise<Record<string, F32>>;
+  /** Head logits and embedding of any number of rows; outputs by name. */
+  infer(feeds: Record<string, F32>): Promise<Record<string, F32>>;
+}
