@@ -267,3 +267,29 @@ def test_tail_refuses_tflite_and_int8(tiny_ck, tmp_path):
     with pytest.raises(ConfigError, match="fp32"):
         export_tiny(tiny_ck, tmp_path / "q", "onnx", "int8", trainable="bias")
     assert NetConfig  # imported for the two-block model
+
+
+@pytest.mark.unit
+def test_eager_loop_trains_the_subset_with_or_without_a_cached_prefix(two_block_ck, tmp_path):
+    """``edgetl.baselines torch --trainable SPEC [--cache-prefix]`` (tools/trainable_bench.py):
+    the same subset trains, and caching the frozen prefix changes the time, not the result."""
+    from edgetl.baselines import torch_eager
+    from edgetl.checkpoint import save_checkpoint
+    from edgetl.data.synthetic import make_windows
+
+    ck = save_checkpoint(two_block_ck, tmp_path / "ck.pt")
+    x, y = make_windows(80, window=WINDOW, seed=3)
+    x = ((x - two_block_ck.mean) / two_block_ck.std).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x_train=x[:60], y_train=y[:60], x_eval=x[60:], y_eval=y[60:],
+             n_classes=np.int64(3), feature_dim=np.int64(4))
+    kw = {"epochs": 2, "batch": 16, "threads": 1, "optimizer": "sgd",
+          "hparams": {"lr": 0.1, "momentum": 0.9}}
+    head = torch_eager(ck, tmp_path / "d.npz", **kw)
+    runs = {c: torch_eager(ck, tmp_path / "d.npz", trainable="last:1", cache_prefix=c, **kw)
+            for c in (False, True)}
+    n_last = sum(p.numel() for n, p in two_block_ck.model.backbone.named_parameters()
+                 if n in select(two_block_ck.model.backbone, "last:1"))
+    assert runs[True]["n_trainable"] == runs[False]["n_trainable"] == head["n_trainable"] + n_last
+    assert runs[True]["steps"] == runs[False]["steps"] == head["steps"] == 8
+    assert runs[True]["accuracy_after"] == runs[False]["accuracy_after"]
+    assert runs[True]["prefix_seconds"] > 0 and runs[False]["prefix_seconds"] < 1e-3
