@@ -293,3 +293,27 @@ def test_eager_loop_trains_the_subset_with_or_without_a_cached_prefix(two_block_
     assert runs[True]["steps"] == runs[False]["steps"] == head["steps"] == 8
     assert runs[True]["accuracy_after"] == runs[False]["accuracy_after"]
     assert runs[True]["prefix_seconds"] > 0 and runs[False]["prefix_seconds"] < 1e-3
+
+
+@pytest.mark.unit
+def test_trainable_bench_pairs_ratios_within_a_round():
+    """tools/trainable_bench.py: every ratio pairs the cells of one round."""
+    from tools.trainable_bench import markdown, summarise
+
+    def loop(t, rss):
+        return {"train_seconds": t, "peak_rss_mb": rss, "steps": 4, "n_trainable": 10}
+
+    rows = {"A": [{"feature_seconds": 0.5, "train_seconds": 0.5, "peak_rss_mb": 50.0,
+                   "steps": 4, "n_train": 9}, {"feature_seconds": 1.0, "train_seconds": 1.0,
+                                               "peak_rss_mb": 50.0, "steps": 4, "n_train": 9}],
+            "B": [loop(4.0, 200.0), loop(4.0, 200.0)], "Bc": [loop(1.0, 100.0), loop(3.0, 100.0)],
+            "C": [{"seconds": 0.5}, {"seconds": 1.0}]}
+    s = summarise(rows)
+    assert s["adapt_vs_inference"] == [2.0, 2.0]
+    assert s["B.speedup"] == [4.0, 2.0] and s["Bc.speedup"] == [1.0, 1.5]
+    assert s["B.rss_ratio"] == [0.25, 0.25] and s["Bc.rss_ratio"] == [0.5, 0.5]
+    res = {"args": {"epochs": 2, "threads": 1, "rounds": 2},
+           "specs": {"bias": {**s, "graph": {"file": "tail_train.onnx", "bytes": 2048,
+                                             "nodes": 7}}}}
+    assert "| `bias` | 10 | tail_train.onnx: 2 KiB, 7 nodes | 2.000 (2.000–2.000)× | " \
+           "3.000 (2.000–4.000)× |" in markdown(res)
