@@ -2,6 +2,10 @@
 
 - ``torch``: the PyTorch tutorial loop a user would write on the device instead: frozen
   backbone, head trained with autograd, the backbone recomputed on every batch of every epoch.
+  ``--trainable SPEC`` trains the same parameter subset as a ``--trainable`` bundle (head +
+  the backbone parameters :func:`edgetl.trainable.spec.select` picks); ``--cache-prefix``
+  is the fair loop: the frozen prefix (up to the bundle's cut) computed once under
+  ``no_grad`` and only the tail recomputed per step, as the device runner does.
 - ``peak``: the machine's measured fp32 matmul peak (GFLOP/s) at a thread count, the
   denominator of the physical limit.
 - :func:`backbone_flops`: the backbone's FLOPs per input (multiply-adds count 2), counted by
@@ -93,8 +97,14 @@ def matmul_peak(threads: int, sizes: tuple[int, ...] = (512, 1024, 2048),
 
 
 def torch_eager(checkpoint: Path, data: Path, *, epochs: int, batch: int, threads: int,
-                optimizer: str, hparams: dict, seed: int = 0) -> dict:
+                optimizer: str, hparams: dict, seed: int = 0, trainable: str = "head",
+                cache_prefix: bool = False) -> dict:
     """The tutorial loop: frozen backbone recomputed every batch, head trained with autograd.
+
+    ``trainable``: also train these backbone parameters (a ``--trainable`` SPEC). With
+    ``cache_prefix`` the frozen prefix (the whole backbone for ``head``) runs once over the
+    training windows under ``no_grad`` (its time, ``prefix_seconds``, is in
+    ``train_seconds``) and each step recomputes only the tail.
 
     ``data`` is the ``.npz`` ``edgetl bench`` prepares from the device's data through the
     runner's own loader: ``x_train``/``y_train`` (the runner's training split), ``x_eval``/
@@ -106,6 +116,8 @@ def torch_eager(checkpoint: Path, data: Path, *, epochs: int, batch: int, thread
     import torch.nn.functional as F
 
     from edgetl.checkpoint import load_checkpoint
+    from edgetl.trainable.cut import split
+    from edgetl.trainable.spec import select
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -113,6 +125,10 @@ def torch_eager(checkpoint: Path, data: Path, *, epochs: int, batch: int, thread
     model = ck.model.eval()  # BN statistics and dropout frozen, as in the device bundle
     for p in model.backbone.parameters():
         p.requires_grad_(False)
+    names = select(model.backbone, trainable)
+    bb = dict(model.backbone.named_parameters())
+    for n in names:
+        bb[n].requires_grad_(True)
     with np.load(data, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     head = model.head
@@ -127,7 +143,13 @@ def torch_eager(checkpoint: Path, data: Path, *, epochs: int, batch: int, thread
         feat = int(arrays["feature_dim"])
         head = torch.nn.Linear(feat, n_cls)
     x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"]).long()
-    params = [p for p in head.parameters() if p.requires_grad]
+    params = [p for p in head.parameters() if p.requires_grad] + [bb[n] for n in names]
+    prefix, tail = None, model.backbone
+    if cache_prefix:
+        prefix, tail = model.backbone, torch.nn.Identity()
+        if names:
+            cut = split(model.backbone, names, x[:2])
+            prefix, tail = cut.prefix, cut.tail
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=hparams["lr"], betas=(hparams["beta1"],
                                hparams["beta2"]), eps=hparams["eps"],
@@ -137,12 +159,17 @@ def torch_eager(checkpoint: Path, data: Path, *, epochs: int, batch: int, thread
                               weight_decay=hparams.get("weight_decay", 0.0))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
+    feats = x
+    if cache_prefix:
+        with torch.no_grad():
+            feats = torch.cat([prefix(x[i : i + 256]) for i in range(0, len(x), 256)])
+    prefix_seconds = time.perf_counter() - t0
     steps = 0
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch):
             idx = perm[i : i + batch]
-            loss = F.cross_entropy(head(model.backbone(x[idx])), y[idx])
+            loss = F.cross_entropy(head(tail(feats[idx])), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -153,7 +180,9 @@ def torch_eager(checkpoint: Path, data: Path, *, epochs: int, batch: int, thread
         pred = torch.cat([head(model.backbone(xe[i : i + 256])).argmax(1)
                           for i in range(0, len(xe), 256)]).numpy()
     return {"name": "pytorch-eager", "threads": threads, "epochs": epochs, "steps": steps,
-            "n_train": len(x), "train_seconds": train_seconds,
+            "n_train": len(x), "train_seconds": train_seconds, "trainable": trainable,
+            "cache_prefix": cache_prefix, "prefix_seconds": prefix_seconds,
+            "n_trainable": sum(p.numel() for p in params),
             "accuracy_after": float((pred == arrays["y_eval"]).mean()),
             "peak_rss_mb": vm_hwm_mb(), "torch": torch.__version__}
 
@@ -169,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--optimizer", default="sgd")
     t.add_argument("--hparams", default="{}", help="JSON, the bundle's optimizer hparams")
+    t.add_argument("--trainable", default="head", help="SPEC: the parameters to train")
+    t.add_argument("--cache-prefix", action="store_true",
+                   help="compute the frozen prefix once (no_grad), recompute only the tail")
     pk = sub.add_parser("peak")
     for s in (t, pk):
         s.add_argument("--threads", type=int, default=1)
@@ -176,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "torch":
         res = torch_eager(a.checkpoint, a.data, epochs=a.epochs, batch=a.batch,
                           threads=a.threads, optimizer=a.optimizer,
-                          hparams=json.loads(a.hparams))
+                          hparams=json.loads(a.hparams), trainable=a.trainable,
+                          cache_prefix=a.cache_prefix)
     else:
         res = matmul_peak(a.threads)
     print(json.dumps(res))

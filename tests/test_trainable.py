@@ -361,3 +361,53 @@ def test_hand_written_head_equals_its_autodiff_twin(tmp_path, kind, optimizer):
 
     r = measure(kind, optimizer, dim=12, classes=4, batch=8, steps=5, rounds=1, work=tmp_path)
     assert r["err"] < 1e-5, r
+
+
+@pytest.mark.unit
+def test_eager_loop_trains_the_subset_with_or_without_a_cached_prefix(two_block_ck, tmp_path):
+    """``edgetl.baselines torch --trainable SPEC [--cache-prefix]`` (tools/trainable_bench.py):
+    the same subset trains, and caching the frozen prefix changes the time, not the result."""
+    from edgetl.baselines import torch_eager
+    from edgetl.checkpoint import save_checkpoint
+    from edgetl.data.synthetic import make_windows
+
+    ck = save_checkpoint(two_block_ck, tmp_path / "ck.pt")
+    x, y = make_windows(80, window=WINDOW, seed=3)
+    x = ((x - two_block_ck.mean) / two_block_ck.std).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x_train=x[:60], y_train=y[:60], x_eval=x[60:], y_eval=y[60:],
+             n_classes=np.int64(3), feature_dim=np.int64(4))
+    kw = {"epochs": 2, "batch": 16, "threads": 1, "optimizer": "sgd",
+          "hparams": {"lr": 0.1, "momentum": 0.9}}
+    head = torch_eager(ck, tmp_path / "d.npz", **kw)
+    runs = {c: torch_eager(ck, tmp_path / "d.npz", trainable="last:1", cache_prefix=c, **kw)
+            for c in (False, True)}
+    n_last = sum(p.numel() for n, p in two_block_ck.model.backbone.named_parameters()
+                 if n in select(two_block_ck.model.backbone, "last:1"))
+    assert runs[True]["n_trainable"] == runs[False]["n_trainable"] == head["n_trainable"] + n_last
+    assert runs[True]["steps"] == runs[False]["steps"] == head["steps"] == 8
+    assert runs[True]["accuracy_after"] == runs[False]["accuracy_after"]
+    assert runs[True]["prefix_seconds"] > 0 and runs[False]["prefix_seconds"] < 1e-3
+
+
+@pytest.mark.unit
+def test_trainable_bench_pairs_ratios_within_a_round():
+    """tools/trainable_bench.py: every ratio pairs the cells of one round."""
+    from tools.trainable_bench import markdown, summarise
+
+    def loop(t, rss):
+        return {"train_seconds": t, "peak_rss_mb": rss, "steps": 4, "n_trainable": 10}
+
+    rows = {"A": [{"feature_seconds": 0.5, "train_seconds": 0.5, "peak_rss_mb": 50.0,
+                   "steps": 4, "n_train": 9}, {"feature_seconds": 1.0, "train_seconds": 1.0,
+                                               "peak_rss_mb": 50.0, "steps": 4, "n_train": 9}],
+            "B": [loop(4.0, 200.0), loop(4.0, 200.0)], "Bc": [loop(1.0, 100.0), loop(3.0, 100.0)],
+            "C": [{"seconds": 0.5}, {"seconds": 1.0}]}
+    s = summarise(rows)
+    assert s["adapt_vs_inference"] == [2.0, 2.0]
+    assert s["B.speedup"] == [4.0, 2.0] and s["Bc.speedup"] == [1.0, 1.5]
+    assert s["B.rss_ratio"] == [0.25, 0.25] and s["Bc.rss_ratio"] == [0.5, 0.5]
+    res = {"args": {"epochs": 2, "threads": 1, "rounds": 2},
+           "specs": {"bias": {**s, "graph": {"file": "tail_train.onnx", "bytes": 2048,
+                                             "nodes": 7}}}}
+    assert "| `bias` | 10 | tail_train.onnx: 2 KiB, 7 nodes | 2.000 (2.000–2.000)× | " \
+           "3.000 (2.000–4.000)× |" in markdown(res)
