@@ -28,10 +28,13 @@ def kept(row: dict, alpha: float, max_forget: float | None = None) -> bool:
 
     Rows without replay evidence pass the replay check.
     """
+    from edgerun.gate import forgetting  # the device's own replay rule
+
     g = row["gate"]
     ok = g["fixed"] > g["broke"] and g["p_value"] <= alpha
-    if ok and max_forget is not None and "replay_before" in g:
-        ok = 100.0 * (g["replay_before"] - g["replay_after"]) <= max_forget
+    if ok and "replay_before" in g:
+        verdict = {"keep": True, "rule": "mcnemar", "reason": "kept by the test"}
+        ok = forgetting(verdict, g["replay_before"], g["replay_after"], max_forget)["keep"]
     return ok
 
 

@@ -101,6 +101,18 @@ def quantize_bundle(src: Path, out: Path, *, calib_x: np.ndarray,
     return man
 
 
+def _fp32_replay(adapt: dict) -> dict:
+    """The ``adapt`` block, a replay set's source saying its features stay the fp32 ones.
+
+    ``replay.npz`` holds features, not windows, so the int8 backbone cannot recompute them
+    here (``edgetl export --precision int8`` does); they differ by the quantisation error.
+    """
+    if not adapt.get("replay"):
+        return adapt
+    return {**adapt, "replay": {**adapt["replay"], "source": adapt["replay"]["source"]
+                                + "; copied by edgetl quantize: the fp32 backbone's features"}}
+
+
 def _build(src: Path, m: Manifest, tmp: Path, calib: np.ndarray,
            eval_set: tuple[np.ndarray, np.ndarray], max_drop: float) -> Manifest:
     for role, entry in m.files.items():
@@ -140,6 +152,7 @@ def _build(src: Path, m: Manifest, tmp: Path, calib: np.ndarray,
                       "calibration_windows": int(len(calib)),
                       "calibration_source": "source windows given to edgetl quantize",
                       "checked_with": checked_with(exporter)},
+        adapt=_fp32_replay(m.adapt),
         checks={**{k: v for k, v in m.checks.items() if k != "accuracy"},
                 "backbone_max_abs_err": err, "backbone_rel_err": err / max(scale, 1e-12),
                 "accuracy": acc},

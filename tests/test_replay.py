@@ -160,3 +160,15 @@ def test_the_level_and_replay_bound_are_chosen_together():
     # no replay evidence: the bound is None and the level alone decides
     plain = [{"adapted_gain": 0.05, "gate": {"fixed": 5, "broke": 0, "p_value": 0.03}}]
     assert gatelevel.choose_pair(plain) == (0.05, None)
+
+
+@pytest.mark.unit
+def test_quantize_says_the_replay_features_stay_fp32():
+    """``edgetl quantize`` copies replay.npz (features, not windows): the manifest says so."""
+    from edgetl.quantize import _fp32_replay
+
+    block = {"epochs": 3, "replay": {"weight": 0.0, "count": 6, "source": "server windows"}}
+    out = _fp32_replay(block)
+    assert out["replay"]["source"].endswith("the fp32 backbone's features")
+    assert block["replay"]["source"] == "server windows" and _fp32_replay({"epochs": 3}) == {
+        "epochs": 3}

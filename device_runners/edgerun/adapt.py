@@ -902,12 +902,13 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         local = np.isin(replay_set[1], np.unique(y))
         f_r, y_r = replay_set[0][local], replay_set[1][local]
         replay_info["scored"] = int(local.sum())
-    if replay_set is not None and len(y_r):
-        replay_info["accuracy_start"] = _val_scores(backend, bundle, start, f_r, y_r)[1]
-        replay_info["accuracy_proposed"] = _val_scores(backend, bundle, head, f_r, y_r)[1]
-        if epochs:
-            verdict = gating.forgetting(verdict, replay_info["accuracy_start"],
-                                        replay_info["accuracy_proposed"], gate["max_forget"])
+        if len(y_r):
+            replay_info["accuracy_start"] = _val_scores(backend, bundle, start, f_r, y_r)[1]
+            replay_info["accuracy_proposed"] = _val_scores(backend, bundle, head, f_r, y_r)[1]
+            if epochs:
+                verdict = gating.forgetting(verdict, replay_info["accuracy_start"],
+                                            replay_info["accuracy_proposed"],
+                                            gate["max_forget"])
     acc_before, acc_after = verdict["accuracy_before"], verdict["accuracy_after"]
     rolled_back = not verdict["keep"]
 

@@ -5,6 +5,19 @@
  * `LiteRtBackend` (TFLite bundles: LiteRT.js signature runners).
  */
 
+import { RunnerError } from "./errors.js";
+import type { Manifest } from "./manifest.js";
+
+/** Refuse a bundle whose train step is not the stateless graph (the only one these backends
+ * feed: parameters and optimizer state in, new ones out). */
+export function requireStateless(m: Manifest): void {
+  const trainer = m.train_step.trainer ?? "stateless";
+  if (trainer !== "stateless") {
+    throw new RunnerError(`this bundle trains with '${trainer}'; the TypeScript runner runs ` +
+      "the stateless train-step graph only: export with --trainer stateless");
+  }
+}
+
 /** A float32 tensor value: flat data and dims. */
 export interface F32 {
   data: Float32Array;

@@ -8,7 +8,7 @@
  * the module, so this package depends on no LiteRT.js build; the structural types below are
  * what it uses of `@litertjs/core` 2.5.
  */
-import { Backend, F32 } from "./backend.js";
+import { Backend, F32, requireStateless } from "./backend.js";
 import { Bundle } from "./bundle.js";
 import { RunnerError } from "./errors.js";
 
@@ -75,11 +75,7 @@ export class LiteRtBackend implements Backend {
         "runs tflite bundles; run ONNX bundles with OrtBackend (onnxruntime), or export with " +
         "--target tflite");
     }
-    const trainer = m.train_step.trainer ?? "stateless";
-    if (trainer !== "stateless") {
-      throw new RunnerError(`this bundle trains with '${trainer}'; the TypeScript runner runs ` +
-        "the stateless train-step graph only: export with --trainer stateless");
-    }
+    requireStateless(m);
     if (m.input.length_signatures && Object.keys(m.input.length_signatures).length) {
       throw new RunnerError("this TFLite text bundle has one backbone signature per sequence " +
         "length, which the LiteRT.js backend does not run yet; use its onnx export in this " +

@@ -4,7 +4,7 @@
  * `"onnxruntime-react-native"`), so this package depends on none of them.
  */
 import type * as ortc from "onnxruntime-common";
-import { Backend, F32 } from "./backend.js";
+import { Backend, F32, requireStateless } from "./backend.js";
 import { Bundle } from "./bundle.js";
 import { RunnerError } from "./errors.js";
 
@@ -41,11 +41,7 @@ export class OrtBackend implements Backend {
         "runs onnx bundles; run TFLite bundles with LiteRtBackend (LiteRT.js), or export with " +
         "--target onnx");
     }
-    const trainer = m.train_step.trainer ?? "stateless";
-    if (trainer !== "stateless") {
-      throw new RunnerError(`this bundle trains with '${trainer}'; the TypeScript runner runs ` +
-        "the stateless train-step graph only: export with --trainer stateless");
-    }
+    requireStateless(m);
     const version = ort.env?.versions?.common ?? "unknown";
     const sess = async (role: string, threads: number) => {
       try {
