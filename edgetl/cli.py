@@ -472,8 +472,8 @@ def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
     alpha, bound = gatelevel.choose_pair(rows)
     table = gatelevel.sweep(rows, max_forget=bound)
     bound_txt = "no replay check" if bound is None else f"replay bound {bound:g} pt"
-    con.print(f"gate levels on these devices (sessions, within and stress protocols; "
-              f"{bound_txt}):")
+    judged = "sessions, within and stress" if stress else "sessions and within"
+    con.print(f"gate levels on these devices ({judged} protocols; {bound_txt}):")
     con.print(gatelevel.markdown(table))
     if gatelevel.has_replay(rows):  # the replay check's bound, at the chosen level
         con.print(f"replay check at level {alpha:g} (points of accuracy on the bundle's replay "
