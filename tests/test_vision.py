@@ -34,6 +34,11 @@ def make_images(n: int, seed: int, kinds=(0, 1, 2)) -> tuple[np.ndarray, np.ndar
 
 @pytest.fixture(scope="module")
 def image_ck() -> Checkpoint:
+    return tiny_image_checkpoint()
+
+
+def tiny_image_checkpoint() -> Checkpoint:
+    """A 2-layer CNN on 16x16 RGB (bilinear from 12x12 gray), 6 epochs: a few seconds."""
     torch.manual_seed(0)
     spec = input_spec("x", SIZE, "RGB", (0.5,) * 3, (0.25,) * 3)["image"]
     net = NetConfig((8, 16), (3, 3), (2, 1), 0.0, arch="cnn2d")
@@ -50,12 +55,17 @@ def image_ck() -> Checkpoint:
 
 @pytest.fixture(scope="module", params=["onnx", "tflite"])
 def image_bundle(request, image_ck, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"img-{request.param}") / "bundle"
+    return image_bundle_at(tmp_path_factory.mktemp(f"img-{request.param}") / "bundle",
+                           request.param, image_ck)
+
+
+def image_bundle_at(out, target: str, ck: Checkpoint | None = None):
+    """Export the tiny image model to ``out`` (raw 12x12 gray reference images)."""
     x, _ = make_images(32, seed=1)
     ev = make_images(120, seed=2)
-    export_bundle(image_ck, out, ExportConfig(target=request.param, n_test_vectors=4,
-                                              train_batch=16, max_accuracy_drop=1.0,
-                                              class_capacity=6),
+    export_bundle(ck or tiny_image_checkpoint(), out,
+                  ExportConfig(target=target, n_test_vectors=4, train_batch=16,
+                               max_accuracy_drop=1.0, class_capacity=6),
                   reference_x=x, calib_x=x, eval_set=ev)
     return out
 

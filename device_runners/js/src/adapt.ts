@@ -6,8 +6,9 @@
  * validation loss -> the gate (one-sided exact McNemar) against the starting head.
  */
 import { Bundle } from "./bundle.js";
-import { Dataset, preprocess, splitMode, stratifiedSplit } from "./data.js";
+import { Dataset, modality, preprocess, splitMode, stratifiedSplit } from "./data.js";
 import { RunnerError } from "./errors.js";
+import { imagesToInput, inputDims, manifestImageSpec } from "./image.js";
 import * as gating from "./gate.js";
 import { checkFinite, Head } from "./head.js";
 import { Manifest } from "./manifest.js";
@@ -154,9 +155,16 @@ export async function selftestForward(bundle: Bundle, backend: Backend): Promise
     }
   }
   const n = xa.shape[0];
-  const raw = xa.dtype[1] === "i" || xa.dtype[1] === "u"
-    ? BigInt64Array.from(xa.data as ArrayLike<number | bigint>, (v) => BigInt(v)) : asFloat32(xa);
-  const f = await backend.features(preprocess(raw, m), n, xa.shape.slice(1));
+  let f: Float32Array;
+  if (modality(m) === "image") { // uint8 images of any size, preprocessed as device data
+    const spec = manifestImageSpec(m);
+    f = await backend.features(imagesToInput(xa.data as Uint8Array, xa.shape, spec), n,
+      inputDims(spec));
+  } else {
+    const raw = xa.dtype[1] === "i" || xa.dtype[1] === "u"
+      ? BigInt64Array.from(xa.data as ArrayLike<number | bigint>, (v) => BigInt(v)) : asFloat32(xa);
+    f = await backend.features(preprocess(raw, m), n, xa.shape.slice(1));
+  }
   const head = await Head.fromBundle(bundle);
   // the head runs on the shipped features (as the Python runner): its check does not inherit
   // the backbone's error (an int8 backbone's features may differ by quantisation steps)
@@ -352,6 +360,11 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
   if (new Set(ys).size < 2) {
     throw new RunnerError(`${ds.source}: every window is labelled '${ys[0]}'; adapting a ` +
       "classifier needs windows of at least 2 labels (nothing was written)");
+  }
+  const skipped = ds.skipped ?? [];
+  if (skipped.length) {
+    warnings.push(`skipped ${skipped.length} unreadable file(s), e.g. ${skipped[0].path}: ` +
+      skipped[0].reason);
   }
   const t0 = now();
   const dim = m.features.dim;
@@ -564,7 +577,8 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
     n_val: va.length, epochs, batch_size: bs, steps, optimizer: m.optimizer.name, hparams: hp,
     labels: head.labels, class_balanced: classBalanced, freeze_absent: freezeAbsent,
     replay: replayInfo, head_kind: m.head.kind,
-    new_labels: newLabels, missing_labels: missing, warnings, skipped_files: 0, skipped: [],
+    new_labels: newLabels, missing_labels: missing, warnings, skipped_files: skipped.length,
+    skipped: skipped.slice(0, 50),
     feature_seconds: featureSeconds, features_cached: false, train_seconds: trainSeconds,
     step_ms: steps ? (1000 * trainSeconds) / steps : null, total_seconds: now() - tStart,
     peak_rss_mb: null, selftest_max_abs_err: selftestErr, history, bn_stats: null,
@@ -632,7 +646,7 @@ export async function infer(bundle: Bundle, backend: Backend, ds: Dataset,
     pred.push(h.labels[best]);
   }
   const res: InferResult = { n_windows: pred.length, head: head ? "given" : "bundle",
-    labels: h.labels, bn_stats: null, skipped_files: 0, ...(ds.info ?? {}), predictions: pred,
+    labels: h.labels, bn_stats: null, skipped_files: (ds.skipped ?? []).length, ...(ds.info ?? {}), predictions: pred,
     seconds: now() - t0 };
   if (ds.y) {
     const y = ds.y;

@@ -10,9 +10,11 @@
  * - tensor bundles (`input.modality == "tensor"`, a user's own model): an `.npz` whose `x` is
  *   the model's input (floats, or integer token ids), optional `y` label names.
  *
- * Image and text bundles are not read by this runner yet (the Python runner reads them).
+ * - image bundles (`input.modality == "image"`): an `.npz` of uint8 images, or decoded photos
+ *   (`imagedata.ts`); text bundles: `text.ts`.
  */
 import { RunnerError } from "./errors.js";
+import { loadImageNpz, Skipped } from "./imagedata.js";
 import { Manifest } from "./manifest.js";
 import { asFloat32, asStrings, NdArray, parseNpz } from "./npy.js";
 import { defaultRng } from "./rng.js";
@@ -30,14 +32,16 @@ export interface Dataset {
   source: string;
   /** Text data: tokenizer, n_texts, truncated_texts, max_length (report fields). */
   info?: Record<string, unknown>;
+  /** Files of a folder that could not be used (report `skipped`). */
+  skipped?: Skipped[];
 }
 
-export function modality(m: Manifest): "timeseries" | "tensor" | "text" {
+export function modality(m: Manifest): "timeseries" | "tensor" | "text" | "image" {
   const kind = m.input.modality ?? "timeseries";
-  if (kind !== "timeseries" && kind !== "tensor" && kind !== "text") {
+  if (kind !== "timeseries" && kind !== "tensor" && kind !== "text" && kind !== "image") {
     throw new RunnerError(`this bundle's input.modality is '${kind}'; the TypeScript runner ` +
-      "reads time-series, tensor and text bundles so far (images: use the Python runner, " +
-      "device_runners/run.py)");
+      "reads time-series, tensor, text and image bundles; update the runner or use the Python " +
+      "runner (device_runners/run.py)");
   }
   return kind;
 }
@@ -159,6 +163,7 @@ export function checkLabelText(where: string, names: readonly string[]): void {
 /** Windows from the bytes of an `.npz`. */
 export async function loadNpz(bytes: Uint8Array, m: Manifest, source: string): Promise<Dataset> {
   if (modality(m) === "tensor") return loadTensorNpz(bytes, m, source);
+  if (modality(m) === "image") return loadImageNpz(bytes, m, source);
   if (modality(m) === "text") {
     throw new RunnerError(`${source}: this bundle takes text: a .csv with a 'text' column (and ` +
       "'label' to adapt) or a .txt with one text per line");
@@ -270,6 +275,9 @@ export function windowStarts(keys: readonly string[], win: number, stride: numbe
 
 /** Windows from a CSV sensor log (text). */
 export function loadCsv(text: string, m: Manifest, source: string): Dataset {
+  if (modality(m) === "image") {
+    throw new RunnerError(`${source}: this bundle takes images: a folder with one sub-folder of PNG/JPEG files per label, or an .npz with uint8 'x' and label 'y'`);
+  }
   if (modality(m) !== "timeseries") {
     throw new RunnerError(`${source}: this bundle takes model inputs as an .npz with 'x' (N, ` +
       `${m.input.shape.slice(1).join(", ")}) and label names 'y'`);
@@ -377,6 +385,10 @@ function validate(ds: Dataset, shape: number[], m: Manifest): void {
  */
 export function preprocess(x: Float32Array | BigInt64Array, m: Manifest): InputArray {
   if (modality(m) === "text") return x; // token ids and masks pass through
+  if (modality(m) === "image") { // the loaders already give float32 NCHW model input
+    if (!(x instanceof Float32Array)) throw new RunnerError("image input must be float32");
+    return x;
+  }
   if (modality(m) === "tensor") {
     const s = tensorSpec(m);
     let v: Float32Array | BigInt64Array = x;

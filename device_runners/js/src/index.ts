@@ -21,6 +21,11 @@ export type { LiteRt, LiteRtBackendOptions, LiteRtModel, LiteRtSignature, LiteRt
 export { defaultRng, PCG64 } from "./rng.js";
 export { adapt, chooseHead, infer, selftest, selftestForward, selftestTrain, stateFiles } from "./adapt.js";
 export { loadDataBytes } from "./load.js";
+export { convert, imageBytes, imageSpec, imagesToInput, manifestImageSpec, normalizeInto,
+  preprocessImage, RESAMPLE, resize } from "./image.js";
+export type { ImageSpec, Pixels, Resample } from "./image.js";
+export { collectImages, IMAGE_EXTS, imageDataset, loadImageNpz, pyCompare } from "./imagedata.js";
+export type { ImageDataLike, Skipped } from "./imagedata.js";
 export { block as replayBlock, load as loadReplay } from "./replay.js";
 export type { AdaptOptions, AdaptResult, EpochRecord, GateSettings, InferResult } from "./adapt.js";
 export { loadTexts, pack, readTexts, TextEncoder_ as TextTokens, WordPiece } from "./text.js";

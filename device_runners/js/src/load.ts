@@ -22,6 +22,10 @@ export async function loadDataBytes(bytes: Uint8Array, name: string, bundle: Bun
   const ext = dot > name.lastIndexOf("/") + 1 ? name.slice(dot).toLowerCase() : "";
   if (m.input.modality === "text") return loadTexts(utf8(bytes, name), bundle, name);
   if (ext === ".npz") return loadNpz(bytes, m, name);
+  if (m.input.modality === "image") {
+    throw new RunnerError(`${name}: this bundle takes images: a folder with one sub-folder of PNG/JPEG files per label, or an .npz with uint8 'x' and label 'y' (a folder: the web page, or ` +
+      "device_runners/run.py; this runner decodes no image files in Node)");
+  }
   if (ext === ".csv") return loadCsv(utf8(bytes, name), m, name);
   throw new RunnerError(`${name}: unknown data format '${ext || "(no extension)"}'; expected .npz ` +
     "(x, y arrays) or .csv (one sensor sample per row)");

@@ -62,6 +62,12 @@ export async function loadBundleDir(root: string, opts: BundleOptions & { trustK
 
 /** A data file: `.npz` windows or a `.csv` sensor log (text bundles: `.csv` / `.txt` texts). */
 export async function loadData(p: string, bundle: Bundle, maxMb = 2048): Promise<Dataset> {
+  if (bundle.manifest.input.modality === "image" && (await fs.stat(p).catch(() => null))?.isDirectory()) {
+    throw new RunnerError(`${p} is a folder of images; this runner decodes no image files in ` +
+      "Node: pass an .npz with uint8 'x' (N, H, W[, 3|4]) and label names 'y', pick the folder " +
+      "on the web page (device_runners/web), or run device_runners/run.py adapt BUNDLE --data " +
+      `${p}`);
+  }
   return loadDataBytes(await readRegular(p, "data file", maxMb * 2 ** 20), p, bundle);
 }
 
