@@ -233,3 +233,12 @@ def node() -> str:
     from tests.jsrunner import build_js
 
     return build_js()
+
+
+@pytest.fixture(scope="session")
+def onnx_image_bundle(tmp_path_factory) -> Path:
+    """The tiny ONNX image bundle of ``tests/test_vision.py`` (16x16 RGB, bilinear, 12x12 gray
+    reference images), for the TypeScript runner's and the web page's tests."""
+    from tests.test_vision import image_bundle_at
+
+    return image_bundle_at(tmp_path_factory.mktemp("img-onnx") / "bundle", "onnx")

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.jsrunner import JS, adapt_both, compare, run_js, split_of
@@ -191,11 +189,12 @@ def test_collect_images_orders_and_skips_as_the_python_runner(node, tmp_path):
     assert got[1] == skipped
 
 
-def test_node_cli_adapts_an_image_npz_as_the_python_runner(node, image_bundle, tmp_path):
+def test_node_cli_adapts_an_image_npz_as_the_python_runner(node, onnx_image_bundle, tmp_path):
     """``cli.js adapt`` on uint8 images of another size (12x12 gray -> 16x16 RGB): the same
     split, gate and history, heads within 1e-5; ``infer`` predicts the same labels."""
     from tests.test_vision import LABELS, make_images
 
+    image_bundle = onnx_image_bundle
     x, y = make_images(60, seed=3)
     np.savez(tmp_path / "imgs.npz", x=x, y=np.array(LABELS)[y])
     py, js = adapt_both(node, image_bundle, tmp_path / "imgs.npz", tmp_path,
@@ -207,11 +206,3 @@ def test_node_cli_adapts_an_image_npz_as_the_python_runner(node, image_bundle, t
     p = run_js(node, "adapt", image_bundle, "--data", tmp_path, "--out", tmp_path / "x",
                check=False)
     assert p.returncode == 1 and "decodes no image files in Node" in p.stderr, p.stderr
-
-
-@pytest.fixture(scope="module")
-def image_bundle(tmp_path_factory) -> Path:
-    """A tiny ONNX image bundle (16x16 RGB, bilinear; 12x12 gray reference images)."""
-    from tests.test_vision import image_bundle_at
-
-    return image_bundle_at(tmp_path_factory.mktemp("img") / "bundle", "onnx")

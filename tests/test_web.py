@@ -266,3 +266,90 @@ def test_web_page_personalises_tflite_bundles(page_url, node, tiny_tflite_bundle
               if not re.match(r"(INFO|WARNING): ", e)]
     assert errors == [], errors
     print(f"browser session (LiteRT.js): {seconds:.1f} s", file=sys.stderr)
+
+
+def photo_folder(root: Path, n: int = 44) -> Path:
+    """``root/<label>/[day2/]*.png``: gray, RGB and opaque RGBA PNGs of 12x12 and 20x14 pixels,
+    three known labels and a new one (``vertical``), and files both runners skip."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_vision import LABELS, make_images
+
+    x, y = make_images(n, seed=6, kinds=(0, 1, 2, 3))
+    names = [*LABELS, "vertical"]
+    for i, (img, k) in enumerate(zip(x, y, strict=True)):
+        d = root / names[k] / ("day2" if i % 5 == 0 else "")
+        d.mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(img)
+        if i % 3 == 1:
+            im = Image.fromarray(np.stack([img, img, np.minimum(img, 200)], -1))  # RGB
+        elif i % 7 == 0:
+            im = im.convert("RGBA")  # opaque: the canvas keeps RGB exactly
+        if i % 4 == 3:
+            im = im.resize((20, 14), Image.Resampling.BICUBIC)  # another size, resized again
+        im.save(d / f"{i:03d}.png")
+    (root / "notes.txt").write_text("not in a label folder")
+    (root / "bright" / "readme.md").write_text("not an image")
+    (root / "dark" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "dark" / "empty.png").write_bytes(b"")
+    return root
+
+
+def test_web_page_personalises_on_a_folder_of_photos(page_url, node, onnx_image_bundle,
+                                                     tmp_path):
+    """An image bundle and a folder of PNGs picked on the page (decoded by Chromium, lossless):
+    the same files skipped, the Python runner's head (``run.py adapt BUNDLE --data FOLDER``)
+    within 1e-5 and its gate. A JPEG decoded by the page is compared with Pillow's decode
+    (measured, not required equal: the decoders differ)."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import RUNNER
+
+    image_bundle = onnx_image_bundle
+    photos = photo_folder(tmp_path / "photos", 120)
+    rng = np.random.default_rng(0)
+    grad = np.add.outer(np.arange(30) * 6, np.arange(40) * 4)[..., None] + [0, 40, 90]
+    jpg_px = np.clip(grad + rng.integers(-20, 20, (30, 40, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(jpg_px).save(tmp_path / "photo.jpg", quality=90)
+    settings = {"epochs": 8, "seed": 3}
+    out = drive(node, page_url, [{"goto": "?threads=1"}, {"bundle": str(image_bundle)},
+                                 {"folder": str(photos)}, {"adapt": settings, "save": "img"},
+                                 {"decode": str(tmp_path / "photo.jpg")}], tmp_path)
+    s = out["steps"]
+    assert s[1]["ok"] and "Self-test passed" in s[1]["selftest"], s[1]
+    assert "image input" in s[1]["manifest"], s[1]["manifest"]
+    assert s[2]["ok"], s[2]
+    assert s[2]["progress"] == [120 + 2, 120 + 2], s[2]  # decoding: every image file
+    assert "photos: 120 images" in s[2]["info"], s[2]["info"]
+    assert "vertical: " in s[2]["info"] and "(new label: it will be imprinted)" in s[2]["info"]
+    assert "Skipped 4 file(s)" in s[2]["info"], s[2]["info"]
+    assert s[3]["ok"], s[3]
+    p = subprocess.run([sys.executable, str(RUNNER), "adapt", str(image_bundle), "--data",
+                        "photos", "--out", str(tmp_path / "py"), "--quiet",
+                        *[f"--{k}={v}" for k, v in settings.items()]],
+                       cwd=tmp_path, capture_output=True, text=True, env={**os.environ,
+                                                                          "PYTHONPATH": ""})
+    assert p.returncode == 0, p.stderr
+    P = json.loads((tmp_path / "py" / "report.json").read_text())
+    J = json.loads((tmp_path / "out" / "img" / "report.json").read_text())
+    compare_reports(P, J)  # counts, labels (new: vertical), gate, history, skipped warning
+    assert J["new_labels"] == ["vertical"] and J["skipped_files"] == P["skipped_files"] == 4
+    assert not P["rolled_back"] and "kept the new head" in s[3]["decision"], P["gate"]
+    assert [v["path"] for v in J["skipped"]] == [v["path"] for v in P["skipped"]]
+    for a, b in zip(P["skipped"], J["skipped"], strict=True):  # the decoders' own words differ
+        assert a["reason"] == b["reason"] or ("unreadable image" in a["reason"]
+                                              and "unreadable image" in b["reason"]), (a, b)
+    err = head_diff(tmp_path / "py" / "head.npz", tmp_path / "out" / "img" / "head.npz")
+    assert err <= HEAD_ATOL, f"heads differ by {err:.3g} (> {HEAD_ATOL})"
+    d = s[4]
+    rgba = np.frombuffer(base64.b64decode(d["rgba"]), np.uint8).reshape(d["height"], d["width"], 4)
+    with Image.open(tmp_path / "photo.jpg") as im:
+        pil = np.asarray(im.convert("RGB"), np.int16)
+    diff = np.abs(rgba[..., :3].astype(np.int16) - pil)
+    print(f"\nphotos: head max abs diff {err:.3g} (rolled back {P['rolled_back']}); JPEG decode "
+          f"vs Pillow: max {diff.max()}, mean {diff.mean():.3f} grey levels, "
+          f"{(diff > 0).mean():.1%} of values differ")
+    assert rgba.shape == (30, 40, 4) and (rgba[..., 3] == 255).all()
+    assert out["console_errors"] == [], out["console_errors"]

@@ -5,6 +5,8 @@
 //        "steps": [{"goto": "?threads=1"}, {"bundle": DIR}, {"data": FILE},
 //                  {"adapt": {"epochs": 6, "seed": 9}, "save": "t1"}, {"screenshot": PNG}]}
 // {"trust": PEM} picks a trust key (then the picked bundle is checked again).
+// {"folder": DIR} picks a folder of photos (image bundles); {"decode": FILE} decodes one image
+// with the page's decoder and returns its RGBA bytes (base64), width and height.
 // {"drop": "#bundle-drop" | "#data-drop", "files": [PATH...]} drops files on a drop zone.
 // Each "bundle"/"data"/"drop" step reports the page's status text, or its error box when it refused
 // the input; "adapt" saves the downloaded head.npz and report.json under outDir/save/.
@@ -63,7 +65,8 @@ try {
     if (step.goto === undefined && step.screenshot === undefined) {
       const bundleStep = step.bundle !== undefined || step.trust !== undefined ||
         step.drop === "#bundle-drop";
-      await unmark(bundleStep, step.data !== undefined || step.drop === "#data-drop");
+      await unmark(bundleStep, step.data !== undefined || step.folder !== undefined ||
+        step.drop === "#data-drop");
     }
     if (step.goto !== undefined) {
       await page.goto(new URL(step.goto, plan.url).href);
@@ -94,6 +97,25 @@ try {
       r = await outcome(step.drop === "#bundle-drop"
         ? "#selftest[data-state='passed'], #selftest[data-state='failed']" : "#data-info:not([hidden])");
       if (r.ok) r.status = await text(step.drop === "#bundle-drop" ? "#selftest" : "#data-info");
+    } else if (step.folder !== undefined) {
+      await page.setInputFiles("#folder-input", step.folder);
+      r = await outcome("#data-info:not([hidden])");
+      r.progress = await page.evaluate(() => {
+        const p = document.getElementById("progress");
+        return [p.value, p.max];
+      });
+      r.progress_text = await text("#progress-text");
+      if (r.ok) r.info = await text("#data-info");
+    } else if (step.decode !== undefined) {
+      r = await page.evaluate(async (b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const im = await globalThis.edgetl.decodeImage(new Blob([bytes]));
+        let s = "";
+        for (let i = 0; i < im.data.length; i += 8192) {
+          s += String.fromCharCode(...im.data.subarray(i, i + 8192));
+        }
+        return { width: im.width, height: im.height, rgba: btoa(s) };
+      }, readFileSync(step.decode).toString("base64"));
     } else if (step.data !== undefined) {
       await page.setInputFiles("#data-input", step.data);
       r = await outcome("#data-info:not([hidden])");

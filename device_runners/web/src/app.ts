@@ -1,6 +1,7 @@
 /**
  * The edgetl web page: pick a bundle folder, verify it (sha256, optional Ed25519) and run its
- * self-test, read a CSV sensor log (or .npz windows), personalise the head with the
+ * self-test, read a CSV sensor log (or .npz windows; for image bundles a folder of photos,
+ * decoded by the browser and preprocessed as Pillow does), personalise the head with the
  * TypeScript runner and download head.npz and report.json, as the Python runner writes them.
  * The runtime follows the bundle's `target`: onnxruntime-web (WASM) for onnx bundles,
  * LiteRT.js (`@litertjs/core`, WASM, loaded when the first TFLite bundle is picked) for
@@ -8,8 +9,9 @@
  */
 import * as ort from "onnxruntime-web";
 import {
-  adapt, Backend, Bundle, Dataset, LiteRt, LiteRtBackend, loadDataBytes, OrtBackend,
-  RunnerError, selftestForward, selftestTrain, stateFiles,
+  adapt, Backend, Bundle, collectImages, Dataset, ImageDataLike, imageDataset, LiteRt,
+  LiteRtBackend, loadDataBytes, OrtBackend, RunnerError, selftestForward, selftestTrain, Skipped,
+  stateFiles,
 } from "@edgetl/edgerun";
 
 const $ = <T extends HTMLElement = HTMLElement>(id: string): T => {
@@ -109,6 +111,7 @@ function resetAfter(step: "bundle" | "data"): void {
     $("selftest").textContent = "";
     $("selftest").dataset.state = "idle";
     $<HTMLInputElement>("data-input").disabled = true;
+    $<HTMLInputElement>("folder-input").disabled = true;
   }
   state.data = undefined;
   $("data-info").hidden = true;
@@ -126,7 +129,7 @@ function resetAfter(step: "bundle" | "data"): void {
 
 /** The bundle's files by name: the folder holding manifest.json (the shallowest one). */
 function bundleFiles(files: File[]): Map<string, File> {
-  const path = (f: File) => (f as File & { relPath?: string }).relPath || f.webkitRelativePath || f.name;
+  const path = relPath;
   const manifests = files.filter((f) => path(f).split("/").pop() === "manifest.json")
     .sort((a, b) => path(a).split("/").length - path(b).split("/").length);
   if (!manifests.length) {
@@ -185,6 +188,7 @@ async function loadBundle(files: File[]): Promise<void> {
     $<HTMLInputElement>("epochs").value = String(m.adapt.epochs);
     $<HTMLInputElement>("lr").value = String((m.optimizer.hparams as Record<string, unknown>).lr ?? "");
     $<HTMLInputElement>("data-input").disabled = false;
+    $<HTMLInputElement>("folder-input").disabled = m.input.modality !== "image";
   } catch (e) {
     st.dataset.state = "failed";
     st.textContent = "✗ The bundle was not accepted (see above).";
@@ -210,19 +214,109 @@ async function loadData(file: File): Promise<void> {
       throw new RunnerError(`${file.name} has no labels (no 'label' column or 'y' array); ` +
         "personalising needs labelled data: add a label column");
     }
-    const counts = new Map<string, number>();
-    for (const l of ds.y) counts.set(l, (counts.get(l) ?? 0) + 1);
-    const info = $("data-info");
-    info.replaceChildren();
-    const known = new Set(state.bundle.manifest.labels);
-    list(info, `✓ ${file.name}: ${ds.n} windows`, [...counts].map(([l, c]) =>
-      `${l}: ${c}${known.has(l) ? "" : " (new label: it will be imprinted)"}`));
-    info.hidden = false;
-    state.data = ds;
-    state.dataName = file.name;
-    $<HTMLButtonElement>("personalise").disabled = false;
+    showData(ds, file.name, state.bundle);
   } catch (e) {
     showError(e, "reading the data");
+  } finally {
+    state.busy = false;
+  }
+}
+
+function showData(ds: Dataset, name: string, bundle: Bundle): void {
+  const y = ds.y as string[];
+  const counts = new Map<string, number>();
+  for (const l of y) counts.set(l, (counts.get(l) ?? 0) + 1);
+  const info = $("data-info");
+  info.replaceChildren();
+  const known = new Set(bundle.manifest.labels);
+  const noun = bundle.manifest.input.modality === "image" ? "images" : "windows";
+  list(info, `✓ ${name}: ${ds.n} ${noun}`, [...counts].map(([l, c]) =>
+    `${l}: ${c}${known.has(l) ? "" : " (new label: it will be imprinted)"}`));
+  const skipped = ds.skipped ?? [];
+  if (skipped.length) {
+    list(info, `Skipped ${skipped.length} file(s), as the Python runner does:`,
+      skipped.slice(0, 20).map((s) => `${s.path}: ${s.reason}`));
+  }
+  info.hidden = false;
+  state.data = ds;
+  state.dataName = name;
+  $<HTMLButtonElement>("personalise").disabled = false;
+}
+
+/**
+ * One photo -> RGBA pixels as stored: no colour-space conversion, no premultiplication (the
+ * canvas still stores premultiplied alpha: pixels with 0 < alpha < 255 may round differently
+ * from Pillow, which drops alpha; opaque images are exact).
+ */
+async function decodeImage(blob: Blob): Promise<ImageDataLike> {
+  const bmp = await createImageBitmap(blob, { colorSpaceConversion: "none",
+    premultiplyAlpha: "none", imageOrientation: "from-image" });
+  try {
+    const canvas = new OffscreenCanvas(bmp.width, bmp.height);
+    const ctx = canvas.getContext("2d", { willReadFrequently: true });
+    if (!ctx) throw new Error("no 2d canvas context");
+    ctx.drawImage(bmp, 0, 0);
+    return ctx.getImageData(0, 0, bmp.width, bmp.height, { colorSpace: "srgb" });
+  } finally {
+    bmp.close();
+  }
+}
+// for the console and the tests: the page's own decoder
+(globalThis as unknown as { edgetl: unknown }).edgetl = { decodeImage };
+
+const relPath = (f: File) => (f as File & { relPath?: string }).relPath || f.webkitRelativePath || f.name;
+
+/** A folder of photos `root/<label>/**` -> the image dataset, files skipped as by run.py. */
+async function loadFolder(files: File[]): Promise<void> {
+  if (state.busy) return;
+  const bundle = state.bundle;
+  if (!bundle || bundle.manifest.input.modality !== "image") {
+    showError(new RunnerError(bundle ? "this bundle does not take images; pick its data file " +
+      "(a .csv log or .npz windows)" : "pick the bundle first (step 1); the photos are read " +
+      "with its manifest"), "reading the photos");
+    return;
+  }
+  state.busy = true;
+  clearError();
+  resetAfter("data");
+  const bar = $<HTMLProgressElement>("progress");
+  const text = $("progress-text");
+  try {
+    const byPath = new Map(files.map((f) => [relPath(f), f]));
+    const paths = [...byPath.keys()];
+    const root = paths.length ? paths[0].split("/")[0] : "";
+    if (!paths.some((p) => p.split("/").filter(Boolean).length >= 2)) {
+      throw new RunnerError(`pick (or drop) the folder of photos itself (${root || "photos"}/` +
+        "<label>/<image>.png), not single files");
+    }
+    const [todo, skipped] = collectImages(paths);
+    const images: Array<{ image: ImageDataLike; label: string }> = [];
+    const failed: Skipped[] = [];
+    bar.max = Math.max(todo.length, 1);
+    for (const [i, [p, label]] of todo.entries()) {
+      const f = byPath.get(p) as File;
+      if (f.size === 0) {
+        failed.push({ path: p, reason: "empty file (0 bytes)" });
+      } else {
+        try {
+          images.push({ image: await decodeImage(f), label });
+        } catch (e) {
+          failed.push({ path: p, reason: `unreadable image (the browser could not decode it: ` +
+            `${e instanceof Error ? e.message : String(e)})` });
+        }
+      }
+      bar.value = i + 1;
+      if (i % 16 === 15 || i === todo.length - 1) {
+        text.textContent = `Decoding photos: ${i + 1}/${todo.length}`;
+        await new Promise((r) => setTimeout(r, 0)); // let the browser draw the bar
+      }
+    }
+    const ds = imageDataset(images, bundle.manifest, root, [...skipped, ...failed]);
+    text.textContent = `Decoded ${images.length} photos` +
+      (failed.length ? `; ${failed.length} could not be used` : "");
+    showData(ds, root, bundle);
+  } catch (e) {
+    showError(e, "reading the photos");
   } finally {
     state.busy = false;
   }
@@ -378,9 +472,15 @@ $("data-input").addEventListener("change", (ev) => {
   const f = (ev.target as HTMLInputElement).files?.[0];
   if (f) void loadData(f);
 });
+$("folder-input").addEventListener("change", (ev) => {
+  const files = [...((ev.target as HTMLInputElement).files ?? [])];
+  if (files.length) void loadFolder(files);
+});
 dropZone("bundle-drop", (files) => void loadBundle(files));
 dropZone("data-drop", (files) => {
-  if (files.length !== 1) {
+  if (files.some((f) => relPath(f).includes("/"))) {
+    void loadFolder(files); // a dropped folder of photos
+  } else if (files.length !== 1) {
     showError(new RunnerError(`drop one data file (a .csv or .npz), not ${files.length}`), "reading the data");
   } else {
     void loadData(files[0]);
