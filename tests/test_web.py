@@ -313,10 +313,13 @@ def test_web_page_personalises_on_a_folder_of_photos(page_url, node, onnx_image_
     grad = np.add.outer(np.arange(30) * 6, np.arange(40) * 4)[..., None] + [0, 40, 90]
     jpg_px = np.clip(grad + rng.integers(-20, 20, (30, 40, 3)), 0, 255).astype(np.uint8)
     Image.fromarray(jpg_px).save(tmp_path / "photo.jpg", quality=90)
+    alpha_px = np.dstack([jpg_px, rng.integers(1, 255, (30, 40), dtype=np.uint8)])
+    Image.fromarray(alpha_px).save(tmp_path / "alpha.png")  # semi-transparent: not exact
     settings = {"epochs": 8, "seed": 3}
     out = drive(node, page_url, [{"goto": "?threads=1"}, {"bundle": str(image_bundle)},
                                  {"folder": str(photos)}, {"adapt": settings, "save": "img"},
-                                 {"decode": str(tmp_path / "photo.jpg")}], tmp_path)
+                                 {"decode": str(tmp_path / "photo.jpg")},
+                                 {"decode": str(tmp_path / "alpha.png")}], tmp_path)
     s = out["steps"]
     assert s[1]["ok"] and "Self-test passed" in s[1]["selftest"], s[1]
     assert "image input" in s[1]["manifest"], s[1]["manifest"]
@@ -352,4 +355,9 @@ def test_web_page_personalises_on_a_folder_of_photos(page_url, node, onnx_image_
           f"vs Pillow: max {diff.max()}, mean {diff.mean():.3f} grey levels, "
           f"{(diff > 0).mean():.1%} of values differ")
     assert rgba.shape == (30, 40, 4) and (rgba[..., 3] == 255).all()
+    a = np.frombuffer(base64.b64decode(s[5]["rgba"]), np.uint8).reshape(30, 40, 4)
+    adiff = np.abs(a[..., :3].astype(np.int16) - alpha_px[..., :3])
+    print(f"semi-transparent PNG (alpha 1..254) vs Pillow's RGB: max {adiff.max()}, mean "
+          f"{adiff.mean():.3f} grey levels ({(adiff > 0).mean():.1%} of values differ)")
+    assert (a[..., 3] == alpha_px[..., 3]).all()
     assert out["console_errors"] == [], out["console_errors"]

@@ -292,6 +292,7 @@ async function loadFolder(files: File[]): Promise<void> {
     const [todo, skipped] = collectImages(paths);
     const images: Array<{ image: ImageDataLike; label: string }> = [];
     const failed: Skipped[] = [];
+    let translucent = 0;
     bar.max = Math.max(todo.length, 1);
     for (const [i, [p, label]] of todo.entries()) {
       const f = byPath.get(p) as File;
@@ -299,7 +300,11 @@ async function loadFolder(files: File[]): Promise<void> {
         failed.push({ path: p, reason: "empty file (0 bytes)" });
       } else {
         try {
-          images.push({ image: await decodeImage(f), label });
+          const image = await decodeImage(f);
+          images.push({ image, label });
+          for (let k = 3; k < image.data.length; k += 4) {
+            if (image.data[k] !== 255) { translucent++; break; }
+          }
         } catch (e) {
           failed.push({ path: p, reason: `unreadable image (the browser could not decode it: ` +
             `${e instanceof Error ? e.message : String(e)})` });
@@ -313,7 +318,10 @@ async function loadFolder(files: File[]): Promise<void> {
     }
     const ds = imageDataset(images, bundle.manifest, root, [...skipped, ...failed]);
     text.textContent = `Decoded ${images.length} photos` +
-      (failed.length ? `; ${failed.length} could not be used` : "");
+      (failed.length ? `; ${failed.length} could not be used` : "") +
+      (translucent ? `; ${translucent} have transparent pixels, whose colours the browser's ` +
+        "canvas rounds (the Python runner keeps them exactly; flatten them for identical results)"
+        : "");
     showData(ds, root, bundle);
   } catch (e) {
     showError(e, "reading the photos");
