@@ -460,10 +460,11 @@ def stratified_folds(y: np.ndarray, frac: float, seed: int, mode: str = "block",
     """``folds`` splits ``(train, val)``: the first is :func:`stratified_split`'s.
 
     Fold ``j`` validates on the ``j``-th block of ``frac`` of every class counted back from
-    its end (the last windows, then the ones before them, ...), in recording order for
-    ``mode="block"`` or in one seeded shuffle per class for ``"random"``; block mode drops the
-    window on each side of a validation block from training. A class too small for block
-    ``j`` (fewer than one training window would be left) validates nothing in that fold.
+    its end (the last windows, then the ones before them, ...; the first block of a class
+    may be shorter), in recording order for ``mode="block"`` or in one seeded shuffle per class
+    for ``"random"``; block mode drops the window on each side of a validation block from
+    training. A class with no windows left for block ``j``, or none to train on beside it,
+    validates nothing in that fold.
     """
     if mode not in ("block", "random"):
         raise RunnerError(f"split mode must be 'block' or 'random', got {mode!r}")
@@ -478,12 +479,13 @@ def stratified_folds(y: np.ndarray, frac: float, seed: int, mode: str = "block",
         gap = 1 if mode == "block" else 0
         for j, (tr, va) in enumerate(out):
             hi = n - j * n_val
-            lo = hi - n_val
-            if j and lo - gap < 1:  # no room for this block (the first fold always fits)
+            lo = max(0, hi - n_val)
+            before = lo - gap if lo - gap >= 1 else (lo if j == 0 else 0)
+            train = idx[:before].tolist() + idx[min(n, hi + gap):].tolist()
+            if j and (hi < 1 or not train):  # no room for this block: every window trains
                 tr.extend(idx.tolist())
                 continue
             va.extend(idx[lo:hi].tolist())
-            before = lo - (gap if lo - gap >= 1 else 0)
-            tr.extend(idx[:before].tolist() + idx[min(n, hi + gap):].tolist())
+            tr.extend(train)
     return [(np.sort(np.asarray(tr, np.int64)), np.sort(np.asarray(va, np.int64)))
             for tr, va in out]
