@@ -138,6 +138,10 @@ def main(argv=None) -> int:
                    help="points of accuracy on the bundle's replay set (server data) an adapted "
                         "head may lose and still be kept; negative: no check (default: the "
                         "bundle's adapt.gate.max_forget)")
+    a.add_argument("--gate-folds", type=int, default=None,
+                   help="pool the gate's evidence over this many validation folds, each from "
+                        "another training run (1: the run's own split only; default: the "
+                        "bundle's adapt.gate.folds)")
     a.add_argument("--no-gate", action="store_true",
                    help="keep the adapted head whatever it scored (experiments only)")
     a.add_argument("--mix", default=None,
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
                            patience=args.patience, mix=parse_mix(args.mix),
                            freeze_absent=args.freeze_absent,
                            replay_weight=args.replay_weight, max_forget=args.max_forget,
-                           quiet=args.quiet)
+                           gate_folds=args.gate_folds, quiet=args.quiet)
         elif args.cmd == "infer":
             res = ad.infer(args.bundle, args.data, head_path=args.head, out_dir=args.out,
                            threads=args.threads, trust_key=args.trust_key, quiet=args.quiet,

@@ -61,11 +61,12 @@ def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: 
           freeze_absent: bool | None = None, l2sp: float | None = None,
           gate_alpha: float | None = None, patience: int | None = None,
           mix: tuple[float, ...] | None = None, replay_weight: float | None = None,
-          max_forget: float | None = None, quiet: bool = True) -> dict:
+          max_forget: float | None = None, gate_folds: int | None = None,
+          quiet: bool = True) -> dict:
     """Personalise ``bundle``'s head on ``data`` in a runner subprocess; return its report.
 
-    ``gate_alpha``, ``patience``, ``mix``, ``replay_weight``, ``max_forget``: override the
-    bundle's ``adapt`` block.
+    ``gate_alpha``, ``patience``, ``mix``, ``replay_weight``, ``max_forget``, ``gate_folds``:
+    override the bundle's ``adapt`` block.
     """
     args = ["--data", str(data), "--out", str(out), "--epochs", str(epochs),
             "--batch-size", str(batch_size), "--val-fraction", str(val_fraction),
@@ -90,6 +91,8 @@ def adapt(bundle: Path, data: Path, out: Path, *, epochs: int = 30, batch_size: 
         args += ["--replay-weight", str(replay_weight)]
     if max_forget is not None:
         args += ["--max-forget", str(max_forget)]
+    if gate_folds is not None:
+        args += ["--gate-folds", str(gate_folds)]
     return run_runner("adapt", bundle, *args, quiet=quiet)
 
 

@@ -488,6 +488,8 @@ class AdaptConfig:
                                "device's windows (0: no replay set)", "windows")
     replay_weight: float = _f(0.0, "total weight of the replay set relative to the device's "
                               "training windows (0: the set only checks forgetting)", "ratio")
+    gate_folds: int = _f(1, "the gate pools its evidence over this many validation folds, each "
+                         "from another training run on the device (1: one split)", "folds")
     gate_max_forget: float = _f(-1.0, "with a replay set: the gate also refuses a head that "
                                 "loses more than this many points of accuracy on it (< 0: no "
                                 "check)", "points")
@@ -498,6 +500,8 @@ class AdaptConfig:
                f"adapt.val_fraction must be in (0, 1), got {self.val_fraction}")
         _check(0.0 <= self.gate_alpha <= 1.0,
                f"adapt.gate_alpha must be in [0, 1], got {self.gate_alpha}")
+        _check(1 <= self.gate_folds <= 20,
+               f"adapt.gate_folds must be an integer from 1 to 20, got {self.gate_folds}")
         _check(self.patience >= 0, f"adapt.patience must be >= 0, got {self.patience}")
         _check(self.replay_per_class >= 0 and self.replay_weight >= 0,
                f"adapt.replay_per_class and replay_weight must be >= 0, got "

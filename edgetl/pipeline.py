@@ -241,7 +241,7 @@ def adapt_options(a) -> dict:
     return {"epochs": a.epochs, "batch_size": a.batch_size, "val_fraction": a.val_fraction,
             "seed": a.seed, "gate_alpha": a.gate_alpha, "patience": a.patience,
             "mix": tuple(a.mix), "class_balanced": a.class_balanced,
-            "freeze_absent": a.freeze_absent,
+            "freeze_absent": a.freeze_absent, "gate_folds": a.gate_folds,
             # a recipe without a replay set leaves the bundle's own (none: off)
             "replay_weight": a.replay_weight if a.replay_per_class > 0 else None,
             "max_forget": a.gate_max_forget if a.replay_per_class > 0 else None}

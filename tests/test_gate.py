@@ -240,3 +240,59 @@ def test_imprinting_never_sees_the_gates_validation_windows(bundle, tmp_path):
         # the refused proposal (lr 0: the gate's baseline itself) was imprinted differently
         assert not np.allclose(c["weight"][row], b["weight"][row])
         assert np.array_equal(c["weight"][:row], b["weight"][:row])  # known labels untouched
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("mode", ["block", "random"])
+def test_evidence_folds_validate_each_window_once(mode):
+    """Fold 1 is the run's own split; folds never share a validation window; block folds
+    keep the neighbours of a validation block out of training (overlapping windows)."""
+    from edgerun.data import stratified_folds, stratified_split
+
+    y = np.array([0] * 23 + [1] * 11 + [0] * 7 + [2] * 3 + [3])
+    folds = stratified_folds(y, 0.2, 7, mode, 5)
+    assert len(folds) == 5
+    first = stratified_split(y, 0.2, 7, mode)
+    assert all(np.array_equal(a, b) for a, b in zip(folds[0], first))
+    seen = np.concatenate([va for _, va in folds])
+    assert len(seen) == len(set(seen.tolist()))
+    for tr, va in folds:
+        assert not set(tr.tolist()) & set(va.tolist())
+        assert set(y[tr].tolist()) == set(y.tolist())  # every label trains
+        if mode == "block":
+            for c in np.unique(y):
+                idx = np.flatnonzero(y == c).tolist()
+                pos = [idx.index(i) for i in va if y[i] == c]
+                for q in pos:  # a window next to a validation block is in neither set
+                    for nb in (q - 1, q + 1):
+                        if 0 <= nb < len(idx) and nb not in pos:
+                            assert idx[nb] not in tr
+    # 5 blocks of 20 % (6 of label 0's 30 windows) cover it
+    assert (y[seen] == 0).sum() == 30
+
+
+def test_the_gate_pools_evidence_over_folds(bundle, tmp_path):
+    """The same small gain that one split cannot show (p = 0.002) is shown by 5 folds, each
+    from its own training run; a tie stays a tie however many folds judge it."""
+    data = write_device_npz(tmp_path / "d.npz", 120, seed=3)
+    one = json.loads(adapt_json(bundle, data, tmp_path / "s1").stdout)["gate"]
+    p = adapt_json(bundle, data, tmp_path / "s5", "--gate-folds", "5", "--gate-alpha", "0.001")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    g = rep["gate"]
+    # blocks of the bundle's val_fraction that leave training windows: fewer than asked here
+    assert one["folds"] == 1 and 2 <= g["folds"] <= 5 and len(g["fold_counts"]) == g["folds"]
+    assert g["fold_counts"][0] == [one["fixed"], one["broke"]]  # fold 1: the run's own split
+    assert [g["fixed"], g["broke"]] == np.sum(g["fold_counts"], axis=0).tolist()
+    assert g["n"] > one["n"] and g["p_value"] < one["p_value"]
+    assert g["keep"] == (g["fixed"] > g["broke"] and g["p_value"] <= 0.001), g
+    assert g["keep"] and not rep["rolled_back"]
+    assert f"cross-validated over {g['folds']} folds" in g["reason"]
+    # the head written is the run's own (fold 1), as without folds
+    with np.load(tmp_path / "s5" / "head.npz") as a, np.load(tmp_path / "s1" / "head.npz") as b:
+        assert np.array_equal(a["weight"], b["weight"])
+    tie = json.loads(adapt_json(bundle, data, tmp_path / "t", "--gate-folds", "5", "--lr",
+                                "0").stdout)["gate"]
+    assert not tie["keep"] and tie["fixed"] == tie["broke"] == 0 and "tie" in tie["reason"]
+    bad = adapt_json(bundle, data, tmp_path / "u", "--gate-folds", "0")
+    assert bad.returncode != 0 and "folds must be an integer from 1 to 20" in bad.stderr

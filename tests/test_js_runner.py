@@ -267,6 +267,10 @@ def _scenario(name: str, tmp: Path) -> tuple[Path, list]:
         return write_device_npz(tmp / "d.npz", 45, seed=14), ["--lr", "0", "--epochs", "3"]
     if name == "csv":
         return csv_log(tmp / "log.csv", 15), ["--seed", "9", "--epochs", "6"]
+    if name == "folds":  # the gate's evidence from 4 folds: imprinting and frozen rows per fold
+        return write_device_npz(tmp / "d.npz", 100, seed=15, gain=1.25,
+                                labels=("slow", "medium", "sprint")), [
+            "--gate-folds", "4", "--seed", "3", "--freeze-absent", "--class-balanced"]
     if name == "freeze_absent":  # "fast" missing: its class row stays, "sprint" is imprinted
         return write_device_npz(tmp / "d.npz", 90, seed=12, gain=1.2,
                                 labels=("slow", "medium", "sprint")), [
@@ -279,6 +283,7 @@ SCENARIOS = [("fp32", s, "node") for s in ("default", "new_label", "early_stop_m
 SCENARIOS += [("int8", "default", "node"), ("int8", "new_label", "node")]
 # onnxruntime-web's WASM build (the browser's runtime), run in Node
 SCENARIOS += [("fp32", "default", "web"), ("int8", "new_label", "web"), ("fp32", "csv", "web")]
+SCENARIOS += [("fp32", "folds", "node"), ("int8", "folds", "web")]
 
 
 @pytest.mark.parametrize(("precision", "scenario", "runtime"), SCENARIOS)
@@ -306,6 +311,8 @@ def test_adapt_parity(node, bundles, tmp_path, precision, scenario, runtime):
         assert rep["freeze_absent"] is True and rep["missing_labels"] == ["fast"]
     if scenario == "rollback":
         assert rep["rolled_back"] and (js / "head.rejected.npz").exists()
+    if scenario == "folds":
+        assert rep["gate"]["folds"] == 4 and len(rep["gate"]["fold_counts"]) == 4
     assert rep["backend"] == f"onnxruntime-{runtime}"
     print(f"{precision}/{scenario}/{runtime}: {diffs}")
 

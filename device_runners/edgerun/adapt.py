@@ -75,6 +75,25 @@ def class_balanced_weights(y: np.ndarray) -> np.ndarray:
     return np.asarray([per[c] for c in y.tolist()], np.float32)
 
 
+def training_pool(feats, y, tr, *, class_balanced: bool, replay=None,
+                  replay_weight: float = 0.0) -> tuple:
+    """What the epochs draw batches from: ``(features, labels, weights, indices)``.
+
+    The local training windows ``tr`` (per-window sample weights: class-balanced over ``tr``
+    or 1), and with ``replay`` (the bundle's replay set) its windows too, weighing
+    ``replay_weight`` in total relative to the local ones (:func:`edgerun.replay.weights`).
+    """
+    sw = np.ones(len(y), np.float32)
+    if class_balanced:
+        sw[tr] = class_balanced_weights(y[tr])
+    if replay is None:
+        return feats, y, sw, tr
+    f_r, y_r = replay
+    w_r = replaying.weights(sw[tr], len(y_r), replay_weight)
+    return (np.concatenate([feats, f_r]), np.concatenate([y, y_r]), np.concatenate([sw, w_r]),
+            np.concatenate([tr, len(y) + np.arange(len(y_r))]))
+
+
 def _zero_state(m: dict, params: dict) -> dict:
     state = {}
     for s in m["optimizer"]["state"]:
@@ -122,6 +141,59 @@ def _steps(backend, ts: dict, hp: dict, f, t, w, params: dict, state: dict,
     out = backend.train_steps(_feeds(ts, hp, f, t, w, params, state, anchors))
     _carry(out, params, state)
     return [float(v) for v in np.reshape(out[ts["fused"]["loss_output"]], -1)]
+
+
+class _Trainer:
+    """Epochs of train steps over cached features, with one bundle's step and settings.
+
+    ``fixed``: the runtime takes exactly ``bs`` windows per step (a partial batch is padded,
+    weight 0); ``fuse``: full batches go through the fused K-step graph where there is one.
+    """
+
+    def __init__(self, backend, ts: dict, hp: dict, anchors: dict, *, n_cls: int, bs: int,
+                 fixed: bool, fuse: bool):
+        self.backend, self.ts, self.hp, self.anchors = backend, ts, hp, anchors
+        self.eye = np.eye(n_cls, dtype=np.float32)
+        self.n_cls, self.bs, self.fixed, self.fuse = n_cls, bs, fixed, fuse
+
+    def epoch(self, order, pool_f, pool_y, pool_w, params: dict, state: dict, epoch: int,
+              after_step=None) -> tuple[float, int, int, int, str | None]:
+        """One epoch over ``order`` (indices into the pool); updates ``params``/``state``.
+
+        ``after_step(epoch)`` runs after every one-step call and may stop the epoch by
+        returning a reason. Returns ``(loss sum, windows, steps, fused steps, stopped)``.
+        """
+        backend, ts, hp, anchors, eye, bs = (self.backend, self.ts, self.hp, self.anchors,
+                                             self.eye, self.bs)
+        total, count, steps, fused, done = 0.0, 0, 0, 0, 0
+        for g in fused_groups(backend, len(order), bs) if self.fuse else ():
+            b = order[done : done + g * bs].reshape(g, bs)
+            for loss in _steps(backend, ts, hp, pool_f[b], eye[pool_y[b]], pool_w[b],
+                               params, state, anchors):
+                _check_loss(loss, epoch, hp)
+                total += loss * bs
+                count += bs
+                steps += 1
+            done += g * bs
+            fused += g
+        for i in range(done, len(order), bs):
+            b = order[i : i + bs]
+            n = len(b)
+            f, t, w = pool_f[b], eye[pool_y[b]], pool_w[b]
+            if self.fixed and n < bs:  # pad to the runtime's fixed batch; weight 0 masks it
+                pad = bs - n
+                f = np.concatenate([f, np.zeros((pad, f.shape[1]), np.float32)])
+                t = np.concatenate([t, np.zeros((pad, self.n_cls), np.float32)])
+                w = np.concatenate([w, np.zeros(pad, np.float32)])
+            loss = _step(backend, ts, hp, f, t, w, params, state, anchors)
+            stopped = after_step(epoch) if after_step else None
+            _check_loss(loss, epoch, hp)
+            total += loss * n
+            count += n
+            steps += 1
+            if stopped:
+                return total, count, steps, fused, stopped
+        return total, count, steps, fused, None
 
 
 def _check_loss(loss: float, epoch: int, hp: dict) -> None:
@@ -461,14 +533,18 @@ def _val_scores(backend, bundle, head: Head, feats: np.ndarray, y: np.ndarray) -
 
 
 #: Defaults of the manifest's ``adapt`` block keys added after schema 2 shipped.
-GATE_DEFAULTS = {"rule": "mcnemar", "alpha": 0.05}
+GATE_DEFAULTS = {"rule": "mcnemar", "alpha": 0.05, "folds": 1}
 PATIENCE_DEFAULT = 8
 MIX_DEFAULT = (0.25, 0.5, 0.75, 1.0)
 
 
 def gate_settings(m: dict, alpha, rule, patience, mix,
-                  max_forget=None) -> tuple[dict, int, tuple]:
+                  max_forget=None, folds=None) -> tuple[dict, int, tuple]:
     """Gate, patience and mixing weights: flags given, else the bundle's, else defaults.
+
+    ``folds`` (the bundle's ``adapt.gate.folds``, default 1): the gate's evidence is pooled
+    over this many validation folds, each from another run of the same training
+    (:func:`pooled_verdict`); 1 judges the run's own validation split only.
 
     ``max_forget`` (points; the bundle's ``adapt.gate.max_forget``; negative: no check): the
     replay check of :func:`edgerun.gate.forgetting`, only where the bundle ships a replay set.
@@ -486,6 +562,10 @@ def gate_settings(m: dict, alpha, rule, patience, mix,
         g["alpha"] = alpha
     if rule is not None:
         g["rule"] = rule
+    if folds is not None:
+        g["folds"] = folds
+    if isinstance(g["folds"], bool) or not isinstance(g["folds"], int) or not 1 <= g["folds"] <= 20:
+        raise RunnerError(f"the gate's folds must be an integer from 1 to 20, got {g['folds']!r}")
     if g["rule"] not in gating.RULES:
         raise RunnerError(f"unknown gate rule {g['rule']!r}; known: {', '.join(gating.RULES)}")
     if not 0 <= float(g["alpha"]) <= 1:
@@ -520,27 +600,85 @@ def statistics_gate(raw, backend, bundle, head: Head, labels: list, feats_raw, f
     return {**verdict, "accuracy_before": acc0, "accuracy_after": acc1}
 
 
-def choose_head(backend, bundle, start: Head, adapted: Head, feats_va, y_va, *,
-                mix: tuple, gate: dict) -> tuple[Head, dict]:
-    """The head this run proposes, and the gate's verdict on it against ``start``.
+def propose(backend, bundle, start: Head, adapted: Head, feats_va, y_va, mix: tuple) -> tuple:
+    """The interpolation ``start + w * (adapted - start)`` of lowest validation loss.
 
-    The proposal is the interpolation ``start + w * (adapted - start)`` of lowest validation
-    loss over the weights ``mix`` (ties: the smaller weight, closer to the shipped head; WiSE-FT,
-    Wortsman et al. 2022). The gate (:func:`edgerun.gate.decide`) then compares its validation
-    predictions with ``start``'s.
+    Over the weights ``mix`` (ties: the smaller weight, closer to the starting head; WiSE-FT,
+    Wortsman et al. 2022). Returns ``(head, w, (loss, acc, right) of start, (loss, acc,
+    right) of head)``.
     """
-    loss0, acc0, right0 = _val_scores(backend, bundle, start, feats_va, y_va)
+    scores0 = _val_scores(backend, bundle, start, feats_va, y_va)
     best = None
     for w in sorted(mix):
         cand = Head(gating.mix(start.params, adapted.params, w), list(start.labels))
-        loss, acc, right = _val_scores(backend, bundle, cand, feats_va, y_va)
-        if best is None or loss < best[1] - 1e-7:
-            best = (w, loss, acc, right, cand)
-    w, loss, acc, right, cand = best
+        scores = _val_scores(backend, bundle, cand, feats_va, y_va)
+        if best is None or scores[0] < best[1][0] - 1e-7:
+            best = (w, scores, cand)
+    w, scores, cand = best
+    return cand, w, scores0, scores
+
+
+def choose_head(backend, bundle, start: Head, adapted: Head, feats_va, y_va, *,
+                mix: tuple, gate: dict) -> tuple[Head, dict]:
+    """The head this run proposes (:func:`propose`), and the gate's verdict on it.
+
+    The gate (:func:`edgerun.gate.decide`) compares its validation predictions with
+    ``start``'s.
+    """
+    cand, w, (loss0, acc0, right0), (loss, acc, right) = propose(
+        backend, bundle, start, adapted, feats_va, y_va, mix)
     verdict = gating.decide(right0, right, alpha=gate["alpha"], rule=gate["rule"])
     verdict.update({"mix_weight": w, "val_loss_before": loss0, "val_loss_after": loss,
-                    "accuracy_before": acc0, "accuracy_after": acc})
+                    "accuracy_before": acc0, "accuracy_after": acc, "folds": 1})
     return cand, verdict
+
+
+def train_fold(trainer_for, backend, bundle, start: Head, feats, y, tr, va, *, epochs: int,
+               patience: int, seed: int, pool_kw: dict, after_step=None):
+    """One more training run of the same procedure on another split: the evidence folds.
+
+    From ``start`` with a fresh optimizer state: epochs over the pool of ``tr``
+    (:func:`training_pool`), the epoch of lowest validation loss on ``va`` kept, early
+    stopping after ``patience`` epochs without a new lowest. ``trainer_for(start)`` gives the
+    :class:`_Trainer`; ``after_step(head, epoch)`` may stop training by returning a reason.
+    Returns ``(head, stopped)``.
+    """
+    head = start.copy()
+    state = _zero_state(bundle.manifest, head.params)
+    trainer = trainer_for(start)
+    pool_f, pool_y, pool_w, pool = training_pool(feats, y, tr, **pool_kw)
+    rng = np.random.default_rng(seed)
+    best, stopped = None, None
+    check = (lambda epoch: after_step(head, epoch)) if after_step else None
+    for epoch in range(epochs):
+        *_, stopped = trainer.epoch(rng.permutation(pool), pool_f, pool_y, pool_w, head.params,
+                                    state, epoch, check)
+        val_loss = _val_scores(backend, bundle, head, feats[va], y[va])[0]
+        if best is None or val_loss < best[0]:
+            best = (val_loss, {k: v.copy() for k, v in head.params.items()}, epoch + 1)
+        if stopped or (patience and epoch + 1 - best[2] >= patience):
+            break
+    if best is not None:
+        head.params = best[1]
+    return head, stopped
+
+
+def pooled_verdict(first: tuple, more: list, *, gate: dict) -> dict:
+    """The gate's verdict on paired validation predictions pooled over folds.
+
+    ``first``: ``(right_start, right_proposed)`` of the run's own split; ``more``: the same
+    for every other fold (each window validates in one fold only). The test is
+    :func:`edgerun.gate.decide` on their concatenation; ``fold_counts`` lists each fold's
+    ``[fixed, broke]``.
+    """
+    pairs = [first, *more]
+    verdict = gating.decide(np.concatenate([a for a, _ in pairs]),
+                            np.concatenate([b for _, b in pairs]),
+                            alpha=gate["alpha"], rule=gate["rule"])
+    counts = [[int(np.sum(b & ~a)), int(np.sum(a & ~b))] for a, b in pairs]
+    verdict["reason"] = (f"cross-validated over {len(pairs)} folds ({verdict['n']} windows): "
+                         f"{verdict['reason']}")
+    return {**verdict, "folds": len(pairs), "fold_counts": counts}
 
 
 def adapt_settings(m: dict, epochs, batch_size, val_fraction) -> tuple[int, int, float]:
@@ -585,8 +723,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                    gate_alpha: float | None = None, gate_rule: str | None = None,
                    patience: int | None = None, mix: tuple | None = None,
                    freeze_absent: bool | None = None, replay_weight: float | None = None,
-                   max_forget: float | None = None, quiet: bool = False,
-                   commit_extra: dict | None = None) -> dict:
+                   max_forget: float | None = None, gate_folds: int | None = None,
+                   quiet: bool = False, commit_extra: dict | None = None) -> dict:
     """Fine-tune the head on ``data_path``; write ``head.npz`` and ``report.json`` to ``out_dir``.
 
     Which head: each epoch ends with the validation loss of the head so far; the epoch of
@@ -647,7 +785,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     m = bundle.manifest
     versions.check(m, out_dir, allow_downgrade=allow_downgrade)
     epochs, batch_size, val_fraction = adapt_settings(m, epochs, batch_size, val_fraction)
-    gate, patience, mix = gate_settings(m, gate_alpha, gate_rule, patience, mix, max_forget)
+    gate, patience, mix = gate_settings(m, gate_alpha, gate_rule, patience, mix, max_forget,
+                                        gate_folds)
     if class_balanced is None:
         class_balanced = bool(m["adapt"].get("class_balanced", False))
     if freeze_absent is None:
@@ -721,14 +860,20 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     # What a run writes when it trains nothing or the gate keeps the starting head: the same
     # imprinting from *every* window (no validation left to protect). ``None``: ``start``.
     start_full = None
+    emb = _infer(backend, bundle, head, feats)["embedding"] if new else None
+    ys = np.asarray(ds.y)
+
+    def imprinted(idx) -> Head:
+        """The starting head with the new labels imprinted from the windows ``idx``."""
+        h = head0.copy()
+        if new:
+            h.add_classes(new, {n: emb[idx][ys[idx] == n] for n in new}, cls, grow=dynamic,
+                          normalise=m["head"]["kind"] == "cosine")
+        return h
+
     if new:  # from the training windows only: the gate's validation windows stay unseen
-        emb = _infer(backend, bundle, head, feats)["embedding"]
-        ys = np.asarray(ds.y)
-        start_full = head.copy()
-        start_full.add_classes(new, {n: emb[ys == n] for n in new}, cls, grow=dynamic,
-                               normalise=m["head"]["kind"] == "cosine")
-        head.add_classes(new, {n: emb[tr][ys[tr] == n] for n in new}, cls, grow=dynamic,
-                         normalise=m["head"]["kind"] == "cosine")
+        start_full = imprinted(np.arange(len(y)))
+        head = imprinted(tr)
         warnings.append(f"labels {new} are new to this head: added {len(new)} class(es) by "
                         "weight imprinting from their mean features (training windows while "
                         "the gate judges, every window in a head written without training)")
@@ -759,21 +904,13 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     anchors = anchors_of(m, start.params)  # L2-SP pulls toward the head training starts from
     absent = np.asarray([head.labels.index(lab) for lab in missing], np.int64)
     frozen_rows = list(cls) if freeze_absent and len(absent) else []
-    sw = np.ones(len(y), np.float32)  # per-window sample weights (training windows only)
-    if class_balanced:
-        sw[tr] = class_balanced_weights(y[tr])
-    # What the epochs draw batches from: the local training windows, and the replay set
-    pool_f, pool_y, pool_w, pool = feats, y, sw, tr
     replay_set, replay_info = None, None
     if replaying.block(m) is not None:  # scored for the report even when not trained on
         replay_set = replaying.load(bundle, names, feats.shape[1])
         replay_info = {"weight": replay_weight, "windows": int(len(replay_set[1]))}
-    if replay_weight > 0:
-        f_r, y_r = replay_set
-        w_r = replaying.weights(sw[tr], len(y_r), replay_weight)
-        pool_f, pool_y = np.concatenate([feats, f_r]), np.concatenate([y, y_r])
-        pool_w = np.concatenate([sw, w_r])
-        pool = np.concatenate([tr, len(y) + np.arange(len(y_r))])
+    pool_f, pool_y, pool_w, pool = training_pool(
+        feats, y, tr, class_balanced=class_balanced,
+        replay=replay_set if replay_weight > 0 else None, replay_weight=replay_weight)
     n_cls = head.rows(cls)  # targets span every class row (spare rows get none)
     state = _zero_state(m, head.params)
     fixed = ts.get("batch_size")
@@ -782,7 +919,6 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         warnings.append(f"this {m['target']} bundle trains with a fixed batch of {bs}; "
                         f"--batch-size {batch_size} was ignored")
     rng = np.random.default_rng(seed)
-    eye = np.eye(n_cls, dtype=np.float32)
     history, steps = [], 0
     if max_memory_mb is not None and rss_mb() > max_memory_mb:
         raise RunnerError(f"the runner already uses {rss_mb():.0f} MiB after loading the runtime "
@@ -825,43 +961,28 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     # the fused graph keeps the one-step path's results; a budget or frozen rows need a check
     # after every step, so they keep one step per call
     fuse = not frozen_rows and max_seconds is None and max_memory_mb is None
+    trainer = _Trainer(backend, ts, hp, anchors, n_cls=n_cls, bs=bs, fixed=bool(fixed), fuse=fuse)
     feats_va, steps_fused = feats[va], 0
     t1 = last_save = time.perf_counter()
+
+    def over_budget(epoch: int) -> str | None:
+        if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+            return f"time budget of {max_seconds:g} s reached in epoch {epoch + 1}"
+        if max_memory_mb is not None and rss_mb() > max_memory_mb:
+            return f"memory budget of {max_memory_mb:g} MiB reached in epoch {epoch + 1}"
+        return None
+
+    def after_step(epoch: int) -> str | None:
+        for name in frozen_rows:  # absent labels keep their starting rows
+            head.params[name][absent] = start.params[name][absent]
+        return over_budget(epoch)
+
     for epoch in range(first, epochs):
         order = rng.permutation(pool)
-        total, count, done = 0.0, 0, 0
-        for g in fused_groups(backend, len(order), bs) if fuse else ():
-            b = order[done : done + g * bs].reshape(g, bs)
-            for loss in _steps(backend, ts, hp, pool_f[b], eye[pool_y[b]], pool_w[b],
-                               head.params, state, anchors):
-                _check_loss(loss, epoch, hp)
-                total += loss * bs
-                count += bs
-                steps += 1
-            done += g * bs
-            steps_fused += g
-        for i in range(done, len(order), bs):
-            b = order[i : i + bs]
-            n = len(b)
-            f, t, w = pool_f[b], eye[pool_y[b]], pool_w[b]
-            if fixed and n < bs:  # pad to the runtime's fixed batch; weight 0 masks padding
-                pad = bs - n
-                f = np.concatenate([f, np.zeros((pad, f.shape[1]), np.float32)])
-                t = np.concatenate([t, np.zeros((pad, n_cls), np.float32)])
-                w = np.concatenate([w, np.zeros(pad, np.float32)])
-            loss = _step(backend, ts, hp, f, t, w, head.params, state, anchors)
-            for name in frozen_rows:  # absent labels keep their starting rows
-                head.params[name][absent] = start.params[name][absent]
-            _check_loss(loss, epoch, hp)
-            total += loss * n
-            count += n
-            steps += 1
-            if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
-                stopped = f"time budget of {max_seconds:g} s reached in epoch {epoch + 1}"
-            elif max_memory_mb is not None and rss_mb() > max_memory_mb:
-                stopped = f"memory budget of {max_memory_mb:g} MiB reached in epoch {epoch + 1}"
-            if stopped:
-                break
+        total, count, n_steps, n_fused, stopped = trainer.epoch(
+            order, pool_f, pool_y, pool_w, head.params, state, epoch, after_step)
+        steps += n_steps
+        steps_fused += n_fused
         val_loss, val_acc, _ = _val_scores(backend, bundle, head, feats_va, y[va])
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_loss": val_loss,
                         "val_accuracy": val_acc, "complete": stopped is None})
@@ -896,6 +1017,39 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     else:
         cand, verdict = choose_head(backend, bundle, start, head, feats[va], y[va], mix=mix,
                                     gate=gate)
+        if gate["folds"] > 1 and gate["rule"] != "none":  # more evidence: the other folds
+            splits = dataio.stratified_folds(y, val_fraction, seed, dataio.split_mode(m),
+                                             gate["folds"])[1:]
+            more, why = [], stopped
+
+            def fold_step(h: Head, epoch: int) -> str | None:
+                for name in frozen_rows:
+                    h.params[name][absent] = start.params[name][absent]
+                return over_budget(epoch)
+
+            for j, (tr_j, va_j) in enumerate(splits, 1):
+                if why:
+                    break
+                if not len(va_j):
+                    continue
+                start_j = imprinted(tr_j)
+                head_j, why = train_fold(
+                    lambda s0: _Trainer(backend, ts, hp, anchors_of(m, s0.params), n_cls=n_cls,
+                                        bs=bs, fixed=bool(fixed), fuse=fuse),
+                    backend, bundle, start_j, feats, y, tr_j, va_j, epochs=epochs,
+                    patience=patience, seed=seed + j, after_step=fold_step,
+                    pool_kw={"class_balanced": class_balanced, "replay_weight": replay_weight,
+                             "replay": replay_set if replay_weight > 0 else None})
+                _, _, s0, s1 = propose(backend, bundle, start_j, head_j, feats[va_j], y[va_j],
+                                       mix)
+                more.append((s0[2], s1[2]))
+            if why:
+                warnings.append(f"the gate's evidence folds were cut short ({why}); it judged "
+                                "the run's own validation split only")
+            else:
+                first = (_val_scores(backend, bundle, start, feats[va], y[va])[2],
+                         _val_scores(backend, bundle, cand, feats[va], y[va])[2])
+                verdict = {**verdict, **pooled_verdict(first, more, gate=gate)}
     verdict.update({"best_epoch": best[2] if best else 0, "early_stop": early})
     head.params = cand.params
     if replay_set is not None:  # the server's windows of the labels this device trained on

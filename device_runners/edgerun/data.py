@@ -452,17 +452,40 @@ def stratified_split(y: np.ndarray, frac: float, seed: int,
     random split would leak training windows into validation and make the gate optimistic.
     ``mode="random"`` shuffles within each class (for data with no time order).
     """
+    return stratified_folds(y, frac, seed, mode, 1)[0]
+
+
+def stratified_folds(y: np.ndarray, frac: float, seed: int, mode: str = "block",
+                     folds: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``folds`` splits ``(train, val)``: the first is :func:`stratified_split`'s.
+
+    Fold ``j`` validates on the ``j``-th block of ``frac`` of every class counted back from
+    its end (the last windows, then the ones before them, ...; the first block of a class
+    may be shorter), in recording order for ``mode="block"`` or in one seeded shuffle per class
+    for ``"random"``; block mode drops the window on each side of a validation block from
+    training. A class with no windows left for block ``j``, or none to train on beside it,
+    validates nothing in that fold.
+    """
     if mode not in ("block", "random"):
         raise RunnerError(f"split mode must be 'block' or 'random', got {mode!r}")
     rng = np.random.default_rng(seed)
-    tr, va = [], []
+    out = [([], []) for _ in range(folds)]
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         if mode == "random":
             idx = rng.permutation(idx)
         n = len(idx)
         n_val = 0 if n < 2 else min(n - 1, max(1, int(math.floor(frac * n + 0.5))))
-        va.extend(idx[n - n_val :].tolist())
-        gap = 1 if mode == "block" and n - n_val - 1 >= 1 else 0
-        tr.extend(idx[: n - n_val - gap].tolist())
-    return np.sort(np.asarray(tr, np.int64)), np.sort(np.asarray(va, np.int64))
+        gap = 1 if mode == "block" else 0
+        for j, (tr, va) in enumerate(out):
+            hi = n - j * n_val
+            lo = max(0, hi - n_val)
+            before = lo - gap if lo - gap >= 1 else (lo if j == 0 else 0)
+            train = idx[:before].tolist() + idx[min(n, hi + gap):].tolist()
+            if j and (hi < 1 or not train):  # no room for this block: every window trains
+                tr.extend(idx.tolist())
+                continue
+            va.extend(idx[lo:hi].tolist())
+            tr.extend(train)
+    return [(np.sort(np.asarray(tr, np.int64)), np.sort(np.asarray(va, np.int64)))
+            for tr, va in out]

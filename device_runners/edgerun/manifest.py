@@ -234,10 +234,13 @@ class GateBlock(_Gate, total=False):
     ``rule`` ``mcnemar`` (keep an adapted head only if it beats the current one on the
     validation windows with one-sided exact McNemar ``p <= alpha``) or ``none``;
     ``chosen_on`` says where ``alpha`` was chosen. Optional ``max_forget``: with a replay set,
-    a head that loses more than this many points of accuracy on it is refused too.
+    a head that loses more than this many points of accuracy on it is refused too. Optional
+    ``folds`` (default 1): the test pools the paired predictions of this many validation
+    folds, each from another run of the same training on the rest of the data.
     """
 
     max_forget: float
+    folds: int
 
 
 class _Adapt(TypedDict):
@@ -537,6 +540,9 @@ def _consistent(m: dict) -> None:
     mf = (m["adapt"].get("gate") or {}).get("max_forget")
     if mf is not None:
         _at_least(mf, 0, "adapt.gate.max_forget", 100)
+    folds = (m["adapt"].get("gate") or {}).get("folds")
+    if folds is not None:
+        _at_least(folds, 1, "adapt.gate.folds", 20)
     params = [p["name"] for p in head["params"]]
     _expect(params and len(set(params)) == len(params), "head.params",
             "distinct parameter names", params)

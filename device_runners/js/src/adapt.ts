@@ -6,7 +6,7 @@
  * validation loss -> the gate (one-sided exact McNemar) against the starting head.
  */
 import { Bundle } from "./bundle.js";
-import { Dataset, modality, preprocess, splitMode, stratifiedSplit } from "./data.js";
+import { Dataset, modality, preprocess, splitMode, stratifiedFolds } from "./data.js";
 import { RunnerError } from "./errors.js";
 import { imagesToInput, inputDims, manifestImageSpec } from "./image.js";
 import * as gating from "./gate.js";
@@ -19,7 +19,7 @@ import * as replaying from "./replay.js";
 import { defaultRng } from "./rng.js";
 
 export const RUNNER_VERSION = "0.1.0-js";
-export const GATE_DEFAULTS = { rule: "mcnemar", alpha: 0.05 };
+export const GATE_DEFAULTS = { rule: "mcnemar", alpha: 0.05, folds: 1 };
 export const PATIENCE_DEFAULT = 8;
 export const MIX_DEFAULT = [0.25, 0.5, 0.75, 1.0];
 
@@ -212,10 +212,12 @@ async function valScores(backend: Backend, m: Manifest, head: Head, feats: Float
     acc: right.filter(Boolean).length / n, right };
 }
 
-/** The proposal (mix of lowest validation loss) and the gate's verdict against `start`. */
-export async function chooseHead(backend: Backend, m: Manifest, start: Head, adapted: Head,
-  featsVa: Float32Array, yVa: number[], mix: number[],
-  gate: { rule: string; alpha: number }): Promise<[Head, gating.Verdict]> {
+interface Proposal { cand: Head; w: number; s0: Scores; s: Scores }
+
+/** The mix `start + w * (adapted - start)` of lowest validation loss over `mix` (ties: the
+ * smaller weight); `edgerun/adapt.py` `propose`. */
+async function propose(backend: Backend, m: Manifest, start: Head, adapted: Head,
+  featsVa: Float32Array, yVa: number[], mix: number[]): Promise<Proposal> {
   const s0 = await valScores(backend, m, start, featsVa, yVa);
   let best: { w: number; s: Scores; cand: Head } | null = null;
   for (const w of [...mix].sort((a, b) => a - b)) {
@@ -228,10 +230,125 @@ export async function chooseHead(backend: Backend, m: Manifest, start: Head, ada
     if (best === null || s.loss < best.s.loss - 1e-7) best = { w, s, cand };
   }
   const b = best as { w: number; s: Scores; cand: Head };
-  const verdict = gating.decide(s0.right, b.s.right, gate.alpha, gate.rule);
-  Object.assign(verdict, { mix_weight: b.w, val_loss_before: s0.loss, val_loss_after: b.s.loss,
-    accuracy_before: s0.acc, accuracy_after: b.s.acc });
-  return [b.cand, verdict];
+  return { cand: b.cand, w: b.w, s0, s: b.s };
+}
+
+/** The proposal (mix of lowest validation loss) and the gate's verdict against `start`. */
+export async function chooseHead(backend: Backend, m: Manifest, start: Head, adapted: Head,
+  featsVa: Float32Array, yVa: number[], mix: number[],
+  gate: { rule: string; alpha: number }): Promise<[Head, gating.Verdict]> {
+  const { cand, w, s0, s } = await propose(backend, m, start, adapted, featsVa, yVa, mix);
+  const verdict = gating.decide(s0.right, s.right, gate.alpha, gate.rule);
+  Object.assign(verdict, { mix_weight: w, val_loss_before: s0.loss, val_loss_after: s.loss,
+    accuracy_before: s0.acc, accuracy_after: s.acc, folds: 1 });
+  return [cand, verdict];
+}
+
+/** The verdict on paired predictions pooled over folds (`edgerun/adapt.py` `pooled_verdict`):
+ * `pairs[0]` is the run's own split. */
+export function pooledVerdict(pairs: [boolean[], boolean[]][],
+  gate: { rule: string; alpha: number }): gating.Verdict {
+  const v = gating.decide(pairs.flatMap(([a]) => a), pairs.flatMap(([, b]) => b), gate.alpha,
+    gate.rule);
+  const counts = pairs.map(([a, b]) => [b.filter((r, i) => r && !a[i]).length,
+    a.filter((r, i) => r && !b[i]).length]);
+  v.reason = `cross-validated over ${pairs.length} folds (${v.n} windows): ${v.reason}`;
+  return { ...v, folds: pairs.length, fold_counts: counts };
+}
+
+/** What the epochs draw batches from (`edgerun/adapt.py` `training_pool`). */
+interface Pool { f: Float32Array; y: number[]; w: Float32Array; idx: number[] }
+
+function trainingPool(feats: Float32Array, y: number[], tr: number[], classBalanced: boolean,
+  replay: replaying.ReplaySet | null, replayWeight: number): Pool {
+  const sw = new Float32Array(y.length).fill(1);
+  if (classBalanced) {
+    const wts = classBalancedWeights(tr.map((i) => y[i]));
+    tr.forEach((i, j) => { sw[i] = wts[j]; });
+  }
+  if (replay === null) return { f: feats, y, w: sw, idx: tr };
+  const r = replay.y.length;
+  const wR = replaying.weights(Float32Array.from(tr, (i) => sw[i]), r, replayWeight);
+  const f = new Float32Array(feats.length + replay.features.length);
+  f.set(feats);
+  f.set(replay.features, feats.length);
+  const w = new Float32Array(sw.length + r);
+  w.set(sw);
+  w.set(wR, sw.length);
+  return { f, y: [...y, ...replay.y], w, idx: [...tr, ...replay.y.map((_, k) => y.length + k)] };
+}
+
+interface FitSettings {
+  hp: Record<string, number>; anchors: Map<string, F32>; epochs: number; patience: number;
+  bs: number; fixed: boolean; nCls: number; seed: number;
+  /** After every step: restores frozen rows, and may stop training with a reason. */
+  afterStep: (head: Head, epoch: number) => string | null;
+  onEpoch?: (h: EpochRecord, epochs: number) => void | Promise<void>;
+}
+
+interface Fit {
+  head: Head; history: EpochRecord[]; steps: number; stopped: string | null;
+  early: string | null; best: { loss: number; params: Map<string, F32>; epoch: number } | null;
+}
+
+/** Epochs from `start` over `pool` with a fresh optimizer state; the epoch of lowest
+ * validation loss kept, early stopping after `patience` epochs without a new lowest. */
+async function fit(backend: Backend, m: Manifest, start: Head, pool: Pool, featsVa: Float32Array,
+  yVa: number[], o: FitSettings): Promise<Fit> {
+  const dim = m.features.dim;
+  const { hp, anchors, bs, nCls } = o;
+  const head = start.copy();
+  const state = zeroState(m, head.params);
+  const rng = defaultRng(o.seed);
+  const history: EpochRecord[] = [];
+  let steps = 0;
+  let stopped: string | null = null;
+  let best: Fit["best"] = null;
+  let early: string | null = null;
+  for (let epoch = 0; epoch < o.epochs; epoch++) {
+    const order = rng.permutation(pool.idx);
+    let total = 0;
+    let count = 0;
+    for (let i = 0; i < order.length; i += bs) {
+      const b = order.slice(i, i + bs);
+      const n = b.length;
+      const rows = o.fixed ? bs : n; // pad to a fixed batch; weight 0 masks padding
+      const f = new Float32Array(rows * dim);
+      f.set(gather(pool.f, dim, b));
+      const t = new Float32Array(rows * nCls);
+      t.set(oneHot(b.map((k) => pool.y[k]), nCls));
+      const w = new Float32Array(rows);
+      w.set(b.map((k) => pool.w[k]));
+      const loss = await step(backend, m, hp, { data: f, dims: [rows, dim] },
+        { data: t, dims: [rows, nCls] }, { data: w, dims: [rows] }, head.params, state, anchors);
+      stopped = o.afterStep(head, epoch);
+      if (!Number.isFinite(loss)) {
+        throw new RunnerError(`training diverged (loss ${loss}) at epoch ${epoch + 1}; lower ` +
+          `the learning rate (now ${hp.lr}) with --lr`);
+      }
+      total += loss * n;
+      count += n;
+      steps++;
+      if (stopped) break;
+    }
+    const s = await valScores(backend, m, head, featsVa, yVa);
+    const rec = { epoch: epoch + 1, loss: total / Math.max(count, 1), val_loss: s.loss,
+      val_accuracy: s.acc, complete: stopped === null };
+    history.push(rec);
+    await o.onEpoch?.(rec, o.epochs);
+    if (best === null || s.loss < best.loss) {
+      best = { loss: s.loss, epoch: epoch + 1,
+        params: new Map([...head.params].map(([k, v]) => [k, { data: v.data.slice(), dims: [...v.dims] }])) };
+    }
+    if (!stopped && o.patience && epoch + 1 - best.epoch >= o.patience && epoch + 1 < o.epochs) {
+      early = `validation loss has not improved for ${o.patience} epochs (best: epoch ` +
+        `${best.epoch}, ${gating.pyFormat(best.loss, 4, "f")})`;
+      break;
+    }
+    if (stopped) break;
+  }
+  if (best !== null) head.params = best.params;
+  return { head, history, steps, stopped, early, best };
 }
 
 export interface AdaptOptions {
@@ -265,6 +382,9 @@ export interface AdaptOptions {
   /** Points of accuracy on the bundle's replay set an adapted head may lose and still be
    * kept; negative: no check (default: the bundle's `adapt.gate.max_forget`). */
   maxForget?: number;
+  /** Pool the gate's evidence over this many validation folds, each from another training
+   * run (1: the run's own split; default: the bundle's `adapt.gate.folds`). */
+  gateFolds?: number;
   /** Skip the self-test (it runs by default, as in the Python runner). */
   skipSelftest?: boolean;
 }
@@ -288,7 +408,7 @@ export interface AdaptResult {
   val: number[];
 }
 
-export interface GateSettings { rule: string; alpha: number; max_forget: number | null }
+export interface GateSettings { rule: string; alpha: number; max_forget: number | null; folds: number }
 
 /** Gate, patience and mixing weights: options given, else the bundle's, else defaults.
  * `maxForget` (points; negative: no check): the replay check of `gate.forgetting`, only where
@@ -312,6 +432,10 @@ export function gateSettings(m: Manifest, o: AdaptOptions): [GateSettings, numbe
   }
   if (!(g.alpha >= 0 && g.alpha <= 1)) {
     throw new RunnerError(`the gate's alpha must be in [0, 1], got ${g.alpha}`);
+  }
+  if (o.gateFolds !== undefined) g.folds = o.gateFolds;
+  if (!(Number.isInteger(g.folds) && g.folds >= 1 && g.folds <= 20)) {
+    throw new RunnerError(`the gate's folds must be an integer from 1 to 20, got ${g.folds}`);
   }
   const patience = o.patience ?? d.patience ?? PATIENCE_DEFAULT;
   const mix = o.mix ?? d.mix ?? MIX_DEFAULT;
@@ -371,38 +495,43 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
   const feats = await backend.features(preprocess(ds.x, m), ds.n, ds.inner);
   const featureSeconds = now() - t0;
 
-  const head = o.head ? o.head.copy() : await Head.fromBundle(bundle);
+  const head0 = o.head ? o.head.copy() : await Head.fromBundle(bundle);
   const seen = [...new Set(ys)];
-  const newLabels = seen.filter((l) => !head.labels.includes(l));
-  const missing = head.labels.filter((l) => !seen.includes(l));
+  const newLabels = seen.filter((l) => !head0.labels.includes(l));
+  const missing = head0.labels.filter((l) => !seen.includes(l));
   const dynamic = m.train_step.dynamic_classes;
   const cls = m.head.class_params;
-  if (newLabels.length && !dynamic && head.labels.length + newLabels.length > head.rows(cls)) {
+  if (newLabels.length && !dynamic && head0.labels.length + newLabels.length > head0.rows(cls)) {
     throw new RunnerError(`labels ${JSON.stringify(newLabels)} are not in this bundle's head ` +
-      `${JSON.stringify(head.labels)}, and its ${m.target} graphs have a fixed number of class ` +
-      `rows (${head.rows(cls)}, ${head.labels.length} in use); drop those windows, export with ` +
+      `${JSON.stringify(head0.labels)}, and its ${m.target} graphs have a fixed number of class ` +
+      `rows (${head0.rows(cls)}, ${head0.labels.length} in use); drop those windows, export with ` +
       "a larger export.class_capacity, or use an onnx bundle (dynamic classes)");
   }
   // class ids in the order the head will have them (new labels appended by imprinting)
-  const names = [...head.labels, ...newLabels];
+  const names = [...head0.labels, ...newLabels];
   const y = ys.map((l) => names.indexOf(l));
-  const [tr, va] = stratifiedSplit(y, valFraction, seed, splitMode(m));
+  const splits = stratifiedFolds(y, valFraction, seed, splitMode(m),
+    epochs && gate.rule !== "none" ? gate.folds : 1);
+  const [tr, va] = splits[0];
   // What a run writes when it trains nothing or the gate keeps the starting head: the same
   // imprinting from every window (no validation left to protect). null: `start`.
   let startFull: Head | null = null;
-  if (newLabels.length) { // from the training windows only: validation stays unseen
-    const emb = (await inferHead(backend, m, head, feats, ds.n)).embedding;
+  const emb = newLabels.length ? (await inferHead(backend, m, head0, feats, ds.n)).embedding : null;
+  /** The starting head with the new labels imprinted from the windows `idx`. */
+  const imprinted = (idx: readonly number[]): Head => {
+    const h = head0.copy();
+    if (emb === null) return h;
     const e = emb.dims[1];
-    const groups = (idx: readonly number[]) => {
-      const byLabel = new Map<string, Float32Array[]>();
-      for (const n of newLabels) byLabel.set(n, []);
-      idx.forEach((k) => byLabel.get(ys[k])?.push(emb.data.subarray(k * e, (k + 1) * e)));
-      return byLabel;
-    };
-    startFull = head.copy();
-    startFull.addClasses(newLabels, groups(ys.map((_, k) => k)), cls, dynamic,
-      m.head.kind === "cosine");
-    head.addClasses(newLabels, groups(tr), cls, dynamic, m.head.kind === "cosine");
+    const byLabel = new Map<string, Float32Array[]>();
+    for (const n of newLabels) byLabel.set(n, []);
+    idx.forEach((k) => byLabel.get(ys[k])?.push(emb.data.subarray(k * e, (k + 1) * e)));
+    h.addClasses(newLabels, byLabel, cls, dynamic, m.head.kind === "cosine");
+    return h;
+  };
+  let start = head0;
+  if (newLabels.length) { // from the training windows only: validation stays unseen
+    startFull = imprinted(ys.map((_, k) => k));
+    start = imprinted(tr);
     warnings.push(`labels ${pyList(newLabels)} are new to this head: added ${newLabels.length} ` +
       "class(es) by weight imprinting from their mean features (training windows while the " +
       "gate judges, every window in a head written without training)");
@@ -416,9 +545,8 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
       "collect at least 2 windows per label");
   }
   const few = [...new Set(y)].sort((a, b) => a - b)
-    .filter((c) => y.filter((v) => v === c).length < 3).map((c) => head.labels[c]);
+    .filter((c) => y.filter((v) => v === c).length < 3).map((c) => start.labels[c]);
   if (few.length) warnings.push(`labels ${pyList(few)} have fewer than 3 windows; their accuracy is noisy`);
-  const start = head.copy();
 
   const hp: Record<string, number> = { ...m.optimizer.hparams };
   if (o.lr !== undefined) hp.lr = o.lr;
@@ -431,104 +559,49 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
     if (!(o.l2sp >= 0)) throw new RunnerError(`--l2sp must be >= 0, got ${o.l2sp}`);
     hp.l2sp = o.l2sp;
   }
-  const anchors = anchorsOf(m, start.params);
-  const absent = missing.map((l) => head.labels.indexOf(l));
+  const absent = missing.map((l) => start.labels.indexOf(l));
   const frozenRows = freezeAbsent && absent.length ? [...cls] : [];
-  const sw = new Float32Array(y.length).fill(1);
-  if (classBalanced) {
-    const wts = classBalancedWeights(tr.map((i) => y[i]));
-    tr.forEach((i, j) => { sw[i] = wts[j]; });
-  }
-  // What the epochs draw batches from: the local training windows, and the replay set
-  let [poolF, poolY, poolW, pool] = [feats, y, sw, tr];
   let replaySet: replaying.ReplaySet | null = null;
   let replayInfo: Record<string, number> | null = null;
   if (replaying.block(m) !== null) { // scored for the report even when not trained on
     replaySet = await replaying.load(bundle, names, dim);
     replayInfo = { weight: replayWeight, windows: replaySet.y.length };
   }
-  if (replayWeight > 0 && replaySet !== null) {
-    const r = replaySet.y.length;
-    const wR = replaying.weights(Float32Array.from(tr, (i) => sw[i]), r, replayWeight);
-    poolF = new Float32Array(feats.length + replaySet.features.length);
-    poolF.set(feats);
-    poolF.set(replaySet.features, feats.length);
-    poolY = [...y, ...replaySet.y];
-    poolW = new Float32Array(sw.length + r);
-    poolW.set(sw);
-    poolW.set(wR, sw.length);
-    pool = [...tr, ...replaySet.y.map((_, k) => y.length + k)];
-  }
-  const nCls = head.rows(cls);
-  let state = zeroState(m, head.params);
+  // What the epochs draw batches from: the local training windows, and the replay set
+  const poolOf = (idx: number[]) => trainingPool(feats, y, idx, classBalanced,
+    replayWeight > 0 ? replaySet : null, replayWeight);
+  const nCls = start.rows(cls);
   const fixed = ts.batch_size;
   const bs = fixed ? fixed : batchSize;
   if (fixed && batchSize !== bs) {
     warnings.push(`this ${m.target} bundle trains with a fixed batch of ${bs}; --batch-size ` +
       `${batchSize} was ignored`);
   }
-  const rng = defaultRng(seed);
-  const history: EpochRecord[] = [];
-  let steps = 0;
-  let stopped: string | null = null;
-  let best: { loss: number; params: Map<string, F32>; epoch: number } | null = null;
-  let early: string | null = null;
-  const featsVa = gather(feats, dim, va);
-  const yVa = va.map((i) => y[i]);
-  const t1 = now();
-  for (let epoch = 0; epoch < epochs; epoch++) {
-    const order = rng.permutation(pool);
-    let total = 0;
-    let count = 0;
-    for (let i = 0; i < order.length; i += bs) {
-      const b = order.slice(i, i + bs);
-      const n = b.length;
-      const rows = fixed ? bs : n; // pad to a fixed batch; weight 0 masks padding
-      const f = new Float32Array(rows * dim);
-      f.set(gather(poolF, dim, b));
-      const t = new Float32Array(rows * nCls);
-      t.set(oneHot(b.map((k) => poolY[k]), nCls));
-      const w = new Float32Array(rows);
-      w.set(b.map((k) => poolW[k]));
-      const loss = await step(backend, m, hp, { data: f, dims: [rows, dim] },
-        { data: t, dims: [rows, nCls] }, { data: w, dims: [rows] }, head.params, state, anchors);
+  const overBudget = (epoch: number): string | null =>
+    o.maxSeconds !== undefined && now() - tStart > o.maxSeconds
+      ? `time budget of ${o.maxSeconds} s reached in epoch ${epoch + 1}` : null;
+  const settings = (s0: Head, j: number): FitSettings => ({
+    hp, anchors: anchorsOf(m, s0.params), epochs, patience, bs, fixed: Boolean(fixed), nCls,
+    seed: seed + j,
+    afterStep: (h: Head, epoch: number) => {
       for (const name of frozenRows) { // absent labels keep their starting rows
-        const p = head.params.get(name) as F32;
-        const p0 = start.params.get(name) as F32;
+        const p = h.params.get(name) as F32;
+        const p0 = s0.params.get(name) as F32;
         const len = p.dims.slice(1).reduce((a, b) => a * b, 1);
         for (const a of absent) p.data.set(p0.data.subarray(a * len, (a + 1) * len), a * len);
       }
-      if (!Number.isFinite(loss)) {
-        throw new RunnerError(`training diverged (loss ${loss}) at epoch ${epoch + 1}; lower ` +
-          `the learning rate (now ${hp.lr}) with --lr`);
-      }
-      total += loss * n;
-      count += n;
-      steps++;
-      if (o.maxSeconds !== undefined && now() - tStart > o.maxSeconds) {
-        stopped = `time budget of ${o.maxSeconds} s reached in epoch ${epoch + 1}`;
-        break;
-      }
-    }
-    const s = await valScores(backend, m, head, featsVa, yVa);
-    const rec = { epoch: epoch + 1, loss: total / Math.max(count, 1), val_loss: s.loss,
-      val_accuracy: s.acc, complete: stopped === null };
-    history.push(rec);
-    await o.onEpoch?.(rec, epochs);
-    if (best === null || s.loss < best.loss) {
-      best = { loss: s.loss, epoch: epoch + 1,
-        params: new Map([...head.params].map(([k, v]) => [k, { data: v.data.slice(), dims: [...v.dims] }])) };
-    }
-    if (!stopped && patience && epoch + 1 - best.epoch >= patience && epoch + 1 < epochs) {
-      early = `validation loss has not improved for ${patience} epochs (best: epoch ` +
-        `${best.epoch}, ${gating.pyFormat(best.loss, 4, "f")})`;
-      break;
-    }
-    if (stopped) break;
-  }
-  state = new Map(); // the optimizer state is not kept after training (as the Python runner)
+      return overBudget(epoch);
+    },
+  });
+  const featsVa = gather(feats, dim, va);
+  const yVa = va.map((i) => y[i]);
+  const t1 = now();
+  const run = await fit(backend, m, start, poolOf(tr), featsVa, yVa,
+    { ...settings(start, 0), onEpoch: o.onEpoch });
+  const { history, stopped, early, best } = run;
+  let steps = run.steps;
+  const head = run.head;
   const trainSeconds = now() - t1;
-  if (best !== null) head.params = best.params;
   if (stopped && best) {
     warnings.push(`stopped early: ${stopped}; kept the best head so far (epoch ${best.epoch}, ` +
       `validation loss ${gating.pyFormat(best.loss, 4, "f")})`);
@@ -542,6 +615,30 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
     if (startFull !== null) cand = startFull;
   } else {
     [cand, verdict] = await chooseHead(backend, m, start, head, featsVa, yVa, mix, gate);
+    if (splits.length > 1) { // more evidence: the other folds, each its own training run
+      const pairs: [boolean[], boolean[]][] = [];
+      let why = stopped;
+      for (let j = 1; j < splits.length && !why; j++) {
+        const [trJ, vaJ] = splits[j];
+        if (!vaJ.length) continue;
+        const startJ = imprinted(trJ);
+        const fJ = gather(feats, dim, vaJ);
+        const yJ = vaJ.map((i) => y[i]);
+        const r = await fit(backend, m, startJ, poolOf(trJ), fJ, yJ, settings(startJ, j));
+        why = r.stopped;
+        const p = await propose(backend, m, startJ, r.head, fJ, yJ, mix);
+        pairs.push([p.s0.right, p.s.right]);
+      }
+      if (why) {
+        warnings.push(`the gate's evidence folds were cut short (${why}); it judged the run's ` +
+          "own validation split only");
+      } else {
+        const first: [boolean[], boolean[]] = [
+          (await valScores(backend, m, start, featsVa, yVa)).right,
+          (await valScores(backend, m, cand, featsVa, yVa)).right];
+        verdict = { ...verdict, ...pooledVerdict([first, ...pairs], gate) };
+      }
+    }
   }
   Object.assign(verdict, { best_epoch: best ? best.epoch : 0, early_stop: early });
   head.params = cand.params;

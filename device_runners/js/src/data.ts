@@ -427,24 +427,39 @@ export function preprocess(x: Float32Array | BigInt64Array, m: Manifest): InputA
   return out;
 }
 
-/**
- * Indices `[train, val]` with `frac` of every class (>= 2 windows) in validation, as
- * `edgerun.data.stratified_split`: `block` takes each class's last windows and drops the one
- * before them; `random` shuffles within each class with `default_rng(seed)`.
- */
+/** Indices `[train, val]` with `frac` of every class (>= 2 windows) in validation: the last
+ * windows of each class in recording order (`block`, the one window before them dropped) or a
+ * seeded shuffle per class (`random`); `edgerun/data.py` `stratified_split`. */
 export function stratifiedSplit(y: readonly number[], frac: number, seed: number,
   mode: "block" | "random" = "block"): [number[], number[]] {
+  return stratifiedFolds(y, frac, seed, mode, 1)[0];
+}
+
+/** `folds` splits `[train, val]`, the first `stratifiedSplit`'s: fold `j` validates on the
+ * `j`-th block of `frac` of every class counted back from its end (`edgerun/data.py`
+ * `stratified_folds`). */
+export function stratifiedFolds(y: readonly number[], frac: number, seed: number,
+  mode: "block" | "random" = "block", folds = 1): [number[], number[]][] {
   const rng = defaultRng(seed);
-  const tr: number[] = [];
-  const va: number[] = [];
+  const out: [number[], number[]][] = Array.from({ length: folds }, () => [[], []]);
   for (const c of [...new Set(y)].sort((a, b) => a - b)) {
     let idx = y.flatMap((v, i) => (v === c ? [i] : []));
     if (mode === "random") idx = rng.permutation(idx);
     const n = idx.length;
     const nVal = n < 2 ? 0 : Math.min(n - 1, Math.max(1, Math.floor(frac * n + 0.5)));
-    va.push(...idx.slice(n - nVal));
-    const gap = mode === "block" && n - nVal - 1 >= 1 ? 1 : 0;
-    tr.push(...idx.slice(0, n - nVal - gap));
+    const gap = mode === "block" ? 1 : 0;
+    out.forEach(([tr, va], j) => {
+      const hi = n - j * nVal;
+      const lo = Math.max(0, hi - nVal);
+      const before = lo - gap >= 1 ? lo - gap : (j === 0 ? lo : 0);
+      const train = [...idx.slice(0, before), ...idx.slice(Math.min(n, hi + gap))];
+      if (j && (hi < 1 || !train.length)) { // no room for this block: every window trains
+        tr.push(...idx);
+        return;
+      }
+      va.push(...idx.slice(lo, hi));
+      tr.push(...train);
+    });
   }
-  return [tr.sort((a, b) => a - b), va.sort((a, b) => a - b)];
+  return out.map(([tr, va]) => [tr.sort((a, b) => a - b), va.sort((a, b) => a - b)]);
 }

@@ -4,7 +4,7 @@ export { Bundle, sha256, verifySignature } from "./bundle.js";
 export type { BundleFiles, BundleOptions } from "./bundle.js";
 export { checkManifest, parseManifest } from "./check.js";
 export * from "./manifest.js";
-export { loadCsv, loadNpz, parseCsv, preprocess, splitMode, stratifiedSplit, tensorSpec,
+export { loadCsv, loadNpz, parseCsv, preprocess, splitMode, stratifiedFolds, stratifiedSplit, tensorSpec,
   windowStarts } from "./data.js";
 export type { Dataset, InputArray } from "./data.js";
 export { binomialTail, decide, forgetting, mix, softmaxXent } from "./gate.js";

@@ -159,6 +159,7 @@ export interface GateBlock {
   alpha: number;
   chosen_on: string;
   max_forget?: number;
+  folds?: number;
 }
 
 export interface ReplayBlock {
@@ -628,7 +629,8 @@ export const SCHEMA: Record<string, BlockDesc> = {
       "rule": "str",
       "alpha": "number",
       "chosen_on": "str",
-      "max_forget": "number"
+      "max_forget": "number",
+      "folds": "int"
     }
   },
   "ReplayBlock": {
