@@ -38,6 +38,17 @@ def default_data(paths: list[Path]) -> Path:
                      f"{', '.join(map(str, paths))}: pass --data FILE (a .npz or .csv)")
 
 
+def describe(data: Path) -> str:
+    """The data file as the table names it: its path and, for ``.npz`` windows, how many."""
+    desc = f"`{data}`"
+    if data.suffix == ".npz":
+        import numpy as np
+
+        with np.load(data) as z:
+            desc += f" ({len(z['x'])} windows)"
+    return desc
+
+
 def versions(rows: list[dict]) -> dict:
     """Python, Node, the runtimes and Chromium, as this run used them."""
     v = {"Python": platform.python_version()}
@@ -102,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                          runtimes=keys, page=not a.no_page, commands=not a.no_commands,
                          say=lambda s: print(s, file=sys.stderr, flush=True))
     summary = summarise(rows)
-    meta = {"data": str(data), "data_desc": f"`{data.name}`", "seed": a.seed, "epochs": epochs,
+    meta = {"data": str(data), "data_desc": describe(data), "seed": a.seed, "epochs": epochs,
             "rounds": a.rounds, "bundles": [str(b) for b in bundles],
             "machine": machine(load0, os.getloadavg()), "versions": versions(rows),
             "skipped": skipped}
