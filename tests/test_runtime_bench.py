@@ -1,9 +1,10 @@
 """``tools.runtime_bench`` (``make bench-web``): the runtimes' bench runs end to end on a tiny
 bundle for one round, and its summary takes ratios within a round.
 
-The end-to-end test runs the Python runner, onnxruntime-node and onnxruntime-web in headless
-Chromium (plus the web page's load) on the tiny ONNX bundle; it skips, saying why, where
-Chromium, node or the built TypeScript runner (``make js-install``) is missing.
+The end-to-end tests run the Python runner, onnxruntime-node and onnxruntime-web in headless
+Chromium (plus the web page's load) on the tiny ONNX bundle, and LiteRT.js in Node and in
+Chromium on the tiny TFLite bundle (~10 s each, the bundles' export aside); they skip, saying
+why, where Chromium, node or the built TypeScript runner (``make js-install``) is missing.
 """
 
 from __future__ import annotations
@@ -70,3 +71,24 @@ def test_runtime_bench_runs_end_to_end(tiny_bundle, tmp_path):
     md = (tmp_path / "o" / "runtimes.md").read_text()
     assert "onnxruntime-web WASM in Chromium, 1 thread" in md and "Chromium" in md
     assert (tmp_path / "o" / "runtimes.png").stat().st_size > 10_000
+
+
+def test_runtime_bench_runs_tflite_on_litert_js(tiny_tflite_bundle, tmp_path):
+    """A TFLite bundle: LiteRT.js in Node and in Chromium (with the web page's load)."""
+    import tools.runtime_bench as rb
+    from tools.runtime_bench.__main__ import main
+
+    why = rb.unavailable("browser")
+    if why:
+        pytest.skip(f"skipping the runtime bench: {why}")
+    data = write_device_npz(tmp_path / "device.npz", 60, seed=12, gain=1.2)
+    out = main([str(tiny_tflite_bundle), "--data", str(data), "--rounds", "1", "--epochs", "2",
+                "--runtimes", "node-litert,chromium-litert,node", "--no-commands",
+                "--out", str(tmp_path / "o")])
+    rows = out["rows"]
+    # onnxruntime-node does not run TFLite bundles: not planned
+    assert [r["runtime"] for r in rows] == ["node-litert", "chromium-litert"]
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    assert all(r["backend"].startswith("litert.js") and r["epochs"] == 2 for r in rows), rows
+    assert rows[0]["steps"] == rows[1]["steps"] and rows[1]["page_load_s"] > 0
+    assert "cmd_adapt_s" not in rows[0]
