@@ -109,7 +109,12 @@ def _run(cmd: list[str], timeout: float) -> tuple[float, float, str]:
 
 
 def _last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
+    lines = stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise BenchError(f"expected one JSON line at the end of the output, got: "
+                         f"{stdout[-500:]!r}") from None
 
 
 def run_cell(rt: Runtime, bundle: Path, data: Path, *, seed: int, epochs: int,
@@ -175,7 +180,7 @@ def run_rounds(bundles: list[Path], data: Path, *, rounds: int, seed: int, epoch
                                         page=page, commands=commands))
                     say(f"round {r + 1}/{rounds} {b.name} {k}: self-test "
                         f"{row['selftest_s']:.3f} s, adapt {row['adapt_s']:.3f} s")
-                except (BenchError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+                except (BenchError, subprocess.TimeoutExpired, KeyError) as e:
                     row["error"] = str(e)[-2000:]
                     say(f"round {r + 1}/{rounds} {b.name} {k}: FAILED {str(e)[:300]}")
                 rows.append(row)
