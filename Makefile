@@ -7,14 +7,18 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort venv-fleet js-install web web-screenshot data-vision data-text demo demo-vision demo-text bench methods fleet ddp coverage test test-quick test-slow test-pi style lint format docs clean help
+.PHONY: install venv-ort venv-fleet js-install web web-screenshot data-vision data-text demo demo-vision demo-text bench bench-web methods fleet ddp coverage test test-quick test-slow test-pi style lint format docs clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
 	@echo "make demo-vision  Fashion-MNIST -> digits on cameras (EfficientNet-Lite0 vs student)"
 	@echo "make demo-text  WordNet glosses -> fortune topics on devices (MiniLM vs student)"
 	@echo "make bench      latency/throughput/adaptation/memory/accuracy of every bundle vs PyTorch,"
-	@echo "                ORT training and the machine's peak -> runs/bench/{bench.md,tradeoff.png}"
+	@echo "                ORT training and the machine's peak -> runs/bench/{bench.md,tradeoff.png};"
+	@echo "                then make bench-web"
+	@echo "make bench-web  the HAR bundles' self-test, adaptation and load time in the Python runner,"
+	@echo "                onnxruntime-node, onnxruntime-web (WASM), LiteRT.js and headless Chromium"
+	@echo "                -> runs/bench/runtimes.{md,json,png}"
 	@echo "make methods    transfer methods vs source-only (HAR cross-user, Fashion-MNIST -> digits)"
 	@echo "make fleet      Flower fleet: 100 simulated devices improve the shipped head (FedAvg)"
 	@echo "                -> runs/fleet/{fleet.md,fleet.png,bundle-v2}"
@@ -134,6 +138,17 @@ bench: install venv-ort data-vision
 	test -f runs/vision/summary.json || $(BIN)/edgetl run models/vision/recipe.toml --out runs/vision
 	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python \
 		$(BIN)/edgetl bench $(BENCH_RUNS) --out runs/bench
+	$(MAKE) --no-print-directory bench-web
+
+# The device runners' runtimes side by side on the HAR bundles (docs/benchmarks.md, "Runtimes"):
+# the Python runner, the TypeScript runner on onnxruntime-node, onnxruntime-web's WASM build
+# (Node; headless Chromium at 1 and 2 threads) and LiteRT.js (Node, Chromium), and the web page's
+# load, in fresh processes, rounds interleaved. Runtimes this machine lacks (Chromium, node) are
+# skipped, saying why.
+RUNTIME_ROUNDS ?= 5
+bench-web: install js-install
+	test -f $(OUT)/summary.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
+	$(BIN)/python -m tools.runtime_bench $(OUT) --rounds $(RUNTIME_ROUNDS) --out runs/bench
 
 # Transfer methods (L2-SP, EWC, AdaBN, DANN, MMD, CORAL) against the source-only model on
 # both scenarios -> runs/methods/methods.{json,md} (the README's "Transfer methods" table).
