@@ -131,22 +131,7 @@ async function loadTensorNpz(bytes: Uint8Array, m: Manifest, source: string): Pr
         "them before adapting");
     }
   }
-  let y: string[] | null = null;
-  const ya = z.get("y");
-  if (ya) {
-    if (!Array.isArray(ya.data) || ya.shape.length !== 1) {
-      throw new RunnerError(`${source}: 'y' must be a 1-D array of label names (e.g. ` +
-        `np.array(['cat', ...])), found ${ya.dtype} (${ya.shape.join(", ")})`);
-    }
-    if (ya.data.length !== shape[0]) {
-      throw new RunnerError(`${source}: ${shape[0]} samples but ${ya.data.length} labels`);
-    }
-    if (ya.data.some((v) => !v)) {
-      throw new RunnerError(`${source}: empty label names; every one of the samples needs a label`);
-    }
-    checkLabelText(source, ya.data);
-    y = ya.data;
-  }
+  const y = npzLabels(z, source, shape[0], "samples");
   return { x, n: shape[0], inner: shape.slice(1), y, source };
 }
 
@@ -462,4 +447,24 @@ export function stratifiedFolds(y: readonly number[], frac: number, seed: number
     });
   }
   return out.map(([tr, va]) => [tr.sort((a, b) => a - b), va.sort((a, b) => a - b)]);
+}
+
+/** An npz's optional `y`: `n` label names, checked (`what`: "samples", "images"); null when
+ * absent. */
+export function npzLabels(z: Map<string, NdArray>, source: string, n: number,
+  what: string): string[] | null {
+  const ya = z.get("y");
+  if (!ya) return null;
+  if (!Array.isArray(ya.data) || ya.shape.length !== 1) {
+    throw new RunnerError(`${source}: 'y' must be a 1-D array of label names (e.g. ` +
+      `np.array(['cat', ...])), found ${ya.dtype} (${ya.shape.join(", ")})`);
+  }
+  if (ya.data.length !== n) {
+    throw new RunnerError(`${source}: ${n} ${what} but ${ya.data.length} labels`);
+  }
+  if (ya.data.some((v) => !v)) {
+    throw new RunnerError(`${source}: empty label names; every one of the ${what} needs a label`);
+  }
+  checkLabelText(source, ya.data);
+  return ya.data;
 }

@@ -8,7 +8,7 @@
  *   caller's (the web page: `createImageBitmap`), which hands over RGBA pixels
  *   (`imageDataset`). Node has no image decoder here: the CLI takes `.npz` images.
  */
-import { checkLabelText, Dataset } from "./data.js";
+import { checkLabelText, Dataset, npzLabels } from "./data.js";
 import { RunnerError } from "./errors.js";
 import { imagesToInput, inputDims, manifestImageSpec, normalizeInto, imageBytes, Pixels } from "./image.js";
 import { Manifest } from "./manifest.js";
@@ -130,22 +130,7 @@ export async function loadImageNpz(bytes: Uint8Array, m: Manifest, source: strin
   if (s[0] === 0 || s[1] === 0 || s[2] === 0) {
     throw new RunnerError(`${source}: 'x' holds no images (shape (${s.join(", ")}))`);
   }
-  let y: string[] | null = null;
-  const ya = z.get("y");
-  if (ya) {
-    if (!Array.isArray(ya.data) || ya.shape.length !== 1) {
-      throw new RunnerError(`${source}: 'y' must be a 1-D array of label names (e.g. ` +
-        `np.array(['cat', ...])), found ${ya.dtype} (${ya.shape.join(", ")})`);
-    }
-    if (ya.data.length !== s[0]) {
-      throw new RunnerError(`${source}: ${s[0]} images but ${ya.data.length} labels`);
-    }
-    if (ya.data.some((v) => !v)) {
-      throw new RunnerError(`${source}: empty label names; every one of the images needs a label`);
-    }
-    checkLabelText(source, ya.data);
-    y = ya.data;
-  }
+  const y = npzLabels(z, source, s[0], "images");
   const x = imagesToInput(xa.data as Uint8Array, s, spec);
   return { x, n: s[0], inner: inputDims(spec), y, source, skipped: [] };
 }
