@@ -488,6 +488,10 @@ class AdaptConfig:
                                "device's windows (0: no replay set)", "windows")
     replay_weight: float = _f(0.0, "total weight of the replay set relative to the device's "
                               "training windows (0: the set only checks forgetting)", "ratio")
+    calibrate_gate: bool = _f(False, "edgetl run chooses gate_alpha and gate_max_forget on the "
+                              "server-validation users for the bundles it exports (stress "
+                              "protocols included) and writes them into each bundle; the "
+                              "recipe's values stand where there are no such users")
     gate_folds: int = _f(1, "the gate pools its evidence over this many validation folds, each "
                          "from another training run on the device (1: one split)", "folds")
     gate_max_forget: float = _f(-1.0, "with a replay set: the gate also refuses a head that "

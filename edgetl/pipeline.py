@@ -69,6 +69,9 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
     summ.bundles = export_all(recipe, out, {role: results[role].path for role in roles},
                               roles, sd)
     measure_latency(summ.bundles)
+    calibrated = calibrate_gate(recipe, kind, sd, summ.bundles, out, show=show)
+    if calibrated is not None:  # the devices run the gate the bundles now carry
+        recipe, summ.calibration = calibrated
     devices = kind.devices(recipe, out, sd)
     write_device_index(out, devices)
     summ.devices = personalise(recipe, summ.bundles, devices, out / "devices", show=show)
@@ -77,16 +80,18 @@ def run_recipe(recipe: Recipe, out: Path, *, show: bool = True) -> RunSummary:
 
 
 def other_protocols(recipe: Recipe, kind, sd: ServerData, bundles: list[dict], out: Path, *,
-                    users: tuple | None = None, show: bool = True, stress: bool = False) -> dict:
+                    users: tuple | None = None, show: bool = True, stress: bool = False,
+                    skip: tuple = ()) -> dict:
     """Device rows of the kind's protocols after its main one (``kind.protocols``).
 
     ``stress``: also the kind's stress protocols (``kind.stress_protocols``: labelled data
     unlike what the device sees later), for choosing defaults on the server-validation users.
-    Returns ``{protocol: rows}``; every bundle that knows the devices' labels takes part.
+    ``skip``: protocols not to run. Returns ``{protocol: rows}``; every bundle that knows the
+    devices' labels takes part.
     """
     res = {}
     extra = getattr(kind, "stress_protocols", ()) if stress else ()
-    for protocol in (*kind.protocols[1:], *extra):
+    for protocol in (p for p in (*kind.protocols[1:], *extra) if p not in skip):
         devs = kind.devices(recipe, out, sd, users=users, protocol=protocol)
         root = Path(out) / f"devices-{protocol}"
         desc = f"devices personalise ({protocol})"
@@ -140,6 +145,72 @@ def personalise_stream(recipe: Recipe, bundles: list[dict], devices: list[Device
                                               f"{r['before_accuracy']:.3f} -> "
                                               f"{r['after_accuracy']:.3f}")
     return rows
+
+
+def calibrate_gate(recipe: Recipe, kind, sd: ServerData, bundles: list[dict], out: Path, *,
+                   show: bool = True) -> tuple[Recipe, dict] | None:
+    """Choose the device gate's level and replay bound for these bundles, on server-val users.
+
+    With ``[adapt] calibrate_gate`` and a kind that has server-validation users
+    (``kind.check_users``): every bundle personalises those users in the protocols whose
+    decisions can be judged one by one (all but ``stream``) and the stress ones;
+    :func:`edgetl.gatelevel.choose_pair` picks the (level, bound) of largest mean gain that
+    hurts none of them. The pair is written into every bundle's ``adapt.gate`` (with the users
+    in ``chosen_on``) and returned in the recipe the held-out devices then run, with the sweep
+    for ``summary.json``. ``None`` when not asked or no such users (the recipe's values stand).
+    """
+    from edgetl import gatelevel
+
+    a = recipe.adapt
+    users = kind.check_users(recipe, sd) if a.calibrate_gate else None
+    if not users:
+        return None
+    root = Path(out) / "calibration"
+    devs = kind.devices(recipe, root, sd, users=users)
+    rows = personalise(recipe, bundles, devs, root / "devices", show=show,
+                       desc="gate calibration (server-validation users)", adabn=False)
+    more = other_protocols(recipe, kind, sd, bundles, root, users=users, show=show,
+                           stress=True, skip=("stream",))
+    rows += [r for rs in more.values() for r in rs]
+    alpha, bound = gatelevel.choose_pair(rows)
+    chosen_on = (f"server-validation users {', '.join(map(str, users))} by edgetl run: "
+                 f"{len(gatelevel._judged(rows))} decisions over {', '.join(kind.protocols[:1])}"
+                 f"{''.join(', ' + p for p in more)}")
+    for b in bundles:
+        set_gate(Path(b["path"]), alpha, bound, chosen_on)
+    info = {"users": list(users), "alpha": alpha, "max_forget": bound, "chosen_on": chosen_on,
+            "levels": gatelevel.sweep(rows, max_forget=bound),
+            "bounds": gatelevel.sweep_forget(rows, alpha) if gatelevel.has_replay(rows) else []}
+    bound_txt = "no replay check" if bound is None else f"replay bound {bound:g} pt"
+    console.log(f"gate calibrated on users {', '.join(map(str, users))}: level {alpha:g}, "
+                f"{bound_txt} (written into every bundle's adapt.gate)")
+    new = dataclasses.replace(a, gate_alpha=alpha,
+                              gate_max_forget=-1.0 if bound is None else bound)
+    return dataclasses.replace(recipe, adapt=new), info
+
+
+def set_gate(bundle: Path, alpha: float, max_forget: float | None, chosen_on: str) -> None:
+    """Write the gate's level and replay bound into ``bundle``'s manifest (atomically).
+
+    A signed bundle is refused: its signature covers the manifest.
+    """
+    from edgerun import atomic_write
+    from edgerun.manifest import check
+
+    from edgetl.errors import EdgetlError
+
+    if (bundle / "manifest.sig").exists():
+        raise EdgetlError(f"{bundle} is signed; calibrate the gate before signing (or set "
+                          "[adapt] calibrate_gate = false)")
+    m = json.loads((bundle / "manifest.json").read_text())
+    gate = m["adapt"]["gate"]
+    gate.update({"alpha": alpha, "chosen_on": chosen_on})
+    gate.pop("max_forget", None)
+    if max_forget is not None and m["adapt"].get("replay"):
+        gate["max_forget"] = max_forget
+    check(m)  # the device's own schema: a bundle the runner would refuse is never written
+    body = (json.dumps(m, indent=2) + "\n").encode()
+    atomic_write(str(bundle / "manifest.json"), lambda f: f.write(body))
 
 
 def _concat_npz(paths, out: Path) -> Path:

@@ -21,12 +21,13 @@ class RunSummary:
     devices: list = field(default_factory=list)   # one row per (bundle, user or device)
     totals: dict = field(default_factory=dict)    # {"by_bundle": {name: ...}, "wall_seconds"}
     protocols: dict = field(default_factory=dict)  # {protocol: rows} beyond the main one
+    calibration: dict = field(default_factory=dict)  # the gate chosen on server-val users
 
     def to_dict(self) -> dict:
         """Plain dict for JSON."""
         return {"recipe": self.recipe, "kind": self.kind, "server": self.server,
                 "bundles": self.bundles, "devices": self.devices, "protocols": self.protocols,
-                "totals": self.totals}
+                "totals": self.totals, "calibration": self.calibration}
 
     def bundle_names(self) -> list[str]:
         """Bundles that have device rows, in the order they ran."""

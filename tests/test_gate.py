@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, SHIFT, adapt_json, write_device_npz
+from tests.conftest import LABELS, ROOT, SHIFT, adapt_json, write_device_npz
 
 sys.path.insert(0, str(ROOT / "device_runners"))
 from edgerun import gate  # noqa: E402
@@ -296,3 +297,51 @@ def test_the_gate_pools_evidence_over_folds(bundle, tmp_path):
     assert not tie["keep"] and tie["fixed"] == tie["broke"] == 0 and "tie" in tie["reason"]
     bad = adapt_json(bundle, data, tmp_path / "u", "--gate-folds", "0")
     assert bad.returncode != 0 and "folds must be an integer from 1 to 20" in bad.stderr
+
+
+class _TwoUsers:
+    """A stand-in input kind: two server-validation users on the tiny bundle's sensor data,
+    one whose data is shifted (adaptation pays), one like the server's (it buys nothing)."""
+
+    name, protocols = "timeseries", ("sessions",)
+
+    def check_users(self, recipe, sd):
+        return (7, 8)
+
+    def devices(self, recipe, out, sd, *, users=None, protocol="sessions"):
+        from edgetl.kinds import Device
+
+        out = Path(out) / "devices"
+        out.mkdir(parents=True, exist_ok=True)
+        devs = []
+        for u, shift in zip(users, (SHIFT, {})):
+            a = write_device_npz(out / f"{u}-adapt.npz", 160, seed=u, **shift)
+            e = write_device_npz(out / f"{u}-eval.npz", 160, seed=100 + u, **shift)
+            devs.append(Device(f"user_{u}", a, e, 160, 160, tuple(LABELS), user=u))
+        return devs
+
+
+def test_edgetl_run_calibrates_the_gate_on_server_validation_users(bundle, tmp_path):
+    """With [adapt] calibrate_gate, the pair chosen on the validation users goes into the
+    bundle's manifest (the runner reads it back) and into the recipe the devices run."""
+    import dataclasses
+
+    from edgetl.config import AdaptConfig, Recipe
+    from edgetl.manifest import Manifest
+    from edgetl.pipeline import bundle_row, calibrate_gate
+
+    recipe = Recipe(adapt=AdaptConfig(epochs=10, calibrate_gate=True, gate_alpha=0.5))
+    row = bundle_row(bundle, Manifest.read(bundle))
+    assert calibrate_gate(dataclasses.replace(recipe, adapt=AdaptConfig(epochs=10)),
+                          _TwoUsers(), None, [row], tmp_path, show=False) is None  # not asked
+    new, info = calibrate_gate(recipe, _TwoUsers(), None, [row], tmp_path, show=False)
+    assert info["users"] == [7, 8] and info["max_forget"] is None  # no replay set: no bound
+    assert new.adapt.gate_alpha == info["alpha"] != 0.5
+    kept = [t for t in info["levels"] if t["alpha"] == info["alpha"]][0]
+    assert kept["users_hurt"] == 0 and kept["n"] == 2
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["adapt"]["gate"]["alpha"] == info["alpha"]
+    assert "server-validation users 7, 8" in m["adapt"]["gate"]["chosen_on"]
+    p = adapt_json(bundle, write_device_npz(tmp_path / "d.npz", 120, seed=3), tmp_path / "s")
+    assert p.returncode == 0, p.stderr  # the runner accepts the rewritten manifest, hashes too
+    assert json.loads(p.stdout)["gate"]["alpha"] == info["alpha"]
