@@ -120,3 +120,15 @@ def test_byom_quick_start_runs(tmp_path):
     assert (m["target"], m["precision"], m["labels"]) == ("onnx", "fp32", ["cat", "dog", "bird"])
     report = json.loads((tmp_path / "my-model/state/report.json").read_text())
     assert (tmp_path / "my-model/state/head.npz").exists(), report
+
+
+def test_no_file_holds_an_unresolved_merge():
+    """A merge conflict committed by mistake (it happened once, in docs/bundle.md)."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    marker = re.compile(r"^(<{7} |>{7} )", re.M)
+    bad = [f for f in files if f.endswith((".md", ".py", ".ts", ".toml", ".mjs", ".html"))
+           and (ROOT / f).is_file() and marker.search((ROOT / f).read_text(errors="replace"))]
+    assert not bad, f"unresolved merge markers in {bad}"
