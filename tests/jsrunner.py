@@ -111,7 +111,8 @@ def same_text(a, b) -> bool:
 def compare_reports(P: dict, J: dict) -> float:
     """Assert two ``report.json`` agree (counts, labels, gate, history); the history's max
     abs difference."""
-    for k in ("n_windows", "n_train", "n_val", "epochs", "batch_size", "steps", "epochs_run",
+    for k in ("n_windows", "n_train", "n_val", "epochs", "batch_size", "steps", "steps_fused",
+              "epochs_run",
               "rolled_back", "checkpoint_written", "labels", "new_labels", "missing_labels",
               "hparams", "class_balanced", "stopped_early", "accuracy_before",
               "accuracy_after", "replay"):

@@ -37,6 +37,7 @@ from tests.jsrunner import (
     adapt_both,
     compare,
     csv_log,
+    head_diff,
     node_eval,
     run_js,
     split_of,
@@ -315,6 +316,36 @@ def test_adapt_parity(node, bundles, tmp_path, precision, scenario, runtime):
         assert rep["gate"]["folds"] == 4 and len(rep["gate"]["fold_counts"]) == 4
     assert rep["backend"] == f"onnxruntime-{runtime}"
     print(f"{precision}/{scenario}/{runtime}: {diffs}")
+
+
+@pytest.mark.parametrize("runtime", ["node", "web"])
+def test_fused_graph_used_and_same_head(node, tiny_bundle, tmp_path, runtime):
+    """ONNX bundles: full batches go through the fused K-step graph (``steps_fused`` > 0, the
+    Python runner's count; heads within 1e-5 of it), and the head equals that of one step per
+    call (the same bundle without its fused graph) within 1e-6."""
+    from tests.test_fused import _without_fused
+
+    data = write_device_npz(tmp_path / "d.npz", 300, 7, **SHIFT)
+    flags = ["--epochs", "6", "--patience", "0"]
+    py, js = adapt_both(node, tiny_bundle, data, tmp_path, flags,
+                        js_flags=["--runtime", runtime])
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load, split_mode, stratified_split
+
+    m = Bundle(str(tiny_bundle)).manifest
+    labels = json.loads((py / "report.json").read_text())["labels"]
+    y = np.asarray([labels.index(v) for v in load(str(data), m, need_labels=True).y])
+    compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], 0, split_mode(m)))
+    one = tmp_path / "one"
+    run_js(node, "adapt", _without_fused(tiny_bundle, tmp_path / "old"), "--data", data, "--out",
+           one, "--quiet", "--runtime", runtime, *flags)
+    J, S = (json.loads((d / "report.json").read_text()) for d in (js, one))
+    assert J["steps_fused"] > J["steps"] // 2 and S["steps_fused"] == 0, (J, S)
+    assert J["steps"] == S["steps"] and not J["rolled_back"] and not S["rolled_back"]
+    assert head_diff(js / "head.npz", one / "head.npz") <= 1e-6
+    for a, b in zip(J["history"], S["history"], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["val_loss"] - b["val_loss"]) <= 1e-6
 
 
 HEADS = {"mlp": {"kind": "mlp", "hidden": 16}, "cosine": {"kind": "cosine"},

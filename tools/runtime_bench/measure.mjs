@@ -4,7 +4,7 @@
 // them). The caller passes the package, a function making the backend and the file readers.
 //
 // measure(E, {readFiles, readData, makeBackend, adapt}) -> {load_s, selftest_s, feature_s,
-//   train_s, adapt_s, steps, epochs, step_ms, rolled_back, accuracy_after, selftest_err}
+//   train_s, adapt_s, steps, steps_fused, epochs, step_ms, rolled_back, accuracy_after, selftest_err}
 const now = () => performance.now() / 1000;
 
 export async function measure(E, { readFiles, readData, makeBackend, adapt }) {
@@ -24,7 +24,7 @@ export async function measure(E, { readFiles, readData, makeBackend, adapt }) {
   return {
     load_s: t1 - t0, selftest_s: t2 - t1, feature_s: rep.feature_seconds,
     train_s: rep.train_seconds, adapt_s: rep.feature_seconds + rep.train_seconds,
-    steps: rep.steps, epochs: rep.history.length, step_ms: rep.step_ms,
+    steps: rep.steps, steps_fused: rep.steps_fused, epochs: rep.history.length, step_ms: rep.step_ms,
     rolled_back: rep.rolled_back, accuracy_after: rep.accuracy_after, selftest_err: err,
     backend: `${backend.name} ${backend.version ?? ""}`.trim(),
   };

@@ -43,9 +43,8 @@ function anchorsOf(m: Manifest, params: Map<string, F32>): Map<string, F32> {
   return out;
 }
 
-/** One train step; updates `params` and `state` in place; returns the loss. */
-async function step(backend: Backend, m: Manifest, hp: Record<string, number>, f: F32, t: F32,
-  w: F32, params: Map<string, F32>, state: Map<string, F32>, anchors: Map<string, F32>): Promise<number> {
+function trainFeeds(m: Manifest, hp: Record<string, number>, f: F32, t: F32, w: F32,
+  params: Map<string, F32>, state: Map<string, F32>, anchors: Map<string, F32>): Record<string, F32> {
   const ts = m.train_step;
   const feeds: Record<string, F32> = { [ts.inputs[0]]: f, [ts.targets_input]: t,
     [ts.sample_weight_input]: w };
@@ -55,11 +54,52 @@ async function step(backend: Backend, m: Manifest, hp: Record<string, number>, f
   for (const [k, v] of params) feeds[k] = v;
   for (const [k, v] of state) feeds[k] = v;
   for (const [k, v] of anchors) feeds[k] = v;
-  const out = await backend.trainStep(feeds);
-  // the outputs are fresh arrays owned by this call: no copies
+  return feeds;
+}
+
+/** The new parameters and optimizer state of a train call, in place; the outputs are fresh
+ * arrays owned by that call: no copies. */
+function carry(out: Record<string, F32>, params: Map<string, F32>, state: Map<string, F32>): void {
   for (const k of [...params.keys()]) params.set(k, out["new." + k]);
   for (const k of [...state.keys()]) state.set(k, out["new." + k]);
-  return out[ts.loss_output].data[0];
+}
+
+/** One train step; updates `params` and `state` in place; returns the loss. */
+async function step(backend: Backend, m: Manifest, hp: Record<string, number>, f: F32, t: F32,
+  w: F32, params: Map<string, F32>, state: Map<string, F32>, anchors: Map<string, F32>): Promise<number> {
+  const out = await backend.trainStep(trainFeeds(m, hp, f, t, w, params, state, anchors));
+  carry(out, params, state);
+  return out[m.train_step.loss_output].data[0];
+}
+
+/** `f.dims[0]` train steps in one call of the fused graph (`train_step.fused`); `f`, `t`, `w`:
+ * the batches stacked, (K, N, D), (K, N, C), (K, N). Updates `params` and `state` in place;
+ * returns the K losses (`edgerun/adapt.py` `_steps`). */
+async function fusedSteps(backend: Backend, m: Manifest, hp: Record<string, number>, f: F32, t: F32,
+  w: F32, params: Map<string, F32>, state: Map<string, F32>, anchors: Map<string, F32>): Promise<Float32Array> {
+  const fz = backend.fused;
+  if (!fz || !backend.trainSteps) throw new RunnerError("this backend has no fused train graph");
+  const out = await backend.trainSteps(trainFeeds(m, hp, f, t, w, params, state, anchors));
+  carry(out, params, state);
+  return out[fz.loss_output].data;
+}
+
+/** Most steps in one call of a fused graph that takes any number (`steps` null): bounds the
+ * stacked copy of the features a call holds (`edgerun/adapt.py` `MAX_FUSED_STEPS`). */
+export const MAX_FUSED_STEPS = 64;
+
+/** Steps per fused call for an epoch of `nWindows` in batches of `bs`, as the Python runner's
+ * `fused_groups`: only full batches are fused (the batch order unchanged); the rest of the
+ * epoch (a partial batch, fewer than K full ones for a fixed K) runs one step per call. Empty
+ * without a fused graph. */
+export function fusedGroups(backend: Backend, nWindows: number, bs: number): number[] {
+  if (!backend.fused || !backend.trainSteps) return [];
+  const full = Math.floor(nWindows / bs);
+  const k = backend.fused.steps;
+  if (k) return new Array<number>(Math.floor(full / k)).fill(k);
+  const out: number[] = [];
+  for (let i = 0; i < full; i += MAX_FUSED_STEPS) out.push(Math.min(MAX_FUSED_STEPS, full - i));
+  return out;
 }
 
 function oneHot(labels: ArrayLike<number>, rows: number): Float32Array {
@@ -119,10 +159,28 @@ export async function selftestTrain(bundle: Bundle, backend: Backend): Promise<n
       { data: w.slice(i * b, (i + 1) * b), dims: [b] }, params, state, anchors);
     err = Math.max(err, relErr([loss], [losses[i]]));
   }
-  for (const [k, a] of z) {
-    if (k.startsWith("train_final.")) {
-      err = Math.max(err, relErr((params.get(k.slice(12)) as F32).data, asFloat32(a)));
+  const finalErr = (p: Map<string, F32>) => {
+    for (const [k, a] of z) {
+      if (k.startsWith("train_final.")) {
+        err = Math.max(err, relErr((p.get(k.slice(12)) as F32).data, asFloat32(a)));
+      }
     }
+  };
+  finalErr(params);
+  const groups = fusedGroups(backend, steps, 1);
+  if (groups.length && groups.reduce((a, g) => a + g, 0) === steps) { // the same steps, fused
+    const p = new Map(head.params);
+    const s = zeroState(m, p);
+    let i = 0;
+    for (const g of groups) {
+      const got = await fusedSteps(backend, m, m.optimizer.hparams,
+        { data: f.slice(i * b * d, (i + g) * b * d), dims: [g, b, d] },
+        { data: oneHot(labels.slice(i * b, (i + g) * b), rows), dims: [g, b, rows] },
+        { data: w.slice(i * b, (i + g) * b), dims: [g, b] }, p, s, anchors);
+      for (let k = 0; k < g; k++) err = Math.max(err, relErr([got[k]], [losses[i + k]]));
+      i += g;
+    }
+    finalErr(p);
   }
   if (!(err <= tv.train_atol)) {
     throw new RunnerError(`self-test failed: ${backend.trainer} training on this runtime ` +
@@ -281,13 +339,16 @@ function trainingPool(feats: Float32Array, y: number[], tr: number[], classBalan
 interface FitSettings {
   hp: Record<string, number>; anchors: Map<string, F32>; epochs: number; patience: number;
   bs: number; fixed: boolean; nCls: number; seed: number;
-  /** After every step: restores frozen rows, and may stop training with a reason. */
+  /** Full batches through the backend's fused K-step graph where it has one (off when
+   * `afterStep` must see every step: frozen rows, a time budget). */
+  fuse: boolean;
+  /** After every one-step call: restores frozen rows, and may stop training with a reason. */
   afterStep: (head: Head, epoch: number) => string | null;
   onEpoch?: (h: EpochRecord, epochs: number) => void | Promise<void>;
 }
 
 interface Fit {
-  head: Head; history: EpochRecord[]; steps: number; stopped: string | null;
+  head: Head; history: EpochRecord[]; steps: number; stepsFused: number; stopped: string | null;
   early: string | null; best: { loss: number; params: Map<string, F32>; epoch: number } | null;
 }
 
@@ -302,14 +363,34 @@ async function fit(backend: Backend, m: Manifest, start: Head, pool: Pool, feats
   const rng = defaultRng(o.seed);
   const history: EpochRecord[] = [];
   let steps = 0;
+  let stepsFused = 0;
   let stopped: string | null = null;
   let best: Fit["best"] = null;
   let early: string | null = null;
+  const diverged = (loss: number, epoch: number) => new RunnerError(`training diverged (loss ` +
+    `${loss}) at epoch ${epoch + 1}; lower the learning rate (now ${hp.lr}) with --lr`);
   for (let epoch = 0; epoch < o.epochs; epoch++) {
     const order = rng.permutation(pool.idx);
     let total = 0;
     let count = 0;
-    for (let i = 0; i < order.length; i += bs) {
+    let done = 0; // the epoch's first full batches, in order, through the fused graph
+    for (const g of o.fuse ? fusedGroups(backend, order.length, bs) : []) {
+      const b = order.slice(done, done + g * bs);
+      const f = gather(pool.f, dim, b);
+      const t = oneHot(b.map((k) => pool.y[k]), nCls);
+      const w = Float32Array.from(b, (k) => pool.w[k]);
+      const losses = await fusedSteps(backend, m, hp, { data: f, dims: [g, bs, dim] },
+        { data: t, dims: [g, bs, nCls] }, { data: w, dims: [g, bs] }, head.params, state, anchors);
+      for (let k = 0; k < g; k++) {
+        if (!Number.isFinite(losses[k])) throw diverged(losses[k], epoch);
+        total += losses[k] * bs;
+        count += bs;
+        steps++;
+      }
+      done += g * bs;
+      stepsFused += g;
+    }
+    for (let i = done; i < order.length; i += bs) {
       const b = order.slice(i, i + bs);
       const n = b.length;
       const rows = o.fixed ? bs : n; // pad to a fixed batch; weight 0 masks padding
@@ -322,10 +403,7 @@ async function fit(backend: Backend, m: Manifest, start: Head, pool: Pool, feats
       const loss = await step(backend, m, hp, { data: f, dims: [rows, dim] },
         { data: t, dims: [rows, nCls] }, { data: w, dims: [rows] }, head.params, state, anchors);
       stopped = o.afterStep(head, epoch);
-      if (!Number.isFinite(loss)) {
-        throw new RunnerError(`training diverged (loss ${loss}) at epoch ${epoch + 1}; lower ` +
-          `the learning rate (now ${hp.lr}) with --lr`);
-      }
+      if (!Number.isFinite(loss)) throw diverged(loss, epoch);
       total += loss * n;
       count += n;
       steps++;
@@ -348,7 +426,7 @@ async function fit(backend: Backend, m: Manifest, start: Head, pool: Pool, feats
     if (stopped) break;
   }
   if (best !== null) head.params = best.params;
-  return { head, history, steps, stopped, early, best };
+  return { head, history, steps, stepsFused, stopped, early, best };
 }
 
 export interface AdaptOptions {
@@ -580,9 +658,12 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
   const overBudget = (epoch: number): string | null =>
     o.maxSeconds !== undefined && now() - tStart > o.maxSeconds
       ? `time budget of ${o.maxSeconds} s reached in epoch ${epoch + 1}` : null;
+  // the fused graph keeps the one-step path's results; frozen rows or a time budget need a
+  // check after every step, so they keep one step per call (as the Python runner)
+  const fuse = !frozenRows.length && o.maxSeconds === undefined;
   const settings = (s0: Head, j: number): FitSettings => ({
     hp, anchors: anchorsOf(m, s0.params), epochs, patience, bs, fixed: Boolean(fixed), nCls,
-    seed: seed + j,
+    seed: seed + j, fuse,
     afterStep: (h: Head, epoch: number) => {
       for (const name of frozenRows) { // absent labels keep their starting rows
         const p = h.params.get(name) as F32;
@@ -671,7 +752,7 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
     precision: m.precision, accuracy_before: verdict.accuracy_before,
     accuracy_after: verdict.accuracy_after, rolled_back: rolledBack, gate: verdict,
     checkpoint: null, checkpoint_written: null, n_windows: y.length, n_train: tr.length,
-    n_val: va.length, epochs, batch_size: bs, steps, optimizer: m.optimizer.name, hparams: hp,
+    n_val: va.length, epochs, batch_size: bs, steps, steps_fused: run.stepsFused, optimizer: m.optimizer.name, hparams: hp,
     labels: head.labels, class_balanced: classBalanced, freeze_absent: freezeAbsent,
     replay: replayInfo, head_kind: m.head.kind,
     new_labels: newLabels, missing_labels: missing, warnings, skipped_files: skipped.length,

@@ -6,7 +6,7 @@
  */
 
 import { RunnerError } from "./errors.js";
-import type { Manifest } from "./manifest.js";
+import type { FusedStepBlock, Manifest } from "./manifest.js";
 
 /** Refuse a bundle whose train step is not the stateless graph (the only one these backends
  * feed: parameters and optimizer state in, new ones out). */
@@ -35,6 +35,15 @@ export interface Backend {
   features(x: Float32Array | BigInt64Array | Int32Array, n: number, inner: number[]): Promise<Float32Array>;
   /** One optimizer step (the caller pads to a fixed train batch with weight 0); outputs by name. */
   trainStep(feeds: Record<string, F32>): Promise<Record<string, F32>>;
+  /** The manifest's `train_step.fused` block when `trainSteps` runs the bundle's K-step graph
+   * (absent or null: one step per call), as the Python runner's `backend.fused`. */
+  readonly fused?: FusedStepBlock | null;
+  /** Several optimizer steps in one call of the fused graph: the one-step feeds with the
+   * features, targets and sample weights of the steps stacked on a leading axis; outputs by
+   * name (the loss: one per step). */
+  trainSteps?(feeds: Record<string, F32>): Promise<Record<string, F32>>;
+  /** Release the runtime's sessions (optional; the backend is unusable afterwards). */
+  release?(): Promise<void>;
   /** Head logits and embedding of any number of rows; outputs by name. */
   infer(feeds: Record<string, F32>): Promise<Record<string, F32>>;
 }

@@ -11,6 +11,7 @@
 import { promises as fs } from "node:fs";
 import * as path from "node:path";
 import { parseArgs } from "node:util";
+import { setFlagsFromString } from "node:v8";
 import { adapt, infer, selftestForward, selftestTrain, stateFiles } from "./adapt.js";
 import { RunnerError } from "./errors.js";
 import { Head } from "./head.js";
@@ -156,6 +157,12 @@ async function main(argv: string[]): Promise<number> {
     if (runtime === "node") {
       ort = await import("onnxruntime-node");
     } else if (runtime === "web") { // onnxruntime-web's WASM build, here in Node (1 thread)
+      // V8 recompiles the runtime's hot WASM functions with TurboFan on background threads;
+      // on 2 cores that compiling outweighs what it gains in a command of a few seconds, and
+      // exiting waits for the queued jobs (0.7-0.8 s after a self-test). A budget 11x V8's
+      // default (1.8M) leaves short commands on the baseline code (measured on the HAR bundle:
+      // selftest 1.7 -> 0.7 s, adapt 2.1 -> 0.9 s); long runs still tier up their hot loops.
+      setFlagsFromString("--wasm-tiering-budget=20000000");
       const w = await import("onnxruntime-web");
       w.env.wasm.numThreads = 1;
       ort = w;
@@ -246,17 +253,24 @@ async function main(argv: string[]): Promise<number> {
     console.error(USAGE);
     return 2;
   }
+  await backend.release?.();
   if (v.json) console.log(JSON.stringify(res));
   return 0;
 }
 
-main(process.argv.slice(2)).then((rc) => { process.exitCode = rc; }, (e: unknown) => {
+/** Exit once stdout and stderr are flushed: the work is done, and onnxruntime-web's WASM
+ * runtime would keep Node alive for about a second more (its worker's timers). */
+function exit(rc: number): void {
+  process.stdout.write("", () => process.stderr.write("", () => process.exit(rc)));
+}
+
+main(process.argv.slice(2)).then(exit, (e: unknown) => {
   if (e instanceof RunnerError) {
     console.error(`error: ${e.message}`);
-    process.exitCode = 1;
+    exit(1);
   } else if (e instanceof TypeError && (e as { code?: string }).code?.startsWith("ERR_PARSE_ARGS")) {
     console.error(`error: ${e.message}\n${USAGE}`);
-    process.exitCode = 2;
+    exit(2);
   } else {
     throw e;
   }

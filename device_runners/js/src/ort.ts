@@ -7,6 +7,7 @@ import type * as ortc from "onnxruntime-common";
 import { Backend, F32, requireStateless } from "./backend.js";
 import { Bundle } from "./bundle.js";
 import { RunnerError } from "./errors.js";
+import type { FusedStepBlock } from "./manifest.js";
 
 export type { F32 } from "./backend.js";
 
@@ -22,6 +23,22 @@ export interface BackendOptions {
   threads?: number;
   /** Name in reports (default `onnxruntime-js`); the CLI says `onnxruntime-node`. */
   name?: string;
+  /** Train full batches through the bundle's fused K-step graph (`train_step.fused`) where it
+   * ships one (default true); false: one step per call (same results, more calls). */
+  fused?: boolean;
+}
+
+/** The manifest's `names` are exactly the graph's (`edgerun/backends.py` `check_io`): checked
+ * at load, so a damaged manifest fails naming both lists, not in the first call. */
+function checkIo(file: string, where: string, declared: readonly string[],
+  graph: readonly string[], what = "inputs"): void {
+  const a = [...declared].sort();
+  const b = [...graph].sort();
+  if (a.length !== b.length || a.some((x, i) => x !== b[i])) {
+    throw new RunnerError(`manifest.json: ${where} ${JSON.stringify(a)} do not match the ${what} ` +
+      `of ${file} ${JSON.stringify(b)}; the bundle is damaged or was written by another edgetl ` +
+      "version: re-export it");
+  }
 }
 
 /** Backbone, train-step and infer sessions of an ONNX bundle. */
@@ -30,7 +47,8 @@ export class OrtBackend implements Backend {
   private constructor(private readonly ort: Ort, private readonly bundle: Bundle,
     private readonly bb: ortc.InferenceSession, private readonly train: ortc.InferenceSession,
     private readonly inf: ortc.InferenceSession, readonly name: string,
-    readonly version: string) {}
+    readonly version: string, private readonly trainK: ortc.InferenceSession | null,
+    readonly fused: FusedStepBlock | null) {}
 
   get trainerVersion(): string { return this.version; }
 
@@ -56,9 +74,24 @@ export class OrtBackend implements Backend {
       }
     };
     // head graphs on one thread, as the Python runner (a thread pool costs more than it saves)
-    return new OrtBackend(ort, bundle, await sess("backbone", opts.threads ?? 0),
-      await sess(m.train_step.file, 1), await sess(m.infer.file, 1),
-      opts.name ?? "onnxruntime-js", version);
+    const bb = await sess("backbone", opts.threads ?? 0);
+    const train = await sess(m.train_step.file, 1);
+    const inf = await sess(m.infer.file, 1);
+    const fz = opts.fused === false ? null : m.train_step.fused ?? null;
+    let trainK: ortc.InferenceSession | null = null;
+    if (fz) { // the K-step graph: the one-step feeds, batches stacked (adapt.ts fusedGroups)
+      if (!m.files[fz.file]) {
+        throw new RunnerError(`manifest.json: train_step.fused.file '${fz.file}' names no file ` +
+          `(known roles: ${JSON.stringify(Object.keys(m.files).sort())}); the bundle is damaged: ` +
+          "re-export it");
+      }
+      trainK = await sess(fz.file, 1);
+      const file = m.files[fz.file]?.path ?? fz.file;
+      checkIo(file, "train_step.fused.inputs", fz.inputs, trainK.inputNames);
+      checkIo(file, "train_step.fused.outputs", fz.outputs, trainK.outputNames, "outputs");
+    }
+    return new OrtBackend(ort, bundle, bb, train, inf, opts.name ?? "onnxruntime-js", version,
+      trainK, fz);
   }
 
   private tensor(v: F32): ortc.Tensor {
@@ -147,8 +180,22 @@ export class OrtBackend implements Backend {
     return this.run(this.train, feeds);
   }
 
+  /** Several optimizer steps in one call of the fused graph (batches stacked); outputs by name. */
+  async trainSteps(feeds: Record<string, F32>): Promise<Record<string, F32>> {
+    if (this.trainK === null) {
+      throw new RunnerError("this backend has no fused train graph (train_step.fused); train " +
+        "one step per call (trainStep)");
+    }
+    return this.run(this.trainK, feeds);
+  }
+
   /** Head logits and embedding. */
   async infer(feeds: Record<string, F32>): Promise<Record<string, F32>> {
     return this.run(this.inf, feeds);
+  }
+
+  /** Release every session (onnxruntime-web: its WASM memory); the backend is unusable after. */
+  async release(): Promise<void> {
+    for (const s of [this.bb, this.train, this.inf, this.trainK]) await s?.release();
   }
 }
