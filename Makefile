@@ -7,7 +7,7 @@ RECIPE  ?= models/har/recipe.toml
 OUT     ?= runs/har
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install venv-ort venv-fleet js-install web web-screenshot data-vision data-text demo demo-vision demo-text bench bench-web methods fleet ddp coverage test test-quick test-slow test-pi style lint format docs clean help
+.PHONY: bench-trainable install venv-ort venv-fleet js-install web web-screenshot data-vision data-text demo demo-vision demo-text bench bench-web methods fleet ddp coverage test test-quick test-slow test-pi style lint format docs clean help
 
 help:
 	@echo "make demo       create $(VENV), install (pinned, CPU torch) and run $(RECIPE) -> $(OUT)"
@@ -15,10 +15,12 @@ help:
 	@echo "make demo-text  WordNet glosses -> fortune topics on devices (MiniLM vs student)"
 	@echo "make bench      latency/throughput/adaptation/memory/accuracy of every bundle vs PyTorch,"
 	@echo "                ORT training and the machine's peak -> runs/bench/{bench.md,tradeoff.png};"
-	@echo "                then make bench-web"
+	@echo "                then make bench-web and make bench-trainable"
 	@echo "make bench-web  the HAR bundles' self-test, adaptation and load time in the Python runner,"
 	@echo "                onnxruntime-node, onnxruntime-web (WASM), LiteRT.js and headless Chromium"
 	@echo "                -> runs/bench/runtimes.{md,json,png}"
+	@echo "make bench-trainable  --trainable head/bias/last:1 of the HAR student vs the PyTorch"
+	@echo "                eager loop (time, memory, graph size) -> runs/har-tr/bench.json"
 	@echo "make methods    transfer methods vs source-only (HAR cross-user, Fashion-MNIST -> digits)"
 	@echo "make fleet      Flower fleet: 100 simulated devices improve the shipped head (FedAvg)"
 	@echo "                -> runs/fleet/{fleet.md,fleet.png,bundle-v2}"
@@ -139,6 +141,22 @@ bench: install venv-ort data-vision
 	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python \
 		$(BIN)/edgetl bench $(BENCH_RUNS) --out runs/bench
 	$(MAKE) --no-print-directory bench-web
+	$(MAKE) --no-print-directory bench-trainable
+
+# --trainable SPECs (head, bias, last:1) of the HAR student against the PyTorch eager loop
+# training the same subset (docs/trainable.md): adaptation / inference, loop / runner, peak RSS,
+# train-graph size, rounds interleaved in fresh processes.
+TRAINABLE_ROUNDS ?= 5
+bench-trainable: install
+	test -f $(OUT)/summary.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
+	for spec in head bias last:1; do \
+		d=runs/har-tr/onnx-fp32-$$(echo $$spec | tr -d :); \
+		test -f $$d/manifest.json || $(BIN)/edgetl export $(OUT)/student.pt --recipe $(RECIPE) \
+			--target onnx --precision fp32 --trainable $$spec --out $$d || exit 1; \
+	done
+	$(BIN)/python -m tools.trainable_bench --bundle head=runs/har-tr/onnx-fp32-head \
+		--bundle bias=runs/har-tr/onnx-fp32-bias --bundle last:1=runs/har-tr/onnx-fp32-last1 \
+		--run $(OUT) --rounds $(TRAINABLE_ROUNDS) --epochs 20 --json runs/har-tr/bench.json
 
 # The device runners' runtimes side by side on the HAR bundles (docs/benchmarks.md, "Runtimes"):
 # the Python runner, the TypeScript runner on onnxruntime-node, onnxruntime-web's WASM build
