@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -767,3 +768,18 @@ for (const dir of {json.dumps([str(tiny_tflite_int8_bundle), str(tiny_bundle)])}
 console.log(JSON.stringify(out));""")
     assert "Element type INT8 is not supported" in got[0] and "int8_io float32" in got[0], got
     assert "not a TFLite bundle" in got[1] and "OrtBackend" in got[1], got
+
+
+def test_npy_from_a_node_buffer(node, tmp_path):
+    """``parseNpy`` on a Node ``Buffer`` (``fs.readFileSync``: a view into a shared pool, whose
+    ``slice`` does not copy) reads the array's own bytes."""
+    arr = np.arange(7, dtype=np.float32) * 1.5
+    np.save(tmp_path / "a.npy", arr)
+    script = ("import fs from 'node:fs'; import { parseNpy } from './dist/index.js';"
+              f"const b = fs.readFileSync({json.dumps(str(tmp_path / 'a.npy'))});"
+              "fs.readFileSync(process.execPath).subarray(0, 64);"  # more pool traffic
+              "console.log(JSON.stringify(Array.from(parseNpy(b).data)));")
+    p = subprocess.run([node, "--input-type=module", "-e", script], cwd=JS,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == arr.tolist()

@@ -56,7 +56,10 @@ export function parseNpy(bytes: Uint8Array, name = "array"): NdArray {
   const shape = shapeText.split(",").map((s) => s.trim()).filter((s) => s !== "").map(Number);
   const n = size(shape);
   const start = hstart + hlen;
-  const body = bytes.slice(start); // aligned copy
+  // an aligned copy at offset 0 of its own buffer (a Node Buffer's slice() is a view into a
+  // shared pool, so .buffer would not start at the data)
+  const body = new Uint8Array(bytes.byteLength - start);
+  body.set(bytes.subarray(start));
   const order = descr[0];
   const kind = descr[1];
   const width = Number(descr.slice(2));
