@@ -34,6 +34,7 @@ LIMITS = {
     "max_memory_mb": ((0, False), None), "threads": ((0, True), (4096, True)),
     "repeats": ((1, True), (10**6, True)), "batch": ((1, True), (1 << 16, True)),
     "gate_alpha": ((0, True), (1, True)), "patience": ((0, True), None),
+    "gate_folds": ((1, True), (20, True)),
 }
 
 

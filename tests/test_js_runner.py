@@ -629,7 +629,11 @@ def test_replay_refusals_match_python(node, replay_bundle, tiny_bundle, tmp_path
             ("bound", lambda m: m["adapt"]["gate"].update(max_forget=200),
              r"adapt.gate.max_forget must be a finite number and >= 0 and <= 100, found 200"),
             ("nofile", lambda m: m["files"].pop("replay"),
-             r"adapt.replay must be files.replay listed with it")):
+             r"adapt.replay must be files.replay listed with it"),
+            ("folds", lambda m: m["adapt"]["gate"].update(folds=21),
+             r"adapt.gate.folds must be a finite number and >= 1 and <= 20, found 21"),
+            ("folds_float", lambda m: m["adapt"]["gate"].update(folds=2.5),
+             r"manifest.adapt.gate.folds must be")):
         b = tmp_path / name
         shutil.copytree(path, b)
         m = json.loads((b / "manifest.json").read_text())

@@ -114,6 +114,8 @@ export function checkManifest(m: unknown): Manifest {
   }
   const mf = man.adapt.gate?.max_forget;
   if (mf !== undefined && mf !== null) atLeast(mf, 0, "adapt.gate.max_forget", 100);
+  const folds = man.adapt.gate?.folds;
+  if (folds !== undefined && folds !== null) atLeast(folds, 1, "adapt.gate.folds", 20);
   if (Object.keys(man.files).length === 0) {
     throw new RunnerError("manifest.json: 'files' is empty; re-export the bundle");
   }
