@@ -469,16 +469,16 @@ def personalise(recipe: RecipeArg = DEFAULT_RECIPE,
     if s.protocols:
         con.print(protocol_table(s))
     rows = s.devices + [r for rs in s.protocols.values() for r in rs]
-    alpha, bound = gatelevel.choose_pair(rows)
-    table = gatelevel.sweep(rows, max_forget=bound)
+    cal = gatelevel.calibrate(rows)
+    alpha, bound = cal["alpha"], cal["max_forget"]
     bound_txt = "no replay check" if bound is None else f"replay bound {bound:g} pt"
     judged = "sessions, within and stress" if stress else "sessions and within"
     con.print(f"gate levels on these devices ({judged} protocols; {bound_txt}):")
-    con.print(gatelevel.markdown(table))
-    if gatelevel.has_replay(rows):  # the replay check's bound, at the chosen level
+    con.print(gatelevel.markdown(cal["levels"]))
+    if cal["bounds"]:  # the replay check's bound, at the chosen level
         con.print(f"replay check at level {alpha:g} (points of accuracy on the bundle's replay "
                   "set an adapted head may lose):")
-        con.print(gatelevel.markdown(gatelevel.sweep_forget(rows, alpha)))
+        con.print(gatelevel.markdown(cal["bounds"]))
     con.print(f"largest mean gain that hurts no device: level {alpha:g}, {bound_txt}")
     con.print(f"summary: {out / 'summary.json'}  plot: {out / s.plot}")
 

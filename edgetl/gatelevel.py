@@ -115,3 +115,15 @@ def choose_pair(rows: list[dict], levels=LEVELS) -> tuple[float, float | None]:
     a, b, _ = next(p for p in ok if p[2]["mean_gain"] >= best - 1e-12)
     return a, b
 
+
+def calibrate(rows: list[dict]) -> dict:
+    """The pair :func:`choose_pair` picks and the sweeps behind it.
+
+    ``{"alpha", "max_forget", "decisions", "levels": sweep at the chosen bound, "bounds":
+    sweep_forget at the chosen level ([] without replay evidence)}``.
+    """
+    alpha, bound = choose_pair(rows)
+    return {"alpha": alpha, "max_forget": bound, "decisions": len(_judged(rows)),
+            "levels": sweep(rows, max_forget=bound),
+            "bounds": sweep_forget(rows, alpha) if has_replay(rows) else []}
+

@@ -172,15 +172,14 @@ def calibrate_gate(recipe: Recipe, kind, sd: ServerData, bundles: list[dict], ou
     more = other_protocols(recipe, kind, sd, bundles, root, users=users, show=show,
                            stress=True, skip=("stream",))
     rows += [r for rs in more.values() for r in rs]
-    alpha, bound = gatelevel.choose_pair(rows)
+    cal = gatelevel.calibrate(rows)
+    alpha, bound = cal["alpha"], cal["max_forget"]
     chosen_on = (f"server-validation users {', '.join(map(str, users))} by edgetl run: "
-                 f"{len(gatelevel._judged(rows))} decisions over {', '.join(kind.protocols[:1])}"
+                 f"{cal['decisions']} decisions over {', '.join(kind.protocols[:1])}"
                  f"{''.join(', ' + p for p in more)}")
     for b in bundles:
         set_gate(Path(b["path"]), alpha, bound, chosen_on)
-    info = {"users": list(users), "alpha": alpha, "max_forget": bound, "chosen_on": chosen_on,
-            "levels": gatelevel.sweep(rows, max_forget=bound),
-            "bounds": gatelevel.sweep_forget(rows, alpha) if gatelevel.has_replay(rows) else []}
+    info = {"users": list(users), "chosen_on": chosen_on, **cal}
     bound_txt = "no replay check" if bound is None else f"replay bound {bound:g} pt"
     console.log(f"gate calibrated on users {', '.join(map(str, users))}: level {alpha:g}, "
                 f"{bound_txt} (written into every bundle's adapt.gate)")

@@ -625,27 +625,35 @@ def choose_head(backend, bundle, start: Head, adapted: Head, feats_va, y_va, *,
     The gate (:func:`edgerun.gate.decide`) compares its validation predictions with
     ``start``'s.
     """
-    cand, w, (loss0, acc0, right0), (loss, acc, right) = propose(
-        backend, bundle, start, adapted, feats_va, y_va, mix)
+    cand, w, scores0, scores = propose(backend, bundle, start, adapted, feats_va, y_va, mix)
+    return cand, verdict_of(w, scores0, scores, gate)
+
+
+def verdict_of(w: float, scores0: tuple, scores: tuple, gate: dict) -> dict:
+    """The gate's verdict on one split for a proposal of :func:`propose`.
+
+    ``w``: its mixing weight; ``scores0``/``scores``: ``(loss, acc, right)`` of the starting
+    head and of the proposal.
+    """
+    (loss0, acc0, right0), (loss, acc, right) = scores0, scores
     verdict = gating.decide(right0, right, alpha=gate["alpha"], rule=gate["rule"])
     verdict.update({"mix_weight": w, "val_loss_before": loss0, "val_loss_after": loss,
                     "accuracy_before": acc0, "accuracy_after": acc, "folds": 1})
-    return cand, verdict
+    return verdict
 
 
-def train_fold(trainer_for, backend, bundle, start: Head, feats, y, tr, va, *, epochs: int,
-               patience: int, seed: int, pool_kw: dict, after_step=None):
+def train_fold(trainer: _Trainer, backend, bundle, start: Head, feats, y, tr, va, *,
+               epochs: int, patience: int, seed: int, pool_kw: dict, after_step=None):
     """One more training run of the same procedure on another split: the evidence folds.
 
     From ``start`` with a fresh optimizer state: epochs over the pool of ``tr``
     (:func:`training_pool`), the epoch of lowest validation loss on ``va`` kept, early
-    stopping after ``patience`` epochs without a new lowest. ``trainer_for(start)`` gives the
-    :class:`_Trainer`; ``after_step(head, epoch)`` may stop training by returning a reason.
+    stopping after ``patience`` epochs without a new lowest, steps by ``trainer`` (its L2-SP
+    anchors: ``start``'s); ``after_step(head, epoch)`` may stop training by returning a reason.
     Returns ``(head, stopped)``.
     """
     head = start.copy()
     state = _zero_state(bundle.manifest, head.params)
-    trainer = trainer_for(start)
     pool_f, pool_y, pool_w, pool = training_pool(feats, y, tr, **pool_kw)
     rng = np.random.default_rng(seed)
     best, stopped = None, None
@@ -1015,17 +1023,12 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         verdict["reason"] = "no training (--epochs 0): the starting head is written"
         cand = start_full if start_full is not None else cand
     else:
-        cand, verdict = choose_head(backend, bundle, start, head, feats[va], y[va], mix=mix,
-                                    gate=gate)
+        cand, w, scores0, scores = propose(backend, bundle, start, head, feats[va], y[va], mix)
+        verdict = verdict_of(w, scores0, scores, gate)
         if gate["folds"] > 1 and gate["rule"] != "none":  # more evidence: the other folds
             splits = dataio.stratified_folds(y, val_fraction, seed, dataio.split_mode(m),
                                              gate["folds"])[1:]
             more, why = [], stopped
-
-            def fold_step(h: Head, epoch: int) -> str | None:
-                for name in frozen_rows:
-                    h.params[name][absent] = start.params[name][absent]
-                return over_budget(epoch)
 
             for j, (tr_j, va_j) in enumerate(splits, 1):
                 if why:
@@ -1033,9 +1036,15 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                 if not len(va_j):
                     continue
                 start_j = imprinted(tr_j)
+
+                def fold_step(h: Head, epoch: int, s0: Head = start_j) -> str | None:
+                    for name in frozen_rows:  # absent labels keep their starting rows
+                        h.params[name][absent] = s0.params[name][absent]
+                    return over_budget(epoch)
+
                 head_j, why = train_fold(
-                    lambda s0: _Trainer(backend, ts, hp, anchors_of(m, s0.params), n_cls=n_cls,
-                                        bs=bs, fixed=bool(fixed), fuse=fuse),
+                    _Trainer(backend, ts, hp, anchors_of(m, start_j.params), n_cls=n_cls, bs=bs,
+                             fixed=bool(fixed), fuse=fuse),
                     backend, bundle, start_j, feats, y, tr_j, va_j, epochs=epochs,
                     patience=patience, seed=seed + j, after_step=fold_step,
                     pool_kw={"class_balanced": class_balanced, "replay_weight": replay_weight,
@@ -1047,9 +1056,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                 warnings.append(f"the gate's evidence folds were cut short ({why}); it judged "
                                 "the run's own validation split only")
             else:
-                first = (_val_scores(backend, bundle, start, feats[va], y[va])[2],
-                         _val_scores(backend, bundle, cand, feats[va], y[va])[2])
-                verdict = {**verdict, **pooled_verdict(first, more, gate=gate)}
+                verdict = {**verdict, **pooled_verdict((scores0[2], scores[2]), more, gate=gate)}
     verdict.update({"best_epoch": best[2] if best else 0, "early_stop": early})
     head.params = cand.params
     if replay_set is not None:  # the server's windows of the labels this device trained on

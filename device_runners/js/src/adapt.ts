@@ -295,11 +295,17 @@ async function propose(backend: Backend, m: Manifest, start: Head, adapted: Head
 export async function chooseHead(backend: Backend, m: Manifest, start: Head, adapted: Head,
   featsVa: Float32Array, yVa: number[], mix: number[],
   gate: { rule: string; alpha: number }): Promise<[Head, gating.Verdict]> {
-  const { cand, w, s0, s } = await propose(backend, m, start, adapted, featsVa, yVa, mix);
+  const p = await propose(backend, m, start, adapted, featsVa, yVa, mix);
+  return [p.cand, verdictOf(p, gate)];
+}
+
+/** The gate's verdict on one split for a proposal of `propose` (`edgerun/adapt.py`
+ * `verdict_of`). */
+function verdictOf({ w, s0, s }: Proposal, gate: { rule: string; alpha: number }): gating.Verdict {
   const verdict = gating.decide(s0.right, s.right, gate.alpha, gate.rule);
   Object.assign(verdict, { mix_weight: w, val_loss_before: s0.loss, val_loss_after: s.loss,
     accuracy_before: s0.acc, accuracy_after: s.acc, folds: 1 });
-  return [cand, verdict];
+  return verdict;
 }
 
 /** The verdict on paired predictions pooled over folds (`edgerun/adapt.py` `pooled_verdict`):
@@ -695,7 +701,9 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
     verdict.reason = "no training (--epochs 0): the starting head is written";
     if (startFull !== null) cand = startFull;
   } else {
-    [cand, verdict] = await chooseHead(backend, m, start, head, featsVa, yVa, mix, gate);
+    const proposal = await propose(backend, m, start, head, featsVa, yVa, mix);
+    cand = proposal.cand;
+    verdict = verdictOf(proposal, gate);
     if (splits.length > 1) { // more evidence: the other folds, each its own training run
       const pairs: [boolean[], boolean[]][] = [];
       let why = stopped;
@@ -714,9 +722,7 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
         warnings.push(`the gate's evidence folds were cut short (${why}); it judged the run's ` +
           "own validation split only");
       } else {
-        const first: [boolean[], boolean[]] = [
-          (await valScores(backend, m, start, featsVa, yVa)).right,
-          (await valScores(backend, m, cand, featsVa, yVa)).right];
+        const first: [boolean[], boolean[]] = [proposal.s0.right, proposal.s.right];
         verdict = { ...verdict, ...pooledVerdict([first, ...pairs], gate) };
       }
     }
