@@ -51,13 +51,15 @@ def protocol_table(summary) -> Table:
     """Per protocol and bundle: general model, adapted without the gate, the gate's choice.
 
     Gains in points; "hurt" counts devices more than 1 pt below the general model; "error cut"
-    is the mean share of the general model's errors removed on devices it gets < 95 % right.
+    is the mean share of the general model's errors removed on devices it gets < 95 % right;
+    "oracle: cut" is the error cut of a gate that knew each device's evaluation data (the
+    better of the two heads per device): the most any gate could get from this method.
     """
     t = Table(title="personalisation by protocol (means over devices; gains in points; "
                     "hurt: devices > 1 pt worse; error cut: devices the general model gets "
                     "< 95 % right)")
     for c in ("protocol", "bundle", "general", "no gate: gain", "hurt", "error cut",
-              "gate: gain", "hurt", "error cut", "kept"):
+              "gate: gain", "hurt", "error cut", "kept", "oracle: cut"):
         t.add_column(c, justify="left" if c in ("protocol", "bundle") else "right",
                      no_wrap=True)
     pct = lambda v: "–" if v is None else f"{100 * v:.0f} %"  # noqa: E731
@@ -72,7 +74,8 @@ def protocol_table(summary) -> Table:
                       f"{100 * d['ungated_mean_gain']:+.2f}", str(d["ungated_users_worse_1pt"]),
                       pct(d["ungated_error_cut_below_95"]),
                       f"[{color}]{100 * d['mean_gain']:+.2f}[/]", str(d["users_worse_1pt"]),
-                      pct(d["error_cut_below_95"]), kept)
+                      pct(d["error_cut_below_95"]), kept,
+                      pct(d.get("oracle_error_cut_below_95")))
     return t
 
 

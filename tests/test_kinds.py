@@ -54,3 +54,15 @@ def test_device_totals_count_better_worse_and_rolled_back_devices():
     assert t["users_improved"] == 1 and t["users_worse"] == 1 and t["rolled_back"] == 1
     assert t["mean_gain"] == pytest.approx((0.1 - 0.05) / 3) and t["start"] == "shipped"
     assert device_totals([_row(0.5, 0.6), _row(0.5, 0.6, "imprinted")])["start"] == "mixed"
+
+
+def test_the_oracle_keeps_the_better_head_per_device_and_never_loses():
+    # a device the adapted head helps (0.8 -> 0.9), one it hurts (0.9 -> 0.6), one the gate
+    # wrongly kept (after 0.6 = adapted): the oracle takes 0.9 and 0.9 and 0.9
+    rows = [_row(0.8, 0.9), {**_row(0.9, 0.9), "adapted_accuracy": 0.6, "adapted_gain": -0.3},
+            _row(0.9, 0.6)]
+    t = device_totals(rows)
+    assert t["oracle_mean_gain"] == pytest.approx(0.1 / 3)
+    # error cut on the three devices below 95 %: 50 %, 0 %, 0 %
+    assert t["oracle_error_cut_below_95"] == pytest.approx(0.5 / 3)
+    assert t["error_cut_below_95"] == pytest.approx((0.5 + 0 - 3) / 3)

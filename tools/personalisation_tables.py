@@ -3,9 +3,10 @@
 Reads ``RUN/summary.json`` of ``edgetl run`` / ``edgetl personalise`` and prints, per protocol
 and bundle, the general model, the adapted head without the gate and what the gate kept
 (mean gain, users more than 1 pt worse, worst user, error cut on users below 95 %, heads
-kept), then the per-user rows of one bundle's ``sessions`` protocol with the gate's evidence
-(fixed / broken validation windows, p-value, replay accuracy of the current and the proposed
-head, the decision). Nothing is computed that the summary does not hold.
+kept, and the oracle that keeps the better head per device knowing its evaluation data: the
+most any gate could get), then the per-user rows of one bundle's ``sessions`` protocol with
+the gate's evidence (fixed / broken validation windows, p-value, replay accuracy of the
+current and the proposed head, the decision). Nothing is computed that the summary does not hold.
 """
 
 from __future__ import annotations
@@ -19,11 +20,19 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.0f} %"
 
 
+def _oracle(d: dict) -> str:
+    """The oracle's cells (summaries written before it was recorded: dashes)."""
+    if "oracle_mean_gain" not in d:
+        return "– | – |"
+    return f"{100 * d['oracle_mean_gain']:+.2f} pt | {_pct(d['oracle_error_cut_below_95'])} |"
+
+
 def protocol_rows(s: dict) -> list[str]:
     """One Markdown row per (protocol, bundle)."""
     lines = ["| protocol | bundle | general | no gate: mean gain | users > 1 pt worse | "
              "error cut (< 95 %) | gate: mean gain | users > 1 pt worse | worst user | "
-             "error cut (< 95 %) | heads kept |", "|---|---|" + "---:|" * 9]
+             "error cut (< 95 %) | heads kept | oracle: mean gain | oracle: error cut |",
+             "|---|---|" + "---:|" * 11]
     by = {"sessions": s["totals"]["by_bundle"], **s["totals"].get("by_protocol", {})}
     for protocol, bundles in by.items():
         for name, d in bundles.items():
@@ -34,7 +43,7 @@ def protocol_rows(s: dict) -> list[str]:
                 f"{100 * d['ungated_mean_gain']:+.2f} pt | {d['ungated_users_worse_1pt']} | "
                 f"{_pct(d['ungated_error_cut_below_95'])} | {100 * d['mean_gain']:+.2f} pt | "
                 f"{d['users_worse_1pt']} | {100 * d['worst_gain']:+.1f} pt | "
-                f"{_pct(d['error_cut_below_95'])} | {kept} |")
+                f"{_pct(d['error_cut_below_95'])} | {kept} | {_oracle(d)}")
     return lines
 
 
