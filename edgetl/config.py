@@ -486,6 +486,10 @@ class AdaptConfig:
     replay_per_class: int = _f(0, "latent replay: the bundle ships backbone features of this "
                                "many server-training windows per class, trained beside the "
                                "device's windows (0: no replay set)", "windows")
+    replay_inputs_mb: float = _f(1.0, "bundles with AdaBN graphs also ship up to this much of "
+                                 "the replay windows themselves (float16), so the gate can "
+                                 "judge recalibrated BN statistics on the server's data (0: "
+                                 "none)", "MiB")
     replay_weight: float = _f(0.0, "total weight of the replay set relative to the device's "
                               "training windows (0: the set only checks forgetting)", "ratio")
     calibrate_gate: bool = _f(False, "edgetl run chooses gate_alpha and gate_max_forget on the "
@@ -507,6 +511,8 @@ class AdaptConfig:
         _check(1 <= self.gate_folds <= 20,
                f"adapt.gate_folds must be an integer from 1 to 20, got {self.gate_folds}")
         _check(self.patience >= 0, f"adapt.patience must be >= 0, got {self.patience}")
+        _check(self.replay_inputs_mb >= 0, f"adapt.replay_inputs_mb must be >= 0, got "
+               f"{self.replay_inputs_mb}")
         _check(self.replay_per_class >= 0 and self.replay_weight >= 0,
                f"adapt.replay_per_class and replay_weight must be >= 0, got "
                f"{self.replay_per_class}, {self.replay_weight}")

@@ -172,3 +172,39 @@ def test_quantize_says_the_replay_features_stay_fp32():
     assert out["replay"]["source"].endswith("the fp32 backbone's features")
     assert block["replay"]["source"] == "server windows" and _fp32_replay({"epochs": 3}) == {
         "epochs": 3}
+
+
+def test_recalibrated_statistics_that_forget_the_server_data_are_refused(replay_bundle,
+                                                                          tmp_path):
+    """AdaBN bundles ship the replay windows themselves (float16, preprocessed): a device
+    with a strong sensor shift gains by recalibrating, and the same statistics cost the
+    server's windows; the gate keeps them without the check and refuses them, saying why,
+    at a bound below that cost (bn_stats.rejected.npz; training uses the bundle's)."""
+    path, (x, y) = replay_bundle
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["adapt"]["replay"]["inputs"] == 3 * PER_CLASS
+    with np.load(path / m["files"]["replay"]["path"]) as z:
+        xs, ids = z["inputs"], z["input_labels"]
+    pick = np.concatenate([np.flatnonzero(y == c)[:PER_CLASS] for c in range(3)])
+    assert xs.dtype == np.float16 and np.array_equal(ids, y[pick])
+    want = preprocess(x[pick].astype(np.float32), m)
+    assert np.abs(xs.astype(np.float32) - want).max() <= 1e-3 * np.abs(want).max()
+
+    lab = write_device_npz(tmp_path / "shift.npz", 300, seed=11, **SHIFT)
+    np.savez(tmp_path / "x.npz", x=np.load(lab)["x"])
+
+    def bn_gate(state, bound):
+        p = run_runner("adapt", path, "--data", lab, "--unlabelled", tmp_path / "x.npz",
+                       "--out", tmp_path / state, "--json", "--quiet", "--epochs", "1",
+                       "--max-forget", bound)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)["bn_stats_gate"]
+
+    free = bn_gate("a", "-1")
+    assert free["keep"] and free["max_forget"] is None, free
+    drop = 100 * (free["replay_before"] - free["replay_after"])
+    assert drop > 1, free  # statistics of the shifted sensor cost the server's windows
+    g = bn_gate("b", f"{drop / 2:g}")
+    assert not g["keep"] and "forgets the server's data" in g["reason"], g
+    assert (tmp_path / "b" / "bn_stats.rejected.npz").is_file()
+    assert not (tmp_path / "b" / "bn_stats.npz").exists()

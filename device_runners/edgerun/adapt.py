@@ -597,7 +597,18 @@ def statistics_gate(raw, backend, bundle, head: Head, labels: list, feats_raw, f
     _, acc0, right0 = _val_scores(raw, bundle, head, feats_raw[idx], y[va])
     _, acc1, right1 = _val_scores(backend, bundle, head, feats[idx], y[va])
     verdict = gating.decide(right0, right1, alpha=gate["alpha"], rule=gate["rule"])
-    return {**verdict, "accuracy_before": acc0, "accuracy_after": acc1}
+    verdict = {**verdict, "accuracy_before": acc0, "accuracy_after": acc1}
+    # the replay check, as for a head: the statistics must not cost the server's windows of
+    # the labels the device has (the bundle ships the windows themselves for this)
+    rp = replaying.inputs(bundle, head.labels, bundle.manifest["input"]["shape"][1:])
+    if rp is not None:
+        local = np.isin(rp[1], np.unique(y))
+        if local.any():
+            x_r, y_r = rp[0][local], rp[1][local]
+            before = _val_scores(raw, bundle, head, raw.features(x_r), y_r)[1]
+            after = _val_scores(backend, bundle, head, backend.features(x_r), y_r)[1]
+            verdict = gating.forgetting(verdict, before, after, gate.get("max_forget"))
+    return verdict
 
 
 def propose(backend, bundle, start: Head, adapted: Head, feats_va, y_va, mix: tuple) -> tuple:

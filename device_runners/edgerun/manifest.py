@@ -260,10 +260,13 @@ class ReplayBlock(_Replay, total=False):
     ``files.replay`` holds ``count`` server-training windows' backbone features and label
     ids; they train beside the device's windows with total weight ``weight`` relative to them
     (``per_class``, ``min_per_class``: windows per label; ``source``: where they came from).
+    ``inputs``: bundles with AdaBN graphs also hold that many of the windows themselves
+    (preprocessed, float16), on which the gate judges recalibrated BN statistics.
     """
 
     per_class: int
     min_per_class: int
+    inputs: int
     source: str
 
 
@@ -537,6 +540,8 @@ def _consistent(m: dict) -> None:
         _expect("replay" in files, "adapt.replay", "files.replay listed with it", sorted(files))
         _at_least(rp["weight"], 0, "adapt.replay.weight")
         _at_least(rp["count"], 0, "adapt.replay.count", MAX_DIM)
+        if "inputs" in rp:
+            _at_least(rp["inputs"], 0, "adapt.replay.inputs", rp["count"])
     mf = (m["adapt"].get("gate") or {}).get("max_forget")
     if mf is not None:
         _at_least(mf, 0, "adapt.gate.max_forget", 100)

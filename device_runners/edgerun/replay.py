@@ -73,6 +73,43 @@ def load(bundle, names: list, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return f[keep], y
 
 
+def inputs(bundle, names: list, shape: tuple) -> tuple[np.ndarray, np.ndarray] | None:
+    """The replay windows themselves ``(R, *shape)`` float32 and class ids into ``names``.
+
+    ``shape``: one window's (the manifest's ``input.shape`` without the batch axis; None
+    matches any size).
+
+    Bundles with AdaBN graphs ship them (``adapt.replay.inputs``) so recalibrated BN
+    statistics can be judged on the server's data; None where the bundle has none. Refused
+    by name as :func:`load`.
+    """
+    r = block(bundle.manifest)
+    if not r or not r.get("inputs"):
+        return None
+    m = bundle.manifest
+    z = bundle.arrays(ROLE, ["inputs", "input_labels"])
+    x = np.asarray(z["inputs"], np.float32)
+    ids = np.asarray(z["input_labels"])
+    where = f"bundle file {m['files'][ROLE]['path']} (replay inputs)"
+    fix = "re-export the bundle"
+    fits = x.ndim == len(shape) + 1 and all(s is None or s == d
+                                             for s, d in zip(shape, x.shape[1:]))
+    if not fits or ids.shape != (len(x),) or len(x) != r["inputs"]:
+        raise RunnerError(f"{where}: expected {r['inputs']} windows of shape "
+                          f"{tuple(shape)} with one label each, found {x.shape} and "
+                          f"{ids.shape}; {fix}")
+    if ids.dtype.kind not in "iu" or (len(ids) and (ids.min() < 0
+                                                    or ids.max() >= len(m["labels"]))):
+        raise RunnerError(f"{where}: label ids must be integers in [0, {len(m['labels'])}); "
+                          f"{fix}")
+    if not np.isfinite(x).all():
+        raise RunnerError(f"{where}: windows hold NaN or infinity; {fix}")
+    labels = [m["labels"][i] for i in ids.tolist()]
+    keep = np.asarray([lab in names for lab in labels], bool)
+    y = np.asarray([names.index(lab) for lab, k in zip(labels, keep) if k], np.int64)
+    return x[keep], y
+
+
 def weights(local: np.ndarray, n: int, weight: float) -> np.ndarray:
     """Per-window sample weights of ``n`` replay windows: ``weight`` x the local total, shared.
 

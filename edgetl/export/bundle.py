@@ -511,7 +511,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         blocks["trainable"] = tail.block()
     sess = device_session(tmp, {**blocks, "files": {r: {"path": p} for r, p in files.items()}})
     if replay is not None and adapt.replay_per_class > 0:
-        blocks["adapt"]["replay"] = _replay_set(sess, ck, replay, adapt, tmp)
+        blocks["adapt"]["replay"] = _replay_set(sess, ck, replay, adapt, tmp,
+                                                with_inputs="stats" in bn_block)
         files["replay"] = REPLAY_FILE
         if adapt.gate_max_forget >= 0:
             blocks["adapt"]["gate"]["max_forget"] = adapt.gate_max_forget
@@ -590,21 +591,34 @@ def _in_use(tvec: dict, class_params, n_labels: int) -> dict:
     return out
 
 
-def _replay_set(sess, ck: Checkpoint, replay: tuple, adapt: AdaptConfig, tmp: Path) -> dict:
+def _replay_set(sess, ck: Checkpoint, replay: tuple, adapt: AdaptConfig, tmp: Path, *,
+                with_inputs: bool = False) -> dict:
     """Write the latent-replay set: features by the bundle's own backbone (``sess``).
 
     The first ``adapt.replay_per_class`` windows of each class of ``replay`` (already a seeded
     per-class order); int8 bundles get their int8 backbone's features, tail bundles the cut's.
+    ``with_inputs`` (bundles with AdaBN graphs): also the first windows of each class
+    themselves, preprocessed, float16, within ``adapt.replay_inputs_mb``: recalibrated BN
+    statistics change the features, so the device's gate judges them on these.
     """
     x, y = replay
     y = np.asarray(y, np.int64)
     k = adapt.replay_per_class
-    pick = np.concatenate([np.flatnonzero(y == c)[:k] for c in np.unique(y)])
-    feats = sess.features(ck.normalize(x[pick])).astype(np.float32)
-    np.savez(tmp / REPLAY_FILE, features=feats, labels=y[pick])
+    classes = np.unique(y)
+    pick = np.concatenate([np.flatnonzero(y == c)[:k] for c in classes])
+    xn = ck.normalize(x[pick])
+    feats = sess.features(xn).astype(np.float32)
+    arrays = {"features": feats, "labels": y[pick]}
+    per_window = int(np.prod(xn.shape[1:])) * 2  # float16 bytes
+    k_in = min(k, int(adapt.replay_inputs_mb * 2**20) // (per_window * len(classes)))
+    if with_inputs and k_in > 0 and np.issubdtype(xn.dtype, np.floating):
+        rows = np.concatenate([np.flatnonzero(y[pick] == c)[:k_in] for c in classes])
+        arrays.update(inputs=xn[rows].astype(np.float16), input_labels=y[pick][rows])
+    np.savez(tmp / REPLAY_FILE, **arrays)
     counts = np.bincount(y[pick], minlength=len(ck.labels))
     return {"weight": adapt.replay_weight, "count": int(len(pick)), "per_class": k,
             "min_per_class": int(counts.min()),
+            **({"inputs": int(len(arrays["inputs"]))} if "inputs" in arrays else {}),
             "source": "server-training windows (never the server-validation users), features "
                       "by this bundle's backbone"}
 

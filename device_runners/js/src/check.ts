@@ -111,6 +111,7 @@ export function checkManifest(m: unknown): Manifest {
       pyList(Object.keys(man.files).sort()));
     atLeast(rp.weight, 0, "adapt.replay.weight");
     atLeast(rp.count, 0, "adapt.replay.count", MAX_DIM);
+    if (rp.inputs !== undefined) atLeast(rp.inputs, 0, "adapt.replay.inputs", rp.count);
   }
   const mf = man.adapt.gate?.max_forget;
   if (mf !== undefined && mf !== null) atLeast(mf, 0, "adapt.gate.max_forget", 100);

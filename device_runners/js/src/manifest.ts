@@ -167,6 +167,7 @@ export interface ReplayBlock {
   count: number;
   per_class?: number;
   min_per_class?: number;
+  inputs?: number;
   source?: string;
 }
 
@@ -643,6 +644,7 @@ export const SCHEMA: Record<string, BlockDesc> = {
       "count": "int",
       "per_class": "int",
       "min_per_class": "int",
+      "inputs": "int",
       "source": "str"
     }
   },
