@@ -27,6 +27,7 @@ from tests.conftest import (
     PER_CLASS,
     ROOT,
     SHIFT,
+    WINDOW,
     export_tiny,
     refused,
     run_runner,
@@ -787,3 +788,162 @@ def test_npy_from_a_node_buffer(node, tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == arr.tolist()
+
+
+# --- tail bundles (``edgetl export --trainable SPEC``) ------------------------------------
+# Their contract needs nothing new of a runner: the backbone graph is the frozen prefix (its
+# output is cached as features), the backbone tensors the step trains are ``head.params``
+# (initial values, optimizer state, ``new.`` outputs, ``head.npz``), and the train / fused /
+# infer graphs are named in ``train_step`` / ``infer``. These cases hold the TypeScript
+# runner to that: the Python runner's steps, gate and parameters, backbone tensors included.
+
+#: name -> (checkpoint, target, precision, export options)
+TAILS = {"bias": ("tiny", "onnx", "fp32", {"trainable": "bias"}),
+         "bias_int8": ("tiny", "onnx", "int8", {"trainable": "bias"}),
+         "bias_spare": ("tiny", "onnx", "fp32", {"trainable": "bias", "class_capacity": 5}),
+         "last1_two_block": ("two_block", "onnx", "fp32", {"trainable": "last:1"}),
+         "all_mlp": ("mlp", "onnx", "fp32", {"trainable": "all"}),
+         "bias_tflite": ("tiny", "tflite", "fp32", {"trainable": "bias"})}
+#: Extra adapt flags: the head's lr 0.1 on every tensor of the MLP student diverges after 8
+#: epochs (validation loss 0.04 -> 8.7), and a diverging run amplifies the WASM build's
+#: last-bit differences (1e-7 -> 3e-3 in 3 epochs); a stable lr keeps them at 1e-7.
+TAIL_FLAGS = {"all_mlp": ["--lr", "0.03"]}
+
+
+@pytest.fixture(scope="module")
+def tail_bundle(tiny_ck, tmp_path_factory):
+    """``tail_bundle(name)``: the :data:`TAILS` bundle ``name``, exported once per module."""
+    from edgetl.config import HeadConfig
+    from tests.conftest import tiny_checkpoint
+    from tests.test_trainable import _two_block_checkpoint
+
+    made: dict = {}
+    cks = {"tiny": lambda: tiny_ck, "two_block": _two_block_checkpoint,
+           "mlp": lambda: tiny_checkpoint(HeadConfig(kind="mlp", hidden=16, lr=0.1), epochs=2)}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            ck, target, precision, kw = TAILS[name]
+            made[name] = export_tiny(cks[ck](), tmp_path_factory.mktemp("tail") / name, target,
+                                     precision, **kw)
+        return made[name]
+    return get
+
+
+def _moved(bundle: Path, head: Path) -> dict:
+    """Max abs change of every backbone tensor of ``head`` from the bundle's initial values."""
+    with np.load(bundle / "head_init.npz") as a, np.load(head) as b:
+        return {k: float(np.abs(a[k] - b[k]).max()) for k in a.files if k.startswith("backbone.")}
+
+
+TAIL_CASES = [("bias", "default", "node"), ("bias", "early_stop_mix", "web"),
+              ("bias", "rollback", "node"), ("bias", "csv", "web"),
+              ("bias_int8", "default", "web"), ("bias_spare", "new_label", "node"),
+              ("bias_spare", "folds", "web"), ("bias_spare", "freeze_absent", "node"),
+              ("last1_two_block", "default", "node"), ("all_mlp", "default", "web"),
+              ("bias_tflite", "default", "litert"), ("bias_tflite", "csv", "litert")]
+
+
+@pytest.mark.parametrize(("name", "scenario", "runtime"), TAIL_CASES)
+def test_adapt_parity_tail_bundle(node, tail_bundle, tmp_path, name, scenario, runtime):
+    """A tail bundle in onnxruntime-node, onnxruntime-web (WASM) or LiteRT.js: the Python
+    runner's split, steps (fused groups included), gate, report and parameters (backbone
+    tensors and head) within 1e-5, and the backbone tensors did train."""
+    b = tail_bundle(name)
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["trainable"]["params"]
+    data, flags = _scenario(scenario, tmp_path)
+    flags = [*flags, *TAIL_FLAGS.get(name, [])]
+    seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags else 0
+    js_flags = [] if runtime == "litert" else ["--runtime", runtime]  # tflite: LiteRT.js
+    py, js = adapt_both(node, b, data, tmp_path, flags, js_flags=js_flags)
+    diffs = compare(py, js, split_of(b, data, py, seed))
+    J = json.loads((js / "report.json").read_text())
+    assert J["backend"] == ("litert.js" if runtime == "litert" else f"onnxruntime-{runtime}")
+    if scenario == "default":
+        assert J["steps_fused"] > 0 if m["target"] == "onnx" else J["steps_fused"] == 0
+    if scenario == "new_label":
+        assert J["new_labels"] == ["sprint"] and J["missing_labels"] == ["fast"]
+    if scenario == "rollback":
+        assert J["rolled_back"] and (js / "head.rejected.npz").exists()
+    kept = js / ("head.rejected.npz" if J["rolled_back"] else "head.npz")
+    if J["steps"] and scenario != "rollback":  # --lr 0 moves nothing
+        moved = _moved(b, kept)
+        assert moved and min(moved.values()) > 0, moved
+    print(f"tail {name}/{scenario}/{runtime}: {diffs}")
+
+
+@pytest.mark.parametrize(("name", "runtime"), [("bias", "node"), ("bias", "web"),
+                                               ("bias_int8", "web"), ("bias_tflite", None)])
+def test_selftest_tail_bundle(node, tail_bundle, name, runtime):
+    """The self-test on a tail bundle: features from the prefix graph, logits from the tail's
+    infer graph, and the shipped reference train steps replayed (fused graph too on ONNX)."""
+    rt = ["--runtime", runtime] if runtime else []
+    res = json.loads(run_js(node, "selftest", tail_bundle(name), "--json", "--quiet",
+                            *rt).stdout)
+    assert res["ok"] and res["max_abs_err"] <= 1e-4 and res["train_max_abs_err"] <= 1e-4, res
+
+
+@pytest.mark.parametrize("name", ["bias", "bias_tflite"])
+def test_tail_each_runner_continues_the_other(node, tail_bundle, tmp_path, name):
+    """A tail bundle's head.npz (backbone tensors included) of one runner is read by the other:
+    adapting on from it gives the same parameters, inferring with it the same predictions."""
+    b = tail_bundle(name)
+    data, _ = _scenario("default", tmp_path)
+    run_js(node, "adapt", b, "--data", data, "--out", tmp_path / "js", "--quiet", "--epochs", "3")
+    start = tmp_path / "js" / "head.npz"
+    assert _moved(b, start)
+    py, js = adapt_both(node, b, data, tmp_path / "on", ["--epochs", "3", "--head", start])
+    assert head_diff(py / "head.npz", js / "head.npz") <= HEAD_ATOL
+    for head in (py / "head.npz", js / "head.npz"):
+        p = run_runner("infer", b, "--data", data, "--head", head, "--json", "--quiet")
+        assert p.returncode == 0, p.stderr
+        j = json.loads(run_js(node, "infer", b, "--data", data, "--head", head, "--json",
+                              "--quiet").stdout)
+        want = json.loads(p.stdout)
+        assert j["predictions"] == want["predictions"] and j["accuracy"] == want["accuracy"]
+
+
+def test_tail_refusals_match_python(node, tail_bundle, tmp_path):
+    """A new label with no spare class row (a tail's graphs fix them: the advice is
+    --trainable head) and a damaged ``trainable`` block: both runners refuse, saying so."""
+    b = tail_bundle("bias")
+    data = write_device_npz(tmp_path / "d.npz", 90, seed=12, labels=("slow", "medium", "sprint"))
+    args = ("adapt", b, "--data", data, "--out", tmp_path / "s", "--quiet")
+    match = r"fixed number of class rows \(3, 3 in use\).*--trainable head \(dynamic classes\)"
+    refused(run_runner(*args), match)
+    refused(run_js(node, *args, check=False), match)
+    for case, edit, match in (
+            ("name", lambda t: t["params"][0].update(name="backbone.blocks.0.weight"),
+             r"trainable.params must be head.params of the same shape .* found "
+             r"\['backbone.blocks.0.weight'\]"),
+            ("shape", lambda t: t["params"][0].update(shape=[9]),
+             r"trainable.params must be head.params of the same shape"),
+            ("cut", lambda t: t["cut"].update(shape=[8, 31]),
+             r"trainable.cut.shape must be features.dim = 256 values per sample, found 248")):
+        d = tmp_path / case
+        shutil.copytree(b, d)
+        m = json.loads((d / "manifest.json").read_text())
+        edit(m["trainable"])
+        (d / "manifest.json").write_text(json.dumps(m))
+        want = refused(run_runner("selftest", d), match)
+        assert refused(run_js(node, "selftest", d, check=False), match) == want
+        assert "re-export it" in want
+
+
+def test_adapt_parity_tail_replay(node, tiny_ck, tmp_path):
+    """A tail bundle with a latent-replay set (the server windows' features at the cut):
+    the same steps, parameters and replay scores."""
+    from edgetl.check import per_class
+    from edgetl.config import AdaptConfig
+    from edgetl.data.synthetic import make_windows
+
+    x, y = make_windows(400, window=WINDOW, seed=11)
+    pick = per_class(y, 64)
+    b = export_tiny(tiny_ck, tmp_path / "b", trainable="bias", replay=(x[pick], y[pick]),
+                    adapt=AdaptConfig(replay_per_class=PER_CLASS, replay_weight=1.0))
+    data = write_device_npz(tmp_path / "d.npz", 160, seed=4, **SHIFT)
+    rep = _replay_parity(node, b, data, tmp_path / "w1",
+                         ["--replay-weight", "1", "--class-balanced", "--batch-size", "12"])
+    assert rep["replay"]["windows"] == 3 * PER_CLASS and rep["steps_fused"] > 0
+    assert _moved(b, tmp_path / "w1" / "js" / "head.npz")

@@ -361,3 +361,39 @@ def test_web_page_personalises_on_a_folder_of_photos(page_url, node, onnx_image_
           f"{adiff.mean():.3f} grey levels ({(adiff > 0).mean():.1%} of values differ)")
     assert (a[..., 3] == alpha_px[..., 3]).all()
     assert out["console_errors"] == [], out["console_errors"]
+
+
+@pytest.fixture(scope="module")
+def tail_bundles(tiny_ck, tmp_path_factory) -> dict:
+    """The tiny model's ``--trainable bias`` bundles, ONNX and TFLite."""
+    d = tmp_path_factory.mktemp("tail")
+    return {t: export_tiny(tiny_ck, d / t, t, trainable="bias") for t in ("onnx", "tflite")}
+
+
+def test_web_page_personalises_tail_bundles(page_url, node, tail_bundles, tmp_path):
+    """Tail bundles (``--trainable bias``) on onnxruntime-web and LiteRT.js: the page says the
+    backbone tensors train, and gives the Python runner's parameters (backbone tensors and
+    head), counts and gate decision."""
+    shifted = csv_log(tmp_path / "shifted.csv", 15, runs=100, **SHIFT)
+    settings = {"epochs": 10, "seed": 9}
+    steps = [{"goto": "?threads=1"}]
+    for t, b in tail_bundles.items():  # a file input fires no change for the same file again
+        data = shutil.copy(shifted, tmp_path / f"shifted-{t}.csv")
+        steps += [{"bundle": str(b)}, {"data": str(data)}, {"adapt": settings, "save": t}]
+    out = drive(node, page_url, steps, tmp_path)
+    s = out["steps"]
+    for j, (t, b) in enumerate(tail_bundles.items()):
+        sb, sd, sa = s[1 + 3 * j : 4 + 3 * j]
+        assert sb["ok"] and "Self-test passed" in sb["selftest"], sb
+        assert "Trains: the head and 2 backbone tensor(s) (--trainable bias" in sb["manifest"]
+        assert sd["ok"] and sa["ok"], (sd, sa)
+        P = python_runner(b, shifted, tmp_path / f"py-{t}",
+                          [f"--{k}={v}" for k, v in settings.items()])
+        J = json.loads((Path(sa["saved"]) / "report.json").read_text())
+        assert J["backend"] == ("onnxruntime-web" if t == "onnx" else "litert.js")
+        compare_reports(P, J)
+        err = head_diff(tmp_path / f"py-{t}" / "head.npz", Path(sa["saved"]) / "head.npz")
+        assert err <= HEAD_ATOL, f"{t}: parameters differ by {err:.3g} (> {HEAD_ATOL})"
+        print(f"\ntail {t}: rolled back {P['rolled_back']}, steps {J['steps']} "
+              f"(fused {J['steps_fused']}), max abs diff {err:.3g}")
+    assert [e for e in out["console_errors"] if not re.match(r"(INFO|WARNING): ", e)] == []

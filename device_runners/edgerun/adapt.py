@@ -532,6 +532,10 @@ def _val_scores(backend, bundle, head: Head, feats: np.ndarray, y: np.ndarray) -
     return gating.softmax_xent(logits, y), float(right.mean()), right
 
 
+#: What to do about a new label with no spare class row, by whether the bundle is a tail
+#: bundle (``trainable``: its traced graphs fix the class rows whatever the target).
+_DYNAMIC_HINT = {False: "use an onnx bundle (dynamic classes)",
+                 True: "export with --target onnx --trainable head (dynamic classes)"}
 #: Defaults of the manifest's ``adapt`` block keys added after schema 2 shipped.
 GATE_DEFAULTS = {"rule": "mcnemar", "alpha": 0.05, "folds": 1}
 PATIENCE_DEFAULT = 8
@@ -869,8 +873,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         raise RunnerError(
             f"labels {new} are not in this bundle's head {head.labels}, and its {m['target']} "
             f"graphs have a fixed number of class rows ({head.rows(cls)}, {len(head.labels)} "
-            "in use); drop those windows, export with a larger export.class_capacity, or use "
-            "an onnx bundle (dynamic classes)")
+            f"in use); drop those windows, export with a larger export.class_capacity, or "
+            f"{_DYNAMIC_HINT['trainable' in m]}")
     # class ids in the order the head will have them (new labels appended by imprinting)
     names = head.labels + new
     y = np.asarray([names.index(lab) for lab in ds.y], np.int64)

@@ -596,6 +596,8 @@ def _consistent(m: dict) -> None:
             inf["inputs"])
     _subset(inf["inputs"][1:], params, "infer.inputs[1:]", "head.params")
     _subset(["logits"], inf["outputs"], "infer.outputs", "outputs")
+    if "trainable" in m:  # the backbone tensors it names are ones the train step updates
+        _trainable(m["trainable"], head["params"], m["features"]["dim"])
     inp = m["input"]
     _shape(inp["shape"], "input.shape", nullable=True)
     for k in ("dtype", "data_dtype"):
@@ -625,6 +627,24 @@ def _consistent(m: dict) -> None:
             _at_least(q["zero_point"], -128, f"quantization.{k}.zero_point", 255)
     if inp.get("modality", "timeseries") == "timeseries":
         _timeseries(inp)
+
+
+def _trainable(tr: dict, params: list, dim: int) -> None:
+    """A tail bundle's ``trainable`` block agrees with the head block and the features.
+
+    Its ``params`` are head parameters of the same shape (the runners train and save
+    ``head.params``: a backbone tensor named only here would silently stay frozen), and
+    ``cut.shape`` holds ``features.dim`` values per sample (the cached prefix output).
+    """
+    shapes = {p["name"]: list(p["shape"]) for p in params}
+    bad = [p["name"] for p in tr["params"] if shapes.get(p["name"]) != list(p["shape"])]
+    _expect(not bad, "trainable.params", "head.params of the same shape (the tensors the "
+            "train step updates)", bad)
+    _shape(tr["cut"]["shape"], "trainable.cut.shape")
+    n = 1
+    for d in tr["cut"]["shape"]:
+        n *= d
+    _expect(n == dim, "trainable.cut.shape", f"features.dim = {dim} values per sample", n)
 
 
 def _timeseries(inp: dict) -> None:

@@ -589,7 +589,8 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
     throw new RunnerError(`labels ${JSON.stringify(newLabels)} are not in this bundle's head ` +
       `${JSON.stringify(head0.labels)}, and its ${m.target} graphs have a fixed number of class ` +
       `rows (${head0.rows(cls)}, ${head0.labels.length} in use); drop those windows, export with ` +
-      "a larger export.class_capacity, or use an onnx bundle (dynamic classes)");
+      `a larger export.class_capacity, or ${m.trainable ? "export with --target onnx " +
+        "--trainable head" : "use an onnx bundle"} (dynamic classes)`);
   }
   // class ids in the order the head will have them (new labels appended by imprinting)
   const names = [...head0.labels, ...newLabels];

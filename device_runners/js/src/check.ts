@@ -74,6 +74,34 @@ function conform(value: unknown, t: TypeDesc, where: string): void {
 /** The largest dimension a manifest may declare (`edgerun.manifest.MAX_DIM`). */
 const MAX_DIM = 1 << 24;
 
+/** The most elements a declared shape may hold (`edgerun.manifest.MAX_ELEMENTS`). */
+const MAX_ELEMENTS = 1 << 26;
+
+/**
+ * A tail bundle's `trainable` block agrees with the head block and the features
+ * (`edgerun.manifest._trainable`): its `params` are head parameters of the same shape (the
+ * runner trains and saves `head.params`; a backbone tensor named only here would silently
+ * stay frozen), and `cut.shape` holds `features.dim` values per sample.
+ */
+function checkTrainable(man: Manifest): void {
+  const tr = man.trainable;
+  if (!tr) return;
+  const shapes = new Map(man.head.params.map((p) => [p.name, JSON.stringify(p.shape)]));
+  const bad = tr.params.filter((p) => shapes.get(p.name) !== JSON.stringify(p.shape))
+    .map((p) => p.name);
+  expect(!bad.length, "trainable.params", "head.params of the same shape (the tensors the " +
+    "train step updates)", pyList(bad));
+  let n = 1;
+  tr.cut.shape.forEach((d, i) => {
+    atLeast(d, 1, `trainable.cut.shape[${i}]`, MAX_DIM);
+    n *= d;
+  });
+  expect(n <= MAX_ELEMENTS, "trainable.cut.shape", `a shape of at most ${MAX_ELEMENTS} elements`,
+    tr.cut.shape);
+  const dim = man.features.dim;
+  expect(n === dim, "trainable.cut.shape", `features.dim = ${dim} values per sample`, n);
+}
+
 /** A Python list of strings as `repr` prints it. */
 class PyList {
   constructor(readonly items: string[]) {}
@@ -117,6 +145,7 @@ export function checkManifest(m: unknown): Manifest {
   if (mf !== undefined && mf !== null) atLeast(mf, 0, "adapt.gate.max_forget", 100);
   const folds = man.adapt.gate?.folds;
   if (folds !== undefined && folds !== null) atLeast(folds, 1, "adapt.gate.folds", 20);
+  checkTrainable(man);
   if (Object.keys(man.files).length === 0) {
     throw new RunnerError("manifest.json: 'files' is empty; re-export the bundle");
   }

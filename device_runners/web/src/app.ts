@@ -172,6 +172,12 @@ async function loadBundle(files: File[]): Promise<void> {
       `${m.input.modality ?? "timeseries"} input): ${Object.keys(m.files).length} files match ` +
       `their sha256${state.trustKey ? "; Ed25519 signature verified" : ""}`;
     info.append(head);
+    const tr = m.trainable; // a tail bundle (--trainable SPEC): backbone tensors train too
+    const trains = document.createElement("p");
+    trains.id = "trains";
+    trains.textContent = tr ? `Trains: the head and ${tr.params.length} backbone tensor(s) ` +
+      `(--trainable ${tr.spec}; the backbone graph runs up to ${tr.cut.node})` : "Trains: the head";
+    info.append(trains);
     list(info, `Labels: ${m.labels.join(", ")}`, Object.entries(m.files).map(([role, e]) =>
       `${e.path} (${role}) sha256 ${e.sha256.slice(0, 16)}… ✓`));
     info.hidden = false;
