@@ -8,11 +8,13 @@ convolutions, pads, slices and sums (1-D and 2-D, any stride, padding, dilation,
   regrouped, spatially flipped weight (a depthwise conv stays depthwise). The flip runs on a
   3-D view: litert-torch re-lays a 4-D flip feeding a conv weight out as NHWC. A transposed
   conv would also do in onnxruntime, but a strided depthwise one does not legalise in TFLite.
-- grad_weight: one strided slice of the padded input per kernel tap, stacked (im2col), and
-  one matmul with the output gradient per group (a depthwise conv: a product and a sum).
-  The former groups-1 form, a convolution of the input (batch and channels swapped) with the
-  output gradient as a whole-length filter, took onnxruntime 3x as long at HAR size
-  (676 vs 215 us, 32x32x32 input, 48 outputs, k 3).
+- grad_weight, groups 1: per kernel tap, one matmul of the output gradient with a strided
+  slice of the padded input laid out channels last (:func:`_grad_weight_dense`). The former
+  form, a convolution of the input (batch and channels swapped) with the output gradient as
+  a whole-length filter, took onnxruntime ~3x as long at HAR size (32x32x32 input, 48
+  outputs, k 3);
+- grad_weight, groups > 1: one strided slice of the padded input per kernel tap, times the
+  output gradient, summed (a batched matmul per group).
 
 Matches autograd to float64 rounding (``tests/test_trainable.py``).
 """
@@ -80,6 +82,8 @@ def _grad_weight(go, x, w, stride, padding, dilation, groups):
     ks, out = list(w.shape[2:]), list(go.shape[2:])
     pad = [p for i in reversed(range(nd)) for p in (padding[i], padding[i])]
     xp = F.pad(x, pad) if any(pad) else x
+    if groups == 1:
+        return _grad_weight_dense(go, xp, w, stride, dilation)
     slices = []
     for tap in itertools.product(*[range(k) for k in ks]):
         s = xp
@@ -100,6 +104,33 @@ def _grad_weight(go, x, w, stride, padding, dilation, groups):
     gg = go.reshape(n, groups, cout // groups, lo).permute(1, 2, 0, 3)
     gg = gg.reshape(groups, cout // groups, n * lo)
     return torch.bmm(gg, pg).reshape(w.shape)
+
+
+def _grad_weight_dense(go, xp, w, stride, dilation):
+    """The weight gradient of a groups-1 convolution from the padded input ``xp``.
+
+    Per kernel tap, the output gradient (Cout, N*out) times the padded input's strided
+    slice, channels last (N*out, Cin); the taps' (Cout, Cin) products stacked. The input
+    goes channels-last once, so every slice copies whole channel rows and no
+    (N, Cin, *out, K) im2col tensor is stacked or transposed.
+    """
+    nd = xp.dim() - 2
+    ks, out = list(w.shape[2:]), list(go.shape[2:])
+    n, cin, cout = xp.shape[0], xp.shape[1], w.shape[0]
+    lo = 1
+    for v in out:
+        lo *= v
+    xl = xp.permute(0, *range(2, 2 + nd), 1)  # (N, *spatial, Cin)
+    g2 = go.transpose(0, 1).reshape(cout, n * lo)
+    taps = []
+    for tap in itertools.product(*[range(k) for k in ks]):
+        s = xl
+        for i in range(nd):
+            s = s.narrow(1 + i, tap[i] * dilation[i], (out[i] - 1) * stride[i] + 1)
+            if stride[i] > 1:
+                s = s[(slice(None),) * (1 + i) + (slice(None, None, stride[i]),)]
+        taps.append(g2 @ s.reshape(n * lo, cin))
+    return torch.stack(taps, -1).reshape(w.shape)
 
 
 def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
