@@ -498,7 +498,7 @@ def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str, d
                 return feats, True, None, lambda: None
             note = f"the feature cache {path} was {why}; the features were recomputed"
     feats = np.ascontiguousarray(backend.features(dataio.preprocess(ds.x, m)), np.float32)
-    sha = hashlib.sha256(feats.tobytes()).hexdigest()
+    sha = hashlib.sha256(feats).hexdigest()  # C-contiguous: hashed in place, no copy
 
     def save():
         key, path = entry()
