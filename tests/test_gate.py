@@ -346,3 +346,22 @@ def test_edgetl_run_calibrates_the_gate_on_server_validation_users(bundle, tmp_p
     p = adapt_json(bundle, write_device_npz(tmp_path / "d.npz", 120, seed=3), tmp_path / "s")
     assert p.returncode == 0, p.stderr  # the runner accepts the rewritten manifest, hashes too
     assert json.loads(p.stdout)["gate"]["alpha"] == info["alpha"]
+
+
+@pytest.mark.unit
+def test_softmax_xent_is_the_mean_formula_bit_for_bit():
+    """The per-epoch validation loss skips ``np.mean``'s call overhead, not its arithmetic:
+    early stopping, the best epoch and the mixing weight compare these values exactly."""
+
+    def reference(logits, y):  # the formula before (np.mean)
+        z = logits - logits.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
+
+    rng = np.random.default_rng(0)
+    for i in range(2000):
+        n, k = int(rng.integers(1, 300)), int(rng.integers(2, 20))
+        dtype = np.float32 if i % 4 else np.float64
+        wide = rng.standard_normal((n, k + 3)) * rng.uniform(0.1, 30)
+        logits = wide.astype(dtype)[:, :k]  # a strided view, as the runner's label columns
+        y = rng.integers(0, k, n)
+        assert gate.softmax_xent(logits, y) == reference(logits, y)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from .conftest import LABELS, RUNNER, SHIFT, WINDOW, adapt_json, run_runner, write_device_npz
+from .conftest import LABELS, ROOT, RUNNER, SHIFT, WINDOW, adapt_json, run_runner, write_device_npz
 
 
 def _adapt(bundle, data, out, *extra):
@@ -287,3 +287,20 @@ def test_signed_bundles_and_trust_keys(tiny_ck, tmp_path):
     assert p.returncode == 1 and "head_init.npz (head_init) fails its hash check" in p.stderr
     with pytest.raises(Exception, match="never overwritten"):
         keygen(tmp_path / "keys")
+
+
+def test_adapt_hashes_the_data_once(bundle, tmp_path, monkeypatch):
+    """The data file's sha256 keys both the feature cache and the run: one hash per run, and
+    none before the feature pass when there is no cache folder to look in."""
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun import adapt as adapting
+
+    data = write_device_npz(tmp_path / "local.npz", 120, seed=5, **SHIFT)
+    calls = []
+    real = adapting.data_digest
+    monkeypatch.setattr(adapting, "data_digest", lambda p: calls.append(p) or real(p))
+    first = adapting.adapt(str(bundle), str(data), str(tmp_path / "s"), epochs=2, quiet=True)
+    assert len(calls) == 1 and first["features_cached"] is False
+    again = adapting.adapt(str(bundle), str(data), str(tmp_path / "s"), epochs=2, quiet=True)
+    assert len(calls) == 2 and again["features_cached"] is True
+    assert again["run_key"] == first["run_key"]

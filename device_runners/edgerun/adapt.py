@@ -106,7 +106,8 @@ def _zero_state(m: dict, params: dict) -> dict:
 def _feeds(ts: dict, hp: dict, f, t, w, params: dict, state: dict,
            anchors: dict | None) -> dict:
     feeds = {ts["inputs"][0]: f, ts["targets_input"]: t, ts["sample_weight_input"]: w}
-    feeds.update({k: np.array(hp[k], np.float32) for k in ts["hparam_inputs"]})
+    # no copy when ``hp`` already holds float32 arrays (:class:`_Trainer` makes them once)
+    feeds.update({k: np.asarray(hp[k], np.float32) for k in ts["hparam_inputs"]})
     feeds.update(params)
     feeds.update(state)
     feeds.update(anchors or {})
@@ -153,6 +154,7 @@ class _Trainer:
     def __init__(self, backend, ts: dict, hp: dict, anchors: dict, *, n_cls: int, bs: int,
                  fixed: bool, fuse: bool):
         self.backend, self.ts, self.hp, self.anchors = backend, ts, hp, anchors
+        self.hp_feeds = {k: np.asarray(hp[k], np.float32) for k in ts["hparam_inputs"]}
         self.eye = np.eye(n_cls, dtype=np.float32)
         self.n_cls, self.bs, self.fixed, self.fuse = n_cls, bs, fixed, fuse
 
@@ -163,14 +165,14 @@ class _Trainer:
         ``after_step(epoch)`` runs after every one-step call and may stop the epoch by
         returning a reason. Returns ``(loss sum, windows, steps, fused steps, stopped)``.
         """
-        backend, ts, hp, anchors, eye, bs = (self.backend, self.ts, self.hp, self.anchors,
-                                             self.eye, self.bs)
+        backend, ts, hp, anchors, eye, bs = (self.backend, self.ts, self.hp_feeds,
+                                             self.anchors, self.eye, self.bs)
         total, count, steps, fused, done = 0.0, 0, 0, 0, 0
         for g in fused_groups(backend, len(order), bs) if self.fuse else ():
             b = order[done : done + g * bs].reshape(g, bs)
             for loss in _steps(backend, ts, hp, pool_f[b], eye[pool_y[b]], pool_w[b],
                                params, state, anchors):
-                _check_loss(loss, epoch, hp)
+                _check_loss(loss, epoch, self.hp)
                 total += loss * bs
                 count += bs
                 steps += 1
@@ -187,7 +189,7 @@ class _Trainer:
                 w = np.concatenate([w, np.zeros(pad, np.float32)])
             loss = _step(backend, ts, hp, f, t, w, params, state, anchors)
             stopped = after_step(epoch) if after_step else None
-            _check_loss(loss, epoch, hp)
+            _check_loss(loss, epoch, self.hp)
             total += loss * n
             count += n
             steps += 1
@@ -458,12 +460,15 @@ def _read_cached(path: str, key: str, shape: tuple):
     return feats, None
 
 
-def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
+def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str, digest=None):
     """Backbone features of ``ds``, cached in ``out_dir/features/`` on the device.
 
     The backbone is frozen, so features depend only on the data file, the backbone and the
     preprocessing; the key hashes all three. An entry stores its key and the sha256 of its
     features, both checked on read: a stale or damaged entry is recomputed, with a warning.
+    ``digest``: a callable giving :func:`data_digest` of ``data_path`` (the caller's, to hash
+    the data once per run); without a ``features/`` folder there is nothing to look up, so
+    the data is hashed only when the entry is saved.
 
     Returns ``(features, was_cached, warning or None, save)``. ``save()`` writes the entry:
     call it only once nothing can refuse the run any more (messages that say nothing was
@@ -471,25 +476,33 @@ def cached_features(backend, bundle: Bundle, ds, data_path: str, out_dir: str):
     only loses the cache).
     """
     m = bundle.manifest
-    key = [data_digest(data_path), m["files"]["backbone"]["sha256"],
-           m["input"].get("preprocess") or m["input"].get("image") or m["input"].get("text")]
-    if getattr(backend, "features_key", None):  # recalibrated BN statistics (edgerun.adabn)
-        key.append(backend.features_key)
-    key = json.dumps(key, sort_keys=True)
-    path = os.path.join(out_dir, "features", hashlib.sha256(key.encode()).hexdigest()[:24]
-                        + ".npz")
+    digest = digest or (lambda: data_digest(data_path))
+    extra = getattr(backend, "features_key", None)  # recalibrated BN statistics (edgerun.adabn)
+
+    def entry() -> tuple[str, str]:
+        key = [digest(), m["files"]["backbone"]["sha256"],
+               m["input"].get("preprocess") or m["input"].get("image") or m["input"].get("text")]
+        if extra:
+            key.append(extra)
+        key = json.dumps(key, sort_keys=True)
+        return key, os.path.join(out_dir, "features",
+                                 hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
+
     shape = (len(ds.x), int(m["features"]["dim"]))
     note = None
-    if os.path.lexists(path):
-        feats, why = _read_cached(path, key, shape)
-        if feats is not None:
-            return feats, True, None, lambda: None
-        note = f"the feature cache {path} was {why}; the features were recomputed"
+    if os.path.isdir(os.path.join(out_dir, "features")):
+        key, path = entry()
+        if os.path.lexists(path):
+            feats, why = _read_cached(path, key, shape)
+            if feats is not None:
+                return feats, True, None, lambda: None
+            note = f"the feature cache {path} was {why}; the features were recomputed"
     feats = np.ascontiguousarray(backend.features(dataio.preprocess(ds.x, m)), np.float32)
-    meta = {"format": FEATURES_FORMAT, "key": key,
-            "sha256": hashlib.sha256(feats.tobytes()).hexdigest()}
+    sha = hashlib.sha256(feats).hexdigest()  # C-contiguous: hashed in place, no copy
 
     def save():
+        key, path = entry()
+        meta = {"format": FEATURES_FORMAT, "key": key, "sha256": sha}
         try:  # a cache: no fsync (lost at worst, never half-written)
             atomic_write(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)),
                                                   features=feats),
@@ -673,10 +686,11 @@ def train_fold(trainer: _Trainer, backend, bundle, start: Head, feats, y, tr, va
     rng = np.random.default_rng(seed)
     best, stopped = None, None
     check = (lambda epoch: after_step(head, epoch)) if after_step else None
+    feats_va, y_va = feats[va], y[va]
     for epoch in range(epochs):
         *_, stopped = trainer.epoch(rng.permutation(pool), pool_f, pool_y, pool_w, head.params,
                                     state, epoch, check)
-        val_loss = _val_scores(backend, bundle, head, feats[va], y[va])[0]
+        val_loss = _val_scores(backend, bundle, head, feats_va, y_va)[0]
         if best is None or val_loss < best[0]:
             best = (val_loss, {k: v.copy() for k, v in head.params.items()}, epoch + 1)
         if stopped or (patience and epoch + 1 - best[2] >= patience):
@@ -821,6 +835,13 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         # keeps the best head (the documented budget rule); a pass that does not is stopped
         backend.deadline = t_start + max_seconds + BACKBONE_GRACE_S
     raw = backend
+    digests: list[str] = []
+
+    def digest() -> str:  # the data file hashed once per run (feature cache key, run key)
+        if not digests:
+            digests.append(data_digest(data_path))
+        return digests[0]
+
     try:
         selftest_err = selftest(bundle, backend)
         # recalibrated BN statistics in the state folder (run.py recalibrate): features use
@@ -840,11 +861,11 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         head0 = Head.load(head_path, bundle) if head_path else Head.from_bundle(bundle)
         t0 = time.perf_counter()
         feats, cached, note, save_cache = cached_features(backend, bundle, ds, data_path,
-                                                          out_dir)
+                                                          out_dir, digest)
         bn_gate = None
         if backend is not raw:  # recalibrated statistics: judged against the bundle's first
             feats_raw, _, note_raw, save_raw = cached_features(raw, bundle, ds, data_path,
-                                                               out_dir)
+                                                               out_dir, digest)
             bn_gate = statistics_gate(raw, backend, bundle, head0, ds.y, feats_raw, feats,
                                       seed=seed, val_fraction=val_fraction, gate=gate)
             if not bn_gate["keep"]:
@@ -953,7 +974,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     if cache_note:
         warnings.append(cache_note)
     state_path = os.path.join(out_dir, TRAIN_STATE)
-    key = {"data": data_digest(data_path), "backbone": m["files"]["backbone"]["sha256"],
+    key = {"data": digest(), "backbone": m["files"]["backbone"]["sha256"],
            "head": head_path and sha256_file(head_path), "epochs": epochs, "batch": bs,
            "seed": seed, "val_fraction": val_fraction, "hparams": hp,
            "class_balanced": class_balanced, "patience": patience, "gate": gate,
@@ -985,7 +1006,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     # after every step, so they keep one step per call
     fuse = not frozen_rows and max_seconds is None and max_memory_mb is None
     trainer = _Trainer(backend, ts, hp, anchors, n_cls=n_cls, bs=bs, fixed=bool(fixed), fuse=fuse)
-    feats_va, steps_fused = feats[va], 0
+    feats_va, y_va, steps_fused = feats[va], y[va], 0
     t1 = last_save = time.perf_counter()
 
     def over_budget(epoch: int) -> str | None:
@@ -1006,7 +1027,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
             order, pool_f, pool_y, pool_w, head.params, state, epoch, after_step)
         steps += n_steps
         steps_fused += n_fused
-        val_loss, val_acc, _ = _val_scores(backend, bundle, head, feats_va, y[va])
+        val_loss, val_acc, _ = _val_scores(backend, bundle, head, feats_va, y_va)
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_loss": val_loss,
                         "val_accuracy": val_acc, "complete": stopped is None})
         if best is None or val_loss < best[0]:
@@ -1038,7 +1059,7 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         verdict["reason"] = "no training (--epochs 0): the starting head is written"
         cand = start_full if start_full is not None else cand
     else:
-        cand, w, scores0, scores = propose(backend, bundle, start, head, feats[va], y[va], mix)
+        cand, w, scores0, scores = propose(backend, bundle, start, head, feats_va, y_va, mix)
         verdict = verdict_of(w, scores0, scores, gate)
         if gate["folds"] > 1 and gate["rule"] != "none":  # more evidence: the other folds
             splits = dataio.stratified_folds(y, val_fraction, seed, dataio.split_mode(m),

@@ -8,8 +8,11 @@ convolutions, pads, slices and sums (1-D and 2-D, any stride, padding, dilation,
   regrouped, spatially flipped weight (a depthwise conv stays depthwise). The flip runs on a
   3-D view: litert-torch re-lays a 4-D flip feeding a conv weight out as NHWC. A transposed
   conv would also do in onnxruntime, but a strided depthwise one does not legalise in TFLite.
-- grad_weight, groups 1: a convolution of the input (batch and channels swapped) with the
-  output gradient as the filter, stride and dilation swapped, cropped to the kernel;
+- grad_weight, groups 1: per kernel tap, one matmul of the output gradient with a strided
+  slice of the padded input laid out channels last (:func:`_grad_weight_dense`). The former
+  form, a convolution of the input (batch and channels swapped) with the output gradient as
+  a whole-length filter, took onnxruntime ~3x as long at HAR size (32x32x32 input, 48
+  outputs, k 3);
 - grad_weight, groups > 1: one strided slice of the padded input per kernel tap, times the
   output gradient, summed (a batched matmul per group).
 
@@ -77,14 +80,10 @@ def _grad_input(go, x, w, stride, padding, dilation, groups):
 def _grad_weight(go, x, w, stride, padding, dilation, groups):
     nd = x.dim() - 2
     ks, out = list(w.shape[2:]), list(go.shape[2:])
-    if groups == 1:
-        r = aten.convolution(x.transpose(0, 1), go.transpose(0, 1), None, dilation, padding,
-                             stride, False, [0] * nd, 1)
-        for i in range(nd):
-            r = r.narrow(2 + i, 0, ks[i])
-        return r.transpose(0, 1)
     pad = [p for i in reversed(range(nd)) for p in (padding[i], padding[i])]
     xp = F.pad(x, pad) if any(pad) else x
+    if groups == 1:
+        return _grad_weight_dense(go, xp, w, stride, dilation)
     slices = []
     for tap in itertools.product(*[range(k) for k in ks]):
         s = xp
@@ -107,6 +106,33 @@ def _grad_weight(go, x, w, stride, padding, dilation, groups):
     return torch.bmm(gg, pg).reshape(w.shape)
 
 
+def _grad_weight_dense(go, xp, w, stride, dilation):
+    """The weight gradient of a groups-1 convolution from the padded input ``xp``.
+
+    Per kernel tap, the output gradient (Cout, N*out) times the padded input's strided
+    slice, channels last (N*out, Cin); the taps' (Cout, Cin) products stacked. The input
+    goes channels-last once, so every slice copies whole channel rows and no
+    (N, Cin, *out, K) im2col tensor is stacked or transposed.
+    """
+    nd = xp.dim() - 2
+    ks, out = list(w.shape[2:]), list(go.shape[2:])
+    n, cin, cout = xp.shape[0], xp.shape[1], w.shape[0]
+    lo = 1
+    for v in out:
+        lo *= v
+    xl = xp.permute(0, *range(2, 2 + nd), 1)  # (N, *spatial, Cin)
+    g2 = go.transpose(0, 1).reshape(cout, n * lo)
+    taps = []
+    for tap in itertools.product(*[range(k) for k in ks]):
+        s = xl
+        for i in range(nd):
+            s = s.narrow(1 + i, tap[i] * dilation[i], (out[i] - 1) * stride[i] + 1)
+            if stride[i] > 1:
+                s = s[(slice(None),) * (1 + i) + (slice(None, None, stride[i]),)]
+        taps.append(g2 @ s.reshape(n * lo, cin))
+    return torch.stack(taps, -1).reshape(w.shape)
+
+
 def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
                          transposed, output_padding, groups, output_mask):
     """Drop-in for ``aten.convolution_backward.default`` (non-transposed convolutions)."""
@@ -127,11 +153,16 @@ def max_pool2d_with_indices_backward(grad_output, self, kernel_size, stride, pad
 
     Non-overlapping windows (stride = kernel, no padding or dilation: every pooling of the
     built-in students): each output's gradient goes to the first maximum of its window,
-    found again from the input (an ``argmax`` over the window's cells, row-major, as torch
-    picks among ties; then a compare with each cell's position and a select, no scatter;
-    cells past the last whole window get 0). ``indices`` are not read: litert-torch lowers
-    ``max_pool2d_with_indices``'s indices as zeros. Other pools: a ``scatter_add`` of the
-    gradient at the indices (ONNX only; :func:`pool_indices_used` finds it for TFLite).
+    found again from the input, as torch picks among ties. Each of the window's cells is a
+    strided slice of the input (row-major order); a cell is the first maximum when it equals
+    the window's maximum and no earlier cell did; its gradient is a select, and the cells are
+    interleaved back by one stack (no scatter; cells past the last whole window get 0).
+    Every op runs on whole (N, C, ho, wo) planes: the former argmax over a trailing axis of
+    kh*kw cells and its broadcast compare-and-select against a zeros tensor cost onnxruntime
+    ~45 % of a HAR ``bias`` train step (same values: ``tests/test_trainable.py``).
+    ``indices`` are not read: litert-torch lowers ``max_pool2d_with_indices``'s indices as
+    zeros. Other pools: a ``scatter_add`` of the gradient at the indices (ONNX only;
+    :func:`pool_indices_used` finds it for TFLite).
     """
     ks = _per_dim(kernel_size, 2)
     st = _per_dim(stride, 2) if len(stride) else ks
@@ -141,12 +172,17 @@ def max_pool2d_with_indices_backward(grad_output, self, kernel_size, stride, pad
         ho, wo = grad_output.shape[-2:]
         kh, kw = ks
         lead = list(self.shape[:-2])
-        x = self.narrow(-2, 0, ho * kh).narrow(-1, 0, wo * kw)
-        x = x.reshape(*lead, ho, kh, wo, kw).transpose(-3, -2).reshape(*lead, ho, wo, kh * kw)
-        first = torch.argmax(x, dim=-1, keepdim=True)
-        taps = torch.arange(kh * kw, device=self.device)
-        g = torch.where(taps == first, grad_output.unsqueeze(-1), torch.zeros_like(x))
-        gi = g.reshape(*lead, ho, wo, kh, kw).transpose(-3, -2).reshape(
+        cells = [self[..., i : i + (ho - 1) * kh + 1 : kh, j : j + (wo - 1) * kw + 1 : kw]
+                 for i in range(kh) for j in range(kw)]
+        top = cells[0]
+        for c in cells[1:]:
+            top = torch.maximum(top, c)
+        taken, grads = None, []
+        for c in cells:  # the first cell equal to the window's maximum takes the gradient
+            hit = c == top if taken is None else (c == top) & ~taken
+            taken = hit if taken is None else taken | hit
+            grads.append(torch.where(hit, grad_output, 0.0))
+        gi = torch.stack(grads, -1).reshape(*lead, ho, wo, kh, kw).transpose(-3, -2).reshape(
             *lead, ho * kh, wo * kw)
         if ho * kh < h or wo * kw < w:
             gi = F.pad(gi, [0, w - wo * kw, 0, h - ho * kh])
