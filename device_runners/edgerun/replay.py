@@ -61,16 +61,25 @@ def load(bundle, names: list, dim: int) -> tuple[np.ndarray, np.ndarray]:
     if f.ndim != 2 or f.shape[1] != dim or ids.shape != (len(f),):
         raise RunnerError(f"{where}: expected features (R, {dim}) and labels (R,), found "
                           f"{f.shape} and {ids.shape}; {fix}")
+    return _known(f, ids, m, names, where, fix, "features")
+
+
+def _known(x: np.ndarray, ids: np.ndarray, m: dict, names: list, where: str, fix: str,
+           what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``x`` whose label the head has, and their class ids into ``names``.
+
+    Label ids outside ``manifest["labels"]`` or non-finite rows are refused by name.
+    """
     if ids.dtype.kind not in "iu" or (len(ids) and (ids.min() < 0
                                                     or ids.max() >= len(m["labels"]))):
         raise RunnerError(f"{where}: label ids must be integers in [0, {len(m['labels'])}), "
                           f"found {ids.dtype} in [{ids.min()}, {ids.max()}]; {fix}")
-    if not np.isfinite(f).all():
-        raise RunnerError(f"{where}: features hold NaN or infinity; {fix}")
+    if not np.isfinite(x).all():
+        raise RunnerError(f"{where}: {what} hold NaN or infinity; {fix}")
     labels = [m["labels"][i] for i in ids.tolist()]
     keep = np.asarray([lab in names for lab in labels], bool)
     y = np.asarray([names.index(lab) for lab, k in zip(labels, keep) if k], np.int64)
-    return f[keep], y
+    return x[keep], y
 
 
 def inputs(bundle, names: list, shape: tuple) -> tuple[np.ndarray, np.ndarray] | None:
@@ -98,16 +107,7 @@ def inputs(bundle, names: list, shape: tuple) -> tuple[np.ndarray, np.ndarray] |
         raise RunnerError(f"{where}: expected {r['inputs']} windows of shape "
                           f"{tuple(shape)} with one label each, found {x.shape} and "
                           f"{ids.shape}; {fix}")
-    if ids.dtype.kind not in "iu" or (len(ids) and (ids.min() < 0
-                                                    or ids.max() >= len(m["labels"]))):
-        raise RunnerError(f"{where}: label ids must be integers in [0, {len(m['labels'])}); "
-                          f"{fix}")
-    if not np.isfinite(x).all():
-        raise RunnerError(f"{where}: windows hold NaN or infinity; {fix}")
-    labels = [m["labels"][i] for i in ids.tolist()]
-    keep = np.asarray([lab in names for lab in labels], bool)
-    y = np.asarray([names.index(lab) for lab, k in zip(labels, keep) if k], np.int64)
-    return x[keep], y
+    return _known(x, ids, m, names, where, fix, "windows")
 
 
 def weights(local: np.ndarray, n: int, weight: float) -> np.ndarray:
