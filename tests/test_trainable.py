@@ -411,3 +411,77 @@ def test_trainable_bench_pairs_ratios_within_a_round():
                                              "nodes": 7}}}}
     assert "| `bias` | 10 | tail_train.onnx: 2 KiB, 7 nodes | 2.000 (2.000–2.000)× | " \
            "3.000 (2.000–4.000)× |" in markdown(res)
+
+
+class _Exact:
+    """A "runtime" whose train step is the tail's float64 step (``lr_error``: a wrong graph
+    that scales the learning rate)."""
+
+    fused = None
+
+    def __init__(self, tail, lr_error: float = 1.0):
+        self.twin, self.names = tail.train.float64(), tail.train.input_names()
+        self.lr_error = lr_error
+
+    def train_step(self, feeds):
+        args = [torch.from_numpy(np.asarray(feeds[n], np.float64)) for n in self.names]
+        args[3] = args[3] * self.lr_error  # the first hyper-parameter: lr
+        with torch.no_grad():
+            out = self.twin(*args)
+        return {n: o.numpy().astype(np.float32)
+                for n, o in zip(self.twin.output_names(), out, strict=True)}
+
+
+def _tiny_tail(ck, spec="all"):
+    from edgetl.data.synthetic import make_windows
+    from edgetl.export.bundle import head_spec, torch_features
+    from edgetl.export.tail import prepare
+
+    x, _ = make_windows(64, window=WINDOW, seed=1)
+    xn = ck.normalize(x).astype(np.float32)
+    hp = {k: v.detach().numpy() for k, v in ck.model.head_state().items()}
+    tail = prepare(ck.model.backbone.eval(), head_spec(ck), "sgd", spec, hp,
+                   torch.from_numpy(xn[:2]))
+    return tail, torch_features(tail.cut.prefix, xn)
+
+
+@pytest.mark.unit
+def test_tail_train_step_check_judges_against_the_float64_step(tiny_ck):
+    """The export's train-step check of a tail compares with the float64 torch step, within
+    ``max(atol * max(1, |v|), 4 x torch float32's own distance to it)``: an exact runtime
+    passes, a graph with a learning rate 2 % off fails naming the output."""
+    from edgetl.errors import ToleranceError
+    from edgetl.export.bundle import _check_train_step, head_spec
+    from edgetl.tolerances import TRAIN_STEP_NOISE_FACTOR, train_step_bound
+
+    assert train_step_bound(1e-4, np.array([5.0, -0.1])) == pytest.approx(5e-4)
+    assert train_step_bound(1e-4, np.array([0.5]), noise=3e-3) == pytest.approx(
+        TRAIN_STEP_NOISE_FACTOR * 3e-3)
+    assert train_step_bound(1e-4, np.array([0.5]), noise=1e-9) == pytest.approx(1e-4)
+    tail, feats = _tiny_tail(tiny_ck)
+    spec, hps = head_spec(tiny_ck), {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+    err = _check_train_step(_Exact(tail), spec, "sgd", hps, tail.params, 1e-4, 16,
+                            ref=tail.train, features=feats)
+    assert err < 1e-6  # the float64 step against itself, up to float32 output rounding
+    with pytest.raises(ToleranceError, match=r"train_step\[0\]\.new\..*vs the float64 step"):
+        _check_train_step(_Exact(tail, lr_error=1.02), spec, "sgd", hps, tail.params, 1e-4, 16,
+                          ref=tail.train, features=feats)
+
+
+@pytest.mark.unit
+def test_train_step_check_draws_real_features_and_names_a_diverging_reference(tiny_ck):
+    """Check batches are rows of the reference features (the tail's own input scale); a torch
+    reference that diverges on them is reported as such, not as a graph error."""
+    from edgetl.errors import DataError
+    from edgetl.export.bundle import _check_features, _check_train_step, head_spec
+
+    tail, feats = _tiny_tail(tiny_ck)
+    g = torch.Generator().manual_seed(0)
+    f = _check_features(16, feats.shape[1], g, feats).numpy()
+    assert all((feats == row).all(1).any() for row in f)  # every row is a reference row
+    assert _check_features(4, 7, g, None).shape == (4, 7)  # the head's N(0, 1) default
+    with pytest.raises(DataError, match=r"PyTorch reference itself diverged at step \d+ .* "
+                                        r"64 reference inputs"):
+        _check_train_step(_Exact(tail), head_spec(tiny_ck), "sgd",
+                          {"lr": 1e6, "momentum": 0.9, "weight_decay": 0.0}, tail.params, 1e-4,
+                          16, ref=tail.train, features=feats * 1e3)
