@@ -485,3 +485,39 @@ def test_train_step_check_draws_real_features_and_names_a_diverging_reference(ti
         _check_train_step(_Exact(tail), head_spec(tiny_ck), "sgd",
                           {"lr": 1e6, "momentum": 0.9, "weight_decay": 0.0}, tail.params, 1e-4,
                           16, ref=tail.train, features=feats * 1e3)
+
+
+@pytest.mark.unit
+def test_a_user_models_backbone_traces_for_the_cut():
+    """``export_model``'s backbone (the model with its head swapped for a probe) becomes an fx
+    graph ending at the head's input, with the parameter names the SPEC selects from; an
+    ``nn.LSTM`` stays one node (fx's torch.nn leaves), token ids are cast to int64."""
+    from torch import nn
+
+    from edgetl.export.model import as_edge_model
+    from edgetl.trainable.cut import split, trace
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.rnn = nn.LSTM(8, 8, batch_first=True)
+            self.norm = nn.LayerNorm(8)
+            self.out = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 3))
+
+        def forward(self, ids):
+            h, _ = self.rnn(self.embed(ids))
+            return self.out(self.norm(h[:, -1]))
+
+    torch.manual_seed(0)
+    edge, _, _ = as_edge_model(Net().eval(), head="out", labels=["a", "b", "c"])
+    x = torch.randint(1, 20, (4, 6), dtype=torch.int32)
+    gm = trace(edge.backbone, x)
+    assert torch.equal(gm(x), edge.backbone(x))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == [
+        "model.embed", "model.rnn", "model.norm", "model.out.pre"]
+    names = select(edge.backbone, "bias")
+    assert names == ["model.rnn.bias_ih_l0", "model.rnn.bias_hh_l0", "model.norm.weight",
+                     "model.norm.bias"]
+    cut = split(edge.backbone, names, x)
+    assert cut.node == "model_embed" and cut.shape == (6, 8)

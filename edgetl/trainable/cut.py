@@ -49,9 +49,14 @@ def _reads(node: fx.Node, gm: fx.GraphModule, trainable: set[str]) -> bool:
     return False
 
 
-def trace(backbone: nn.Module) -> fx.GraphModule:
-    """``backbone`` as an fx graph; :class:`ConfigError` if it cannot be traced."""
+def trace(backbone: nn.Module, sample: torch.Tensor | None = None) -> fx.GraphModule:
+    """``backbone`` as an fx graph; :class:`ConfigError` if it cannot be traced.
+
+    A backbone with its own ``fx_graph(sample)`` (a user model's ``HeadInput``) gives it.
+    """
     try:
+        if hasattr(backbone, "fx_graph"):
+            return backbone.eval().fx_graph(sample)
         return fx.symbolic_trace(backbone.eval())
     except Exception as e:  # noqa: BLE001 - fx raises many types on dynamic Python
         raise ConfigError(f"--trainable: the backbone {type(backbone).__name__} cannot be "
@@ -67,7 +72,7 @@ def split(backbone: nn.Module, trainable: list[str], sample: torch.Tensor) -> Cu
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
-    gm = trace(backbone)
+    gm = trace(backbone, sample)
     want = set(trainable)
     nodes = list(gm.graph.nodes)
     if sum(n.op == "placeholder" for n in nodes) != 1:
