@@ -521,3 +521,26 @@ def test_a_user_models_backbone_traces_for_the_cut():
                      "model.norm.bias"]
     cut = split(edge.backbone, names, x)
     assert cut.node == "model_embed" and cut.shape == (6, 8)
+    from edgetl.export.bundle import head_spec
+    from edgetl.export.tail import prepare
+
+    ck = type("Ck", (), {"model": edge, "head": HeadConfig(), "labels": ("a", "b", "c")})
+    hp = {k: v.detach().numpy() for k, v in edge.head_state().items()}
+    with pytest.raises(ConfigError, match="integer input .*model.embed.weight.*smaller SPEC"):
+        prepare(edge.backbone, head_spec(ck), "sgd", "all", hp, x)
+
+
+@pytest.mark.unit
+def test_an_unlowered_op_is_named_from_the_exporters_cause_chain():
+    """The dynamo exporter's top error is generic; the op sits in a cause."""
+    from edgetl.export.tail import failing_ops
+
+    try:
+        try:
+            raise KeyError("No ONNX function found for <OpOverload(op='aten.mkldnn_rnn_layer', "
+                           "overload='default')>")
+        except KeyError as k:
+            raise RuntimeError("Failed to convert the exported program to an ONNX model") from k
+    except RuntimeError as e:
+        assert failing_ops(e).startswith("no lowering for aten.mkldnn_rnn_layer")
+    assert failing_ops(ValueError("bad\nthing")) == "ValueError: bad thing"

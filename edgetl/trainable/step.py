@@ -159,7 +159,9 @@ class TailTrain(nn.Module):
 
         from edgetl.trainable.decomp import table
 
-        with sdpa_kernel(SDPBackend.MATH):
+        # oneDNN off: on CPU, aten.lstm would pick mkldnn_rnn_layer, which no exporter
+        # lowers; without it the LSTM decomposes into matmuls and pointwise ops
+        with sdpa_kernel(SDPBackend.MATH), torch.backends.mkldnn.flags(enabled=False):
             gm = make_fx(self.forward, decomposition_table=table())(*args)
         left = sorted({str(n.target) for n in gm.graph.nodes
                        if n.op == "call_function" and "backward" in str(n.target)})
