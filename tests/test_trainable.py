@@ -544,3 +544,35 @@ def test_an_unlowered_op_is_named_from_the_exporters_cause_chain():
     except RuntimeError as e:
         assert failing_ops(e).startswith("no lowering for aten.mkldnn_rnn_layer")
     assert failing_ops(ValueError("bad\nthing")) == "ValueError: bad thing"
+
+
+@pytest.mark.unit
+def test_a_parameter_the_forward_never_reads_is_named_not_trained():
+    """``all`` leaves out (and names, in the manifest block) a parameter no gradient reaches
+    (wav2vec2's training-only ``masked_spec_embed``); a glob naming only it is refused."""
+    from torch import nn
+
+    from edgetl.export.bundle import head_spec
+    from edgetl.export.model import as_edge_model
+    from edgetl.export.tail import prepare
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3)
+            self.mask_embed = nn.Parameter(torch.zeros(4))  # used in training only
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean(-1))
+
+    torch.manual_seed(0)
+    edge, _, _ = as_edge_model(Net().eval(), head="fc", labels=["a", "b", "c"])
+    ck = type("Ck", (), {"model": edge, "head": HeadConfig(), "labels": ("a", "b", "c")})
+    hp = {k: v.detach().numpy() for k, v in edge.head_state().items()}
+    x = torch.randn(2, 3, 8)
+    tail = prepare(edge.backbone, head_spec(ck), "sgd", "all", hp, x)
+    assert tail.backbone_params == ["model.conv.weight", "model.conv.bias"]
+    assert tail.block()["unread"] == ["backbone.model.mask_embed"]
+    with pytest.raises(ConfigError, match="never read"):
+        prepare(edge.backbone, head_spec(ck), "sgd", "model.mask_embed", hp, x)

@@ -12,6 +12,7 @@ only, checked). Graph names and feeds are the head graphs' (see
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from edgetl.head import HeadSpec
 from edgetl.trainable.cut import Cut, split
 from edgetl.trainable.spec import select
 from edgetl.trainable.step import TailInfer, TailModel, TailTrain
+
+log = logging.getLogger(__name__)
 
 GRADIENTS = "torch autograd at export time (torch.func + make_fx, core-ATen decompositions)"
 
@@ -44,6 +47,10 @@ class Tail:
         return {"spec": self.spec, "cut": {"node": self.cut.node, "shape": list(self.cut.shape)},
                 "params": [{"name": n, "shape": list(self.params[n].shape)}
                            for n in self.train.param_names[: len(self.backbone_params)]],
+                **({"unread": [f"backbone.{n}" for n in self.cut.unread],
+                    "unread_note": "selected by the SPEC but never read by the forward (no "
+                                   "gradient reaches them): left out of the train step"}
+                   if self.cut.unread else {}),
                 "gradients": GRADIENTS}
 
 
@@ -58,7 +65,15 @@ def prepare(backbone: torch.nn.Module, spec: HeadSpec, optimizer: str, trainable
         raise ConfigError("--trainable beyond head is not supported for text models yet; "
                           "use --trainable head")
     names = select(backbone, trainable)
-    cut = split(backbone, names, sample)
+    # a kind SPEC (bias, last:N, all) may select parameters the forward never reads; named
+    # globs may not (a typo would train nothing)
+    kind = trainable in ("bias", "all") or trainable.startswith("last:")
+    cut = split(backbone, names, sample, allow_unread=kind)
+    if cut.unread:
+        log.warning("--trainable %s: %s are never read by the forward (no gradient); left out "
+                    "of the train step (manifest trainable.unread)", trainable,
+                    list(cut.unread))
+        names = [n for n in names if n not in cut.unread]
     with torch.no_grad():
         at_cut = cut.prefix(sample[:1])
     if not at_cut.is_floating_point():

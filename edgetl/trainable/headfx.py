@@ -7,7 +7,9 @@ and makes the probe's input (after its parameter-free ``pre`` modules) the graph
 the same function as ``HeadInput.forward``, with parameter names ``model.<path>`` as
 ``HeadInput.named_parameters()`` gives them, so ``--trainable`` cuts it like a checkpoint's
 backbone. torch.nn modules stay leaves (fx's default: an ``nn.LSTM`` or
-``nn.TransformerEncoder`` is one node whose parameters the cut sees).
+``nn.TransformerEncoder`` is one node whose parameters the cut sees). A transformers model,
+whose forward branches on tensor metadata that plain fx cannot follow, is traced with
+transformers' own ``HFTracer`` (concrete shapes from the sample) when plain fx fails.
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ class _ProbeTracer(fx.Tracer):
         return m is self.probe or super().is_leaf_module(m, qualname)
 
 
+def _graph(root: nn.Module, probe: nn.Module, sample: torch.Tensor | None) -> fx.Graph:
+    """Plain fx first; a transformers model that plain fx cannot trace: ``HFTracer``."""
+    try:
+        return _ProbeTracer(probe).trace(root)
+    except Exception:
+        if sample is None or not type(root.model).__module__.startswith("transformers."):
+            raise
+    from transformers.utils.fx import HFTracer
+
+    class _HFProbeTracer(HFTracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return m is probe or super().is_leaf_module(m, qualname)
+
+    return _HFProbeTracer().trace(root, dummy_inputs={"x": sample})
+
+
 def trace_head_input(head_input: nn.Module, sample: torch.Tensor | None) -> fx.GraphModule:
     """``head_input`` (a ``HeadInput``) as an fx graph: x -> what the head receives.
 
@@ -48,7 +66,7 @@ def trace_head_input(head_input: nn.Module, sample: torch.Tensor | None) -> fx.G
     ids = sample is not None and not sample.is_floating_point()
     root = _Root(head_input.model, head_input._call, ids)
     probe = head_input._probe
-    graph = _ProbeTracer(probe).trace(root)
+    graph = _graph(root, probe, sample)
     calls = [n for n in graph.nodes if n.op == "call_module"
              and root.get_submodule(n.target) is probe]
     if len(calls) != 1:
