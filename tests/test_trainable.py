@@ -95,6 +95,30 @@ def test_max_pool_backward_decomposition_matches_autograd():
         assert got.shape == x.shape and (got - want).abs().max().item() < 1e-12
 
 
+@pytest.mark.unit
+def test_avg_pool_backward_decomposition_matches_autograd():
+    """Padding, ceil mode, count_include_pad off, a divisor override, a 3-D input, and one
+    window over the whole input (HF EfficientNet's pooler: a broadcast)."""
+    from edgetl.trainable.decomp import avg_pool2d_backward
+
+    torch.manual_seed(0)
+    aten = torch.ops.aten
+    for shape, k, s, p, ceil, cip, div in [
+            ((2, 3, 8, 9), [2, 2], [2, 2], [0, 0], False, True, None),
+            ((2, 3, 7, 7), [3, 3], [2, 2], [1, 1], True, True, None),
+            ((2, 3, 7, 7), [3, 3], [2, 2], [1, 1], True, False, None),
+            ((1, 2, 5, 6), [3, 2], [1, 2], [1, 0], False, False, None),
+            ((2, 3, 6, 6), [2, 2], [], [0, 0], False, True, 3),
+            ((3, 5, 5), [2, 2], [2, 2], [0, 0], True, True, None),
+            ((2, 4, 3, 2), [320, 320], [320, 320], [0, 0], True, True, None)]:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        y = aten.avg_pool2d(x, k, s, p, ceil, cip, div)
+        go = torch.randn_like(y)
+        want, = torch.autograd.grad(y, [x], go)
+        got = avg_pool2d_backward(go, x.detach(), k, s, p, ceil, cip, div)
+        assert got.shape == x.shape and (got - want).abs().max().item() < 1e-12
+
+
 def _two_block_checkpoint():
     """Two conv blocks (8 then 8 channels, pool 2 between): ``last:1`` cuts mid-network."""
     import tests.conftest as c
