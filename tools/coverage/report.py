@@ -143,6 +143,12 @@ def render_trainable(tr: dict) -> list[str]:
         for spec in tr["specs"]:
             sub = [r for r in rows if r["target"] == t and r["spec"] == spec]
             out.append(f"- {t} `{spec}`: {sum(r['pass'] for r in sub)} of {len(sub)}")
+    every = list(dict.fromkeys(r["case"] for r in rows))
+    for t in tr["targets"]:
+        missing = [c for c in every if not any(r["case"] == c and r["target"] == t
+                                               for r in rows)]
+        if missing:
+            out.append(f"- not run for {t} (yet): {', '.join(missing)}")
     out += [
         "",
         "Each cell: **export** (`edgetl.export_model(..., ExportConfig(trainable=SPEC))`: the "
