@@ -259,4 +259,15 @@ def table() -> dict:
     t[aten.convolution_backward.default] = convolution_backward
     t[aten.max_pool2d_with_indices_backward.default] = max_pool2d_with_indices_backward
     t[aten.avg_pool2d_backward.default] = avg_pool2d_backward
+    t[aten.empty_permuted.default] = _empty_permuted
     return t
+
+
+def _empty_permuted(size, physical_layout, dtype=None, layout=None, device=None,
+                    pin_memory=None):
+    """``aten.empty_permuted`` as zeros of the same logical shape.
+
+    A channels-last ``empty_like`` in a backward; no exporter lowers it, and its values are
+    always overwritten.
+    """
+    return torch.zeros(size, dtype=dtype, device=device)

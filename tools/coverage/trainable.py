@@ -243,6 +243,13 @@ def parity(case, bundle: Path, m) -> dict:
             err64 = max(err64, e)
         if not np.isfinite(e) or e > bound:
             failed.append(f"{n}: {e:.3g} > {bound:.2g}")
+    diverged = [name for name, arr in (("torch.optim", l32), ("the runner", got_l))
+                if not np.all(np.isfinite(arr))]
+    if diverged:  # a NaN trajectory says nothing about the graph: say who diverged
+        first = int(np.argmax(~np.isfinite(np.asarray(l32 if diverged[0] == "torch.optim"
+                                                      else got_l, np.float64))))
+        failed.insert(0, f"{' and '.join(diverged)} diverged (loss not finite from step "
+                         f"{first}; lr {hp['lr']})")
     return {"parity_loss_err32": float(np.abs(vals["loss"][0] - l32).max()),
             "parity_err32": err32, "parity_err64": err64 if p64 is not None else None,
             "parity_noise32": noise_max if p64 is not None else None,
