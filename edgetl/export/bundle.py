@@ -89,6 +89,7 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
     anchors = p if spec.l2sp else []  # L2-SP toward the starting head, as the runner does
     truth = _float64(ref)  # None for the head's step
+    loss0 = 0.0
     g = torch.Generator().manual_seed(0)
     worst, done = 0.0, []
     for i in range(steps):
@@ -98,7 +99,9 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
         w = (torch.arange(batch) < batch - i % 3).float()  # some padded rows
         args = [f, t, w, *hp, *p, *s, *anchors]
         out = ref(*args)
-        if not all(bool(torch.isfinite(o).all()) for o in out):
+        loss0 = loss0 if i else abs(float(out[0]))
+        if (not all(bool(torch.isfinite(o).all()) for o in out)  # NaN, or blown up
+                or abs(float(out[0])) > DIVERGED_LOSS_FACTOR * max(1.0, loss0)):
             raise DataError(
                 f"train-step check: the PyTorch reference itself diverged at step {i} of "
                 f"{steps} (loss {float(out[0]):.3g}; lr {hparams.get('lr')}) on "
@@ -138,6 +141,10 @@ def _check_features(batch: int, dim: int, g: torch.Generator,
                                  f"step takes ({dim},)")
     rows = torch.randint(0, len(features), (batch,), generator=g)
     return torch.from_numpy(np.ascontiguousarray(features, np.float32))[rows]
+
+
+#: A check step whose loss exceeds this multiple of the first step's (at least 1) has blown up.
+DIVERGED_LOSS_FACTOR = 1e3
 
 
 def _float64(ref):

@@ -229,18 +229,21 @@ def parity(case, bundle: Path, m) -> dict:
     got = {n: cut(n, params[n]).astype(np.float64) for n in p32}
     vals = {"loss": (np.asarray(got_l, np.float64), l32, l64)}
     vals.update({n: (got[n], p32[n], None if p64 is None else p64[n]) for n in p32})
+    def worse(a: float, b: float) -> float:  # NaN wins: a diverged run is no 0.0
+        return float("nan") if np.isnan(a) or np.isnan(b) else max(a, b)
+
     err32 = err64 = noise_max = 0.0
     failed = []
     for n, (rt, t32, t64) in vals.items():
         e32 = float(np.abs(rt - t32).max())
-        err32 = max(err32, e32)
+        err32 = worse(err32, e32)
         if t64 is None:
             bound, e = train_step_bound(atol, t32), e32
         else:
             noise = float(np.abs(t32 - t64).max())
-            noise_max = max(noise_max, noise)
+            noise_max = worse(noise_max, noise)
             bound, e = train_step_bound(atol, t64, noise), float(np.abs(rt - t64).max())
-            err64 = max(err64, e)
+            err64 = worse(err64, e)
         if not np.isfinite(e) or e > bound:
             failed.append(f"{n}: {e:.3g} > {bound:.2g}")
     diverged = [name for name, arr in (("torch.optim", l32), ("the runner", got_l))
