@@ -550,7 +550,7 @@ def test_a_user_models_backbone_traces_for_the_cut():
 
     ck = type("Ck", (), {"model": edge, "head": HeadConfig(), "labels": ("a", "b", "c")})
     hp = {k: v.detach().numpy() for k, v in edge.head_state().items()}
-    with pytest.raises(ConfigError, match="integer input .*model.embed.weight.*smaller SPEC"):
+    with pytest.raises(ConfigError, match="integer input .*model.embed.weight .*smaller SPEC"):
         prepare(edge.backbone, head_spec(ck), "sgd", "all", hp, x)
 
 

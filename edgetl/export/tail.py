@@ -77,11 +77,13 @@ def prepare(backbone: torch.nn.Module, spec: HeadSpec, optimizer: str, trainable
     with torch.no_grad():
         at_cut = cut.prefix(sample[:1])
     if not at_cut.is_floating_point():
-        raise ConfigError(f"--trainable {trainable} trains the first layer that reads the "
-                          f"integer input ({names[0]}: an embedding of token ids), so the "
-                          "cut would be the ids themselves, which have no gradient and which "
-                          "the device's float feature cache does not hold; choose a smaller "
-                          "SPEC that leaves that layer frozen (e.g. last:1 or bias)")
+        raise ConfigError(f"--trainable {trainable}: the only tensor the trained layers need "
+                          "from the frozen part is the integer input itself (the first trained "
+                          f"tensor {names[0]} reads the token ids, or the tail also reads a "
+                          "value derived from them, such as an attention mask), which has no "
+                          "gradient and which the device's float feature cache does not hold; "
+                          "choose a smaller SPEC that leaves the early layers frozen (e.g. "
+                          "last:1)")
     model = TailModel(cut.tail, spec, names, cut.dim)
     bp = dict(backbone.named_parameters())
     params = {f"backbone.{n}": bp[n].detach().numpy().astype(np.float32).copy() for n in names}
