@@ -96,7 +96,8 @@ def test_every_case_has_every_trainable_spec(coverage):
     """(b) for ``--trainable``: a row per case x SPEC of the tool's registry for ONNX, and
     for any other target every SPEC of each case it has (the table lists the cases a target
     has not run); a cell that fails keeps its reason, and a failed export says what to do (a
-    smaller SPEC or ``--trainable head``), never silently trains less."""
+    smaller SPEC, ``--trainable head``, another target when the model itself does not convert,
+    a smaller lr when the torch reference diverges), never silently trains less."""
     from tools.coverage import trainable
     from tools.coverage.cases import CASES
 
@@ -116,7 +117,8 @@ def test_every_case_has_every_trainable_spec(coverage):
                 assert r["errors"].get(s), (r["case"], r["target"], r["spec"], s)
         why = r["errors"].get("export", "")
         if r["steps"]["export"] == "failed":
-            assert "SPEC" in why or "--trainable head" in why, (r["case"], r["spec"], why)
+            assert any(s in why for s in ("SPEC", "--trainable head", "--target", "head.lr")), (
+                r["case"], r["spec"], why)
         if r["pass"]:  # the SPEC's tensors are in the train step, checked against torch
             m = r["metrics"]
             assert m["trainable_tensors"] > 0 and m["parity_err32"] is not None
