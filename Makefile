@@ -194,7 +194,10 @@ ddp: install
 
 # Model coverage: transformers architectures (small random configs) and user-written modules,
 # each through every exporter x precision and the device runner, one process per cell ->
-# docs/coverage.{md,json} (committed). COVERAGE_ARGS="--only vit --jobs 2" narrows or widens it.
+# docs/coverage.{md,json} (committed), plus the --trainable cells (bias, last:1, all x onnx,
+# tflite, fp32: export, self-test, 20-step parity vs torch.optim). COVERAGE_ARGS="--only vit
+# --jobs 2" narrows or widens it; "--trainable-specs none" skips the trainable cells,
+# "--skip-head" runs only them.
 COVERAGE_ARGS ?=
 coverage: install
 	nice -n 5 $(BIN)/python -m tools.coverage --out docs/coverage.md $(COVERAGE_ARGS)

@@ -204,7 +204,8 @@ def parity(bundle: Path, m: Manifest, checkpoint: Path, reference_x: np.ndarray 
                         scaled_atol(m.target, logits[:, : len(m.labels)]))
         batch = m.train_step.get("batch_size") or 16
         e_step = _check_train_step(sess, spec, m.optimizer["name"], m.optimizer["hparams"],
-                                   params, atol, batch, n_labels=len(m.labels), ref=train_ref)
+                                   params, atol, batch, n_labels=len(m.labels), ref=train_ref,
+                                   features=feats if m.trainable else None)
         worst = max(worst, e_inf, e_step)
         parts += [f"infer {e_inf:.1e}", f"{TRAIN_STEPS_CHECKED} train steps {e_step:.1e}"]
         if m.precision != "fp32":

@@ -92,6 +92,61 @@ def test_every_case_has_every_target_and_precision(coverage):
             "end") in md
 
 
+def test_every_case_has_every_trainable_spec(coverage):
+    """(b) for ``--trainable``: a row per case x SPEC of the tool's registry for ONNX, and
+    for any other target every SPEC of each case it has (the table lists the cases a target
+    has not run); a cell that fails keeps its reason, and a failed export says what to do (a
+    smaller SPEC, ``--trainable head``, another target when the model itself does not convert,
+    a smaller lr when the torch reference diverges), never silently trains less."""
+    from tools.coverage import trainable
+    from tools.coverage.cases import CASES
+
+    tr = coverage.get("trainable")
+    assert tr, "docs/coverage.json has no trainable block: run `make coverage`"
+    assert set(tr["specs"]) >= set(trainable.SPECS) and "onnx" in tr["targets"]
+    have = {(r["case"], r["target"], r["spec"]) for r in tr["rows"]}
+    want = {(c, "onnx", s) for c in CASES for s in trainable.SPECS}
+    want |= {(c, t, s) for c, t, _ in have for s in trainable.SPECS}
+    assert not want - have, f"trainable cells without a row: {sorted(want - have)}"
+    assert len(tr["rows"]) == len(have), "duplicate rows"
+    for r in tr["rows"]:
+        assert set(r["steps"]) == set(trainable.STEPS)
+        assert r["pass"] == all(v == "ok" for v in r["steps"].values())
+        for s, v in r["steps"].items():
+            if v in ("failed", "timeout", "crashed"):
+                assert r["errors"].get(s), (r["case"], r["target"], r["spec"], s)
+        why = r["errors"].get("export", "")
+        if r["steps"]["export"] == "failed":
+            assert any(s in why for s in ("SPEC", "--trainable head", "--target", "head.lr")), (
+                r["case"], r["spec"], why)
+        if r["pass"]:  # the SPEC's tensors are in the train step, checked against torch
+            m = r["metrics"]
+            assert m["trainable_tensors"] > 0 and m["parity_err32"] is not None
+    assert tr["summary"] == {"pass": sum(r["pass"] for r in tr["rows"]),
+                             "cells": len(tr["rows"])}
+    md = (ROOT / "docs" / "coverage.md").read_text()
+    assert f"**{tr['summary']['pass']} of {tr['summary']['cells']} trainable cells pass**" in md
+
+
+def test_trainable_rows_merge_by_cell():
+    from tools.coverage.report import render_trainable
+    from tools.coverage.trainable import STEPS, merge
+
+    def row(case, spec, ok):
+        return {"case": case, "target": "onnx", "precision": "fp32", "spec": spec,
+                "steps": {s: "ok" if ok else "failed" for s in STEPS}, "metrics": {},
+                "errors": {} if ok else {s: "why" for s in STEPS}, "pass": ok}
+
+    kw = {"command": "c", "date": "d", "commit": "x", "seconds": 60.0, "timeout": 300}
+    a = merge(None, [row("vit", "bias", False), row("bert", "all", True)], ["vit", "bert"], **kw)
+    b = merge(a, [row("vit", "bias", True)], ["vit", "bert"], **kw)
+    assert [(r["case"], r["spec"], r["pass"]) for r in b["rows"]] == [
+        ("vit", "bias", True), ("bert", "all", True)]
+    assert b["summary"] == {"pass": 2, "cells": 2} and len(b["runs"]) == 2
+    text = "\n".join(render_trainable(a))
+    assert "1 of 2 trainable cells pass" in text and "**T1** build" in text
+
+
 def test_one_cell_runs_end_to_end(tmp_path):
     from tools.coverage.cell import run_cell
 

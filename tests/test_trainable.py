@@ -95,6 +95,30 @@ def test_max_pool_backward_decomposition_matches_autograd():
         assert got.shape == x.shape and (got - want).abs().max().item() < 1e-12
 
 
+@pytest.mark.unit
+def test_avg_pool_backward_decomposition_matches_autograd():
+    """Padding, ceil mode, count_include_pad off, a divisor override, a 3-D input, and one
+    window over the whole input (HF EfficientNet's pooler: a broadcast)."""
+    from edgetl.trainable.decomp import avg_pool2d_backward
+
+    torch.manual_seed(0)
+    aten = torch.ops.aten
+    for shape, k, s, p, ceil, cip, div in [
+            ((2, 3, 8, 9), [2, 2], [2, 2], [0, 0], False, True, None),
+            ((2, 3, 7, 7), [3, 3], [2, 2], [1, 1], True, True, None),
+            ((2, 3, 7, 7), [3, 3], [2, 2], [1, 1], True, False, None),
+            ((1, 2, 5, 6), [3, 2], [1, 2], [1, 0], False, False, None),
+            ((2, 3, 6, 6), [2, 2], [], [0, 0], False, True, 3),
+            ((3, 5, 5), [2, 2], [2, 2], [0, 0], True, True, None),
+            ((2, 4, 3, 2), [320, 320], [320, 320], [0, 0], True, True, None)]:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        y = aten.avg_pool2d(x, k, s, p, ceil, cip, div)
+        go = torch.randn_like(y)
+        want, = torch.autograd.grad(y, [x], go)
+        got = avg_pool2d_backward(go, x.detach(), k, s, p, ceil, cip, div)
+        assert got.shape == x.shape and (got - want).abs().max().item() < 1e-12
+
+
 def _two_block_checkpoint():
     """Two conv blocks (8 then 8 channels, pool 2 between): ``last:1`` cuts mid-network."""
     import tests.conftest as c
@@ -411,3 +435,168 @@ def test_trainable_bench_pairs_ratios_within_a_round():
                                              "nodes": 7}}}}
     assert "| `bias` | 10 | tail_train.onnx: 2 KiB, 7 nodes | 2.000 (2.000–2.000)× | " \
            "3.000 (2.000–4.000)× |" in markdown(res)
+
+
+class _Exact:
+    """A "runtime" whose train step is the tail's float64 step (``lr_error``: a wrong graph
+    that scales the learning rate)."""
+
+    fused = None
+
+    def __init__(self, tail, lr_error: float = 1.0):
+        self.twin, self.names = tail.train.float64(), tail.train.input_names()
+        self.lr_error = lr_error
+
+    def train_step(self, feeds):
+        args = [torch.from_numpy(np.asarray(feeds[n], np.float64)) for n in self.names]
+        args[3] = args[3] * self.lr_error  # the first hyper-parameter: lr
+        with torch.no_grad():
+            out = self.twin(*args)
+        return {n: o.numpy().astype(np.float32)
+                for n, o in zip(self.twin.output_names(), out, strict=True)}
+
+
+def _tiny_tail(ck, spec="all"):
+    from edgetl.data.synthetic import make_windows
+    from edgetl.export.bundle import head_spec, torch_features
+    from edgetl.export.tail import prepare
+
+    x, _ = make_windows(64, window=WINDOW, seed=1)
+    xn = ck.normalize(x).astype(np.float32)
+    hp = {k: v.detach().numpy() for k, v in ck.model.head_state().items()}
+    tail = prepare(ck.model.backbone.eval(), head_spec(ck), "sgd", spec, hp,
+                   torch.from_numpy(xn[:2]))
+    return tail, torch_features(tail.cut.prefix, xn)
+
+
+@pytest.mark.unit
+def test_tail_train_step_check_judges_against_the_float64_step(tiny_ck):
+    """The export's train-step check of a tail compares with the float64 torch step, within
+    ``max(atol * max(1, |v|), 4 x torch float32's own distance to it)``: an exact runtime
+    passes, a graph with a learning rate 2 % off fails naming the output."""
+    from edgetl.errors import ToleranceError
+    from edgetl.export.bundle import _check_train_step, head_spec
+    from edgetl.tolerances import TRAIN_STEP_NOISE_FACTOR, train_step_bound
+
+    assert train_step_bound(1e-4, np.array([5.0, -0.1])) == pytest.approx(5e-4)
+    assert train_step_bound(1e-4, np.array([0.5]), noise=3e-3) == pytest.approx(
+        TRAIN_STEP_NOISE_FACTOR * 3e-3)
+    assert train_step_bound(1e-4, np.array([0.5]), noise=1e-9) == pytest.approx(1e-4)
+    tail, feats = _tiny_tail(tiny_ck)
+    spec, hps = head_spec(tiny_ck), {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+    err = _check_train_step(_Exact(tail), spec, "sgd", hps, tail.params, 1e-4, 16,
+                            ref=tail.train, features=feats)
+    assert err < 1e-6  # the float64 step against itself, up to float32 output rounding
+    with pytest.raises(ToleranceError, match=r"train_step\[0\]\.new\..*vs the float64 step"):
+        _check_train_step(_Exact(tail, lr_error=1.02), spec, "sgd", hps, tail.params, 1e-4, 16,
+                          ref=tail.train, features=feats)
+
+
+@pytest.mark.unit
+def test_train_step_check_draws_real_features_and_names_a_diverging_reference(tiny_ck):
+    """Check batches are rows of the reference features (the tail's own input scale); a torch
+    reference that diverges on them is reported as such, not as a graph error."""
+    from edgetl.errors import DataError
+    from edgetl.export.bundle import _check_features, _check_train_step, head_spec
+
+    tail, feats = _tiny_tail(tiny_ck)
+    g = torch.Generator().manual_seed(0)
+    f = _check_features(16, feats.shape[1], g, feats).numpy()
+    assert all((feats == row).all(1).any() for row in f)  # every row is a reference row
+    assert _check_features(4, 7, g, None).shape == (4, 7)  # the head's N(0, 1) default
+    with pytest.raises(DataError, match=r"PyTorch reference itself diverged at step \d+ .* "
+                                        r"64 reference inputs"):
+        _check_train_step(_Exact(tail), head_spec(tiny_ck), "sgd",
+                          {"lr": 1e6, "momentum": 0.9, "weight_decay": 0.0}, tail.params, 1e-4,
+                          16, ref=tail.train, features=feats * 1e3)
+
+
+@pytest.mark.unit
+def test_a_user_models_backbone_traces_for_the_cut():
+    """``export_model``'s backbone (the model with its head swapped for a probe) becomes an fx
+    graph ending at the head's input, with the parameter names the SPEC selects from; an
+    ``nn.LSTM`` stays one node (fx's torch.nn leaves), token ids are cast to int64."""
+    from torch import nn
+
+    from edgetl.export.model import as_edge_model
+    from edgetl.trainable.cut import split, trace
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.rnn = nn.LSTM(8, 8, batch_first=True)
+            self.norm = nn.LayerNorm(8)
+            self.out = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 3))
+
+        def forward(self, ids):
+            h, _ = self.rnn(self.embed(ids))
+            return self.out(self.norm(h[:, -1]))
+
+    torch.manual_seed(0)
+    edge, _, _ = as_edge_model(Net().eval(), head="out", labels=["a", "b", "c"])
+    x = torch.randint(1, 20, (4, 6), dtype=torch.int32)
+    gm = trace(edge.backbone, x)
+    assert torch.equal(gm(x), edge.backbone(x))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == [
+        "model.embed", "model.rnn", "model.norm", "model.out.pre"]
+    names = select(edge.backbone, "bias")
+    assert names == ["model.rnn.bias_ih_l0", "model.rnn.bias_hh_l0", "model.norm.weight",
+                     "model.norm.bias"]
+    cut = split(edge.backbone, names, x)
+    assert cut.node == "model_embed" and cut.shape == (6, 8)
+    from edgetl.export.bundle import head_spec
+    from edgetl.export.tail import prepare
+
+    ck = type("Ck", (), {"model": edge, "head": HeadConfig(), "labels": ("a", "b", "c")})
+    hp = {k: v.detach().numpy() for k, v in edge.head_state().items()}
+    with pytest.raises(ConfigError, match="integer input .*model.embed.weight .*smaller SPEC"):
+        prepare(edge.backbone, head_spec(ck), "sgd", "all", hp, x)
+
+
+@pytest.mark.unit
+def test_an_unlowered_op_is_named_from_the_exporters_cause_chain():
+    """The dynamo exporter's top error is generic; the op sits in a cause."""
+    from edgetl.export.tail import failing_ops
+
+    try:
+        try:
+            raise KeyError("No ONNX function found for <OpOverload(op='aten.mkldnn_rnn_layer', "
+                           "overload='default')>")
+        except KeyError as k:
+            raise RuntimeError("Failed to convert the exported program to an ONNX model") from k
+    except RuntimeError as e:
+        assert failing_ops(e).startswith("no lowering for aten.mkldnn_rnn_layer")
+    assert failing_ops(ValueError("bad\nthing")) == "ValueError: bad thing"
+
+
+@pytest.mark.unit
+def test_a_parameter_the_forward_never_reads_is_named_not_trained():
+    """``all`` leaves out (and names, in the manifest block) a parameter no gradient reaches
+    (wav2vec2's training-only ``masked_spec_embed``); a glob naming only it is refused."""
+    from torch import nn
+
+    from edgetl.export.bundle import head_spec
+    from edgetl.export.model import as_edge_model
+    from edgetl.export.tail import prepare
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3)
+            self.mask_embed = nn.Parameter(torch.zeros(4))  # used in training only
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean(-1))
+
+    torch.manual_seed(0)
+    edge, _, _ = as_edge_model(Net().eval(), head="fc", labels=["a", "b", "c"])
+    ck = type("Ck", (), {"model": edge, "head": HeadConfig(), "labels": ("a", "b", "c")})
+    hp = {k: v.detach().numpy() for k, v in edge.head_state().items()}
+    x = torch.randn(2, 3, 8)
+    tail = prepare(edge.backbone, head_spec(ck), "sgd", "all", hp, x)
+    assert tail.backbone_params == ["model.conv.weight", "model.conv.bias"]
+    assert tail.block()["unread"] == ["backbone.model.mask_embed"]
+    with pytest.raises(ConfigError, match="never read"):
+        prepare(edge.backbone, head_spec(ck), "sgd", "model.mask_embed", hp, x)

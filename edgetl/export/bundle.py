@@ -32,6 +32,7 @@ from edgetl.tolerances import (
     parity_atol,
     scaled_atol,
     selftest_tolerances,
+    train_step_bound,
 )
 
 log = logging.getLogger(__name__)
@@ -59,38 +60,67 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
 
 def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, params: dict,
                       atol: float, batch: int, steps: int = TRAIN_STEPS_CHECKED,
-                      n_labels: int | None = None, ref=None) -> float:
+                      n_labels: int | None = None, ref=None,
+                      features: np.ndarray | None = None) -> float:
     """Run ``steps`` padded train steps in the runtime and in torch; return the max diff.
 
     Each output may differ by ``atol * max(1, max|torch value|)``: float32 rounds relative
-    to the value, so a head with large logits or weights gets the same relative slack.
+    to the value, so a head with large logits or weights gets the same relative slack. A tail
+    step (``ref`` given) is compared with the same torch step in float64 instead, within
+    :func:`edgetl.tolerances.train_step_bound` of its measured float32 noise (the tolerance
+    module says why); a tail that cannot run in float64 keeps the float32 rule (logged).
 
     Targets are drawn from the first ``n_labels`` classes (default all): spare rows of a
     fixed-capacity head never get targets on a device.
 
     ``ref``: the torch train step of a tail bundle (:class:`edgetl.trainable.step.TailTrain`;
     its features are the flattened cut); default the head's :class:`TrainStep`.
+
+    ``features``: (n, dim) real features (the reference inputs through the bundle's frozen
+    part); each step's batch is drawn from their rows, so the step sees the model's own input
+    scale. Default N(0, 1) features (the head's graphs: a linear or MLP head stays stable on
+    them). A tail's step runs backbone layers trained on real inputs: on N(0, 1) at the cut
+    (white noise where the model saw smooth, normalised windows) at the device's lr, the torch
+    reference itself can diverge (HAR ``--trainable all``: NaN by step 9), which checks nothing.
     """
     ref, s, dim = _reference(spec, optimizer, params, ref)
     names = ref.input_names()
     p = [torch.as_tensor(v) for v in params.values()]
     hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
     anchors = p if spec.l2sp else []  # L2-SP toward the starting head, as the runner does
+    truth = _float64(ref)  # None for the head's step
+    loss0 = 0.0
     g = torch.Generator().manual_seed(0)
     worst, done = 0.0, []
     for i in range(steps):
-        f = torch.randn(batch, dim, generator=g)
+        f = _check_features(batch, dim, g, features)
         t = torch.eye(spec.num_classes)[torch.randint(0, n_labels or spec.num_classes, (batch,),
                                                       generator=g)]
         w = (torch.arange(batch) < batch - i % 3).float()  # some padded rows
         args = [f, t, w, *hp, *p, *s, *anchors]
         out = ref(*args)
+        loss0 = loss0 if i else abs(float(out[0]))
+        if (not all(bool(torch.isfinite(o).all()) for o in out)  # NaN, or blown up
+                or abs(float(out[0])) > DIVERGED_LOSS_FACTOR * max(1.0, loss0)):
+            raise DataError(
+                f"train-step check: the PyTorch reference itself diverged at step {i} of "
+                f"{steps} (loss {float(out[0]):.3g}; lr {hparams.get('lr')}) on "
+                + (f"{len(features)} reference inputs" if features is not None and len(features)
+                   else "N(0, 1) features") + " with random labels, so it cannot judge the "
+                "exported graph; give more reference inputs (edgetl check --recipe) or a "
+                "smaller head.lr")
         got = sess.train_step(as_feeds(names, [a.numpy() for a in args]))
-        for name, want in zip(ref.output_names(), out, strict=True):
-            # float32 rounds relative to the value: the bound scales with it past 1
-            w = want.numpy()
-            bound = atol * max(1.0, float(np.abs(w).max()) if w.size else 1.0)
-            worst = max(worst, compare(f"train_step[{i}].{name}", got[name], w, bound))
+        exact = _run_float64(truth, args)
+        truth = truth if exact is not None else None
+        for j, (name, want) in enumerate(zip(ref.output_names(), out, strict=True)):
+            w = want.detach().numpy()
+            if exact is None:  # float32 rounds relative to the value: scales with it past 1
+                bound, label = train_step_bound(atol, w), f"train_step[{i}].{name}"
+            else:  # the float64 step is the truth; torch float32's distance to it, the noise
+                w, noise = exact[j], float(np.abs(w - exact[j]).max()) if w.size else 0.0
+                bound, label = (train_step_bound(atol, w, noise),
+                                f"train_step[{i}].{name} (vs the float64 step)")
+            worst = max(worst, compare(label, got[name], w, bound))
         p = list(out[1 : 1 + len(p)])
         s = list(out[1 + len(p) :])
         done.append(([a.numpy() for a in args], [o.detach().numpy() for o in out]))
@@ -99,6 +129,49 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
 
         worst = max(worst, check_fused(sess, names, ref.output_names(), len(hp), done, atol))
     return worst
+
+
+def _check_features(batch: int, dim: int, g: torch.Generator,
+                    features: np.ndarray | None) -> torch.Tensor:
+    """A (batch, dim) check batch: rows of ``features`` (with replacement) or N(0, 1)."""
+    if features is None or not len(features):
+        return torch.randn(batch, dim, generator=g)
+    if features.shape[1:] != (dim,):
+        raise ShapeMismatchError(f"check features have shape {features.shape[1:]}, the train "
+                                 f"step takes ({dim},)")
+    rows = torch.randint(0, len(features), (batch,), generator=g)
+    return torch.from_numpy(np.ascontiguousarray(features, np.float32))[rows]
+
+
+#: A check step whose loss exceeds this multiple of the first step's (at least 1) has blown up.
+DIVERGED_LOSS_FACTOR = 1e3
+
+
+def _float64(ref):
+    """The float64 twin of a tail step (``None`` for a head, or a tail that cannot run it)."""
+    if not hasattr(ref, "float64"):
+        return None
+    try:
+        return ref.float64()
+    except Exception as e:  # noqa: BLE001 - the float32 rule still checks the graph
+        log.warning("train-step check: no float64 twin of the tail (%s); float32 rule", e)
+        return None
+
+
+def _run_float64(twin, args: list) -> list[np.ndarray] | None:
+    """``twin``'s outputs for float32 ``args`` (cast up), as float32 arrays.
+
+    ``None`` when it cannot run them (a tail making float32 constants of its own).
+    """
+    if twin is None:
+        return None
+    try:
+        with torch.no_grad():
+            out = twin(*[a.double() if a.is_floating_point() else a for a in args])
+    except Exception as e:  # noqa: BLE001
+        log.warning("train-step check: the float64 tail step failed (%s); float32 rule", e)
+        return None
+    return [o.detach().numpy().astype(np.float32) for o in out]
 
 
 def _reference(spec: HeadSpec, optimizer: str, params: dict, ref=None):
@@ -112,13 +185,14 @@ def _reference(spec: HeadSpec, optimizer: str, params: dict, ref=None):
 
 def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, batch: int,
                   steps: int = TRAIN_VECTOR_STEPS, seed: int = 1,
-                  n_labels: int | None = None, ref=None) -> dict[str, np.ndarray]:
+                  n_labels: int | None = None, ref=None,
+                  features: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Reference train steps for the device self-test, computed by the torch train step.
 
     Starting from ``params`` (the shipped head) and zero optimizer state, ``steps`` batches
     of random features with some padded rows; stores the inputs compactly (features exactly
     representable in float16, labels as ids, weights as 0/1), every step's loss and the
-    parameters after the last step (``train_final.<name>``). ``ref``: as
+    parameters after the last step (``train_final.<name>``). ``ref``, ``features``: as
     :func:`_check_train_step`.
     """
     ref, s0, dim = _reference(spec, optimizer, params, ref)
@@ -127,7 +201,8 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
     s = dict(enumerate(s0))  # positional: only the order matters
     hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
     anchors = list(p.values()) if spec.l2sp else []
-    f = torch.randn(steps, batch, dim, generator=g).half().float()
+    f = torch.stack([_check_features(batch, dim, g, features)
+                     for _ in range(steps)]).half().float()
     labels = torch.randint(0, n_labels or spec.num_classes, (steps, batch), generator=g)
     t = torch.eye(spec.num_classes)[labels]
     w = (torch.arange(batch)[None] < batch - torch.arange(steps)[:, None] % 3).float()
@@ -542,7 +617,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                                           scaled_atol(exporter.target, logits[:, :n_real]))
     checks["train_step_max_abs_err"] = _check_train_step(
         sess, spec, ck.head.optimizer, ck.head.hparams(), params, atol, batch,
-        n_labels=len(ck.labels), ref=tail.train if tail else None)
+        n_labels=len(ck.labels), ref=tail.train if tail else None,
+        features=feats if tail else None)
     checks.update(n_reference=len(reference_x), train_steps_checked=TRAIN_STEPS_CHECKED,
                   fused_train_checked=bool(getattr(sess, "fused", None)))
     if eval_set is not None:
@@ -550,7 +626,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                                              cfg.max_accuracy_drop, infer_ref.input_names())
     n_tv = min(cfg.n_test_vectors, len(reference_x))
     tvec = train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch,
-                         n_labels=len(ck.labels), ref=tail.train if tail else None)
+                         n_labels=len(ck.labels), ref=tail.train if tail else None,
+                         features=feats if tail else None)
     # the device replays these steps: same relative slack as the check above, scaled by the
     # loss and the parameters of the labels in use (spare class rows sit at UNUSED_BIAS; the
     # runners compare values above 1 relatively)

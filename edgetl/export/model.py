@@ -165,6 +165,15 @@ class HeadInput(nn.Module):
         self.out_features = in_features
         self._call = call
 
+    def fx_graph(self, sample: torch.Tensor | None = None):
+        """The backbone as a ``torch.fx`` graph, for ``--trainable``'s cut.
+
+        See :mod:`edgetl.trainable.headfx`.
+        """
+        from edgetl.trainable.headfx import trace_head_input
+
+        return trace_head_input(self, sample)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():
             x = x.long()

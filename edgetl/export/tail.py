@@ -12,6 +12,7 @@ only, checked). Graph names and feeds are the head graphs' (see
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from edgetl.head import HeadSpec
 from edgetl.trainable.cut import Cut, split
 from edgetl.trainable.spec import select
 from edgetl.trainable.step import TailInfer, TailModel, TailTrain
+
+log = logging.getLogger(__name__)
 
 GRADIENTS = "torch autograd at export time (torch.func + make_fx, core-ATen decompositions)"
 
@@ -44,6 +47,10 @@ class Tail:
         return {"spec": self.spec, "cut": {"node": self.cut.node, "shape": list(self.cut.shape)},
                 "params": [{"name": n, "shape": list(self.params[n].shape)}
                            for n in self.train.param_names[: len(self.backbone_params)]],
+                **({"unread": [f"backbone.{n}" for n in self.cut.unread],
+                    "unread_note": "selected by the SPEC but never read by the forward (no "
+                                   "gradient reaches them): left out of the train step"}
+                   if self.cut.unread else {}),
                 "gradients": GRADIENTS}
 
 
@@ -58,7 +65,25 @@ def prepare(backbone: torch.nn.Module, spec: HeadSpec, optimizer: str, trainable
         raise ConfigError("--trainable beyond head is not supported for text models yet; "
                           "use --trainable head")
     names = select(backbone, trainable)
-    cut = split(backbone, names, sample)
+    # a kind SPEC (bias, last:N, all) may select parameters the forward never reads; named
+    # globs may not (a typo would train nothing)
+    kind = trainable in ("bias", "all") or trainable.startswith("last:")
+    cut = split(backbone, names, sample, allow_unread=kind)
+    if cut.unread:
+        log.warning("--trainable %s: %s are never read by the forward (no gradient); left out "
+                    "of the train step (manifest trainable.unread)", trainable,
+                    list(cut.unread))
+        names = [n for n in names if n not in cut.unread]
+    with torch.no_grad():
+        at_cut = cut.prefix(sample[:1])
+    if not at_cut.is_floating_point():
+        raise ConfigError(f"--trainable {trainable}: the only tensor the trained layers need "
+                          "from the frozen part is the integer input itself (the first trained "
+                          f"tensor {names[0]} reads the token ids, or the tail also reads a "
+                          "value derived from them, such as an attention mask), which has no "
+                          "gradient and which the device's float feature cache does not hold; "
+                          "choose a smaller SPEC that leaves the early layers frozen (e.g. "
+                          "last:1)")
     model = TailModel(cut.tail, spec, names, cut.dim)
     bp = dict(backbone.named_parameters())
     params = {f"backbone.{n}": bp[n].detach().numpy().astype(np.float32).copy() for n in names}
@@ -109,8 +134,8 @@ def export_onnx(tail: Tail, folder: Path, *, opset: int, batch: int, rows: int) 
                               opset_version=max(opset, 18), verbose=False)
     except Exception as e:  # noqa: BLE001 - the exporter's errors name the op
         raise BundleError(f"--trainable {tail.spec}: the train step does not export to ONNX "
-                          f"({type(e).__name__}: {str(e)[:300]}); choose a smaller SPEC "
-                          "that leaves the failing layer frozen") from None
+                          f"({failing_ops(e)}); choose a smaller SPEC that leaves the "
+                          "failing layer frozen (e.g. last:1, bias or head)") from None
     onnx.checker.check_model(str(path))
     have = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
     if have != step.input_names():
@@ -156,6 +181,30 @@ class _Graph(torch.nn.Module):
         return tuple(self.gm(*args))
 
 
+def failing_ops(e: BaseException) -> str:
+    """What an exporter's exception chain says failed: the aten ops it names, else its text.
+
+    The dynamo exporter's top message is generic ("Failed to convert the exported program");
+    the op is in a cause (``No ONNX function found for <OpOverload(op='aten.X'...)``).
+    """
+    import re
+
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(c) for c in chain)
+    ops = re.findall(r"op='(aten\.[A-Za-z_0-9]+)", text) or [
+        f"aten.{o}" for o in re.findall(r"(?<![A-Za-z_])aten[.:]{1,2}([A-Za-z_0-9]+)", text)]
+    ops = sorted(set(ops))
+    first = " ".join(str(chain[-1]).split())[:200]
+    head = f"{type(chain[0]).__name__}: " + " ".join(str(chain[0]).split())[:120]
+    if ops:
+        return f"no lowering for {', '.join(ops[:4])}: {type(chain[-1]).__name__}: {first}"
+    return head
+
+
 def _smaller(tail: Tail, what: str) -> BundleError:
     return BundleError(f"--trainable {tail.spec}: {what}; choose a smaller SPEC that leaves "
                        "the failing layer frozen (e.g. last:1 or bias), or --target onnx")
@@ -193,7 +242,7 @@ def export_tflite(tail: Tail, folder: Path, *, batch: int, rows: int) -> dict:
     fixes = fix_permute_of_expand(gm, args)
     nh, npar = len(step.hparam_names), len(step.param_names)
     iargs = (args[0], *args[3 + nh : 3 + nh + npar])
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):  # see TailTrain.trace
         igm = make_fx(infer, decomposition_table=table())(*iargs)
     fixes += fix_permute_of_expand(igm, iargs)
     train = _Graph(gm, step.input_names(), step.output_names()).eval()
@@ -207,9 +256,8 @@ def export_tflite(tail: Tail, folder: Path, *, batch: int, rows: int) -> dict:
             (litert_torch.signature("train", _Named(train).eval(), (), train_kw)
              .signature("infer", _Named(inf).eval(), (), infer_kw).convert().export(str(path)))
     except Exception as e:  # noqa: BLE001 - the converter's errors name the op
-        msg = " ".join(str(e).split())
         raise _smaller(tail, f"the train step does not convert to TFLite built-in ops "
-                             f"({type(e).__name__}: {msg[:300]})") from None
+                             f"({failing_ops(e)})") from None
     rewrite(path, *HEAD_PASSES)
     try:
         check_builtin_only(path)

@@ -30,6 +30,7 @@ class Cut:
     tail: fx.GraphModule
     node: str
     shape: tuple[int, ...]
+    unread: tuple[str, ...] = ()  # trainable names the forward never reads (allow_unread)
 
     @property
     def dim(self) -> int:
@@ -49,9 +50,14 @@ def _reads(node: fx.Node, gm: fx.GraphModule, trainable: set[str]) -> bool:
     return False
 
 
-def trace(backbone: nn.Module) -> fx.GraphModule:
-    """``backbone`` as an fx graph; :class:`ConfigError` if it cannot be traced."""
+def trace(backbone: nn.Module, sample: torch.Tensor | None = None) -> fx.GraphModule:
+    """``backbone`` as an fx graph; :class:`ConfigError` if it cannot be traced.
+
+    A backbone with its own ``fx_graph(sample)`` (a user model's ``HeadInput``) gives it.
+    """
     try:
+        if hasattr(backbone, "fx_graph"):
+            return backbone.eval().fx_graph(sample)
         return fx.symbolic_trace(backbone.eval())
     except Exception as e:  # noqa: BLE001 - fx raises many types on dynamic Python
         raise ConfigError(f"--trainable: the backbone {type(backbone).__name__} cannot be "
@@ -59,15 +65,20 @@ def trace(backbone: nn.Module) -> fx.GraphModule:
                           "--trainable head works for it") from None
 
 
-def split(backbone: nn.Module, trainable: list[str], sample: torch.Tensor) -> Cut:
+def split(backbone: nn.Module, trainable: list[str], sample: torch.Tensor, *,
+          allow_unread: bool = False) -> Cut:
     """Cut ``backbone`` before the first node reading a parameter in ``trainable``.
+
+    ``allow_unread``: parameters the forward never reads (no gradient can reach them, e.g.
+    wav2vec2's training-only ``masked_spec_embed``) are listed in ``Cut.unread`` instead of
+    refused; the caller leaves them out of the train step and says so.
 
     Raises:
         ConfigError: the backbone cannot be traced, or a trainable parameter is never read.
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
-    gm = trace(backbone)
+    gm = trace(backbone, sample)
     want = set(trainable)
     nodes = list(gm.graph.nodes)
     if sum(n.op == "placeholder" for n in nodes) != 1:
@@ -78,6 +89,10 @@ def split(backbone: nn.Module, trainable: list[str], sample: torch.Tensor) -> Cu
     read |= {n.target for n in nodes if n.op == "get_attr"}
     unread = [t for t in trainable if t not in read
               and not any(t.startswith(r + ".") for r in read)]
+    if allow_unread and first is not None:
+        unread, allowed = [], tuple(unread)
+    else:
+        allowed = ()
     if first is None or unread:
         raise ConfigError(f"--trainable: parameters {unread or trainable} are never read by "
                           "the backbone's forward; they cannot train")
@@ -97,7 +112,7 @@ def split(backbone: nn.Module, trainable: list[str], sample: torch.Tensor) -> Cu
     assert cut is not None, "the input node always qualifies"  # noqa: S101
     return Cut(_prefix(gm, nodes, cut), _tail(gm, nodes, cut),
                "x" if nodes[cut].op == "placeholder" else nodes[cut].name,
-               tuple(int(s) for s in nodes[cut].meta["tensor_meta"].shape[1:]))
+               tuple(int(s) for s in nodes[cut].meta["tensor_meta"].shape[1:]), allowed)
 
 
 def _prefix(gm: fx.GraphModule, nodes: list, cut: int) -> fx.GraphModule:

@@ -1,4 +1,4 @@
-"""``aten.convolution_backward`` (and the max-pool backward) as forward ops runtimes can run.
+"""``aten.convolution_backward`` (and the pool backwards) as forward ops runtimes can run.
 
 The core-ATen decomposition table lowers every backward op a train step needs except
 ``convolution_backward`` (onnxscript's version raises). This one uses only ordinary
@@ -192,6 +192,47 @@ def max_pool2d_with_indices_backward(grad_output, self, kernel_size, stride, pad
     return flat.reshape(self.shape)
 
 
+def _avg_divisors(n: int, k: int, s: int, p: int, out: int) -> list[tuple[int, int]]:
+    """Per output position along one axis: (window size incl. padding, size inside)."""
+    sizes = []
+    for o in range(out):
+        start = o * s - p
+        end = min(start + k, n + p)
+        sizes.append((end - start, min(end, n) - max(start, 0)))
+    return sizes
+
+
+def avg_pool2d_backward(grad_output, self, kernel_size, stride, padding, ceil_mode,
+                        count_include_pad, divisor_override=None):
+    """Drop-in for ``aten.avg_pool2d_backward.default`` (not in torch's tables).
+
+    Each output's gradient, divided by its window's divisor (torch's rule: the window clipped
+    to the padded input with ``count_include_pad``, else to the input; or
+    ``divisor_override``), spread over its window: :func:`_grad_input` of a depthwise conv
+    with an all-ones kernel, so only convs, pads and slices (as the conv backward).
+    """
+    ks = _per_dim(kernel_size, 2)
+    st = _per_dim(stride, 2) if len(stride) else ks
+    pd = _per_dim(padding, 2)
+    x = self if self.dim() == 4 else self.unsqueeze(0)
+    go = grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)
+    (h, w), (oh, ow) = x.shape[-2:], go.shape[-2:]
+    rows = _avg_divisors(h, ks[0], st[0], pd[0], oh)
+    cols = _avg_divisors(w, ks[1], st[1], pd[1], ow)
+    div = [[divisor_override or (r[0] * c[0] if count_include_pad else r[1] * c[1])
+            for c in cols] for r in rows]
+    scale = 1.0 / torch.tensor(div, dtype=go.dtype, device=go.device)
+    if (oh, ow) == (1, 1) and ks[0] - pd[0] >= h and ks[1] - pd[1] >= w:
+        # one window over the whole input (HF EfficientNet's pooler: kernel 1280 on 1x1):
+        # a broadcast, not a conv with a kernel far larger than the input
+        gi = (go * scale).expand(x.shape)
+        return gi if self.dim() == 4 else gi.squeeze(0)
+    c = x.shape[1]
+    ones = torch.ones(c, 1, *ks, dtype=go.dtype, device=go.device)
+    gi = _grad_input(go * scale, x, ones, st, pd, [1, 1], c)
+    return gi if self.dim() == 4 else gi.squeeze(0)
+
+
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
@@ -249,8 +290,20 @@ def pool_indices_used(gm: torch.fx.GraphModule) -> bool:
 
 
 def table() -> dict:
-    """Core-ATen decompositions plus :func:`convolution_backward` and the max-pool backward."""
+    """Core-ATen decompositions plus :func:`convolution_backward` and the pool backwards."""
     t = dict(torch._decomp.core_aten_decompositions())
     t[aten.convolution_backward.default] = convolution_backward
     t[aten.max_pool2d_with_indices_backward.default] = max_pool2d_with_indices_backward
+    t[aten.avg_pool2d_backward.default] = avg_pool2d_backward
+    t[aten.empty_permuted.default] = _empty_permuted
     return t
+
+
+def _empty_permuted(size, physical_layout, dtype=None, layout=None, device=None,
+                    pin_memory=None):
+    """``aten.empty_permuted`` as zeros of the same logical shape.
+
+    A channels-last ``empty_like`` in a backward; no exporter lowers it, and its values are
+    always overwritten.
+    """
+    return torch.zeros(size, dtype=dtype, device=device)

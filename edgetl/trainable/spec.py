@@ -3,8 +3,9 @@
 SPEC is one of
 
 - ``head`` (the default): the head only, with today's hand-written graphs;
-- ``bias``: every backbone bias, every normalisation layer's affine weight and bias
-  (BatchNorm, LayerNorm, GroupNorm, InstanceNorm), and the head (TinyTL-style);
+- ``bias``: every backbone bias (``bias``, and recurrent layers' ``bias_ih_l0`` ...), every
+  normalisation layer's affine weight and bias (BatchNorm, LayerNorm, GroupNorm,
+  InstanceNorm), and the head (TinyTL-style);
 - ``last:N``: the parameters of the backbone's last N *blocks*, and the head. A block is
   what the backbone declares with ``block_params()`` (the 1-D/2-D CNN students: one
   conv + BN + ReLU [+ pool] group per block); any other backbone: its parameterised child
@@ -83,7 +84,9 @@ def select(backbone, spec: str) -> list[str]:
     if s == "all":
         chosen = set(names)
     elif s == "bias":
-        chosen = {n for n in names if n.rsplit(".", 1)[-1] == "bias"} | _norm_affine(backbone)
+        # ``bias_ih_l0`` / ``bias_hh_l0`` (nn.LSTM, GRU, RNN), ``bias_k`` (MultiheadAttention)
+        chosen = {n for n in names if n.rsplit(".", 1)[-1].split("_")[0] == "bias"} | (
+            _norm_affine(backbone))
     elif s.startswith("last:"):
         n = int(s.split(":", 1)[1])
         blocks = _blocks(backbone)

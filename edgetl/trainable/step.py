@@ -139,6 +139,19 @@ class TailTrain(nn.Module):
         new = _update(self.optimizer, hp, params, [grads.get(n) for n in names], state)
         return (loss, *new)
 
+    def float64(self) -> TailTrain:
+        """A copy of this step computing in float64 (feed it float64 inputs).
+
+        The parity checks' truth (:data:`edgetl.tolerances.TRAIN_STEP_NOISE_FACTOR` says why).
+        """
+        import copy
+
+        twin = copy.deepcopy(self)
+        twin.model.tail.double()
+        twin.model.frozen = {k: v.double() if v.is_floating_point() else v
+                             for k, v in twin.model.frozen.items()}
+        return twin
+
     def trace(self, args: tuple) -> torch.fx.GraphModule:
         """The step as a decomposed aten graph (see module docstring)."""
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -146,7 +159,9 @@ class TailTrain(nn.Module):
 
         from edgetl.trainable.decomp import table
 
-        with sdpa_kernel(SDPBackend.MATH):
+        # oneDNN off: on CPU, aten.lstm would pick mkldnn_rnn_layer, which no exporter
+        # lowers; without it the LSTM decomposes into matmuls and pointwise ops
+        with sdpa_kernel(SDPBackend.MATH), torch.backends.mkldnn.flags(enabled=False):
             gm = make_fx(self.forward, decomposition_table=table())(*args)
         left = sorted({str(n.target) for n in gm.graph.nodes
                        if n.op == "call_function" and "backward" in str(n.target)})

@@ -4,6 +4,10 @@ Runs every case of :data:`tools.coverage.cases.CASES` for every registered expor
 (``edgetl.export.registry.EXPORTERS``) and precision, each cell in a process of its own, and
 writes the table (``--out``) and its JSON (same name, ``.json``). ``--only`` re-runs some
 cases and keeps the other rows of an existing JSON.
+
+Trainable cells (:mod:`tools.coverage.trainable`): every case x ``--trainable-targets`` x
+``--trainable-specs`` (fp32), in the JSON's ``trainable`` block. ``--trainable-specs none``
+runs none (the block is kept), ``--skip-head`` runs only them (the head-only rows are kept).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from tools.coverage import cases
+from tools.coverage import cases, trainable
 from tools.coverage.cell import BENCH_REPEATS, ROOT, run_cell
 from tools.coverage.report import render
 
@@ -66,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start", choices=("forkserver", "spawn"), default="forkserver",
                     help="forkserver: cells fork from a process that imported torch, "
                          "transformers and the exporters once; spawn: a fresh interpreter each")
+    ap.add_argument("--trainable-specs", default=",".join(trainable.SPECS),
+                    help="--trainable SPECs of the trainable cells (comma-separated; none: "
+                         "no trainable cells)")
+    ap.add_argument("--trainable-targets", default=",".join(trainable.TARGETS))
+    ap.add_argument("--skip-head", action="store_true",
+                    help="run only the trainable cells; keep the head-only rows")
     a = ap.parse_args(argv)
     only = [n for v in a.only for n in v.split(",") if n]
     unknown = sorted(set(only) - set(cases.CASES))
@@ -73,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown case(s) {unknown}; known: {sorted(cases.CASES)}")
     names = only or list(cases.CASES)
     targets, precisions = targets_and_precisions()
-    cells = [(c, t, p) for c in names for t in targets for p in precisions]
+    specs = [] if a.trainable_specs in ("", "none") else a.trainable_specs.split(",")
+    tr_targets = a.trainable_targets.split(",")
+    if set(tr_targets) - set(targets):
+        ap.error(f"unknown trainable target(s); known: {targets}")
+    cells = [] if a.skip_head else [(c, t, p) for c in names for t in targets for p in precisions]
+    tr_cells = trainable.cells(names, specs, tr_targets)
 
     ctx = multiprocessing.get_context(a.start)
     if a.start == "forkserver":
@@ -83,25 +98,35 @@ def main(argv: list[str] | None = None) -> int:
                       "device_runners"))
     t0 = time.perf_counter()
     rows: dict[tuple, dict] = {}
-    print(f"coverage: {len(cells)} cells ({len(names)} cases x {targets} x {precisions}), "
-          f"{a.jobs} job(s), work in {a.work}", flush=True)
+    tr_rows: dict[tuple, dict] = {}
+    n_all = len(cells) + len(tr_cells)
+    print(f"coverage: {len(cells)} cells ({len(names)} cases x {targets} x {precisions}) + "
+          f"{len(tr_cells)} trainable cells ({tr_targets} x {specs}), {a.jobs} job(s), work "
+          f"in {a.work}", flush=True)
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
         futs = {pool.submit(run_cell, *cell, a.work / cell[0] / f"{cell[1]}-{cell[2]}",
-                            timeout=a.timeout, ctx=ctx): cell for cell in cells}
+                            timeout=a.timeout, ctx=ctx): (rows, cell) for cell in cells}
+        futs.update({pool.submit(run_cell, c, t, trainable.PRECISION,
+                                 a.work / c / trainable.folder_name(t, s), timeout=a.timeout,
+                                 ctx=ctx, spec=s): (tr_rows, (c, t, s))
+                     for c, t, s in tr_cells})
         for i, fut in enumerate(as_completed(futs), 1):
             row = fut.result()
-            rows[futs[fut]] = row
+            into, cell = futs[fut]
+            into[cell] = row
             bad = [f"{s} {v}: {row['errors'].get(s, '')[:120]}"
                    for s, v in row["steps"].items() if v in ("failed", "timeout", "crashed")]
-            print(f"[{i}/{len(cells)}] {' '.join(futs[fut])}: "
+            print(f"[{i}/{n_all}] {' '.join(cell)}: "
                   f"{'pass' if row['pass'] else 'FAIL'} ({row['metrics']['wall_s']:.0f} s)"
                   + (f" {bad[0]}" if bad else ""), flush=True)
     total = time.perf_counter() - t0
 
     out_json = a.out.with_suffix(".json")
-    old = json.loads(out_json.read_text()) if only and out_json.is_file() else None
+    before = json.loads(out_json.read_text()) if out_json.is_file() else None
+    old = before if only or a.skip_head else None
     new_rows = [rows[c] for c in cells]
-    keep = [r for r in (old or {}).get("rows", []) if r["case"] not in names]
+    keep = [r for r in (old or {}).get("rows", [])
+            if a.skip_head or r["case"] not in names]
     order = list(cases.CASES)
     all_rows = sorted(keep + new_rows, key=lambda r: (
         order.index(r["case"]) if r["case"] in order else len(order), r["target"],
@@ -113,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     info = {n: info[n] for n in sorted(info, key=lambda n: order.index(n) if n in order else 99)}
     cmd = "python -m tools.coverage " + " ".join(argv if argv is not None else sys.argv[1:])
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    tr_block = (before or {}).get("trainable")
+    if tr_cells:
+        tr_block = trainable.merge(tr_block, [tr_rows[c] for c in tr_cells], order,
+                                   command=cmd.strip(), date=now, commit=commit + (
+                                       " (uncommitted changes)" if dirty else ""),
+                                   seconds=total, timeout=a.timeout)
     data = {
         "command": old["command"] if old else cmd.strip(), "date": old["date"] if old else now,
         "commit": old["commit"] if old else commit,
@@ -129,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
                               if old else [])],
         "cases": info, "rows": all_rows,
         "summary": {"pass": sum(r["pass"] for r in all_rows), "cells": len(all_rows)},
+        **({"trainable": tr_block} if tr_block else {}),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(data, indent=1, default=float) + "\n")
     a.out.write_text(render(data))
-    print(f"{data['summary']['pass']} of {data['summary']['cells']} cells pass end to end; "
-          f"{total / 60:.1f} min; wrote {a.out} and {out_json}")
+    print(f"{data['summary']['pass']} of {data['summary']['cells']} cells pass end to end"
+          + (f", {tr_block['summary']['pass']} of {tr_block['summary']['cells']} trainable "
+             "cells" if tr_block else "") + f"; {total / 60:.1f} min; wrote {a.out} and "
+          f"{out_json}")
     return 0
 
 

@@ -67,11 +67,12 @@ def exc_reason(e: BaseException) -> str:
 class Row:
     """The cell's result, saved to ``result.json`` after every change."""
 
-    def __init__(self, path: Path, case: str, target: str, precision: str):
+    def __init__(self, path: Path, case: str, target: str, precision: str, *,
+                 steps: tuple[str, ...] = STEPS, extra: dict | None = None):
         self.path = path
         self.data: dict[str, Any] = {
-            "case": case, "target": target, "precision": precision,
-            "steps": {s: "not run" for s in STEPS}, "metrics": {}, "notes": [],
+            "case": case, "target": target, "precision": precision, **(extra or {}),
+            "steps": {s: "not run" for s in steps}, "metrics": {}, "notes": [],
             "errors": {}}
         self.save()
 
@@ -91,7 +92,7 @@ class Row:
         self.save()
 
 
-def _runner(cmd: str, bundle: Path, *args, timeout: float = RUNNER_TIMEOUT) -> dict:
+def runner_json(cmd: str, bundle: Path, *args, timeout: float = RUNNER_TIMEOUT) -> dict:
     """Run the device runner (no edgetl on its path, as on a device); its JSON or an error."""
     env = {**os.environ, "PYTHONPATH": ""}
     p = subprocess.run([sys.executable, str(RUNNER), cmd, str(bundle), *map(str, args),
@@ -148,16 +149,21 @@ def _load_check(case, folder: Path, x: np.ndarray) -> tuple[list[str], list[str]
     return bad, notes
 
 
-def cell_main(case_name: str, target: str, precision: str, folder: str) -> None:
-    """The child: run every step of one cell, saving the row as it goes."""
+def child_setup(d: Path) -> None:
+    """A cell child's own process group, its log in ``d/cell.log``, one torch thread."""
     os.setsid()  # own process group: the parent can stop runner subprocesses with it
-    d = Path(folder)
     log = os.open(d / "cell.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)  # converter chatter goes to the cell's log, not the run's terminal
     os.dup2(log, 2)
     import torch
 
     torch.set_num_threads(1)
+
+
+def cell_main(case_name: str, target: str, precision: str, folder: str) -> None:
+    """The child: run every step of one cell, saving the row as it goes."""
+    d = Path(folder)
+    child_setup(d)
     row = Row(d / "result.json", case_name, target, precision)
     t_cell = time.perf_counter()
     try:
@@ -241,7 +247,7 @@ def _steps(row: Row, d: Path, case_name: str, target: str, precision: str) -> No
               "bundle_bytes": "bundle_bytes", "backbone_bytes": "backbone_bytes"})):
         row.set(step, "running")
         try:
-            out = _runner(step, bundle, *args)
+            out = runner_json(step, bundle, *args)
         except Exception as e:  # noqa: BLE001
             row.set(step, "failed", exc_reason(e))
             continue
@@ -260,15 +266,24 @@ def passed(row: dict) -> bool:
 
 
 def run_cell(case: str, target: str, precision: str, folder: Path, *, timeout: float = 300,
-             ctx=None) -> dict:
-    """Run one cell in a child process (``ctx``: a multiprocessing context); its row."""
+             ctx=None, spec: str | None = None) -> dict:
+    """Run one cell in a child process (``ctx``: a multiprocessing context); its row.
+
+    ``spec``: a ``--trainable`` cell (:mod:`tools.coverage.trainable`; ``precision`` is its
+    fp32), else a head-only cell.
+    """
+    from tools.coverage import trainable
+
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     ctx = ctx or multiprocessing.get_context("spawn")
     t = time.perf_counter()
-    p = ctx.Process(target=cell_main, args=(case, target, precision, str(folder)),
-                    name=f"cell-{case}-{target}-{precision}")
+    main, steps, judge = ((cell_main, STEPS, passed) if spec is None else
+                          (trainable.cell_main, trainable.STEPS, trainable.passed))
+    args = (case, target, precision if spec is None else spec, str(folder))
+    p = ctx.Process(target=main, args=args,
+                    name=f"cell-{case}-{target}-{precision if spec is None else spec}")
     p.start()
     p.join(timeout)
     fate = None
@@ -285,7 +300,8 @@ def run_cell(case: str, target: str, precision: str, folder: Path, *, timeout: f
     res = folder / "result.json"
     row = json.loads(res.read_text()) if res.is_file() else {
         "case": case, "target": target, "precision": precision,
-        "steps": {s: "not run" for s in STEPS}, "metrics": {}, "notes": [], "errors": {}}
+        **({"spec": spec} if spec is not None else {}),
+        "steps": {s: "not run" for s in steps}, "metrics": {}, "notes": [], "errors": {}}
     if fate:
         code = p.exitcode
         why = (f"cell exceeded {timeout:g} s" if fate == "timeout" else
@@ -293,15 +309,15 @@ def run_cell(case: str, target: str, precision: str, folder: Path, *, timeout: f
                f"cell process exited {code}")
         running = [s for s, v in row["steps"].items() if v == "running"]
         first = running[0] if running else next(
-            (s for s, v in row["steps"].items() if v == "not run"), STEPS[0])
+            (s for s, v in row["steps"].items() if v == "not run"), steps[0])
         row["steps"][first] = fate
         row["errors"][first] = why
-        after = STEPS[STEPS.index(first) + 1:]
+        after = steps[steps.index(first) + 1:]
         for s in after:
             if row["steps"][s] == "not run":
                 row["steps"][s] = "skipped"
     row["metrics"]["wall_s"] = time.perf_counter() - t
-    row["pass"] = passed(row)
+    row["pass"] = judge(row)
     return row
 
 
