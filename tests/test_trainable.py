@@ -281,6 +281,24 @@ def test_int8_needs_a_frozen_prefix(tiny_ck, tmp_path):
         export_tiny(tiny_ck, tmp_path / "q", "onnx", "int8", trainable="all")
 
 
+def test_l2sp_tail_loss_is_a_scalar_when_hparams_come_as_vectors(tmp_path):
+    """An L2-SP head's tail step: the export feeds hyper-parameters as (1,) arrays (as
+    runners do); the loss stays () as without L2-SP (was (1,): ShapeMismatchError), and
+    every trainable tensor, backbone ones included, has an ``anchor.*`` graph input."""
+    import onnx
+
+    ck = tiny_checkpoint(HeadConfig(lr=0.1, l2sp=0.05), epochs=1)
+    bundle = export_tiny(ck, tmp_path / "b", trainable="bias")
+    m = json.loads((bundle / "manifest.json").read_text())
+    ts = m["train_step"]
+    params = [*(p["name"] for p in m["trainable"]["params"]), "weight", "bias"]
+    assert ts["anchor_inputs"] == {f"anchor.{n}": n for n in params}
+    assert ts["hparam_inputs"][-1] == "l2sp"
+    g = onnx.load(str(bundle / "tail_train.onnx")).graph
+    assert [i.name for i in g.input][-len(params):] == list(ts["anchor_inputs"])
+    assert m["checks"]["train_step_max_abs_err"] < m["checks"]["atol"]
+
+
 @pytest.mark.parametrize("target", ["onnx", "tflite"])
 def test_check_parity_covers_tail(tiny_ck, tmp_path, target):
     from edgetl.check import parity
