@@ -305,6 +305,48 @@ def test_int8_needs_a_frozen_prefix(tiny_ck, tmp_path):
         export_tiny(tiny_ck, tmp_path / "q", "onnx", "int8", trainable="all")
 
 
+def test_l2sp_tail_loss_is_a_scalar_when_hparams_come_as_vectors(tmp_path):
+    """An L2-SP head's tail step: the export feeds hyper-parameters as (1,) arrays (as
+    runners do); the loss stays () as without L2-SP (was (1,): ShapeMismatchError), and
+    every trainable tensor, backbone ones included, has an ``anchor.*`` graph input."""
+    import onnx
+
+    ck = tiny_checkpoint(HeadConfig(lr=0.1, l2sp=0.05), epochs=1)
+    bundle = export_tiny(ck, tmp_path / "b", trainable="bias")
+    m = json.loads((bundle / "manifest.json").read_text())
+    ts = m["train_step"]
+    params = [*(p["name"] for p in m["trainable"]["params"]), "weight", "bias"]
+    assert ts["anchor_inputs"] == {f"anchor.{n}": n for n in params}
+    assert ts["hparam_inputs"][-1] == "l2sp"
+    g = onnx.load(str(bundle / "tail_train.onnx")).graph
+    assert [i.name for i in g.input][-len(params):] == list(ts["anchor_inputs"])
+    assert m["checks"]["train_step_max_abs_err"] < m["checks"]["atol"]
+
+
+@pytest.mark.parametrize("learn_scale", [True, False])
+def test_cosine_tail_with_spare_class_rows(tmp_path, learn_scale):
+    """A cosine head with spare rows (zero weights, UNUSED_BIAS): the tail graphs keep the
+    head's ``COSINE_EPS`` (the exporter's optimizer took ``+ 1e-8`` for ``+ 0``: 0/0 = NaN
+    logits), so spare logits sit at UNUSED_BIAS as in torch; a fixed scale passes through
+    the train graph under its own names."""
+    import onnxruntime as ort
+
+    from edgetl.export.bundle import UNUSED_BIAS
+
+    ck = tiny_checkpoint(HeadConfig(kind="cosine", lr=0.1, learn_scale=learn_scale), epochs=1)
+    bundle = export_tiny(ck, tmp_path / "b", trainable="bias", class_capacity=5)
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["head"]["capacity"] == 5
+    with np.load(bundle / m["files"]["head_init"]["path"]) as z:
+        params = {p["name"]: z[p["name"]] for p in m["head"]["params"]}
+    assert not params["weight"][3:].any()
+    feats = np.random.default_rng(0).standard_normal((4, m["features"]["dim"]), np.float32)
+    s = ort.InferenceSession(str(bundle / "tail_infer.onnx"))
+    logits = s.run(["logits"], {"features": feats, **params})[0]
+    assert np.isfinite(logits).all() and np.allclose(logits[:, 3:], UNUSED_BIAS)
+    assert m["checks"]["train_step_max_abs_err"] < m["checks"]["atol"]
+
+
 @pytest.mark.parametrize("target", ["onnx", "tflite"])
 def test_check_parity_covers_tail(tiny_ck, tmp_path, target):
     from edgetl.check import parity

@@ -29,6 +29,11 @@ from edgetl.trainable.step import TailInfer, TailModel, TailTrain
 log = logging.getLogger(__name__)
 
 GRADIENTS = "torch autograd at export time (torch.func + make_fx, core-ATen decompositions)"
+#: The dynamo exporter's onnxscript optimizer stays off for the tail graphs: its no-op rule
+#: takes ``x + c`` with ``|c| <= 1e-8`` for ``x + 0`` and drops the cosine head's
+#: ``COSINE_EPS``, so a zero class row (a spare row of ``class_capacity``) or a zero feature
+#: row divides 0 by 0 (NaN logits). onnxruntime optimises the graph when it loads it.
+OPTIMIZE = False
 
 
 @dataclass
@@ -124,6 +129,7 @@ def export_onnx(tail: Tail, folder: Path, *, opset: int, batch: int, rows: int) 
     step, infer = tail.train, tail.infer
     args = example_args(tail, batch, rows)
     gm = step.trace(args)
+    _copy_passed_through(gm)
     ep = torch.export.export(gm, args)
     path = folder / "tail_train.onnx"
     try:
@@ -131,7 +137,7 @@ def export_onnx(tail: Tail, folder: Path, *, opset: int, batch: int, rows: int) 
             warnings.simplefilter("ignore")
             torch.onnx.export(ep, args, str(path), dynamo=True, input_names=step.input_names(),
                               output_names=step.output_names(), external_data=False,
-                              opset_version=max(opset, 18), verbose=False)
+                              opset_version=max(opset, 18), verbose=False, optimize=OPTIMIZE)
     except Exception as e:  # noqa: BLE001 - the exporter's errors name the op
         raise BundleError(f"--trainable {tail.spec}: the train step does not export to ONNX "
                           f"({failing_ops(e)}); choose a smaller SPEC that leaves the "
@@ -149,6 +155,21 @@ def export_onnx(tail: Tail, folder: Path, *, opset: int, batch: int, rows: int) 
                       "outputs": infer.output_names(), "batch_size": None}}
 
 
+def _copy_passed_through(gm: torch.fx.GraphModule) -> None:
+    """Outputs that are inputs (a fixed cosine scale, its state) become copies of them.
+
+    Without the exporter's optimizer (:data:`OPTIMIZE`) such an output would take the
+    input's place under its own name (``new.scale`` for ``scale``).
+    """
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    vals = list(out.args[0])
+    with gm.graph.inserting_before(out):
+        vals = [gm.graph.call_function(torch.ops.aten.clone.default, (v,))
+                if isinstance(v, torch.fx.Node) and v.op == "placeholder" else v for v in vals]
+    out.args = (tuple(vals),)
+    gm.recompile()
+
+
 def _export_infer(infer: TailInfer, args: tuple, path: Path, opset: int) -> None:
     """The tail's forward with a dynamic batch (dynamo: functional_call is not scriptable)."""
     import onnx
@@ -160,7 +181,7 @@ def _export_infer(infer: TailInfer, args: tuple, path: Path, opset: int) -> None
         warnings.simplefilter("ignore")
         torch.onnx.export(ep, args, str(path), dynamo=True, input_names=infer.input_names(),
                           output_names=infer.output_names(), external_data=False,
-                          opset_version=max(opset, 18), verbose=False)
+                          opset_version=max(opset, 18), verbose=False, optimize=OPTIMIZE)
     onnx.checker.check_model(str(path))
 
 

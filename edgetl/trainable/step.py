@@ -132,7 +132,9 @@ class TailTrain(nn.Module):
             if coef is not None:
                 pen = torch.stack([((p - a) * (p - a)).sum()
                                    for p, a in zip(ps, anchors, strict=True)])
-                loss = loss + 0.5 * (coef * pen.sum()).sum()
+                # a real reduction over the per-tensor terms: the loss stays () when a
+                # runtime feeds coef as (1,) (a sum of a 0-d product is traced away)
+                loss = loss + 0.5 * (coef * pen).sum()
             return loss
 
         grads, loss = torch.func.grad_and_value(loss_fn)({n: given[n] for n in learn})
