@@ -166,3 +166,15 @@ def test_a_hanging_cell_is_recorded_as_timeout(tmp_path):
     assert not row["pass"]
     timed_out = [s for s, v in row["steps"].items() if v == "timeout"]
     assert len(timed_out) == 1 and "exceeded" in row["errors"][timed_out[0]]
+
+
+def test_one_trainable_cell_runs_end_to_end(tmp_path):
+    """A --trainable cell (export with its checks, device self-test, 20 steps through the
+    runner's backend against torch.optim) passes on a small user CNN."""
+    from tools.coverage.trainable import cell_main, passed
+
+    (tmp_path / "cell").mkdir()
+    cell_main("user_dwsep_cnn", "onnx", "bias", str(tmp_path / "cell"))
+    row = json.loads((tmp_path / "cell" / "result.json").read_text())
+    assert set(row["steps"].values()) == {"ok"}, row
+    assert passed(row) and row["metrics"]["parity_err32"] <= 1e-5, row["metrics"]

@@ -172,16 +172,25 @@ def cell_main(case_name: str, target: str, precision: str, folder: str) -> None:
         row.metric(cell_s=time.perf_counter() - t_cell)
 
 
+def build_case(row: Row, case_name: str):
+    """The registry's case ``case_name``, or None with the build step recorded as failed."""
+    from tools.coverage import cases
+
+    row.set("build", "running")
+    try:
+        return cases.build(case_name)
+    except Exception as e:  # noqa: BLE001 - any failure is a finding, recorded
+        row.set("build", "failed", exc_reason(e))
+        return None
+
+
 def _steps(row: Row, d: Path, case_name: str, target: str, precision: str) -> None:
     import edgetl
     from edgetl.config import ExportConfig
     from tools.coverage import cases
 
-    row.set("build", "running")
-    try:
-        case = cases.build(case_name)
-    except Exception as e:  # noqa: BLE001 - any failure is a finding, recorded
-        row.set("build", "failed", exc_reason(e))
+    case = build_case(row, case_name)
+    if case is None:
         return
     row.data.update(source=case.source, spec=case.spec)
     row.metric(params=sum(p.numel() for p in case.model.parameters()))

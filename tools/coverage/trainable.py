@@ -79,14 +79,10 @@ def _graph_stats(bundle: Path, m) -> dict:
 def _steps(row: Row, d: Path, case_name: str, target: str, spec: str) -> None:
     import edgetl
     from edgetl.config import ExportConfig
-    from tools.coverage import cases
-    from tools.coverage.cell import runner_json
+    from tools.coverage.cell import build_case, runner_json
 
-    row.set("build", "running")
-    try:
-        case = cases.build(case_name)
-    except Exception as e:  # noqa: BLE001 - any failure is a finding, recorded
-        row.set("build", "failed", exc_reason(e))
+    case = build_case(row, case_name)
+    if case is None:
         return
     row.data.update(source=case.source, input=case.spec)
     row.set("build", "ok")
