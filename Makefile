@@ -145,13 +145,14 @@ bench: install venv-ort data-vision
 
 # --trainable SPECs (head, bias, last:1) of the HAR student against the PyTorch eager loop
 # training the same subset (docs/trainable.md): adaptation / inference, loop / runner, peak RSS,
-# train-graph size, rounds interleaved in fresh processes.
+# train-graph size, rounds interleaved in fresh processes. The bundles are exported again when
+# the student is newer than them (after a new make demo); delete runs/har-tr after an exporter change.
 TRAINABLE_ROUNDS ?= 5
 bench-trainable: install
 	test -f $(OUT)/summary.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
 	for spec in head bias last:1; do \
 		d=runs/har-tr/onnx-fp32-$$(echo $$spec | tr -d :); \
-		test -f $$d/manifest.json || $(BIN)/edgetl export $(OUT)/student.pt --recipe $(RECIPE) \
+		test $$d/manifest.json -nt $(OUT)/student.pt || $(BIN)/edgetl export $(OUT)/student.pt --recipe $(RECIPE) \
 			--target onnx --precision fp32 --trainable $$spec --out $$d || exit 1; \
 	done
 	$(BIN)/python -m tools.trainable_bench --bundle head=runs/har-tr/onnx-fp32-head \
