@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Any, Dict, List, Optional, TypedDict, Union
 
@@ -641,9 +642,7 @@ def _trainable(tr: dict, params: list, dim: int) -> None:
     _expect(not bad, "trainable.params", "head.params of the same shape (the tensors the "
             "train step updates)", bad)
     _shape(tr["cut"]["shape"], "trainable.cut.shape")
-    n = 1
-    for d in tr["cut"]["shape"]:
-        n *= d
+    n = math.prod(tr["cut"]["shape"])
     _expect(n == dim, "trainable.cut.shape", f"features.dim = {dim} values per sample", n)
 
 

@@ -22,6 +22,7 @@ Matches autograd to float64 rounding (``tests/test_trainable.py``).
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -84,21 +85,11 @@ def _grad_weight(go, x, w, stride, padding, dilation, groups):
     xp = F.pad(x, pad) if any(pad) else x
     if groups == 1:
         return _grad_weight_dense(go, xp, w, stride, dilation)
-    slices = []
-    for tap in itertools.product(*[range(k) for k in ks]):
-        s = xp
-        for i in range(nd):
-            s = s.narrow(2 + i, tap[i] * dilation[i], (out[i] - 1) * stride[i] + 1)
-            if stride[i] > 1:
-                s = s[(slice(None),) * (2 + i) + (slice(None, None, stride[i]),)]
-        slices.append(s)
-    p = torch.stack(slices, -1)  # (N, Cin, *out, K)
+    p = torch.stack(list(_tap_slices(xp, 2, ks, out, stride, dilation)), -1)  # (N,Cin,*out,K)
     n, cin, cout, k = x.shape[0], x.shape[1], w.shape[0], p.shape[-1]
     if cin == groups and cout == groups:  # depthwise, multiplier 1
         return (p * go.unsqueeze(-1)).sum([0, *range(2, 2 + nd)]).reshape(w.shape)
-    lo = 1
-    for v in out:
-        lo *= v
+    lo = math.prod(out)
     pg = p.reshape(n, groups, cin // groups, lo, k).permute(1, 0, 3, 2, 4)
     pg = pg.reshape(groups, n * lo, (cin // groups) * k)
     gg = go.reshape(n, groups, cout // groups, lo).permute(1, 2, 0, 3)
@@ -117,20 +108,25 @@ def _grad_weight_dense(go, xp, w, stride, dilation):
     nd = xp.dim() - 2
     ks, out = list(w.shape[2:]), list(go.shape[2:])
     n, cin, cout = xp.shape[0], xp.shape[1], w.shape[0]
-    lo = 1
-    for v in out:
-        lo *= v
+    lo = math.prod(out)
     xl = xp.permute(0, *range(2, 2 + nd), 1)  # (N, *spatial, Cin)
     g2 = go.transpose(0, 1).reshape(cout, n * lo)
-    taps = []
-    for tap in itertools.product(*[range(k) for k in ks]):
-        s = xl
-        for i in range(nd):
-            s = s.narrow(1 + i, tap[i] * dilation[i], (out[i] - 1) * stride[i] + 1)
-            if stride[i] > 1:
-                s = s[(slice(None),) * (1 + i) + (slice(None, None, stride[i]),)]
-        taps.append(g2 @ s.reshape(n * lo, cin))
+    taps = [g2 @ s.reshape(n * lo, cin) for s in _tap_slices(xl, 1, ks, out, stride, dilation)]
     return torch.stack(taps, -1).reshape(w.shape)
+
+
+def _tap_slices(x, axis: int, ks, out, stride, dilation):
+    """Per kernel tap (row-major), the strided slice of the padded input ``x`` it multiplies.
+
+    ``axis``: where the spatial axes start (2 for N, C, *spatial; 1 channels last).
+    """
+    for tap in itertools.product(*[range(k) for k in ks]):
+        s = x
+        for i in range(len(ks)):
+            s = s.narrow(axis + i, tap[i] * dilation[i], (out[i] - 1) * stride[i] + 1)
+            if stride[i] > 1:
+                s = s[(slice(None),) * (axis + i) + (slice(None, None, stride[i]),)]
+        yield s
 
 
 def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
