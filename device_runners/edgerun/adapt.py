@@ -8,6 +8,7 @@ the current head; the local data never leaves the device.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -835,12 +836,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         # keeps the best head (the documented budget rule); a pass that does not is stopped
         backend.deadline = t_start + max_seconds + BACKBONE_GRACE_S
     raw = backend
-    digests: list[str] = []
-
-    def digest() -> str:  # the data file hashed once per run (feature cache key, run key)
-        if not digests:
-            digests.append(data_digest(data_path))
-        return digests[0]
+    # the data file hashed once per run (feature cache key, run key), and only when needed
+    digest = functools.cache(lambda: data_digest(data_path))
 
     try:
         selftest_err = selftest(bundle, backend)
