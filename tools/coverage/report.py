@@ -24,6 +24,18 @@ def failure_keys(rows: list[dict], steps=STEPS) -> dict[tuple[str, str], list[di
     return out
 
 
+def failure_lines(fails: dict, ref: dict, cell) -> list[str]:
+    """Markdown items for the failures of :func:`failure_keys`, or "None.".
+
+    Each: its ``ref`` label, the step, the cells (named by ``cell(row)``) and the reason.
+    """
+    if not fails:
+        return ["None."]
+    return [f"- **{ref[key]}** {key[0]}, {len(rs)} cell(s) "
+            f"({', '.join(cell(r) for r in rs)}): {key[1].replace('|', '/')}"
+            for key, rs in fails.items()]
+
+
 def render(data: dict) -> str:
     """The markdown page."""
     rows = data["rows"]
@@ -97,13 +109,7 @@ def render(data: dict) -> str:
             f"{' (rolled back)' if m.get('adapt_rolled_back') else ''} "
             f"| {_num(m.get('export_s'), '.1f')} | {'**pass**' if r['pass'] else 'fail'} |")
     lines += ["", "## Failures", ""]
-    if not fails:
-        lines.append("None.")
-    for key, rs in fails.items():
-        step, why = key
-        cells = ", ".join(f"{r['case']} {r['target']} {r['precision']}" for r in rs)
-        lines.append(f"- **{ref[key]}** {step}, {len(rs)} cell(s) ({cells}): "
-                     f"{why.replace('|', '/')}")
+    lines += failure_lines(fails, ref, lambda r: f"{r['case']} {r['target']} {r['precision']}")
     lines += ["", "## Cases", "", "| case | source | input | parameters | notes |",
               "|---|---|---|---|---|"]
     for name, c in data["cases"].items():
@@ -187,11 +193,5 @@ def render_trainable(tr: dict) -> list[str]:
             f"| {_sci(m.get('train_step_max_abs_err'))} | {vs32} | {vs64} "
             f"| {_num(m.get('export_s'), '.1f')} | {'**pass**' if r['pass'] else 'fail'} |")
     out += ["", "### Trainable failures", ""]
-    if not fails:
-        out.append("None.")
-    for key, rs in fails.items():
-        step, why = key
-        cells = ", ".join(f"{r['case']} {r['target']} `{r['spec']}`" for r in rs)
-        out.append(f"- **{ref[key]}** {step}, {len(rs)} cell(s) ({cells}): "
-                   f"{why.replace('|', '/')}")
+    out += failure_lines(fails, ref, lambda r: f"{r['case']} {r['target']} `{r['spec']}`")
     return out
