@@ -123,14 +123,14 @@ def head_forward(spec: HeadSpec, f: torch.Tensor, params: list[torch.Tensor]):
     """
     if spec.kind == "linear":
         w, b = params
-        return f @ w.t() + b, f
+        return nn.functional.linear(f, w, b), f  # one Gemm (transB) in ONNX
     if spec.kind == "cosine":
         w, b, scale = params
         fn = _unit_rows(f)
         return scale * (fn @ _unit_rows(w).t()) + b, fn
     w1, b1, w2, b2 = params
-    h = torch.relu(f @ w1.t() + b1)
-    return h @ w2.t() + b2, h
+    h = torch.relu(nn.functional.linear(f, w1, b1))
+    return nn.functional.linear(h, w2, b2), h
 
 
 def _unit_rows(a: torch.Tensor) -> torch.Tensor:
@@ -147,15 +147,14 @@ def weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tenso
     Shape:
         logits, targets: (B, K); weight: (B,) -> loss (), dlogits (B, K).
     """
-    z = logits - logits.max(dim=1, keepdim=True).values
-    ez = torch.exp(z)
-    s = ez.sum(dim=1, keepdim=True)
-    logp = z - torch.log(s)
+    # LogSoftmax and Softmax: one graph node each (the written-out max/exp/sum/log was six)
+    logp = torch.log_softmax(logits, dim=1)
+    p = torch.softmax(logits, dim=1)
     denom = torch.clamp(weight.sum(), min=1e-12)
-    wn = (weight / denom).unsqueeze(1)
-    loss = -(wn * targets * logp).sum()
-    # d/dlogits of -sum_k t_k log p_k = p * sum_k t_k - t  (= p - t for normalised targets)
-    dlogits = wn * (ez / s * targets.sum(dim=1, keepdim=True) - targets)
+    q = (weight / denom).unsqueeze(1) * targets  # normalised weight times target, (B, K)
+    loss = -(q * logp).sum()
+    # d/dlogits of -sum_k q_k log p_k = p * sum_k q_k - q  (= wn * (p - t) for one-hot targets)
+    dlogits = p * q.sum(dim=1, keepdim=True) - q
     return loss, dlogits
 
 
