@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -169,15 +170,24 @@ class _Trainer:
         backend, ts, hp, anchors, eye, bs = (self.backend, self.ts, self.hp_feeds,
                                              self.anchors, self.eye, self.bs)
         total, count, steps, fused, done = 0.0, 0, 0, 0, 0
-        for g in fused_groups(backend, len(order), bs) if self.fuse else ():
-            b = order[done : done + g * bs].reshape(g, bs)
-            for loss in _steps(backend, ts, hp, pool_f[b], eye[pool_y[b]], pool_w[b],
-                               params, state, anchors):
+        groups = fused_groups(backend, len(order), bs) if self.fuse else []
+        if groups:  # the fused steps' batches gathered once, the last one padded (weight 0)
+            n, rows = len(order), sum(groups) * bs
+            sel = order[:rows] if rows <= n else np.resize(order, rows)  # any pool rows, then
+            f, t, w = pool_f[sel], eye[pool_y[sel]], pool_w[sel]
+            if rows > n:  # zeroed: rows of weight 0 add nothing to the loss or the gradients
+                f[n:], t[n:], w[n:] = 0.0, 0.0, 0.0
+            f, t, w = (f.reshape(-1, bs, f.shape[1]), t.reshape(-1, bs, t.shape[1]),
+                       w.reshape(-1, bs))
+        for g in groups:
+            for loss in _steps(backend, ts, hp, f[fused : fused + g], t[fused : fused + g],
+                               w[fused : fused + g], params, state, anchors):
                 _check_loss(loss, epoch, self.hp)
-                total += loss * bs
-                count += bs
+                n = min(bs, len(order) - done)
+                total += loss * n
+                count += n
                 steps += 1
-            done += g * bs
+                done += n
             fused += g
         for i in range(done, len(order), bs):
             b = order[i : i + bs]
@@ -201,7 +211,7 @@ class _Trainer:
 
 def _check_loss(loss: float, epoch: int, hp: dict) -> None:
     """A non-finite training loss stops the run, naming the learning rate to lower."""
-    if not np.isfinite(loss):
+    if not math.isfinite(loss):
         raise RunnerError(f"training diverged (loss {loss}) at epoch {epoch + 1}; lower the "
                           f"learning rate (now {hp['lr']}) with --lr")
 
@@ -214,16 +224,19 @@ MAX_FUSED_STEPS = 64
 def fused_groups(backend, n_windows: int, bs: int) -> list[int]:
     """Steps per fused call for an epoch of ``n_windows`` in batches of ``bs``.
 
-    Only full batches are fused (the runner's batch order unchanged); the rest of the epoch
-    (a partial batch, fewer than K full ones for a fixed K) runs one step per call. Empty
-    without a fused graph.
+    The runner's batch order is unchanged. A graph that takes any number of steps
+    (``steps`` null) runs every batch of the epoch, the last partial one padded to ``bs``
+    rows of weight 0 (which add nothing to the loss or the gradients), at most
+    :data:`MAX_FUSED_STEPS` per call; a fixed-K graph takes the full batches in groups of K
+    and the rest of the epoch runs one step per call. Empty without a fused graph.
     """
     if not getattr(backend, "fused", None):
         return []
-    full, k = n_windows // bs, backend.fused_steps
+    k = backend.fused_steps
     if k:
-        return [int(k)] * (full // int(k))
-    return [min(MAX_FUSED_STEPS, full - i) for i in range(0, full, MAX_FUSED_STEPS)]
+        return [int(k)] * (n_windows // bs // int(k))
+    n = -(-n_windows // bs)
+    return [min(MAX_FUSED_STEPS, n - i) for i in range(0, n, MAX_FUSED_STEPS)]
 
 
 def rel_err(got, want) -> float:
@@ -543,7 +556,9 @@ def _val_scores(backend, bundle, head: Head, feats: np.ndarray, y: np.ndarray) -
     """
     logits = _infer(backend, bundle, head, feats)["logits"][:, : len(head.labels)]
     right = logits.argmax(axis=1) == y
-    return gating.softmax_xent(logits, y), float(right.mean()), right
+    # right.mean()'s value (an exact count over n in float64) without its wrapper's overhead
+    acc = np.count_nonzero(right) / len(right) if len(right) else float("nan")
+    return gating.softmax_xent(logits, y), acc, right
 
 
 #: What to do about a new label with no spare class row, by whether the bundle is a tail

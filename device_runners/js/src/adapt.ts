@@ -89,16 +89,17 @@ async function fusedSteps(backend: Backend, m: Manifest, hp: Record<string, numb
 export const MAX_FUSED_STEPS = 64;
 
 /** Steps per fused call for an epoch of `nWindows` in batches of `bs`, as the Python runner's
- * `fused_groups`: only full batches are fused (the batch order unchanged); the rest of the
- * epoch (a partial batch, fewer than K full ones for a fixed K) runs one step per call. Empty
- * without a fused graph. */
+ * `fused_groups`: the batch order unchanged; a graph that takes any number of steps (`steps`
+ * null) runs every batch of the epoch, the last partial one padded to `bs` rows of weight 0,
+ * at most MAX_FUSED_STEPS per call; a fixed-K graph takes the full batches in groups of K and
+ * the rest of the epoch runs one step per call. Empty without a fused graph. */
 export function fusedGroups(backend: Backend, nWindows: number, bs: number): number[] {
   if (!backend.fused || !backend.trainSteps) return [];
-  const full = Math.floor(nWindows / bs);
   const k = backend.fused.steps;
-  if (k) return new Array<number>(Math.floor(full / k)).fill(k);
+  if (k) return new Array<number>(Math.floor(Math.floor(nWindows / bs) / k)).fill(k);
+  const n = Math.ceil(nWindows / bs);
   const out: number[] = [];
-  for (let i = 0; i < full; i += MAX_FUSED_STEPS) out.push(Math.min(MAX_FUSED_STEPS, full - i));
+  for (let i = 0; i < n; i += MAX_FUSED_STEPS) out.push(Math.min(MAX_FUSED_STEPS, n - i));
   return out;
 }
 
@@ -381,19 +382,24 @@ async function fit(backend: Backend, m: Manifest, start: Head, pool: Pool, feats
     let count = 0;
     let done = 0; // the epoch's first full batches, in order, through the fused graph
     for (const g of o.fuse ? fusedGroups(backend, order.length, bs) : []) {
+      // g batches of bs rows; the epoch's last partial batch padded with zeros (weight 0)
       const b = order.slice(done, done + g * bs);
-      const f = gather(pool.f, dim, b);
-      const t = oneHot(b.map((k) => pool.y[k]), nCls);
-      const w = Float32Array.from(b, (k) => pool.w[k]);
+      const f = new Float32Array(g * bs * dim);
+      f.set(gather(pool.f, dim, b));
+      const t = new Float32Array(g * bs * nCls);
+      t.set(oneHot(b.map((k) => pool.y[k]), nCls));
+      const w = new Float32Array(g * bs);
+      w.set(b.map((k) => pool.w[k]));
       const losses = await fusedSteps(backend, m, hp, { data: f, dims: [g, bs, dim] },
         { data: t, dims: [g, bs, nCls] }, { data: w, dims: [g, bs] }, head.params, state, anchors);
       for (let k = 0; k < g; k++) {
         if (!Number.isFinite(losses[k])) throw diverged(losses[k], epoch);
-        total += losses[k] * bs;
-        count += bs;
+        const n = Math.min(bs, order.length - done);
+        total += losses[k] * n;
+        count += n;
         steps++;
+        done += n;
       }
-      done += g * bs;
       stepsFused += g;
     }
     for (let i = done; i < order.length; i += bs) {
