@@ -36,7 +36,8 @@ def test_unknown_target_lists_known_ones():
 def test_manifest_names_every_file_with_its_hash(tiny_bundle):
     m = Manifest.read(tiny_bundle)
     m.verify(tiny_bundle)
-    assert set(m.files) == {"backbone", "head_train", "head_train_k", "head_infer", "head_init",
+    assert set(m.files) == {"backbone", "head_train", "head_train_k", "head_train_run",
+                            "head_infer", "head_init",
                             "test_vectors", "adabn_stats", "adabn_features"}  # AdaBN: a BN
     for entry in m.files.values():
         assert sha256_file(tiny_bundle / entry.path) == entry.sha256

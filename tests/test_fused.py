@@ -144,11 +144,12 @@ def test_fused_graph_matches_one_step_graph_and_torch_optim(spec, opt, tmp_path)
 
 
 def _without_fused(src, dst):
-    """A copy of bundle ``src`` as an older export wrote it: no fused graph."""
+    """A copy of bundle ``src`` as an older export wrote it: no fused (or whole-run) graph."""
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
-    fz = m["train_step"].pop("fused")
-    (dst / m["files"].pop(fz["file"])["path"]).unlink()
+    for block in ("fused", "run"):
+        fz = m["train_step"].pop(block)
+        (dst / m["files"].pop(fz["file"])["path"]).unlink()
     (dst / "manifest.json").write_text(json.dumps(m))
     return dst
 
@@ -197,3 +198,113 @@ def test_selftest_checks_the_fused_graph(bundle):
     edit(bundle, "train_step.fused.file", "head_train_k")
     edit(bundle, "train_step.fused.inputs", m["train_step"]["inputs"][:-1])
     refused(run_runner("selftest", bundle), r"train_step\.fused\.inputs")
+
+
+@pytest.mark.parametrize("opt", sorted(HPARAMS))
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}{'-l2sp' if s.l2sp else ''}"
+                         f"{'-fixed' if not s.learn_scale else ''}")
+def test_run_graph_equals_fused_and_infer_calls(spec, opt, tmp_path):
+    """The whole-run graph: 3 epochs of 4 steps and their validation logits in one call give
+    the fused graph's losses, parameters and state and the infer graph's logits, epoch by
+    epoch (the same kernels, so bit for bit on onnxruntime)."""
+    from edgetl.export.onnx import OnnxExporter
+
+    ex = OnnxExporter()
+    sig = ex.export_head(spec, opt, tmp_path, opset=17, batch=N)
+    l2sp = 0.05 if spec.l2sp else 0.0
+    fz = ex.export_fused(tmp_path, sig["train"], sig["files"],
+                         shared=[*spec.hparam_names(opt), *spec.anchor_names])
+    files = {**sig["files"], **fz["files"]}
+    rb = ex.export_run(tmp_path, fz["fused"], sig["infer"], files)["run"]
+    fused, infer, run = (_session(tmp_path / files.get(r, f"{r}.onnx"))
+                         for r in (fz["fused"]["file"], sig["infer"]["file"], rb["file"]))
+    p0 = _params(spec)
+    f, t, w = _batches()  # 12 steps: 3 epochs of 4
+    val = f[0, :7].numpy()
+    hp = {k: np.array(HP[opt].get(k, l2sp), np.float32) for k in spec.hparam_names(opt)}
+    anchors = {f"anchor.{n}": v.numpy() for n, v in p0.items()} if spec.l2sp else {}
+    carry = {**{n: v.numpy() for n, v in p0.items()},
+             **{n: v.numpy() for n, v in init_state(spec, opt, p0).items()}}
+    stacked = {"features": f.numpy(), "targets": t.numpy(), "sample_weight": w.numpy()}
+    names = [o.name for o in run.get_outputs()]
+    got = dict(zip(names, run.run(None, {**{k: v.reshape(3, 4, *v.shape[1:])
+                                            for k, v in stacked.items()},
+                                         **hp, **carry, **anchors, rb["val_input"]: val})))
+    assert got["loss"].shape == (3, 4) and got["val_logits"].shape == (3, 7, C)
+    for e in range(3):
+        out = dict(zip([o.name for o in fused.get_outputs()], fused.run(None, {
+            **{k: v[4 * e : 4 * e + 4] for k, v in stacked.items()}, **hp, **carry,
+            **anchors})))
+        carry = {n: out["new." + n] for n in carry}
+        logits = infer.run(["logits"], {"features": val, **{
+            n: carry[n] for n in sig["infer"]["inputs"][1:]}})[0]
+        assert np.array_equal(got["loss"][e], out["loss"])
+        assert np.array_equal(got["val_logits"][e], logits)
+        for n, v in carry.items():
+            assert np.array_equal(got[rb["epoch_prefix"] + n][e], v), n
+    for n, v in carry.items():
+        assert np.array_equal(got["new." + n], v), n
+
+
+def _without_run(src, dst):
+    """A copy of bundle ``src`` as the export before the whole-run graph wrote it."""
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    rb = m["train_step"].pop("run")
+    (dst / m["files"].pop(rb["file"])["path"]).unlink()
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "6", "--patience", "0"],
+                                   ["--epochs", "12", "--patience", "2", "--lr", "2",
+                                    "--checkpoint-every", "0", "--batch-size", "7"]],
+                         ids=["plain", "early_stop"])
+def test_runner_same_run_with_and_without_run_graph(tiny_bundle, tmp_path, flags):
+    """The whole-run graph changes how many calls train, not the training: reports (history,
+    steps, gate, early stop) and heads are the per-epoch path's, bit for bit."""
+    old = _without_run(tiny_bundle, tmp_path / "old")
+    data = write_device_npz(tmp_path / "dev.npz", 300, 7, **SHIFT)
+    reps, heads = {}, {}
+    for name, b in (("run", tiny_bundle), ("epoch", old)):
+        p = adapt_json(b, data, tmp_path / name, *flags)
+        assert p.returncode == 0, p.stderr
+        reps[name] = json.loads(p.stdout)
+        for f in ("head.npz", "head.rejected.npz"):
+            if (tmp_path / name / f).exists():
+                with np.load(tmp_path / name / f) as z:
+                    heads[name, f] = {k: z[k] for k in z.files if not k.startswith("__")}
+    R, E = reps["run"], reps["epoch"]
+    for k in ("history", "steps", "steps_fused", "gate", "early_stop", "rolled_back",
+              "accuracy_after", "epochs_run"):
+        assert R[k] == E[k], k
+    assert R["steps_fused"] == R["steps"] > 0
+    if "--patience" in flags and flags[flags.index("--patience") + 1] != "0":
+        assert R["early_stop"], R["history"]
+    assert {k[1] for k in heads if k[0] == "run"} == {k[1] for k in heads if k[0] == "epoch"}
+    for (name, f), h in heads.items():
+        if name == "run":
+            for k, v in h.items():
+                assert np.array_equal(v, heads["epoch", f][k]), (f, k)
+
+
+def test_selftest_checks_the_run_graph(bundle):
+    import onnx
+    from onnx import helper
+
+    from tests.test_runner_errors import edit, rehash
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    path = bundle / m["files"]["head_train_run"]["path"]
+    model = onnx.load(str(path))  # a graph that runs but trains wrong: loss doubled
+    scan = model.graph.node[0]
+    k = list(scan.output).index("loss")
+    scan.output[k] = "loss_raw"
+    two = helper.make_tensor("two", onnx.TensorProto.FLOAT, [], [2.0])
+    model.graph.initializer.append(two)
+    model.graph.node.append(helper.make_node("Mul", ["loss_raw", "two"], ["loss"]))
+    onnx.save(model, str(path))
+    rehash(bundle, "head_train_run")
+    refused(run_runner("selftest", bundle), "self-test failed.*reference train steps")
+    edit(bundle, "train_step.run.val_input", "nope")
+    refused(run_runner("selftest", bundle), r"train_step\.run\.inputs")

@@ -365,3 +365,17 @@ def test_softmax_xent_is_the_mean_formula_bit_for_bit():
         logits = wide.astype(dtype)[:, :k]  # a strided view, as the runner's label columns
         y = rng.integers(0, k, n)
         assert gate.softmax_xent(logits, y) == reference(logits, y)
+
+
+@pytest.mark.unit
+def test_softmax_xent_epochs_gives_each_epochs_softmax_xent_bit_for_bit():
+    """The whole-run path scores every epoch in one pass: the same floats as one call each."""
+    from edgerun.gate import softmax_xent, softmax_xent_epochs
+
+    for i in range(200):
+        r = np.random.default_rng(i)
+        e, n, k = int(r.integers(1, 25)), int(r.integers(1, 300)), int(r.integers(2, 12))
+        cols = int(r.integers(2, k + 1))  # a view of the label rows, as the runner slices
+        lg = (r.standard_normal((e, n, k)) * r.uniform(0.1, 30)).astype(np.float32)[..., :cols]
+        y = r.integers(0, cols, n)
+        assert softmax_xent_epochs(lg, y) == [softmax_xent(lg[j], y) for j in range(e)]

@@ -2,12 +2,13 @@
 
 A HAR-sized bundle (the HAR student's conv net, 6 IMU channels × 128 samples, 6 classes,
 a ``--dim``-wide feature layer, linear head, SGD-momentum) is exported twice: as today
-(``head_train_k.onnx``, the fused K-step graph) and as an older bundle without it. On
+(``head_train_k.onnx``, the fused K-step graph, and ``head_train_run.onnx``, the whole run)
+and as an older bundle without them. On
 ``--windows`` synthetic windows (``val_fraction`` 0.25: ~600 training windows at the default
 800), fresh runner processes then run, interleaved round by round (A, B, C, A, B, C …):
 
-- A: ``run.py adapt`` with the fused graph (``--epochs``, batch 32, patience 0);
-- B: the same without it (one runtime call per train step);
+- A: ``run.py adapt`` with the fused graphs (``--epochs``, batch 32, patience 0);
+- B: the same without them (one runtime call per train step);
 - C: ``run.py infer`` over the same windows (one backbone pass + the head).
 
 Printed (not asserted): median feature / train / adaptation seconds of A and B, the median
@@ -53,8 +54,10 @@ def build(work: Path, dim: int, kind: str, optimizer: str) -> tuple[Path, Path]:
     one = work / "one_step"
     shutil.copytree(fused, one)
     m = json.loads((one / "manifest.json").read_text())
-    fz = m["train_step"].pop("fused")
-    (one / m["files"].pop(fz["file"])["path"]).unlink()
+    for block in ("fused", "run"):  # the whole-run graph sits on the fused one
+        fz = m["train_step"].pop(block, None)
+        if fz:
+            (one / m["files"].pop(fz["file"])["path"]).unlink()
     (one / "manifest.json").write_text(json.dumps(m))
     return fused, one
 

@@ -209,6 +209,91 @@ class _Trainer:
         return total, count, steps, fused, None
 
 
+    def runs(self, n_windows: int, dim: int) -> int:
+        """Epochs per call of the whole-run graph (``train_step.run``).
+
+        For epochs of ``n_windows`` windows of ``dim`` features: at most
+        :data:`MAX_RUN_STEPS` steps and :data:`MAX_RUN_BYTES` of stacked batches a call (a
+        call is never interrupted, so a training-state save waits for its end); 0: one fused
+        and one infer call per epoch (no run graph, a fixed-K fused graph, steps checked one
+        by one, or one epoch over those bounds).
+        """
+        b = self.backend
+        if not (self.fuse and getattr(b, "run_graph", None) and getattr(b, "fused", None)
+                and not b.fused_steps):
+            return 0
+        steps = -(-n_windows // self.bs)
+        return min(MAX_RUN_BYTES // (steps * self.bs * (dim + self.n_cls + 1) * 4),
+                   MAX_RUN_STEPS // steps)
+
+    def epochs(self, rng, pool, first: int, last: int, pool_f, pool_y, pool_w, head: Head,
+               state: dict, feats_va, y_va, val, after_step=None, per_call: int | None = None):
+        """Epochs ``first`` .. ``last - 1`` over ``pool``, one at a time as consumed.
+
+        Yields per epoch ``(loss sum, windows, steps, fused steps, stopped, val_loss,
+        val_accuracy)`` with ``head.params``, ``state`` and ``rng`` as they are after that
+        epoch (its shuffle drawn from ``rng``); ``val(head)`` scores the validation windows.
+        With a whole-run graph (:meth:`runs`), epochs run in calls of several (their
+        shuffles drawn in order, ``rng`` set back to each epoch's state as it is yielded),
+        with the same steps, losses and validation logits as one epoch per call;
+        ``per_call`` caps the epochs a call runs (1: a training-state save after every epoch).
+        """
+        chunk = min(self.runs(len(pool), pool_f.shape[1]), per_call or MAX_RUN_STEPS)
+        epoch = first
+        while epoch < last:
+            if not chunk:
+                out = self.epoch(rng.permutation(pool), pool_f, pool_y, pool_w,
+                                 head.params, state, epoch, after_step)
+                yield (*out, *val(head)[:2])
+                epoch += 1
+                continue
+            todo = range(epoch, min(last, epoch + chunk))
+            orders, rngs = [], []
+            for _ in todo:
+                orders.append(rng.permutation(pool))
+                rngs.append(rng.bit_generator.state)
+            yield from self._run(orders, rngs, todo, rng, pool_f, pool_y, pool_w, head,
+                                 state, feats_va, y_va)
+            epoch = todo[-1] + 1
+
+    def _run(self, orders, rngs, todo, rng, pool_f, pool_y, pool_w, head: Head, state: dict,
+             feats_va, y_va):
+        """The epochs ``todo`` (shuffles ``orders``) in one call of the whole-run graph."""
+        backend, bs, rb = self.backend, self.bs, self.backend.run_graph
+        n = len(orders[0])
+        n_steps = -(-n // bs)
+        rows = n_steps * bs
+        sel = np.stack([o if rows == n else np.resize(o, rows) for o in orders])
+        f, t, w = pool_f[sel], self.eye[pool_y[sel]], pool_w[sel]
+        if rows > n:  # zeroed: rows of weight 0 add nothing to the loss or the gradients
+            f[:, n:], t[:, n:], w[:, n:] = 0.0, 0.0, 0.0
+        e = len(orders)
+        feeds = _feeds(self.ts, self.hp_feeds, f.reshape(e, n_steps, bs, f.shape[-1]),
+                       t.reshape(e, n_steps, bs, t.shape[-1]), w.reshape(e, n_steps, bs),
+                       head.params, state, self.anchors)
+        feeds[rb["val_input"]] = feats_va
+        out = backend.train_run(feeds)
+        losses = np.reshape(out[rb["loss_output"]], (e, n_steps))
+        logits = out[rb["val_logits_output"]][:, :, : len(head.labels)]
+        val_loss = gating.softmax_xent_epochs(logits, y_va)  # _val_scores' values, per epoch
+        val_acc = (np.count_nonzero(logits.argmax(axis=2) == y_va, axis=1) / len(y_va)).tolist()
+        pre = rb["epoch_prefix"]
+        for i, epoch in enumerate(todo):
+            total, count, done = 0.0, 0, 0
+            for loss in losses[i].tolist():
+                _check_loss(loss, epoch, self.hp)
+                k = min(bs, n - done)
+                total += loss * k
+                count += k
+                done += k
+            for k in head.params:
+                head.params[k] = out[pre + k][i]
+            for k in state:
+                state[k] = out[pre + k][i]
+            rng.bit_generator.state = rngs[i]
+            yield total, count, n_steps, n_steps, None, val_loss[i], val_acc[i]
+
+
 def _check_loss(loss: float, epoch: int, hp: dict) -> None:
     """A non-finite training loss stops the run, naming the learning rate to lower."""
     if not math.isfinite(loss):
@@ -219,6 +304,10 @@ def _check_loss(loss: float, epoch: int, hp: dict) -> None:
 #: Most steps in one call of a fused graph that takes any number (``steps`` null): bounds the
 #: stacked copy of the features a call holds.
 MAX_FUSED_STEPS = 64
+#: Most bytes of stacked batches (features, targets, weights) and most steps in one call of
+#: the whole-run graph: epochs are grouped into calls below both (the step bound keeps a
+#: call short: the training state is saved between calls, never inside one).
+MAX_RUN_BYTES, MAX_RUN_STEPS = 16 << 20, 256
 
 
 def fused_groups(backend, n_windows: int, bs: int) -> list[int]:
@@ -280,6 +369,17 @@ def selftest_train(bundle: Bundle, backend) -> float:
             err = max(err, *(rel_err(a, b) for a, b in zip(got, losses[i : i + g])))
             i += g
         err = max(err, *(rel_err(params[k], v) for k, v in final.items()))
+    rb = getattr(backend, "run_graph", None)
+    if rb and groups:  # the same steps as one epoch of the whole-run graph, and its logits
+        params, state = dict(head.params), _zero_state(m, head.params)
+        feeds = _feeds(m["train_step"], hp, f[None], t[None], w[None], params, state, anchors)
+        out = backend.train_run({**feeds, rb["val_input"]: f[0]})
+        got = np.reshape(out[rb["loss_output"]], -1)
+        err = max(err, *(rel_err(a, b) for a, b in zip(got, losses)))
+        err = max(err, *(rel_err(out["new." + k], v) for k, v in final.items()))
+        want = _infer(backend, bundle, Head({k: out["new." + k] for k in params}, head.labels),
+                      f[0])["logits"]
+        err = max(err, rel_err(out[rb["val_logits_output"]][0], want))
     if not err <= float(tv["train_atol"]):
         raise RunnerError(f"self-test failed: {backend.trainer} training on this runtime differs "
                           f"from the server's reference train steps by {err:.3g} (> "
@@ -1033,13 +1133,13 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
             head.params[name][absent] = start.params[name][absent]
         return over_budget(epoch)
 
-    for epoch in range(first, epochs):
-        order = rng.permutation(pool)
-        total, count, n_steps, n_fused, stopped = trainer.epoch(
-            order, pool_f, pool_y, pool_w, head.params, state, epoch, after_step)
+    runs = trainer.epochs(rng, pool, first, epochs, pool_f, pool_y, pool_w, head, state,
+                          feats_va, y_va, lambda h: _val_scores(backend, bundle, h, feats_va, y_va),
+                          after_step, per_call=1 if checkpoint_every == 0 else None)
+    for epoch, (total, count, n_steps, n_fused, stopped, val_loss, val_acc) in zip(
+            range(first, epochs), runs):
         steps += n_steps
         steps_fused += n_fused
-        val_loss, val_acc, _ = _val_scores(backend, bundle, head, feats_va, y_va)
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_loss": val_loss,
                         "val_accuracy": val_acc, "complete": stopped is None})
         if best is None or val_loss < best[0]:

@@ -79,7 +79,7 @@ def make_backend(bundle, threads: int = 0, trainer: str | None = None):
     if trainer == "ort-training":
         step = OrtTrainingStep(bundle)
         backend.train_step = step
-        backend.fused = None  # the K-step graph is the stateless trainer's
+        backend.fused = backend.run_graph = None  # the K-step graphs are the stateless trainer's
         backend.trainer, backend.trainer_version = "ort-training", step.version
     return backend
 
@@ -95,6 +95,9 @@ class OrtBackend:
     #: The manifest's ``train_step.fused`` block when :meth:`train_steps` runs the bundle's
     #: K-step graph (``None``: one step per call); ``fused_steps``: its ``steps``.
     fused = fused_steps = None
+    #: The manifest's ``train_step.run`` block when :meth:`train_run` runs the bundle's
+    #: whole-run graph (``None``: one fused and one infer call per epoch).
+    run_graph = None
 
     def __init__(self, bundle, threads: int = 0):
         try:
@@ -148,6 +151,15 @@ class OrtBackend:
                      fz["outputs"], [o.name for o in self._train_k.get_outputs()], "outputs")
             self._train_k_out = [o.name for o in self._train_k.get_outputs()]
             self.fused, self.fused_steps = fz, fz["steps"]
+        rb = m["train_step"].get("run") if fz else None
+        if rb:  # the whole-run graph: epochs of the fused graph and their validation logits
+            self._train_run = sess(rb["file"], 1)
+            check_io(m["files"][rb["file"]]["path"], "train_step.run.inputs", rb["inputs"],
+                     [i.name for i in self._train_run.get_inputs()])
+            check_io(m["files"][rb["file"]]["path"], "train_step.run.outputs", rb["outputs"],
+                     [o.name for o in self._train_run.get_outputs()], "outputs")
+            self._train_run_out = [o.name for o in self._train_run.get_outputs()]
+            self.run_graph = rb
 
     def features(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         """Backbone features of preprocessed windows, computed in chunks."""
@@ -212,6 +224,10 @@ class OrtBackend:
         """Several optimizer steps (the fused graph; batches stacked); outputs by name."""
         return dict(zip(self._train_k_out, self._train_k.run(None, feeds)))
 
+    def train_run(self, feeds: dict) -> dict:
+        """Epochs of fused steps and their validation logits (the whole-run graph)."""
+        return dict(zip(self._train_run_out, self._train_run.run(None, feeds)))
+
     def infer(self, feeds: dict) -> dict:
         """Head logits and embedding; returns outputs by name."""
         return dict(zip(self._infer_out, self._infer.run(None, feeds)))
@@ -247,7 +263,7 @@ class LiteRTBackend:
     """
 
     name = "ai-edge-litert"
-    fused = fused_steps = None  # no K-step graph for LiteRT yet: one step per call
+    fused = fused_steps = run_graph = None  # no K-step graph for LiteRT yet: one step per call
     #: ``perf_counter`` time after which backbone calls stop. Checked between calls only:
     #: LiteRT's Python API cannot cancel a running call, so one long call runs to its end.
     deadline = None

@@ -185,6 +185,24 @@ class FusedStepBlock(GraphBlock):
     loss_output: str
 
 
+class RunBlock(GraphBlock):
+    """A whole adaptation's epochs in one runtime call (``edgetl.export.fused.run_graph``).
+
+    The fused graph's inputs with ``features``, ``targets`` and ``sample_weight`` stacked on
+    one more leading axis (epochs, steps, N, ...), plus ``val_input`` (the validation
+    features, (M, D)). Per epoch: its steps as the fused graph takes them, then the infer
+    graph on ``val_input`` with the epoch's new parameters. Outputs: ``loss_output``
+    (epochs, steps), the final ``new.*`` values, ``<epoch_prefix><name>`` (every parameter
+    and optimizer state after each epoch, stacked on a leading epochs axis) and
+    ``val_logits_output`` (epochs, M, rows).
+    """
+
+    loss_output: str
+    val_input: str
+    val_logits_output: str
+    epoch_prefix: str
+
+
 class TrainStepBlock(_TrainStep, total=False):
     """The stateless train step: which inputs carry targets, weights, hyper-parameters.
 
@@ -193,12 +211,15 @@ class TrainStepBlock(_TrainStep, total=False):
     without resizing an input (see docs/tflite-notes.md, Scalars).
 
     ``fused`` (optional; absent in older bundles and for targets without one): the K-step
-    train graph a runner may use instead of K calls of this one.
+    train graph a runner may use instead of K calls of this one. ``run`` (optional; ONNX
+    heads with dynamic batches): epochs of the fused graph with their validation logits, a
+    runner may use instead of one fused and one infer call per epoch.
     """
 
     anchor_inputs: Dict[str, str]
     ort_training: Dict[str, Any]
     fused: FusedStepBlock
+    run: RunBlock
     hparam_shape: List[int]
 
 
@@ -593,6 +614,18 @@ def _consistent(m: dict) -> None:
             _at_least(fz["steps"], 1, "train_step.fused.steps", MAX_DIM)
         if fz["batch_size"] is not None:
             _at_least(fz["batch_size"], 1, "train_step.fused.batch_size", MAX_DIM)
+    if "run" in ts:  # the whole-run graph: the fused graph's names and the validation ones
+        rb = ts["run"]
+        _expect("fused" in ts, "train_step.run", "a train_step.fused block beside it", rb)
+        _expect(rb["file"] in files, "train_step.run.file",
+                f"a file role listed in files {sorted(files)}", rb["file"])
+        _expect(sorted(rb["inputs"]) == sorted([*ts["inputs"], rb["val_input"]]),
+                "train_step.run.inputs", f"train_step.inputs {sorted(ts['inputs'])} and "
+                "val_input", rb["inputs"])
+        _subset([rb["loss_output"], rb["val_logits_output"],
+                 *(f"{p}{n}" for n in params + state for p in ("new.", rb["epoch_prefix"]))],
+                rb["outputs"], "train_step.run (loss, val logits, new.* and per-epoch outputs)",
+                "train_step.run.outputs")
     _expect(bool(inf["inputs"]), "infer.inputs", "a non-empty list (features first)",
             inf["inputs"])
     _subset(inf["inputs"][1:], params, "infer.inputs[1:]", "head.params")

@@ -128,6 +128,11 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
         from edgetl.export.fused import check_fused
 
         worst = max(worst, check_fused(sess, names, ref.output_names(), len(hp), done, atol))
+    if getattr(sess, "run_graph", None):  # the whole-run graph: epochs of the same steps
+        from edgetl.export.fused import check_run
+
+        worst = max(worst, check_run(sess, names, ref.output_names(), len(hp), done,
+                                     InferStep(spec).input_names(), atol))
     return worst
 
 
@@ -501,6 +506,9 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         *(tail.train.anchor_names() if tail else spec.anchor_names)])
     if fused:
         files.update(fused["files"])
+    run = fused and not tail and exporter.export_run(tmp, fused["fused"], sig["infer"], files)
+    if run:
+        files.update(run["files"])
     files.update(head_init="head_init.npz", test_vectors="test_vectors.npz")
     np.savez(tmp / files["head_init"], **params)
     ort_training = None
@@ -564,6 +572,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
                                         and tail is None),
                     "trainer": cfg.trainer,
                     **({"fused": fused["fused"]} if fused else {}),
+                    **({"run": run["run"]} if run else {}),
                     **({"ort_training": ort_training} if ort_training else {})},
         infer={**sig["infer"], "batch_size": batch if fixed else None},
         adapt={"epochs": adapt.epochs, "batch_size": adapt.batch_size,
@@ -620,7 +629,8 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         n_labels=len(ck.labels), ref=tail.train if tail else None,
         features=feats if tail else None)
     checks.update(n_reference=len(reference_x), train_steps_checked=TRAIN_STEPS_CHECKED,
-                  fused_train_checked=bool(getattr(sess, "fused", None)))
+                  fused_train_checked=bool(getattr(sess, "fused", None)),
+                  run_train_checked=bool(getattr(sess, "run_graph", None)))
     if eval_set is not None:
         checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
                                              cfg.max_accuracy_drop, infer_ref.input_names())

@@ -199,3 +199,172 @@ def check_fused(sess, names: list[str], out_names: list[str], n_hparams: int,
                                        atol * max(1.0, float(np.abs(w0).max()))))
         carry = [got[o] for o in out_names[1:]]
     return worst
+
+
+#: Suffix of the whole-run graph's file role and file name (``head_train_run.onnx``).
+RUN_SUFFIX = "_run"
+#: The whole-run graph's extra input and outputs (see :func:`run_graph`).
+VAL_INPUT, VAL_LOGITS, EPOCH_PREFIX = "val_features", "val_logits", "epoch."
+
+
+def run_graph(fused: Path, infer: Path, out: Path, *, infer_inputs: list[str]) -> None:
+    """Write ``out``: epochs of the fused graph ``fused``, each followed by ``infer``.
+
+    An ONNX ``Scan`` over epochs whose body is the fused K-step ``Scan`` (one epoch's
+    batches) and then the infer graph on ``val_features`` with the epoch's new parameters:
+    the runner's whole training in one call. Inputs: the fused graph's, ``features``,
+    ``targets`` and ``sample_weight`` stacked on one more leading axis (epochs, steps, N,
+    ...), plus ``val_features`` (M, D). Outputs: ``loss`` (epochs, steps), the final ``new.*``
+    values, ``epoch.<name>`` (every parameter and optimizer state after each epoch, stacked)
+    and ``val_logits`` (epochs, M, rows). ``infer_inputs``: the infer graph's inputs
+    (features first, then parameters that the train step carries).
+
+    Raises:
+        BundleError: the graphs are not a fused train graph and an infer graph of one head,
+            or the infer graph holds subgraphs.
+    """
+    import onnx
+    from onnx import helper
+
+    fk, inf = (onnx.load(str(p), load_external_data=False) for p in (fused, infer))
+    if len(fk.graph.node) != 1 or fk.graph.node[0].op_type != "Scan":
+        raise BundleError(f"{fused.name} is not a fused train graph (one Scan)")
+    scan = fk.graph.node[0]
+    vin = {i.name: i for i in fk.graph.input}
+    vout = {o.name: o for o in fk.graph.output}
+    carried = [n.removeprefix("new.") for n in scan.output[:-1]]
+    scanned = list(scan.input[len(carried):])
+    if (scan.output[-1] != "loss" or list(scan.input[: len(carried)]) != carried
+            or not set(infer_inputs[1:]) <= set(carried)):
+        raise BundleError(f"{fused.name} / {infer.name}: not a fused train graph and an infer "
+                          "graph of the same parameters; cannot build the whole-run graph")
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for n in inf.graph.node for a in n.attribute):
+        raise BundleError(f"{infer.name} holds subgraphs; the whole-run graph cannot use it")
+    e = "epoch/"
+    inner = onnx.NodeProto()
+    inner.CopyFrom(scan)
+    inner.name = "train_epoch"
+    inner.ClearField("input")
+    inner.input.extend(e + n for n in [*carried, *scanned])
+    inner.ClearField("output")
+    inner.output.extend([*(e + "new." + n for n in carried), e + "loss"])
+    # the infer graph's nodes that the logits need, on the epoch's new parameters
+    need, nodes_inf = {"logits"}, []
+    for nd in reversed(inf.graph.node):
+        if need & set(nd.output):
+            need |= set(nd.input)
+            nodes_inf.append(nd)
+    feats, params = infer_inputs[0], set(infer_inputs[1:])
+
+    def rn(x: str) -> str:
+        if x in ("", feats):
+            return VAL_INPUT if x else x
+        return e + "new." + x if x in params else "infer/" + x
+
+    nodes = [inner]
+    for nd in reversed(nodes_inf):
+        c = onnx.NodeProto()
+        c.CopyFrom(nd)
+        c.ClearField("input")
+        c.input.extend(rn(x) for x in nd.input)
+        c.ClearField("output")
+        c.output.extend(rn(x) for x in nd.output)
+        c.name = "infer/" + nd.name if nd.name else ""
+        nodes.append(c)
+    # per-epoch snapshots: a body value is either carried or scanned out, so copied once
+    nodes += [helper.make_node("Identity", [e + "new." + n], [e + "snap." + n]) for n in carried]
+    nodes.append(helper.make_node("Identity", [rn("logits")], [e + VAL_LOGITS]))
+
+    def typed(proto, name, lead: tuple = ()):
+        c = type(proto)()
+        c.CopyFrom(proto)
+        c.name = name
+        dims = list(c.type.tensor_type.shape.dim)
+        c.type.tensor_type.shape.ClearField("dim")
+        for d in lead:
+            c.type.tensor_type.shape.dim.add().dim_param = d
+        for d in dims:
+            c.type.tensor_type.shape.dim.add().CopyFrom(d)
+        return c
+
+    logits = next(o for o in inf.graph.output if o.name == "logits")
+    body = helper.make_graph(
+        nodes, "train_epoch",
+        [typed(vin[n], e + n) for n in [*carried, *scanned]],  # an epoch: (steps, N, ...)
+        [*(typed(vout["new." + n], e + "new." + n) for n in carried),
+         helper.make_tensor_value_info(e + "loss", onnx.TensorProto.FLOAT, ["steps"]),
+         *(typed(vout["new." + n], e + "snap." + n) for n in carried),
+         typed(logits, e + VAL_LOGITS)],
+        [_renamed_tensor(i, "infer/" + i.name) for i in inf.graph.initializer])
+    outs = [*("new." + n for n in carried), "loss", *(EPOCH_PREFIX + n for n in carried),
+            VAL_LOGITS]
+    node = helper.make_node("Scan", [*carried, *scanned], outs, name="train_run",
+                            num_scan_inputs=len(scanned), body=body)
+    val = next(i for i in inf.graph.input if i.name == feats)
+    graph = helper.make_graph(
+        [node], "train_run",
+        [*(typed(vin[i.name], i.name, ("epochs",)) if i.name in scanned else i
+           for i in fk.graph.input), typed(val, VAL_INPUT)],
+        [*(vout["new." + n] for n in carried),
+         helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, ["epochs", "steps"]),
+         *(typed(vout["new." + n], EPOCH_PREFIX + n, ("epochs",)) for n in carried),
+         typed(logits, VAL_LOGITS, ("epochs",))])
+    opsets: dict[str, int] = {}
+    for o in [*fk.opset_import, *inf.opset_import]:
+        opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v)
+                                                    for d, v in opsets.items()],
+                              ir_version=max(fk.ir_version, inf.ir_version),
+                              producer_name="edgetl")
+    model.functions.extend([*fk.functions, *inf.functions])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+
+
+def _renamed_tensor(t, name: str):
+    c = type(t)()
+    c.CopyFrom(t)
+    c.name = name
+    return c
+
+
+def check_run(sess, names: list[str], out_names: list[str], n_hparams: int,
+              steps: list[tuple[list, tuple]], infer_names: list[str], atol: float) -> float:
+    """The whole-run graph of ``sess`` against the fused and infer graphs; max difference.
+
+    ``steps`` as :func:`check_fused` takes them (an even number of them), run as two epochs:
+    in one call of the whole-run graph, and as one fused call and one infer call (the
+    validation logits of the epoch's parameters) per epoch from the same start. Losses, the
+    per-epoch and final parameters and state, and the validation logits must agree within
+    ``atol * max(1, max|value|)`` (the same kernels: ~0).
+    """
+    import numpy as np
+
+    from edgetl.export.bundle import compare
+    from edgetl.export.registry import as_feeds
+
+    rb, nc = sess.run_graph, len(out_names) - 1
+    k = len(steps) // 2
+    first = [np.asarray(x) for x in steps[0][0]]
+    hp, carry, rest = (first[3 : 3 + n_hparams], first[3 + n_hparams : 3 + n_hparams + nc],
+                       first[3 + n_hparams + nc :])
+    stacked = [np.stack([np.asarray(steps[i][0][j]) for i in range(2 * k)]) for j in range(3)]
+    val = stacked[0][0]
+    got = sess.train_run({**as_feeds(names, [*(a.reshape(2, k, *a.shape[1:]) for a in stacked),
+                                             *hp, *carry, *rest]), rb["val_input"]: val})
+    worst, carried = 0.0, [o.removeprefix("new.") for o in out_names[1:]]
+    for e in range(2):
+        out = sess.train_steps(as_feeds(names, [*(a[e * k : (e + 1) * k] for a in stacked),
+                                                *hp, *carry, *rest]))
+        carry = [out[o] for o in out_names[1:]]
+        params = dict(zip(carried, carry, strict=True))
+        logits = sess.infer(as_feeds(infer_names, [val, *(params[n] for n in infer_names[1:])]))
+        want = {rb["loss_output"]: out[out_names[0]], rb["val_logits_output"]: logits["logits"],
+                **{rb["epoch_prefix"] + n: v for n, v in params.items()},
+                **({f"new.{n}": v for n, v in params.items()} if e else {})}
+        for name, w in want.items():
+            g = got[name] if name.startswith("new.") else got[name][e]
+            bound = atol * max(1.0, float(np.abs(w).max()) if w.size else 1.0)
+            worst = max(worst, compare(f"train_run[epoch {e}].{name}", g, w, bound))
+    return worst

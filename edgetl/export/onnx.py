@@ -205,6 +205,28 @@ class OnnxExporter(Exporter):
                           "outputs": train["outputs"], "batch_size": train["batch_size"],
                           "steps": None, "loss_output": "loss"}}
 
+    def export_run(self, folder, fused: dict, infer: dict, files: dict):
+        """``<train graph>_run.onnx``: epochs of the fused graph and their validation logits.
+
+        :func:`edgetl.export.fused.run_graph`; dynamic batches only.
+        """
+        from edgetl.export.fused import EPOCH_PREFIX, RUN_SUFFIX, VAL_INPUT, VAL_LOGITS, run_graph
+
+        if fused["steps"] is not None or fused["batch_size"] or infer["batch_size"]:
+            return None  # fixed shapes: the validation windows would have to fit them
+        role = fused["file"].removesuffix("_k") + RUN_SUFFIX
+        name = Path(files[fused["file"]]).stem.removesuffix("_k") + RUN_SUFFIX + self.suffix
+        run_graph(Path(folder) / files[fused["file"]], Path(folder) / files[infer["file"]],
+                  Path(folder) / name, infer_inputs=infer["inputs"])
+        carried = [o.removeprefix("new.") for o in fused["outputs"] if o.startswith("new.")]
+        return {"files": {role: name},
+                "run": {"file": role, "signature": None,
+                        "inputs": [*fused["inputs"], VAL_INPUT],
+                        "outputs": [*fused["outputs"], *(EPOCH_PREFIX + n for n in carried),
+                                    VAL_LOGITS],
+                        "batch_size": None, "loss_output": "loss", "val_input": VAL_INPUT,
+                        "val_logits_output": VAL_LOGITS, "epoch_prefix": EPOCH_PREFIX}}
+
     def runtime_info(self) -> dict[str, Any]:
         import onnx
 

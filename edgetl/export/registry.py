@@ -95,6 +95,17 @@ class Exporter:
         """
         return None
 
+    def export_run(self, folder: Path, fused: dict[str, Any], infer: dict[str, Any],
+                   files: dict[str, str]) -> dict[str, Any] | None:
+        """Write the whole-run train graph beside the fused one.
+
+        Epochs and their validation logits in one call (:func:`edgetl.export.fused.run_graph`).
+        ``fused``: the ``train_step.fused`` block; ``infer``: the infer graph's signature.
+        Returns ``{"files": {role: name}, "run": <train_step.run block>}``, or ``None`` for
+        a target without one.
+        """
+        return None
+
     def runtime_info(self) -> dict[str, Any]:
         """Version facts recorded in the manifest's provenance."""
         return {}

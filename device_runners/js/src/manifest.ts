@@ -112,6 +112,7 @@ export interface TrainStepBlock {
   anchor_inputs?: Record<string, string>;
   ort_training?: Record<string, unknown>;
   fused?: FusedStepBlock;
+  run?: RunBlock;
   hparam_shape?: Array<number>;
 }
 
@@ -123,6 +124,18 @@ export interface FusedStepBlock {
   batch_size: number | null;
   steps: number | null;
   loss_output: string;
+}
+
+export interface RunBlock {
+  file: string;
+  signature: string | null;
+  inputs: Array<string>;
+  outputs: Array<string>;
+  batch_size: number | null;
+  loss_output: string;
+  val_input: string;
+  val_logits_output: string;
+  epoch_prefix: string;
 }
 
 export interface GraphBlock {
@@ -520,6 +533,9 @@ export const SCHEMA: Record<string, BlockDesc> = {
       "fused": {
         "ref": "FusedStepBlock"
       },
+      "run": {
+        "ref": "RunBlock"
+      },
       "hparam_shape": {
         "list": "int"
       }
@@ -553,6 +569,38 @@ export const SCHEMA: Record<string, BlockDesc> = {
         "nullable": "int"
       },
       "loss_output": "str"
+    }
+  },
+  "RunBlock": {
+    "required": [
+      "batch_size",
+      "epoch_prefix",
+      "file",
+      "inputs",
+      "loss_output",
+      "outputs",
+      "signature",
+      "val_input",
+      "val_logits_output"
+    ],
+    "fields": {
+      "file": "str",
+      "signature": {
+        "nullable": "str"
+      },
+      "inputs": {
+        "list": "str"
+      },
+      "outputs": {
+        "list": "str"
+      },
+      "batch_size": {
+        "nullable": "int"
+      },
+      "loss_output": "str",
+      "val_input": "str",
+      "val_logits_output": "str",
+      "epoch_prefix": "str"
     }
   },
   "GraphBlock": {
