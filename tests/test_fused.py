@@ -261,8 +261,9 @@ def _without_run(src, dst):
                                     "--checkpoint-every", "0", "--batch-size", "7"]],
                          ids=["plain", "early_stop"])
 def test_runner_same_run_with_and_without_run_graph(tiny_bundle, tmp_path, flags):
-    """The whole-run graph changes how many calls train, not the training: reports (history,
-    steps, gate, early stop) and heads are the per-epoch path's, bit for bit."""
+    """The whole-run graph changes how many calls train, not the training: the same steps,
+    epochs, early stop and gate decisions as the per-epoch path, heads and history within
+    float32 rounding (bit for bit here; other batch sizes can round a sum differently)."""
     old = _without_run(tiny_bundle, tmp_path / "old")
     data = write_device_npz(tmp_path / "dev.npz", 300, 7, **SHIFT)
     reps, heads = {}, {}
@@ -275,9 +276,14 @@ def test_runner_same_run_with_and_without_run_graph(tiny_bundle, tmp_path, flags
                 with np.load(tmp_path / name / f) as z:
                     heads[name, f] = {k: z[k] for k in z.files if not k.startswith("__")}
     R, E = reps["run"], reps["epoch"]
-    for k in ("history", "steps", "steps_fused", "gate", "early_stop", "rolled_back",
-              "accuracy_after", "epochs_run"):
+    for k in ("steps", "steps_fused", "early_stop", "rolled_back", "accuracy_after",
+              "epochs_run"):
         assert R[k] == E[k], k
+    assert {k: v for k, v in R["gate"].items() if not k.startswith("val_loss")} == {
+        k: v for k, v in E["gate"].items() if not k.startswith("val_loss")}
+    for a, b in zip(R["history"], E["history"], strict=True):
+        assert a["epoch"] == b["epoch"] and a["val_accuracy"] == b["val_accuracy"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["val_loss"] - b["val_loss"]) <= 1e-6
     assert R["steps_fused"] == R["steps"] > 0
     if "--patience" in flags and flags[flags.index("--patience") + 1] != "0":
         assert R["early_stop"], R["history"]
@@ -285,7 +291,7 @@ def test_runner_same_run_with_and_without_run_graph(tiny_bundle, tmp_path, flags
     for (name, f), h in heads.items():
         if name == "run":
             for k, v in h.items():
-                assert np.array_equal(v, heads["epoch", f][k]), (f, k)
+                assert np.abs(v - heads["epoch", f][k]).max() <= 1e-6, (f, k)
 
 
 def test_selftest_checks_the_run_graph(bundle):

@@ -263,7 +263,9 @@ class _Trainer:
         n = len(orders[0])
         n_steps = -(-n // bs)
         rows = n_steps * bs
-        sel = np.stack([o if rows == n else np.resize(o, rows) for o in orders])
+        sel = np.stack(orders)
+        if rows > n:  # any pool rows to pad with, zeroed below
+            sel = np.concatenate([sel, sel[:, np.arange(rows - n) % n]], axis=1)
         f, t, w = pool_f[sel], self.eye[pool_y[sel]], pool_w[sel]
         if rows > n:  # zeroed: rows of weight 0 add nothing to the loss or the gradients
             f[:, n:], t[:, n:], w[:, n:] = 0.0, 0.0, 0.0
@@ -277,15 +279,15 @@ class _Trainer:
         logits = out[rb["val_logits_output"]][:, :, : len(head.labels)]
         val_loss = gating.softmax_xent_epochs(logits, y_va)  # _val_scores' values, per epoch
         val_acc = (np.count_nonzero(logits.argmax(axis=2) == y_va, axis=1) / len(y_va)).tolist()
-        pre = rb["epoch_prefix"]
+        pre, finite = rb["epoch_prefix"], np.isfinite(losses).all(axis=1)
+        sizes = [bs] * (n_steps - 1) + [n - bs * (n_steps - 1)]  # windows per step
         for i, epoch in enumerate(todo):
-            total, count, done = 0.0, 0, 0
-            for loss in losses[i].tolist():
-                _check_loss(loss, epoch, self.hp)
-                k = min(bs, n - done)
+            total = 0.0
+            for loss, k in zip(losses[i].tolist(), sizes):
+                if not finite[i]:
+                    _check_loss(loss, epoch, self.hp)
                 total += loss * k
-                count += k
-                done += k
+            count = n
             for k in head.params:
                 head.params[k] = out[pre + k][i]
             for k in state:
