@@ -150,7 +150,8 @@ class _Trainer:
     """Epochs of train steps over cached features, with one bundle's step and settings.
 
     ``fixed``: the runtime takes exactly ``bs`` windows per step (a partial batch is padded,
-    weight 0); ``fuse``: full batches go through the fused K-step graph where there is one.
+    weight 0); ``fuse``: batches go through the fused K-step graph, and whole epochs through
+    the whole-run graph (:meth:`epochs`), where the bundle has them.
     """
 
     def __init__(self, backend, ts: dict, hp: dict, anchors: dict, *, n_cls: int, bs: int,
@@ -207,7 +208,6 @@ class _Trainer:
             if stopped:
                 return total, count, steps, fused, stopped
         return total, count, steps, fused, None
-
 
     def runs(self, n_windows: int, dim: int) -> int:
         """Epochs per call of the whole-run graph (``train_step.run``).
