@@ -424,6 +424,8 @@ class ExportConfig:
     trainable: str = _f("head", "what the device trains: head, bias (biases + norm affine + "
                         "head), last:N (last N backbone blocks + head), all, or parameter-name "
                         "globs (docs/bundle.md, Training more than the head)")
+    backbone_lr_scale: float = _f(1.0, "trainable beyond the head: the backbone tensors step at "
+                                  "head.lr x this (the device can override it)")
     int8_io: str = _f("float32", "tflite int8 backbones: graph input/output type, float32 "
                       "(QUANTIZE/DEQUANTIZE inside the graph; every LiteRT flavour, LiteRT.js "
                       "too) or int8 (the runner quantises; docs/tflite-notes.md)")
@@ -448,6 +450,8 @@ class ExportConfig:
         from edgetl.trainable.spec import check_spec
 
         object.__setattr__(self, "trainable", check_spec(self.trainable))
+        _check(0 < self.backbone_lr_scale <= 100,
+               f"export.backbone_lr_scale must be in (0, 100], got {self.backbone_lr_scale}")
         _check(1 <= self.train_batch <= 4096,
                f"export.train_batch must be in 1..4096, got {self.train_batch}")
         _check(self.calibration_windows >= 16,

@@ -136,8 +136,11 @@ def two_block_ck():
     return _two_block_checkpoint()
 
 
-def _torch_steps(ck, names, feats_x, targets, weights):
-    """``STEPS`` steps of torch.optim on the whole student; losses and final params."""
+def _torch_steps(ck, names, feats_x, targets, weights, backbone_lr_scale=1.0):
+    """``STEPS`` steps of torch.optim on the whole student; losses and final params.
+
+    The backbone tensors are their own parameter group, at ``lr * backbone_lr_scale``.
+    """
     m = copy.deepcopy(ck.model).eval()
     bp = dict(m.backbone.named_parameters())
     for p in m.parameters():
@@ -148,9 +151,12 @@ def _torch_steps(ck, names, feats_x, targets, weights):
     for p in train:
         p.requires_grad_(True)
     h = ck.head
-    opt = (torch.optim.SGD(train, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+    groups = [{"params": list(hparams.values())}]
+    if names:
+        groups.append({"params": [bp[n] for n in names], "lr": h.lr * backbone_lr_scale})
+    opt = (torch.optim.SGD(groups, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
            if h.optimizer == "sgd" else
-           torch.optim.Adam(train, lr=h.lr, betas=(h.beta1, h.beta2), eps=h.eps,
+           torch.optim.Adam(groups, lr=h.lr, betas=(h.beta1, h.beta2), eps=h.eps,
                             weight_decay=h.weight_decay))
     losses = []
     for i in range(STEPS):
@@ -196,20 +202,26 @@ def _runner_steps(bundle, x, targets, weights, fused=False):
     return losses, params
 
 
-def _parity(ck, spec, tmp_path, target="onnx"):
-    bundle = export_tiny(ck, tmp_path / spec.replace(":", "_").replace("*", "x"), target,
-                         trainable=spec)
-    m = json.loads((bundle / "manifest.json").read_text())
-    names = [p["name"].removeprefix("backbone.") for p in m["trainable"]["params"]]
-    g = torch.Generator().manual_seed(3)
+def _parity_data(ck):
+    """``STEPS`` batches of 16 windows, one-hot targets and weights (3 padding rows each)."""
     from edgetl.data.synthetic import make_windows
 
+    g = torch.Generator().manual_seed(3)
     xs, _ = make_windows(STEPS * 16, window=WINDOW, seed=11)
     x = torch.from_numpy(ck.normalize(xs).astype(np.float32)).reshape(STEPS, 16, WINDOW, 3)
     targets = torch.eye(3)[torch.randint(0, 3, (STEPS, 16), generator=g)]
     weights = torch.rand(STEPS, 16, generator=g) + 0.5
     weights[:, -3:] = 0.0  # padding rows
-    want_l, want_p = _torch_steps(ck, names, x, targets, weights)
+    return x, targets, weights
+
+
+def _parity(ck, spec, tmp_path, target="onnx", backbone_lr_scale=1.0):
+    bundle = export_tiny(ck, tmp_path / spec.replace(":", "_").replace("*", "x"), target,
+                         trainable=spec, backbone_lr_scale=backbone_lr_scale)
+    m = json.loads((bundle / "manifest.json").read_text())
+    names = [p["name"].removeprefix("backbone.") for p in m["trainable"]["params"]]
+    x, targets, weights = _parity_data(ck)
+    want_l, want_p = _torch_steps(ck, names, x, targets, weights, backbone_lr_scale)
     if target == "onnx":
         assert m["train_step"]["fused"]["file"] == "tail_train_k"
     for fused in (False, True) if target == "onnx" else (False,):
@@ -250,6 +262,23 @@ def test_parity_adam(tmp_path, target):
     _parity(ck, "bias", tmp_path, target)
 
 
+@pytest.mark.parametrize("target,optimizer", [("onnx", "sgd"), ("tflite", "adam")])
+def test_backbone_tensors_step_at_their_own_lr(tmp_path, target, optimizer):
+    """``export.backbone_lr_scale``: torch.optim with the backbone as its own param group."""
+    ck = tiny_checkpoint(HeadConfig(optimizer=optimizer, lr=0.05 if optimizer == "sgd"
+                                    else 0.01), epochs=2)
+    _, m = _parity(ck, "all", tmp_path, target, backbone_lr_scale=0.1)
+    assert m["optimizer"]["hparams"]["backbone_lr_scale"] == pytest.approx(0.1)
+    assert "backbone_lr_scale" in m["train_step"]["hparam_inputs"]
+    # the scale is an input, not a constant: a different scale trains differently
+    want_l, _ = _torch_steps(ck, [p["name"].removeprefix("backbone.")
+                                  for p in m["trainable"]["params"]], *_parity_data(ck))
+    got_l, _ = _torch_steps(ck, [p["name"].removeprefix("backbone.")
+                                 for p in m["trainable"]["params"]], *_parity_data(ck),
+                            backbone_lr_scale=0.1)
+    assert max(abs(a - b) for a, b in zip(got_l, want_l, strict=True)) > 10 * PARITY_ATOL
+
+
 @pytest.mark.parametrize("ck_name,spec", [("tiny_ck", "bias"), ("tiny_ck", "last:1"),
                                           ("two_block_ck", "bias"), ("two_block_ck", "last:1")])
 def test_parity_tflite(request, tmp_path, ck_name, spec):
@@ -279,6 +308,30 @@ def _adapts(bundle, tmp_path, fused=True):
 def test_runner_adapts_tail_bundle(tiny_ck, tmp_path, target):
     _adapts(export_tiny(tiny_ck, tmp_path / "b", target, trainable="bias"), tmp_path,
             fused=target == "onnx")
+
+
+def test_runner_overrides_the_backbone_lr_scale(tiny_ck, tiny_bundle, tmp_path):
+    """``--backbone-lr-scale``: fed to the step (a tiny scale leaves the backbone tensors
+    where they started, the head still trains); a head-only bundle refuses it, naming why."""
+    bundle = export_tiny(tiny_ck, tmp_path / "b", trainable="bias")
+    data = write_device_npz(tmp_path / "dev.npz", 120, 7, **SHIFT)
+    m = json.loads((bundle / "manifest.json").read_text())
+    with np.load(bundle / m["files"]["head_init"]["path"]) as z:
+        init = {k: z[k] for k in z.files}
+    moved = {}
+    for scale in ("1", "1e-9"):
+        out = tmp_path / f"out{scale}"
+        p = adapt_json(bundle, data, out, "--backbone-lr-scale", scale, "--no-gate")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["hparams"]["backbone_lr_scale"] == float(scale)
+        with np.load(out / "head.npz") as z:
+            moved[scale] = {k: float(np.abs(z[k] - init[k]).max()) for k in init}
+    assert moved["1"]["backbone.blocks.1.bias"] > 1e-4 and moved["1"]["weight"] > 1e-4
+    assert moved["1e-9"]["backbone.blocks.1.bias"] < 1e-6 and moved["1e-9"]["weight"] > 1e-4
+    p = adapt_json(tiny_bundle, data, tmp_path / "h", "--backbone-lr-scale", "0.5")
+    assert p.returncode != 0 and "trains the head only: use --lr" in p.stderr
+    p = adapt_json(bundle, data, tmp_path / "z", "--backbone-lr-scale", "0")
+    assert p.returncode != 0 and "--backbone-lr-scale" in p.stderr
 
 
 @pytest.mark.parametrize("target", ["onnx", "tflite"])

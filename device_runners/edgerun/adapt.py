@@ -757,8 +757,9 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                    max_memory_mb: float | None = None, trust_key: str | None = None,
                    resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
                    checkpoint_every: float = 1.0, class_balanced: bool | None = None,
-                   l2sp: float | None = None, allow_downgrade: bool = False,
-                   gate_alpha: float | None = None, gate_rule: str | None = None,
+                   l2sp: float | None = None, backbone_lr_scale: float | None = None,
+                   allow_downgrade: bool = False, gate_alpha: float | None = None,
+                   gate_rule: str | None = None,
                    patience: int | None = None, mix: tuple | None = None,
                    freeze_absent: bool | None = None, replay_weight: float | None = None,
                    max_forget: float | None = None, gate_folds: int | None = None,
@@ -798,6 +799,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     window weighs ``n / (K * n_c)`` (sample_weight), so a
     label with few windows counts as much as a frequent one. ``l2sp``: coefficient of the
     head's pull toward the head training starts from (bundles exported with head.l2sp).
+    ``backbone_lr_scale``: the backbone tensors' lr over the head's (bundles whose train step
+    takes ``backbone_lr_scale``; default the bundle's).
 
     ``epochs``, ``batch_size`` and ``val_fraction`` default to the bundle's ``adapt`` block
     (the recipe's ``[adapt]`` section, written at export).
@@ -942,6 +945,14 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         if not l2sp >= 0:
             raise RunnerError(f"--l2sp must be >= 0, got {l2sp}")
         hp["l2sp"] = l2sp
+    if backbone_lr_scale is not None:
+        if "backbone_lr_scale" not in ts["hparam_inputs"]:
+            raise RunnerError("--backbone-lr-scale needs a bundle that trains backbone tensors "
+                              "(exported with --trainable bias, last:N, all or globs); this one "
+                              "trains the head only: use --lr")
+        if not backbone_lr_scale > 0:
+            raise RunnerError(f"--backbone-lr-scale must be > 0, got {backbone_lr_scale}")
+        hp["backbone_lr_scale"] = backbone_lr_scale
     anchors = anchors_of(m, start.params)  # L2-SP pulls toward the head training starts from
     absent = np.asarray([head.labels.index(lab) for lab in missing], np.int64)
     frozen_rows = list(cls) if freeze_absent and len(absent) else []

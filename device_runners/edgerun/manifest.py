@@ -145,7 +145,13 @@ class StateSpec(TypedDict):
 
 
 class OptimizerBlock(TypedDict):
-    """The device optimizer: name, hyper-parameters (fed as graph inputs) and its state."""
+    """The device optimizer: name, hyper-parameters (fed as graph inputs) and its state.
+
+    ``hparams``: the optimizer's (``lr``, ``momentum``, ``weight_decay`` for sgd; ``lr``,
+    ``beta1``, ``beta2``, ``eps``, ``weight_decay`` for adam), ``l2sp`` with an L2-SP head, and
+    ``backbone_lr_scale`` when the train step updates backbone tensors (``trainable``): they
+    step at ``lr * backbone_lr_scale``, the head at ``lr``.
+    """
 
     name: str
     hparams: Dict[str, float]

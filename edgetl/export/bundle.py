@@ -34,6 +34,7 @@ from edgetl.tolerances import (
     selftest_tolerances,
     train_step_bound,
 )
+from edgetl.trainable.step import BACKBONE_LR_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     ref, s, dim = _reference(spec, optimizer, params, ref)
     names = ref.input_names()
     p = [torch.as_tensor(v) for v in params.values()]
-    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
+    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in ref.hparam_names]
     anchors = p if spec.l2sp else []  # L2-SP toward the starting head, as the runner does
     truth = _float64(ref)  # None for the head's step
     loss0 = 0.0
@@ -199,7 +200,7 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
     g = torch.Generator().manual_seed(seed)
     p = {k: torch.as_tensor(v) for k, v in params.items()}
     s = dict(enumerate(s0))  # positional: only the order matters
-    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
+    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in ref.hparam_names]
     anchors = list(p.values()) if spec.l2sp else []
     f = torch.stack([_check_features(batch, dim, g, features)
                      for _ in range(steps)]).half().float()
@@ -496,8 +497,12 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     else:
         sig = exporter.export_head(spec, ck.head.optimizer, tmp, opset=cfg.opset, batch=batch)
     files.update(sig["files"])
+    # the train step's hyper-parameters: the head's, and a tail's backbone lr scale
+    hp_names = list(tail.train.hparam_names if tail else spec.hparam_names(ck.head.optimizer))
+    hparams = {**ck.head.hparams(), **({BACKBONE_LR_SCALE: cfg.backbone_lr_scale}
+                                       if BACKBONE_LR_SCALE in hp_names else {})}
     fused = exporter.export_fused(tmp, sig["train"], files, shared=[
-        *spec.hparam_names(ck.head.optimizer),
+        *hp_names,
         *(tail.train.anchor_names() if tail else spec.anchor_names)])
     if fused:
         files.update(fused["files"])
@@ -552,11 +557,11 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
               "params": [{"name": n, "shape": list(s)} for n, s in shapes.items()],
               "class_params": list(spec.class_params), "init_file": "head_init",
               "capacity": capacity, "unused_bias": UNUSED_BIAS},
-        optimizer={"name": ck.head.optimizer, "hparams": ck.head.hparams(), "state": state},
+        optimizer={"name": ck.head.optimizer, "hparams": hparams, "state": state},
         train_step={**sig["train"], "loss_output": "loss",
                     "targets_input": "targets", "targets_encoding": "one_hot_float32",
                     "sample_weight_input": "sample_weight",
-                    "hparam_inputs": list(spec.hparam_names(ck.head.optimizer)),
+                    "hparam_inputs": hp_names,
                     **({"anchor_inputs": {a: a.split(".", 1)[1] for a in anchor_names}}
                        if spec.l2sp else {}),
                     "batch_size": batch if fixed or tail else None,
@@ -616,7 +621,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     checks["infer_max_abs_err"] = compare("head_infer.logits", infer_out["logits"], logits,
                                           scaled_atol(exporter.target, logits[:, :n_real]))
     checks["train_step_max_abs_err"] = _check_train_step(
-        sess, spec, ck.head.optimizer, ck.head.hparams(), params, atol, batch,
+        sess, spec, ck.head.optimizer, hparams, params, atol, batch,
         n_labels=len(ck.labels), ref=tail.train if tail else None,
         features=feats if tail else None)
     checks.update(n_reference=len(reference_x), train_steps_checked=TRAIN_STEPS_CHECKED,
@@ -625,7 +630,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
                                              cfg.max_accuracy_drop, infer_ref.input_names())
     n_tv = min(cfg.n_test_vectors, len(reference_x))
-    tvec = train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch,
+    tvec = train_vectors(spec, ck.head.optimizer, hparams, params, batch,
                          n_labels=len(ck.labels), ref=tail.train if tail else None,
                          features=feats if tail else None)
     # the device replays these steps: same relative slack as the check above, scaled by the

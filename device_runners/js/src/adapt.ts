@@ -449,6 +449,8 @@ export interface AdaptOptions {
    * `adapt.freeze_absent`). */
   freezeAbsent?: boolean;
   l2sp?: number;
+  /** Bundles that train backbone tensors: their lr over the head's (default: the bundle's). */
+  backboneLrScale?: number;
   gateAlpha?: number;
   gateRule?: string;
   patience?: number;
@@ -643,6 +645,14 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
     }
     if (!(o.l2sp >= 0)) throw new RunnerError(`--l2sp must be >= 0, got ${o.l2sp}`);
     hp.l2sp = o.l2sp;
+  }
+  if (o.backboneLrScale !== undefined) {
+    if (!ts.hparam_inputs.includes("backbone_lr_scale")) {
+      throw new RunnerError("--backbone-lr-scale needs a bundle that trains backbone tensors " +
+        "(exported with --trainable bias, last:N, all or globs); this one trains the head only: use --lr");
+    }
+    if (!(o.backboneLrScale > 0)) throw new RunnerError(`--backbone-lr-scale must be > 0, got ${o.backboneLrScale}`);
+    hp.backbone_lr_scale = o.backboneLrScale;
   }
   const absent = missing.map((l) => start.labels.indexOf(l));
   const frozenRows = freezeAbsent && absent.length ? [...cls] : [];
