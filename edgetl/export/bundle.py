@@ -87,6 +87,7 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     ref, s, dim = _reference(spec, optimizer, params, ref)
     names = ref.input_names()
     p = [torch.as_tensor(v) for v in params.values()]
+    hparams = {BACKBONE_LR_SCALE: 1.0, **hparams}  # a tail step's default scale
     hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in ref.hparam_names]
     anchors = p if spec.l2sp else []  # L2-SP toward the starting head, as the runner does
     truth = _float64(ref)  # None for the head's step
@@ -200,6 +201,7 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
     g = torch.Generator().manual_seed(seed)
     p = {k: torch.as_tensor(v) for k, v in params.items()}
     s = dict(enumerate(s0))  # positional: only the order matters
+    hparams = {BACKBONE_LR_SCALE: 1.0, **hparams}  # a tail step's default scale
     hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in ref.hparam_names]
     anchors = list(p.values()) if spec.l2sp else []
     f = torch.stack([_check_features(batch, dim, g, features)
