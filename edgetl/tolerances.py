@@ -34,10 +34,13 @@ def scaled_atol(target: str, reference) -> float:
 #: the float64 step by up to 3.0e-3, onnxruntime by 6.6e-7; a 64 px CNN's last conv: both
 #: float32 steps off by 1.7e-4 at momenta ~0.2). The exported graph may be this many times as
 #: far from the float64 step as torch's own float32 step is (a measured rounding noise, per
-#: output and step: another summation order gives noise of the same size, not the same
-#: values), or within the parity tolerance scaled as :func:`train_step_bound` says, whichever
-#: is larger; a wrong graph (a missing term, a wrong sign or learning rate) is off by the
-#: gradient's own size and still fails.
+#: output: the largest over the checked steps, because a ReLU or max-pool tie rounded the
+#: other way reroutes a gradient at one step and another runtime's such jumps fall on other
+#: steps — a 64 px CNN's ``all``, conv momentum: torch 5e-4 at one step of 20, onnxruntime
+#: 2e-4 at another, both ~1e-6 elsewhere; another summation order gives noise of the same
+#: size, not the same values), or within the parity tolerance scaled as
+#: :func:`train_step_bound` says, whichever is larger; a wrong graph (a missing term, a wrong
+#: sign or learning rate) is off by the gradient's own size and still fails.
 TRAIN_STEP_NOISE_FACTOR = 4.0
 
 

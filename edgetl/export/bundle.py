@@ -94,6 +94,8 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     loss0 = 0.0
     g = torch.Generator().manual_seed(0)
     worst, done = 0.0, []
+    noise: dict[str, float] = {}  # output -> torch float32's largest distance to float64
+    vs64: list = []  # (label, output, runtime value, float64 value), judged after the steps
     for i in range(steps):
         f = _check_features(batch, dim, g, features)
         t = torch.eye(spec.num_classes)[torch.randint(0, n_labels or spec.num_classes, (batch,),
@@ -117,15 +119,23 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
         for j, (name, want) in enumerate(zip(ref.output_names(), out, strict=True)):
             w = want.detach().numpy()
             if exact is None:  # float32 rounds relative to the value: scales with it past 1
-                bound, label = train_step_bound(atol, w), f"train_step[{i}].{name}"
+                worst = max(worst, compare(f"train_step[{i}].{name}", got[name], w,
+                                           train_step_bound(atol, w)))
             else:  # the float64 step is the truth; torch float32's distance to it, the noise
-                w, noise = exact[j], float(np.abs(w - exact[j]).max()) if w.size else 0.0
-                bound, label = (train_step_bound(atol, w, noise),
-                                f"train_step[{i}].{name} (vs the float64 step)")
-            worst = max(worst, compare(label, got[name], w, bound))
+                noise[name] = max(noise.get(name, 0.0),
+                                  float(np.abs(w - exact[j]).max()) if w.size else 0.0)
+                vs64.append((f"train_step[{i}].{name} (vs the float64 step)", name,
+                             got[name], exact[j]))
         p = list(out[1 : 1 + len(p)])
         s = list(out[1 + len(p) :])
         done.append(([a.numpy() for a in args], [o.detach().numpy() for o in out]))
+    # an output's noise is the most torch float32 strayed from float64 on it over the steps:
+    # a ReLU or max-pool tie that float32 rounds the other way reroutes a gradient (a
+    # discrete jump, measured 5e-4 on a 64 px CNN's conv momentum at one step of 20, 1e-6 at
+    # the others), and another runtime's jumps fall on other steps
+    for label, name, got, want in vs64:
+        worst = max(worst, compare(label, got, want, train_step_bound(atol, want,
+                                                                      noise[name])))
     if getattr(sess, "fused", None):  # the K-step graph replays the same steps
         from edgetl.export.fused import check_fused
 
