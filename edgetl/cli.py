@@ -225,7 +225,7 @@ def export(model: Annotated[str, typer.Argument(
            = None,
            backbone_lr_scale: Annotated[float | None, typer.Option(
                help="--trainable beyond head: the backbone tensors' lr as a multiple of the "
-                    "head's (default: the recipe's export.backbone_lr_scale, 1.0; the device "
+                    "head's (default: the recipe's export.backbone_lr_scale, 0.1; the device "
                     "runner can override it)")] = None,
            recipe: Annotated[Path, typer.Option(help="edgetl checkpoints: recipe (export "
                                                      "options, data)")] = DEFAULT_RECIPE,

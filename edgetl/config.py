@@ -424,8 +424,9 @@ class ExportConfig:
     trainable: str = _f("head", "what the device trains: head, bias (biases + norm affine + "
                         "head), last:N (last N backbone blocks + head), all, or parameter-name "
                         "globs (docs/bundle.md, Training more than the head)")
-    backbone_lr_scale: float = _f(1.0, "trainable beyond the head: the backbone tensors step at "
-                                  "head.lr x this (the device can override it)")
+    backbone_lr_scale: float = _f(0.1, "trainable beyond the head: the backbone tensors step at "
+                                  "head.lr x this (the device can override it; 0.1 chosen on "
+                                  "HAR's server-validation users, docs/trainable.md)")
     int8_io: str = _f("float32", "tflite int8 backbones: graph input/output type, float32 "
                       "(QUANTIZE/DEQUANTIZE inside the graph; every LiteRT flavour, LiteRT.js "
                       "too) or int8 (the runner quantises; docs/tflite-notes.md)")
