@@ -135,12 +135,14 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
         s = list(out[1 + len(p) :])
         done.append(([a.numpy() for a in args], [o.detach().numpy() for o in out]))
     if getattr(sess, "fused", None):  # the K-step graph replays the same steps
+        from edgerun import RunnerError
+
         from edgetl.export.fused import check_fused
 
         try:
             worst = max(worst, check_fused(sess, names, ref.output_names(), len(hp), done,
                                            atol))
-        except EdgetlError as e:
+        except (EdgetlError, RunnerError) as e:  # wrong values, or the runtime failed it
             if on_fused_error is None:
                 raise
             on_fused_error(e)

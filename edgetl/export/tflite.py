@@ -337,7 +337,7 @@ class TFLiteExporter(Exporter):
                 ).export(str(path))
             rewrite(path, *HEAD_PASSES)
             check_builtin_only(path)
-            _runner(path, "train_k", 1)  # loads and allocates, or it is not shipped
+            _runner(path, "train_k", 1)  # LiteRT loads it, or it is not shipped
         except Exception as e:  # noqa: BLE001 - the bundle ships without it, saying why
             path.unlink(missing_ok=True)
             why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
