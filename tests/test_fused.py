@@ -338,3 +338,23 @@ def test_tflite_export_checks_the_fused_graph_and_ships_none_that_fails(
                        tmp_path / f"out_{b.name}", "--epochs", "2")
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["steps_fused"] == 0
+
+
+@pytest.mark.parametrize(("field", "value"), [("steps", 1), ("steps", None),
+                                              ("batch_size", 8), ("signature", "train")])
+def test_runner_refuses_a_fused_tflite_block_that_is_not_its_graph(
+        tiny_tflite_bundle, tmp_path, field, value):
+    """A manifest whose fused block names another K, batch or signature than the graph's is
+    refused at load, naming the field (LiteRT would otherwise resize the unrolled graph's
+    inputs, or feed the one-step signature K batches)."""
+    from tests.test_runner_errors import edit
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_tflite_bundle, b)
+    edit(b, f"train_step.fused.{field}", value)
+    p = run_runner("selftest", b)
+    want = {"signature": r"has no signature|cannot be loaded"}.get(
+        field, r"train_step\.fused\.steps and \.batch_size .* must be the fixed \(steps, "
+        r"batch\) of head_train_k\.tflite")
+    assert p.returncode == 1 and re.search(want, p.stderr), p.stderr
+    assert "Traceback" not in p.stderr

@@ -354,6 +354,28 @@ def test_fused_graph_used_and_same_head(node, tiny_bundle, tiny_tflite_bundle, t
         assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["val_loss"] - b["val_loss"]) <= 1e-6
 
 
+@pytest.mark.parametrize("field", ["steps", "signature"])
+def test_litert_js_refuses_a_fused_block_that_is_not_its_graph(node, tiny_tflite_bundle,
+                                                              tmp_path, field):
+    """LiteRtBackend checks the fused graph's signature and fixed (steps, batch) at load, as
+    the Python runner does (``tests/test_fused.py``)."""
+    from edgetl.export.tflite import FUSED_STEPS
+    from tests.test_runner_errors import edit
+
+    k = FUSED_STEPS
+    value, want = {
+        "steps": (k + 1, f"train_step.fused.steps and .batch_size [{k + 1},16] must be the "
+                         f"fixed (steps, batch) of head_train_k.tflite's features, which are "
+                         f"[{k},16]"),
+        "signature": ("train", 'head_train_k.tflite has no signature "train" (manifest '
+                               'train_step.fused.signature)')}[field]
+    b = tmp_path / "b"
+    shutil.copytree(tiny_tflite_bundle, b)
+    edit(b, f"train_step.fused.{field}", value)
+    p = run_js(node, "selftest", b, check=False)
+    assert p.returncode == 1 and want in p.stderr, p.stderr
+
+
 HEADS = {"mlp": {"kind": "mlp", "hidden": 16}, "cosine": {"kind": "cosine"},
          "l2sp_adam": {"l2sp": 0.05, "optimizer": "adam", "lr": 0.01}}
 
