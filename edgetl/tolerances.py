@@ -119,6 +119,7 @@ TRAIN_STEPS_CHECKED = 20
 
 #: Train steps shipped as reference vectors: the device self-test replays them with its
 #: trainer (stateless graph or ONNX Runtime training) and compares with the parity tolerance.
+#: A bundle with a fixed-K fused graph (TFLite) ships at least K, so the replay reaches it.
 TRAIN_VECTOR_STEPS = 3
 
 #: Default held-out accuracy (points) a bundle may lose against the fp32 reference; recipes

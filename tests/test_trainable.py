@@ -175,7 +175,8 @@ def _torch_steps(ck, names, feats_x, targets, weights, backbone_lr_scale=1.0):
 def _runner_steps(bundle, x, targets, weights, fused=False):
     """The same steps through the device runner's backend and ``adapt._step``.
 
-    ``fused``: through the bundle's fused graph (``adapt._steps``), in three calls.
+    ``fused``: through the bundle's fused graph (``adapt._steps``): three calls of any size
+    (ONNX), or calls of the graph's fixed K and the rest one step per call (TFLite).
     """
     from edgerun import adapt as ad
     from edgerun.bundle import Bundle
@@ -192,9 +193,15 @@ def _runner_steps(bundle, x, targets, weights, fused=False):
     f = np.stack([sess.features(x[i]) for i in range(STEPS)])  # the runner caches these
     hp = m["optimizer"]["hparams"]
     if fused:
-        for a, z in ((0, 8), (8, 9), (9, STEPS)):
+        k = m["train_step"]["fused"]["steps"]
+        calls = ((0, 8), (8, 9), (9, STEPS)) if k is None else [
+            (a, a + k) for a in range(0, STEPS - k + 1, k)]
+        for a, z in calls:
             losses += ad._steps(sess, m["train_step"], hp, f[a:z], targets[a:z].numpy(),
                                 weights[a:z].numpy(), params, state)
+        for i in range(calls[-1][1], STEPS):
+            losses.append(ad._step(sess, m["train_step"], hp, f[i], targets[i].numpy(),
+                                   weights[i].numpy(), params, state))
         return losses, params
     for i in range(STEPS):
         losses.append(ad._step(sess, m["train_step"], hp, f[i], targets[i].numpy(),
@@ -222,10 +229,8 @@ def _parity(ck, spec, tmp_path, target="onnx", backbone_lr_scale=1.0):
     names = [p["name"].removeprefix("backbone.") for p in m["trainable"]["params"]]
     x, targets, weights = _parity_data(ck)
     want_l, want_p = _torch_steps(ck, names, x, targets, weights, backbone_lr_scale)
-    if target == "onnx":
-        assert m["train_step"]["fused"]["file"] == "tail_train_k"
-    for fused in (False, True) if target == "onnx" else (False,):
-        # one step per call, then the fused K-step graph (ONNX only)
+    assert m["train_step"]["fused"]["file"] == "tail_train_k"
+    for fused in (False, True):  # one step per call, then the fused K-step graph
         got_l, got_p = _runner_steps(bundle, x.numpy(), targets, weights, fused)
         err_l = max(abs(a - b) for a, b in zip(got_l, want_l, strict=True))
         err_p = max(float(np.abs(got_p[k] - v).max()) for k, v in want_p.items())
@@ -283,14 +288,19 @@ def test_backbone_tensors_step_at_their_own_lr(tmp_path, target, optimizer):
                                           ("two_block_ck", "bias"), ("two_block_ck", "last:1")])
 def test_parity_tflite(request, tmp_path, ck_name, spec):
     """The same 20 steps through ``tail.tflite`` (signatures ``train`` / ``infer``)."""
+    from edgetl.export import tflite
     from edgetl.export.tflite import check_builtin_only
 
     bundle, m = _parity(request.getfixturevalue(ck_name), spec, tmp_path, "tflite")
     ts = m["train_step"]
     assert (ts["file"], ts["signature"], ts["hparam_shape"]) == ("tail", "train", [1])
-    assert m["infer"]["signature"] == "infer" and "fused" not in ts
+    assert m["infer"]["signature"] == "infer"
+    assert (ts["fused"]["signature"], ts["fused"]["steps"], ts["fused"]["batch_size"]) == (
+        "train_k", tflite.FUSED_STEPS, 16) and m["checks"]["fused_train_checked"]
     assert m["files"]["tail"]["path"] == "tail.tflite"
+    assert m["files"]["tail_train_k"]["path"] == "tail_train_k.tflite"
     check_builtin_only(bundle / "tail.tflite")
+    check_builtin_only(bundle / "tail_train_k.tflite")
     assert m["checks"]["train_step_max_abs_err"] < m["checks"]["atol"]
 
 
@@ -306,8 +316,7 @@ def _adapts(bundle, tmp_path, fused=True):
 
 @pytest.mark.parametrize("target", ["onnx", "tflite"])
 def test_runner_adapts_tail_bundle(tiny_ck, tmp_path, target):
-    _adapts(export_tiny(tiny_ck, tmp_path / "b", target, trainable="bias"), tmp_path,
-            fused=target == "onnx")
+    _adapts(export_tiny(tiny_ck, tmp_path / "b", target, trainable="bias"), tmp_path)
 
 
 def test_runner_overrides_the_backbone_lr_scale(tiny_ck, tiny_bundle, tmp_path):
@@ -349,7 +358,7 @@ def test_int8_prefix_fp32_tail(tiny_ck, tmp_path, target):
     assert m["checks"]["train_step_max_abs_err"] < m["checks"]["atol"]
     p = run_runner("selftest", bundle)
     assert p.returncode == 0 and "self-test passed" in p.stdout + p.stderr, p.stderr
-    _adapts(bundle, tmp_path, fused=target == "onnx")
+    _adapts(bundle, tmp_path)
 
 
 def test_int8_needs_a_frozen_prefix(tiny_ck, tmp_path):

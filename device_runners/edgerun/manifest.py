@@ -184,7 +184,9 @@ class FusedStepBlock(GraphBlock):
     The one-step graph's inputs and outputs (same names), with the features, targets and
     sample weights of ``steps`` batches stacked on a leading axis and ``loss_output`` one
     loss per step; parameters and optimizer state are carried from step to step. ``steps``
-    null: any number of steps per call (an ONNX ``Scan``); a number: exactly that many.
+    null: any number of steps per call (an ONNX ``Scan``); a number: exactly that many (TFLite:
+    the steps unrolled, at the fixed ``batch_size``; the runner fuses groups of ``steps`` full
+    batches and runs the rest of an epoch one step per call).
     """
 
     steps: Optional[int]
@@ -198,8 +200,9 @@ class TrainStepBlock(_TrainStep, total=False):
     absent: 0-d (``[]``). TFLite heads take ``[1]``: every LiteRT flavour then runs them
     without resizing an input (see docs/tflite-notes.md, Scalars).
 
-    ``fused`` (optional; absent in older bundles and for targets without one): the K-step
-    train graph a runner may use instead of K calls of this one.
+    ``fused`` (optional; absent in older bundles, for targets without one, and where the
+    export could not build or check it: ``checks.fused_train_unsupported`` then says why): the
+    K-step train graph a runner may use instead of K calls of this one.
     """
 
     anchor_inputs: Dict[str, str]
