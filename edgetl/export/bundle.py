@@ -66,6 +66,12 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
     return err
 
 
+def _hparam_tensors(ref, hparams: dict) -> list[torch.Tensor]:
+    """``ref``'s hyper-parameter inputs, in order (a tail step's backbone lr scale: 1 if absent)."""
+    hparams = {BACKBONE_LR_SCALE: 1.0, **hparams}
+    return [torch.tensor(hparams[k], dtype=torch.float32) for k in ref.hparam_names]
+
+
 def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, params: dict,
                       atol: float, batch: int, steps: int = TRAIN_STEPS_CHECKED,
                       n_labels: int | None = None, ref=None,
@@ -97,8 +103,7 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     ref, s, dim = _reference(spec, optimizer, params, ref)
     names = ref.input_names()
     p = [torch.as_tensor(v) for v in params.values()]
-    hparams = {BACKBONE_LR_SCALE: 1.0, **hparams}  # a tail step's default scale
-    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in ref.hparam_names]
+    hp = _hparam_tensors(ref, hparams)
     anchors = p if spec.l2sp else []  # L2-SP toward the starting head, as the runner does
     truth = _float64(ref)  # None for the head's step
     loss0 = 0.0
@@ -229,8 +234,7 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
     g = torch.Generator().manual_seed(seed)
     p = {k: torch.as_tensor(v) for k, v in params.items()}
     s = dict(enumerate(s0))  # positional: only the order matters
-    hparams = {BACKBONE_LR_SCALE: 1.0, **hparams}  # a tail step's default scale
-    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in ref.hparam_names]
+    hp = _hparam_tensors(ref, hparams)
     anchors = list(p.values()) if spec.l2sp else []
     f = torch.stack([_check_features(batch, dim, g, features)
                      for _ in range(steps)]).half().float()
