@@ -291,7 +291,8 @@ def _export_user_model(spec: str, out: Path, *, target, precision, head, input_s
     d = ExportConfig()
     cfg = dataclasses.replace(d, trainer=trainer, class_capacity=class_capacity,
                               int8_io=int8_io or d.int8_io, trainable=trainable or d.trainable,
-                              backbone_lr_scale=backbone_lr_scale or d.backbone_lr_scale)
+                              backbone_lr_scale=d.backbone_lr_scale if backbone_lr_scale is None
+                              else backbone_lr_scale)
     return export_model(um.module, example=example, labels=labels, out=out, head=head,
                         target=target, precision=precision, calibration=calibration,
                         heldout=heldout, mean=mean if mean is not None else um.mean,

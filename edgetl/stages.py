@@ -79,8 +79,8 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
                               trainer=trainer or recipe.export.trainer,
                               trainable=trainable or recipe.export.trainable,
                               int8_io=int8_io or recipe.export.int8_io,
-                              backbone_lr_scale=backbone_lr_scale
-                              or recipe.export.backbone_lr_scale)
+                              backbone_lr_scale=recipe.export.backbone_lr_scale
+                              if backbone_lr_scale is None else backbone_lr_scale)
     ck = load_checkpoint(checkpoint)
     cd = check_data(recipe, data)
     return export_bundle(ck, Path(out), cfg, reference_x=cd.reference, calib_x=cd.calibration,

@@ -324,3 +324,8 @@ def test_user_cnn_exports_its_last_block_trainable_with_its_own_lr(tmp_path):
     with np.load(out / "head_init.npz") as a, np.load(tmp_path / "s" / "head.npz") as b:
         tensors = [k for k in a.files if k.startswith("backbone.")]
         assert tensors and all(np.abs(a[k] - b[k]).max() > 0 for k in tensors)
+    p = edgetl("export", f"{FACTORY}:separable_cnn", "--input-shape", "3,32,32",
+               "--labels", "a,b,c,d", "--trainable", "last:1", "--backbone-lr-scale", 0,
+               "--out", tmp_path / "zero")
+    assert p.returncode != 0 and "backbone_lr_scale must be in (0, 100], got 0" in p.stderr
+    assert not (tmp_path / "zero").exists()
