@@ -591,9 +591,36 @@ def test_tail_train_step_check_judges_against_the_float64_step(tiny_ck):
     err = _check_train_step(_Exact(tail), spec, "sgd", hps, tail.params, 1e-4, 16,
                             ref=tail.train, features=feats)
     assert err < 1e-6  # the float64 step against itself, up to float32 output rounding
-    with pytest.raises(ToleranceError, match=r"train_step\[0\]\.new\..*vs the float64 step"):
+    with pytest.raises(ToleranceError, match=r"train_step\[\d+\]\.new\..*vs the float64 step"):
         _check_train_step(_Exact(tail, lr_error=1.02), spec, "sgd", hps, tail.params, 1e-4, 16,
                           ref=tail.train, features=feats)
+
+
+@pytest.mark.unit
+def test_train_step_check_forgives_one_kink_step_not_two():
+    """One step of the checked 20 may break an output's bound by up to
+    TRAIN_STEP_OUTLIER_FACTOR (a ReLU / max-pool input rounded to the other side of its kink
+    reroutes one gradient term at one step); a second such step, or one step further off,
+    fails, naming the worst output and what to do."""
+    from edgetl.errors import ToleranceError
+    from edgetl.export.bundle import _judge_steps
+    from edgetl.tolerances import TRAIN_STEP_OUTLIER_FACTOR, TRAIN_STEP_OUTLIER_STEPS
+
+    assert TRAIN_STEP_OUTLIER_STEPS == 1
+    want = np.ones(4, np.float32)
+
+    def run(offs):  # step -> how far the runtime is off at that step (else exact)
+        return _judge_steps([(i, f"train_step[{i}].w", want + offs.get(i, 0.0), want, 1e-4)
+                             for i in range(20)])
+
+    assert run({}) == 0.0
+    assert run({14: 3e-4}) == pytest.approx(3e-4, rel=1e-3)  # one kink step, 3 x its bound: kept
+    with pytest.raises(ToleranceError, match=r"train_step\[7\].*step\(s\) 3, 7.*--trainable head"):
+        run({3: 2e-4, 7: 3e-4})
+    with pytest.raises(ToleranceError, match=r"train_step\[14\]"):
+        run({14: 1.1e-4 * TRAIN_STEP_OUTLIER_FACTOR})
+    with pytest.raises(ToleranceError):  # NaN is never within a bound
+        run({5: float("nan")})
 
 
 @pytest.mark.unit

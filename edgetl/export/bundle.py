@@ -34,6 +34,8 @@ from edgetl.export.registry import Exporter, as_feeds, get_exporter
 from edgetl.head import HeadSpec, InferStep, TrainStep, init_state
 from edgetl.manifest import MANIFEST, Manifest, file_entry
 from edgetl.tolerances import (
+    TRAIN_STEP_OUTLIER_FACTOR,
+    TRAIN_STEP_OUTLIER_STEPS,
     TRAIN_STEPS_CHECKED,
     TRAIN_VECTOR_STEPS,
     parity_atol,
@@ -108,9 +110,9 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     truth = _float64(ref)  # None for the head's step
     loss0 = 0.0
     g = torch.Generator().manual_seed(0)
-    worst, done = 0.0, []
+    done: list = []
     noise: dict[str, float] = {}  # output -> torch float32's largest distance to float64
-    vs64: list = []  # (label, output, runtime value, float64 value), judged after the steps
+    judged: list = []  # (step, label, output, runtime value, truth, vs float64), after the steps
     for i in range(steps):
         f = _check_features(batch, dim, g, features)
         t = torch.eye(spec.num_classes)[torch.randint(0, n_labels or spec.num_classes, (batch,),
@@ -134,13 +136,13 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
         for j, (name, want) in enumerate(zip(ref.output_names(), out, strict=True)):
             w = want.detach().numpy()
             if exact is None:  # float32 rounds relative to the value: scales with it past 1
-                worst = max(worst, compare(f"train_step[{i}].{name}", got[name], w,
-                                           train_step_bound(atol, w)))
+                judged.append((i, f"train_step[{i}].{name}", name, np.array(got[name]), w,
+                               False))
             else:  # the float64 step is the truth; torch float32's distance to it, the noise
                 noise[name] = max(noise.get(name, 0.0),
                                   float(np.abs(w - exact[j]).max()) if w.size else 0.0)
-                vs64.append((f"train_step[{i}].{name} (vs the float64 step)", name,
-                             got[name], exact[j]))
+                judged.append((i, f"train_step[{i}].{name} (vs the float64 step)", name,
+                               np.array(got[name]), exact[j], True))
         p = list(out[1 : 1 + len(p)])
         s = list(out[1 + len(p) :])
         done.append(([a.numpy() for a in args], [o.detach().numpy() for o in out]))
@@ -148,9 +150,8 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     # a ReLU or max-pool tie that float32 rounds the other way reroutes a gradient (a
     # discrete jump, measured 5e-4 on a 64 px CNN's conv momentum at one step of 20, 1e-6 at
     # the others), and another runtime's jumps fall on other steps
-    for label, name, got, want in vs64:
-        worst = max(worst, compare(label, got, want, train_step_bound(atol, want,
-                                                                      noise[name])))
+    worst = _judge_steps([(i, label, got, want, train_step_bound(
+        atol, want, noise[name] if vs64 else None)) for i, label, name, got, want, vs64 in judged])
     if getattr(sess, "fused", None):  # the K-step graph replays the same steps
         from edgerun import RunnerError
 
@@ -164,6 +165,41 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
                 raise
             on_fused_error(e)
     return worst
+
+
+def _judge_steps(checks: list[tuple]) -> float:
+    """Judge ``(step, label, got, want, bound)`` checks of a train-step run; the max difference.
+
+    Every output within its bound at every step, except that
+    :data:`~edgetl.tolerances.TRAIN_STEP_OUTLIER_STEPS` steps may break bounds by at most
+    :data:`~edgetl.tolerances.TRAIN_STEP_OUTLIER_FACTOR` times (a kink rounded the other way
+    at one step, logged); anything more raises the worst check's :class:`ToleranceError`,
+    with what to do.
+    """
+    worst, over = 0.0, []  # over: (err / bound, step, label, err, bound)
+    for i, label, got, want, bound in checks:
+        if got.shape != want.shape:
+            raise ShapeMismatchError(f"{label}: exported graph gives shape {got.shape}, "
+                                     f"PyTorch gives {want.shape}")
+        err = float(np.max(np.abs(got - want))) if got.size else 0.0
+        worst = max(worst, err)
+        if not err <= bound:  # NaN breaks it too
+            over.append((err / bound if err == err else float("inf"), i, label, err, bound))
+    if not over:
+        return worst
+    steps = sorted({o[1] for o in over})
+    ratio, _, label, err, bound = max(over)
+    if len(steps) <= TRAIN_STEP_OUTLIER_STEPS and ratio <= TRAIN_STEP_OUTLIER_FACTOR:
+        log.warning("train-step check: %d output(s) off their bound at step %s only (worst %s: "
+                    "%.3g, bound %.1g): taken as a kink rounded the other way; every other step "
+                    "is within bounds", len(over), steps[0], label, err, bound)
+        return worst
+    raise ToleranceError(
+        f"{label}: exported graph differs from PyTorch by {err:.3g} (tolerance {bound:.1g}; "
+        f"{len(over)} output(s) over their bound at step(s) {', '.join(map(str, steps[:8]))} "
+        f"of the checked steps). The exported train step does not compute what torch does: "
+        f"export with --trainable head or a smaller SPEC (last:1, bias), or another --target, "
+        f"and report the model")
 
 
 def _check_features(batch: int, dim: int, g: torch.Generator,
