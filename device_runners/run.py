@@ -29,7 +29,8 @@ from edgerun import RunnerError  # noqa: E402
 LIMITS = {
     "epochs": ((0, True), None), "batch_size": ((1, True), None),
     "seed": ((0, True), (2**63 - 1, True)), "val_fraction": ((0, False), (1, False)),
-    "lr": ((0, True), None), "l2sp": ((0, True), None), "max_data_mb": ((0, False), None),
+    "lr": ((0, True), None), "l2sp": ((0, True), None),
+    "backbone_lr_scale": ((0, False), None), "max_data_mb": ((0, False), None),
     "checkpoint_every": ((0, True), None), "max_seconds": ((0, False), None),
     "max_memory_mb": ((0, False), None), "threads": ((0, True), (4096, True)),
     "repeats": ((1, True), (10**6, True)), "batch": ((1, True), (1 << 16, True)),
@@ -124,6 +125,9 @@ def main(argv=None) -> int:
                    help="weight windows n / (K * n_label): rare labels count as much as common")
     a.add_argument("--l2sp", type=float, default=None,
                    help="override the L2-SP pull toward the starting head (head.l2sp bundles)")
+    a.add_argument("--backbone-lr-scale", type=float, default=None,
+                   help="bundles that train backbone tensors (manifest trainable): their lr "
+                        "as a multiple of the head's (default: the bundle's)")
     a.add_argument("--gate-alpha", type=float, default=None,
                    help="level of the gate's one-sided McNemar test: the adapted head replaces "
                         "the current one only if better with p <= this (default: the bundle's "
@@ -228,6 +232,7 @@ def main(argv=None) -> int:
                            max_data_mb=args.max_data_mb,
                            checkpoint_every=args.checkpoint_every,
                            class_balanced=args.class_balanced, l2sp=args.l2sp,
+                           backbone_lr_scale=args.backbone_lr_scale,
                            allow_downgrade=args.allow_downgrade,
                            gate_alpha=args.gate_alpha, gate_rule="none" if args.no_gate else None,
                            patience=args.patience, mix=parse_mix(args.mix),

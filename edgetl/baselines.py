@@ -118,6 +118,7 @@ def torch_eager(checkpoint: Path, data: Path, *, epochs: int, batch: int, thread
     from edgetl.checkpoint import load_checkpoint
     from edgetl.trainable.cut import split
     from edgetl.trainable.spec import select
+    from edgetl.trainable.step import param_groups
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -143,7 +144,8 @@ def torch_eager(checkpoint: Path, data: Path, *, epochs: int, batch: int, thread
         feat = int(arrays["feature_dim"])
         head = torch.nn.Linear(feat, n_cls)
     x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"]).long()
-    params = [p for p in head.parameters() if p.requires_grad] + [bb[n] for n in names]
+    params = param_groups([p for p in head.parameters() if p.requires_grad],
+                          [bb[n] for n in names], hparams)
     prefix, tail = None, model.backbone
     if cache_prefix:
         prefix, tail = model.backbone, torch.nn.Identity()
@@ -182,7 +184,7 @@ def torch_eager(checkpoint: Path, data: Path, *, epochs: int, batch: int, thread
     return {"name": "pytorch-eager", "threads": threads, "epochs": epochs, "steps": steps,
             "n_train": len(x), "train_seconds": train_seconds, "trainable": trainable,
             "cache_prefix": cache_prefix, "prefix_seconds": prefix_seconds,
-            "n_trainable": sum(p.numel() for p in params),
+            "n_trainable": sum(p.numel() for g in params for p in g["params"]),
             "accuracy_after": float((pred == arrays["y_eval"]).mean()),
             "peak_rss_mb": vm_hwm_mb(), "torch": torch.__version__}
 

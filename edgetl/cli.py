@@ -221,8 +221,12 @@ def export(model: Annotated[str, typer.Argument(
                     "Runtime training artifacts; deprecated upstream, x86_64)")] = "stateless",
            trainable: Annotated[str | None, typer.Option(
                help="what the device trains: head (default), bias, last:N, all, or "
-                    "parameter-name globs (edgetl checkpoints, onnx fp32; docs/bundle.md)")]
+                    "parameter-name globs (docs/bundle.md)")]
            = None,
+           backbone_lr_scale: Annotated[float | None, typer.Option(
+               help="--trainable beyond head: the backbone tensors' lr as a multiple of the "
+                    "head's (default: the recipe's export.backbone_lr_scale, 0.1; the device "
+                    "runner can override it)")] = None,
            recipe: Annotated[Path, typer.Option(help="edgetl checkpoints: recipe (export "
                                                      "options, data)")] = DEFAULT_RECIPE,
            sign_key: Annotated[Path | None, typer.Option(
@@ -241,11 +245,9 @@ def export(model: Annotated[str, typer.Argument(
 
         man = stages.export(Path(model), out, _recipe(recipe), target=target,
                             precision=precision, trainer=trainer, sign_key=sign_key,
-                            trainable=trainable, int8_io=int8_io)
+                            trainable=trainable, int8_io=int8_io,
+                            backbone_lr_scale=backbone_lr_scale)
     else:
-        if trainable not in (None, "head"):
-            raise ConfigError("--trainable beyond head works for edgetl checkpoints (.pt) so "
-                              "far; your own model exports with --trainable head")
         man = _export_user_model(model, out, target=target, precision=precision, head=head,
                                  input_shape=input_shape, input_dtype=input_dtype,
                                  labels=_labels(labels, labels_file),
@@ -253,13 +255,15 @@ def export(model: Annotated[str, typer.Argument(
                                  heldout=_npz(heldout, "--heldout", True), weights=weights,
                                  mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                                  layout=layout, trainer=trainer, sign_key=sign_key,
-                                 class_capacity=class_capacity, int8_io=int8_io)
+                                 class_capacity=class_capacity, int8_io=int8_io,
+                                 trainable=trainable, backbone_lr_scale=backbone_lr_scale)
     typer.echo(bundle_line(out, man) + ("; signed" if sign_key else ""))
 
 
 def _export_user_model(spec: str, out: Path, *, target, precision, head, input_shape,
                        input_dtype, labels, calibration, heldout, weights, mean, std, layout,
-                       trainer, sign_key, class_capacity, int8_io):
+                       trainer, sign_key, class_capacity, int8_io, trainable=None,
+                       backbone_lr_scale=None):
     import dataclasses
 
     import torch
@@ -284,8 +288,11 @@ def _export_user_model(spec: str, out: Path, *, target, precision, head, input_s
                else torch.ones((1, *shape), dtype=torch.int64))
     if calibration is not None:
         example = torch.from_numpy(calibration[:1].astype(dtype))
-    cfg = dataclasses.replace(ExportConfig(), trainer=trainer, class_capacity=class_capacity,
-                              int8_io=int8_io or ExportConfig().int8_io)
+    d = ExportConfig()
+    cfg = dataclasses.replace(d, trainer=trainer, class_capacity=class_capacity,
+                              int8_io=int8_io or d.int8_io, trainable=trainable or d.trainable,
+                              backbone_lr_scale=d.backbone_lr_scale if backbone_lr_scale is None
+                              else backbone_lr_scale)
     return export_model(um.module, example=example, labels=labels, out=out, head=head,
                         target=target, precision=precision, calibration=calibration,
                         heldout=heldout, mean=mean if mean is not None else um.mean,

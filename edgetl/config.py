@@ -424,6 +424,9 @@ class ExportConfig:
     trainable: str = _f("head", "what the device trains: head, bias (biases + norm affine + "
                         "head), last:N (last N backbone blocks + head), all, or parameter-name "
                         "globs (docs/bundle.md, Training more than the head)")
+    backbone_lr_scale: float = _f(0.1, "trainable beyond the head: the backbone tensors step at "
+                                  "head.lr x this (the device can override it; 0.1 chosen on "
+                                  "HAR's server-validation users, docs/trainable.md)")
     int8_io: str = _f("float32", "tflite int8 backbones: graph input/output type, float32 "
                       "(QUANTIZE/DEQUANTIZE inside the graph; every LiteRT flavour, LiteRT.js "
                       "too) or int8 (the runner quantises; docs/tflite-notes.md)")
@@ -448,6 +451,8 @@ class ExportConfig:
         from edgetl.trainable.spec import check_spec
 
         object.__setattr__(self, "trainable", check_spec(self.trainable))
+        _check(0 < self.backbone_lr_scale <= 100,
+               f"export.backbone_lr_scale must be in (0, 100], got {self.backbone_lr_scale}")
         _check(1 <= self.train_batch <= 4096,
                f"export.train_batch must be in 1..4096, got {self.train_batch}")
         _check(self.calibration_windows >= 16,
@@ -692,6 +697,19 @@ def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
     if path.is_dir():
         path = path / "recipe.toml"
+    return _build(Recipe, _read_toml(path, ()), path.name)
+
+
+#: Most recipes one recipe may stack through ``base`` keys.
+MAX_BASE_DEPTH = 4
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict:
+    """The recipe at ``path`` as a dict, merged over its ``base`` recipe if it names one.
+
+    ``base = "recipe.toml"`` (a path relative to the recipe's folder) makes a recipe a
+    variant: its tables' keys replace the base's, the rest is the base's.
+    """
     if not path.exists():
         raise ConfigError(f"recipe {path} does not exist; try models/har/recipe.toml")
     from edgerun import RunnerError
@@ -706,7 +724,23 @@ def load_recipe(path: Path | str) -> Recipe:
         raise ConfigError(f"recipe {path} is not UTF-8 text ({e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
-    return _build(Recipe, raw, path.name)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"recipe {path}: base must be a recipe path (a string), got {base!r}")
+    at = (path.parent / base).resolve()
+    chain = (*seen, path.resolve())
+    if at in chain or len(chain) > MAX_BASE_DEPTH:
+        raise ConfigError(f"recipe {path}: base {base!r} makes a loop or a chain longer than "
+                          f"{MAX_BASE_DEPTH} ({' -> '.join(p.name for p in (*chain, at))})")
+    merged = _read_toml(at, chain)
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 # ------------------------------------------------------------------ the recipe reference page
@@ -747,7 +781,11 @@ def recipe_markdown() -> str:
            "Generated from the dataclasses of `edgetl/config.py` by "
            "`python -m edgetl.config --markdown > docs/recipe.md` (`make docs`); "
            "`tests/test_recipe_doc.py` fails when this page is stale. An unknown key is an "
-           "error that lists the known ones.", ""]
+           "error that lists the known ones.", "",
+           "A recipe can be a variant of another: `base = \"recipe.toml\"` at the top (a path "
+           "relative to the recipe's folder) takes every value from that recipe, and the "
+           "keys this one sets replace the base's, table by table (e.g. "
+           "`models/vision/trainable.toml`).", ""]
     top = [f for f in dataclasses.fields(Recipe) if f.default_factory is dataclasses.MISSING]
     out += ["## Top level", "", *_table(Recipe, skip=tuple(
         f.name for f in dataclasses.fields(Recipe) if f not in top)), ""]

@@ -59,10 +59,13 @@ def check_data(recipe: Recipe, data: ServerData | None = None) -> CheckData:
 def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = None,
            precision: str | None = None, trainer: str | None = None,
            data: ServerData | None = None, sign_key: Path | None = None,
-           trainable: str | None = None, int8_io: str | None = None) -> Manifest:
+           trainable: str | None = None, int8_io: str | None = None,
+           backbone_lr_scale: float | None = None) -> Manifest:
     """Export a student checkpoint as a device bundle in ``out``.
 
     ``trainable``: ``--trainable SPEC`` (default the recipe's ``export.trainable``);
+    ``backbone_lr_scale``: its backbone tensors' lr over the head's (default
+    ``export.backbone_lr_scale``);
     ``int8_io``: a TFLite int8 backbone's graph I/O type (default ``export.int8_io``).
 
     Reference inputs (parity checks, test vectors) come from the server-validation data,
@@ -75,7 +78,9 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
                               precision=precision or recipe.export.precision,
                               trainer=trainer or recipe.export.trainer,
                               trainable=trainable or recipe.export.trainable,
-                              int8_io=int8_io or recipe.export.int8_io)
+                              int8_io=int8_io or recipe.export.int8_io,
+                              backbone_lr_scale=recipe.export.backbone_lr_scale
+                              if backbone_lr_scale is None else backbone_lr_scale)
     ck = load_checkpoint(checkpoint)
     cd = check_data(recipe, data)
     return export_bundle(ck, Path(out), cfg, reference_x=cd.reference, calib_x=cd.calibration,

@@ -104,6 +104,7 @@ def export_tiny(ck: Checkpoint, out: Path, target: str = "onnx", precision: str 
                        trainer=kw.pop("trainer", "stateless"),
                        class_capacity=kw.pop("class_capacity", 0),
                        trainable=kw.pop("trainable", "head"),
+                       backbone_lr_scale=kw.pop("backbone_lr_scale", 1.0),
                        int8_io=kw.pop("int8_io", "int8"))  # the default is float32;
     # tests that edit quantization.input/output need the int8-I/O graph
     export_bundle(ck, out, cfg, reference_x=x, calib_x=calib, eval_set=ev, **kw)

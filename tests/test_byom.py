@@ -287,3 +287,45 @@ def test_a_head_with_large_weights_passes_parity(tmp_path):
     assert man.test_vectors["train_atol"] > man.checks["atol"]  # scaled with the values
     r = run_runner("selftest", tmp_path / "b")
     assert r.returncode == 0, r.stderr
+
+
+# -- a user-written image CNN, training more than its head through the CLI ---------------------
+
+def _channel_data(n: int, seed: int):
+    """(n, 3, 32, 32) noise images whose label shifts one channel: learnable by a small CNN."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = rng.normal(size=(n, 3, 32, 32)).astype(np.float32)
+    x[np.arange(n), y % 3] += (1.0 + (y >= 3))[:, None, None]
+    return x, np.asarray(list("abcd"))[y]
+
+
+def test_user_cnn_exports_its_last_block_trainable_with_its_own_lr(tmp_path):
+    """``edgetl export <factory> --trainable last:1 --backbone-lr-scale 0.5``: the user's
+    model gets a tail train step (its last block's tensors, the head) whose backbone tensors
+    step at half the head's lr; the runner trains them and can override the scale."""
+    np.savez(tmp_path / "calib.npz", x=_channel_data(64, 2)[0])
+    x, y = _channel_data(120, 3)
+    np.savez(tmp_path / "device.npz", x=x, y=y)
+    out = tmp_path / "b"
+    p = edgetl("export", f"{FACTORY}:separable_cnn", "--input-shape", "3,32,32",
+               "--labels", "a,b,c,d", "--calibration", tmp_path / "calib.npz",
+               "--trainable", "last:1", "--backbone-lr-scale", 0.5, "--out", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["trainable"]["spec"] == "last:1" and m["trainable"]["params"]
+    assert m["optimizer"]["hparams"]["backbone_lr_scale"] == 0.5
+    assert m["train_step"]["hparam_inputs"][-1] == "backbone_lr_scale"
+    r = run_runner("adapt", out, "--data", tmp_path / "device.npz", "--out", tmp_path / "s",
+                   "--epochs", 5, "--backbone-lr-scale", 0.25, "--no-gate", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["hparams"]["backbone_lr_scale"] == 0.25 and rep["steps"] > 0
+    with np.load(out / "head_init.npz") as a, np.load(tmp_path / "s" / "head.npz") as b:
+        tensors = [k for k in a.files if k.startswith("backbone.")]
+        assert tensors and all(np.abs(a[k] - b[k]).max() > 0 for k in tensors)
+    p = edgetl("export", f"{FACTORY}:separable_cnn", "--input-shape", "3,32,32",
+               "--labels", "a,b,c,d", "--trainable", "last:1", "--backbone-lr-scale", 0,
+               "--out", tmp_path / "zero")
+    assert p.returncode != 0 and "backbone_lr_scale must be in (0, 100], got 0" in p.stderr
+    assert not (tmp_path / "zero").exists()

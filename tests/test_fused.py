@@ -9,6 +9,7 @@ give the same head with and without the fused graph (a bundle without it is an o
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 
 from edgetl.export.fused import KSteps
 from edgetl.head import HEAD_KINDS, HPARAMS, HeadSpec, TrainStep, head_forward, init_state
-from tests.conftest import SHIFT, adapt_json, refused, run_runner, write_device_npz
+from tests.conftest import SHIFT, adapt_json, export_tiny, refused, run_runner, write_device_npz
 
 #: torch.optim vs the runtime after STEPS steps (loss and every parameter), float32.
 TORCH_ATOL = 1e-4
@@ -154,11 +155,25 @@ def _without_fused(src, dst):
     return dst
 
 
-def test_runner_same_head_with_and_without_fused_graph(tiny_bundle, tmp_path):
-    old = _without_fused(tiny_bundle, tmp_path / "old")
+@pytest.fixture(scope="module")
+def tflite_tail_bundle(tiny_ck, tmp_path_factory):
+    """The tiny model's ``--trainable bias`` TFLite bundle (``tail_train_k.tflite``)."""
+    return export_tiny(tiny_ck, tmp_path_factory.mktemp("tfltail") / "bundle", "tflite",
+                       trainable="bias")
+
+
+@pytest.mark.parametrize("which", ["onnx", "tflite", "tflite_tail"])
+def test_runner_same_head_with_and_without_fused_graph(which, request, tmp_path):
+    """ONNX (a Scan, any steps per call) and TFLite (K unrolled steps; groups of K full
+    batches, the rest one step per call), head and ``--trainable bias`` tail bundles."""
+    bundle = request.getfixturevalue({"onnx": "tiny_bundle", "tflite": "tiny_tflite_bundle",
+                                      "tflite_tail": "tflite_tail_bundle"}[which])
+    k = json.loads((bundle / "manifest.json").read_text())["train_step"]["fused"]["steps"]
+    assert (k is None) == (which == "onnx")
+    old = _without_fused(bundle, tmp_path / "old")
     data = write_device_npz(tmp_path / "dev.npz", 300, 7, **SHIFT)
     reps, heads = {}, {}
-    for name, b in (("fused", tiny_bundle), ("one", old)):
+    for name, b in (("fused", bundle), ("one", old)):
         p = adapt_json(b, data, tmp_path / name, "--epochs", "6", "--patience", "0")
         assert p.returncode == 0, p.stderr
         reps[name] = json.loads(p.stdout)
@@ -166,6 +181,8 @@ def test_runner_same_head_with_and_without_fused_graph(tiny_bundle, tmp_path):
             heads[name] = {k: z[k] for k in z.files if not k.startswith("__")}
     assert reps["fused"]["steps"] == reps["one"]["steps"]
     assert reps["fused"]["steps_fused"] > reps["fused"]["steps"] // 2
+    if k:  # 225 training windows, batch 16: 14 full batches an epoch, K-step groups of them
+        assert reps["fused"]["steps_fused"] == 6 * (14 // k) * k
     assert reps["one"]["steps_fused"] == 0
     for k, v in heads["one"].items():
         assert np.abs(heads["fused"][k] - v).max() <= GRAPH_ATOL, k
@@ -314,3 +331,145 @@ def test_selftest_checks_the_run_graph(bundle):
     refused(run_runner("selftest", bundle), "self-test failed.*reference train steps")
     edit(bundle, "train_step.run.val_input", "nope")
     refused(run_runner("selftest", bundle), r"train_step\.run\.inputs")
+# --- TFLite: a fixed K of unrolled steps (KSteps converted by litert-torch) ---------------
+
+TFL_CASES = [(HeadSpec("linear", D, C), "sgd"), (HeadSpec("cosine", D, C, learn_scale=False),
+                                                   "adam"),
+             (HeadSpec("mlp", D, C, hidden=8, l2sp=True), "sgd")]
+
+
+def _litert(path, signature):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_path=str(path), num_threads=1).get_signature_runner(signature)
+
+
+@pytest.mark.parametrize(("spec", "opt"), TFL_CASES, ids=lambda c: getattr(c, "kind", c))
+def test_tflite_fused_graph_matches_one_step_graph_and_torch_optim(spec, opt, tmp_path):
+    """``head_train_k.tflite`` (signature ``train_k``): STEPS steps in calls of K and the
+    rest one step per call give the one-step graph's losses and parameters, and torch.optim's."""
+    from edgetl.export.tflite import FUSED_STEPS, TFLiteExporter, operator_codes
+
+    ex = TFLiteExporter()
+    sig = ex.export_head(spec, opt, tmp_path, opset=17, batch=N)
+    shared = [*spec.hparam_names(opt), *spec.anchor_names]
+    fz = ex.export_fused(tmp_path, sig["train"], sig["files"], shared=shared,
+                         trace=sig.pop("trace"))
+    k = fz["fused"]["steps"]
+    assert fz["files"] == {"head_train_k": "head_train_k.tflite"} and k == FUSED_STEPS > 1
+    assert (fz["fused"]["signature"], fz["fused"]["batch_size"]) == ("train_k", N)
+    assert fz["fused"]["inputs"] == sig["train"]["inputs"]
+    assert all(c is None for _, c in operator_codes(tmp_path / "head_train_k.tflite"))
+    one = _litert(tmp_path / "head.tflite", "train")
+    fused = _litert(tmp_path / "head_train_k.tflite", "train_k")
+    assert list(fused.get_input_details()["features"]["shape"]) == [k, N, D]
+    p0 = _params(spec)
+    f, t, w = _batches()
+    l2sp = 0.05 if spec.l2sp else 0.0
+    want_l, want_p = _torch_optim(spec, opt, p0, f, t, w, l2sp)
+    hp = {n: np.full(1, HP[opt].get(n, l2sp), np.float32) for n in spec.hparam_names(opt)}
+    anchors = {f"anchor.{n}": v.numpy() for n, v in p0.items()} if spec.l2sp else {}
+
+    def run(groups):
+        params = {n: v.numpy() for n, v in p0.items()}
+        state = {n: v.numpy() for n, v in init_state(spec, opt, p0).items()}
+        losses, i = [], 0
+        for g in groups:
+            sl = slice(i, i + g) if g > 1 else i
+            out = (fused if g > 1 else one)(
+                features=f[sl].numpy(), targets=t[sl].numpy(), sample_weight=w[sl].numpy(),
+                **hp, **params, **state, **anchors)
+            losses += np.reshape(out["loss"], -1).tolist()
+            params = {n: out["new." + n] for n in params}
+            state = {n: out["new." + n] for n in state}
+            i += g
+        return np.asarray(losses), params
+
+    one_l, one_p = run([1] * STEPS)
+    groups = [k] * (STEPS // k - 1) + [1] * (STEPS % k + k)  # the last K one step per call
+    fz_l, fz_p = run(groups)
+    assert np.abs(fz_l - one_l).max() <= GRAPH_ATOL
+    assert np.abs(fz_l - want_l).max() <= TORCH_ATOL
+    for n in want_p:
+        assert np.abs(fz_p[n] - one_p[n]).max() <= GRAPH_ATOL, n
+        assert np.abs(fz_p[n] - want_p[n]).max() <= TORCH_ATOL, n
+
+
+def test_tflite_export_checks_the_fused_graph_and_ships_none_that_fails(
+        tiny_ck, tiny_tflite_bundle, monkeypatch, tmp_path):
+    """The export replays its 20 checked steps through the fused graph (``check_fused``); a
+    fused graph that fails the check, or does not convert to built-in ops, is left out and the
+    manifest says why; the bundle then trains one step per call."""
+    from edgetl.errors import BundleError
+    from edgetl.export import fused as fused_mod
+    from edgetl.export import tflite
+
+    m = json.loads((tiny_tflite_bundle / "manifest.json").read_text())
+    ts = m["train_step"]
+    assert ts["fused"] == {"file": "head_train_k", "signature": "train_k",
+                           "inputs": ts["inputs"], "outputs": ts["outputs"], "batch_size": 16,
+                           "steps": tflite.FUSED_STEPS, "loss_output": "loss"}
+    assert m["checks"]["fused_train_checked"] and "fused_train_unsupported" not in m["checks"]
+
+    class Wrong(KSteps):  # runs, converts, and reports doubled losses
+        def forward(self, *args):
+            out = super().forward(*args)
+            return (out[0] * 2, *out[1:])
+
+    monkeypatch.setattr(fused_mod, "KSteps", Wrong)
+    wrong = export_tiny(tiny_ck, tmp_path / "wrong", "tflite")
+    # the same wrong graph slipped into a good bundle: the device self-test replays it
+    from edgetl.export.bundle import head_spec
+    from tests.test_runner_errors import rehash
+
+    ex, spec = tflite.TFLiteExporter(), head_spec(tiny_ck)
+    sig = ex.export_head(spec, tiny_ck.head.optimizer, tmp_path, opset=17, batch=16)
+    ex.export_fused(tmp_path, sig["train"], sig["files"], shared=[], trace=sig.pop("trace"))
+    monkeypatch.setattr(fused_mod, "KSteps", KSteps)
+    slipped = tmp_path / "slipped"
+    shutil.copytree(tiny_tflite_bundle, slipped)
+    assert run_runner("selftest", slipped).returncode == 0
+    shutil.copy(tmp_path / "head_train_k.tflite", slipped / "head_train_k.tflite")
+    rehash(slipped, "head_train_k")
+    p = run_runner("selftest", slipped)  # (LiteRT logs its XNNPACK line on stderr too)
+    assert p.returncode == 1 and re.search("error: self-test failed.*reference train steps",
+                                           p.stderr), p.stderr
+    builtin = tflite.check_builtin_only
+
+    def flex(path):
+        if "train_k" in str(path):
+            raise BundleError(f"{path.name} uses non-built-in ops ['CUSTOM:FlexFoo']")
+        return builtin(path)
+
+    monkeypatch.setattr(tflite, "check_builtin_only", flex)
+    custom = export_tiny(tiny_ck, tmp_path / "custom", "tflite")
+    for b, why in ((wrong, r"failed the export check: train_k\[0:\d+\]\.loss"),
+                   (custom, r"non-built-in ops \['CUSTOM:FlexFoo'\]")):
+        m = json.loads((b / "manifest.json").read_text())
+        assert "fused" not in m["train_step"] and "head_train_k" not in m["files"]
+        assert not list(b.glob("*_train_k*")) and not m["checks"]["fused_train_checked"]
+        assert re.search(why, m["checks"]["fused_train_unsupported"]), m["checks"]
+        p = adapt_json(b, write_device_npz(tmp_path / "d.npz", 120, 7, **SHIFT),
+                       tmp_path / f"out_{b.name}", "--epochs", "2")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["steps_fused"] == 0
+
+
+@pytest.mark.parametrize(("field", "value"), [("steps", 1), ("steps", None),
+                                              ("batch_size", 8), ("signature", "train")])
+def test_runner_refuses_a_fused_tflite_block_that_is_not_its_graph(
+        tiny_tflite_bundle, tmp_path, field, value):
+    """A manifest whose fused block names another K, batch or signature than the graph's is
+    refused at load, naming the field (LiteRT would otherwise resize the unrolled graph's
+    inputs, or feed the one-step signature K batches)."""
+    from tests.test_runner_errors import edit
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_tflite_bundle, b)
+    edit(b, f"train_step.fused.{field}", value)
+    p = run_runner("selftest", b)
+    want = {"signature": r"has no signature|cannot be loaded"}.get(
+        field, r"train_step\.fused\.steps and \.batch_size .* must be the fixed \(steps, "
+        r"batch\) of head_train_k\.tflite")
+    assert p.returncode == 1 and re.search(want, p.stderr), p.stderr
+    assert "Traceback" not in p.stderr

@@ -320,17 +320,20 @@ def test_adapt_parity(node, bundles, tmp_path, precision, scenario, runtime):
     print(f"{precision}/{scenario}/{runtime}: {diffs}")
 
 
-@pytest.mark.parametrize("runtime", ["node", "web"])
-def test_fused_graph_used_and_same_head(node, tiny_bundle, tmp_path, runtime):
-    """ONNX bundles: full batches go through the fused K-step graph (``steps_fused`` > 0, the
-    Python runner's count; heads within 1e-5 of it), and the head equals that of one step per
-    call (the same bundle without its fused graph) within 1e-6."""
+@pytest.mark.parametrize("runtime", ["node", "web", "litert"])
+def test_fused_graph_used_and_same_head(node, tiny_bundle, tiny_tflite_bundle, tmp_path,
+                                        runtime):
+    """Full batches go through the fused K-step graph (``steps_fused`` > 0, the Python
+    runner's count; heads within 1e-5 of it), and the head equals that of one step per call
+    (the same bundle without its fused graph) within 1e-6: ONNX bundles in onnxruntime-node
+    and -web (a Scan), the TFLite bundle in LiteRT.js (K unrolled steps, groups of K)."""
     from tests.test_fused import _without_fused
 
+    tiny_bundle = tiny_tflite_bundle if runtime == "litert" else tiny_bundle
     data = write_device_npz(tmp_path / "d.npz", 300, 7, **SHIFT)
     flags = ["--epochs", "6", "--patience", "0"]
-    py, js = adapt_both(node, tiny_bundle, data, tmp_path, flags,
-                        js_flags=["--runtime", runtime])
+    js_flags = [] if runtime == "litert" else ["--runtime", runtime]  # tflite: LiteRT.js
+    py, js = adapt_both(node, tiny_bundle, data, tmp_path, flags, js_flags=js_flags)
     sys.path.insert(0, str(ROOT / "device_runners"))
     from edgerun.bundle import Bundle
     from edgerun.data import load, split_mode, stratified_split
@@ -341,13 +344,36 @@ def test_fused_graph_used_and_same_head(node, tiny_bundle, tmp_path, runtime):
     compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], 0, split_mode(m)))
     one = tmp_path / "one"
     run_js(node, "adapt", _without_fused(tiny_bundle, tmp_path / "old"), "--data", data, "--out",
-           one, "--quiet", "--runtime", runtime, *flags)
+           one, "--quiet", *js_flags, *flags)
     J, S = (json.loads((d / "report.json").read_text()) for d in (js, one))
     assert J["steps_fused"] > J["steps"] // 2 and S["steps_fused"] == 0, (J, S)
+    assert J["backend"] == ("litert.js" if runtime == "litert" else f"onnxruntime-{runtime}")
     assert J["steps"] == S["steps"] and not J["rolled_back"] and not S["rolled_back"]
     assert head_diff(js / "head.npz", one / "head.npz") <= 1e-6
     for a, b in zip(J["history"], S["history"], strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["val_loss"] - b["val_loss"]) <= 1e-6
+
+
+@pytest.mark.parametrize("field", ["steps", "signature"])
+def test_litert_js_refuses_a_fused_block_that_is_not_its_graph(node, tiny_tflite_bundle,
+                                                              tmp_path, field):
+    """LiteRtBackend checks the fused graph's signature and fixed (steps, batch) at load, as
+    the Python runner does (``tests/test_fused.py``)."""
+    from edgetl.export.tflite import FUSED_STEPS
+    from tests.test_runner_errors import edit
+
+    k = FUSED_STEPS
+    value, want = {
+        "steps": (k + 1, f"train_step.fused.steps and .batch_size [{k + 1},16] must be the "
+                         f"fixed (steps, batch) of head_train_k.tflite's features, which are "
+                         f"[{k},16]"),
+        "signature": ("train", 'head_train_k.tflite has no signature "train" (manifest '
+                               'train_step.fused.signature)')}[field]
+    b = tmp_path / "b"
+    shutil.copytree(tiny_tflite_bundle, b)
+    edit(b, f"train_step.fused.{field}", value)
+    p = run_js(node, "selftest", b, check=False)
+    assert p.returncode == 1 and want in p.stderr, p.stderr
 
 
 HEADS = {"mlp": {"kind": "mlp", "hidden": 16}, "cosine": {"kind": "cosine"},
@@ -806,8 +832,9 @@ TAILS = {"bias": ("tiny", "onnx", "fp32", {"trainable": "bias"}),
          "bias_tflite": ("tiny", "tflite", "fp32", {"trainable": "bias"})}
 #: Extra adapt flags: the head's lr 0.1 on every tensor of the MLP student diverges after 8
 #: epochs (validation loss 0.04 -> 8.7), and a diverging run amplifies the WASM build's
-#: last-bit differences (1e-7 -> 3e-3 in 3 epochs); a stable lr keeps them at 1e-7.
-TAIL_FLAGS = {"all_mlp": ["--lr", "0.03"]}
+#: last-bit differences (1e-7 -> 3e-3 in 3 epochs); a stable lr keeps them at 1e-7. The
+#: backbone's own lr (--backbone-lr-scale) goes through both runners' flags here.
+TAIL_FLAGS = {"all_mlp": ["--lr", "0.03", "--backbone-lr-scale", "0.5"]}
 
 
 @pytest.fixture(scope="module")
@@ -861,7 +888,7 @@ def test_adapt_parity_tail_bundle(node, tail_bundle, tmp_path, name, scenario, r
     J = json.loads((js / "report.json").read_text())
     assert J["backend"] == ("litert.js" if runtime == "litert" else f"onnxruntime-{runtime}")
     if scenario == "default":
-        assert J["steps_fused"] > 0 if m["target"] == "onnx" else J["steps_fused"] == 0
+        assert J["steps_fused"] > 0  # ONNX: a Scan of any length; TFLite: fixed K
     if scenario == "new_label":
         assert J["new_labels"] == ["sprint"] and J["missing_labels"] == ["fast"]
     if scenario == "rollback":

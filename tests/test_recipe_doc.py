@@ -76,3 +76,30 @@ def test_a_recipe_that_is_not_a_regular_text_file_is_a_clear_error(tmp_path):
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b'\xef\xbb\xbfname = "with-bom"\n')
     assert load_recipe(bom).name == "with-bom"
+
+
+def test_a_recipe_can_be_a_variant_of_another(tmp_path):
+    """``base = "..."``: the base's values, this recipe's keys replacing them table by table;
+    a loop, a missing base or a non-path base is a clear error."""
+    from edgetl.config import load_recipe
+
+    v = load_recipe(ROOT / "models" / "vision" / "trainable.toml")
+    b = load_recipe(ROOT / "models" / "vision" / "recipe.toml")
+    assert (v.export.trainable, v.export.backbone_lr_scale, v.head.lr, v.adapt.epochs) == (
+        "last:1", 0.1, 0.1, 100)
+    # everything the variant does not set is the base's, inside the tables it edits too
+    assert (v.data, v.student, v.export.targets, v.head.momentum, v.adapt.val_fraction) == (
+        b.data, b.student, b.export.targets, b.head.momentum, b.adapt.val_fraction)
+    (tmp_path / "a.toml").write_text('base = "b.toml"\nname = "a"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(ConfigError, match=r"loop .*\(a\.toml -> b\.toml -> a\.toml\)"):
+        load_recipe(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('base = "nowhere.toml"\n')
+    with pytest.raises(ConfigError, match="nowhere.toml does not exist"):
+        load_recipe(tmp_path / "c.toml")
+    (tmp_path / "d.toml").write_text("base = 3\n")
+    with pytest.raises(ConfigError, match="base must be a recipe path"):
+        load_recipe(tmp_path / "d.toml")
+    (tmp_path / "e.toml").write_text(f'base = "{ROOT}/models/har/recipe.toml"\n[head]\nlr = 0.2\n')
+    e = load_recipe(tmp_path / "e.toml")
+    assert e.head.lr == 0.2 and e.name == "har"

@@ -56,8 +56,8 @@ def test_fp32_features_match_torch(tiny_ck, tiny_tflite_bundle):
 
 def test_manifest_states_fixed_batches_and_int8_io(tiny_tflite_bundle, tiny_tflite_int8_bundle):
     m = Manifest.read(tiny_tflite_bundle)
-    assert m.target == "tflite" and set(m.files) == {"backbone", "head", "head_init",
-                                                     "test_vectors", "adabn"}
+    assert m.target == "tflite" and set(m.files) == {"backbone", "head", "head_train_k",
+                                                     "head_init", "test_vectors", "adabn"}
     assert m.input["batch_size"] == 1 and m.train_step["batch_size"] == 16
     assert m.train_step["signature"] == "train" and m.infer["signature"] == "infer"
     assert m.train_step["dynamic_classes"] is False and m.quantization == {}

@@ -363,13 +363,16 @@ def selftest_train(bundle: Bundle, backend) -> float:
         err = max(err, rel_err(loss, losses[i]))
     err = max(err, *(rel_err(params[k], v) for k, v in final.items()))
     groups = fused_groups(backend, len(losses), 1)
-    if groups and sum(groups) == len(losses):  # the same steps through the fused graph
+    if groups:  # the same steps through the fused graph (a fixed K: the rest one per call)
         params, state, i = dict(head.params), _zero_state(m, head.params), 0
         for g in groups:
             got = _steps(backend, m["train_step"], hp, f[i : i + g], t[i : i + g],
                          w[i : i + g], params, state, anchors)
             err = max(err, *(rel_err(a, b) for a, b in zip(got, losses[i : i + g])))
             i += g
+        for j in range(i, len(losses)):
+            loss = _step(backend, m["train_step"], hp, f[j], t[j], w[j], params, state, anchors)
+            err = max(err, rel_err(loss, losses[j]))
         err = max(err, *(rel_err(params[k], v) for k, v in final.items()))
     rb = getattr(backend, "run_graph", None)
     if rb and groups:  # the same steps as one epoch of the whole-run graph, and its logits
@@ -874,8 +877,9 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
                    max_memory_mb: float | None = None, trust_key: str | None = None,
                    resume: bool = False, max_data_mb: float = dataio.MAX_DATA_MB,
                    checkpoint_every: float = 1.0, class_balanced: bool | None = None,
-                   l2sp: float | None = None, allow_downgrade: bool = False,
-                   gate_alpha: float | None = None, gate_rule: str | None = None,
+                   l2sp: float | None = None, backbone_lr_scale: float | None = None,
+                   allow_downgrade: bool = False, gate_alpha: float | None = None,
+                   gate_rule: str | None = None,
                    patience: int | None = None, mix: tuple | None = None,
                    freeze_absent: bool | None = None, replay_weight: float | None = None,
                    max_forget: float | None = None, gate_folds: int | None = None,
@@ -915,6 +919,8 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
     window weighs ``n / (K * n_c)`` (sample_weight), so a
     label with few windows counts as much as a frequent one. ``l2sp``: coefficient of the
     head's pull toward the head training starts from (bundles exported with head.l2sp).
+    ``backbone_lr_scale``: the backbone tensors' lr over the head's (bundles whose train step
+    takes ``backbone_lr_scale``; default the bundle's).
 
     ``epochs``, ``batch_size`` and ``val_fraction`` default to the bundle's ``adapt`` block
     (the recipe's ``[adapt]`` section, written at export).
@@ -1059,6 +1065,14 @@ def adapt_unlocked(bundle_dir: str, data_path: str, out_dir: str, *,
         if not l2sp >= 0:
             raise RunnerError(f"--l2sp must be >= 0, got {l2sp}")
         hp["l2sp"] = l2sp
+    if backbone_lr_scale is not None:
+        if "backbone_lr_scale" not in ts["hparam_inputs"]:
+            raise RunnerError("--backbone-lr-scale needs a bundle that trains backbone tensors "
+                              "(exported with --trainable bias, last:N, all or globs); this one "
+                              "trains the head only: use --lr")
+        if not backbone_lr_scale > 0:
+            raise RunnerError(f"--backbone-lr-scale must be > 0, got {backbone_lr_scale}")
+        hp["backbone_lr_scale"] = backbone_lr_scale
     anchors = anchors_of(m, start.params)  # L2-SP pulls toward the head training starts from
     absent = np.asarray([head.labels.index(lab) for lab in missing], np.int64)
     frozen_rows = list(cls) if freeze_absent and len(absent) else []

@@ -263,7 +263,10 @@ class LiteRTBackend:
     """
 
     name = "ai-edge-litert"
-    fused = fused_steps = run_graph = None  # no K-step graph for LiteRT yet: one step per call
+    #: The manifest's ``train_step.fused`` block when :meth:`train_steps` runs the bundle's
+    #: K-step graph (a fixed ``steps``: LiteRT graphs have fixed shapes), else ``None``.
+    fused = fused_steps = None
+    run_graph = None  # no whole-run graph for TFLite bundles
     #: ``perf_counter`` time after which backbone calls stop. Checked between calls only:
     #: LiteRT's Python API cannot cancel a running call, so one long call runs to its end.
     deadline = None
@@ -307,6 +310,11 @@ class LiteRTBackend:
             check_io(f"{m['files'][m[blk]['file']]['path']} (signature "
                      f"{m[blk]['signature']!r})", f"{blk}.inputs", m[blk]["inputs"],
                      list(run_.get_input_details()))
+        fz = m["train_step"].get("fused")
+        if fz:  # the K-step graph: same feeds, K batches stacked (edgerun.adapt.fused_groups)
+            self._train_k = runner(fz["file"], fz["signature"], 1)
+            self._check_fused(m, fz)
+            self.fused, self.fused_steps = fz, int(fz["steps"])
         self._in = m["input"]["name"]
         self._out = m["features"]["name"]
         bb = f"{m['files']['backbone']['path']} (signature {m['input'].get('signature')!r})"
@@ -333,6 +341,28 @@ class LiteRTBackend:
                                   "re-export it")
         self._infer_batch = m["infer"].get("batch_size")
         self._infer_x = m["infer"]["inputs"][0]
+
+    def _check_fused(self, m: dict, fz: dict) -> None:
+        """The fused graph's names and its fixed (steps, batch) shape against the manifest."""
+        where = f"{m['files'][fz['file']]['path']} (signature {fz['signature']!r})"
+        ins = self._train_k.get_input_details()
+        check_io(where, "train_step.fused.inputs", fz["inputs"], list(ins))
+        check_io(where, "train_step.fused.outputs", fz["outputs"],
+                 list(self._train_k.get_output_details()), "outputs")
+        want = [fz["steps"], fz["batch_size"] or m["train_step"].get("batch_size")]
+        have = [int(d) for d in ins[m["train_step"]["inputs"][0]]["shape"][:2]]
+        if None in want or have != want:
+            raise RunnerError(f"manifest.json: train_step.fused.steps and .batch_size {want} "
+                              f"must be the fixed (steps, batch) of {where}'s features, which "
+                              f"are {have}: the bundle is damaged, re-export it")
+
+    def train_steps(self, feeds: dict) -> dict:
+        """``fused_steps`` optimizer steps in one call (full batches stacked); outputs by name.
+
+        Hyper-parameters go in shaped as for :meth:`train_step`.
+        """
+        return self._train_k(**{k: v.reshape(1) if np.ndim(v) == 0 else v
+                                for k, v in feeds.items()})
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """Backbone features of preprocessed windows, in the graph's fixed batch."""

@@ -145,7 +145,13 @@ class StateSpec(TypedDict):
 
 
 class OptimizerBlock(TypedDict):
-    """The device optimizer: name, hyper-parameters (fed as graph inputs) and its state."""
+    """The device optimizer: name, hyper-parameters (fed as graph inputs) and its state.
+
+    ``hparams``: the optimizer's (``lr``, ``momentum``, ``weight_decay`` for sgd; ``lr``,
+    ``beta1``, ``beta2``, ``eps``, ``weight_decay`` for adam), ``l2sp`` with an L2-SP head, and
+    ``backbone_lr_scale`` when the train step updates backbone tensors (``trainable``): they
+    step at ``lr * backbone_lr_scale``, the head at ``lr``.
+    """
 
     name: str
     hparams: Dict[str, float]
@@ -178,7 +184,9 @@ class FusedStepBlock(GraphBlock):
     The one-step graph's inputs and outputs (same names), with the features, targets and
     sample weights of ``steps`` batches stacked on a leading axis and ``loss_output`` one
     loss per step; parameters and optimizer state are carried from step to step. ``steps``
-    null: any number of steps per call (an ONNX ``Scan``); a number: exactly that many.
+    null: any number of steps per call (an ONNX ``Scan``); a number: exactly that many (TFLite:
+    the steps unrolled, at the fixed ``batch_size``; the runner fuses groups of ``steps`` full
+    batches and runs the rest of an epoch one step per call).
     """
 
     steps: Optional[int]
@@ -210,8 +218,9 @@ class TrainStepBlock(_TrainStep, total=False):
     absent: 0-d (``[]``). TFLite heads take ``[1]``: every LiteRT flavour then runs them
     without resizing an input (see docs/tflite-notes.md, Scalars).
 
-    ``fused`` (optional; absent in older bundles and for targets without one): the K-step
-    train graph a runner may use instead of K calls of this one. ``run`` (optional; ONNX
+    ``fused`` (optional; absent in older bundles, for targets without one, and where the
+    export could not build or check it: ``checks.fused_train_unsupported`` then says why): the
+    K-step train graph a runner may use instead of K calls of this one. ``run`` (optional; ONNX
     heads with dynamic batches): epochs of the fused graph with their validation logits, a
     runner may use instead of one fused and one infer call per epoch.
     """

@@ -21,12 +21,21 @@ import torch
 from edgetl import __version__
 from edgetl.checkpoint import Checkpoint
 from edgetl.config import AdaptConfig, ExportConfig
-from edgetl.errors import BundleError, ConfigError, DataError, ShapeMismatchError, ToleranceError
+from edgetl.errors import (
+    BundleError,
+    ConfigError,
+    DataError,
+    EdgetlError,
+    ShapeMismatchError,
+    ToleranceError,
+)
 from edgetl.export import adabn
 from edgetl.export.registry import Exporter, as_feeds, get_exporter
 from edgetl.head import HeadSpec, InferStep, TrainStep, init_state
 from edgetl.manifest import MANIFEST, Manifest, file_entry
 from edgetl.tolerances import (
+    TRAIN_STEP_OUTLIER_FACTOR,
+    TRAIN_STEP_OUTLIER_STEPS,
     TRAIN_STEPS_CHECKED,
     TRAIN_VECTOR_STEPS,
     parity_atol,
@@ -34,6 +43,7 @@ from edgetl.tolerances import (
     selftest_tolerances,
     train_step_bound,
 )
+from edgetl.trainable.step import BACKBONE_LR_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +68,16 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
     return err
 
 
+def _hparam_tensors(ref, hparams: dict) -> list[torch.Tensor]:
+    """``ref``'s hyper-parameter inputs, in order (a tail step's backbone lr scale: 1 if absent)."""
+    hparams = {BACKBONE_LR_SCALE: 1.0, **hparams}
+    return [torch.tensor(hparams[k], dtype=torch.float32) for k in ref.hparam_names]
+
+
 def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, params: dict,
                       atol: float, batch: int, steps: int = TRAIN_STEPS_CHECKED,
                       n_labels: int | None = None, ref=None,
-                      features: np.ndarray | None = None) -> float:
+                      features: np.ndarray | None = None, on_fused_error=None) -> float:
     """Run ``steps`` padded train steps in the runtime and in torch; return the max diff.
 
     Each output may differ by ``atol * max(1, max|torch value|)``: float32 rounds relative
@@ -82,16 +98,21 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
     them). A tail's step runs backbone layers trained on real inputs: on N(0, 1) at the cut
     (white noise where the model saw smooth, normalised windows) at the device's lr, the torch
     reference itself can diverge (HAR ``--trainable all``: NaN by step 9), which checks nothing.
+
+    ``on_fused_error(error)``: called instead of raising when the fused K-step graph fails its
+    check (:func:`edgetl.export.fused.check_fused`), for an export that then ships without it.
     """
     ref, s, dim = _reference(spec, optimizer, params, ref)
     names = ref.input_names()
     p = [torch.as_tensor(v) for v in params.values()]
-    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
+    hp = _hparam_tensors(ref, hparams)
     anchors = p if spec.l2sp else []  # L2-SP toward the starting head, as the runner does
     truth = _float64(ref)  # None for the head's step
     loss0 = 0.0
     g = torch.Generator().manual_seed(0)
-    worst, done = 0.0, []
+    done: list = []
+    noise: dict[str, float] = {}  # output -> torch float32's largest distance to float64
+    judged: list = []  # (step, label, output, runtime value, truth, vs float64), after the steps
     for i in range(steps):
         f = _check_features(batch, dim, g, features)
         t = torch.eye(spec.num_classes)[torch.randint(0, n_labels or spec.num_classes, (batch,),
@@ -115,25 +136,75 @@ def _check_train_step(sess, spec: HeadSpec, optimizer: str, hparams: dict, param
         for j, (name, want) in enumerate(zip(ref.output_names(), out, strict=True)):
             w = want.detach().numpy()
             if exact is None:  # float32 rounds relative to the value: scales with it past 1
-                bound, label = train_step_bound(atol, w), f"train_step[{i}].{name}"
+                judged.append((i, f"train_step[{i}].{name}", name, np.array(got[name]), w,
+                               False))
             else:  # the float64 step is the truth; torch float32's distance to it, the noise
-                w, noise = exact[j], float(np.abs(w - exact[j]).max()) if w.size else 0.0
-                bound, label = (train_step_bound(atol, w, noise),
-                                f"train_step[{i}].{name} (vs the float64 step)")
-            worst = max(worst, compare(label, got[name], w, bound))
+                noise[name] = max(noise.get(name, 0.0),
+                                  float(np.abs(w - exact[j]).max()) if w.size else 0.0)
+                judged.append((i, f"train_step[{i}].{name} (vs the float64 step)", name,
+                               np.array(got[name]), exact[j], True))
         p = list(out[1 : 1 + len(p)])
         s = list(out[1 + len(p) :])
         done.append(([a.numpy() for a in args], [o.detach().numpy() for o in out]))
+    # an output's noise is the most torch float32 strayed from float64 on it over the steps:
+    # a ReLU or max-pool tie that float32 rounds the other way reroutes a gradient (a
+    # discrete jump, measured 5e-4 on a 64 px CNN's conv momentum at one step of 20, 1e-6 at
+    # the others), and another runtime's jumps fall on other steps
+    worst = _judge_steps([(i, label, got, want, train_step_bound(
+        atol, want, noise[name] if vs64 else None)) for i, label, name, got, want, vs64 in judged])
     if getattr(sess, "fused", None):  # the K-step graph replays the same steps
+        from edgerun import RunnerError
+
         from edgetl.export.fused import check_fused
 
-        worst = max(worst, check_fused(sess, names, ref.output_names(), len(hp), done, atol))
+        try:
+            worst = max(worst, check_fused(sess, names, ref.output_names(), len(hp), done,
+                                           atol))
+        except (EdgetlError, RunnerError) as e:  # wrong values, or the runtime failed it
+            if on_fused_error is None:
+                raise
+            on_fused_error(e)
     if getattr(sess, "run_graph", None):  # the whole-run graph: epochs of the same steps
         from edgetl.export.fused import check_run
 
         worst = max(worst, check_run(sess, names, ref.output_names(), len(hp), done,
                                      InferStep(spec).input_names(), atol))
     return worst
+
+
+def _judge_steps(checks: list[tuple]) -> float:
+    """Judge ``(step, label, got, want, bound)`` checks of a train-step run; the max difference.
+
+    Every output within its bound at every step, except that
+    :data:`~edgetl.tolerances.TRAIN_STEP_OUTLIER_STEPS` steps may break bounds by at most
+    :data:`~edgetl.tolerances.TRAIN_STEP_OUTLIER_FACTOR` times (a kink rounded the other way
+    at one step, logged); anything more raises the worst check's :class:`ToleranceError`,
+    with what to do.
+    """
+    worst, over = 0.0, []  # over: (err / bound, step, label, err, bound)
+    for i, label, got, want, bound in checks:
+        if got.shape != want.shape:
+            raise ShapeMismatchError(f"{label}: exported graph gives shape {got.shape}, "
+                                     f"PyTorch gives {want.shape}")
+        err = float(np.max(np.abs(got - want))) if got.size else 0.0
+        worst = max(worst, err)
+        if not err <= bound:  # NaN breaks it too
+            over.append((err / bound if err == err else float("inf"), i, label, err, bound))
+    if not over:
+        return worst
+    steps = sorted({o[1] for o in over})
+    ratio, _, label, err, bound = max(over)
+    if len(steps) <= TRAIN_STEP_OUTLIER_STEPS and ratio <= TRAIN_STEP_OUTLIER_FACTOR:
+        log.warning("train-step check: %d output(s) off their bound at step %s only (worst %s: "
+                    "%.3g, bound %.1g): taken as a kink rounded the other way; every other step "
+                    "is within bounds", len(over), steps[0], label, err, bound)
+        return worst
+    raise ToleranceError(
+        f"{label}: exported graph differs from PyTorch by {err:.3g} (tolerance {bound:.1g}; "
+        f"{len(over)} output(s) over their bound at step(s) {', '.join(map(str, steps[:8]))} "
+        f"of the checked steps). The exported train step does not compute what torch does: "
+        f"export with --trainable head or a smaller SPEC (last:1, bias), or another --target, "
+        f"and report the model")
 
 
 def _check_features(batch: int, dim: int, g: torch.Generator,
@@ -204,7 +275,7 @@ def train_vectors(spec: HeadSpec, optimizer: str, hparams: dict, params: dict, b
     g = torch.Generator().manual_seed(seed)
     p = {k: torch.as_tensor(v) for k, v in params.items()}
     s = dict(enumerate(s0))  # positional: only the order matters
-    hp = [torch.tensor(hparams[k], dtype=torch.float32) for k in spec.hparam_names(optimizer)]
+    hp = _hparam_tensors(ref, hparams)
     anchors = list(p.values()) if spec.l2sp else []
     f = torch.stack([_check_features(batch, dim, g, features)
                      for _ in range(steps)]).half().float()
@@ -501,9 +572,16 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     else:
         sig = exporter.export_head(spec, ck.head.optimizer, tmp, opset=cfg.opset, batch=batch)
     files.update(sig["files"])
+    # the train step's hyper-parameters: the head's, and a tail's backbone lr scale
+    hp_names = list(tail.train.hparam_names if tail else spec.hparam_names(ck.head.optimizer))
+    hparams = {**ck.head.hparams(), **({BACKBONE_LR_SCALE: cfg.backbone_lr_scale}
+                                       if BACKBONE_LR_SCALE in hp_names else {})}
     fused = exporter.export_fused(tmp, sig["train"], files, shared=[
-        *spec.hparam_names(ck.head.optimizer),
-        *(tail.train.anchor_names() if tail else spec.anchor_names)])
+        *hp_names,
+        *(tail.train.anchor_names() if tail else spec.anchor_names)],
+        trace=sig.pop("trace", None))
+    fused_unsupported = (fused or {}).get("unsupported")
+    fused = fused if fused and fused.get("fused") else None
     if fused:
         files.update(fused["files"])
     run = fused and not tail and exporter.export_run(tmp, fused["fused"], sig["infer"], files)
@@ -560,11 +638,11 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
               "params": [{"name": n, "shape": list(s)} for n, s in shapes.items()],
               "class_params": list(spec.class_params), "init_file": "head_init",
               "capacity": capacity, "unused_bias": UNUSED_BIAS},
-        optimizer={"name": ck.head.optimizer, "hparams": ck.head.hparams(), "state": state},
+        optimizer={"name": ck.head.optimizer, "hparams": hparams, "state": state},
         train_step={**sig["train"], "loss_output": "loss",
                     "targets_input": "targets", "targets_encoding": "one_hot_float32",
                     "sample_weight_input": "sample_weight",
-                    "hparam_inputs": list(spec.hparam_names(ck.head.optimizer)),
+                    "hparam_inputs": hp_names,
                     **({"anchor_inputs": {a: a.split(".", 1)[1] for a in anchor_names}}
                        if spec.l2sp else {}),
                     "batch_size": batch if fixed or tail else None,
@@ -624,20 +702,33 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
     infer_out = sess.infer(as_feeds(infer_ref.input_names(), [feats, *params.values()]))
     checks["infer_max_abs_err"] = compare("head_infer.logits", infer_out["logits"], logits,
                                           scaled_atol(exporter.target, logits[:, :n_real]))
+    failed: list = []  # a fused graph the exporter may leave out: dropped if it fails
     checks["train_step_max_abs_err"] = _check_train_step(
-        sess, spec, ck.head.optimizer, ck.head.hparams(), params, atol, batch,
+        sess, spec, ck.head.optimizer, hparams, params, atol, batch,
         n_labels=len(ck.labels), ref=tail.train if tail else None,
-        features=feats if tail else None)
+        features=feats if tail else None,
+        on_fused_error=failed.append if exporter.fused_optional else None)
+    if failed:
+        fused_unsupported = f"failed the export check: {' '.join(str(failed[0]).split())}"
+        log.warning("the fused train graph %s is not shipped (%s); the bundle trains one step "
+                    "per call", fused["fused"]["file"], fused_unsupported)
+        blocks["train_step"].pop("fused")
+        (tmp / files.pop(fused["fused"]["file"])).unlink()
+        fused = None
     checks.update(n_reference=len(reference_x), train_steps_checked=TRAIN_STEPS_CHECKED,
-                  fused_train_checked=bool(getattr(sess, "fused", None)),
+                  fused_train_checked=fused is not None,
                   run_train_checked=bool(getattr(sess, "run_graph", None)))
+    if fused_unsupported:
+        checks["fused_train_unsupported"] = fused_unsupported
     if eval_set is not None:
         checks["accuracy"] = _accuracy_check(sess, model, ck, spec, params, eval_set,
                                              cfg.max_accuracy_drop, infer_ref.input_names())
     n_tv = min(cfg.n_test_vectors, len(reference_x))
-    tvec = train_vectors(spec, ck.head.optimizer, ck.head.hparams(), params, batch,
-                         n_labels=len(ck.labels), ref=tail.train if tail else None,
-                         features=feats if tail else None)
+    # at least one call of a fixed-K fused graph, so the device self-test replays it too
+    n_train_tv = max(TRAIN_VECTOR_STEPS, (fused["fused"]["steps"] or 0) if fused else 0)
+    tvec = train_vectors(spec, ck.head.optimizer, hparams, params, batch,
+                         steps=n_train_tv, n_labels=len(ck.labels),
+                         ref=tail.train if tail else None, features=feats if tail else None)
     # the device replays these steps: same relative slack as the check above, scaled by the
     # loss and the parameters of the labels in use (spare class rows sit at UNUSED_BIAS; the
     # runners compare values above 1 relatively)
@@ -657,7 +748,7 @@ def _build(exporter: Exporter, ck: Checkpoint, tmp: Path, cfg: ExportConfig,
         **blocks,
         files={role: file_entry(tmp, rel) for role, rel in files.items()},
         test_vectors={"file": "test_vectors", "count": n_tv, **tol,
-                      "train_steps": TRAIN_VECTOR_STEPS, "train_atol": train_atol},
+                      "train_steps": n_train_tv, "train_atol": train_atol},
         checks=checks,
     )
     (tmp / MANIFEST).write_text(manifest.to_json())

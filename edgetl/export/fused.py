@@ -14,7 +14,8 @@ ONNX (:func:`scan_graph`): an ONNX ``Scan`` whose body is the one-step graph its
 ``--trainable`` tail), so any number of steps per call and no second trace. Measured in
 onnxruntime against :class:`KSteps` unrolled (docs/bundle.md): faster for an epoch's worth of
 steps, and the unrolled graph grows K-fold. :class:`KSteps` is the fixed-K form a target
-without loops needs (TFLite; not wired in yet).
+without loops needs: TFLite (``TFLiteExporter.export_fused`` converts it with litert-torch,
+K = ``edgetl.export.tflite.FUSED_STEPS``).
 """
 
 from __future__ import annotations

@@ -193,7 +193,8 @@ class OnnxExporter(Exporter):
                           "inputs": infer.input_names(), "outputs": infer.output_names(),
                           "batch_size": None}}
 
-    def export_fused(self, folder, train: dict, files: dict, *, shared: list[str]):
+    def export_fused(self, folder, train: dict, files: dict, *, shared: list[str],
+                     trace=None):
         """``<train graph>_k.onnx``: a Scan over the one-step graph (any steps per call)."""
         from edgetl.export.fused import ROLE_SUFFIX, scan_graph
 

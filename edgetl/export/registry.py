@@ -54,6 +54,9 @@ class Exporter:
         backbone_batch: fixed batch of the backbone graph, or ``None`` for dynamic batches.
         fixed_head_batch: the head graphs take exactly the batch given at export.
         dynamic_classes: the head graphs accept any number of classes (devices may add some).
+        fused_optional: a fused train graph that fails to build or its export check is left
+            out (the bundle trains one step per call and ``checks.fused_train_unsupported``
+            says why) instead of failing the export.
     """
 
     target = ""
@@ -61,6 +64,7 @@ class Exporter:
     backbone_batch: int | None = None
     fixed_head_batch = False
     dynamic_classes = True
+    fused_optional = False
 
     def export_backbone(self, backbone: nn.Module, sample: torch.Tensor, path: Path, *,
                         opset: int, precision: str,
@@ -85,13 +89,16 @@ class Exporter:
         raise NotImplementedError
 
     def export_fused(self, folder: Path, train: dict[str, Any], files: dict[str, str], *,
-                     shared: list[str]) -> dict[str, Any] | None:
+                     shared: list[str], trace: tuple | None = None) -> dict[str, Any] | None:
         """Write the fused K-step train graph beside the one-step ``train`` graph.
 
         ``train``: the one-step graph's signature; ``files``: file roles written so far;
-        ``shared``: the inputs every step reads unchanged (hyper-parameters, anchors).
-        Returns ``{"files": {role: name}, "fused": <train_step.fused block>}``, or ``None``
-        for a target without one (:mod:`edgetl.export.fused`).
+        ``shared``: the inputs every step reads unchanged (hyper-parameters, anchors);
+        ``trace``: the one-step torch module and its example inputs, for targets that
+        convert the steps again (TFLite) rather than rewrite the written graph (ONNX).
+        Returns ``{"files": {role: name}, "fused": <train_step.fused block>}``;
+        ``{"files": {}, "unsupported": why}`` when the graph could not be built (the bundle
+        ships without it); ``None`` for a target without one (:mod:`edgetl.export.fused`).
         """
         return None
 

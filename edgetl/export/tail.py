@@ -6,7 +6,8 @@ writes ``tail_train.onnx`` (the autodiff step traced by :meth:`TailTrain.trace`,
 by the dynamo exporter at the bundle's train batch and class rows) and ``tail_infer.onnx``
 (the tail's forward, dynamic batch); :func:`export_tflite` writes ``tail.tflite`` with the
 same step as its ``train`` signature and the forward as ``infer`` (fixed batch, built-in ops
-only, checked). Graph names and feeds are the head graphs' (see
+only, checked), and returns the traced step for the fused K-step graph
+(``TFLiteExporter.export_fused``). Graph names and feeds are the head graphs' (see
 :mod:`edgetl.head`), so the device runner trains a tail like a head.
 """
 
@@ -188,9 +189,11 @@ def _export_infer(infer: TailInfer, args: tuple, path: Path, opset: int) -> None
 class _Graph(torch.nn.Module):
     """A traced step with the contract's names, for :class:`edgetl.export.tflite._Named`."""
 
-    def __init__(self, gm: torch.fx.GraphModule, inputs: list[str], outputs: list[str]):
+    def __init__(self, gm: torch.fx.GraphModule, inputs: list[str], outputs: list[str],
+                 hparam_names: tuple = ()):
         super().__init__()
         self.gm, self._in, self._out = gm, list(inputs), list(outputs)
+        self.hparam_names = tuple(hparam_names)  # for KSteps (the fused graph)
 
     def input_names(self) -> list[str]:
         return self._in
@@ -266,7 +269,7 @@ def export_tflite(tail: Tail, folder: Path, *, batch: int, rows: int) -> dict:
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):  # see TailTrain.trace
         igm = make_fx(infer, decomposition_table=table())(*iargs)
     fixes += fix_permute_of_expand(igm, iargs)
-    train = _Graph(gm, step.input_names(), step.output_names()).eval()
+    train = _Graph(gm, step.input_names(), step.output_names(), step.hparam_names).eval()
     inf = _Graph(igm, infer.input_names(), infer.output_names()).eval()
     train_kw = {_safe(n): a for n, a in zip(train.input_names(), args, strict=True)}
     infer_kw = {_safe(n): a for n, a in zip(inf.input_names(), iargs, strict=True)}
@@ -286,6 +289,7 @@ def export_tflite(tail: Tail, folder: Path, *, batch: int, rows: int) -> dict:
         raise _smaller(tail, str(e)) from None
     hshape = list(HPARAM_SHAPE)
     return {"files": {"tail": path.name}, "permute_expand_rewrites": fixes,
+            "trace": (train, args),
             "train": {"file": "tail", "signature": "train", "inputs": step.input_names(),
                       "outputs": step.output_names(), "batch_size": batch,
                       "hparam_shape": hshape},

@@ -7,7 +7,10 @@ manifest. Gradients come from ``torch.func.grad_and_value`` (the frozen rest are
 BatchNorm in eval mode: statistics frozen); the update is ``torch.optim.SGD`` (momentum,
 dampening 0, L2 weight decay) or ``torch.optim.Adam`` (bias-corrected, L2 weight decay); the
 loss is the head's weighted cross-entropy (``sample_weight`` 0 = padding) plus the L2-SP
-term when the head has one (anchors for every trainable tensor).
+term when the head has one (anchors for every trainable tensor). A step with backbone tensors
+takes one more hyper-parameter, ``backbone_lr_scale`` (after the optimizer's, before
+``l2sp``): the backbone tensors step at ``lr * backbone_lr_scale`` (``torch.optim``'s
+per-group lr; SGD's momentum buffers and Adam's moments do not depend on the lr).
 
 :meth:`TailTrain.trace` turns the step into an aten graph (``make_fx`` with core-ATen
 decompositions plus :func:`~edgetl.trainable.decomp.convolution_backward`, under the MATH
@@ -22,6 +25,9 @@ from torch import nn
 
 from edgetl.errors import BundleError
 from edgetl.head import HeadSpec, head_forward
+
+#: The tail step's hyper-parameter that scales the backbone tensors' learning rate.
+BACKBONE_LR_SCALE = "backbone_lr_scale"
 
 
 class TailModel(nn.Module):
@@ -84,7 +90,10 @@ class TailTrain(nn.Module):
         super().__init__()
         self.model, self.optimizer = model, optimizer
         self.spec = model.spec
-        self.hparam_names = self.spec.hparam_names(optimizer)
+        names = list(self.spec.hparam_names(optimizer))
+        if model.backbone_params:  # before l2sp, which forward pops first
+            names.insert(len(names) - self.spec.l2sp, BACKBONE_LR_SCALE)
+        self.hparam_names = tuple(names)
 
     @property
     def param_names(self) -> list[str]:
@@ -125,6 +134,7 @@ class TailTrain(nn.Module):
         learn = [n for n in names if n not in frozen]
         given = dict(zip(names, params, strict=True))
         coef = hp.pop() if self.spec.l2sp else None
+        scale = hp.pop() if BACKBONE_LR_SCALE in self.hparam_names else None
 
         def loss_fn(tp):
             ps = [tp.get(n, given[n]) for n in names]
@@ -138,7 +148,10 @@ class TailTrain(nn.Module):
             return loss
 
         grads, loss = torch.func.grad_and_value(loss_fn)({n: given[n] for n in learn})
-        new = _update(self.optimizer, hp, params, [grads.get(n) for n in names], state)
+        lr_scales = [scale if scale is not None and n.startswith("backbone.") else None
+                     for n in names]
+        new = _update(self.optimizer, hp, params, [grads.get(n) for n in names], state,
+                      lr_scales)
         return (loss, *new)
 
     def float64(self) -> TailTrain:
@@ -175,31 +188,48 @@ class TailTrain(nn.Module):
         return gm
 
 
-def _update(optimizer: str, hp, params, grads, state) -> list:
-    """New params then new state; a ``None`` gradient passes its parameter through."""
+def param_groups(head: list, backbone: list, hparams: dict) -> list[dict]:
+    """``torch.optim`` parameter groups training what a tail step trains, at its lrs.
+
+    The head's tensors at ``hparams["lr"]``, the backbone's at ``lr * backbone_lr_scale``
+    (default 1): the reference loops the exported step is compared and benchmarked against.
+    """
+    groups = [{"params": list(head)}]
+    if backbone:
+        groups.append({"params": list(backbone),
+                       "lr": hparams["lr"] * hparams.get(BACKBONE_LR_SCALE, 1.0)})
+    return groups
+
+
+def _update(optimizer: str, hp, params, grads, state, lr_scales) -> list:
+    """New params then new state; a ``None`` gradient passes its parameter through.
+
+    ``lr_scales``: per parameter, a 0-d tensor multiplying the lr, or ``None`` (the lr).
+    """
     if optimizer == "sgd":
         lr, mom, wd = hp
         new_p, new_s = [], []
-        for p, g, buf in zip(params, grads, state, strict=True):
+        for p, g, buf, k in zip(params, grads, state, lr_scales, strict=True):
             if g is None:
                 new_p.append(p)
                 new_s.append(buf)
                 continue
             buf = mom * buf + (g + wd * p)
             new_s.append(buf)
-            new_p.append(p - lr * buf)
+            new_p.append(p - (lr if k is None else lr * k) * buf)
         return [*new_p, *new_s]
     lr, b1, b2, eps, wd = hp
     n = len(params)
     m, v, step = state[:n], state[n : 2 * n], state[2 * n] + 1.0
     bc1, bc2 = 1.0 - torch.pow(b1, step), 1.0 - torch.pow(b2, step)
     new_p, new_m, new_v = [], [], []
-    for p, g, mi, vi in zip(params, grads, m, v, strict=True):
+    for p, g, mi, vi, k in zip(params, grads, m, v, lr_scales, strict=True):
         if g is not None:
             g = g + wd * p
             mi = b1 * mi + (1.0 - b1) * g
             vi = b2 * vi + (1.0 - b2) * g * g
-            p = p - (lr / bc1) * mi / (torch.sqrt(vi) / torch.sqrt(bc2) + eps)
+            p = p - ((lr if k is None else lr * k) / bc1) * mi / (
+                torch.sqrt(vi) / torch.sqrt(bc2) + eps)
         new_p.append(p)
         new_m.append(mi)
         new_v.append(vi)

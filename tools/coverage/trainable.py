@@ -138,6 +138,8 @@ def _torch_loop(edge, names: list[str], hp: dict, x, targets, weights, dtype):
     """``PARITY_STEPS`` of torch.optim.SGD/Adam on ``edge`` (a copy, in ``dtype``)."""
     import torch
 
+    from edgetl.trainable.step import param_groups
+
     m = copy.deepcopy(edge).to(dtype).eval()
     for p in m.parameters():
         p.requires_grad_(False)
@@ -146,6 +148,7 @@ def _torch_loop(edge, names: list[str], hp: dict, x, targets, weights, dtype):
     train = [bp[n] for n in names] + list(m.head.parameters())
     for p in train:
         p.requires_grad_(True)
+    train = param_groups(list(m.head.parameters()), [bp[n] for n in names], hp)
     if "momentum" in hp:
         opt = torch.optim.SGD(train, lr=hp["lr"], momentum=hp["momentum"],
                               weight_decay=hp["weight_decay"])

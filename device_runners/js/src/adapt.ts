@@ -169,7 +169,7 @@ export async function selftestTrain(bundle: Bundle, backend: Backend): Promise<n
   };
   finalErr(params);
   const groups = fusedGroups(backend, steps, 1);
-  if (groups.length && groups.reduce((a, g) => a + g, 0) === steps) { // the same steps, fused
+  if (groups.length) { // the same steps, fused (a fixed K: the rest one step per call)
     const p = new Map(head.params);
     const s = zeroState(m, p);
     let i = 0;
@@ -180,6 +180,13 @@ export async function selftestTrain(bundle: Bundle, backend: Backend): Promise<n
         { data: w.slice(i * b, (i + g) * b), dims: [g, b] }, p, s, anchors);
       for (let k = 0; k < g; k++) err = Math.max(err, relErr([got[k]], [losses[i + k]]));
       i += g;
+    }
+    for (; i < steps; i++) {
+      const loss = await step(backend, m, m.optimizer.hparams,
+        { data: f.slice(i * b * d, (i + 1) * b * d), dims: [b, d] },
+        { data: oneHot(labels.slice(i * b, (i + 1) * b), rows), dims: [b, rows] },
+        { data: w.slice(i * b, (i + 1) * b), dims: [b] }, p, s, anchors);
+      err = Math.max(err, relErr([loss], [losses[i]]));
     }
     finalErr(p);
   }
@@ -455,6 +462,8 @@ export interface AdaptOptions {
    * `adapt.freeze_absent`). */
   freezeAbsent?: boolean;
   l2sp?: number;
+  /** Bundles that train backbone tensors: their lr over the head's (default: the bundle's). */
+  backboneLrScale?: number;
   gateAlpha?: number;
   gateRule?: string;
   patience?: number;
@@ -649,6 +658,14 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
     }
     if (!(o.l2sp >= 0)) throw new RunnerError(`--l2sp must be >= 0, got ${o.l2sp}`);
     hp.l2sp = o.l2sp;
+  }
+  if (o.backboneLrScale !== undefined) {
+    if (!ts.hparam_inputs.includes("backbone_lr_scale")) {
+      throw new RunnerError("--backbone-lr-scale needs a bundle that trains backbone tensors " +
+        "(exported with --trainable bias, last:N, all or globs); this one trains the head only: use --lr");
+    }
+    if (!(o.backboneLrScale > 0)) throw new RunnerError(`--backbone-lr-scale must be > 0, got ${o.backboneLrScale}`);
+    hp.backbone_lr_scale = o.backboneLrScale;
   }
   const absent = missing.map((l) => start.labels.indexOf(l));
   const frozenRows = freezeAbsent && absent.length ? [...cls] : [];

@@ -26,7 +26,7 @@ import { LiteRtBackend } from "./litert.js";
 const USAGE = `usage: edgerun-js {adapt,infer,selftest} BUNDLE [options]
   adapt BUNDLE --data FILE --out DIR [--epochs N] [--batch-size N] [--val-fraction F]
         [--lr F] [--seed N] [--head FILE] [--[no-]class-balanced] [--[no-]freeze-absent]
-        [--l2sp F] [--gate-alpha F] [--gate-folds K] [--replay-weight F] [--max-forget PT]
+        [--l2sp F] [--backbone-lr-scale F] [--gate-alpha F] [--gate-folds K] [--replay-weight F] [--max-forget PT]
         [--no-gate] [--mix W,W] [--patience N] [--max-seconds F] [--max-data-mb F]
         [--allow-downgrade]
   infer BUNDLE --data FILE [--head FILE] [--out DIR]
@@ -40,6 +40,7 @@ const NUMS: Record<string, [number | null, boolean, number | null, boolean, bool
   epochs: [0, true, null, true, true], "batch-size": [1, true, null, true, true],
   seed: [0, true, 2 ** 53 - 1, true, true], "val-fraction": [0, false, 1, false, false],
   lr: [0, true, null, true, false], l2sp: [0, true, null, true, false],
+  "backbone-lr-scale": [0, false, null, true, false],
   "max-data-mb": [0, false, null, true, false], "max-seconds": [0, false, null, true, false],
   threads: [0, true, 4096, true, true], "gate-alpha": [0, true, 1, true, false],
   patience: [0, true, null, true, true], "gate-folds": [1, true, 20, true, true],
@@ -66,7 +67,7 @@ const OPTIONS = {
   "val-fraction": { type: "string" }, lr: { type: "string" }, seed: { type: "string" },
   "class-balanced": { type: "boolean" }, "no-class-balanced": { type: "boolean" },
   "freeze-absent": { type: "boolean" }, "no-freeze-absent": { type: "boolean" },
-  l2sp: { type: "string" }, "replay-weight": { type: "string" },
+  l2sp: { type: "string" }, "backbone-lr-scale": { type: "string" }, "replay-weight": { type: "string" },
   "max-forget": { type: "string" }, "gate-folds": { type: "string" },
   "gate-alpha": { type: "string" }, "no-gate": { type: "boolean" }, mix: { type: "string" },
   patience: { type: "string" }, "max-seconds": { type: "string" },
@@ -217,6 +218,7 @@ async function main(argv: string[]): Promise<number> {
         valFraction: num(v, "val-fraction"), lr: num(v, "lr"), seed: num(v, "seed") ?? 0,
         head, classBalanced: v["no-class-balanced"] ? false : v["class-balanced"],
         freezeAbsent: v["no-freeze-absent"] ? false : v["freeze-absent"], l2sp: num(v, "l2sp"),
+        backboneLrScale: num(v, "backbone-lr-scale"),
         gateAlpha: num(v, "gate-alpha"), gateFolds: num(v, "gate-folds"), gateRule: v["no-gate"] ? "none" : undefined,
         patience: num(v, "patience"), mix, replayWeight: float(v, "replay-weight"),
         maxForget: float(v, "max-forget"), maxSeconds: num(v, "max-seconds"), startedAt: t0,

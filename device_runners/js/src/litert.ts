@@ -4,13 +4,15 @@
  * the backbone at its fixed batch (`input.batch_size`, padded with zero rows), the head's
  * `infer` at its fixed batch (`infer.batch_size`, padded), the train step at the manifest's
  * fixed batch (the caller pads with sample weight 0) and hyper-parameters shaped as
- * `train_step.hparam_shape`. The app loads LiteRT.js (`await loadLiteRt(wasmDir)`) and passes
+ * `train_step.hparam_shape`, and the fused K-step train graph (`train_step.fused`: a fixed
+ * K of full batches stacked) where the bundle ships one. The app loads LiteRT.js (`await loadLiteRt(wasmDir)`) and passes
  * the module, so this package depends on no LiteRT.js build; the structural types below are
  * what it uses of `@litertjs/core` 2.5.
  */
 import { Backend, F32, requireStateless } from "./backend.js";
 import { Bundle } from "./bundle.js";
 import { RunnerError } from "./errors.js";
+import type { FusedStepBlock } from "./manifest.js";
 
 /** A LiteRT.js tensor (what this package uses of `@litertjs/core`'s `Tensor`). */
 export interface LiteRtTensor {
@@ -52,6 +54,9 @@ export interface LiteRtBackendOptions {
   name?: string;
   /** `report.backend_version` (LiteRT.js exposes none; the app states the one it ships). */
   version?: string;
+  /** Train full batches through the bundle's fused K-step graph (`train_step.fused`) where it
+   * ships one (default true); false: one step per call (same results, more calls). */
+  fused?: boolean;
 }
 
 const prod = (d: readonly number[]) => d.reduce((a, b) => a * b, 1);
@@ -62,7 +67,8 @@ export class LiteRtBackend implements Backend {
   private constructor(private readonly lrt: LiteRt, private readonly bundle: Bundle,
     private readonly bb: LiteRtSignature, private readonly train: LiteRtSignature,
     private readonly inf: LiteRtSignature, private readonly models: LiteRtModel[],
-    readonly name: string, readonly version: string) {}
+    readonly name: string, readonly version: string,
+    private readonly trainK: LiteRtSignature | null, readonly fused: FusedStepBlock | null) {}
 
   get trainerVersion(): string { return this.version; }
 
@@ -131,7 +137,30 @@ export class LiteRtBackend implements Backend {
     check(bb, "features.name", [m.features.name], true);
     check(train, "train_step.inputs", m.train_step.inputs);
     check(inf, "infer.inputs", m.infer.inputs);
-    return new LiteRtBackend(lrt, bundle, bb, train, inf, [...models.values()], name, version);
+    const fz = opts.fused === false ? null : m.train_step.fused ?? null;
+    let trainK: LiteRtSignature | null = null;
+    if (fz) { // K batches stacked on a leading axis (adapt.ts fusedGroups), K fixed in the graph
+      if (!m.files[fz.file]) {
+        throw new RunnerError(`manifest.json: train_step.fused.file '${fz.file}' names no file ` +
+          `(known roles: ${JSON.stringify(Object.keys(m.files).sort())}); the bundle is damaged: ` +
+          "re-export it");
+      }
+      trainK = await sig(fz.file, fz.signature, "train_step.fused");
+      check(trainK, "train_step.fused.inputs", fz.inputs);
+      check(trainK, "train_step.fused.outputs", fz.outputs, true);
+      const want = [fz.steps, fz.batch_size ?? m.train_step.batch_size];
+      const feat = trainK.getInputDetails().find((d) => d.name === m.train_step.inputs[0]);
+      const have = feat ? Array.from(feat.shape).slice(0, 2) : [];
+      if (want.some((v) => v === null || v === undefined) || have.length !== 2 ||
+        have[0] !== want[0] || have[1] !== want[1]) {
+        throw new RunnerError(`manifest.json: train_step.fused.steps and .batch_size ` +
+          `${JSON.stringify(want)} must be the fixed (steps, batch) of ` +
+          `${m.files[fz.file].path}'s features, which are ${JSON.stringify(have)}: the bundle ` +
+          "is damaged, re-export it");
+      }
+    }
+    return new LiteRtBackend(lrt, bundle, bb, train, inf, [...models.values()], name, version,
+      trainK, trainK ? fz : null);
   }
 
   /** Run a signature on float32 feeds; float32 outputs copied out of WASM memory. */
@@ -196,6 +225,16 @@ export class LiteRtBackend implements Backend {
   /** One optimizer step (fixed batch: the caller pads with sample weight 0). */
   async trainStep(feeds: Record<string, F32>): Promise<Record<string, F32>> {
     return this.run(this.train, feeds);
+  }
+
+  /** `fused.steps` optimizer steps in one call of the fused graph (full batches stacked);
+   * outputs by name (the loss: one per step). */
+  async trainSteps(feeds: Record<string, F32>): Promise<Record<string, F32>> {
+    if (this.trainK === null) {
+      throw new RunnerError("this backend has no fused train graph (train_step.fused); train " +
+        "one step per call (trainStep)");
+    }
+    return this.run(this.trainK, feeds);
   }
 
   /** Head logits and embedding of any number of rows, in the graph's fixed batch. */
