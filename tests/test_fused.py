@@ -149,8 +149,9 @@ def _without_fused(src, dst):
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
     for block in ("fused", "run"):
-        fz = m["train_step"].pop(block)
-        (dst / m["files"].pop(fz["file"])["path"]).unlink()
+        fz = m["train_step"].pop(block, None)  # TFLite bundles have no whole-run graph
+        if fz:
+            (dst / m["files"].pop(fz["file"])["path"]).unlink()
     (dst / "manifest.json").write_text(json.dumps(m))
     return dst
 
