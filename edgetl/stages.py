@@ -81,7 +81,7 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
                               int8_io=int8_io or recipe.export.int8_io,
                               backbone_lr_scale=recipe.export.backbone_lr_scale
                               if backbone_lr_scale is None else backbone_lr_scale)
-    ck = load_checkpoint(checkpoint)
+    ck = with_device_optimizer(load_checkpoint(checkpoint), recipe)
     cd = check_data(recipe, data)
     return export_bundle(ck, Path(out), cfg, reference_x=cd.reference, calib_x=cd.calibration,
                          eval_set=(cd.heldout_x, cd.heldout_y),
@@ -89,6 +89,44 @@ def export(checkpoint: Path, out: Path, recipe: Recipe, *, target: str | None = 
                                      "student_heldout_accuracy": ck.meta.get("heldout_accuracy")},
                          sign_key=sign_key, adapt=recipe.adapt,
                          replay=None if cd.replay_x is None else (cd.replay_x, cd.replay_y))
+
+
+#: ``[head]`` fields that only the device's train step reads: the recipe's apply at export.
+DEVICE_OPTIMIZER_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "beta1", "beta2",
+                           "eps", "l2sp")
+
+
+def with_device_optimizer(ck, recipe: Recipe):
+    """``ck`` with the recipe's on-device optimizer (``[head]`` optimizer, lr, momentum, ...).
+
+    The server never trains with them (the head's server-side training has its own
+    ``student_train`` settings), so a recipe variant that changes ``head.lr`` changes the
+    bundle exported from an existing checkpoint, as its ``[export]`` table does. The head's
+    architecture (kind, hidden, scale, learn_scale) is the checkpoint's: a recipe that asks
+    for another one gets a warning (train a new checkpoint for that).
+    """
+    import dataclasses
+    import logging
+
+    log = logging.getLogger(__name__)
+    old, new = ck.head, recipe.head
+    diff = {f: (getattr(old, f), getattr(new, f)) for f in DEVICE_OPTIMIZER_FIELDS
+            if getattr(old, f) != getattr(new, f)}
+    if diff:
+        log.info("on-device optimizer from recipe %s: %s (the checkpoint had %s)", recipe.name,
+                 ", ".join(f"head.{f} = {b}" for f, (_, b) in diff.items()),
+                 ", ".join(f"{a}" for a, _ in diff.values()))
+    arch = [f for f, kinds in (("kind", None), ("hidden", "mlp"), ("scale", "cosine"),
+                               ("learn_scale", "cosine"))
+            if getattr(old, f) != getattr(new, f) and kinds in (None, old.kind)
+            and (f == "kind" or old.kind == new.kind)]
+    if arch:
+        log.warning("recipe %s asks for a head with %s; the checkpoint's head has %s and keeps "
+                    "it (retrain the student to change the head's architecture)", recipe.name,
+                    ", ".join(f"{f} = {getattr(new, f)}" for f in arch),
+                    ", ".join(f"{f} = {getattr(old, f)}" for f in arch))
+    ck.head = dataclasses.replace(old, **{f: getattr(new, f) for f in DEVICE_OPTIMIZER_FIELDS})
+    return ck
 
 
 def quantize(bundle: Path, out: Path, recipe: Recipe, *,

@@ -103,3 +103,27 @@ def test_a_recipe_can_be_a_variant_of_another(tmp_path):
     (tmp_path / "e.toml").write_text(f'base = "{ROOT}/models/har/recipe.toml"\n[head]\nlr = 0.2\n')
     e = load_recipe(tmp_path / "e.toml")
     assert e.head.lr == 0.2 and e.name == "har"
+
+
+def test_the_recipes_on_device_optimizer_applies_at_export(tiny_ck, caplog):
+    """``[head]`` optimizer settings are read at export (the server never trains with them):
+    a variant's ``head.lr`` reaches a bundle exported from an existing checkpoint; the head's
+    architecture stays the checkpoint's, with a warning when the recipe asks for another."""
+    import copy
+    import logging
+
+    from edgetl.config import load_recipe
+    from edgetl.stages import with_device_optimizer
+
+    v = load_recipe(ROOT / "models" / "vision" / "trainable.toml")
+    v = dataclasses.replace(v, head=dataclasses.replace(v.head, lr=0.25))
+    ck = copy.copy(tiny_ck)
+    with caplog.at_level(logging.INFO, logger="edgetl.stages"):
+        got = with_device_optimizer(ck, v).head
+    assert (got.lr, got.momentum, got.optimizer) == (v.head.lr, v.head.momentum, "sgd")
+    assert "head.lr = 0.25" in caplog.text and "asks for a head" not in caplog.text
+    other = dataclasses.replace(v, head=dataclasses.replace(v.head, kind="mlp", optimizer="adam"))
+    got = with_device_optimizer(copy.copy(tiny_ck), other).head
+    assert (got.kind, got.optimizer) == (tiny_ck.head.kind, "adam")
+    assert "kind = mlp" in caplog.text and "retrain the student" in caplog.text
+    assert tiny_ck.head.lr == 0.1  # the fixture itself is untouched
