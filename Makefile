@@ -152,7 +152,8 @@ bench-trainable: install
 	test -f $(OUT)/summary.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
 	for spec in head bias last:1; do \
 		d=runs/har-tr/onnx-fp32-$$(echo $$spec | tr -d :); \
-		test $$d/manifest.json -nt $(OUT)/student.pt || $(BIN)/edgetl export $(OUT)/student.pt --recipe $(RECIPE) \
+		test $$d/manifest.json -nt $(OUT)/student.pt -a -z "$$(find edgetl device_runners/edgerun \
+			-name '*.py' -newer $$d/manifest.json)" || $(BIN)/edgetl export $(OUT)/student.pt --recipe $(RECIPE) \
 			--target onnx --precision fp32 --trainable $$spec --out $$d || exit 1; \
 	done
 	$(BIN)/python -m tools.trainable_bench --bundle head=runs/har-tr/onnx-fp32-head \
