@@ -192,16 +192,12 @@ def test_runner_same_head_with_and_without_fused_graph(which, request, tmp_path)
         assert abs(a["val_loss"] - b["val_loss"]) <= GRAPH_ATOL
 
 
-def test_selftest_checks_the_fused_graph(bundle):
+def _double_loss(path):
+    """Rewrite the Scan graph at ``path`` to report twice its loss."""
     import onnx
     from onnx import helper
 
-    from tests.test_runner_errors import edit, rehash
-
-    assert run_runner("selftest", bundle).returncode == 0
-    m = json.loads((bundle / "manifest.json").read_text())
-    path = bundle / m["files"]["head_train_k"]["path"]
-    model = onnx.load(str(path))  # a graph that runs but trains wrong: loss doubled
+    model = onnx.load(str(path))
     scan = model.graph.node[0]
     k = list(scan.output).index("loss")
     scan.output[k] = "loss_raw"
@@ -209,6 +205,15 @@ def test_selftest_checks_the_fused_graph(bundle):
     model.graph.initializer.append(two)
     model.graph.node.append(helper.make_node("Mul", ["loss_raw", "two"], ["loss"]))
     onnx.save(model, str(path))
+
+
+def test_selftest_checks_the_fused_graph(bundle):
+    from tests.test_runner_errors import edit, rehash
+
+    assert run_runner("selftest", bundle).returncode == 0
+    m = json.loads((bundle / "manifest.json").read_text())
+    path = bundle / m["files"]["head_train_k"]["path"]
+    _double_loss(path)  # a graph that runs but trains wrong
     rehash(bundle, "head_train_k")
     refused(run_runner("selftest", bundle), "self-test failed.*reference train steps")
     edit(bundle, "train_step.fused.file", "nope")
@@ -313,21 +318,11 @@ def test_runner_same_run_with_and_without_run_graph(tiny_bundle, tmp_path, flags
 
 
 def test_selftest_checks_the_run_graph(bundle):
-    import onnx
-    from onnx import helper
-
     from tests.test_runner_errors import edit, rehash
 
     m = json.loads((bundle / "manifest.json").read_text())
     path = bundle / m["files"]["head_train_run"]["path"]
-    model = onnx.load(str(path))  # a graph that runs but trains wrong: loss doubled
-    scan = model.graph.node[0]
-    k = list(scan.output).index("loss")
-    scan.output[k] = "loss_raw"
-    two = helper.make_tensor("two", onnx.TensorProto.FLOAT, [], [2.0])
-    model.graph.initializer.append(two)
-    model.graph.node.append(helper.make_node("Mul", ["loss_raw", "two"], ["loss"]))
-    onnx.save(model, str(path))
+    _double_loss(path)  # a graph that runs but trains wrong
     rehash(bundle, "head_train_run")
     refused(run_runner("selftest", bundle), "self-test failed.*reference train steps")
     edit(bundle, "train_step.run.val_input", "nope")

@@ -112,16 +112,7 @@ def scan_graph(one_step: Path, out: Path, *, shared: list[str]) -> None:
         c.name = name
         return c
 
-    nodes = []
-    for nd in g.node:
-        c = onnx.NodeProto()
-        c.CopyFrom(nd)
-        c.ClearField("input")
-        c.input.extend(rn(x) for x in nd.input)
-        c.ClearField("output")
-        c.output.extend(rn(x) for x in nd.output)
-        c.name = rn(nd.name) if nd.name else ""
-        nodes.append(c)
+    nodes = [_renamed(nd, rn, rn(nd.name) if nd.name else "") for nd in g.node]
     vin, vout = {i.name: i for i in g.input}, {o.name: o for o in g.output}
     body = helper.make_graph(
         nodes, "train_step",
@@ -263,16 +254,8 @@ def run_graph(fused: Path, infer: Path, out: Path, *, infer_inputs: list[str]) -
             return VAL_INPUT if x else x
         return e + "new." + x if x in params else "infer/" + x
 
-    nodes = [inner]
-    for nd in reversed(nodes_inf):
-        c = onnx.NodeProto()
-        c.CopyFrom(nd)
-        c.ClearField("input")
-        c.input.extend(rn(x) for x in nd.input)
-        c.ClearField("output")
-        c.output.extend(rn(x) for x in nd.output)
-        c.name = "infer/" + nd.name if nd.name else ""
-        nodes.append(c)
+    nodes = [inner] + [_renamed(nd, rn, "infer/" + nd.name if nd.name else "")
+                       for nd in reversed(nodes_inf)]
     # per-epoch snapshots: a body value is either carried or scanned out, so copied once
     nodes += [helper.make_node("Identity", [e + "new." + n], [e + "snap." + n]) for n in carried]
     nodes.append(helper.make_node("Identity", [rn("logits")], [e + VAL_LOGITS]))
@@ -321,6 +304,20 @@ def run_graph(fused: Path, infer: Path, out: Path, *, infer_inputs: list[str]) -
     model.functions.extend([*fk.functions, *inf.functions])
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
+
+
+def _renamed(nd, rn, name: str):
+    """A copy of ONNX node ``nd`` named ``name``, its inputs and outputs renamed by ``rn``."""
+    import onnx
+
+    c = onnx.NodeProto()
+    c.CopyFrom(nd)
+    c.ClearField("input")
+    c.input.extend(rn(x) for x in nd.input)
+    c.ClearField("output")
+    c.output.extend(rn(x) for x in nd.output)
+    c.name = name
+    return c
 
 
 def _renamed_tensor(t, name: str):
