@@ -168,6 +168,12 @@ bench-trainable: install
 RUNTIME_ROUNDS ?= 5
 bench-web: install js-install
 	test -f $(OUT)/summary.json || $(BIN)/edgetl run $(RECIPE) --out $(OUT)
+	for b in onnx-fp32 onnx-int8 tflite-fp32 tflite-int8; do \
+		d=$(OUT)/bundles/$$b; \
+		test $$d/manifest.json -nt $(OUT)/student.pt -a -z "$$(find edgetl device_runners/edgerun \
+			-name '*.py' -newer $$d/manifest.json)" || $(BIN)/edgetl export $(OUT)/student.pt \
+			--recipe $(RECIPE) --target $${b%-*} --precision $${b#*-} --out $$d || exit 1; \
+	done
 	$(BIN)/python -m tools.runtime_bench $(OUT) --rounds $(RUNTIME_ROUNDS) --out runs/bench
 
 # Transfer methods (L2-SP, EWC, AdaBN, DANN, MMD, CORAL) against the source-only model on
