@@ -794,6 +794,40 @@ def test_embedding_backward_as_a_one_hot_matmul_matches_autograd():
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("shapes", [True, False])
+def test_an_inner_value_named_like_a_graph_output_is_renamed(tmp_path, shapes):
+    """The dynamo exporter can name an inner value (``aten.embedding``) like the infer graph's
+    ``embedding`` output: not SSA. The inner one and its readers are renamed; same values."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    from edgetl.export.tail import _unclash
+
+    f = helper.make_tensor_value_info
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["embedding"]),  # inner, same name as the output
+         helper.make_node("Neg", ["embedding"], ["logits"]),
+         helper.make_node("Abs", ["logits"], ["embedding"])], "g",
+        [f("x", TensorProto.FLOAT, [2])],
+        [f("logits", TensorProto.FLOAT, [2]), f("embedding", TensorProto.FLOAT, [2])],
+        value_info=[f("embedding", TensorProto.FLOAT, [2])] if shapes else [])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(onnx.checker.ValidationError, match="SSA"):
+        onnx.checker.check_model(str(path))
+    _unclash(path)
+    onnx.checker.check_model(str(path))
+    m = onnx.load(str(path))
+    assert [list(n.output) for n in m.graph.node] == [["embedding__inner0"], ["logits"],
+                                                      ["embedding"]]
+    assert list(m.graph.node[1].input) == ["embedding__inner0"] and not m.graph.value_info
+    x = np.array([-1.0, 2.0], np.float32)
+    logits, emb = ReferenceEvaluator(m).run(None, {"x": x})
+    assert np.array_equal(logits, [0.0, -2.0]) and np.array_equal(emb, [0.0, 2.0])
+
+
+@pytest.mark.unit
 def test_an_unlowered_op_is_named_from_the_exporters_cause_chain():
     """The dynamo exporter's top error is generic; the op sits in a cause."""
     from edgetl.export.tail import failing_ops

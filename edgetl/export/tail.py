@@ -212,15 +212,17 @@ def _unclash(path: Path) -> None:
     outs = {o.name for o in m.graph.output}
     last = {o: i for i, n in enumerate(m.graph.node) for o in n.output if o in outs}
     alias: dict[str, str] = {}
+    renamed = False
     for i, n in enumerate(m.graph.node):
         for j, name in enumerate(n.input):
             n.input[j] = alias.get(name, name)
         for j, o in enumerate(n.output):
             if o in outs and last[o] != i:
                 alias[o] = n.output[j] = f"{o}__inner{i}"
+                renamed = True
             else:
                 alias.pop(o, None)
-    if alias or any(v.name in outs for v in m.graph.value_info):
+    if renamed:  # the inner value's shape, recorded under the output's name, goes too
         keep = [v for v in m.graph.value_info if v.name not in outs]
         del m.graph.value_info[:]
         m.graph.value_info.extend(keep)
