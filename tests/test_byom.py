@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import ROOT, run_runner
+from tests.conftest import ROOT, adapt_json, run_runner
 from tests.user_models import nets
 
 EDGETL = [sys.executable, "-m", "edgetl.cli"]
@@ -144,6 +144,52 @@ def test_token_model_exports_checks_and_personalises(token_files, target, tmp_pa
     # three new labels: imprinted, then trained; the trained head must beat the imprinted one
     assert sorted(rep["new_labels"]) == ["blue", "green", "red"]
     assert not rep["rolled_back"] and rep["accuracy_after"] > 0.8
+
+
+@pytest.mark.parametrize("target,spec", [("onnx", "bias"), ("tflite", "bias"), ("onnx", "all"),
+                                         ("tflite", "all")])
+def test_token_model_trains_past_its_embeddings_through_a_multi_part_cut(token_files, target,
+                                                                         spec, tmp_path):
+    """``--trainable bias`` of a token model whose trained layers also read the padding mask
+    (``ids != 0``): the cut caches the mask and the token embeddings side by side (the
+    manifest's ``trainable.cut.parts``); ``all`` trains the embedding table itself from the
+    cached ids (its gradient: ScatterND add in ONNX, a one-hot matmul in TFLite). The export
+    checks 20 train steps against the float64 torch step; the runner's selftest replays the
+    shipped steps and ``adapt`` trains the backbone tensors on the opaque (N, D) features."""
+    d = token_files
+    out = tmp_path / "b"
+    p = edgetl("export", f"{FACTORY}:masked_tokens", "--input-shape", nets.LENGTH,
+               "--input-dtype", "int64", "--labels", "a,b,c", "--calibration", d / "calib.npz",
+               "--target", target, "--trainable", spec, "--out", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    cut, n = m["trainable"]["cut"], nets.LENGTH
+    if spec == "bias":
+        assert cut["parts"] == [{"node": "ne", "shape": [n], "dtype": "bool"},
+                                {"node": "model_embed", "shape": [n, 16], "dtype": "float32"}]
+        assert cut["node"] == "ne + model_embed" and cut["shape"] == [n + n * 16]
+    else:
+        assert cut["parts"] == [{"node": "long", "shape": [n], "dtype": "int64"}]
+        assert cut["node"] == "long" and cut["shape"] == [n]
+    assert m["features"]["dim"] == cut["shape"][0]
+    trained = [q["name"] for q in m["trainable"]["params"]]
+    assert ("backbone.model.embed.weight" in trained) == (spec == "all")
+    assert "backbone.model.norm.weight" in trained
+    assert m["checks"]["train_step_max_abs_err"] < 1e-4
+    r = run_runner("selftest", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    xd, yd = token_data(60, seed=3)  # the bundle's own labels: its class rows are fixed
+    np.savez(tmp_path / "device.npz", x=xd, y=yd)
+    r = adapt_json(out, tmp_path / "device.npz", tmp_path / "s", "--epochs", 3, "--no-gate")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["steps"] > 0
+    with np.load(out / "head_init.npz") as a, np.load(tmp_path / "s" / "head.npz") as b:
+        tensors = [k for k in a.files if k.startswith("backbone.")]
+        assert sorted(tensors) == sorted(trained)
+        assert all(np.abs(a[k] - b[k]).max() > 0 for k in tensors)
+        if spec == "all":  # the padding row gets no gradient; rows of ids the data has do
+            w0, w1 = a["backbone.model.embed.weight"], b["backbone.model.embed.weight"]
+            assert np.array_equal(w0[0], w1[0]) and np.abs(w0[1:] - w1[1:]).max() > 0
 
 
 def test_runner_refuses_token_data_of_the_wrong_shape_or_kind(token_files, tmp_path):

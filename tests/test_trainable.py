@@ -430,8 +430,8 @@ def test_unlowered_backward_op_fails_naming_it(tiny_ck, monkeypatch):
 
     real = dec.table
 
-    def without_conv():
-        t = real()
+    def without_conv(**kw):
+        t = real(**kw)
         del t[torch.ops.aten.convolution_backward.default]
         return t
 
@@ -675,14 +675,156 @@ def test_a_user_models_backbone_traces_for_the_cut():
     assert names == ["model.rnn.bias_ih_l0", "model.rnn.bias_hh_l0", "model.norm.weight",
                      "model.norm.bias"]
     cut = split(edge.backbone, names, x)
-    assert cut.node == "model_embed" and cut.shape == (6, 8)
-    from edgetl.export.bundle import head_spec
-    from edgetl.export.tail import prepare
+    assert cut.node == "model_embed" and cut.shape == (6, 8) and cut.parts == ()
+    # ``all`` trains the embedding table: the cut caches the ids (int64, cast back in the tail)
+    cut = split(edge.backbone, select(edge.backbone, "all"), x)
+    assert (cut.node, cut.shape) == ("long", (6,))
+    assert [(p.node, p.shape, p.dtype) for p in cut.parts] == [("long", (6,), torch.int64)]
+    with torch.no_grad():
+        f = cut.prefix(x)
+        assert f.dtype == torch.float32 and torch.equal(f, x.double().float())
+        assert torch.equal(cut.tail(f), edge.backbone(x))
 
-    ck = type("Ck", (), {"model": edge, "head": HeadConfig(), "labels": ("a", "b", "c")})
-    hp = {k: v.detach().numpy() for k, v in edge.head_state().items()}
-    with pytest.raises(ConfigError, match="integer input .*model.embed.weight .*smaller SPEC"):
-        prepare(edge.backbone, head_spec(ck), "sgd", "all", hp, x)
+
+def _masked_tokens():
+    from edgetl.export.model import as_edge_model
+    from tests.user_models import nets
+
+    edge, _, _ = as_edge_model(nets.masked_tokens().eval(), head="head", labels=["a", "b", "c"])
+    g = torch.Generator().manual_seed(0)
+    return edge.backbone, torch.randint(0, nets.VOCAB, (7, nets.LENGTH), generator=g), nets
+
+
+@pytest.mark.unit
+def test_a_cut_caches_several_tensors_when_the_single_one_would_be_the_ids():
+    """``bias`` of a token model whose trained layers also read the padding mask (``ids !=
+    0``): no single float tensor crosses the cut, so the cut caches the mask and the token
+    embeddings side by side as float32 columns; the position embeddings (no input in them)
+    are recomputed in the tail, not cached. Prefix then tail is the backbone, exactly, at
+    another batch size than the sample's."""
+    from edgetl.trainable.cut import Part, split
+
+    backbone, x, nets = _masked_tokens()
+    n, dim = nets.LENGTH, 16
+    cut = split(backbone, select(backbone, "bias"), x[:2])
+    assert cut.parts == (Part("ne", (n,), torch.bool), Part("model_embed", (n, dim),
+                                                            torch.float32))
+    assert cut.node == "ne + model_embed" and cut.shape == (n + n * dim,) == (cut.dim,)
+    assert [p.block() for p in cut.parts] == [
+        {"node": "ne", "shape": [n], "dtype": "bool"},
+        {"node": "model_embed", "shape": [n, dim], "dtype": "float32"}]
+    assert "model_pos" in cut.tail.code and "model_pos" not in cut.prefix.code
+    with torch.no_grad():
+        f = cut.prefix(x)
+        assert f.shape == (len(x), cut.dim) and f.dtype == torch.float32
+        assert torch.equal(f[:, :n], (x != 0).float())  # the mask's columns, then the rest
+        assert torch.equal(f[:, n:], backbone.model.embed(x).flatten(1))
+        assert torch.equal(cut.tail(f), backbone(x))
+    # last:1 (the Linear after the norm): the mask and the normed sum, still two tensors
+    cut = split(backbone, select(backbone, "last:1"), x[:2])
+    assert [p.node for p in cut.parts] == ["ne", "add"]
+    with torch.no_grad():
+        assert torch.equal(cut.tail(cut.prefix(x)), backbone(x))
+
+
+@pytest.mark.unit
+def test_single_tensor_cuts_of_float_models_are_unchanged(tiny_ck, two_block_ck):
+    """A float tensor that alone crosses the cut is cached as it was (no parts, no casts)."""
+    from edgetl.data.synthetic import make_windows
+    from edgetl.trainable.cut import split
+
+    x, _ = make_windows(4, window=WINDOW, seed=1)
+    want = {("tiny", "bias"): ("blocks_0", (8, 32)), ("tiny", "last:1"): ("transpose", (3, 32)),
+            ("tiny", "all"): ("transpose", (3, 32)), ("two", "bias"): ("blocks_0", (8, 32)),
+            ("two", "last:1"): ("blocks_3", (8, 16)), ("two", "all"): ("transpose", (3, 32))}
+    for (name, spec), (node, shape) in want.items():
+        ck = tiny_ck if name == "tiny" else two_block_ck
+        xn = torch.from_numpy(ck.normalize(x).astype(np.float32))
+        bb = ck.model.backbone.eval()
+        cut = split(bb, select(bb, spec), xn[:2])
+        assert (cut.node, cut.shape, cut.parts) == (node, shape, ()), (name, spec)
+        assert ".to(" not in cut.prefix.code and ".to(" not in cut.tail.code
+        with torch.no_grad():
+            assert torch.equal(cut.tail(cut.prefix(xn)), bb(xn))
+
+
+@pytest.mark.unit
+def test_an_integer_part_float32_would_round_is_refused():
+    """Integer parts are exact as float32 columns below 2**24: larger sample values (or an
+    embedding table with more rows) are refused, not rounded on the device."""
+    from torch import nn
+
+    from edgetl.trainable.cut import EXACT_INT, split
+
+    class Net(nn.Module):  # the ids cross the cut beside a float tensor
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, ids):
+            return self.fc(ids.float() * 1e-7) + (ids % 3).float()
+
+    net = Net().eval()
+    ok = torch.tensor([[1, 2, 3, EXACT_INT - 1]] * 2)
+    cut = split(net, ["fc.weight", "fc.bias"], ok)
+    assert [(p.node, p.dtype) for p in cut.parts] == [("x", torch.int64), ("mul", torch.float32)]
+    with torch.no_grad():
+        assert torch.equal(cut.tail(cut.prefix(ok)), net(ok))
+    with pytest.raises(ConfigError, match=r"integer tensor x .*exact only below 2\*\*24, but it "
+                                          r"reaches 16777216"):
+        split(net, ["fc.weight", "fc.bias"], ok + 1)
+
+
+@pytest.mark.unit
+def test_embedding_backward_as_a_one_hot_matmul_matches_autograd():
+    """LiteRT's train step takes the embedding gradient as a one-hot matmul (no scatter):
+    repeated ids summed, the padding row zero, ``scale_grad_by_freq`` per id count."""
+    from edgetl.trainable.decomp import embedding_dense_backward
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 2, 2, 0], [3, 2, 0, 0]])
+    for pad, freq in [(-1, False), (0, False), (0, True), (2, True)]:
+        w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        y = torch.nn.functional.embedding(ids, w, padding_idx=None if pad < 0 else pad,
+                                          scale_grad_by_freq=freq)
+        go = torch.randn_like(y)
+        (want,) = torch.autograd.grad(y, [w], go)
+        got = embedding_dense_backward(go, ids, 5, pad, freq)
+        assert (got - want).abs().max().item() < 1e-12, (pad, freq)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("shapes", [True, False])
+def test_an_inner_value_named_like_a_graph_output_is_renamed(tmp_path, shapes):
+    """The dynamo exporter can name an inner value (``aten.embedding``) like the infer graph's
+    ``embedding`` output: not SSA. The inner one and its readers are renamed; same values."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    from edgetl.export.tail import _unclash
+
+    f = helper.make_tensor_value_info
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["embedding"]),  # inner, same name as the output
+         helper.make_node("Neg", ["embedding"], ["logits"]),
+         helper.make_node("Abs", ["logits"], ["embedding"])], "g",
+        [f("x", TensorProto.FLOAT, [2])],
+        [f("logits", TensorProto.FLOAT, [2]), f("embedding", TensorProto.FLOAT, [2])],
+        value_info=[f("embedding", TensorProto.FLOAT, [2])] if shapes else [])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(onnx.checker.ValidationError, match="SSA"):
+        onnx.checker.check_model(str(path))
+    _unclash(path)
+    onnx.checker.check_model(str(path))
+    m = onnx.load(str(path))
+    assert [list(n.output) for n in m.graph.node] == [["embedding__inner0"], ["logits"],
+                                                      ["embedding"]]
+    assert list(m.graph.node[1].input) == ["embedding__inner0"] and not m.graph.value_info
+    x = np.array([-1.0, 2.0], np.float32)
+    logits, emb = ReferenceEvaluator(m).run(None, {"x": x})
+    assert np.array_equal(logits, [0.0, -2.0]) and np.array_equal(emb, [0.0, 2.0])
 
 
 @pytest.mark.unit

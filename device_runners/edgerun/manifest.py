@@ -367,11 +367,36 @@ class AdaBNBlock(_AdaBN, total=False):
     unsupported: str
 
 
-class CutBlock(TypedDict):
-    """Where the frozen prefix ends: the cached tensor (``features``, flattened to ``dim``)."""
+class CutPart(TypedDict):
+    """One tensor of a multi-part cut: its graph node, per-sample shape and dtype.
+
+    ``dtype`` as torch names it (``float32``, ``int64``, ``bool``); integer values are exact
+    in the float32 features below 2**24 (the export refuses larger ones).
+    """
 
     node: str
     shape: List[int]
+    dtype: str
+
+
+class _Cut(TypedDict):
+    node: str
+    shape: List[int]
+
+
+class CutBlock(_Cut, total=False):
+    """Where the frozen prefix ends: the cached tensor (``features``, flattened to ``dim``).
+
+    ``parts`` (optional): the features hold these tensors side by side, in column order,
+    each flattened and cast to float32 (token ids and a mask derived from them, say, when no
+    single float tensor is all the trained layers need); with more than one part, ``node``
+    joins their names with `` + `` and ``shape`` is ``[dim]``. The train and infer graphs
+    split and cast them back themselves: a runner caches and feeds the features as opaque
+    ``(N, dim)`` float32 either way, and bundles without ``parts`` (one float tensor) are
+    read as before.
+    """
+
+    parts: List[CutPart]
 
 
 class TrainableBlock(TypedDict):

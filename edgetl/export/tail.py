@@ -47,10 +47,15 @@ class Tail:
     train: TailTrain
     infer: TailInfer
     params: dict[str, np.ndarray]
+    #: (n, dim) features of real inputs, for tracing a cut that holds integer parts (ids
+    #: cast back from N(0, 1) values would index out of range); ``None``: N(0, 1) suffices
+    example: torch.Tensor | None = None
 
     def block(self) -> dict:
         """The manifest's ``trainable`` block."""
-        return {"spec": self.spec, "cut": {"node": self.cut.node, "shape": list(self.cut.shape)},
+        cut = {"node": self.cut.node, "shape": list(self.cut.shape),
+               **({"parts": [p.block() for p in self.cut.parts]} if self.cut.parts else {})}
+        return {"spec": self.spec, "cut": cut,
                 "params": [{"name": n, "shape": list(self.params[n].shape)}
                            for n in self.train.param_names[: len(self.backbone_params)]],
                 **({"unread": [f"backbone.{n}" for n in self.cut.unread],
@@ -65,11 +70,19 @@ def prepare(backbone: torch.nn.Module, spec: HeadSpec, optimizer: str, trainable
     """The :class:`Tail` of ``backbone`` + head for ``--trainable trainable`` (not ``head``).
 
     Raises:
-        ConfigError: a bad SPEC, an untraceable backbone, a text backbone.
+        ConfigError: a bad SPEC, an untraceable backbone, an edgetl text student (its
+            device graphs take variable-length texts), an integer tensor at the cut that
+            float32 may round (:func:`~edgetl.trainable.cut.split`).
     """
     if getattr(backbone, "is_text", False):
-        raise ConfigError("--trainable beyond head is not supported for text models yet; "
-                          "use --trainable head")
+        # its backbone graph (optimum's ONNX, one TFLite signature per sequence length) takes
+        # texts trimmed to their batch's longest: a cut inside the encoder would cache
+        # (length x hidden) values per text, a width that changes from batch to batch
+        raise ConfigError("--trainable beyond head is not supported for edgetl's text "
+                          "students: the device trims each batch to its longest text, so a "
+                          "cut inside the encoder has no fixed feature width; use --trainable "
+                          "head (a transformers text model exported with edgetl export "
+                          "MODEL takes --trainable)")
     names = select(backbone, trainable)
     # a kind SPEC (bias, last:N, all) may select parameters the forward never reads; named
     # globs may not (a typo would train nothing)
@@ -80,21 +93,16 @@ def prepare(backbone: torch.nn.Module, spec: HeadSpec, optimizer: str, trainable
                     "of the train step (manifest trainable.unread)", trainable,
                     list(cut.unread))
         names = [n for n in names if n not in cut.unread]
-    with torch.no_grad():
-        at_cut = cut.prefix(sample[:1])
-    if not at_cut.is_floating_point():
-        raise ConfigError(f"--trainable {trainable}: the only tensor the trained layers need "
-                          "from the frozen part is the integer input itself (the first trained "
-                          f"tensor {names[0]} reads the token ids, or the tail also reads a "
-                          "value derived from them, such as an attention mask), which has no "
-                          "gradient and which the device's float feature cache does not hold; "
-                          "choose a smaller SPEC that leaves the early layers frozen (e.g. "
-                          "last:1)")
     model = TailModel(cut.tail, spec, names, cut.dim)
     bp = dict(backbone.named_parameters())
     params = {f"backbone.{n}": bp[n].detach().numpy().astype(np.float32).copy() for n in names}
     params.update(head_params)
-    return Tail(trainable, cut, names, TailTrain(model, optimizer), TailInfer(model), params)
+    example = None
+    if cut.parts:  # token ids / masks at the cut: trace on real values, not N(0, 1)
+        with torch.no_grad():
+            example = cut.prefix(sample).detach()
+    return Tail(trainable, cut, names, TailTrain(model, optimizer), TailInfer(model), params,
+                example)
 
 
 def example_args(tail: Tail, batch: int, rows: int, hparam_shape: tuple = ()) -> tuple:
@@ -105,6 +113,8 @@ def example_args(tail: Tail, batch: int, rows: int, hparam_shape: tuple = ()) ->
     g = torch.Generator().manual_seed(0)
     step = tail.train
     f = torch.randn(batch, tail.cut.dim, generator=g)
+    if tail.example is not None:
+        f = tail.example[torch.arange(batch) % len(tail.example)].clone()
     t = torch.eye(rows)[torch.arange(batch) % rows]
     hp = [torch.full(hparam_shape, 0.1 + 0.01 * i) for i in range(len(step.hparam_names))]
     p = [torch.from_numpy(tail.params[n]) for n in step.param_names]
@@ -143,6 +153,7 @@ def export_onnx(tail: Tail, folder: Path, *, opset: int, batch: int, rows: int) 
         raise BundleError(f"--trainable {tail.spec}: the train step does not export to ONNX "
                           f"({failing_ops(e)}); choose a smaller SPEC that leaves the "
                           "failing layer frozen (e.g. last:1, bias or head)") from None
+    _unclash(path)
     onnx.checker.check_model(str(path))
     have = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
     if have != step.input_names():
@@ -183,7 +194,39 @@ def _export_infer(infer: TailInfer, args: tuple, path: Path, opset: int) -> None
         torch.onnx.export(ep, args, str(path), dynamo=True, input_names=infer.input_names(),
                           output_names=infer.output_names(), external_data=False,
                           opset_version=max(opset, 18), verbose=False, optimize=OPTIMIZE)
+    _unclash(path)
     onnx.checker.check_model(str(path))
+
+
+def _unclash(path: Path) -> None:
+    """Rename inner values that bear a graph output's name (the file stays SSA).
+
+    The dynamo exporter names ONNX values after fx nodes, then gives the graph outputs the
+    contract's names: a tail that starts at an embedding table has an inner ``aten.embedding``
+    value named ``embedding`` besides the ``embedding`` output, which the checker refuses.
+    Nodes are in topological order: an inner producer's readers come before the next one.
+    """
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    outs = {o.name for o in m.graph.output}
+    last = {o: i for i, n in enumerate(m.graph.node) for o in n.output if o in outs}
+    alias: dict[str, str] = {}
+    renamed = False
+    for i, n in enumerate(m.graph.node):
+        for j, name in enumerate(n.input):
+            n.input[j] = alias.get(name, name)
+        for j, o in enumerate(n.output):
+            if o in outs and last[o] != i:
+                alias[o] = n.output[j] = f"{o}__inner{i}"
+                renamed = True
+            else:
+                alias.pop(o, None)
+    if renamed:  # the inner value's shape, recorded under the output's name, goes too
+        keep = [v for v in m.graph.value_info if v.name not in outs]
+        del m.graph.value_info[:]
+        m.graph.value_info.extend(keep)
+        onnx.save(m, str(path))
 
 
 class _Graph(torch.nn.Module):
@@ -258,7 +301,7 @@ def export_tflite(tail: Tail, folder: Path, *, batch: int, rows: int) -> dict:
 
     step, infer = tail.train, tail.infer
     args = example_args(tail, batch, rows, HPARAM_SHAPE)
-    gm = step.trace(args)
+    gm = step.trace(args, scatter=False)  # LiteRT cannot run a scatter-add
     if pool_indices_used(gm):
         raise _smaller(tail, "the backward of an overlapping or padded max pool reads "
                              "max_pool2d_with_indices' indices, which litert-torch lowers as "

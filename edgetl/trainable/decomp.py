@@ -17,6 +17,9 @@ convolutions, pads, slices and sums (1-D and 2-D, any stride, padding, dilation,
   output gradient, summed (a batched matmul per group).
 
 Matches autograd to float64 rounding (``tests/test_trainable.py``).
+
+For LiteRT, ``table(scatter=False)`` also replaces the embedding gradient's scatter-add by
+a one-hot matmul (:func:`embedding_dense_backward`).
 """
 
 from __future__ import annotations
@@ -285,13 +288,44 @@ def pool_indices_used(gm: torch.fx.GraphModule) -> bool:
                        for u in n.users) for n in gm.graph.nodes)
 
 
-def table() -> dict:
-    """Core-ATen decompositions plus :func:`convolution_backward` and the pool backwards."""
+def embedding_dense_backward(grad_output, indices, num_weights, padding_idx,
+                             scale_grad_by_freq):
+    """``aten.embedding_dense_backward`` as a one-hot matmul (no scatter).
+
+    The core decomposition is a scatter-add (``index_put`` with ``accumulate``), which
+    onnxruntime runs (ScatterND, reduction add) but LiteRT does not: litert-torch lowers it to
+    ``stablehlo.scatter``, whose kernel fails to prepare on an add region. Here
+    ``grad_weight = onehot(ids, num_weights).T @ grad_output`` (rows of ``padding_idx`` zero,
+    ``scale_grad_by_freq`` divides each row by its id's count): built-in ops only, at a cost
+    of tokens x vocabulary x dim per step.
+    """
+    d = grad_output.shape[-1]
+    ids = indices.reshape(-1)
+    g = grad_output.reshape(-1, d)
+    hot = (ids.unsqueeze(1) == torch.arange(num_weights, dtype=ids.dtype).unsqueeze(0)).to(
+        g.dtype)  # (tokens, vocabulary)
+    if padding_idx >= 0:
+        hot = hot * (ids != padding_idx).to(g.dtype).unsqueeze(1)
+    if scale_grad_by_freq:
+        count = (ids.unsqueeze(1) == torch.arange(num_weights, dtype=ids.dtype)
+                 .unsqueeze(0)).to(g.dtype).sum(0)
+        hot = hot / torch.clamp(count, min=1.0)
+    return hot.t() @ g
+
+
+def table(*, scatter: bool = True) -> dict:
+    """Core-ATen decompositions plus :func:`convolution_backward` and the pool backwards.
+
+    ``scatter=False``: the embedding gradient as :func:`embedding_dense_backward` (one-hot
+    matmul, for LiteRT) instead of the core scatter-add.
+    """
     t = dict(torch._decomp.core_aten_decompositions())
     t[aten.convolution_backward.default] = convolution_backward
     t[aten.max_pool2d_with_indices_backward.default] = max_pool2d_with_indices_backward
     t[aten.avg_pool2d_backward.default] = avg_pool2d_backward
     t[aten.empty_permuted.default] = _empty_permuted
+    if not scatter:
+        t[aten.embedding_dense_backward.default] = embedding_dense_backward
     return t
 
 

@@ -167,8 +167,12 @@ class TailTrain(nn.Module):
                              for k, v in twin.model.frozen.items()}
         return twin
 
-    def trace(self, args: tuple) -> torch.fx.GraphModule:
-        """The step as a decomposed aten graph (see module docstring)."""
+    def trace(self, args: tuple, *, scatter: bool = True) -> torch.fx.GraphModule:
+        """The step as a decomposed aten graph (see module docstring).
+
+        ``scatter=False``: an embedding table's gradient as a one-hot matmul, not a
+        scatter-add (LiteRT; :func:`~edgetl.trainable.decomp.embedding_dense_backward`).
+        """
         from torch.fx.experimental.proxy_tensor import make_fx
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -177,7 +181,7 @@ class TailTrain(nn.Module):
         # oneDNN off: on CPU, aten.lstm would pick mkldnn_rnn_layer, which no exporter
         # lowers; without it the LSTM decomposes into matmuls and pointwise ops
         with sdpa_kernel(SDPBackend.MATH), torch.backends.mkldnn.flags(enabled=False):
-            gm = make_fx(self.forward, decomposition_table=table())(*args)
+            gm = make_fx(self.forward, decomposition_table=table(scatter=scatter))(*args)
         left = sorted({str(n.target) for n in gm.graph.nodes
                        if n.op == "call_function" and "backward" in str(n.target)})
         if left:

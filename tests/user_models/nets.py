@@ -23,6 +23,33 @@ class TokenClassifier(nn.Module):
         return self.head(h.mean(dim=1))
 
 
+class MaskedTokens(nn.Module):
+    """Token ids (N, L), 0 = padding -> embedding + learned positions -> LayerNorm -> Linear ->
+    mean over the real tokens -> Linear ``head``.
+
+    The layers after the embeddings also read the padding mask (made from the ids) and the
+    position embeddings (a constant: they do not depend on the input), so ``--trainable
+    bias`` needs a cut that caches two tensors: the mask and the token embeddings.
+    """
+
+    def __init__(self, vocab: int = VOCAB, length: int = LENGTH, dim: int = 16,
+                 classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.pos = nn.Embedding(length, dim)
+        self.register_buffer("positions", torch.arange(length), persistent=False)
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        p = self.pos(self.positions)
+        keep = ids != 0
+        h = torch.relu(self.mix(self.norm(self.embed(ids)) + p))
+        m = keep.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+
 class SeparableCNN(nn.Module):
     """Depthwise-separable CNN on (N, 3, 32, 32) images; head ``classifier`` = Flatten + Linear."""
 
@@ -54,6 +81,11 @@ class TwoHeads(nn.Module):
 def token_classifier() -> nn.Module:
     torch.manual_seed(0)
     return TokenClassifier()
+
+
+def masked_tokens() -> nn.Module:
+    torch.manual_seed(0)
+    return MaskedTokens()
 
 
 def separable_cnn() -> nn.Module:

@@ -230,6 +230,13 @@ export interface TrainableBlock {
 export interface CutBlock {
   node: string;
   shape: Array<number>;
+  parts?: Array<CutPart>;
+}
+
+export interface CutPart {
+  node: string;
+  shape: Array<number>;
+  dtype: string;
 }
 
 export type TypeDesc =
@@ -808,7 +815,26 @@ export const SCHEMA: Record<string, BlockDesc> = {
       "node": "str",
       "shape": {
         "list": "int"
+      },
+      "parts": {
+        "list": {
+          "ref": "CutPart"
+        }
       }
+    }
+  },
+  "CutPart": {
+    "required": [
+      "dtype",
+      "node",
+      "shape"
+    ],
+    "fields": {
+      "node": "str",
+      "shape": {
+        "list": "int"
+      },
+      "dtype": "str"
     }
   }
 };
