@@ -192,6 +192,19 @@ def test_token_model_trains_past_its_embeddings_through_a_multi_part_cut(token_f
             assert np.array_equal(w0[0], w1[0]) and np.abs(w0[1:] - w1[1:]).max() > 0
 
 
+def test_int8_backbone_refuses_a_cut_that_passes_token_ids(token_files, tmp_path):
+    """An int8 prefix would quantise the ids / mask a multi-part cut hands to the trained
+    layers: refused before anything is written, saying what to do."""
+    out = tmp_path / "b"
+    p = edgetl("export", f"{FACTORY}:masked_tokens", "--input-shape", nets.LENGTH,
+               "--input-dtype", "int64", "--labels", "a,b,c", "--calibration",
+               token_files / "calib.npz", "--target", "onnx", "--precision", "int8",
+               "--trainable", "bias", "--out", out)
+    assert p.returncode == 1
+    assert "integer or boolean tensors (ne: token ids, masks)" in p.stderr
+    assert "--precision fp32" in p.stderr and not out.exists()
+
+
 def test_runner_refuses_token_data_of_the_wrong_shape_or_kind(token_files, tmp_path):
     out = tmp_path / "b"
     p = edgetl("export", f"{FACTORY}:token_classifier", "--input-shape", nets.LENGTH,

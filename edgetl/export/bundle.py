@@ -818,4 +818,10 @@ def _tail_for(exporter: Exporter, ck: Checkpoint, cfg: ExportConfig, spec: HeadS
         raise ConfigError(f"--trainable {cfg.trainable} trains the backbone's first layer, so "
                           "no frozen prefix is left to quantise (the tail stays fp32); use "
                           "--precision fp32 or a SPEC that freezes the first layers")
+    exact = [p.node for p in tail.cut.parts if not p.dtype.is_floating_point]
+    if cfg.precision != "fp32" and exact:
+        raise ConfigError(f"--trainable {cfg.trainable}: the cut passes integer or boolean "
+                          f"tensors ({', '.join(exact)}: token ids, masks) to the trained layers, "
+                          "which an int8 backbone would quantise; use --precision fp32, or a "
+                          "SPEC whose cut is a float tensor (e.g. last:1)")
     return tail
