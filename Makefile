@@ -214,7 +214,7 @@ coverage: install
 # `data`, `env_ort`, `env_fleet`, `slow` for what it needs. -rs: skipped tests and why, at the end.
 test: install venv-ort venv-fleet js-install
 	EDGETL_ORT_TRAINING_PYTHON=$(abspath $(ORT_VENV))/bin/python \
-		EDGETL_FLEET_PYTHON=$(abspath $(FLEET_VENV))/bin/python $(BIN)/python -m pytest -q -rs
+		EDGETL_FLEET_PYTHON=$(abspath $(FLEET_VENV))/bin/python $(BIN)/python -m pytest -q -rs --durations=25
 
 test-quick: install
 	$(BIN)/python -m pytest -q -rs -m unit
