@@ -791,6 +791,15 @@ def test_embedding_backward_as_a_one_hot_matmul_matches_autograd():
         (want,) = torch.autograd.grad(y, [w], go)
         got = embedding_dense_backward(go, ids, 5, pad, freq)
         assert (got - want).abs().max().item() < 1e-12, (pad, freq)
+    # a vocabulary whose one-hot would not fit a device step: refused before it is built
+    from edgetl.errors import BundleError
+    from edgetl.trainable.decomp import ONE_HOT_MAX_BYTES
+
+    big = ONE_HOT_MAX_BYTES // (ids.numel() * 4) + 1
+    with pytest.raises(BundleError, match=r"embedding table of \d+ rows .*--target onnx"):
+        embedding_dense_backward(torch.zeros(2, 4, 3), ids, big, -1, False)
+    assert embedding_dense_backward(torch.zeros(2, 4, 3), ids, big - 1, -1, False).shape == (
+        big - 1, 3)
 
 
 @pytest.mark.unit

@@ -288,6 +288,11 @@ def pool_indices_used(gm: torch.fx.GraphModule) -> bool:
                        for u in n.users) for n in gm.graph.nodes)
 
 
+#: Largest one-hot matrix :func:`embedding_dense_backward` may build in one train step: a
+#: LiteRT step holds it in memory (a 30k-token vocabulary at batch 32 x 128 tokens: 477 MiB).
+ONE_HOT_MAX_BYTES = 64 << 20
+
+
 def embedding_dense_backward(grad_output, indices, num_weights, padding_idx,
                              scale_grad_by_freq):
     """``aten.embedding_dense_backward`` as a one-hot matmul (no scatter).
@@ -301,6 +306,16 @@ def embedding_dense_backward(grad_output, indices, num_weights, padding_idx,
     """
     d = grad_output.shape[-1]
     ids = indices.reshape(-1)
+    need = ids.numel() * num_weights * grad_output.element_size()
+    if need > ONE_HOT_MAX_BYTES:
+        from edgetl.errors import BundleError
+
+        raise BundleError(
+            f"--trainable: a trained embedding table of {num_weights} rows needs a "
+            f"{ids.numel()} x {num_weights} one-hot matrix ({need / 2**20:.0f} MiB) per train "
+            f"step on TFLite (LiteRT cannot run a scatter-add), more than "
+            f"{ONE_HOT_MAX_BYTES >> 20} MiB; use --target onnx (its gradient is a scatter-add "
+            "there), or a SPEC that leaves the embeddings frozen (e.g. bias or last:1)")
     g = grad_output.reshape(-1, d)
     hot = (ids.unsqueeze(1) == torch.arange(num_weights, dtype=ids.dtype).unsqueeze(0)).to(
         g.dtype)  # (tokens, vocabulary)
