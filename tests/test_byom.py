@@ -146,8 +146,9 @@ def test_token_model_exports_checks_and_personalises(token_files, target, tmp_pa
     assert not rep["rolled_back"] and rep["accuracy_after"] > 0.8
 
 
-@pytest.mark.parametrize("target,spec", [("onnx", "bias"), ("tflite", "bias"), ("onnx", "all"),
-                                         ("tflite", "all")])
+@pytest.mark.parametrize("target,spec", [  # the other two in make test-slow (~20 s each)
+    ("onnx", "bias"), pytest.param("tflite", "bias", marks=pytest.mark.slow),
+    pytest.param("onnx", "all", marks=pytest.mark.slow), ("tflite", "all")])
 def test_token_model_trains_past_its_embeddings_through_a_multi_part_cut(token_files, target,
                                                                          spec, tmp_path):
     """``--trainable bias`` of a token model whose trained layers also read the padding mask
