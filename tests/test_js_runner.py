@@ -376,6 +376,95 @@ def test_litert_js_refuses_a_fused_block_that_is_not_its_graph(node, tiny_tflite
     assert p.returncode == 1 and want in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize(("flags", "runtime"), [
+    (["--epochs", "6", "--patience", "0"], "node"),
+    (["--epochs", "12", "--patience", "2", "--lr", "2", "--batch-size", "7"], "node"),
+    (["--epochs", "6", "--patience", "0"], "web")], ids=["plain", "early_stop", "web"])
+def test_run_graph_used_and_same_run(node, tiny_bundle, tmp_path, flags, runtime):
+    """ONNX bundles train whole epochs through the whole-run graph (``steps_run`` = every
+    step; the Python runner's ``steps_fused`` counts them too), with the same epochs, early
+    stop, gate and history as the per-epoch path (the bundle without its run block) and
+    heads within float32 rounding, and the Python runner's (``test_fused.py``
+    ``test_runner_same_run_with_and_without_run_graph`` is the Python analogue)."""
+    from tests.test_fused import _without_run
+
+    data = write_device_npz(tmp_path / "d.npz", 300, 7, **SHIFT)
+    js_flags = ["--runtime", runtime]
+    py, js = adapt_both(node, tiny_bundle, data, tmp_path, flags, js_flags=js_flags)
+    sys.path.insert(0, str(ROOT / "device_runners"))
+    from edgerun.bundle import Bundle
+    from edgerun.data import load, split_mode, stratified_split
+
+    m = Bundle(str(tiny_bundle)).manifest
+    labels = json.loads((py / "report.json").read_text())["labels"]
+    y = np.asarray([labels.index(v) for v in load(str(data), m, need_labels=True).y])
+    compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], 0, split_mode(m)))
+    ep = tmp_path / "epoch"
+    run_js(node, "adapt", _without_run(tiny_bundle, tmp_path / "old"), "--data", data, "--out",
+           ep, "--quiet", *js_flags, *flags)
+    R, E = (json.loads((d / "report.json").read_text()) for d in (js, ep))
+    assert R["steps_run"] == R["steps"] == R["steps_fused"] > 0 and E["steps_run"] == 0, (R, E)
+    for k in ("steps", "steps_fused", "early_stop", "rolled_back", "accuracy_after",
+              "epochs_run", "stopped_early"):
+        assert R[k] == E[k], (k, R[k], E[k])
+    assert {k: v for k, v in R["gate"].items() if not k.startswith("val_loss")} == {
+        k: v for k, v in E["gate"].items() if not k.startswith("val_loss")}
+    for a, b in zip(R["history"], E["history"], strict=True):
+        assert a["epoch"] == b["epoch"] and a["val_accuracy"] == b["val_accuracy"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["val_loss"] - b["val_loss"]) <= 1e-6
+    if "--patience" in flags and flags[flags.index("--patience") + 1] != "0":
+        assert R["early_stop"] and R["epochs_run"] < 12, R["history"]
+    for f in ("head.npz", "head.rejected.npz"):
+        assert (js / f).exists() == (ep / f).exists(), f
+        if (js / f).exists():
+            assert head_diff(js / f, ep / f) <= 1e-6, f
+
+
+@pytest.mark.parametrize("field", ["val_input", "file", "outputs", "fused"])
+def test_refuses_a_malformed_run_block(node, tiny_bundle, tmp_path, field):
+    """A ``train_step.run`` block that does not fit the train step or its graph is refused at
+    load, naming the field, as the Python runner refuses it; a run graph that trains wrong is
+    caught by the self-test replaying the reference steps through it."""
+    from tests.test_fused import _double_loss
+    from tests.test_runner_errors import edit, rehash
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    rb = m["train_step"]["run"]
+    want = {"val_input": r"train_step\.run\.inputs must be train_step\.inputs",
+            "file": r"train_step\.run\.file must be a file role listed in files",
+            "outputs": r"train_step\.run \(loss, val logits, new\.\* and per-epoch outputs\) "
+                       r"must be names of train_step\.run\.outputs",
+            "fused": r"train_step\.run must be a train_step\.fused block beside it"}[field]
+    if field == "val_input":
+        edit(b, "train_step.run.val_input", "nope")
+    elif field == "file":
+        edit(b, "train_step.run.file", "nope")
+    elif field == "outputs":
+        edit(b, "train_step.run.outputs", [o for o in rb["outputs"]
+                                           if o != rb["val_logits_output"]])
+    else:
+        edit(b, "train_step.fused", delete=True)
+    js = refused(run_js(node, "selftest", b, check=False), want)
+    py = refused(run_runner("selftest", b), want)
+    assert js.split(", found")[0] == py.split(", found")[0], (js, py)
+    # the manifest's names, but not the graph's: the load-time check of the session
+    c = tmp_path / "c"
+    shutil.copytree(tiny_bundle, c)
+    edit(c, "train_step.run.inputs", [("extra" if i == rb["val_input"] else i)
+                                      for i in rb["inputs"]])
+    edit(c, "train_step.run.val_input", "extra")
+    refused(run_js(node, "selftest", c, check=False), r"train_step\.run\.inputs .* do not "
+            r"match the inputs of head_train_run\.onnx")
+    # a graph that runs but trains wrong: the self-test's replay through the run graph
+    d = tmp_path / "d"
+    shutil.copytree(tiny_bundle, d)
+    _double_loss(d / m["files"]["head_train_run"]["path"])
+    rehash(d, "head_train_run")
+    refused(run_js(node, "selftest", d, check=False), "self-test failed.*reference train steps")
+
+
 HEADS = {"mlp": {"kind": "mlp", "hidden": 16}, "cosine": {"kind": "cosine"},
          "l2sp_adam": {"l2sp": 0.05, "optimizer": "adam", "lr": 0.01}}
 

@@ -103,6 +103,26 @@ export function fusedGroups(backend: Backend, nWindows: number, bs: number): num
   return out;
 }
 
+/** Most bytes of stacked batches (features, targets, weights) and most steps in one call of
+ * the whole-run graph (`edgerun/adapt.py` `MAX_RUN_BYTES`, `MAX_RUN_STEPS`). */
+export const MAX_RUN_BYTES = 16 << 20;
+export const MAX_RUN_STEPS = 256;
+
+/** Epochs per call of the whole-run graph (`train_step.run`) for epochs of `nWindows` windows
+ * of `dim` features in batches of `bs` over `nCls` class rows, as the Python runner's
+ * `_Trainer.runs`: at most MAX_RUN_STEPS steps and MAX_RUN_BYTES of stacked batches a call;
+ * 0: one fused and one infer call per epoch (no run graph, a fixed-K fused graph, steps
+ * checked one by one (`fuse` false), or one epoch over those bounds). */
+export function runEpochs(backend: Backend, fuse: boolean, nWindows: number, dim: number,
+  bs: number, nCls: number): number {
+  if (!(fuse && backend.runGraph && backend.trainRun && backend.fused && backend.trainSteps &&
+    !backend.fused.steps)) return 0;
+  const steps = Math.ceil(nWindows / bs);
+  if (!steps) return 0;
+  return Math.min(Math.floor(MAX_RUN_BYTES / (steps * bs * (dim + nCls + 1) * 4)),
+    Math.floor(MAX_RUN_STEPS / steps));
+}
+
 function oneHot(labels: ArrayLike<number>, rows: number): Float32Array {
   const t = new Float32Array(labels.length * rows);
   for (let i = 0; i < labels.length; i++) t[i * rows + labels[i]] = 1;
@@ -190,6 +210,24 @@ export async function selftestTrain(bundle: Bundle, backend: Backend): Promise<n
     }
     finalErr(p);
   }
+  const rb = backend.runGraph;
+  if (rb && backend.trainRun && groups.length) {
+    // the same steps as one epoch of the whole-run graph, and its validation logits (on the
+    // first step's features) against the infer graph's with its final parameters
+    const p = new Map(head.params);
+    const s = zeroState(m, p);
+    const feeds = trainFeeds(m, m.optimizer.hparams, { data: f, dims: [1, steps, b, d] },
+      { data: oneHot(labels, rows), dims: [1, steps, b, rows] },
+      { data: w, dims: [1, steps, b] }, p, s, anchors);
+    feeds[rb.val_input] = { data: f.slice(0, b * d), dims: [b, d] };
+    const out = await backend.trainRun(feeds);
+    const got = out[rb.loss_output].data;
+    for (let k = 0; k < steps; k++) err = Math.max(err, relErr([got[k]], [losses[k]]));
+    const final = new Map([...p.keys()].map((k) => [k, out["new." + k]]));
+    finalErr(final);
+    const want = await inferHead(backend, m, new Head(final, head.labels), f.slice(0, b * d), b);
+    err = Math.max(err, relErr(out[rb.val_logits_output].data, want.logits.data));
+  }
   if (!(err <= tv.train_atol)) {
     throw new RunnerError(`self-test failed: ${backend.trainer} training on this runtime ` +
       `differs from the server's reference train steps by ${err.toPrecision(3)} (> ` +
@@ -254,9 +292,31 @@ export async function selftest(bundle: Bundle, backend: Backend): Promise<number
   return Math.max(await selftestForward(bundle, backend), await selftestTrain(bundle, backend));
 }
 
+/** The windows `order[from .. to)` of `pool` into rows `row ..` of stacked batches: features
+ * into `f` (rows of `dim`), one-hot targets into `t` (rows of `nCls`; zeros expected), sample
+ * weights into `w`. One loop and no temporary arrays (a cold process runs this interpreted:
+ * the closures, maps and one-hot arrays it replaced cost an adapt of 30 epochs 2-15 ms). */
+function stackRows(pool: Pool, order: readonly number[], from: number, to: number, dim: number,
+  nCls: number, f: Float32Array, t: Float32Array, w: Float32Array, row: number): void {
+  const pf = pool.f;
+  const py = pool.y;
+  const pw = pool.w;
+  for (let j = from, r = row; j < to; j++, r++) {
+    const k = order[j];
+    const src = k * dim;
+    const dst = r * dim; // a native copy a row: a cold element loop costs 4x as much
+    f.set(pf.subarray(src, src + dim), dst);
+    t[r * nCls + py[k]] = 1;
+    w[r] = pw[k];
+  }
+}
+
 function gather(src: Float32Array, dim: number, idx: readonly number[]): Float32Array {
   const out = new Float32Array(idx.length * dim);
-  idx.forEach((i, j) => out.set(src.subarray(i * dim, (i + 1) * dim), j * dim));
+  for (let j = 0; j < idx.length; j++) {
+    const s = idx[j] * dim;
+    out.set(src.subarray(s, s + dim), j * dim);
+  }
   return out;
 }
 
@@ -264,18 +324,24 @@ interface Scores { loss: number; acc: number; right: boolean[] }
 
 async function valScores(backend: Backend, m: Manifest, head: Head, feats: Float32Array,
   y: number[]): Promise<Scores> {
+  const lg = (await inferHead(backend, m, head, feats, y.length)).logits;
+  return scoresOf(lg.data, lg.dims[1], head.labels.length, y);
+}
+
+/** Validation loss, accuracy and per-window hits of `logits` (rows of `stride`, the first
+ * `k` the labels') against `y`. */
+function scoresOf(logits: Float32Array, stride: number, k: number, y: number[]): Scores {
   const n = y.length;
-  const lg = (await inferHead(backend, m, head, feats, n)).logits;
-  const stride = lg.dims[1];
-  const k = head.labels.length;
-  const right: boolean[] = [];
+  const right = new Array<boolean>(n);
+  let hits = 0;
   for (let i = 0; i < n; i++) {
+    const o = i * stride;
     let best = 0;
-    for (let c = 1; c < k; c++) if (lg.data[i * stride + c] > lg.data[i * stride + best]) best = c;
-    right.push(best === y[i]);
+    for (let c = 1; c < k; c++) if (logits[o + c] > logits[o + best]) best = c;
+    right[i] = best === y[i];
+    if (right[i]) hits++;
   }
-  return { loss: gating.softmaxXent(lg.data, n, stride, k, y),
-    acc: right.filter(Boolean).length / n, right };
+  return { loss: gating.softmaxXent(logits, n, stride, k, y), acc: hits / n, right };
 }
 
 interface Proposal { cand: Head; w: number; s0: Scores; s: Scores }
@@ -356,85 +422,182 @@ interface FitSettings {
   /** Full batches through the backend's fused K-step graph where it has one (off when
    * `afterStep` must see every step: frozen rows, a time budget). */
   fuse: boolean;
+  /** Whole epochs through the backend's whole-run graph where it has one and `fuse` holds
+   * (off for the gate's evidence folds, as the Python runner's `train_fold`). */
+  run: boolean;
   /** After every one-step call: restores frozen rows, and may stop training with a reason. */
   afterStep: (head: Head, epoch: number) => string | null;
   onEpoch?: (h: EpochRecord, epochs: number) => void | Promise<void>;
 }
 
 interface Fit {
-  head: Head; history: EpochRecord[]; steps: number; stepsFused: number; stopped: string | null;
-  early: string | null; best: { loss: number; params: Map<string, F32>; epoch: number } | null;
+  head: Head; history: EpochRecord[]; steps: number; stepsFused: number; stepsRun: number;
+  stopped: string | null; early: string | null;
+  best: { loss: number; params: Map<string, F32>; epoch: number } | null;
+}
+
+/** What one epoch did: its loss sum over `count` windows, its steps (`fused` of them in fused
+ * calls, `run` in a whole-run call), why it stopped (null: complete), and the validation
+ * scores of the head after it. */
+interface EpochOut {
+  total: number; count: number; steps: number; fused: number; run: number;
+  stopped: string | null; val: { loss: number; acc: number };
+}
+
+function divergedAt(loss: number, epoch: number, hp: Record<string, number>): RunnerError {
+  return new RunnerError(`training diverged (loss ${loss}) at epoch ${epoch + 1}; lower the ` +
+    `learning rate (now ${hp.lr}) with --lr`);
+}
+
+/** One epoch over `order` (indices into `pool`): fused calls where it can, the rest one step
+ * per call; updates `head.params` and `state` in place; scores the validation windows. */
+async function oneEpoch(backend: Backend, m: Manifest, head: Head, state: Map<string, F32>,
+  pool: Pool, order: number[], epoch: number, featsVa: Float32Array, yVa: number[],
+  o: FitSettings): Promise<EpochOut> {
+  const dim = m.features.dim;
+  const { hp, anchors, bs, nCls } = o;
+  let total = 0;
+  let count = 0;
+  let steps = 0;
+  let fused = 0;
+  let stopped: string | null = null;
+  let done = 0; // the epoch's first full batches, in order, through the fused graph
+  for (const g of o.fuse ? fusedGroups(backend, order.length, bs) : []) {
+    // g batches of bs rows; the epoch's last partial batch padded with zeros (weight 0)
+    const f = new Float32Array(g * bs * dim);
+    const t = new Float32Array(g * bs * nCls);
+    const w = new Float32Array(g * bs);
+    stackRows(pool, order, done, Math.min(done + g * bs, order.length), dim, nCls, f, t, w, 0);
+    const losses = await fusedSteps(backend, m, hp, { data: f, dims: [g, bs, dim] },
+      { data: t, dims: [g, bs, nCls] }, { data: w, dims: [g, bs] }, head.params, state, anchors);
+    for (let k = 0; k < g; k++) {
+      if (!Number.isFinite(losses[k])) throw divergedAt(losses[k], epoch, hp);
+      const n = Math.min(bs, order.length - done);
+      total += losses[k] * n;
+      count += n;
+      steps++;
+      done += n;
+    }
+    fused += g;
+  }
+  for (let i = done; i < order.length; i += bs) {
+    const n = Math.min(bs, order.length - i);
+    const rows = o.fixed ? bs : n; // pad to a fixed batch; weight 0 masks padding
+    const f = new Float32Array(rows * dim);
+    const t = new Float32Array(rows * nCls);
+    const w = new Float32Array(rows);
+    stackRows(pool, order, i, i + n, dim, nCls, f, t, w, 0);
+    const loss = await step(backend, m, hp, { data: f, dims: [rows, dim] },
+      { data: t, dims: [rows, nCls] }, { data: w, dims: [rows] }, head.params, state, anchors);
+    stopped = o.afterStep(head, epoch);
+    if (!Number.isFinite(loss)) throw divergedAt(loss, epoch, hp);
+    total += loss * n;
+    count += n;
+    steps++;
+    if (stopped) break;
+  }
+  const s = await valScores(backend, m, head, featsVa, yVa);
+  return { total, count, steps, fused, run: 0, stopped, val: { loss: s.loss, acc: s.acc } };
+}
+
+/** The epochs `first` .. `first + orders.length - 1` (shuffles `orders`, drawn in order) in
+ * one call of the whole-run graph (`edgerun/adapt.py` `_Trainer._run`): every batch of an
+ * epoch, the last partial one padded to `bs` rows of weight 0, stacked (epochs, steps, bs,
+ * ...), and the validation features. Per epoch, as consumed: `head.params` and `state` set to
+ * that epoch's (`<epoch_prefix><name>`), and the same loss sum and validation scores as the
+ * per-epoch path (its logits from the run graph's infer body). */
+async function* runCall(backend: Backend, m: Manifest, head: Head, state: Map<string, F32>,
+  pool: Pool, orders: number[][], first: number, featsVa: Float32Array, yVa: number[],
+  o: FitSettings): AsyncGenerator<EpochOut> {
+  const rb = backend.runGraph;
+  if (!rb || !backend.trainRun) throw new RunnerError("this backend has no whole-run graph");
+  const dim = m.features.dim;
+  const { hp, anchors, bs, nCls } = o;
+  const e = orders.length;
+  const n = orders[0].length;
+  const nSteps = Math.ceil(n / bs);
+  const rows = nSteps * bs; // zeros past n: rows of weight 0 add nothing
+  const f = new Float32Array(e * rows * dim);
+  const t = new Float32Array(e * rows * nCls);
+  const w = new Float32Array(e * rows);
+  for (let i = 0; i < e; i++) stackRows(pool, orders[i], 0, n, dim, nCls, f, t, w, i * rows);
+  const feeds = trainFeeds(m, hp, { data: f, dims: [e, nSteps, bs, dim] },
+    { data: t, dims: [e, nSteps, bs, nCls] }, { data: w, dims: [e, nSteps, bs] },
+    head.params, state, anchors);
+  feeds[rb.val_input] = { data: featsVa, dims: [yVa.length, dim] };
+  const out = await backend.trainRun(feeds);
+  const losses = out[rb.loss_output].data;
+  const lg = out[rb.val_logits_output];
+  const [, mVa, stride] = lg.dims;
+  const k = head.labels.length;
+  const pre = rb.epoch_prefix;
+  const perEpoch = (name: string, i: number): F32 => {
+    const v = out[pre + name];
+    const len = v.data.length / e;
+    return { data: v.data.slice(i * len, (i + 1) * len), dims: v.dims.slice(1) };
+  };
+  for (let i = 0; i < e; i++) {
+    let total = 0;
+    for (let j = 0; j < nSteps; j++) {
+      const loss = losses[i * nSteps + j];
+      if (!Number.isFinite(loss)) throw divergedAt(loss, first + i, hp);
+      total += loss * Math.min(bs, n - j * bs);
+    }
+    for (const name of [...head.params.keys()]) head.params.set(name, perEpoch(name, i));
+    for (const name of [...state.keys()]) state.set(name, perEpoch(name, i));
+    const s = scoresOf(lg.data.subarray(i * mVa * stride, (i + 1) * mVa * stride), stride, k, yVa);
+    yield { total, count: n, steps: nSteps, fused: nSteps, run: nSteps, stopped: null,
+      val: { loss: s.loss, acc: s.acc } };
+  }
 }
 
 /** Epochs from `start` over `pool` with a fresh optimizer state; the epoch of lowest
- * validation loss kept, early stopping after `patience` epochs without a new lowest. */
+ * validation loss kept, early stopping after `patience` epochs without a new lowest. With a
+ * whole-run graph (`runEpochs`), epochs run in calls of several, their shuffles drawn in
+ * order, with the same steps, losses and validation scores as one epoch per call; epochs
+ * computed past an early stop are dropped. */
 async function fit(backend: Backend, m: Manifest, start: Head, pool: Pool, featsVa: Float32Array,
   yVa: number[], o: FitSettings): Promise<Fit> {
-  const dim = m.features.dim;
-  const { hp, anchors, bs, nCls } = o;
   const head = start.copy();
   const state = zeroState(m, head.params);
   const rng = defaultRng(o.seed);
   const history: EpochRecord[] = [];
   let steps = 0;
   let stepsFused = 0;
+  let stepsRun = 0;
   let stopped: string | null = null;
   let best: Fit["best"] = null;
   let early: string | null = null;
-  const diverged = (loss: number, epoch: number) => new RunnerError(`training diverged (loss ` +
-    `${loss}) at epoch ${epoch + 1}; lower the learning rate (now ${hp.lr}) with --lr`);
-  for (let epoch = 0; epoch < o.epochs; epoch++) {
-    const order = rng.permutation(pool.idx);
-    let total = 0;
-    let count = 0;
-    let done = 0; // the epoch's first full batches, in order, through the fused graph
-    for (const g of o.fuse ? fusedGroups(backend, order.length, bs) : []) {
-      // g batches of bs rows; the epoch's last partial batch padded with zeros (weight 0)
-      const b = order.slice(done, done + g * bs);
-      const f = new Float32Array(g * bs * dim);
-      f.set(gather(pool.f, dim, b));
-      const t = new Float32Array(g * bs * nCls);
-      t.set(oneHot(b.map((k) => pool.y[k]), nCls));
-      const w = new Float32Array(g * bs);
-      w.set(b.map((k) => pool.w[k]));
-      const losses = await fusedSteps(backend, m, hp, { data: f, dims: [g, bs, dim] },
-        { data: t, dims: [g, bs, nCls] }, { data: w, dims: [g, bs] }, head.params, state, anchors);
-      for (let k = 0; k < g; k++) {
-        if (!Number.isFinite(losses[k])) throw diverged(losses[k], epoch);
-        const n = Math.min(bs, order.length - done);
-        total += losses[k] * n;
-        count += n;
-        steps++;
-        done += n;
+  const chunk = o.run ? runEpochs(backend, o.fuse, pool.idx.length, m.features.dim, o.bs,
+    o.nCls) : 0;
+  async function* epochs(): AsyncGenerator<EpochOut> {
+    for (let epoch = 0; epoch < o.epochs;) {
+      if (!chunk) {
+        yield await oneEpoch(backend, m, head, state, pool, rng.permutation(pool.idx), epoch,
+          featsVa, yVa, o);
+        epoch++;
+        continue;
       }
-      stepsFused += g;
+      const orders: number[][] = [];
+      for (let i = epoch; i < Math.min(o.epochs, epoch + chunk); i++) {
+        orders.push(rng.permutation(pool.idx));
+      }
+      yield* runCall(backend, m, head, state, pool, orders, epoch, featsVa, yVa, o);
+      epoch += orders.length;
     }
-    for (let i = done; i < order.length; i += bs) {
-      const b = order.slice(i, i + bs);
-      const n = b.length;
-      const rows = o.fixed ? bs : n; // pad to a fixed batch; weight 0 masks padding
-      const f = new Float32Array(rows * dim);
-      f.set(gather(pool.f, dim, b));
-      const t = new Float32Array(rows * nCls);
-      t.set(oneHot(b.map((k) => pool.y[k]), nCls));
-      const w = new Float32Array(rows);
-      w.set(b.map((k) => pool.w[k]));
-      const loss = await step(backend, m, hp, { data: f, dims: [rows, dim] },
-        { data: t, dims: [rows, nCls] }, { data: w, dims: [rows] }, head.params, state, anchors);
-      stopped = o.afterStep(head, epoch);
-      if (!Number.isFinite(loss)) throw diverged(loss, epoch);
-      total += loss * n;
-      count += n;
-      steps++;
-      if (stopped) break;
-    }
-    const s = await valScores(backend, m, head, featsVa, yVa);
-    const rec = { epoch: epoch + 1, loss: total / Math.max(count, 1), val_loss: s.loss,
-      val_accuracy: s.acc, complete: stopped === null };
+  }
+  let epoch = 0;
+  for await (const r of epochs()) {
+    steps += r.steps;
+    stepsFused += r.fused;
+    stepsRun += r.run;
+    stopped = r.stopped;
+    const rec = { epoch: epoch + 1, loss: r.total / Math.max(r.count, 1), val_loss: r.val.loss,
+      val_accuracy: r.val.acc, complete: stopped === null };
     history.push(rec);
     await o.onEpoch?.(rec, o.epochs);
-    if (best === null || s.loss < best.loss) {
-      best = { loss: s.loss, epoch: epoch + 1,
+    if (best === null || r.val.loss < best.loss) {
+      best = { loss: r.val.loss, epoch: epoch + 1,
         params: new Map([...head.params].map(([k, v]) => [k, { data: v.data.slice(), dims: [...v.dims] }])) };
     }
     if (!stopped && o.patience && epoch + 1 - best.epoch >= o.patience && epoch + 1 < o.epochs) {
@@ -443,9 +606,10 @@ async function fit(backend: Backend, m: Manifest, start: Head, pool: Pool, feats
       break;
     }
     if (stopped) break;
+    epoch++;
   }
   if (best !== null) head.params = best.params;
-  return { head, history, steps, stepsFused, stopped, early, best };
+  return { head, history, steps, stepsFused, stepsRun, stopped, early, best };
 }
 
 export interface AdaptOptions {
@@ -693,7 +857,7 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
   const fuse = !frozenRows.length && o.maxSeconds === undefined;
   const settings = (s0: Head, j: number): FitSettings => ({
     hp, anchors: anchorsOf(m, s0.params), epochs, patience, bs, fixed: Boolean(fixed), nCls,
-    seed: seed + j, fuse,
+    seed: seed + j, fuse, run: j === 0, // the evidence folds: per epoch, as the Python runner
     afterStep: (h: Head, epoch: number) => {
       for (const name of frozenRows) { // absent labels keep their starting rows
         const p = h.params.get(name) as F32;
@@ -782,7 +946,8 @@ export async function adapt(bundle: Bundle, backend: Backend, ds: Dataset,
     precision: m.precision, accuracy_before: verdict.accuracy_before,
     accuracy_after: verdict.accuracy_after, rolled_back: rolledBack, gate: verdict,
     checkpoint: null, checkpoint_written: null, n_windows: y.length, n_train: tr.length,
-    n_val: va.length, epochs, batch_size: bs, steps, steps_fused: run.stepsFused, optimizer: m.optimizer.name, hparams: hp,
+    n_val: va.length, epochs, batch_size: bs, steps, steps_fused: run.stepsFused,
+    steps_run: run.stepsRun, optimizer: m.optimizer.name, hparams: hp,
     labels: head.labels, class_balanced: classBalanced, freeze_absent: freezeAbsent,
     replay: replayInfo, head_kind: m.head.kind,
     new_labels: newLabels, missing_labels: missing, warnings, skipped_files: skipped.length,

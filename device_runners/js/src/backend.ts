@@ -6,7 +6,7 @@
  */
 
 import { RunnerError } from "./errors.js";
-import type { FusedStepBlock, Manifest } from "./manifest.js";
+import type { FusedStepBlock, Manifest, RunBlock } from "./manifest.js";
 
 /** Refuse a bundle whose train step is not the stateless graph (the only one these backends
  * feed: parameters and optimizer state in, new ones out). */
@@ -42,6 +42,15 @@ export interface Backend {
    * features, targets and sample weights of the steps stacked on a leading axis; outputs by
    * name (the loss: one per step). */
   trainSteps?(feeds: Record<string, F32>): Promise<Record<string, F32>>;
+  /** The manifest's `train_step.run` block when `trainRun` runs the bundle's whole-run graph
+   * (absent or null: one fused and one infer call per epoch), as the Python runner's
+   * `backend.run_graph`. */
+  readonly runGraph?: RunBlock | null;
+  /** Epochs of fused steps and their validation logits in one call of the whole-run graph:
+   * the fused feeds with one more leading axis (epochs, steps, N, ...) and `val_input`;
+   * outputs by name (`loss` (epochs, steps), `new.*`, `<epoch_prefix><name>` (epochs, ...),
+   * the validation logits (epochs, M, rows)). */
+  trainRun?(feeds: Record<string, F32>): Promise<Record<string, F32>>;
   /** Release the runtime's sessions (optional; the backend is unusable afterwards). */
   release?(): Promise<void>;
   /** Head logits and embedding of any number of rows; outputs by name. */

@@ -102,6 +102,43 @@ function checkTrainable(man: Manifest): void {
   expect(n === dim, "trainable.cut.shape", `features.dim = ${dim} values per sample`, n);
 }
 
+/** `names` all in `known`, else refused naming the field (as `_subset`). */
+function subset(names: readonly string[], known: readonly string[], where: string,
+  what: string): void {
+  const bad = names.filter((n) => !known.includes(n));
+  expect(!bad.length, where, `names of ${what} ${pyRepr([...known].sort())}`, pyList(bad));
+}
+
+/** `items` as Python prints a list of strings (in a message's text). */
+function pyRepr(items: string[]): string {
+  return `[${items.map((x) => `'${x}'`).join(", ")}]`;
+}
+
+/**
+ * The whole-run graph's block agrees with the train step (`edgerun.manifest._consistent`):
+ * a fused block beside it, a listed file, the train step's inputs plus `val_input`, and the
+ * loss, validation logits, `new.*` and per-epoch (`epoch_prefix`) outputs the runner reads.
+ */
+function checkRun(man: Manifest): void {
+  const ts = man.train_step;
+  const rb = ts.run;
+  if (!rb) return;
+  expect(ts.fused !== undefined, "train_step.run", "a train_step.fused block beside it", rb);
+  const files = Object.keys(man.files).sort();
+  expect(rb.file in man.files, "train_step.run.file",
+    `a file role listed in files ${pyRepr(files)}`, rb.file);
+  const want = [...ts.inputs, rb.val_input].sort();
+  const have = [...rb.inputs].sort();
+  expect(want.length === have.length && want.every((x, i) => x === have[i]),
+    "train_step.run.inputs", `train_step.inputs ${pyRepr([...ts.inputs].sort())} and ` +
+    "val_input", pyList(rb.inputs));
+  const params = man.head.params.map((p) => p.name);
+  const state = man.optimizer.state.map((s) => s.name);
+  subset([rb.loss_output, rb.val_logits_output,
+    ...[...params, ...state].flatMap((n) => ["new." + n, rb.epoch_prefix + n])], rb.outputs,
+  "train_step.run (loss, val logits, new.* and per-epoch outputs)", "train_step.run.outputs");
+}
+
 /** A Python list of strings as `repr` prints it. */
 class PyList {
   constructor(readonly items: string[]) {}
@@ -146,6 +183,7 @@ export function checkManifest(m: unknown): Manifest {
   const folds = man.adapt.gate?.folds;
   if (folds !== undefined && folds !== null) atLeast(folds, 1, "adapt.gate.folds", 20);
   checkTrainable(man);
+  checkRun(man);
   if (Object.keys(man.files).length === 0) {
     throw new RunnerError("manifest.json: 'files' is empty; re-export the bundle");
   }

@@ -158,14 +158,16 @@ export function decide(currentOk: readonly boolean[], adaptedOk: readonly boolea
 /** Mean cross-entropy of logits `[n, k]` (row stride `stride`, first `k` columns). */
 export function softmaxXent(logits: Float32Array, n: number, stride: number, k: number,
   y: readonly number[]): number {
+  // indexed loops, no subarrays or iterators: a cold process runs this interpreted once per
+  // epoch (an adapt of 30 epochs spent 7-23 ms here with `for...of` over row views)
   let total = 0;
   for (let i = 0; i < n; i++) {
-    const row = logits.subarray(i * stride, i * stride + k);
+    const o = i * stride;
     let mx = -Infinity;
-    for (const v of row) mx = Math.max(mx, v);
+    for (let c = 0; c < k; c++) mx = Math.max(mx, logits[o + c]);
     let s = 0;
-    for (const v of row) s += Math.exp(v - mx);
-    total += Math.log(s) - (row[y[i]] - mx);
+    for (let c = 0; c < k; c++) s += Math.exp(logits[o + c] - mx);
+    total += Math.log(s) - (logits[o + y[i]] - mx);
   }
   return total / n;
 }

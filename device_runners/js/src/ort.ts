@@ -7,7 +7,7 @@ import type * as ortc from "onnxruntime-common";
 import { Backend, F32, requireStateless } from "./backend.js";
 import { Bundle } from "./bundle.js";
 import { RunnerError } from "./errors.js";
-import type { FusedStepBlock } from "./manifest.js";
+import type { FusedStepBlock, RunBlock } from "./manifest.js";
 
 export type { F32 } from "./backend.js";
 
@@ -26,6 +26,10 @@ export interface BackendOptions {
   /** Train full batches through the bundle's fused K-step graph (`train_step.fused`) where it
    * ships one (default true); false: one step per call (same results, more calls). */
   fused?: boolean;
+  /** Train whole epochs through the bundle's whole-run graph (`train_step.run`) where it
+   * ships one beside the fused graph (default true); false: one fused and one infer call per
+   * epoch (same results within float32 rounding, more calls). */
+  run?: boolean;
 }
 
 /** The manifest's `names` are exactly the graph's (`edgerun/backends.py` `check_io`): checked
@@ -48,7 +52,8 @@ export class OrtBackend implements Backend {
     private readonly bb: ortc.InferenceSession, private readonly train: ortc.InferenceSession,
     private readonly inf: ortc.InferenceSession, readonly name: string,
     readonly version: string, private readonly trainK: ortc.InferenceSession | null,
-    readonly fused: FusedStepBlock | null) {}
+    readonly fused: FusedStepBlock | null, private readonly trainR: ortc.InferenceSession | null,
+    readonly runGraph: RunBlock | null) {}
 
   get trainerVersion(): string { return this.version; }
 
@@ -90,8 +95,23 @@ export class OrtBackend implements Backend {
       checkIo(file, "train_step.fused.inputs", fz.inputs, trainK.inputNames);
       checkIo(file, "train_step.fused.outputs", fz.outputs, trainK.outputNames, "outputs");
     }
+    // the whole-run graph: epochs of the fused graph and their validation logits (adapt.ts
+    // runEpochs); loaded and checked as the Python runner's OrtBackend
+    const rb = fz && opts.run !== false ? m.train_step.run ?? null : null;
+    let trainR: ortc.InferenceSession | null = null;
+    if (rb) {
+      if (!m.files[rb.file]) {
+        throw new RunnerError(`manifest.json: train_step.run.file '${rb.file}' names no file ` +
+          `(known roles: ${JSON.stringify(Object.keys(m.files).sort())}); the bundle is damaged: ` +
+          "re-export it");
+      }
+      trainR = await sess(rb.file, 1);
+      const file = m.files[rb.file]?.path ?? rb.file;
+      checkIo(file, "train_step.run.inputs", rb.inputs, trainR.inputNames);
+      checkIo(file, "train_step.run.outputs", rb.outputs, trainR.outputNames, "outputs");
+    }
     return new OrtBackend(ort, bundle, bb, train, inf, opts.name ?? "onnxruntime-js", version,
-      trainK, fz);
+      trainK, fz, trainR, rb);
   }
 
   private tensor(v: F32): ortc.Tensor {
@@ -189,6 +209,15 @@ export class OrtBackend implements Backend {
     return this.run(this.trainK, feeds);
   }
 
+  /** Epochs of fused steps and their validation logits in one call of the whole-run graph. */
+  async trainRun(feeds: Record<string, F32>): Promise<Record<string, F32>> {
+    if (this.trainR === null) {
+      throw new RunnerError("this backend has no whole-run graph (train_step.run); train one " +
+        "epoch per call (trainSteps)");
+    }
+    return this.run(this.trainR, feeds);
+  }
+
   /** Head logits and embedding. */
   async infer(feeds: Record<string, F32>): Promise<Record<string, F32>> {
     return this.run(this.inf, feeds);
@@ -196,6 +225,6 @@ export class OrtBackend implements Backend {
 
   /** Release every session (onnxruntime-web: its WASM memory); the backend is unusable after. */
   async release(): Promise<void> {
-    for (const s of [this.bb, this.train, this.inf, this.trainK]) await s?.release();
+    for (const s of [this.bb, this.train, this.inf, this.trainK, this.trainR]) await s?.release();
   }
 }
