@@ -66,6 +66,7 @@ def test_adapt_command_runs_the_device_runner(tiny_bundle, tmp_path):
 
 
 @pytest.mark.env_ort
+@pytest.mark.slow  # ~95 s; tests/test_bench.py::test_bench_run_end_to_end runs the same bench
 def test_bench_measures_every_bundle_of_a_run(tiny_bundle, tiny_tflite_int8_bundle, tmp_path):
     import shutil
 
@@ -88,6 +89,13 @@ def test_bench_measures_every_bundle_of_a_run(tiny_bundle, tiny_tflite_int8_bund
         assert r["bundle_bytes"] > r["backbone_bytes"] > 0
     assert "| tflite-int8 | 1 |" in (run / "bench.md").read_text()
     assert (run / "tradeoff.png").is_file() and saved["baselines"] == []
+
+
+def test_bench_refuses_no_bundles_and_bad_threads(tiny_bundle, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_bundle, run / "bundles" / "onnx-fp32")
     empty = runner.invoke(app, ["bench", str(tmp_path / "nothing")])
     assert empty.exit_code == 1 and "no bundles" in empty.output
     bad = runner.invoke(app, ["bench", str(run), "--threads", "one"])
