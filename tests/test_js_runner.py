@@ -334,14 +334,7 @@ def test_fused_graph_used_and_same_head(node, tiny_bundle, tiny_tflite_bundle, t
     flags = ["--epochs", "6", "--patience", "0"]
     js_flags = [] if runtime == "litert" else ["--runtime", runtime]  # tflite: LiteRT.js
     py, js = adapt_both(node, tiny_bundle, data, tmp_path, flags, js_flags=js_flags)
-    sys.path.insert(0, str(ROOT / "device_runners"))
-    from edgerun.bundle import Bundle
-    from edgerun.data import load, split_mode, stratified_split
-
-    m = Bundle(str(tiny_bundle)).manifest
-    labels = json.loads((py / "report.json").read_text())["labels"]
-    y = np.asarray([labels.index(v) for v in load(str(data), m, need_labels=True).y])
-    compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], 0, split_mode(m)))
+    compare(py, js, split_of(tiny_bundle, data, py))
     one = tmp_path / "one"
     run_js(node, "adapt", _without_fused(tiny_bundle, tmp_path / "old"), "--data", data, "--out",
            one, "--quiet", *js_flags, *flags)
@@ -391,14 +384,7 @@ def test_run_graph_used_and_same_run(node, tiny_bundle, tmp_path, flags, runtime
     data = write_device_npz(tmp_path / "d.npz", 300, 7, **SHIFT)
     js_flags = ["--runtime", runtime]
     py, js = adapt_both(node, tiny_bundle, data, tmp_path, flags, js_flags=js_flags)
-    sys.path.insert(0, str(ROOT / "device_runners"))
-    from edgerun.bundle import Bundle
-    from edgerun.data import load, split_mode, stratified_split
-
-    m = Bundle(str(tiny_bundle)).manifest
-    labels = json.loads((py / "report.json").read_text())["labels"]
-    y = np.asarray([labels.index(v) for v in load(str(data), m, need_labels=True).y])
-    compare(py, js, stratified_split(y, m["adapt"]["val_fraction"], 0, split_mode(m)))
+    compare(py, js, split_of(tiny_bundle, data, py))
     ep = tmp_path / "epoch"
     run_js(node, "adapt", _without_run(tiny_bundle, tmp_path / "old"), "--data", data, "--out",
            ep, "--quiet", *js_flags, *flags)

@@ -55,12 +55,17 @@ def head_spec(ck: Checkpoint) -> HeadSpec:
                     learn_scale=ck.head.learn_scale, l2sp=ck.head.l2sp > 0)
 
 
-def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
-    """Raise if shapes differ or ``max|got - want| > atol``; return the max difference."""
+def max_diff(name: str, got: np.ndarray, want: np.ndarray) -> float:
+    """``max|got - want|`` (0 when empty); :class:`ShapeMismatchError` if the shapes differ."""
     if got.shape != want.shape:
         raise ShapeMismatchError(f"{name}: exported graph gives shape {got.shape}, "
                                  f"PyTorch gives {want.shape}")
-    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    return float(np.max(np.abs(got - want))) if got.size else 0.0
+
+
+def compare(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
+    """Raise if shapes differ or ``max|got - want| > atol``; return the max difference."""
+    err = max_diff(name, got, want)
     log.info("parity %s: max abs diff %.3g (atol %.1g)", name, err, atol)
     if not err <= atol:
         raise ToleranceError(f"{name}: exported graph differs from PyTorch by {err:.3g} "
@@ -183,10 +188,7 @@ def _judge_steps(checks: list[tuple]) -> float:
     """
     worst, over = 0.0, []  # over: (err / bound, step, label, err, bound)
     for i, label, got, want, bound in checks:
-        if got.shape != want.shape:
-            raise ShapeMismatchError(f"{label}: exported graph gives shape {got.shape}, "
-                                     f"PyTorch gives {want.shape}")
-        err = float(np.max(np.abs(got - want))) if got.size else 0.0
+        err = max_diff(label, got, want)
         worst = max(worst, err)
         if not err <= bound:  # NaN breaks it too
             over.append((err / bound if err == err else float("inf"), i, label, err, bound))
@@ -818,10 +820,10 @@ def _tail_for(exporter: Exporter, ck: Checkpoint, cfg: ExportConfig, spec: HeadS
         raise ConfigError(f"--trainable {cfg.trainable} trains the backbone's first layer, so "
                           "no frozen prefix is left to quantise (the tail stays fp32); use "
                           "--precision fp32 or a SPEC that freezes the first layers")
-    exact = [p.node for p in tail.cut.parts if not p.dtype.is_floating_point]
-    if cfg.precision != "fp32" and exact:
+    ints = [p.node for p in tail.cut.parts if not p.dtype.is_floating_point]
+    if cfg.precision != "fp32" and ints:
         raise ConfigError(f"--trainable {cfg.trainable}: the cut passes integer or boolean "
-                          f"tensors ({', '.join(exact)}: token ids, masks) to the trained layers, "
+                          f"tensors ({', '.join(ints)}: token ids, masks) to the trained layers, "
                           "which an int8 backbone would quantise; use --precision fp32, or a "
                           "SPEC whose cut is a float tensor (e.g. last:1)")
     return tail

@@ -83,33 +83,27 @@ export class OrtBackend implements Backend {
     const train = await sess(m.train_step.file, 1);
     const inf = await sess(m.infer.file, 1);
     const fz = opts.fused === false ? null : m.train_step.fused ?? null;
-    let trainK: ortc.InferenceSession | null = null;
-    if (fz) { // the K-step graph: the one-step feeds, batches stacked (adapt.ts fusedGroups)
-      if (!m.files[fz.file]) {
-        throw new RunnerError(`manifest.json: train_step.fused.file '${fz.file}' names no file ` +
+    // an optional train graph block (fused, run): its file loaded, its inputs and outputs
+    // checked against the graph's
+    type Block = { file: string; inputs: string[]; outputs: string[] };
+    const block = async (key: string, b: Block) => {
+      if (!m.files[b.file]) {
+        throw new RunnerError(`manifest.json: train_step.${key}.file '${b.file}' names no file ` +
           `(known roles: ${JSON.stringify(Object.keys(m.files).sort())}); the bundle is damaged: ` +
           "re-export it");
       }
-      trainK = await sess(fz.file, 1);
-      const file = m.files[fz.file]?.path ?? fz.file;
-      checkIo(file, "train_step.fused.inputs", fz.inputs, trainK.inputNames);
-      checkIo(file, "train_step.fused.outputs", fz.outputs, trainK.outputNames, "outputs");
-    }
+      const s = await sess(b.file, 1);
+      const file = m.files[b.file]?.path ?? b.file;
+      checkIo(file, `train_step.${key}.inputs`, b.inputs, s.inputNames);
+      checkIo(file, `train_step.${key}.outputs`, b.outputs, s.outputNames, "outputs");
+      return s;
+    };
+    // the K-step graph: the one-step feeds, batches stacked (adapt.ts fusedGroups)
+    const trainK = fz ? await block("fused", fz) : null;
     // the whole-run graph: epochs of the fused graph and their validation logits (adapt.ts
     // runEpochs); loaded and checked as the Python runner's OrtBackend
     const rb = fz && opts.run !== false ? m.train_step.run ?? null : null;
-    let trainR: ortc.InferenceSession | null = null;
-    if (rb) {
-      if (!m.files[rb.file]) {
-        throw new RunnerError(`manifest.json: train_step.run.file '${rb.file}' names no file ` +
-          `(known roles: ${JSON.stringify(Object.keys(m.files).sort())}); the bundle is damaged: ` +
-          "re-export it");
-      }
-      trainR = await sess(rb.file, 1);
-      const file = m.files[rb.file]?.path ?? rb.file;
-      checkIo(file, "train_step.run.inputs", rb.inputs, trainR.inputNames);
-      checkIo(file, "train_step.run.outputs", rb.outputs, trainR.outputNames, "outputs");
-    }
+    const trainR = rb ? await block("run", rb) : null;
     return new OrtBackend(ort, bundle, bb, train, inf, opts.name ?? "onnxruntime-js", version,
       trainK, fz, trainR, rb);
   }
